@@ -1,2 +1,17 @@
-"""fourbit: 4-bit post-training quantization for diffusion models."""
+"""fourbit: 4-bit post-training quantization (weights and activations) for diffusion models.
+
+    import fourbit
+    cfg = fourbit.SVDQuantConfig(weights="int4", activations="int4", group_size=64, rank=32)
+    fourbit.quantize(model, cfg, forward_loop=run_calibration)
+    fourbit.save(model, "model.fourbit.safetensors")
+    fourbit.load(build_model(), "model.fourbit.safetensors")
+"""
 __version__ = "0.1.0"
+
+from .config import (LoRCConfig, NF4Config, QuantConfig, RTNConfig, SmoothQuantConfig,  # noqa: E402
+                     SVDConfig, SVDQuantConfig)
+from .api import quantize  # noqa: E402
+from .checkpoint import CheckpointError, load, read_header, save  # noqa: E402
+
+__all__ = ["quantize", "save", "load", "read_header", "CheckpointError", "QuantConfig", "RTNConfig",
+           "SmoothQuantConfig", "SVDConfig", "LoRCConfig", "SVDQuantConfig", "NF4Config", "__version__"]

@@ -1,0 +1,140 @@
+"""``fourbit.quantize``: prepare observers -> run the user's forward loop -> convert layer by layer."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .calibration import LayerStats, calibrate, select_targets
+from .calibration.targets import Target
+from .config import QuantConfig
+from .methods import get_transform
+from .nn import QuantConv2d, QuantLinear
+from .utils.progress import Progress
+
+
+@dataclass
+class QuantizationReport:
+    """What ``quantize`` did: per-layer facts, skipped layers with reasons, timings."""
+
+    config: dict
+    layers: dict = field(default_factory=dict)  # name -> {"padded_from": K, "alpha": ..., "calib_rel_error": ...}
+    skipped: dict = field(default_factory=dict)  # name -> reason
+    calibration_seconds: float = 0.0
+    convert_seconds: float = 0.0
+
+    def summary(self) -> str:
+        padded = [n for n, l in self.layers.items() if "padded_from" in l]
+        lines = [f"fourbit: quantized {len(self.layers)} layers with {self.config['method']} "
+                 f"(calibration {self.calibration_seconds:.1f}s, convert {self.convert_seconds:.1f}s)"]
+        if padded:
+            lines.append(f"  zero-padded input dimension of {len(padded)} layer(s): {', '.join(padded[:8])}"
+                         + (" ..." if len(padded) > 8 else ""))
+        for name, reason in self.skipped.items():
+            lines.append(f"  kept 16-bit: {name}: {reason}")
+        return "\n".join(lines)
+
+
+def architecture_fingerprint(model: nn.Module) -> str:
+    """A hash of every parameter/buffer name, shape and the module types: same architecture, same hash."""
+    items = [(n, list(t.shape)) for n, t in model.state_dict().items()]
+    items += [(n, type(m).__name__) for n, m in model.named_modules()]
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _layer_weight(target: Target) -> torch.Tensor:
+    """The layer's weight as (N, Kp) fp32: convs flattened along Cin*kh*kw, zero-padded to Kp."""
+    w = target.module.weight.detach().float().reshape(target.module.weight.shape[0], -1)
+    if target.padded_in != target.in_features:
+        w = torch.nn.functional.pad(w, (0, target.padded_in - target.in_features))
+    return w
+
+
+def convert_layer(target: Target, stats: Optional[LayerStats], device=None) -> QuantLinear:
+    """Quantize one layer with its config's method and build the quantized module."""
+    cfg = target.config
+    weight = _layer_weight(target)
+    if device is not None:
+        weight = weight.to(device)
+    state = get_transform(cfg)(weight, stats, cfg)
+    module = target.module
+    dtype = module.weight.dtype
+    if isinstance(module, nn.Conv2d):
+        new = QuantConv2d.from_conv_state(state, module, kernel=cfg.kernel, dtype=dtype)
+    else:
+        new = QuantLinear.from_state(state, module.in_features, module.bias, kernel=cfg.kernel, dtype=dtype)
+    new.quant_info = state.info
+    return new.to(module.weight.device)
+
+
+def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Callable[[nn.Module], None]] = None,
+             *, progress: bool = True, verbose: bool = True) -> nn.Module:
+    """Quantize ``model`` in place with ``config`` and return it.
+
+    forward_loop(model) runs the model on calibration inputs (a sampler over timesteps and prompts, a loop
+    over batches, ...). Methods that need activation statistics (SmoothQuant, SVDQuant) require it.
+    On any error during calibration the model is left unchanged. The report is at ``model.fourbit_report``.
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a fourbit config (e.g. fourbit.SVDQuantConfig()), got {type(config).__name__}")
+    if getattr(model, "fourbit_header", None) is not None:
+        raise ValueError("this model is already quantized by fourbit; quantize a fresh 16-bit model")
+    targets, skipped = select_targets(model, config)
+    if not targets:
+        raise ValueError("no layer matched the config's include/exclude patterns; nothing to quantize "
+                         f"(include={list(config.include)}, exclude={list(config.exclude)})")
+    needs_stats = any(type(t.config).needs_calibration for t in targets)
+    report = QuantizationReport(config.to_dict(), skipped={s.name: s.reason for s in skipped})
+    fingerprint = architecture_fingerprint(model)
+
+    stats: dict[str, LayerStats] = {}
+    if needs_stats:
+        if forward_loop is None:
+            raise ValueError(f"{type(config).__name__} needs calibration data: pass forward_loop=fn where "
+                             f"fn(model) runs the model on a few representative inputs")
+        t0 = time.perf_counter()
+        stats = calibrate(model, [t for t in targets if type(t.config).needs_calibration], forward_loop,
+                          max_rows=config.calib_rows, seed=config.seed)
+        report.calibration_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    new_modules = {}
+    with Progress(len(targets), f"fourbit {config.method}", enabled=progress) as bar:
+        for target in targets:
+            new_modules[target.name] = convert_layer(target, stats.get(target.name))
+            info = dict(new_modules[target.name].quant_info)
+            if target.padded_in != target.in_features:
+                info["padded_from"] = target.in_features
+            report.layers[target.name] = _jsonable(info)
+            bar.update(1, note=target.name)
+    # swap only once every layer converted: a failure above leaves the model untouched
+    for name, new in new_modules.items():
+        _set_module(model, name, new)
+    report.convert_seconds = time.perf_counter() - t0
+
+    model.fourbit_header = {"config": config.to_dict(), "architecture": fingerprint}
+    model.fourbit_report = report
+    if verbose:
+        print(report.summary(), file=sys.stderr)
+    return model
+
+
+def _jsonable(info: dict) -> dict:
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, torch.Tensor):
+            v = v.tolist()
+        out[k] = v
+    return out

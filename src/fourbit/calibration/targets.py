@@ -1,0 +1,80 @@
+"""Which layers get quantized: include/exclude fnmatch patterns over module names, plus geometry checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Optional
+
+from torch import nn
+
+from ..config import QuantConfig
+
+SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class Target:
+    """One layer to quantize with its resolved per-layer config."""
+
+    name: str
+    module: nn.Module
+    config: QuantConfig
+    in_features: int  # K: Linear in_features, or Cin*kh*kw for a conv
+    padded_in: int  # K rounded up to the group size (== in_features when no padding is needed)
+
+
+@dataclass
+class Skipped:
+    name: str
+    reason: str
+
+
+def layer_in_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    kh, kw = module.kernel_size
+    return module.in_channels * kh * kw
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatchcase(name, p) for p in patterns)
+
+
+def _required_multiple(cfg: QuantConfig, k: int) -> int:
+    """The K multiple both formats need (lcm of the weight and activation group sizes)."""
+    from math import lcm
+
+    m = 1
+    for fmt in (cfg.weight_format(), cfg.activation_format()):
+        if fmt is not None and fmt.group_size is not None:
+            m = lcm(m, fmt.group_size)
+    if cfg.weight_format().code_bits == 4:
+        m = lcm(m, 2)  # two codes per byte
+    return m
+
+
+def select_targets(model: nn.Module, cfg: QuantConfig) -> tuple[list[Target], list[Skipped]]:
+    """Walk ``model`` and decide, per Linear/Conv2d, whether and how it is quantized."""
+    targets: list[Target] = []
+    skipped: list[Skipped] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, SUPPORTED):
+            continue
+        if not _matches(name, cfg.include) or _matches(name, cfg.exclude):
+            continue
+        layer_cfg: Optional[QuantConfig] = cfg.for_layer(name)
+        if layer_cfg is None:
+            skipped.append(Skipped(name, "kept 16-bit by an override"))
+            continue
+        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
+                                              or isinstance(module.padding, str)):
+            skipped.append(Skipped(name, "conv with groups>1, non-zero padding mode or string padding: kept 16-bit"))
+            continue
+        k = layer_in_features(module)
+        mult = _required_multiple(layer_cfg, k)
+        kp = -(-k // mult) * mult
+        if kp != k and layer_cfg.pad == "skip":
+            skipped.append(Skipped(name, f"in_features {k} not a multiple of {mult}: kept 16-bit (pad='skip')"))
+            continue
+        targets.append(Target(name, module, layer_cfg, k, kp))
+    return targets, skipped

@@ -1,0 +1,250 @@
+"""One dataclass per quantization method. A config says *what* to do; ``fourbit.quantize`` does it.
+
+Common fields (every method):
+    weights      weight format name ("int4", "fp4", "nvfp4", "mxfp4", "int4p2", "fp4p2", "int8", "nf4", ...)
+    activations  activation format name, or None for 16-bit activations (weight-only)
+    group_size   group size along the input dimension (None = the format's default: int4 64, fp4 32, ...)
+    include / exclude   fnmatch patterns over module names selecting the layers to quantize
+    overrides    {pattern: {field: value}} per-layer changes, applied in order; the special field
+                 "keep": True keeps matching layers 16-bit. E.g. {"*.adaLN*": {"activations": None}} (W4A16)
+    pad          what to do when a layer's input size is not a multiple of the group size:
+                 "pad" (zero-pad the input dimension) or "skip" (keep the layer 16-bit); reported either way
+    calib_rows   activation rows kept per layer during calibration (a bounded, seeded sample)
+    seed         seed of that sample (and of anything else random)
+    kernel       the kernel that runs the quantized layers ("reference" is the plain-torch emulation)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+CONFIG_VERSION = 1
+_PAD_POLICIES = ("pad", "skip")
+_SIXTEEN_BIT = (None, "none", "fp16", "bf16", "16", "a16")
+
+
+@dataclass
+class QuantConfig:
+    """Fields shared by every method (see the module docstring)."""
+
+    method: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = True
+
+    weights: str = "int4"
+    activations: Optional[str] = "int4"
+    group_size: Optional[int] = None
+    include: tuple = ("*",)
+    exclude: tuple = ()
+    overrides: dict = field(default_factory=dict)
+    pad: str = "pad"
+    calib_rows: int = 512
+    seed: int = 0
+    kernel: str = "reference"
+
+    def __post_init__(self):
+        if isinstance(self.include, str):
+            self.include = (self.include,)
+        if isinstance(self.exclude, str):
+            self.exclude = (self.exclude,)
+        self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+        if self.activations in _SIXTEEN_BIT:
+            self.activations = None
+        if self.pad not in _PAD_POLICIES:
+            raise ValueError(f"pad must be one of {_PAD_POLICIES}, got {self.pad!r}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+        if self.calib_rows < 1:
+            raise ValueError(f"calib_rows must be >= 1, got {self.calib_rows}")
+        if not isinstance(self.overrides, dict):
+            raise TypeError("overrides must be a dict {pattern: {field: value}}")
+        known = {f.name for f in dataclasses.fields(self)} | {"keep"}
+        for pattern, changes in self.overrides.items():
+            bad = set(changes) - known
+            if bad:
+                raise ValueError(
+                    f"override for {pattern!r} sets unknown field(s) {sorted(bad)}; "
+                    f"{type(self).__name__} fields are {sorted(known)}"
+                )
+        # building the formats validates names and group sizes early, with a clear message
+        self.weight_format()
+        self.activation_format()
+
+    # ---- formats ---------------------------------------------------------------------------
+    def weight_format(self):
+        from .formats import make_format
+
+        return make_format(self.weights, self._group_for(self.weights))
+
+    def activation_format(self):
+        from .formats import make_format
+
+        if self.activations is None:
+            return None
+        return make_format(self.activations, self._group_for(self.activations))
+
+    def _group_for(self, fmt_name: str) -> Optional[int]:
+        from .formats import FORMATS
+
+        cls = FORMATS.get(fmt_name)
+        if cls is None:
+            return self.group_size  # make_format reports the unknown name
+        if cls.fixed_group_size or cls.default_group_size is None:
+            return None  # per-row (int8) or fixed-group formats keep their own geometry
+        return self.group_size
+
+    # ---- per-layer resolution ---------------------------------------------------------------
+    def for_layer(self, name: str) -> Optional["QuantConfig"]:
+        """This config with the overrides matching ``name`` applied; None if the layer stays 16-bit."""
+        from fnmatch import fnmatchcase
+
+        changes: dict[str, Any] = {}
+        for pattern, ch in self.overrides.items():
+            if fnmatchcase(name, pattern):
+                changes.update(ch)
+        if changes.pop("keep", False):
+            return None
+        if not changes:
+            return self
+        return dataclasses.replace(self, **changes, overrides={})
+
+    # ---- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return {"method": self.method, "version": CONFIG_VERSION, **d}
+
+    @staticmethod
+    def from_dict(d: dict) -> "QuantConfig":
+        d = dict(d)
+        method = d.pop("method", None)
+        version = d.pop("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ValueError(f"config version {version} is newer than this fourbit understands ({CONFIG_VERSION})")
+        cls = CONFIGS.get(method)
+        if cls is None:
+            raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(CONFIGS))}")
+        for key in ("alpha_grid",):
+            if key in d and isinstance(d[key], list):
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def _alpha_grid() -> tuple:
+    return tuple(round(0.1 * i, 2) for i in range(11))
+
+
+@dataclass
+class RTNConfig(QuantConfig):
+    """Round-to-nearest ("naive") W/A quantization; activations quantized dynamically per token group."""
+
+    method: ClassVar[str] = "rtn"
+    needs_calibration: ClassVar[bool] = False
+
+
+@dataclass
+class SmoothQuantConfig(QuantConfig):
+    """SmoothQuant: per-channel smoothing X diag(l)^-1, diag(l) W, then RTN on both.
+
+    alpha: migration strength; None = searched per layer over ``alpha_grid`` to minimise the output error.
+    """
+
+    method: ClassVar[str] = "smoothquant"
+    alpha: Optional[float] = None
+    alpha_grid: tuple = field(default_factory=_alpha_grid)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_alpha(self.alpha, self.alpha_grid)
+
+
+@dataclass
+class SVDConfig(QuantConfig):
+    """SVD-only: a 16-bit rank-r branch of W plus the quantized residual; no smoothing."""
+
+    method: ClassVar[str] = "svd"
+    needs_calibration: ClassVar[bool] = False
+    rank: int = 32
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_rank(self.rank)
+
+
+@dataclass
+class LoRCConfig(QuantConfig):
+    """LoRC: quantize W, then add a rank-r 16-bit approximation of the error W - Q(W)."""
+
+    method: ClassVar[str] = "lorc"
+    needs_calibration: ClassVar[bool] = False
+    rank: int = 32
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_rank(self.rank)
+
+
+@dataclass
+class SVDQuantConfig(QuantConfig):
+    """SVDQuant: smoothing, a 16-bit rank-r SVD branch of the smoothed weight, 4-bit residual.
+
+    alpha: smoothing strength; None = searched per layer (``alpha_grid``) to minimise the layer output
+           error after the low-rank step and quantization.
+    refine_iters: extra iterations re-decomposing W^ - Q(R) and re-quantizing R, keeping the best.
+    smooth: False gives "SVDQuant without smoothing" (the paper's ablation).
+    Use rank=16 for W8A8 (the paper's setting).
+    """
+
+    method: ClassVar[str] = "svdquant"
+    rank: int = 32
+    alpha: Optional[float] = None
+    alpha_grid: tuple = field(default_factory=_alpha_grid)
+    refine_iters: int = 0
+    smooth: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_rank(self.rank)
+        _check_alpha(self.alpha, self.alpha_grid)
+        if self.refine_iters < 0:
+            raise ValueError(f"refine_iters must be >= 0, got {self.refine_iters}")
+
+
+@dataclass
+class NF4Config(QuantConfig):
+    """Weight-only NF4 (W4A16), the common community baseline (bitsandbytes-style, absmax per group)."""
+
+    method: ClassVar[str] = "nf4"
+    needs_calibration: ClassVar[bool] = False
+    weights: str = "nf4"
+    activations: Optional[str] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.activations is not None:
+            raise ValueError("NF4Config is weight-only: leave activations=None")
+
+
+def _check_rank(rank: int) -> None:
+    if not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
+
+
+def _check_alpha(alpha, grid) -> None:
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] or None (searched), got {alpha}")
+    if alpha is None and not grid:
+        raise ValueError("alpha=None needs a non-empty alpha_grid to search")
+
+
+CONFIGS: dict[str, type[QuantConfig]] = {}
+
+
+def register_config(cls: type[QuantConfig]) -> type[QuantConfig]:
+    """Make a config class known to ``QuantConfig.from_dict`` (used when loading checkpoints)."""
+    CONFIGS[cls.method] = cls
+    return cls
+
+
+for _cls in (RTNConfig, SmoothQuantConfig, SVDConfig, LoRCConfig, SVDQuantConfig, NF4Config):
+    register_config(_cls)

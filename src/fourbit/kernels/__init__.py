@@ -1,0 +1,41 @@
+"""Kernel registry: the named implementations a quantized layer can run through.
+
+A linear kernel is ``fn(layer, x2d (M, K)) -> (M, N)`` and must reproduce
+``fourbit.nn.reference.quant_linear_reference`` (bit-exact quantization, fp32-accumulated GEMM).
+GPU kernels register themselves here (``register_linear_kernel``); "reference" always exists.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..nn.reference import quant_linear_reference
+
+LinearKernel = Callable
+
+_LINEAR_KERNELS: dict[str, LinearKernel] = {"reference": quant_linear_reference}
+_LAZY: dict[str, str] = {}  # name -> module that registers it when imported
+
+
+def register_linear_kernel(name: str, fn: LinearKernel) -> None:
+    _LINEAR_KERNELS[name] = fn
+
+
+def register_lazy_kernel(name: str, module: str) -> None:
+    """Declare that importing ``module`` registers kernel ``name`` (keeps GPU deps out of import time)."""
+    _LAZY[name] = module
+
+
+def get_linear_kernel(name: str) -> LinearKernel:
+    if name not in _LINEAR_KERNELS and name in _LAZY:
+        import importlib
+
+        importlib.import_module(_LAZY[name])
+    try:
+        return _LINEAR_KERNELS[name]
+    except KeyError:
+        known = sorted(set(_LINEAR_KERNELS) | set(_LAZY))
+        raise ValueError(f"unknown kernel {name!r}; known kernels: {', '.join(known)}") from None
+
+
+def available_kernels() -> list[str]:
+    return sorted(set(_LINEAR_KERNELS) | set(_LAZY))

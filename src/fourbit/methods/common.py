@@ -1,0 +1,78 @@
+"""Pieces shared by the methods: smoothing factors, low-rank splits, and the layer output error."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..formats import Format
+from ..nn.state import QuantizedLinearState
+
+EPS = 1e-5
+
+
+def quantize_state(weight: Tensor, weight_format: Format, act_format: Optional[Format],
+                   smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
+                   lr_up: Optional[Tensor] = None, **info) -> QuantizedLinearState:
+    """Quantize ``weight`` (N, Kp) with ``weight_format`` and wrap everything in a state."""
+    return QuantizedLinearState(weight_format.quantize(weight), weight_format, act_format,
+                                smooth=smooth, lr_down=lr_down, lr_up=lr_up, info=dict(info))
+
+
+def smoothing_factors(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tensor:
+    """lambda_k = max|X[:, k]|^alpha / max|W[:, k]|^(1 - alpha); weight is (N, K). Returns (K,) fp32."""
+    a = act_absmax.float().clamp_min(EPS)
+    w = weight.abs().amax(dim=0).float().clamp_min(EPS)
+    lam = a.pow(alpha) / w.pow(1.0 - alpha)
+    return lam.clamp_min(EPS)
+
+
+def low_rank(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-r approximation of weight (N, K) = lr_up (N, r) @ lr_down (r, K) (Eckart-Young)."""
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)  # u (N, q), s (q,), vh (q, K)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    lr_up = (u[:, :r] * root).float()  # (N, r)
+    lr_down = (root[:, None] * vh[:r]).float()  # (r, K)
+    return lr_down, lr_up
+
+
+def state_output(state: QuantizedLinearState, x: Tensor) -> Tensor:
+    """What the quantized layer computes for rows x (n, Kp) (no bias): the reference numerics."""
+    xs = x if state.smooth is None else x / state.smooth
+    xq = xs if state.act_format is None else state.act_format.fake_quantize(xs)
+    y = xq @ state.weight_format.dequantize(state.weight).t()
+    if state.lr_down is not None:
+        y = y + (xs @ state.lr_down.t()) @ state.lr_up.t()
+    return y
+
+
+def relative_error(y_ref: Tensor, y: Tensor) -> float:
+    """||y - y_ref||_F / ||y_ref||_F (0 when both are zero)."""
+    den = y_ref.norm()
+    return float((y - y_ref).norm() / den) if den > 0 else float((y - y_ref).norm())
+
+
+def output_error(state: QuantizedLinearState, x: Tensor, y_ref: Tensor) -> float:
+    return relative_error(y_ref, state_output(state, x))
+
+
+def best_of(candidates):
+    """The (error, state) pair with the smallest error."""
+    return min(candidates, key=lambda c: c[0])
+
+
+def calibration_rows(stats, weight: Tensor) -> Tensor:
+    """The calibration rows padded to the weight's Kp, on the weight's device, fp32 (n, Kp)."""
+    rows = stats.rows.to(weight.device, torch.float32)
+    if rows.shape[1] != weight.shape[1]:
+        rows = torch.nn.functional.pad(rows, (0, weight.shape[1] - rows.shape[1]))
+    return rows
+
+
+def padded_absmax(stats, weight: Tensor) -> Tensor:
+    a = stats.absmax.to(weight.device, torch.float32)
+    if a.numel() != weight.shape[1]:
+        a = torch.nn.functional.pad(a, (0, weight.shape[1] - a.numel()))
+    return a

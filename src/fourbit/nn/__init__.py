@@ -1,0 +1,47 @@
+"""Quantized modules and helpers that act on a quantized model."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from torch import nn
+
+from .linear import QuantConv2d, QuantLinear, build_empty, conv_rows
+from .state import QuantizedLinearState
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    """(name, layer) for every quantized layer of ``model``."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            yield name, mod
+
+
+def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """Run every quantized layer through the named kernel ("reference", "triton", ...)."""
+    from ..kernels import get_linear_kernel
+
+    get_linear_kernel(kernel)  # fail early on an unknown name
+    for _, layer in quantized_layers(model):
+        layer.kernel = kernel
+    return model
+
+
+@contextmanager
+def activation_format(model: nn.Module, fmt):
+    """Temporarily quantize every quantized layer's activations with ``fmt`` (a Format or None = 16-bit).
+
+    Weights are unchanged; this is the switch step-aware mixed precision uses.
+    """
+    saved = [(layer, layer.act_format) for _, layer in quantized_layers(model)]
+    try:
+        for layer, _ in saved:
+            layer.act_format = fmt
+        yield model
+    finally:
+        for layer, old in saved:
+            layer.act_format = old
+
+
+__all__ = ["QuantLinear", "QuantConv2d", "QuantizedLinearState", "build_empty", "conv_rows",
+           "quantized_layers", "set_kernel", "activation_format"]

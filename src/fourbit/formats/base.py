@@ -4,12 +4,24 @@ A format quantizes a 2-D tensor ``x`` of shape (R, K) along its last dimension: 
 of a weight, or tokens of an activation) and K input channels split into groups of ``group_size``.
 Quantization returns integer ``codes`` (unpacked, one per element, int8 or uint8) plus the format's
 scales; ``dequantize`` inverts it. ``pack``/``unpack`` turn codes into the bytes stored at rest.
-Every format here is a plain-torch reference: kernels are tested against these functions.
+Every format here is a plain-torch reference (CPU and CUDA): kernels are tested against these functions.
+
+What a format object tells storage code (checkpoints, meta-device skeletons):
+
+- ``code_dtype``  dtype of unpacked codes (int8 or uint8); ``code_bits`` bits per code at rest.
+- ``scale_dtype`` dtype of ``QuantizedTensor.scales`` as stored (fp16/bf16/fp32, float8_e4m3fn, or an
+  integer exponent: uint8 for E8M0, int8 for the power-of-two formats). May depend on options, so read it
+  from the format object, not the class.
+- ``has_row_scale`` whether ``row_scale`` (always fp32) is present; ``row_scale_shape(r)`` gives its shape,
+  (r, 1) per row or (1, 1) per tensor. May depend on options (instance attribute).
+- ``storage_shapes(r, k)`` all of the above for one (R, K) tensor: packed codes, scales, row scale.
+- ``fp8_exact`` True when every dequantized value is (e4m3 value) * row_scale exactly, so the format folds
+  into an FP8 GEMM with row/column scales (the formats then have ``to_fp8_operand(q)``).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -21,8 +33,8 @@ class QuantizedTensor:
     """Codes and scales of one quantized 2-D tensor (R, K).
 
     codes:     (R, K) unpacked integer codes (int8 or uint8; the format documents the meaning).
-    scales:    (R, K // group_size) per-group scales in the format's scale dtype
-               (fp16/bf16, float8_e4m3fn, or an integer exponent for power-of-two formats).
+    scales:    (R, K // group_size) per-group scales in the format's ``scale_dtype``
+               (fp16/bf16/fp32, float8_e4m3fn, or an integer exponent for power-of-two formats).
     row_scale: optional fp32 scale per row (R, 1) or per tensor (1, 1), multiplied on top.
     """
 
@@ -46,6 +58,16 @@ class Format(ABC):
     default_group_size: Optional[int] = 64
     #: whether the group size may be changed from the default
     fixed_group_size: bool = False
+    #: dtype of unpacked codes
+    code_dtype: torch.dtype = torch.int8
+    #: dtype of ``QuantizedTensor.scales`` as stored (formats with a scale_dtype option set it per instance)
+    scale_dtype: torch.dtype = torch.float16
+    #: whether ``QuantizedTensor.row_scale`` (fp32) is present (may be set per instance by an option)
+    has_row_scale: bool = False
+    #: row_scale granularity when present: "row" -> (R, 1), "tensor" -> (1, 1)
+    row_scale_kind: str = "row"
+    #: dequantized values are exactly e4m3(operand) * row_scale (see ``to_fp8_operand`` on such formats)
+    fp8_exact: bool = False
 
     def __init__(self, group_size: Optional[int] = None, **options: Any):
         if group_size is None:
@@ -55,8 +77,8 @@ class Format(ABC):
                 f"format {self.name!r} has a fixed group size of {self.default_group_size}; "
                 f"got group_size={group_size}. Leave group_size unset for this format."
             )
-        if group_size is not None and group_size <= 0:
-            raise ValueError(f"group_size must be positive, got {group_size}")
+        if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         self.group_size = group_size
         self.options = options
 
@@ -65,16 +87,40 @@ class Format(ABC):
         """The group size used for a row of length ``k`` (per-row formats use k)."""
         return k if self.group_size is None else self.group_size
 
-    def check_input(self, x: Tensor) -> None:
+    def check_input(self, x: Tensor) -> Tensor:
+        """Validate x (2-D, K > 0 and a multiple of the group, finite) and return it as fp32."""
         if x.dim() != 2:
             raise ValueError(f"{self.name}: expected a 2-D tensor (rows, K), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{self.name}: expected a floating-point tensor, got {x.dtype}")
+        if x.shape[1] == 0:
+            raise ValueError(f"{self.name}: K must be positive, got shape {tuple(x.shape)}")
         g = self.group_for(x.shape[1])
         if x.shape[1] % g:
             raise ValueError(
                 f"{self.name}: K={x.shape[1]} is not a multiple of the group size {g}; pad K first"
             )
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{self.name}: input contains NaN or Inf")
+        xf = x.float()
+        if not torch.isfinite(xf).all():
+            raise ValueError(f"{self.name}: input contains NaN or Inf (or values beyond the fp32 range)")
+        return xf
+
+    def row_scale_shape(self, r: int) -> Optional[tuple[int, int]]:
+        """Shape of ``row_scale`` for R rows: (r, 1), (1, 1), or None when the format has none."""
+        if not self.has_row_scale:
+            return None
+        return (1, 1) if self.row_scale_kind == "tensor" else (r, 1)
+
+    def storage_shapes(self, r: int, k: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one (R, K) tensor stores: {"codes": packed, "scales": ..., ["row_scale": ...]} -> (shape, dtype)."""
+        out = {
+            "codes": ((r, (k * self.code_bits + 7) // 8), torch.uint8),
+            "scales": ((r, k // self.group_for(k)), self.scale_dtype),
+        }
+        rs = self.row_scale_shape(r)
+        if rs is not None:
+            out["row_scale"] = (rs, torch.float32)
+        return out
 
     # ---- the reference numerics -----------------------------------------------------------
     @abstractmethod
@@ -83,7 +129,7 @@ class Format(ABC):
 
     @abstractmethod
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """QuantizedTensor -> (R, K) tensor of ``dtype``."""
+        """QuantizedTensor -> (R, K) tensor of ``dtype`` (computed in fp32, then cast)."""
 
     def fake_quantize(self, x: Tensor) -> Tensor:
         """dequantize(quantize(x)) in x's dtype: what a quantized operand looks like to the GEMM."""
@@ -91,7 +137,7 @@ class Format(ABC):
 
     # ---- storage -------------------------------------------------------------------------
     def pack(self, codes: Tensor) -> Tensor:
-        """(R, K) codes -> (R, K * code_bits / 8) uint8. Default: two 4-bit codes per byte, low nibble first."""
+        """(R, K) codes -> (R, ceil(K * code_bits / 8)) uint8. 4-bit: two codes per byte, low nibble first."""
         if self.code_bits == 8:
             return codes.contiguous().view(torch.uint8)
         if self.code_bits != 4:
@@ -99,27 +145,29 @@ class Format(ABC):
         return pack_nibbles(codes)
 
     def unpack(self, packed: Tensor, k: int) -> Tensor:
-        """Inverse of pack: (R, K * code_bits / 8) uint8 -> (R, K) codes of the format's code dtype."""
+        """Inverse of pack: (R, ceil(K * code_bits / 8)) uint8 -> (R, K) codes of the format's code dtype."""
         if self.code_bits == 8:
             return packed.contiguous().view(self.code_dtype)[:, :k]
         return unpack_nibbles(packed, k, signed=self.code_dtype == torch.int8)
-
-    #: dtype of unpacked codes
-    code_dtype: torch.dtype = torch.int8
 
     @abstractmethod
     def scale_bits(self) -> float:
         """Bits of scale storage per group (the row/tensor scale is amortised separately)."""
 
-    def bits_per_element(self, k: int = 4096) -> float:
-        """Storage bits per element including group scales (and a per-row fp32 scale amortised over k)."""
+    def bits_per_element(self, k: int = 4096, rows: Optional[int] = None) -> float:
+        """Storage bits per element: code + group scale / g + fp32 row scale amortised over k.
+
+        A per-tensor scale (row_scale_kind "tensor") is 32 bits for the whole tensor: it is amortised over
+        rows * k when ``rows`` is given and counted as 0 otherwise (< 0.01 bit for any tensor of 4096+ elements).
+        """
         g = self.group_for(k)
         bits = self.code_bits + self.scale_bits() / g
         if self.has_row_scale:
-            bits += 32.0 / k
+            if self.row_scale_kind == "tensor":
+                bits += 0.0 if rows is None else 32.0 / (rows * k)
+            else:
+                bits += 32.0 / k
         return bits
-
-    has_row_scale: bool = False
 
     def spec(self) -> dict:
         """JSON-able description, enough to rebuild the format with ``make_format(**spec)``."""
@@ -144,7 +192,11 @@ def grouped(x: Tensor, group_size: int) -> Tensor:
 
 
 def pack_nibbles(codes: Tensor) -> Tensor:
-    """(R, K) 4-bit codes (int8 in [-8, 7] or uint8 in [0, 15]) -> (R, ceil(K/2)) uint8, low nibble first."""
+    """(R, K) 4-bit codes (int8 in [-8, 7] or uint8 in [0, 15]) -> (R, ceil(K/2)) uint8, low nibble first.
+
+    Element 2j goes to bits 0-3 of byte j and element 2j+1 to bits 4-7 (signed codes as two's complement
+    nibbles); an odd K is padded with a zero nibble.
+    """
     r, k = codes.shape
     c = codes.to(torch.int16) & 0xF  # two's complement nibble
     if k % 2:
@@ -162,3 +214,46 @@ def unpack_nibbles(packed: Tensor, k: int, signed: bool = True) -> Tensor:
         c = torch.where(c >= 8, c - 16, c)
         return c.to(torch.int8)
     return c.to(torch.uint8)
+
+
+def pow2(e: Tensor) -> Tensor:
+    """Exact 2**e as fp32 for integer e in [-149, 127], built from the bit pattern (no libm, any device)."""
+    e = e.to(torch.int32)
+    normal = (e + 127).clamp(1, 254) << 23  # 2^e for e in [-126, 127]
+    sub = torch.ones_like(e) << (e + 149).clamp(0, 22)  # 2^e for e in [-149, -127] (fp32 subnormals)
+    return torch.where(e >= -126, normal, sub).view(torch.float32)
+
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def saturating_cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp32 -> dtype, round to nearest even, values beyond the dtype's largest finite value clamp to it."""
+    big = torch.finfo(dtype).max
+    return x.float().clamp(-big, big).to(dtype)
+
+
+def next_up(s: Tensor) -> Tensor:
+    """The next representable value above each non-negative finite ``s`` (same float dtype, any width)."""
+    iv = _INT_VIEW[s.element_size()]
+    return (s.contiguous().view(iv) + 1).view(s.dtype)
+
+
+def cast_scale(amax: Tensor, qmax: float, limit: float, dtype: torch.dtype) -> Tensor:
+    """Group scale ``amax / qmax`` stored in ``dtype``: nearest value, saturating at the dtype's maximum.
+
+    Rounding a scale down makes ``amax / s`` exceed ``qmax``; codes clamp there. Where that would put the
+    group maximum beyond ``limit`` (the largest |x/s| whose clamping error stays within half a step), the
+    next value up is used instead. With fp16/bf16/e4m3 this only happens for subnormal (or zero) scales,
+    i.e. groups whose amax is below the dtype's normal range times qmax. amax = 0 gives scale 0.
+    """
+    amax = amax.float()
+    s = saturating_cast(amax / qmax, dtype)
+    sf = s.float()
+    bump = (amax > limit * sf) & (sf < torch.finfo(dtype).max)
+    return torch.where(bump, next_up(s), s)
+
+
+def safe_divisor(s: Tensor) -> Tensor:
+    """s with zeros replaced by 1 (a zero scale means an all-zero group: codes 0, no NaN)."""
+    return torch.where(s != 0, s, torch.ones_like(s))

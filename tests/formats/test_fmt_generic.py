@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fmt_helpers import DEVICES, KINDS, code_range, make_input, nearest_excess, sqnr_db, tol
+from .fmt_helpers import DEVICES, KINDS, code_range, make_input, nearest_excess, sqnr_db, tol
 from fourbit.formats import FORMATS, Format, QuantizedTensor, format_from_spec, make_format
 
 NAMES = sorted(FORMATS)

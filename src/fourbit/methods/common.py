@@ -29,13 +29,27 @@ def smoothing_factors(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tenso
 
 
 def low_rank(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Best rank-r approximation of weight (N, K) = lr_up (N, r) @ lr_down (r, K) (Eckart-Young)."""
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)  # u (N, q), s (q,), vh (q, K)
-    r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    lr_up = (u[:, :r] * root).float()  # (N, r)
-    lr_down = (root[:, None] * vh[:r]).float()  # (r, K)
-    return lr_down, lr_up
+    """Best rank-r approximation of weight (N, K) = lr_up (N, r) @ lr_down (r, K) (Eckart-Young).
+
+    Computed exactly from the eigen-decomposition of the smaller Gram matrix in float64 (several times
+    faster than a full SVD on CPU and GPU for the top-r directions); the factors share sqrt(sigma).
+    """
+    w = weight.double()
+    n, k = w.shape
+    r = min(rank, n, k)
+    gram = w @ w.t() if n <= k else w.t() @ w  # (min(N, K),) squared
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    top = evecs[:, -r:].flip(-1)  # (min, r)
+    sigma = evals[-r:].flip(-1).clamp_min(0).sqrt()  # (r,)
+    root = sigma.sqrt()
+    inv_root = torch.where(root > 0, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
+    if n <= k:  # top = U_r: lr_up = U_r sqrt(S), lr_down = sqrt(S)^-1 U_r^T W = sqrt(S) V_r^T
+        lr_up = top * root
+        lr_down = inv_root[:, None] * (top.t() @ w)
+    else:  # top = V_r: lr_down = sqrt(S) V_r^T, lr_up = W V_r sqrt(S)^-1 = U_r sqrt(S)
+        lr_down = root[:, None] * top.t()
+        lr_up = (w @ top) * inv_root
+    return lr_down.float(), lr_up.float()
 
 
 def state_output(state: QuantizedLinearState, x: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ from .mxfp4 import MxFp4
 from .nf4 import NF4_VALUES, Nf4
 from .nvfp4 import NvFp4
 from .pow2 import Pow2Format
+from .quartz import VARIANTS as QUARTZ_VARIANTS, QuaRTZ
 
 FORMATS: dict[str, type[Format]] = {}
 
@@ -60,6 +61,8 @@ def format_from_spec(spec: Optional[dict]) -> Optional[Format]:
 
 
 for _cls in (Int4, Fp4, NvFp4, MxFp4, Int4P2, Fp4P2, Int8, Nf4):
+    register_format(_cls)
+for _cls in QUARTZ_VARIANTS.values():  # "quartz" and its named variants (quartz_s32, quartz_tok_round, ...)
     register_format(_cls)
 
 __all__ = [

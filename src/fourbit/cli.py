@@ -1,0 +1,157 @@
+"""The ``fourbit`` command line (``fourbit ...`` and ``python -m fourbit ...`` are the same).
+
+Subcommands register themselves in ``COMMANDS``: each has an ``add_arguments(parser)`` and a ``run(args)``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
+
+
+def command(name: str, help: str):
+    """Decorator pair: ``@command("x", "...")`` on a function ``add_arguments(p)`` returning ``run``."""
+
+    def deco(add_arguments):
+        def run(args):
+            return add_arguments.run(args)
+
+        COMMANDS[name] = (help, add_arguments, run)
+        return add_arguments
+
+    return deco
+
+
+# ---- compare / demo ---------------------------------------------------------------------------
+DEMO_VARIANTS = "fp16,rtn:w4a4,smoothquant:w4a4,svdquant:w4a4:r32,svdquant:w8a8:r16"
+
+
+def _add_compare_args(p: argparse.ArgumentParser, demo: bool) -> None:
+    if not demo:
+        p.add_argument("--model", default="fashion-dit", help="bundled model (fashion-dit, fashion-unet)")
+        p.add_argument("--variants", default="fp16,rtn:w4a4,svdquant:w4a4:r32",
+                       help="comma-separated METHOD:wXaY[:rN] names, e.g. " + DEMO_VARIANTS)
+    p.add_argument("--samples", type=int, default=20 if demo else 64, help="samples per variant")
+    p.add_argument("--steps", type=int, default=10 if demo else 20, help="sampling steps")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (model default)")
+    p.add_argument("--seed", type=int, default=0, help="first evaluation seed")
+    p.add_argument("--calib-samples", type=int, default=10 if demo else 20, help="calibration trajectories")
+    p.add_argument("--calib-steps", type=int, default=None, help="calibration steps (default: --steps)")
+    p.add_argument("--data-samples", type=int, default=500 if demo else 1000,
+                   help="Fashion-MNIST test images for FD vs data (0 to skip)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", default="out/demo" if demo else "out/compare", help="output directory")
+
+
+def _run_compare(args, model: str, variants: str) -> int:
+    from .harness.compare import CompareSettings, format_table, run_compare
+
+    settings = CompareSettings(
+        model=model, variants=tuple(v for v in variants.split(",") if v.strip()), samples=args.samples,
+        steps=args.steps, sampler=args.sampler, eta=args.eta, guidance_scale=args.guidance, seed=args.seed,
+        calib_samples=args.calib_samples, calib_steps=args.calib_steps, data_samples=args.data_samples,
+        batch_size=args.batch_size, device=args.device)
+    report = run_compare(settings, args.out)
+    print(format_table(report))
+    print(f"\nreport: {args.out}/report.json  {args.out}/report.html  grid: {args.out}/grid.png")
+    return 0
+
+
+@command("compare", "quantize a bundled model several ways and compare samples with the 16-bit model")
+def _compare(p):
+    _add_compare_args(p, demo=False)
+
+
+_compare.run = lambda args: _run_compare(args, args.model, args.variants)
+
+
+@command("demo", "the main job: compare fp16, RTN, SmoothQuant and SVDQuant W4A4/W8A8 on fashion-dit (CPU, minutes)")
+def _demo(p):
+    _add_compare_args(p, demo=True)
+
+
+_demo.run = lambda args: _run_compare(args, "fashion-dit", DEMO_VARIANTS)
+
+
+# ---- inspect ------------------------------------------------------------------------------------
+@command("inspect", "print the header of a fourbit checkpoint")
+def _inspect(p):
+    p.add_argument("path")
+
+
+def _run_inspect(args) -> int:
+    import json
+
+    from .checkpoint import read_header
+
+    h = read_header(args.path)
+    layers = h.pop("layers")
+    h.pop("tensor_sha256", None)
+    print(json.dumps(h, indent=2))
+    print(f"{len(layers)} quantized layers:")
+    for name, spec in layers.items():
+        a = spec["act_format"]["name"] if spec["act_format"] else "16-bit"
+        print(f"  {name:<40} {spec['kind']:<7} {spec['in_features']:>6}->{spec['out_features']:<6} "
+              f"W={spec['weight_format']['name']} A={a} rank={spec['rank']}")
+    return 0
+
+
+_inspect.run = _run_inspect
+
+
+# ---- train --------------------------------------------------------------------------------------
+@command("train", "train a bundled model from scratch (GPU recommended); see docs/models.md")
+def _train(p):
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m fourbit.training.train")
+
+
+def _run_train(args) -> int:
+    from .training.train import main as train_main
+
+    return train_main(args.rest) or 0
+
+
+_train.run = _run_train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="fourbit", description="4-bit quantization of diffusion models: "
+                                     "SVDQuant, PTQD, QuaRTZ, with kernels, calibration and evaluation.")
+    parser.add_argument("--version", action="version", version=f"fourbit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _load_plugins()
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def _load_plugins() -> None:
+    """Components that add subcommands (e.g. PTQD's ablation) register when imported."""
+    from .utils import import_optional
+
+    for mod in ("fourbit.ptqd.cli",):
+        import_optional(mod)
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command][2](args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fourbit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""``fourbit compare``: quantize a bundled model several ways, sample the same seeds, measure the cost.
+
+For every variant: calibrate on the model's own sampling trajectories (classes spread evenly, several
+timesteps, cond + uncond), generate the same seeded samples as the 16-bit model, and compare them with
+the 16-bit samples (LPIPS, PSNR, SSIM, FD) and with Fashion-MNIST test images when present.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import __version__
+from ..api import quantize
+from .footprint import model_bytes, weight_bits_per_element
+from .variants import Variant, get_post, parse_variant
+
+
+@dataclass
+class CompareSettings:
+    model: str = "fashion-dit"
+    variants: tuple = ("fp16", "rtn:w4a4", "svdquant:w4a4:r32")
+    samples: int = 64
+    steps: int = 20
+    sampler: str = "ddim"
+    eta: float = 0.0
+    guidance_scale: Optional[float] = None  # None: the model's default
+    seed: int = 0  # evaluation seeds: seed .. seed + samples - 1
+    calib_samples: int = 20
+    calib_steps: Optional[int] = None  # None: same as steps
+    calib_seed: int = 10_000  # calibration uses other seeds than evaluation
+    data_samples: int = 1000  # Fashion-MNIST test images for FD vs data (0 = skip)
+    batch_size: int = 64
+    device: Optional[str] = None
+    grid_columns: int = 10
+    n_boot: int = 1000
+    fd_n_boot: int = 100
+    weights: Optional[str] = None  # a weights file to use instead of the bundled one (any config of the arch)
+
+    def resolved_device(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class PostContext:
+    """What a ``+post`` processor (e.g. PTQD) gets to build its sampler hooks."""
+
+    fp_model: torch.nn.Module
+    q_model: torch.nn.Module
+    variant: Variant
+    settings: CompareSettings
+    guidance_scale: float
+    device: str
+    info: dict = field(default_factory=dict)  # the post writes its facts here; they go into the report
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_compare(settings: CompareSettings, out_dir: str | Path) -> dict:
+    """Run the comparison and write report.json, grid.png and report.html under ``out_dir``."""
+    from ..data.fashion_mnist import fashion_mnist_available, load_fashion_mnist
+    from ..eval import compare_images
+    from ..models import get_spec, load_pretrained
+    from ..models.io import load_weights
+    from ..sampling import calibration_forward_loop, sample, sample_plan
+    from .report import write_grid, write_html
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    variants = [parse_variant(v) for v in settings.variants]  # fail on a bad name before any work
+    if not any(v.is_baseline for v in variants):
+        variants.insert(0, parse_variant("fp16"))
+    device = settings.resolved_device()
+    spec = get_spec(settings.model)
+    guidance = spec.default_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+    calib_steps = settings.calib_steps or settings.steps
+    classes, seeds = sample_plan(settings.samples, settings.seed, spec.num_classes)
+    if settings.weights:
+        fp_model = load_weights(settings.weights, device=device)[0]
+    else:
+        fp_model = load_pretrained(settings.model, device=device).eval()
+
+    data = None
+    if settings.data_samples and fashion_mnist_available():
+        imgs, _ = load_fashion_mnist("test")
+        g = torch.Generator().manual_seed(settings.seed)
+        idx = torch.randperm(imgs.shape[0], generator=g)[: settings.data_samples]
+        data = imgs[idx].float().div(127.5).sub(1.0).unsqueeze(1)  # (n, 1, 28, 28) in [-1, 1]
+
+    def generate(model, hooks=()):
+        _sync(device)
+        t0 = time.perf_counter()
+        imgs = sample(model, classes, seeds, steps=settings.steps, sampler=settings.sampler, eta=settings.eta,
+                      guidance_scale=guidance, hooks=hooks, batch_size=settings.batch_size, progress=True)
+        _sync(device)
+        return imgs, time.perf_counter() - t0
+
+    results, images = {}, {}
+    reference = None
+    for v in variants:
+        _log(f"== {v.name}")
+        row: dict = {"variant": v.name}
+        if v.is_baseline:
+            model, hooks = fp_model, ()
+            row.update(calibration_seconds=0.0, weight_bits_per_element=16.0, model_bytes=model_bytes(fp_model))
+        else:
+            model = copy.deepcopy(fp_model)
+            cfg = v.config(exclude=spec.quant_exclude)
+            loop = calibration_forward_loop(settings.calib_samples, calib_steps, sampler=settings.sampler,
+                                            guidance_scale=guidance, seed=settings.calib_seed,
+                                            num_classes=spec.num_classes, eta=settings.eta,
+                                            batch_size=settings.batch_size)
+            _sync(device)
+            t0 = time.perf_counter()
+            quantize(model, cfg, forward_loop=loop)
+            _sync(device)
+            row["calibration_seconds"] = time.perf_counter() - t0
+            row["config"] = cfg.to_dict()
+            hooks = []
+            for p in v.posts:
+                ctx = PostContext(fp_model, model, v, settings, guidance, device)
+                t0 = time.perf_counter()
+                hooks += list(get_post(p).hooks(ctx))
+                row["calibration_seconds"] += time.perf_counter() - t0
+                row[p] = ctx.info
+            row.update(weight_bits_per_element=weight_bits_per_element(model), model_bytes=model_bytes(model))
+        imgs, secs = generate(model, hooks)
+        row["sampling_seconds"] = secs
+        images[v.name] = imgs
+        if v.is_baseline:
+            reference = imgs
+        results[v.name] = row
+        del model
+
+    for name, imgs in images.items():
+        _log(f"== metrics: {name}")
+        m = compare_images(imgs, reference, data, n_boot=settings.n_boot, fd_n_boot=settings.fd_n_boot,
+                           seed=settings.seed, device=device)
+        row = results[name]
+        row["lpips"], row["psnr"], row["ssim"] = m["lpips"], m["psnr"], m["ssim"]
+        row["fd_vs_fp16"], row["fd_vs_data"] = m["fd_vs_reference"], m["fd_vs_data"]
+        row["fid_vs_data"] = m.get("fid_vs_data")
+        row["metric_settings"] = m["settings"]
+
+    report = {
+        "fourbit_version": __version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "settings": {**asdict(settings), "variants": [v.name for v in variants], "guidance_scale": guidance,
+                     "calib_steps": calib_steps},
+        "notes": [
+            "fp16 = the bundled model's 16-bit weights (computed in fp32 on CPU); every other variant is compared "
+            "with its samples: same classes (i % 10), same seeds.",
+            "FD-Alex is a Frechet distance over LPIPS-AlexNet features, not FID.",
+            f"{settings.samples} samples per variant; intervals are 95% bootstrap percentile intervals.",
+        ],
+        "variants": results,
+    }
+    ncol = min(settings.grid_columns, settings.samples)
+    write_grid(out_dir / "grid.png", {n: im[:ncol] for n, im in images.items()})
+    _atomic_write(out_dir / "report.json", json.dumps(report, indent=2, default=_json_default))
+    write_html(out_dir / "report.html", report, out_dir / "grid.png")
+    return report
+
+
+def _json_default(o):
+    if isinstance(o, float) and o != o:
+        return None
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table of the report (what the CLI prints)."""
+    head = f"{'variant':<28} {'LPIPS':>14} {'PSNR dB':>8} {'SSIM':>6} {'FD-fp16':>8} {'FD-data':>8} {'bits/w':>6} {'MB':>6} {'calib s':>7} {'sample s':>8}"
+    lines = [head, "-" * len(head)]
+    for name, r in report["variants"].items():
+        lp = r["lpips"]
+        fdd = r.get("fd_vs_data")
+        lines.append(
+            f"{name:<28} {lp['mean']:>6.3f}±{(lp['hi'] - lp['lo']) / 2:<7.3f} {_num(r['psnr']['mean']):>8} "
+            f"{r['ssim']['mean']:>6.3f} {r['fd_vs_fp16']['value']:>8.2f} "
+            f"{(fdd['value'] if fdd else float('nan')):>8.2f} {r['weight_bits_per_element']:>6.2f} "
+            f"{r['model_bytes'] / 2**20:>6.2f} {r['calibration_seconds']:>7.1f} {r['sampling_seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def _num(x) -> str:
+    return "inf" if x is None or x == float("inf") else f"{x:.2f}"

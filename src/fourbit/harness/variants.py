@@ -1,0 +1,159 @@
+"""Variant names of the harness: ``METHOD:wXaY[:rN][:key=value...]`` with optional ``+post`` suffixes.
+
+Examples: ``fp16``, ``rtn:w4a4``, ``smoothquant:w4a4``, ``svdquant:w4a4:r32``, ``svdquant:w8a8:r16``,
+``nf4:w4a16``, ``svdquant:w4a4:r32:fmt=int4p2:kernel=triton``, ``rtn:w4a4+ptqd``.
+
+Bits map to formats: 4 -> int4 (group 64), 8 -> int8 (per channel / per token), 16 -> unquantized;
+``fmt=NAME`` replaces the 4-bit format of weights and activations (``wfmt=``/``afmt=`` one side only),
+``g=N`` sets the group size, ``alpha=A`` fixes SmoothQuant/SVDQuant's alpha, ``kernel=NAME`` the kernel.
+Methods and ``+post`` processors are registries, so other components add their own
+(``register_variant_method``, ``register_post``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .. import config as C
+
+MethodBuilder = Callable[["Variant", tuple], C.QuantConfig]
+_METHODS: dict[str, MethodBuilder] = {}
+_POSTS: dict[str, Any] = {}
+
+_BITS = re.compile(r"^w(\d+)a([\d\-]+)$")
+
+
+@dataclass
+class Variant:
+    """A parsed variant name. ``abits`` is a string so mixed schemes like "4-8" can be expressed."""
+
+    name: str
+    method: str  # "fp16" for the unquantized model
+    wbits: int = 16
+    abits: str = "16"
+    rank: Optional[int] = None
+    options: dict = field(default_factory=dict)
+    posts: list = field(default_factory=list)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method == "fp16"
+
+    def weight_format(self) -> str:
+        if "wfmt" in self.options:
+            return self.options["wfmt"]
+        return _bits_format(self.wbits, self.options.get("fmt"), weights=True)
+
+    def activation_format(self, bits: Optional[str] = None) -> Optional[str]:
+        bits = self.abits if bits is None else bits
+        if "afmt" in self.options:
+            return self.options["afmt"]
+        if "-" in bits:  # mixed: the base config uses the lowest width; a post-processor switches per step
+            bits = bits.split("-")[0]
+        return None if int(bits) >= 16 else _bits_format(int(bits), self.options.get("fmt"), weights=False)
+
+    def common_kwargs(self, exclude: tuple) -> dict:
+        kw: dict[str, Any] = dict(weights=self.weight_format(), activations=self.activation_format(),
+                                  exclude=tuple(exclude))
+        if "g" in self.options:
+            kw["group_size"] = int(self.options["g"])
+        if "kernel" in self.options:
+            kw["kernel"] = self.options["kernel"]
+        if "calib_rows" in self.options:
+            kw["calib_rows"] = int(self.options["calib_rows"])
+        return kw
+
+    def config(self, exclude: tuple = ()) -> C.QuantConfig:
+        """The quantization config this variant means (exclude: layers the model keeps 16-bit)."""
+        if self.is_baseline:
+            raise ValueError("the fp16 baseline has no quantization config")
+        return _METHODS[self.method](self, exclude)
+
+
+def _bits_format(bits: int, fmt: Optional[str], weights: bool) -> str:
+    if bits == 4:
+        return fmt or "int4"
+    if bits == 8:
+        return "int8"
+    raise ValueError(f"no default {bits}-bit format; name one with wfmt=/afmt=")
+
+
+def register_variant_method(name: str, builder: MethodBuilder) -> None:
+    """Make ``name:...`` variants build their config with ``builder(variant, exclude)``."""
+    _METHODS[name] = builder
+
+
+def register_post(name: str, post: Any) -> None:
+    """Make ``...+name`` available: ``post`` provides sampler hooks for a quantized model (see compare.py)."""
+    _POSTS[name] = post
+
+
+def get_post(name: str) -> Any:
+    return _POSTS[name]
+
+
+def parse_variant(text: str) -> Variant:
+    """Parse a variant name; raises ValueError naming the problem and the accepted grammar."""
+    text = text.strip()
+    grammar = "expected METHOD:wXaY[:rN][:key=value] (e.g. svdquant:w4a4:r32) or fp16"
+    if not text:
+        raise ValueError(f"empty variant name; {grammar}")
+    tokens = text.split(":")
+    method, posts = tokens[0], []
+    rest = []
+    for tok in tokens[1:]:
+        base, *p = tok.split("+")
+        rest.append(base)
+        posts += p
+    if method in ("fp16", "bf16", "16bit"):
+        if rest:
+            raise ValueError(f"{text!r}: the fp16 baseline takes no options")
+        return Variant(text, "fp16")
+    _load_plugins()
+    if method not in _METHODS:
+        raise ValueError(f"{text!r}: unknown method {method!r}; known: fp16, {', '.join(sorted(_METHODS))}")
+    v = Variant(text, method, posts=posts)
+    if not rest or not _BITS.match(rest[0]):
+        raise ValueError(f"{text!r}: missing or malformed bit-widths; {grammar}")
+    m = _BITS.match(rest[0])
+    v.wbits, v.abits = int(m.group(1)), m.group(2)
+    for tok in rest[1:]:
+        if re.fullmatch(r"r\d+", tok):
+            v.rank = int(tok[1:])
+        elif "=" in tok:
+            k, val = tok.split("=", 1)
+            v.options[k] = val
+        else:
+            raise ValueError(f"{text!r}: unexpected token {tok!r}; {grammar}")
+    for p in v.posts:
+        if p not in _POSTS:
+            raise ValueError(f"{text!r}: unknown suffix +{p}; known: {', '.join(sorted(_POSTS)) or 'none'}")
+    return v
+
+
+def _load_plugins() -> None:
+    """Import optional components that register variant methods / posts (kept lazy)."""
+    from ..utils import import_optional
+
+    for mod in ("fourbit.methods.quartz", "fourbit.ptqd.harness"):
+        import_optional(mod)
+
+
+# ---- the core methods ----------------------------------------------------------------------
+def _rank(v: Variant, default: int) -> int:
+    return default if v.rank is None else v.rank
+
+
+def _alpha(v: Variant) -> dict:
+    return {"alpha": float(v.options["alpha"])} if "alpha" in v.options else {}
+
+
+register_variant_method("rtn", lambda v, ex: C.RTNConfig(**v.common_kwargs(ex)))
+register_variant_method("nf4", lambda v, ex: C.NF4Config(**{**v.common_kwargs(ex), "weights": "nf4",
+                                                             "activations": None}))
+register_variant_method("smoothquant", lambda v, ex: C.SmoothQuantConfig(**v.common_kwargs(ex), **_alpha(v)))
+register_variant_method("svd", lambda v, ex: C.SVDConfig(**v.common_kwargs(ex), rank=_rank(v, 32)))
+register_variant_method("lorc", lambda v, ex: C.LoRCConfig(**v.common_kwargs(ex), rank=_rank(v, 32)))
+register_variant_method("svdquant", lambda v, ex: C.SVDQuantConfig(
+    **v.common_kwargs(ex), rank=_rank(v, 16 if v.wbits == 8 else 32), **_alpha(v)))

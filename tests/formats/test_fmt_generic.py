@@ -23,7 +23,7 @@ VARIANTS = [(n, {}) for n in NAMES] + [
 ]
 VARIANT_IDS = [n + "".join(f"-{k}={v}" for k, v in o.items()) for n, o in VARIANTS]
 # Formats that do not round to nearest by design (QuaRTZ truncates and saturates) declare picks_nearest = False.
-NEAREST = [(n, o) for n, o in VARIANTS if getattr(FORMATS[n], "picks_nearest", True)]
+NEAREST = [(n, o) for n, o in VARIANTS if FORMATS[n].picks_nearest]
 NEAREST_IDS = [i for i, v in zip(VARIANT_IDS, VARIANTS) if v in NEAREST]
 
 

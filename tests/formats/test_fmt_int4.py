@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from .fmt_helpers import KINDS, make_input, tol
 from fourbit.formats import QuantizedTensor, make_format
@@ -15,6 +15,7 @@ from fourbit.formats import QuantizedTensor, make_format
 def test_error_within_half_step(seed, g, kind, log10_scale, scale_dtype):
     fmt = make_format("int4", group_size=g, scale_dtype=scale_dtype)
     x = make_input(seed, 3, 2 * g, kind, log10_scale, g=g)
+    assume(scale_dtype == "bfloat16" or x.abs().max() <= 7 * 65504)  # fp16 scales saturate beyond (tested below)
     q = fmt.quantize(x)
     s = q.scales.float().repeat_interleave(g, dim=1)  # (R, K)
     err = (x - fmt.dequantize(q)).abs().double()

@@ -15,6 +15,7 @@ What a format object tells storage code (checkpoints, meta-device skeletons):
 - ``has_row_scale`` whether ``row_scale`` (always fp32) is present; ``row_scale_shape(r)`` gives its shape,
   (r, 1) per row or (1, 1) per tensor. May depend on options (instance attribute).
 - ``storage_shapes(r, k)`` all of the above for one (R, K) tensor: packed codes, scales, row scale.
+- ``picks_nearest`` False for formats that do not round to nearest by design (QuaRTZ truncation).
 - ``fp8_exact`` True when every dequantized value is (e4m3 value) * row_scale exactly, so the format folds
   into an FP8 GEMM with row/column scales (the formats then have ``to_fp8_operand(q)``).
 """
@@ -68,6 +69,9 @@ class Format(ABC):
     row_scale_kind: str = "row"
     #: dequantized values are exactly e4m3(operand) * row_scale (see ``to_fp8_operand`` on such formats)
     fp8_exact: bool = False
+    #: quantize returns a nearest representable value under the scales it chose (False for formats that
+    #: truncate by design, e.g. QuaRTZ); the generic tests check nearest-ness only where this is True
+    picks_nearest: bool = True
 
     def __init__(self, group_size: Optional[int] = None, **options: Any):
         if group_size is None:

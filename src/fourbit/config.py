@@ -192,11 +192,11 @@ class SVDQuantConfig(QuantConfig):
            error after the low-rank step and quantization.
     refine_iters: extra iterations re-decomposing W^ - Q(R) and re-quantizing R, keeping the best.
     smooth: False gives "SVDQuant without smoothing" (the paper's ablation).
-    Use rank=16 for W8A8 (the paper's setting).
+    rank: None picks the paper's setting: 32 for 4-bit weights, 16 for 8-bit weights.
     """
 
     method: ClassVar[str] = "svdquant"
-    rank: int = 32
+    rank: Optional[int] = None  # None: 32 with 4-bit weights, 16 with 8-bit weights (the paper's settings)
     alpha: Optional[float] = None
     alpha_grid: tuple = field(default_factory=_alpha_grid)
     refine_iters: int = 0
@@ -204,6 +204,8 @@ class SVDQuantConfig(QuantConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.rank is None:
+            self.rank = 16 if self.weight_format().code_bits == 8 else 32
         _check_rank(self.rank)
         _check_alpha(self.alpha, self.alpha_grid)
         if self.refine_iters < 0:

@@ -41,3 +41,9 @@ def test_per_layer_overrides():
 def test_unknown_method_in_dict():
     with pytest.raises(ValueError, match="unknown method"):
         QuantConfig.from_dict({"method": "magic"})
+
+
+def test_svdquant_rank_follows_weight_bits():
+    assert fourbit.SVDQuantConfig().rank == 32
+    assert fourbit.SVDQuantConfig(weights="int8", activations="int8").rank == 16
+    assert fourbit.SVDQuantConfig(weights="int8", rank=8).rank == 8

@@ -155,5 +155,4 @@ register_variant_method("nf4", lambda v, ex: C.NF4Config(**{**v.common_kwargs(ex
 register_variant_method("smoothquant", lambda v, ex: C.SmoothQuantConfig(**v.common_kwargs(ex), **_alpha(v)))
 register_variant_method("svd", lambda v, ex: C.SVDConfig(**v.common_kwargs(ex), rank=_rank(v, 32)))
 register_variant_method("lorc", lambda v, ex: C.LoRCConfig(**v.common_kwargs(ex), rank=_rank(v, 32)))
-register_variant_method("svdquant", lambda v, ex: C.SVDQuantConfig(
-    **v.common_kwargs(ex), rank=_rank(v, 16 if v.wbits == 8 else 32), **_alpha(v)))
+register_variant_method("svdquant", lambda v, ex: C.SVDQuantConfig(**v.common_kwargs(ex), rank=v.rank, **_alpha(v)))

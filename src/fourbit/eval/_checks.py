@@ -39,11 +39,11 @@ def check_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str] = ("img0
         raise ValueError(f"shape mismatch: {names[0]} {tuple(a.shape)} vs {names[1]} {tuple(b.shape)}")
 
 
-def to_network_input(x: torch.Tensor, min_size: int | None) -> torch.Tensor:
+def to_network_input(x: torch.Tensor, min_size: int | None, min_side: int = 1) -> torch.Tensor:
     """float32, 3 channels, and bilinear upsampling so the shorter side is at least ``min_size``.
 
     Grey images are repeated to 3 channels. Images already at least ``min_size`` on the shorter side are left
-    as they are; ``min_size=None`` never resizes.
+    as they are; ``min_size=None`` never resizes. Raises ValueError if the result is below ``min_side``.
     """
     x = x.float()
     if x.shape[1] == 1:
@@ -53,4 +53,6 @@ def to_network_input(x: torch.Tensor, min_size: int | None) -> torch.Tensor:
         s = min_size / min(h, w)
         size = (max(min_size, round(h * s)), max(min_size, round(w * s)))
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    if min(x.shape[-2:]) < min_side:
+        raise ValueError(f"images of {h}x{w} are too small for the network (min side {min_side}); set min_size")
     return x

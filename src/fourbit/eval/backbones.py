@@ -17,6 +17,7 @@ _ALEX = [(64, 11, 4, 2, False), (192, 5, 1, 2, True), (384, 3, 1, 1, True), (256
 _VGG = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
 
 TAP_CHANNELS = {"alex": (64, 192, 384, 256, 256), "vgg": (64, 128, 256, 512, 512)}
+MIN_SIDE = {"alex": 31, "vgg": 16}  # smallest input side for which every tap is non-empty
 
 
 class AlexNetFeatures(nn.Module):

@@ -13,6 +13,7 @@ import os
 import torch
 
 from ._checks import check_images, to_network_input
+from .backbones import MIN_SIDE
 from .lpips import DEFAULT_MIN_SIZE, load_lpips
 from .stats import as_float64, percentile_interval
 
@@ -32,7 +33,7 @@ def fd_features(
     model = load_lpips(net, weights, device)
     out = []
     for i in range(0, images.shape[0], batch_size):
-        x = to_network_input(images[i : i + batch_size].to(device), min_size)
+        x = to_network_input(images[i : i + batch_size].to(device), min_size, MIN_SIDE[net])
         taps = model.taps(x)  # 5 x (B, C_l, H_l, W_l)
         out.append(torch.cat([t.mean(dim=(2, 3)) for t in taps], dim=1).cpu().double())  # (B, D)
     return torch.cat(out)
@@ -91,11 +92,9 @@ def _fd(a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor | None = None, wb: to
     cb = (b - mu_b) * wb.sqrt()[:, None]  # (V, D)
     u, v = sorted((a.shape[0], b.shape[0]))
     if u * v * dim + u * u * v + 2 * u**3 < (u + v) * dim * dim + 4 * dim**3:  # rough flop counts of the routes
-        # Few rows (N + M below ~2.5 D): the nonzero eigenvalues of S_a S_b are those of C C^T / ((n-1)(m-1)) with C = ca cb^T
-        # (U, V), so the trace term is sum(sqrt(eig(C C^T))) / sqrt((n-1)(m-1)); exact, no (D, D) algebra.
-        c = ca @ cb.T
-        g = c @ c.T if c.shape[0] <= c.shape[1] else c.T @ c
-        tr_sqrt = float(torch.linalg.eigvalsh(g).clamp_min(0).sqrt().sum()) / ((n - 1) * (m - 1)) ** 0.5
+        # Few rows: the nonzero eigenvalues of S_a S_b are those of C C^T / ((n-1)(m-1)), C = ca cb^T (U, V),
+        # so the trace term is the sum of C's singular values / sqrt((n-1)(m-1)); exact, no (D, D) algebra.
+        tr_sqrt = float(torch.linalg.svdvals(ca @ cb.T).sum()) / ((n - 1) * (m - 1)) ** 0.5
         tr_a, tr_b = float(ca.pow(2).sum()) / (n - 1), float(cb.pow(2).sum()) / (m - 1)
         return max(float((mu_a - mu_b).pow(2).sum()) + tr_a + tr_b - 2.0 * tr_sqrt, 0.0)
     return frechet_distance_from_stats(mu_a, ca.T @ ca / (n - 1), mu_b, cb.T @ cb / (m - 1))

@@ -17,7 +17,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from ._checks import MetricUnavailable, check_pair, to_network_input
-from .backbones import TAP_CHANNELS, build_backbone
+from .backbones import MIN_SIDE, TAP_CHANNELS, build_backbone
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 BUNDLED = {"alex": WEIGHTS_DIR / "lpips_alex.safetensors"}
@@ -115,7 +115,7 @@ def lpips(
     model = load_lpips(net, weights, device)
     out = []
     for i in range(0, img0.shape[0], batch_size):
-        x0 = to_network_input(img0[i : i + batch_size].to(device), min_size)
-        x1 = to_network_input(img1[i : i + batch_size].to(device), min_size)
+        x0 = to_network_input(img0[i : i + batch_size].to(device), min_size, MIN_SIDE[net])
+        x1 = to_network_input(img1[i : i + batch_size].to(device), min_size, MIN_SIDE[net])
         out.append(model(x0, x1).float().cpu())
     return torch.cat(out)

@@ -10,8 +10,10 @@ __version__ = "0.1.0"
 
 from .config import (LoRCConfig, NF4Config, QuantConfig, RTNConfig, SmoothQuantConfig,  # noqa: E402
                      SVDConfig, SVDQuantConfig)
+from .config import QuaRTZConfig, SVDQuantQuaRTZConfig  # noqa: E402
 from .api import quantize  # noqa: E402
 from .checkpoint import CheckpointError, load, read_header, save  # noqa: E402
 
 __all__ = ["quantize", "save", "load", "read_header", "CheckpointError", "QuantConfig", "RTNConfig",
-           "SmoothQuantConfig", "SVDConfig", "LoRCConfig", "SVDQuantConfig", "NF4Config", "__version__"]
+           "SmoothQuantConfig", "SVDConfig", "LoRCConfig", "SVDQuantConfig", "NF4Config", "QuaRTZConfig",
+           "SVDQuantQuaRTZConfig", "__version__"]

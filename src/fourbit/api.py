@@ -95,7 +95,7 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Calla
     if not targets:
         raise ValueError("no layer matched the config's include/exclude patterns; nothing to quantize "
                          f"(include={list(config.include)}, exclude={list(config.exclude)})")
-    needs_stats = any(type(t.config).needs_calibration for t in targets)
+    needs_stats = any(t.config.needs_calibration_data() for t in targets)
     report = QuantizationReport(config.to_dict(), skipped={s.name: s.reason for s in skipped})
     fingerprint = architecture_fingerprint(model)
 
@@ -105,7 +105,7 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Calla
             raise ValueError(f"{type(config).__name__} needs calibration data: pass forward_loop=fn where "
                              f"fn(model) runs the model on a few representative inputs")
         t0 = time.perf_counter()
-        stats = calibrate(model, [t for t in targets if type(t.config).needs_calibration], forward_loop,
+        stats = calibrate(model, [t for t in targets if t.config.needs_calibration_data()], forward_loop,
                           max_rows=config.calib_rows, seed=config.seed)
         report.calibration_seconds = time.perf_counter() - t0
 

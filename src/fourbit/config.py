@@ -12,6 +12,11 @@ Common fields (every method):
     calib_rows   activation rows kept per layer during calibration (a bounded, seeded sample)
     seed         seed of that sample (and of anything else random)
     kernel       the kernel that runs the quantized layers ("reference" is the plain-torch emulation)
+    weight_rounding  how weights (the residual, for SVDQuant) are rounded: "rtn" (nearest), "gptq"
+                 (GPTQ on the calibration rows, group scales fixed as it reaches each group) or
+                 "gptq_static" (GPTQ with every scale taken from the original weight). GPTQ needs
+                 calibration data for any method (see ``needs_calibration_data``)
+    gptq_damp    GPTQ's dampening, relative to the mean diagonal of the Hessian
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Any, ClassVar, Optional
 CONFIG_VERSION = 1
 _PAD_POLICIES = ("pad", "skip")
 _SIXTEEN_BIT = (None, "none", "fp16", "bf16", "16", "a16")
+_WEIGHT_ROUNDING = ("rtn", "gptq", "gptq_static")
 
 
 @dataclass
@@ -41,6 +47,8 @@ class QuantConfig:
     calib_rows: int = 512
     seed: int = 0
     kernel: str = "reference"
+    weight_rounding: str = "rtn"
+    gptq_damp: float = 0.01
 
     def __post_init__(self):
         if isinstance(self.include, str):
@@ -56,6 +64,10 @@ class QuantConfig:
             raise ValueError(f"group_size must be positive, got {self.group_size}")
         if self.calib_rows < 1:
             raise ValueError(f"calib_rows must be >= 1, got {self.calib_rows}")
+        if self.weight_rounding not in _WEIGHT_ROUNDING:
+            raise ValueError(f"weight_rounding must be one of {_WEIGHT_ROUNDING}, got {self.weight_rounding!r}")
+        if not self.gptq_damp > 0:
+            raise ValueError(f"gptq_damp must be > 0, got {self.gptq_damp}")
         if not isinstance(self.overrides, dict):
             raise TypeError("overrides must be a dict {pattern: {field: value}}")
         known = {f.name for f in dataclasses.fields(self)} | {"keep"}
@@ -69,6 +81,11 @@ class QuantConfig:
         # building the formats validates names and group sizes early, with a clear message
         self.weight_format()
         self.activation_format()
+
+    def needs_calibration_data(self) -> bool:
+        """Whether quantizing with this (per-layer) config needs calibration rows: the method's own need,
+        or GPTQ weight rounding, which needs the inputs' Hessian whatever the method."""
+        return type(self).needs_calibration or self.weight_rounding != "rtn"
 
     # ---- formats ---------------------------------------------------------------------------
     def weight_format(self):
@@ -227,6 +244,61 @@ class NF4Config(QuantConfig):
             raise ValueError("NF4Config is weight-only: leave activations=None")
 
 
+@dataclass
+class QuaRTZConfig(QuantConfig):
+    """QuaRTZ W4A4 (arXiv 2509.26436): activations quantized to 8 bits, then leading-zero suppressed to 4-bit
+    codes with a 3-bit flag per group; weights int4 group 64 RTN (the paper's W4A4).
+
+    activations: a QuaRTZ format name (``fourbit.formats.quartz``): "quartz" (stage 1 per token per 64
+                 channels with fp16 scales as in the authors' code, LZS groups of 16, truncation as in the
+                 paper), "quartz_s32" (groups of 32), "quartz_round" (the authors' round-to-nearest),
+                 "quartz_tok" (one fp32 scale per token: exact in FP8 on Hopper), ... or None (16-bit).
+    weights:     any weight format; a QuaRTZ name puts leading-zero suppression on the weights too
+                 (weights="quartz_tok": per-output-channel, FP8-exact). weight_rounding="gptq" for GPTQ.
+    act_signed:  False selects the unsigned variant (4 magnitude bits, negative inputs clipped to 0) for layers
+                 whose inputs are non-negative; set it per layer, e.g. overrides={"*.fc2": {"act_signed": False}}.
+    """
+
+    method: ClassVar[str] = "quartz"
+    needs_calibration: ClassVar[bool] = False
+    activations: Optional[str] = "quartz"
+    act_signed: bool = True
+
+    def activation_format(self):
+        return _quartz_activation_format(self, super().activation_format())
+
+
+@dataclass
+class SVDQuantQuaRTZConfig(SVDQuantConfig):
+    """SVDQuant's smoothing and 16-bit low-rank branch with QuaRTZ activations on the residual ("svdquant+quartz").
+
+    Same fields as SVDQuantConfig (alpha is searched with QuaRTZ in the loop) plus ``act_signed`` as in
+    QuaRTZConfig. ``SVDQuantConfig(activations="quartz")`` computes the same thing; this class names the
+    combination and defaults to it.
+    """
+
+    method: ClassVar[str] = "svdquant+quartz"
+    activations: Optional[str] = "quartz"
+    act_signed: bool = True
+
+    def activation_format(self):
+        return _quartz_activation_format(self, super().activation_format())
+
+
+def _quartz_activation_format(cfg, fmt):
+    """The QuaRTZ configs' activation format: must be a QuaRTZ one; the unsigned variant when act_signed=False."""
+    from .formats import QuaRTZ, format_from_spec
+
+    if fmt is None:
+        return None
+    if not isinstance(fmt, QuaRTZ):
+        raise ValueError(f"{type(cfg).__name__} quantizes activations with a QuaRTZ format (quartz, quartz_s32, "
+                         f"quartz_round, quartz_tok, ...), got {cfg.activations!r}")
+    if not isinstance(cfg.act_signed, bool):
+        raise ValueError(f"act_signed must be True or False, got {cfg.act_signed!r}")
+    return fmt if cfg.act_signed else format_from_spec({**fmt.spec(), "signed": False})
+
+
 def _check_rank(rank: int) -> None:
     if not isinstance(rank, int) or rank < 0:
         raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
@@ -248,5 +320,6 @@ def register_config(cls: type[QuantConfig]) -> type[QuantConfig]:
     return cls
 
 
-for _cls in (RTNConfig, SmoothQuantConfig, SVDConfig, LoRCConfig, SVDQuantConfig, NF4Config):
+for _cls in (RTNConfig, SmoothQuantConfig, SVDConfig, LoRCConfig, SVDQuantConfig, NF4Config, QuaRTZConfig,
+             SVDQuantQuaRTZConfig):
     register_config(_cls)

@@ -173,6 +173,12 @@ class QuaRTZ(Format):
         s = self.stage1_scales(q).float()  # (R, K/g)
         return (grouped(qt, self.group_size) * s.unsqueeze(-1)).reshape(r, k).to(dtype)
 
+    def valid_codes(self) -> Tensor:
+        """Every code quantize can produce: -7..7 (unsigned: 0..15); -8 never occurs."""
+        if self.signed:
+            return torch.arange(-self.cmax, self.cmax + 1, dtype=torch.int8)
+        return torch.arange(0, self.cmax + 1, dtype=torch.int16).to(torch.uint8)
+
     # ---- decoding helpers (what a kernel's quantize step produces) -------------------------------
     def flags(self, q: QuantizedTensor) -> Tensor:
         """(R, K / G_s) uint8 LZS flags."""

@@ -33,5 +33,6 @@ def get_transform(cfg: QuantConfig) -> Transform:
 
 # importing the modules registers them
 from . import rtn, smoothquant, svd, lorc, svdquant  # noqa: E402,F401
+from . import quartz  # noqa: E402,F401
 
 __all__ = ["register_method", "get_transform", "METHODS"]

@@ -14,10 +14,38 @@ EPS = 1e-5
 
 def quantize_state(weight: Tensor, weight_format: Format, act_format: Optional[Format],
                    smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
-                   lr_up: Optional[Tensor] = None, **info) -> QuantizedLinearState:
-    """Quantize ``weight`` (N, Kp) with ``weight_format`` and wrap everything in a state."""
-    return QuantizedLinearState(weight_format.quantize(weight), weight_format, act_format,
+                   lr_up: Optional[Tensor] = None, rows: Optional[Tensor] = None,
+                   gptq: Optional[dict] = None, **info) -> QuantizedLinearState:
+    """Quantize ``weight`` (N, Kp) with ``weight_format`` and wrap everything in a state.
+
+    rows (n, Kp): the calibration inputs as this weight sees them (smoothed); given, the weight is
+    GPTQ-rounded with options ``gptq`` (see ``rounding_kwargs``), otherwise rounded to nearest.
+    """
+    return QuantizedLinearState(quantize_weight(weight, weight_format, rows, gptq), weight_format, act_format,
                                 smooth=smooth, lr_down=lr_down, lr_up=lr_up, info=dict(info))
+
+
+def quantize_weight(weight: Tensor, fmt: Format, rows: Optional[Tensor] = None,
+                    gptq: Optional[dict] = None):
+    """RTN (``rows`` None) or GPTQ on ``rows`` (n, Kp) of ``weight`` (N, Kp) -> QuantizedTensor."""
+    if rows is None:
+        return fmt.quantize(weight)
+    from .gptq import gptq_quantize
+
+    return gptq_quantize(weight, rows, fmt, **(gptq or {}))
+
+
+def rounding_kwargs(cfg, stats, weight: Tensor, smooth: Optional[Tensor] = None) -> dict:
+    """What ``quantize_state``/``quantize_weight`` need for ``cfg.weight_rounding``: {} for RTN, else the
+    calibration rows as the quantized weight sees them (x / smooth, padded to Kp) and the GPTQ options."""
+    if cfg.weight_rounding == "rtn":
+        return {}
+    if stats is None:
+        raise ValueError(f"weight_rounding={cfg.weight_rounding!r} needs calibration rows; none were recorded "
+                         f"for this layer")
+    x = calibration_rows(stats, weight)
+    return {"rows": x if smooth is None else x / smooth,
+            "gptq": {"damp": cfg.gptq_damp, "static_groups": cfg.weight_rounding == "gptq_static"}}
 
 
 def smoothing_factors(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tensor:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from ..config import SmoothQuantConfig
 from . import register_method
-from .common import best_of, calibration_rows, output_error, padded_absmax, quantize_state, smoothing_factors
+from .common import (best_of, calibration_rows, output_error, padded_absmax, quantize_state, rounding_kwargs,
+                     smoothing_factors)
 
 
 @register_method(SmoothQuantConfig)
@@ -19,7 +20,8 @@ def smoothquant(weight, stats, cfg):
     candidates = []
     for alpha in ([cfg.alpha] if cfg.alpha is not None else cfg.alpha_grid):
         lam = smoothing_factors(absmax, weight, alpha)
-        state = quantize_state(weight * lam, wf, af, smooth=lam, alpha=alpha)
+        state = quantize_state(weight * lam, wf, af, smooth=lam, alpha=alpha,
+                               **rounding_kwargs(cfg, stats, weight, lam))
         candidates.append((output_error(state, x, y_ref), state))
     err, state = best_of(candidates)
     state.info["calib_rel_error"] = err

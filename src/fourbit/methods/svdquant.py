@@ -13,23 +13,23 @@ import torch
 from ..config import SVDQuantConfig
 from . import register_method
 from .common import (best_of, calibration_rows, low_rank, output_error, padded_absmax, quantize_state,
-                     smoothing_factors)
+                     rounding_kwargs, smoothing_factors)
 
 
-def _decompose(w_hat, lam, cfg, wf, af, **info):
+def _decompose(w_hat, lam, cfg, wf, af, rounding, **info):
     lr_down, lr_up = low_rank(w_hat, cfg.rank) if cfg.rank > 0 else (None, None)
     residual = w_hat if lr_down is None else w_hat - lr_up @ lr_down
-    return quantize_state(residual, wf, af, smooth=lam, lr_down=lr_down, lr_up=lr_up, **info)
+    return quantize_state(residual, wf, af, smooth=lam, lr_down=lr_down, lr_up=lr_up, **rounding, **info)
 
 
-def _refine(w_hat, state, cfg, x, y_ref):
+def _refine(w_hat, state, cfg, x, y_ref, rounding):
     """Re-fit the low-rank branch to what the quantized residual misses; keep the best iterate."""
     best = (output_error(state, x, y_ref), state)
     for it in range(cfg.refine_iters):
         deq = state.weight_format.dequantize(state.weight)
         lr_down, lr_up = low_rank(w_hat - deq, cfg.rank)
         state = quantize_state(w_hat - lr_up @ lr_down, state.weight_format, state.act_format,
-                               smooth=state.smooth, lr_down=lr_down, lr_up=lr_up,
+                               smooth=state.smooth, lr_down=lr_down, lr_up=lr_up, **rounding,
                                **{**state.info, "refine_iter": it + 1})
         best = best_of([best, (output_error(state, x, y_ref), state)])
     return best
@@ -49,10 +49,11 @@ def svdquant(weight, stats, cfg):
     for alpha in alphas:
         lam = None if alpha is None else smoothing_factors(absmax, weight, alpha)
         w_hat = weight if lam is None else weight * lam
-        state = _decompose(w_hat, lam, cfg, wf, af, alpha=alpha)
-        candidates.append((output_error(state, x, y_ref), state, w_hat))
-    err, state, w_hat = min(candidates, key=lambda c: c[0])
+        rounding = rounding_kwargs(cfg, stats, weight, lam)  # GPTQ sees the smoothed rows x / lambda
+        state = _decompose(w_hat, lam, cfg, wf, af, rounding, alpha=alpha)
+        candidates.append((output_error(state, x, y_ref), state, w_hat, rounding))
+    err, state, w_hat, rounding = min(candidates, key=lambda c: c[0])
     if cfg.refine_iters and cfg.rank > 0:
-        err, state = _refine(w_hat, state, cfg, x, y_ref)
+        err, state = _refine(w_hat, state, cfg, x, y_ref, rounding)
     state.info["calib_rel_error"] = err
     return state

@@ -39,3 +39,10 @@ def get_linear_kernel(name: str) -> LinearKernel:
 
 def available_kernels() -> list[str]:
     return sorted(set(_LINEAR_KERNELS) | set(_LAZY))
+
+
+# Triton kernels (GPU; imported on first use so that ``import fourbit`` never imports triton):
+#   "triton"         speed mode: weight operands expanded once and cached on the layer
+#   "triton-memory"  memory mode: 4-bit weights at rest, expanded per layer just before its GEMM
+register_lazy_kernel("triton", "fourbit.kernels.linear")
+register_lazy_kernel("triton-memory", "fourbit.kernels.linear")

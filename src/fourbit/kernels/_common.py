@@ -1,0 +1,175 @@
+"""Pieces shared by the Triton kernels: device checks, SM count, and bit-exact scalar helpers.
+
+The ``@triton.jit`` helpers reproduce the plain-torch format references bit for bit, on the GPU and under
+Triton's interpreter (``TRITON_INTERPRET=1``) alike: the interpreter's float casts truncate instead of
+rounding to nearest, so every *inexact* rounding (fp16 / e4m3 scales, round-half-even of codes) is done
+here with integer arithmetic on the fp32 bit pattern; casts are only applied to values that are exact in
+the target type.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 when they were defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Kernels need CUDA tensors, or CPU tensors under the interpreter; all on one device."""
+    devs = {t.device for t in tensors if t is not None}
+    if len(devs) > 1:
+        raise ValueError(f"fourbit kernels: tensors on several devices: {sorted(map(str, devs))}")
+    dev = next(iter(devs))
+    if dev.type != "cuda" and not interpreting():
+        raise ValueError(f"fourbit Triton kernels need CUDA tensors (got {dev}); use kernel='reference' on CPU")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (4 under the interpreter: small persistent grids)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def aligned_empty(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(rows, cols) view of a buffer whose row stride is a multiple of 16 bytes (what TMA descriptors need)."""
+    per = 16 // torch.empty((), dtype=dtype).element_size()
+    return torch.empty((rows, -(-cols // per) * per), dtype=dtype, device=device)[:, :cols]
+
+
+def tma_aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself if its rows are contiguous and 16-byte aligned, else an aligned copy."""
+    if t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0:
+        return t
+    out = aligned_empty(t.shape[0], t.shape[1], t.dtype, t.device)
+    out.copy_(t)
+    return out
+
+
+def next_pow2(n: int, least: int = 1) -> int:
+    return max(least, 1 << max(0, (int(n) - 1).bit_length()))
+
+
+# ---- helpers usable under the interpreter ----------------------------------------------------------
+# Triton's standard-library helpers (tl.cdiv, tl.max, ...) are themselves @jit functions whose kind was fixed
+# when triton was imported; these equivalents are (re)defined with fourbit's kernels, so the interpreter
+# fixture of the tests can switch them.
+@triton.jit
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+# Triton's own max-combine: the interpreter recognises it and reduces with numpy (a custom combine function
+# is applied element by element there, ~1000x slower); compiled, both are the same reduction.
+_MAX_COMBINE = getattr(tl.standard, "_elementwise_max", None) or _max_combine
+
+
+@triton.jit
+def amax(x, axis: tl.constexpr):
+    """max of x along ``axis`` (callers pass tl.abs(.))."""
+    return tl.reduce(x, axis, _MAX_COMBINE)
+
+
+# ---- bit-exact scalar helpers (element-wise on fp32 tensors) --------------------------------------
+@triton.jit
+def round_half_even(x):
+    """fp32 -> nearest integer value (ties to even), as fp32; exact for |x| < 2^23 and beyond."""
+    a = tl.abs(x)
+    r = tl.floor(a)
+    f = a - r  # exact: Sterbenz for a >= 1, trivial below
+    odd = r - 2.0 * tl.floor(r * 0.5)
+    up = (f > 0.5) | ((f == 0.5) & (odd == 1.0))
+    r = r + up.to(tl.float32)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def as_int_value(x):
+    """An fp32 holding an integer -> the same integer as fp32 with -0.0 turned into +0.0."""
+    return x.to(tl.int32).to(tl.float32)
+
+
+@triton.jit
+def pow2(e):
+    """Exact 2^e as fp32 for int32 e in [-149, 127] (fp32 subnormals for e < -126)."""
+    normal = (tl.minimum(tl.maximum(e + 127, 1), 254) << 23).to(tl.float32, bitcast=True)
+    sub = (tl.full(e.shape, 1, tl.int32) << tl.minimum(tl.maximum(e + 149, 0), 22)).to(tl.float32, bitcast=True)
+    return tl.where(e >= -126, normal, sub)
+
+
+@triton.jit
+def frexp_exponent(a):
+    """f with a = m * 2^f, m in [0.5, 1), for a finite a > 0 (subnormals report f = -126: callers clamp)."""
+    bits = a.to(tl.int32, bitcast=True)
+    return ((bits >> 23) & 0xFF) - 126
+
+
+@triton.jit
+def mantissa_bits(a):
+    return a.to(tl.int32, bitcast=True) & 0x7FFFFF
+
+
+@triton.jit
+def round_to_mantissa(x, DROP: tl.constexpr, SUB_QUANTUM: tl.constexpr, MIN_NORMAL: tl.constexpr):
+    """x >= 0 fp32 rounded to nearest-even with (23 - DROP) mantissa bits; below MIN_NORMAL to multiples of
+    SUB_QUANTUM (the target format's subnormals; MIN_NORMAL = 0 for bf16, whose subnormals are fp32's).
+    Callers clamp to the format's maximum first."""
+    bits = x.to(tl.int32, bitcast=True)
+    lsb = (bits >> DROP) & 1
+    half = (1 << (DROP - 1)) - 1
+    mask = ~((1 << DROP) - 1)
+    normal = ((bits + half + lsb) & mask).to(tl.float32, bitcast=True)
+    if MIN_NORMAL > 0:  # the target has subnormals above fp32's: fixed quantum there
+        sub = round_half_even(x * (1.0 / SUB_QUANTUM)) * SUB_QUANTUM
+        normal = tl.where(x < MIN_NORMAL, sub, normal)
+    return normal
+
+
+@triton.jit
+def next_up(s, DROP: tl.constexpr, SUB_QUANTUM: tl.constexpr, MIN_NORMAL: tl.constexpr):
+    """The next value above s >= 0 on the grid of ``round_to_mantissa`` (s on that grid)."""
+    up = (((s.to(tl.int32, bitcast=True) >> DROP) + 1) << DROP).to(tl.float32, bitcast=True)
+    if MIN_NORMAL > 0:
+        up = tl.where(s < MIN_NORMAL, s + SUB_QUANTUM, up)
+    return up
+
+
+@triton.jit
+def e2m1_index(a):
+    """|v| -> e2m1 magnitude index 0..7 (nearest, ties to even, saturating at 6), as int32."""
+    idx = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+    idx += (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
+    idx += (a > 5.0).to(tl.int32)
+    return idx
+
+
+@triton.jit
+def e2m1_value(idx):
+    """magnitude index 0..7 -> 0, 0.5, 1, 1.5, 2, 3, 4, 6 (fp32)."""
+    f = idx.to(tl.float32)
+    return tl.where(idx < 4, f * 0.5, tl.where(idx < 6, f - 2.0, tl.where(idx == 6, 4.0, 6.0)))
+
+
+@triton.jit
+def e2m1_round(v):
+    """v -> its e2m1 value (signed; +0 for values that round to zero), fp32."""
+    idx = e2m1_index(tl.abs(v))
+    mag = e2m1_value(idx)
+    return tl.where((v < 0) & (idx > 0), -mag, mag)

@@ -1,0 +1,365 @@
+"""Dynamic activation quantization fused with the smoothing division and the low-rank down-projection.
+
+One kernel reads each token's row of X (M, K) and emits what the GEMM needs:
+  q      (M, Kp) the GEMM operand:
+           int4p2 / fp4p2    float8_e4m3fn  value(code) * 2^e          (exact; row scale r in ``row_scale``)
+           int8 (per token)  int8 codes                                (scale in ``row_scale``)
+           int4 (groups)     float8_e4m3fn codes -8..7                 (fp32 group scales in ``group_scale``)
+           fp4 / nvfp4       bfloat16      e2m1 value * e4m3 scale     (exact; outer fp32 scale separate)
+           mxfp4             bfloat16      e2m1 value * 2^e            (exact)
+  row_scale   (M,) fp32 per-token scale (or (1,) per-tensor for nvfp4), None where the format has none
+  group_scale (K/g, M) fp32, group-major (int4 only)
+  lr     (M, R) fp32: X^ @ lr_down^T, the low-rank branch's down-projection (R padded to a power of 2 >= 16)
+with X^ = pad(X) / smooth computed in fp32 exactly as ``fourbit.nn.reference`` does, and codes/scales bit-for-bit
+those of the format's reference ``quantize`` (the ``act_quant_torch`` twin builds them from it).
+
+Formats with a per-row scale need the row maximum before any element can be coded: a program takes BM
+rows, runs over K once for the maximum (and the down-projection), then again to quantize; the programs are
+persistent and few enough that the second read comes from L2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import (aligned_empty, amax as _amax, as_int_value, cdiv, check_device, e2m1_round, frexp_exponent, mantissa_bits, next_pow2, next_up,
+                      num_sms, pow2, round_half_even, round_to_mantissa)
+
+# kernel modes (one per family of format numerics)
+P2_INT, P2_E2M1, INT8_ROW, INT4_GROUP, E2M1_E4M3, MX = range(6)
+_TINY = 1.1754943508222875e-38  # smallest normal fp32 (floor of fp4/nvfp4 outer scales)
+_FP32_MAX = 3.4028234663852886e38
+_BF16_MAX = 3.3895313892515355e38
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """How a format's activation quantizer maps onto the kernel (see ``act_spec``)."""
+
+    mode: int
+    group: int  # group size (== block width for per-row int8)
+    qmax: float = 7.0
+    emin: int = 0
+    scale16: str = "float16"  # int4's group-scale dtype
+    outer: int = 0  # fp4 family: 0 none, 1 per tensor, 2 per row
+
+    @property
+    def row_pass(self) -> bool:
+        return self.mode in (P2_INT, P2_E2M1, INT8_ROW) or self.outer == 2
+
+    @property
+    def operand_dtype(self) -> torch.dtype:
+        if self.mode == INT8_ROW:
+            return torch.int8
+        if self.mode in (E2M1_E4M3, MX):
+            return torch.bfloat16
+        return torch.float8_e4m3fn
+
+
+def act_spec(fmt) -> Optional[ActSpec]:
+    """The kernel spec of activation format ``fmt``, or None if no kernel implements it (use the reference)."""
+    name = getattr(fmt, "name", None)
+    g = fmt.group_size if fmt is not None else None
+    pow2_group = g is not None and g >= 16 and (g & (g - 1)) == 0
+    if name == "int4p2" and pow2_group:
+        return ActSpec(P2_INT, g, 7.0, int(fmt.EMIN))
+    if name == "fp4p2" and pow2_group:
+        return ActSpec(P2_E2M1, g, 6.0, int(fmt.EMIN))
+    if name == "int8" and g is None and fmt.scale_dtype == torch.float32:
+        return ActSpec(INT8_ROW, 0, 127.0)
+    if name == "int4" and pow2_group and g >= 32:
+        return ActSpec(INT4_GROUP, g, 7.0, scale16=str(fmt.scale_dtype).replace("torch.", ""))
+    if name == "fp4" and pow2_group:
+        return ActSpec(E2M1_E4M3, g, 6.0, outer={None: 0, "tensor": 1, "row": 2}[fmt.outer_scale])
+    if name == "nvfp4":
+        return ActSpec(E2M1_E4M3, 16, 6.0, outer=1)
+    if name == "mxfp4":
+        return ActSpec(MX, 32, 6.0)
+    return None
+
+
+@dataclass
+class ActOperand:
+    """What ``act_quant`` returns (shapes in the module docstring)."""
+
+    q: Tensor
+    row_scale: Optional[Tensor] = None
+    group_scale: Optional[Tensor] = None
+    lr: Optional[Tensor] = None
+
+
+@dataclass(frozen=True)
+class ActConfig:
+    """BM rows per program, BK columns per step (a multiple of the group), persistent program count."""
+
+    BM: int = 32
+    BK: int = 256
+    num_warps: int = 8
+    programs: Optional[int] = None  # None: sized so that in-flight rows fit in ~L2_BUDGET bytes
+    l2_budget: int = 24 << 20
+
+
+DEFAULT_CONFIG = ActConfig()
+
+
+# ---- the kernel ---------------------------------------------------------------------------------
+@triton.jit
+def _load_smoothed(x_ptr, smooth_ptr, row_off, cols, row_mask, K, Kp, HAS_SMOOTH: tl.constexpr):
+    """fp32 X^ = X / smooth (IEEE division) with zeros past K (the padding)."""
+    x = tl.load(x_ptr + row_off + cols, mask=row_mask & (cols < K), other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        s = tl.load(smooth_ptr + cols, mask=cols < Kp, other=1.0)
+        x = tl.math.div_rn(x, s)
+    return x
+
+
+@triton.jit
+def _down_proj(acc, xs, down_ptr, cols, Kp, stride_dn, RANK: tl.constexpr):
+    """acc (BM, RANK) += xs (BM, BK) @ lr_down[:, cols]^T."""
+    offs_r = tl.arange(0, RANK)
+    d = tl.load(down_ptr + offs_r[None, :] * stride_dn + cols[:, None], mask=cols[:, None] < Kp, other=0.0)
+    return tl.dot(xs, d.to(tl.float32), acc, input_precision="tf32")
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, smooth_ptr, down_ptr, q_ptr, rs_ptr, gs_ptr, lr_ptr, t_ptr,
+    M, K, Kp, stride_xm, stride_qm, stride_gs, stride_lr, stride_dn,
+    MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
+    MANT_T: tl.constexpr,  # pow2 modes: mantissa bits above which frexp's m exceeds QMAX / 8
+    S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,  # 16-bit scale grid
+    OUTER: tl.constexpr, ROW_PASS: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, NUM_PROGS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_blocks = cdiv(M, BM)
+    for blk in tl.range(pid, n_blocks, NUM_PROGS):
+        rows = blk * BM + tl.arange(0, BM)
+        rmask = rows < M
+        xrow = rows.to(tl.int64) * stride_xm
+        if RANK > 0:
+            acc_l = tl.full((BM, RANK), 0, tl.float32)
+
+        # ---- pass 1: row maximum (and the down-projection) ----
+        if ROW_PASS:
+            amax = tl.full((BM,), 0, tl.float32)
+            for k0 in range(0, Kp, BK):
+                cols = k0 + tl.arange(0, BK)
+                xs = _load_smoothed(x_ptr, smooth_ptr, xrow[:, None], cols[None, :], rmask[:, None], K, Kp,
+                                    HAS_SMOOTH)
+                amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
+                if RANK > 0:
+                    acc_l = _down_proj(acc_l, xs, down_ptr, cols, Kp, stride_dn, RANK)
+            if MODE == 0 or MODE == 1:  # r = max|x_row| / qmax
+                rsc = tl.math.div_rn(amax, QMAX)
+                tl.store(rs_ptr + rows, rsc, mask=rmask)
+                r_safe = tl.where(rsc != 0, rsc, 1.0)
+            if MODE == 2:  # int8: s = max / 127 (next fp32 up where it would clip by > half a step)
+                s8 = tl.math.div_rn(amax, QMAX)
+                bump = (amax > 127.5 * s8) & (s8 < 3.4028234663852886e38)
+                s8 = tl.where(bump, (s8.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), s8)
+                tl.store(rs_ptr + rows, s8, mask=rmask)
+                s8_safe = tl.where(s8 != 0, s8, 1.0)
+            if OUTER == 2:
+                t_row = tl.maximum(tl.math.div_rn(amax, 2688.0), 1.1754943508222875e-38)
+                tl.store(rs_ptr + rows, t_row, mask=rmask)
+        if OUTER == 1:
+            t_one = tl.load(t_ptr)
+
+        # ---- pass 2: quantize, group by group ----
+        grp = tl.arange(0, NG)
+        el = tl.arange(0, G)
+        for k0 in range(0, Kp, BK):
+            cols = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
+            xs = _load_smoothed(x_ptr, smooth_ptr, xrow[:, None, None], cols, rmask[:, None, None], K, Kp,
+                                HAS_SMOOTH)  # (BM, NG, G)
+            if not ROW_PASS:
+                if RANK > 0:
+                    acc_l = _down_proj(acc_l, tl.reshape(xs, (BM, BK)), down_ptr, k0 + tl.arange(0, BK), Kp,
+                                       stride_dn, RANK)
+            if MODE == 0 or MODE == 1:
+                y = tl.math.div_rn(xs, r_safe[:, None, None])
+                gmax = _amax(tl.abs(y), 2)  # (BM, NG)
+                e = frexp_exponent(gmax) - 3 + (mantissa_bits(gmax) > MANT_T).to(tl.int32)
+                e = tl.where(gmax > 0, e, EMIN)
+                e = tl.minimum(tl.maximum(e, EMIN), 0)
+                v = y * pow2(-e)[:, :, None]
+                if MODE == 0:
+                    c = as_int_value(tl.minimum(tl.maximum(round_half_even(v), -8.0), 7.0))
+                else:
+                    c = e2m1_round(v)
+                out = (c * pow2(e)[:, :, None]).to(tl.float8e4nv)
+            if MODE == 2:
+                c = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(xs, s8_safe[:, None, None])), -127.0), 127.0)
+                out = c.to(tl.int32).to(tl.int8)
+            if MODE == 3:
+                gmax = _amax(tl.abs(xs), 2)
+                s = round_to_mantissa(tl.minimum(tl.math.div_rn(gmax, 7.0), S_MAX), S_DROP, S_SUBQ, S_MINN)
+                s = tl.where((gmax > 7.5 * s) & (s < S_MAX), next_up(s, S_DROP, S_SUBQ, S_MINN), s)
+                s_safe = tl.where(s != 0, s, 1.0)
+                c = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(xs, s_safe[:, :, None])), -8.0), 7.0)
+                out = as_int_value(c).to(tl.float8e4nv)
+                gcol = k0 // G + grp
+                tl.store(gs_ptr + gcol[None, :] * stride_gs + rows[:, None], s,
+                         mask=rmask[:, None] & (gcol[None, :] < Kp // G))
+            if MODE == 4:
+                gmax = _amax(tl.abs(xs), 2)
+                if OUTER == 0:
+                    rel = gmax
+                if OUTER == 1:
+                    rel = tl.math.div_rn(gmax, t_one)
+                if OUTER == 2:
+                    rel = tl.math.div_rn(gmax, t_row[:, None])
+                s = round_to_mantissa(tl.minimum(tl.math.div_rn(rel, 6.0), 448.0), 20, 0.001953125, 0.015625)
+                s = tl.where((rel > 7.0 * s) & (s < 448.0), next_up(s, 20, 0.001953125, 0.015625), s)
+                if OUTER == 0:
+                    eff = s
+                if OUTER == 1:
+                    eff = s * t_one
+                if OUTER == 2:
+                    eff = s * t_row[:, None]
+                eff = tl.where(eff != 0, eff, 1.0)
+                v = e2m1_round(tl.math.div_rn(xs, eff[:, :, None]))
+                out = (v * s[:, :, None]).to(tl.bfloat16)  # exact: <= 6 significant bits
+            if MODE == 5:
+                gmax = _amax(tl.abs(xs), 2)
+                e = tl.where(gmax > 0, frexp_exponent(gmax) - 3, -127)
+                e = tl.minimum(tl.maximum(e, -127), 127)
+                v = e2m1_round(xs * pow2(-e)[:, :, None])
+                out = (v * pow2(e)[:, :, None]).to(tl.bfloat16)
+            tl.store(q_ptr + rows[:, None, None].to(tl.int64) * stride_qm + cols, out,
+                     mask=rmask[:, None, None] & (cols < Kp))
+        if RANK > 0:
+            offs_r = tl.arange(0, RANK)
+            tl.store(lr_ptr + rows[:, None] * stride_lr + offs_r[None, :], acc_l, mask=rmask[:, None])
+
+
+# ---- launcher ---------------------------------------------------------------------------------
+_SCALE16 = {  # (mantissa bits dropped from fp32, max, subnormal quantum, smallest normal)
+    "float16": (13, 65504.0, 2.0 ** -24, 2.0 ** -14),
+    "bfloat16": (16, _BF16_MAX, 0.0, 0.0),
+}
+
+
+def _check(x, smooth, lr_down, padded_in):
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"act_quant: x must be a 2-D float tensor (M, K), got {tuple(x.shape)} {x.dtype}")
+    kp = padded_in if padded_in is not None else x.shape[1]
+    if kp < x.shape[1]:
+        raise ValueError(f"act_quant: padded_in={kp} < K={x.shape[1]}")
+    if smooth is not None and smooth.shape != (kp,):
+        raise ValueError(f"act_quant: smooth must be ({kp},), got {tuple(smooth.shape)}")
+    if lr_down is not None and (lr_down.dim() != 2 or lr_down.shape[1] != kp):
+        raise ValueError(f"act_quant: lr_down must be (R, {kp}), got {tuple(lr_down.shape)}")
+    return kp
+
+
+def _tensor_scale(x: Tensor, smooth: Optional[Tensor]) -> Tensor:
+    """nvfp4's per-tensor outer scale t = max(max|X^| / 2688, 2^-126), computed as the reference does."""
+    xs = x.float() if smooth is None else x.float() / smooth[: x.shape[1]]
+    amax = xs.abs().amax().reshape(1)
+    return torch.clamp(amax / (6.0 * 448.0), min=_TINY)
+
+
+def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
+              padded_in: Optional[int] = None, config: Optional[ActConfig] = None) -> ActOperand:
+    """Quantize activations x (M, K) with format ``fmt`` for the GEMM, fused with smoothing and X^ @ lr_down^T.
+
+    smooth: (Kp,) fp32 or None; lr_down: (R, Kp) 16-bit or fp32 (R padded to a power of two >= 16 inside);
+    padded_in: Kp (zero-padding of K up to the group multiple); x may be any float dtype and row stride.
+    """
+    spec = act_spec(fmt)
+    if spec is None:
+        raise NotImplementedError(f"act_quant: no kernel for activation format {fmt!r}")
+    kp = _check(x, smooth, lr_down, padded_in)
+    check_device(x, smooth, lr_down)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = config or DEFAULT_CONFIG
+    m, k = x.shape
+    bk = max(cfg.BK, spec.group) if spec.mode != INT8_ROW else cfg.BK
+    g = bk if spec.mode == INT8_ROW else spec.group
+    dev = x.device
+    q = aligned_empty(m, kp, spec.operand_dtype, dev)  # row stride 16-byte aligned for the GEMM's TMA
+    rs = gs = lr = t = None
+    if spec.row_pass:
+        rs = torch.empty((m,), device=dev, dtype=torch.float32)
+    if spec.mode == INT4_GROUP:
+        gs = torch.empty((kp // g, m), device=dev, dtype=torch.float32)
+    if spec.outer == 1:
+        t = rs = _tensor_scale(x, smooth)
+    rank = 0
+    if lr_down is not None:
+        rank = next_pow2(lr_down.shape[0], 16)
+        lr = torch.empty((m, rank), device=dev, dtype=torch.float32)
+        if lr_down.shape[0] != rank:
+            lr_down = torch.nn.functional.pad(lr_down, (0, 0, 0, rank - lr_down.shape[0]))
+        lr_down = lr_down.contiguous()
+    s_drop, s_max, s_subq, s_minn = _SCALE16.get(spec.scale16, _SCALE16["float16"])
+    n_blocks = triton.cdiv(m, cfg.BM)
+    if cfg.programs is not None:
+        progs = cfg.programs
+    else:
+        block_bytes = cfg.BM * k * x.element_size()
+        progs = max(num_sms(dev), min(4 * num_sms(dev), cfg.l2_budget // max(block_bytes, 1)))
+    progs = max(1, min(progs, n_blocks))
+    mant_t = int((spec.qmax / 4.0 - 1.0) * (1 << 23)) if spec.mode in (P2_INT, P2_E2M1) else 0
+    dummy = q
+    _act_quant_kernel[(progs,)](
+        x, dummy if smooth is None else smooth, dummy if lr_down is None else lr_down, q,
+        dummy if rs is None else rs, dummy if gs is None else gs, dummy if lr is None else lr,
+        dummy if t is None else t,
+        m, k, kp, x.stride(0), q.stride(0), 0 if gs is None else gs.stride(0), 0 if lr is None else lr.stride(0),
+        0 if lr_down is None else lr_down.stride(0),
+        MODE=spec.mode, G=g, NG=bk // g, QMAX=float(spec.qmax), EMIN=spec.emin, MANT_T=mant_t,
+        S_DROP=s_drop, S_MAX=s_max, S_SUBQ=s_subq, S_MINN=s_minn, OUTER=spec.outer, ROW_PASS=spec.row_pass,
+        HAS_SMOOTH=smooth is not None, RANK=rank, BM=cfg.BM, BK=bk, NUM_PROGS=progs, num_warps=cfg.num_warps,
+    )
+    return ActOperand(q, rs, gs, lr)
+
+
+# ---- the plain-torch twin ----------------------------------------------------------------------
+def act_quant_torch(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
+                    padded_in: Optional[int] = None, config: Optional[ActConfig] = None) -> ActOperand:
+    """The same outputs from the format's reference ``quantize`` (plain torch, any device)."""
+    from ..formats.floats import e2m1_decode
+
+    spec = act_spec(fmt)
+    if spec is None:
+        raise NotImplementedError(f"act_quant: no kernel for activation format {fmt!r}")
+    kp = _check(x, smooth, lr_down, padded_in)
+    xs = x.float()
+    if kp != x.shape[1]:
+        xs = torch.nn.functional.pad(xs, (0, kp - x.shape[1]))
+    if smooth is not None:
+        xs = xs / smooth
+    qt = fmt.quantize(xs)
+    m = xs.shape[0]
+    rs = gs = None
+    if spec.mode in (P2_INT, P2_E2M1):
+        q, r = fmt.to_fp8_operand(qt)
+        rs = r.reshape(m)
+    elif spec.mode == INT8_ROW:
+        q, rs = qt.codes, qt.scales.float().reshape(m)
+    elif spec.mode == INT4_GROUP:
+        q = qt.codes.to(torch.float16).to(torch.float8_e4m3fn)
+        gs = qt.scales.float().t().contiguous()
+    elif spec.mode == E2M1_E4M3:
+        g = spec.group
+        q = (e2m1_decode(qt.codes).reshape(m, kp // g, g) * qt.scales.float().unsqueeze(-1)).reshape(m, kp)
+        q = q.to(torch.bfloat16)
+        if qt.row_scale is not None:
+            rs = qt.row_scale.float().reshape(-1)
+    else:  # MX: dequantize is exact (power-of-two scales, no outer scale)
+        q = fmt.dequantize(qt).to(torch.bfloat16)
+    lr = None
+    if lr_down is not None:
+        rank = next_pow2(lr_down.shape[0], 16)
+        lr = xs @ lr_down.float().t()
+        lr = torch.nn.functional.pad(lr, (0, rank - lr.shape[1])).contiguous()
+    return ActOperand(q.contiguous(), rs, gs, lr)

@@ -1,0 +1,251 @@
+"""Row/column-scaled GEMM with the low-rank up-projection and the bias fused into the epilogue.
+
+    y (M, N) = (A (M, K) @ B (N, K)^T) * a_scale[m] * b_scale[n]  +  L (M, R) @ U (N, R)^T  +  bias[n]
+
+A and B are FP8 e4m3 (the Hopper-native 4-bit formats, exact), int8 (W8A8) or bf16/fp16 (dequantized
+paper formats); the product accumulates in fp32 (int32 for int8), the epilogue is fp32 and the output is
+rounded once to ``out_dtype``. L is the low-rank down-projection X^ L1 from ``act_quant`` (fp32) and U the
+up-projection (fp32, rank padded to a power of two >= 16): the branch costs one K=R dot per output tile and
+never re-reads or re-writes y.
+
+Kernel: persistent over output tiles (grouped ordering for L2 reuse), operands through TMA descriptors, a
+software-pipelined K loop. ``scaled_gemm_torch`` is the plain-torch twin (same signature, fp32 math).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import cdiv, check_device, interpreting, next_pow2, num_sms, tma_aligned
+
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
+
+@triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row-tiles share each column sweep, so B tiles stay in L2."""
+    width = GROUP_M * num_pid_n
+    group = tile // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % size_m
+    pid_n = (tile % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _scaled_gemm_kernel(
+    a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
+    M, N, K, stride_cm, stride_lr, stride_up,
+    A_SCALE: tl.constexpr,  # 0: none, 1: one scalar, 2: one per row of A
+    B_SCALE: tl.constexpr,  # 0: none, 1: one scalar, 2: one per row of B (= column of y)
+    RANK: tl.constexpr,  # padded rank of the low-rank branch; 0 = no branch
+    HAS_BIAS: tl.constexpr,
+    ACC_INT: tl.constexpr,  # int8 operands: int32 accumulator
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGS: tl.constexpr, MAX_IMPRECISE: tl.constexpr, FLATTEN: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong, so 16-bit operands go through fp32
+):
+    pid = tl.program_id(0)
+    num_pid_m = cdiv(M, BM)
+    num_pid_n = cdiv(N, BN)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = cdiv(K, BK)
+    for tile in tl.range(pid, num_tiles, NUM_PROGS, flatten=FLATTEN):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        if ACC_INT:
+            acc = tl.full((BM, BN), 0, tl.int32)
+        else:
+            acc = tl.full((BM, BN), 0, tl.float32)
+        for kt in range(k_tiles):
+            a = a_desc.load([off_m, kt * BK])  # (BM, BK); TMA zero-fills past M and K
+            b = b_desc.load([off_n, kt * BK])  # (BN, BK)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=MAX_IMPRECISE)
+
+        # ---- epilogue: scales, low-rank branch, bias; one rounding to the output type ----
+        y = acc.to(tl.float32)
+        offs_m = off_m + tl.arange(0, BM)
+        offs_n = off_n + tl.arange(0, BN)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        if A_SCALE == 1:
+            y = y * tl.load(a_scale_ptr)
+        if A_SCALE == 2:
+            y = y * tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        if B_SCALE == 1:
+            y = y * tl.load(b_scale_ptr)
+        if B_SCALE == 2:
+            y = y * tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if RANK > 0:
+            offs_r = tl.arange(0, RANK)
+            lr = tl.load(lr_ptr + offs_m[:, None] * stride_lr + offs_r[None, :], mask=mask_m[:, None], other=0.0)
+            up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None], other=0.0)
+            y = tl.dot(lr, up.T, y, input_precision="tf32")  # (BM, R) @ (R, BN), fp32 accumulate into y
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and schedule. ``persistent``: one program per SM looping over tiles (else one per tile).
+    ``precise``: fp8 only: promote the tensor-core accumulator to fp32 every BK (max_num_imprecise_acc)."""
+
+    BM: int = 128
+    BN: int = 256
+    BK: int = 128
+    GROUP_M: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    persistent: bool = True
+    flatten: bool = False
+    precise: bool = False
+
+    def key(self) -> str:
+        return (f"{self.BM}x{self.BN}x{self.BK}-g{self.GROUP_M}-w{self.num_warps}-s{self.num_stages}"
+                f"{'-p' if self.persistent else ''}{'-f' if self.flatten else ''}{'-acc' if self.precise else ''}")
+
+
+#: Per-(operand dtype, size class) defaults; the benchmark's sweep on an H100 chose these (docs/kernels.md).
+_DEFAULTS: dict[tuple[str, str], GemmConfig] = {
+    ("fp8", "large"): GemmConfig(128, 256, 128, 8, 8, 3, True),
+    ("fp8", "small"): GemmConfig(128, 128, 128, 8, 8, 4, True),
+    ("int8", "large"): GemmConfig(128, 256, 128, 8, 8, 3, True),
+    ("int8", "small"): GemmConfig(128, 128, 128, 8, 8, 4, True),
+    ("16", "large"): GemmConfig(128, 256, 64, 8, 8, 3, True),
+    ("16", "small"): GemmConfig(128, 128, 64, 8, 8, 4, True),
+}
+_OVERRIDES: dict[tuple[str, str], GemmConfig] = {}
+
+
+def _operand_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.float8_e4m3fn:
+        return "fp8"
+    if dtype == torch.int8:
+        return "int8"
+    if dtype in (torch.bfloat16, torch.float16):
+        return "16"
+    raise TypeError(f"scaled_gemm: unsupported operand dtype {dtype}")
+
+
+def default_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemmConfig:
+    kind = _operand_kind(dtype)
+    size = "large" if m * n >= 4096 * 4096 else "small"
+    return _OVERRIDES.get((kind, size)) or _DEFAULTS[(kind, size)]
+
+
+def set_default_config(dtype: torch.dtype, size: str, config: GemmConfig) -> None:
+    """Replace the default tile config for an operand dtype and size class ("large" / "small")."""
+    _OVERRIDES[(_operand_kind(dtype), size)] = config
+
+
+def _scale_mode(s: Optional[Tensor], rows: int, name: str) -> int:
+    if s is None:
+        return 0
+    if s.dtype != torch.float32 or not s.is_contiguous():
+        raise TypeError(f"scaled_gemm: {name} must be contiguous fp32")
+    if s.numel() == 1:
+        return 1
+    if s.numel() == rows:
+        return 2
+    raise ValueError(f"scaled_gemm: {name} has {s.numel()} elements; expected 1 or {rows}")
+
+
+def _check(a, b, a_scale, b_scale, lr, up, bias):
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"scaled_gemm: a (M, K) and b (N, K) expected, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"scaled_gemm: operand dtypes differ: {a.dtype} vs {b.dtype}")
+    _operand_kind(a.dtype)
+    m, n = a.shape[0], b.shape[0]
+    if (lr is None) != (up is None):
+        raise ValueError("scaled_gemm: pass both lr (M, R) and up (N, R), or neither")
+    if lr is not None:
+        if lr.shape[0] != m or up.shape[0] != n or lr.shape[1] != up.shape[1]:
+            raise ValueError(f"scaled_gemm: lr {tuple(lr.shape)} / up {tuple(up.shape)} do not match M={m}, N={n}")
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"scaled_gemm: bias has {bias.numel()} elements, expected N={n}")
+    return m, n, a.shape[1]
+
+
+def _pad_rank(t: Tensor, r: int) -> Tensor:
+    t = t.float()
+    if t.shape[1] != r:
+        t = torch.nn.functional.pad(t, (0, r - t.shape[1]))
+    return t.contiguous()
+
+
+def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale: Optional[Tensor] = None,
+                lr: Optional[Tensor] = None, up: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                out_dtype: torch.dtype = torch.bfloat16, config: Optional[GemmConfig] = None) -> Tensor:
+    """y = (a @ b^T) * a_scale[:, None] * b_scale[None, :] + lr @ up^T + bias, (M, N) in ``out_dtype``.
+
+    a (M, K), b (N, K): both float8_e4m3fn, int8, bf16 or fp16; rows contiguous with a 16-byte-aligned stride
+    (else they are copied).
+    a_scale: fp32 (M,) or (1,); b_scale: fp32 (N,) or (1,); lr (M, R) and up (N, R): the low-rank branch
+    (fp32 inside; R is padded to a power of two >= 16); bias (N,).
+    """
+    m, n, k = _check(a, b, a_scale, b_scale, lr, up, bias)
+    check_device(a, b, a_scale, b_scale, lr, up, bias)
+    if TensorDescriptor is None:
+        raise RuntimeError("scaled_gemm needs Triton >= 3.4 (tensor descriptors)")
+    a, b = tma_aligned(a), tma_aligned(b)  # no copy for operands from act_quant / expand_weight
+    cfg = config or default_config(m, n, k, a.dtype)
+    rank = 0
+    if lr is not None:
+        rank = next_pow2(lr.shape[1], 16)
+        lr, up = _pad_rank(lr, rank), _pad_rank(up, rank)
+    c = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    a_desc = TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK])
+    b_desc = TensorDescriptor.from_tensor(b, [cfg.BN, cfg.BK])
+    tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN)
+    progs = min(tiles, num_sms(a.device)) if cfg.persistent else tiles
+    dummy = c  # never read when the matching flag is off
+    is_fp8 = a.dtype == torch.float8_e4m3fn
+    _scaled_gemm_kernel[(progs,)](
+        a_desc, b_desc, c,
+        dummy if a_scale is None else a_scale, dummy if b_scale is None else b_scale,
+        dummy if lr is None else lr, dummy if up is None else up,
+        dummy if bias is None else bias,
+        m, n, k, c.stride(0), 0 if lr is None else lr.stride(0), 0 if up is None else up.stride(0),
+        A_SCALE=_scale_mode(a_scale, m, "a_scale"), B_SCALE=_scale_mode(b_scale, n, "b_scale"),
+        RANK=rank, HAS_BIAS=bias is not None, ACC_INT=a.dtype == torch.int8,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, NUM_PROGS=progs,
+        MAX_IMPRECISE=cfg.BK if (cfg.precise and is_fp8 and not interpreting()) else None,
+        FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return c
+
+
+def scaled_gemm_torch(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale: Optional[Tensor] = None,
+                      lr: Optional[Tensor] = None, up: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                      out_dtype: torch.dtype = torch.bfloat16, config: Optional[GemmConfig] = None) -> Tensor:
+    """Plain-torch twin of ``scaled_gemm`` (fp32 math; int8 sums exact)."""
+    _check(a, b, a_scale, b_scale, lr, up, bias)
+    if a.dtype == torch.int8:  # exact integer sums in float64 (|sum| < 2^53), then fp32
+        y = (a.double() @ b.double().t()).float()
+    else:
+        y = a.float() @ b.float().t()
+    if a_scale is not None:
+        y = y * a_scale.reshape(-1, 1)
+    if b_scale is not None:
+        y = y * b_scale.reshape(1, -1)
+    if lr is not None:
+        y = y + lr.float() @ up.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)

@@ -1,0 +1,176 @@
+"""The quantized-linear kernels "triton" (speed mode) and "triton-memory" (memory mode).
+
+    y = GEMM(act_quant(x), weight operand)   with the low-rank branch and the bias in the GEMM epilogue
+
+Three launches at most per layer: ``act_quant`` (smoothing, dynamic quantization and the down-projection,
+one read of x), in memory mode ``expand_weight`` (4-bit weight -> operand, just in time), and the GEMM
+(``scaled_gemm`` for formats whose scales factor out of the K loop, ``grouped_gemm`` for int4 with group
+scales). Which pair of formats runs on which path (``plan_for``):
+
+    activations x weights           operands        GEMM
+    int4p2/fp4p2 x int4p2/fp4p2     fp8 x fp8       scaled_gemm, per-token x per-channel fp32 scales
+    int8 x int8 (per row)           int8 x int8     scaled_gemm, int32 accumulation
+    fp4/nvfp4/mxfp4 x same family   bf16 x bf16     scaled_gemm (exact dequantized operands), outer scales
+    int4 x int4 (same group >= 32)  fp8 codes       grouped_gemm (group scales on CUDA cores)
+    16-bit x any weight format      -               dequantized weight (cached in speed mode) + torch GEMM
+    anything else                   -               the reference (warns once)
+
+The mode is part of the kernel name, so ``QuantConfig.kernel`` records it in checkpoints.
+Speed mode caches the weight operand on the layer (FP8: 1 byte per parameter on top of the 4-bit buffers);
+memory mode keeps only the 4-bit buffers and expands each layer's weight before its GEMM.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..nn.reference import low_rank_branch, prepare_activation, quant_linear_reference
+from . import register_linear_kernel
+from ._common import next_pow2
+from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec
+from .gemm import scaled_gemm
+from .gemm_grouped import grouped_gemm
+from .weights import WeightOperand, expand_weight, weight_kind
+
+_CACHE_KEY = "fourbit.kernels.linear"
+_WARNED: set = set()
+
+
+def plan_for(layer) -> str:
+    """'scaled' | 'grouped' | 'a16' (16-bit activations) | 'reference' for this layer's pair of formats."""
+    if layer.act_format is None:
+        return "a16"
+    a = act_spec(layer.act_format)
+    w = weight_kind(layer.weight_format)
+    if a is None or w is None:
+        return "reference"
+    if a.mode in (P2_INT, P2_E2M1) and w == "fp8":
+        return "scaled"
+    if a.mode == INT8_ROW and w == "int8":
+        return "scaled"
+    if a.mode in (E2M1_E4M3, MX) and w == "bf16":
+        return "scaled"
+    if a.mode == INT4_GROUP and w == "codes" and layer.weight_format.group_size == a.group:
+        return "grouped"
+    return "reference"
+
+
+@dataclass
+class LayerState:
+    """Per-layer tensors in the layouts the kernels read, built once per (device, buffers)."""
+
+    key: tuple
+    plan: str
+    smooth: Optional[Tensor] = None  # (Kp,) fp32
+    down: Optional[Tensor] = None  # (Rp, Kp), the layer's 16-bit dtype, rank zero-padded
+    up: Optional[Tensor] = None  # (N, Rp) fp32
+    bias: Optional[Tensor] = None  # (N,) fp32
+    weight: Optional[WeightOperand] = None  # speed mode
+    w16: Optional[Tensor] = None  # 'a16' plan, speed mode: dequantized weight in the activation dtype
+
+
+_BUFFERS = ("weight_packed", "weight_scales", "weight_row_scale", "smooth", "lr_down", "lr_up", "bias")
+
+
+def _key(layer) -> tuple:
+    """Changes when any buffer is replaced, moved or modified in place."""
+    out = []
+    for name in _BUFFERS:
+        t = getattr(layer, name)
+        out.append(None if t is None else (t.device, t.data_ptr(), t._version))
+    return (layer.act_format, layer.weight_format, tuple(out))
+
+
+def layer_state(layer) -> LayerState:
+    key = _key(layer)
+    st = layer._cache.get(_CACHE_KEY)
+    if st is not None and st.key == key:
+        return st
+    st = LayerState(key, plan_for(layer))
+    st.smooth = None if layer.smooth is None else layer.smooth.float().contiguous()
+    if layer.lr_down is not None:
+        rp = next_pow2(layer.lr_down.shape[0], 16)
+        pad = rp - layer.lr_down.shape[0]
+        st.down = F.pad(layer.lr_down, (0, 0, 0, pad)).contiguous()
+        st.up = F.pad(layer.lr_up.float(), (0, pad)).contiguous()
+    st.bias = None if layer.bias is None else layer.bias.float().contiguous()
+    layer._cache[_CACHE_KEY] = st
+    return st
+
+
+def weight_operand(layer, st: LayerState, memory: bool) -> WeightOperand:
+    """The GEMM's weight operand: cached (speed) or expanded now (memory)."""
+    if memory:
+        st.weight = None  # a layer switched from speed to memory mode gives its cache back
+        return expand_weight(layer.weight_packed, layer.weight_scales, layer.weight_row_scale,
+                             layer.weight_format, layer.padded_in)
+    if st.weight is None:
+        st.weight = expand_weight(layer.weight_packed, layer.weight_scales, layer.weight_row_scale,
+                                  layer.weight_format, layer.padded_in)
+    return st.weight
+
+
+def _a16(layer, st: LayerState, x2: Tensor, memory: bool) -> Tensor:
+    """16-bit activations (W4A16 / W8A16): dequantized weight in x's dtype, fp32 branch and bias."""
+    dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    w = st.w16
+    if w is None or w.dtype != dtype:
+        w = layer.weight_format.dequantize(layer.quantized_weight(), dtype=dtype)
+        st.w16 = None if memory else w
+    xs = prepare_activation(layer, x2)  # (M, Kp) fp32
+    y = F.linear(xs.to(dtype), w).float()
+    if layer.lr_down is not None:
+        y = y + low_rank_branch(layer, xs)
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x2.dtype)
+
+
+def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fused") -> Tensor:
+    """(M, K) -> (M, N) through the Triton kernels.
+
+    lowrank: "fused" (down-projection in act_quant, up-projection in the GEMM epilogue), "unfused" (both
+    as separate torch GEMMs over x and y, for comparison), or "none" (skip the branch: NOT the layer's
+    function, for measuring the branch's cost).
+    """
+    st = layer_state(layer)
+    if st.plan == "a16":
+        return _a16(layer, st, x2, memory)
+    if st.plan == "reference":
+        tag = (repr(layer.act_format), repr(layer.weight_format))
+        if tag not in _WARNED:
+            _WARNED.add(tag)
+            warnings.warn(f"fourbit: no Triton kernel for activations {tag[0]} x weights {tag[1]}; "
+                          f"using the reference implementation", stacklevel=3)
+        return quant_linear_reference(layer, x2)
+    fused = lowrank == "fused" and st.down is not None
+    a = act_quant(x2, layer.act_format, st.smooth, st.down if fused else None, layer.padded_in)
+    w = weight_operand(layer, st, memory)
+    lr, up = (a.lr, st.up) if fused else (None, None)
+    if st.plan == "grouped":
+        y = grouped_gemm(a.q, w.w, a.group_scale, w.group_scale, layer.act_format.group_size, lr, up, st.bias,
+                         out_dtype=x2.dtype)
+    else:
+        y = scaled_gemm(a.q, w.w, a.row_scale, w.col_scale, lr, up, st.bias, out_dtype=x2.dtype)
+    if lowrank == "unfused" and st.down is not None:  # separate GEMMs: x read again, y read and written again
+        k = x2.shape[1]
+        xs = x2 if st.smooth is None else x2 / st.smooth[:k].to(x2.dtype)
+        y.addmm_(xs @ st.down[:, :k].t().to(x2.dtype), st.up.t().to(x2.dtype))
+    return y
+
+
+def triton_speed(layer, x2: Tensor) -> Tensor:
+    return linear_forward(layer, x2, memory=False)
+
+
+def triton_memory(layer, x2: Tensor) -> Tensor:
+    return linear_forward(layer, x2, memory=True)
+
+
+register_linear_kernel("triton", triton_speed)
+register_linear_kernel("triton-memory", triton_memory)

@@ -1,0 +1,50 @@
+"""Fixtures for the kernel tests.
+
+``interpret``: run fourbit's Triton kernels in Triton's CPU interpreter for the tests of one module.
+Triton decides interpreter-or-compiler when a kernel is *defined*, so the fixture sets TRITON_INTERPRET=1 and
+re-executes fourbit's kernel modules, then restores the variable and re-executes them again afterwards:
+other test modules (and GPU tests in the same session) see ordinary compiled kernels.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+# definition order: helpers first, then the modules that import them
+_KERNEL_MODULES = ("_common", "gemm", "gemm_grouped", "act_quant", "weights", "linear")
+
+
+def _reload_kernels() -> None:
+    for name in _KERNEL_MODULES:
+        mod = importlib.import_module(f"fourbit.kernels.{name}")
+        importlib.reload(mod)
+
+
+@pytest.fixture(scope="module")
+def interpret():
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    _reload_kernels()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+        _reload_kernels()
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit pattern of t (for bit-for-bit comparisons that also tell -0 from +0)."""
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()]
+    return t.contiguous().view(view)

@@ -1,0 +1,254 @@
+"""Every fourbit Triton kernel against its plain-torch twin, on CPU through Triton's interpreter.
+
+Exact numerics are compared bit for bit (activation codes, FP8/int8/bf16 operands, row and group scales,
+expanded weights). Where the arithmetic legitimately differs, the bound is stated:
+  * the low-rank down-projection: fp32 sums in another order, relative 1e-5;
+  * GEMMs with fp32 output: fp32 sums in another order, relative 1e-5;
+  * layers with fp32 activations vs ``quant_linear_reference``: 1e-5 relative (same codes, fp32 sums);
+  * layers with bf16 activations: the interpreter casts fp32 -> bf16 by truncation (not round-to-nearest as
+    GPUs do), so up to 2^-8 per element: 5e-3 relative.
+Small shapes with ragged edges (M not a multiple of the row block, K not a multiple of the group).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fourbit
+from fourbit.formats import make_format
+from fourbit.nn import set_kernel
+
+from .conftest import bits
+
+pytestmark = pytest.mark.usefixtures("interpret")
+
+ACT_FORMATS = [
+    ("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("int4", {}), ("int4", {"scale_dtype": "bfloat16"}),
+    ("fp4", {}), ("fp4", {"outer_scale": "row"}), ("fp4", {"outer_scale": "tensor"}), ("nvfp4", {}), ("mxfp4", {}),
+]
+WEIGHT_FORMATS = [("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("int4", {}), ("fp4", {}), ("fp4", {"outer_scale": "row"}),
+                  ("nvfp4", {}), ("mxfp4", {})]
+
+
+def _ids(params):
+    return [n + "".join(f"-{v}" for v in kw.values()) for n, kw in params]
+
+
+def hard_rows(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    """(m, k) fp32 rows that exercise the corner cases of every format's rounding."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g) * 2)
+    x = x * torch.exp(torch.randn(1, k, generator=g) * 0.5)
+    ties = torch.tensor([7.0, 6.0, 0.25, 0.5, 0.75, 1.25, 1.5, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -2.5, -3.5, -5.0])
+    x[0] = ties.repeat(k // 16 + 1)[:k]  # exact halves / e2m1 midpoints after scaling by a power of two
+    x[1] = 0.0  # all-zero row: zero scales, no NaN
+    x[2] *= 1e-5 / x[2].abs().max()  # fp16 / e4m3 group scales go subnormal (the "next value up" rule)
+    x[3] = 1e-3 * torch.randn(k, generator=g)
+    x[3, 5] = 1e4  # one huge value: power-of-two group exponents clamp at EMIN
+    x[4, : k // 2] = 0.0  # half a row of zero groups
+    return x
+
+
+# ---- act_quant -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,kw", ACT_FORMATS, ids=_ids(ACT_FORMATS))
+def test_act_quant_bit_exact(name, kw):
+    from fourbit.kernels.act_quant import ActConfig, act_quant, act_quant_torch
+
+    fmt = make_format(name, **kw)
+    m, k, kp = 37, 200, 256  # ragged rows, K padded to the group multiple
+    x = hard_rows(m, k)
+    smooth = 2.0 ** torch.randint(-2, 3, (kp,)).float()  # powers of two keep the tie rows exact
+    smooth[k // 3] = 0.7  # and one ordinary factor (IEEE division must match torch's)
+    down = torch.randn(20, kp).bfloat16()
+    got = act_quant(x, fmt, smooth, down, kp, ActConfig(BM=16, BK=128, num_warps=4))
+    ref = act_quant_torch(x, fmt, smooth, down, kp)
+    assert got.q.dtype == ref.q.dtype and got.q.shape == (m, kp)
+    assert torch.equal(bits(got.q), bits(ref.q))
+    for a, b in ((got.row_scale, ref.row_scale), (got.group_scale, ref.group_scale)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(bits(a), bits(b))
+    assert torch.allclose(got.lr, ref.lr, rtol=1e-5, atol=1e-5 * ref.lr.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["int4p2", "int4"])
+def test_act_quant_bf16_input_no_smooth_no_rank(name):
+    from fourbit.kernels.act_quant import ActConfig, act_quant, act_quant_torch
+
+    fmt = make_format(name)
+    x = hard_rows(20, 128).bfloat16()
+    got = act_quant(x, fmt, config=ActConfig(BM=16, BK=64, num_warps=4, programs=2))
+    ref = act_quant_torch(x, fmt)
+    assert got.lr is None
+    assert torch.equal(bits(got.q), bits(ref.q))
+
+
+def test_act_spec_unsupported_formats_are_none():
+    from fourbit.kernels.act_quant import act_spec
+
+    assert act_spec(make_format("nf4")) is None
+    assert act_spec(make_format("int8", group_size=64)) is None  # grouped int8: reference path
+    assert act_spec(None) is None
+
+
+# ---- weights ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,kw", WEIGHT_FORMATS, ids=_ids(WEIGHT_FORMATS))
+def test_expand_weight_bit_exact(name, kw):
+    from fourbit.kernels.weights import expand_weight, expand_weight_torch
+
+    fmt = make_format(name, **kw)
+    w = hard_rows(45, 256, seed=1)
+    q = fmt.quantize(w)
+    packed = fmt.pack(q.codes)
+    got = expand_weight(packed, q.scales, q.row_scale, fmt, 256)
+    ref = expand_weight_torch(packed, q.scales, q.row_scale, fmt, 256)
+    assert torch.equal(bits(got.w), bits(ref.w))
+    for a, b in ((got.col_scale, ref.col_scale), (got.group_scale, ref.group_scale)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+    if name in ("int4p2", "fp4p2"):  # the operand times the row scale IS the format's dequantization
+        deq = got.w.float() * got.col_scale[:, None]
+        assert torch.equal(deq, fmt.dequantize(q))
+
+
+# ---- GEMMs -----------------------------------------------------------------------------------
+def _operands(dtype, m, n, k):
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    a = torch.randint(-8, 8, (m, k)).to(torch.float16).to(dtype)
+    b = (torch.randint(-8, 8, (n, k)).float() * 2.0 ** torch.randint(-9, 1, (n, 1)).float()).to(torch.float16).to(dtype)
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8, torch.bfloat16], ids=["fp8", "int8", "bf16"])
+def test_scaled_gemm_matches_twin(dtype):
+    from fourbit.kernels.gemm import GemmConfig, scaled_gemm, scaled_gemm_torch
+
+    m, n, k, r = 40, 72, 128, 20
+    a, b = _operands(dtype, m, n, k)
+    cfg = GemmConfig(32, 32, 64 if dtype != torch.bfloat16 else 32, 2, 4, 2, persistent=True)
+    cases = [  # (a_scale, b_scale, lowrank, bias)
+        (torch.rand(m) + 0.5, torch.rand(n) + 0.5, True, True),
+        (torch.rand(1) + 0.5, None, False, False),
+        (None, torch.rand(1) + 0.5, True, False),
+    ]
+    for sa, sb, lowrank, bias in cases:
+        lr, up = (torch.randn(m, r), torch.randn(n, r).bfloat16().float()) if lowrank else (None, None)
+        bb = torch.randn(n) if bias else None
+        got = scaled_gemm(a, b, sa, sb, lr, up, bb, out_dtype=torch.float32, config=cfg)
+        ref = scaled_gemm_torch(a, b, sa, sb, lr, up, bb, out_dtype=torch.float32)
+        assert torch.isfinite(got).all()
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_scaled_gemm_non_persistent_and_unaligned_k():
+    from fourbit.kernels.gemm import GemmConfig, scaled_gemm, scaled_gemm_torch
+
+    a = torch.randint(-127, 128, (33, 200), dtype=torch.int8)  # K = 200: rows copied to a 16-byte stride
+    b = torch.randint(-127, 128, (50, 200), dtype=torch.int8)
+    got = scaled_gemm(a, b, out_dtype=torch.float32, config=GemmConfig(32, 32, 64, 1, 4, 2, persistent=False))
+    assert torch.equal(got, scaled_gemm_torch(a, b, out_dtype=torch.float32))
+
+
+def test_grouped_gemm_matches_twin():
+    from fourbit.kernels.gemm import GemmConfig
+    from fourbit.kernels.gemm_grouped import grouped_gemm, grouped_gemm_torch
+
+    m, n, k, g = 40, 72, 256, 64
+    a, b = _operands(torch.float8_e4m3fn, m, n, k)
+    sa, sb = torch.rand(k // g, m) + 0.1, torch.rand(k // g, n) + 0.1
+    lr, up, bias = torch.randn(m, 24), torch.randn(n, 24), torch.randn(n)
+    cfg = GemmConfig(32, 32, g, 2, 4, 2, persistent=True)
+    got = grouped_gemm(a, b, sa, sb, g, lr, up, bias, out_dtype=torch.float32, config=cfg)
+    ref = grouped_gemm_torch(a, b, sa, sb, g, lr, up, bias, out_dtype=torch.float32)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
+# ---- layers through fourbit.quantize ---------------------------------------------------------
+PAIRS = [("int4p2", "int4p2"), ("fp4p2", "fp4p2"), ("fp4p2", "int4p2"), ("int8", "int8"), ("int4", "int4"),
+         ("fp4", "fp4"), ("nvfp4", "nvfp4"), ("mxfp4", "mxfp4"), ("int4p2", None)]
+
+
+def _quantized_linear(wf, af, dtype, k=200, n=96, kernel="reference"):
+    lin = nn.Linear(k, n).to(dtype)
+    x = torch.randn(3, 17, k).to(dtype)
+    cfg = fourbit.SVDQuantConfig(weights=wf, activations=af, rank=20, alpha=0.5, kernel=kernel)
+    model = nn.Sequential(lin)
+    fourbit.quantize(model, cfg, forward_loop=lambda mm: mm(x), progress=False, verbose=False)
+    return model, x
+
+
+@pytest.mark.parametrize("wf,af", PAIRS, ids=[f"w{w}-a{a}" for w, a in PAIRS])
+def test_layer_fp32_matches_reference(wf, af):
+    model, x = _quantized_linear(wf, af, torch.float32)
+    ref = model(x)
+    for kernel in ("triton", "triton-memory"):
+        set_kernel(model, kernel)
+        got = model(x)
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5, kernel
+    set_kernel(model, "reference")
+
+
+def test_layer_bf16_within_output_rounding():
+    model, x = _quantized_linear("int4p2", "int4p2", torch.bfloat16)
+    ref = model(x).float()
+    set_kernel(model, "triton")
+    got = model(x).float()
+    assert got.dtype == torch.float32 and ((got - ref).norm() / ref.norm()).item() < 5e-3
+
+
+def test_lowrank_variants():
+    from fourbit.kernels.linear import linear_forward
+    from fourbit.nn.reference import low_rank_branch, prepare_activation
+
+    model, x = _quantized_linear("int4p2", "int4p2", torch.float32)
+    layer, x2 = model[0], x.reshape(-1, 200)
+    fused = linear_forward(layer, x2, lowrank="fused")
+    unfused = linear_forward(layer, x2, lowrank="unfused")
+    none = linear_forward(layer, x2, lowrank="none")
+    branch = low_rank_branch(layer, prepare_activation(layer, x2))
+    assert ((unfused - fused).norm() / fused.norm()).item() < 1e-5
+    assert ((none + branch - fused).norm() / fused.norm()).item() < 1e-5
+
+
+def test_unsupported_pair_falls_back_to_reference_with_warning():
+    model, x = _quantized_linear("nf4", "int4", torch.float32)
+    ref = model(x)
+    set_kernel(model, "triton")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = model(x)
+    assert torch.equal(got, ref)
+
+
+def test_speed_cache_invalidated_by_in_place_change():
+    model, x = _quantized_linear("int4p2", "int4p2", torch.float32, kernel="triton")
+    layer = model[0]
+    y0 = model(x)
+    with torch.no_grad():
+        layer.bias.add_(1.0)  # in place: same storage, new version
+    y1 = model(x)
+    assert torch.allclose(y1, y0 + 1.0, atol=1e-5)
+
+
+def test_kernel_mode_recorded_in_checkpoint(tmp_path):
+    model, x = _quantized_linear("int4p2", "int4p2", torch.float32, kernel="triton-memory")
+    y = model(x)
+    path = tmp_path / "m.fourbit.safetensors"
+    fourbit.save(model, str(path))
+    fresh = nn.Sequential(nn.Linear(200, 96))
+    fourbit.load(fresh, str(path))
+    assert fresh[0].kernel == "triton-memory"
+    assert torch.equal(fresh(x), y)
+
+
+def test_import_fourbit_does_not_import_triton():
+    code = "import sys, fourbit, fourbit.kernels; assert 'triton' not in sys.modules; " \
+           "assert {'triton', 'triton-memory'} <= set(fourbit.kernels.available_kernels())"
+    subprocess.run([sys.executable, "-c", code], check=True)

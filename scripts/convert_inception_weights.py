@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     raw = args.src.read_bytes()
     state = torch.load(args.src, weights_only=True, map_location="cpu")
-    state = {k: v.float().contiguous() for k, v in state.items() if not k.startswith("fc.") and "num_batches_tracked" not in k}
+    keep = [k for k in state if not k.startswith("fc.") and "num_batches_tracked" not in k]
+    state = {k: state[k].float().contiguous() for k in keep}
     FIDInceptionV3().load_state_dict(state, strict=True)  # raises on any missing/unexpected key or shape
     meta = {"source_file": args.src.name, "source_sha256": hashlib.sha256(raw).hexdigest()}
     save_file(state, str(args.out), metadata=meta)

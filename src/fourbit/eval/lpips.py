@@ -90,7 +90,9 @@ def _load(net: str, path: str, device: str) -> LPIPS:
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_lpips(net: str = "alex", weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LPIPS:
+def load_lpips(
+    net: str = "alex", weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+) -> LPIPS:
     """Cached, eval-mode LPIPS model. Raises MetricUnavailable when the weights are absent."""
     return _load(net, str(resolve_weights(net, weights)), str(torch.device(device)))
 

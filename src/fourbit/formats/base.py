@@ -252,10 +252,17 @@ def cast_scale(amax: Tensor, qmax: float, limit: float, dtype: torch.dtype) -> T
     i.e. groups whose amax is below the dtype's normal range times qmax. amax = 0 gives scale 0.
     """
     amax = amax.float()
-    s = saturating_cast(amax / qmax, dtype)
+    s = saturating_cast(div_scalar(amax, qmax), dtype)
     sf = s.float()
     bump = (amax > limit * sf) & (sf < torch.finfo(dtype).max)
     return torch.where(bump, next_up(s), s)
+
+
+def div_scalar(a: Tensor, b: float) -> Tensor:
+    """a / b correctly rounded on every device. PyTorch's CUDA kernel turns division by a Python (CPU) scalar
+    into multiplication by its reciprocal, which differs from CPU in the last bit; dividing by a 0-dim
+    tensor on a's device keeps CPU and CUDA results identical."""
+    return a / torch.full((), b, dtype=a.dtype, device=a.device)
 
 
 def safe_divisor(s: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import Format, QuantizedTensor, cast_scale, grouped, safe_divisor
+from .base import Format, QuantizedTensor, cast_scale, div_scalar, grouped, safe_divisor
 from .floats import E2M1_MAX, E4M3_MAX, e2m1_decode, e2m1_encode
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -40,7 +40,7 @@ def outer_scale_of(xf: Tensor, kind: str) -> Tensor:
     """fp32 outer scale t = max|x| / (6 * 448) per tensor (1, 1) or per row (R, 1), floored at 2^-126."""
     a = xf.abs()
     amax = a.amax(dim=1, keepdim=True) if kind == "row" else a.amax().reshape(1, 1)
-    return torch.clamp(amax / (E2M1_MAX * E4M3_MAX), min=_TINY)
+    return torch.clamp(div_scalar(amax, E2M1_MAX * E4M3_MAX), min=_TINY)
 
 
 def quantize_e2m1_e4m3(xf: Tensor, g: int, outer: Optional[str]) -> QuantizedTensor:

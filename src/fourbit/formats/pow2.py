@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Format, QuantizedTensor, grouped, pow2, safe_divisor
+from .base import Format, QuantizedTensor, div_scalar, grouped, pow2, safe_divisor
 
 
 class Pow2Format(Format):
@@ -46,7 +46,7 @@ class Pow2Format(Format):
     def quantize(self, x: Tensor) -> QuantizedTensor:
         xf = self.check_input(x)
         r_, k = xf.shape
-        r = xf.abs().amax(dim=1, keepdim=True) / self.QMAX  # (R, 1) fp32
+        r = div_scalar(xf.abs().amax(dim=1, keepdim=True), self.QMAX)  # (R, 1) fp32
         yg = grouped(xf / safe_divisor(r), self.group_for(k))  # (R, G, g), |y| <= qmax (+1 ulp)
         gmax = yg.abs().amax(dim=-1)  # (R, G)
         m, f = torch.frexp(gmax)  # gmax = m * 2^f, m in [0.5, 1)

@@ -21,6 +21,7 @@ What a format object tells storage code (checkpoints, meta-device skeletons):
 """
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -81,8 +82,13 @@ class Format(ABC):
                 f"format {self.name!r} has a fixed group size of {self.default_group_size}; "
                 f"got group_size={group_size}. Leave group_size unset for this format."
             )
-        if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if group_size is not None:
+            try:
+                group_size = operator.index(group_size)  # ints, numpy ints; not floats
+            except TypeError:
+                raise ValueError(f"group_size must be a positive int, got {group_size!r}") from None
+            if group_size <= 0:
+                raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         self.group_size = group_size
         self.options = options
 

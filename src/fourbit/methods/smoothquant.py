@@ -20,9 +20,12 @@ def smoothquant(weight, stats, cfg):
     candidates = []
     for alpha in ([cfg.alpha] if cfg.alpha is not None else cfg.alpha_grid):
         lam = smoothing_factors(absmax, weight, alpha)
-        state = quantize_state(weight * lam, wf, af, smooth=lam, alpha=alpha,
-                               **rounding_kwargs(cfg, stats, weight, lam))
+        state = quantize_state(weight * lam, wf, af, smooth=lam, alpha=alpha)  # alpha searched with RTN
         candidates.append((output_error(state, x, y_ref), state))
     err, state = best_of(candidates)
+    rounding = rounding_kwargs(cfg, stats, weight, state.smooth)
+    if rounding:  # GPTQ re-rounds the chosen alpha's weight on the smoothed rows x / lambda
+        state = quantize_state(weight * state.smooth, wf, af, smooth=state.smooth, **rounding, **state.info)
+        err = output_error(state, x, y_ref)
     state.info["calib_rel_error"] = err
     return state

@@ -3,7 +3,8 @@
 For each alpha (fixed or searched over ``cfg.alpha_grid``):
     lambda = smoothing_factors(max|X|, W, alpha);  W^ = W diag(lambda)  (columns = input channels)
     W^ ~= lr_up @ lr_down (rank r, by SVD);  R = W^ - lr_up @ lr_down;  quantize R
-and keep the alpha whose layer output error on the calibration rows is smallest. ``refine_iters``
+and keep the alpha whose layer output error on the calibration rows is smallest (searched with RTN rounding;
+with weight_rounding="gptq" the chosen residual is then GPTQ-rounded on x / lambda). ``refine_iters``
 re-decomposes W^ - deq(Q(R)) and re-quantizes the new residual, keeping the best iterate.
 """
 from __future__ import annotations
@@ -49,10 +50,13 @@ def svdquant(weight, stats, cfg):
     for alpha in alphas:
         lam = None if alpha is None else smoothing_factors(absmax, weight, alpha)
         w_hat = weight if lam is None else weight * lam
-        rounding = rounding_kwargs(cfg, stats, weight, lam)  # GPTQ sees the smoothed rows x / lambda
-        state = _decompose(w_hat, lam, cfg, wf, af, rounding, alpha=alpha)
-        candidates.append((output_error(state, x, y_ref), state, w_hat, rounding))
-    err, state, w_hat, rounding = min(candidates, key=lambda c: c[0])
+        state = _decompose(w_hat, lam, cfg, wf, af, {}, alpha=alpha)  # alpha is searched with RTN rounding
+        candidates.append((output_error(state, x, y_ref), state, w_hat))
+    err, state, w_hat = min(candidates, key=lambda c: c[0])
+    rounding = rounding_kwargs(cfg, stats, weight, state.smooth)  # GPTQ sees the smoothed rows x / lambda
+    if rounding:  # GPTQ: re-round the chosen alpha's residual (one GPTQ per layer, not one per alpha)
+        state = _decompose(w_hat, state.smooth, cfg, wf, af, rounding, **state.info)
+        err = output_error(state, x, y_ref)
     if cfg.refine_iters and cfg.rank > 0:
         err, state = _refine(w_hat, state, cfg, x, y_ref, rounding)
     state.info["calib_rel_error"] = err

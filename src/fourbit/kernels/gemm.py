@@ -43,7 +43,7 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _scaled_gemm_kernel(
-    a_desc, b_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
+    a_desc, b_desc, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
     M, N, K, stride_cm, stride_lr, stride_up,
     A_SCALE: tl.constexpr,  # 0: none, 1: one scalar, 2: one per row of A
     B_SCALE: tl.constexpr,  # 0: none, 1: one scalar, 2: one per row of B (= column of y)
@@ -53,6 +53,7 @@ def _scaled_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGS: tl.constexpr, MAX_IMPRECISE: tl.constexpr, FLATTEN: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong, so 16-bit operands go through fp32
+    TMA_STORE: tl.constexpr,  # store the output tile through a TMA descriptor (else masked pointer stores)
 ):
     pid = tl.program_id(0)
     num_pid_m = cdiv(M, BM)
@@ -96,8 +97,11 @@ def _scaled_gemm_kernel(
             y = tl.dot(lr, up.T, y, input_precision="tf32")  # (BM, R) @ (R, BN), fp32 accumulate into y
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if TMA_STORE:
+            c_desc.store([off_m, off_n], y.to(c_desc.dtype))
+        else:
+            c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @dataclass(frozen=True)
@@ -114,10 +118,12 @@ class GemmConfig:
     persistent: bool = True
     flatten: bool = False
     precise: bool = False
+    tma_store: bool = False
 
     def key(self) -> str:
         return (f"{self.BM}x{self.BN}x{self.BK}-g{self.GROUP_M}-w{self.num_warps}-s{self.num_stages}"
-                f"{'-p' if self.persistent else ''}{'-f' if self.flatten else ''}{'-acc' if self.precise else ''}")
+                f"{'-p' if self.persistent else ''}{'-f' if self.flatten else ''}{'-acc' if self.precise else ''}"
+                f"{'-tma' if self.tma_store else ''}")
 
 
 #: Per-(operand dtype, size class) defaults; the benchmark's sweep on an H100 chose these (docs/kernels.md).
@@ -212,12 +218,14 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     c = torch.empty((m, n), device=a.device, dtype=out_dtype)
     a_desc = TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK])
     b_desc = TensorDescriptor.from_tensor(b, [cfg.BN, cfg.BK])
+    tma_store = cfg.tma_store and (n * c.element_size()) % 16 == 0 and not interpreting()
+    c_desc = TensorDescriptor.from_tensor(c, [cfg.BM, cfg.BN]) if tma_store else a_desc
     tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN)
     progs = min(tiles, num_sms(a.device)) if cfg.persistent else tiles
     dummy = c  # never read when the matching flag is off
     is_fp8 = a.dtype == torch.float8_e4m3fn
     _scaled_gemm_kernel[(progs,)](
-        a_desc, b_desc, c,
+        a_desc, b_desc, c_desc, c,
         dummy if a_scale is None else a_scale, dummy if b_scale is None else b_scale,
         dummy if lr is None else lr, dummy if up is None else up,
         dummy if bias is None else bias,
@@ -226,7 +234,7 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
         RANK=rank, HAS_BIAS=bias is not None, ACC_INT=a.dtype == torch.int8,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, NUM_PROGS=progs,
         MAX_IMPRECISE=cfg.BK if (cfg.precise and is_fp8 and not interpreting()) else None,
-        FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, TMA_STORE=tma_store, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c
 

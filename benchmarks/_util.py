@@ -1,0 +1,113 @@
+"""Shared by the benchmark scripts: timing with device events, environment facts, result files."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+from typing import Callable, Sequence
+
+import torch
+
+
+def environment() -> dict:
+    import triton
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {
+        "device": dev,
+        "date": _dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 0,
+    }
+
+
+def device_slug(name: str) -> str:
+    m = re.search(r"(H100|H200|H20|A100|L40S|L4|B200|GB200|RTX ?\d+)", name, re.I)
+    return (m.group(1) if m else re.sub(r"\W+", "-", name)).replace(" ", "").lower()
+
+
+def result_paths(out_dir: str, stem: str, env: dict) -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"{stem}.{device_slug(env['device'])}.{env['date']}")
+    return base + ".json", base + ".md"
+
+
+def write_results(out_dir: str, stem: str, env: dict, payload: dict, markdown: str) -> tuple[str, str]:
+    jp, mp = result_paths(out_dir, stem, env)
+    with open(jp, "w") as f:
+        json.dump({"environment": env, **payload}, f, indent=1)
+    head = (f"device: {env['device']} | date: {env['date']} | torch {env['torch']} | triton {env['triton']} | "
+            f"CUDA {env['cuda']}\n\n")
+    with open(mp, "w") as f:
+        f.write(head + markdown)
+    return jp, mp
+
+
+def time_eager(fns: Sequence[Callable[[], object]], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median ms per call with device events (triton's do_bench: L2 flushed before each call), rotating
+    over ``fns`` (one closure per input set)."""
+    from triton.testing import do_bench
+
+    state = {"i": 0}
+
+    def step():
+        fn = fns[state["i"] % len(fns)]
+        state["i"] += 1
+        return fn()
+
+    return float(do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def time_graph(fns: Sequence[Callable[[], object]], replays: int = 20, min_calls: int = 12) -> float:
+    """Median ms per call from CUDA-graph replays of several calls rotating over ``fns`` (no launch overhead;
+    inputs rotate, so data larger than L2 comes from memory as in a real model)."""
+    calls = max(min_calls, len(fns))
+    for fn in fns:  # warm caches (compilation, layer state) outside the capture
+        fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    del g
+    return float(statistics.median(times))
+
+
+def geomean(xs: Sequence[float]) -> float:
+    xs = [x for x in xs if x and x > 0 and math.isfinite(x)]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.3f}".rstrip("0").rstrip(".")
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,379 @@
+"""Per-layer benchmark at FLUX.1 linear shapes: bf16 nn.Linear vs FP8 cuBLAS vs every fourbit W4A4/W8A8 path.
+
+    python benchmarks/linear.py                 # full run, writes benchmarks/results/linear.<device>.<date>.*
+    python benchmarks/linear.py --tune          # sweep kernel tile configs first (prints and saves the sweep)
+    python benchmarks/linear.py --quick         # two shapes, fewer variants (smoke test)
+
+Each fourbit variant runs a whole quantized layer end to end: activation quantization (smoothing, dynamic
+per-token quantization, the rank-32 down-projection) + GEMM (+ the up-projection and bias in its epilogue),
+from a bf16 input to a bf16 output. Variants: "fused" (speed mode: fp8 weight cached), "memory" (4-bit
+weight expanded before each GEMM), "unfused" (branch as two separate torch GEMMs), "none" (no branch:
+the cost floor the branch is compared with), "cublas" (act_quant + torch._scaled_mm rowwise, branch unfused).
+Error: relative Frobenius error against ``quant_linear_reference`` (fp32) on the same layer and input.
+Timing: median of CUDA-graph replays of 12+ calls rotating over inputs larger than L2 ("graph", GPU time,
+the primary number), and triton's do_bench with an L2 flush before each call ("eager", includes Python
+launch overhead where it exceeds GPU time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import environment, geomean, md_table, time_eager, time_graph, write_results  # noqa: E402
+
+SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]  # (K, N)
+TOKENS = (4608, 1024)
+RANK = 32
+#: (label, weight format, activation format, variants)
+FORMATS = [
+    ("int4p2 W4A4", "int4p2", "int4p2", ("fused", "memory", "unfused", "none", "cublas", "cublas-none")),
+    ("fp4p2 W4A4", "fp4p2", "fp4p2", ("fused", "memory", "none")),
+    ("int8 W8A8", "int8", "int8", ("fused", "unfused", "none")),
+    ("int4 g64 W4A4 (paper)", "int4", "int4", ("fused", "none")),
+    ("fp4 g32 W4A4 (paper)", "fp4", "fp4", ("fused", "none")),
+    ("nvfp4 W4A4", "nvfp4", "nvfp4", ("fused", "none")),
+    ("mxfp4 W4A4", "mxfp4", "mxfp4", ("fused", "none")),
+]
+L2_BYTES = 50 << 20
+
+
+def make_layer(k, n, wname, aname, rank=RANK, device="cuda", dtype=torch.bfloat16, seed=0):
+    """A QuantLinear with random weight, smoothing factors, rank-r branch and bias (speed only: values are
+    random, the numerics are those of a real layer)."""
+    from fourbit.formats import make_format
+    from fourbit.nn import QuantizedLinearState, QuantLinear
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    wf, af = make_format(wname), make_format(aname)
+    w = torch.randn(n, k, device=device, generator=g) / k ** 0.5
+    smooth = torch.rand(k, device=device, generator=g) * 1.5 + 0.5
+    down = (torch.randn(rank, k, device=device, generator=g) / k ** 0.5).to(dtype)
+    up = (torch.randn(n, rank, device=device, generator=g) * 0.1).to(dtype)
+    state = QuantizedLinearState(wf.quantize(w), wf, af, smooth=smooth, lr_down=down, lr_up=up)
+    bias = (torch.randn(n, device=device, generator=g) * 0.1).to(dtype)
+    return QuantLinear.from_state(state, k, bias, kernel="triton", dtype=dtype).to(device)
+
+
+def inputs(m, k, dtype=torch.bfloat16, device="cuda", min_bytes=2 * L2_BYTES):
+    per = m * k * torch.empty((), dtype=dtype).element_size()
+    count = max(2, -(-min_bytes // per))
+    return [torch.randn(m, k, device=device, dtype=dtype) for _ in range(count)]
+
+
+def rel_err(y, ref):
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+_BIAS_IN_SCALED_MM = [True]
+
+
+def _scaled_mm_bias(a, b, sa, sb, bias, out_dtype):
+    """cuBLAS FP8 rowwise GEMM with the bias in its epilogue where this torch supports that."""
+    if _BIAS_IN_SCALED_MM[0]:
+        try:
+            return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, bias=bias, out_dtype=out_dtype)
+        except RuntimeError:
+            _BIAS_IN_SCALED_MM[0] = False
+    return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype).add_(bias)
+
+
+def variant_fn(layer, x, variant):
+    from fourbit.kernels.act_quant import act_quant
+    from fourbit.kernels.linear import layer_state, linear_forward, weight_operand
+
+    if variant in ("fused", "unfused", "none", "memory"):
+        memory = variant == "memory"
+        lowrank = "fused" if variant == "memory" else variant
+        return lambda: linear_forward(layer, x, memory=memory, lowrank=lowrank)
+    if variant in ("cublas", "cublas-none"):
+        st = layer_state(layer)
+        w = weight_operand(layer, st, memory=False)
+        wt = w.w.t()
+        sb = w.col_scale.reshape(1, -1)
+        up16 = st.up.t().to(x.dtype).contiguous()
+        down16 = st.down.t().to(x.dtype)
+        smooth16 = st.smooth.to(x.dtype)
+        branch = variant == "cublas"
+
+        def run():
+            a = act_quant(x, layer.act_format, st.smooth, None, layer.padded_in)
+            y = _scaled_mm_bias(a.q, wt, a.row_scale.reshape(-1, 1), sb, layer.bias, x.dtype)
+            if branch:
+                y.addmm_((x / smooth16) @ down16, up16)
+            return y
+        return run
+    raise ValueError(variant)
+
+
+def bench_shape(m, k, n, formats, graph=True, log=print):
+    rows = []
+    xs = inputs(m, k)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+    flops = 2.0 * m * n * k
+
+    def record(label, variant, fns, err=None):
+        t_eager = time_eager(fns)
+        t_graph = time_graph(fns) if graph else float("nan")
+        rows.append(dict(M=m, K=k, N=n, format=label, variant=variant, graph_ms=t_graph, eager_ms=t_eager,
+                         tflops=flops / (t_graph if graph else t_eager) / 1e9, rel_err=err))
+        log(f"  {label:24s} {variant:12s} graph {t_graph:.4f} ms  eager {t_eager:.4f} ms"
+            + ("" if err is None else f"  err {err:.2e}"))
+
+    record("bf16 nn.Linear", "-", [lambda x=x: F.linear(x, w, b) for x in xs])
+    x8 = [(x.float().abs().amax(1, keepdim=True) / 448).clamp_min(1e-12) for x in xs]
+    xq = [(x.float() / s).to(torch.float8_e4m3fn) for x, s in zip(xs, x8)]
+    w8s = (w.float().abs().amax(1, keepdim=True) / 448).clamp_min(1e-12)
+    wq = (w.float() / w8s).to(torch.float8_e4m3fn)
+    record("fp8 rowwise _scaled_mm", "GEMM only", [
+        lambda a=a, s=s: torch._scaled_mm(a, wq.t(), scale_a=s, scale_b=w8s.t(), out_dtype=torch.bfloat16)
+        for a, s in zip(xq, x8)])
+    del x8, xq
+    from fourbit.nn.reference import quant_linear_reference
+
+    for label, wname, aname, variants in formats:
+        layer = make_layer(k, n, wname, aname)
+        ref = quant_linear_reference(layer, xs[0])
+        for variant in variants:
+            fns = [variant_fn(layer, x, variant) for x in xs]
+            err = rel_err(fns[0](), ref) if variant != "none" and variant != "cublas-none" else None
+            record(label, variant, fns, err)
+        del layer, ref
+        torch.cuda.empty_cache()
+    return rows
+
+
+def summarize(rows):
+    """Ratios vs bf16 per shape and the acceptance numbers."""
+    def t(r):
+        return r["graph_ms"] if r["graph_ms"] == r["graph_ms"] else r["eager_ms"]
+
+    by = {}
+    for r in rows:
+        by.setdefault((r["M"], r["K"], r["N"]), {})[(r["format"], r["variant"])] = r
+    summary = {"per_shape": [], "acceptance": {}}
+    for (m, k, n), d in by.items():
+        base = d[("bf16 nn.Linear", "-")]
+        for key, r in d.items():
+            summary["per_shape"].append(dict(M=m, K=k, N=n, format=key[0], variant=key[1],
+                                             speedup_graph=base["graph_ms"] / r["graph_ms"],
+                                             speedup_eager=base["eager_ms"] / r["eager_ms"]))
+    for mode in ("graph", "eager"):
+        for m in TOKENS:
+            shapes = [s for s in by if s[0] == m]
+            if not shapes:
+                continue
+
+            def ratio(fmt, var, num=("bf16 nn.Linear", "-")):
+                vals = [by[s][num][f"{mode}_ms"] / by[s][(fmt, var)][f"{mode}_ms"]
+                        for s in shapes if (fmt, var) in by[s]]
+                return geomean(vals)
+
+            acc = {
+                "int4p2_fused_vs_bf16": ratio("int4p2 W4A4", "fused"),
+                "int4p2_memory_vs_bf16": ratio("int4p2 W4A4", "memory"),
+                "fp8_ceiling_vs_bf16": ratio("fp8 rowwise _scaled_mm", "GEMM only"),
+                "lowrank_overhead_fused": 1 / ratio("int4p2 W4A4", "fused", ("int4p2 W4A4", "none")) - 1,
+                "lowrank_overhead_unfused": 1 / ratio("int4p2 W4A4", "unfused", ("int4p2 W4A4", "none")) - 1,
+            }
+            summary["acceptance"][f"M={m} {mode}"] = acc
+    return summary
+
+
+def markdown(rows, summary):
+    out = ["## Acceptance (geometric means over the six FLUX.1 shapes)\n"]
+    hdr = ["M / timing", "int4p2 fused vs bf16", "int4p2 memory vs bf16", "fp8 cuBLAS GEMM-only vs bf16",
+           "low-rank overhead fused", "low-rank overhead unfused"]
+    out.append(md_table(hdr, [[k, v["int4p2_fused_vs_bf16"], v["int4p2_memory_vs_bf16"], v["fp8_ceiling_vs_bf16"],
+                               f"{100 * v['lowrank_overhead_fused']:.1f}%", f"{100 * v['lowrank_overhead_unfused']:.1f}%"]
+                              for k, v in summary["acceptance"].items()]))
+    for m in TOKENS:
+        sel = [r for r in rows if r["M"] == m]
+        if not sel:
+            continue
+        shapes = sorted({(r["K"], r["N"]) for r in sel}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
+        keys = []
+        for r in sel:
+            if (r["format"], r["variant"]) not in keys:
+                keys.append((r["format"], r["variant"]))
+        out.append(f"\n## M = {m}: speed-up vs bf16 nn.Linear (CUDA-graph timing; eager in parentheses)\n")
+        hdr = ["format", "variant"] + [f"{k}x{n}" for k, n in shapes] + ["geomean", "max rel err"]
+        table = []
+        base = {(r["K"], r["N"]): r for r in sel if r["format"] == "bf16 nn.Linear"}
+        for fmt, var in keys:
+            cells, ratios, errs = [], [], []
+            for s in shapes:
+                r = next((r for r in sel if (r["K"], r["N"]) == s and r["format"] == fmt and r["variant"] == var), None)
+                if r is None:
+                    cells.append("-")
+                    continue
+                rg, re_ = base[s]["graph_ms"] / r["graph_ms"], base[s]["eager_ms"] / r["eager_ms"]
+                ratios.append(rg)
+                cells.append(f"{rg:.2f} ({re_:.2f})")
+                if r["rel_err"] is not None:
+                    errs.append(r["rel_err"])
+            table.append([fmt, var] + cells + [f"{geomean(ratios):.2f}", f"{max(errs):.1e}" if errs else "-"])
+        out.append(md_table(hdr, table))
+        out.append(f"\nAbsolute times (ms, CUDA graph) at M = {m}:\n")
+        hdr = ["format", "variant"] + [f"{k}x{n}" for k, n in shapes]
+        table = []
+        for fmt, var in keys:
+            cells = []
+            for s in shapes:
+                r = next((r for r in sel if (r["K"], r["N"]) == s and r["format"] == fmt and r["variant"] == var), None)
+                cells.append("-" if r is None else f"{r['graph_ms']:.4f}")
+            table.append([fmt, var] + cells)
+        out.append(md_table(hdr, table))
+    return "\n".join(out)
+
+
+# ---- tile-config sweep ----------------------------------------------------------------------------
+def tune(log=print):
+    """Sweep GEMM and act_quant configs at the FLUX shapes; returns {name: [(config, ms per shape...)]}."""
+    from fourbit.kernels.act_quant import ActConfig, act_quant
+    from fourbit.kernels.gemm import GemmConfig, scaled_gemm
+    from fourbit.kernels.gemm_grouped import grouped_gemm
+    from fourbit.formats import make_format
+
+    res = {}
+    shapes = [(4608, k, n) for k, n in SHAPES] + [(1024, 3072, 3072), (1024, 3072, 12288), (1024, 12288, 3072)]
+
+    def sweep(name, configs, make_fn):
+        table = []
+        for cfg in configs:
+            times = []
+            try:
+                for m, k, n in shapes:
+                    fns = make_fn(cfg, m, k, n)
+                    times.append(time_graph(fns, replays=10))
+            except Exception as e:  # a config that does not compile or fit is reported, not fatal
+                log(f"  {name} {cfg}: failed: {str(e).splitlines()[0][:160]}")
+                continue
+            table.append((cfg, times))
+            log(f"  {name} {getattr(cfg, 'key', lambda: cfg)()}: " + " ".join(f"{t:.4f}" for t in times))
+        res[name] = [(repr(c), t) for c, t in table]
+        return table
+
+    def gemm_fn(dtype):
+        cache = {}
+
+        def make(cfg, m, k, n):
+            key = (m, k, n)
+            if key not in cache:
+                if dtype == torch.int8:
+                    a = [torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8) for _ in range(2)]
+                    b = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+                else:
+                    a = [torch.randint(-8, 8, (m, k), device="cuda").to(torch.float16).to(dtype) for _ in range(2)]
+                    b = torch.randint(-8, 8, (n, k), device="cuda").to(torch.float16).to(dtype)
+                sa = torch.rand(m, device="cuda") + 0.5
+                sb = torch.rand(n, device="cuda") + 0.5
+                lr = torch.randn(m, RANK, device="cuda")
+                up = torch.randn(n, RANK, device="cuda")
+                bias = torch.randn(n, device="cuda")
+                cache.clear()
+                cache[key] = (a, b, sa, sb, lr, up, bias)
+            a, b, sa, sb, lr, up, bias = cache[key]
+            return [lambda a_=a_: scaled_gemm(a_, b, sa, sb, lr, up, bias, config=cfg) for a_ in a]
+        return make
+
+    fp8_cfgs = [GemmConfig(128, 256, 128, 8, 8, 3, True), GemmConfig(128, 256, 128, 8, 8, 4, True),
+                GemmConfig(256, 128, 128, 8, 8, 3, True), GemmConfig(128, 128, 128, 8, 8, 4, True),
+                GemmConfig(128, 128, 128, 8, 4, 4, True), GemmConfig(128, 256, 128, 8, 8, 3, False),
+                GemmConfig(128, 256, 128, 8, 8, 3, True, flatten=True), GemmConfig(128, 256, 64, 8, 8, 4, True),
+                GemmConfig(128, 256, 128, 8, 8, 3, True, precise=True),
+                GemmConfig(128, 256, 128, 8, 8, 3, True, tma_store=True),
+                GemmConfig(128, 256, 128, 8, 8, 3, True, flatten=True, tma_store=True)]
+    log("fp8 scaled_gemm (rank-32 epilogue + bias), ms per shape:")
+    sweep("fp8", fp8_cfgs, gemm_fn(torch.float8_e4m3fn))
+    # accuracy of the fp8 accumulation at the longest K: Hopper's fp8 MMA accumulates with reduced precision
+    # unless promoted to fp32 every BK (GemmConfig.precise)
+    from fourbit.kernels.gemm import scaled_gemm_torch
+    m, k, n = 4608, 15360, 3072
+    a = torch.randint(-8, 8, (m, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
+    b = (torch.randint(-8, 8, (n, k), device="cuda").float() * 2.0 ** torch.randint(-6, 1, (n, k), device="cuda")
+         ).to(torch.float8_e4m3fn)
+    ref = scaled_gemm_torch(a, b, out_dtype=torch.float32)
+    for precise in (False, True):
+        y = scaled_gemm(a, b, out_dtype=torch.float32, config=GemmConfig(128, 256, 128, 8, 8, 3, True, precise=precise))
+        e = float((y - ref).norm() / ref.norm())
+        res[f"fp8_accum_rel_err_precise={precise}"] = e
+        log(f"  fp8 accumulation at K={k}, precise={precise}: rel err {e:.2e} (fp32 output)")
+    del a, b, ref, y
+    log("int8 scaled_gemm:")
+    sweep("int8", [GemmConfig(128, 256, 128, 8, 8, 3, True), GemmConfig(128, 128, 128, 8, 8, 4, True),
+                   GemmConfig(256, 128, 128, 8, 8, 3, True)], gemm_fn(torch.int8))
+    log("bf16 scaled_gemm:")
+    sweep("bf16", [GemmConfig(128, 256, 64, 8, 8, 3, True), GemmConfig(128, 128, 64, 8, 8, 4, True),
+                   GemmConfig(256, 128, 64, 8, 8, 3, True)], gemm_fn(torch.bfloat16))
+
+    def grouped_make(cfg, m, k, n):
+        a = [torch.randint(-8, 8, (m, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn) for _ in range(2)]
+        b = torch.randint(-8, 8, (n, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
+        sa, sb = torch.rand(k // 64, m, device="cuda"), torch.rand(k // 64, n, device="cuda")
+        return [lambda a_=a_: grouped_gemm(a_, b, sa, sb, 64, config=cfg) for a_ in a]
+    log("grouped int4 g64 gemm:")
+    sweep("grouped", [GemmConfig(128, 128, 64, 8, 8, 4, True), GemmConfig(128, 256, 64, 8, 8, 3, True),
+                      GemmConfig(64, 128, 64, 8, 4, 4, True), GemmConfig(128, 128, 64, 8, 8, 3, False)], grouped_make)
+
+    fmt = make_format("int4p2")
+
+    def act_make(cfg, m, k, n):
+        xs = inputs(m, k)
+        smooth = torch.rand(k, device="cuda") + 0.5
+        down = torch.randn(RANK, k, device="cuda", dtype=torch.bfloat16)
+        return [lambda x=x: act_quant(x, fmt, smooth, down, k, config=cfg) for x in xs]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    act_cfgs = [ActConfig(32, 256, 8), ActConfig(16, 256, 4), ActConfig(16, 512, 4), ActConfig(32, 512, 8),
+                ActConfig(64, 256, 8), ActConfig(32, 256, 4), ActConfig(32, 256, 8, programs=sms),
+                ActConfig(32, 256, 8, programs=4 * sms), ActConfig(16, 256, 4, programs=8 * sms)]
+    log("act_quant int4p2 (smooth + rank 32):")
+    sweep("act_quant", act_cfgs, act_make)
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--tune", action="store_true", help="sweep tile configs first")
+    p.add_argument("--tune-only", action="store_true")
+    p.add_argument("--quick", action="store_true", help="two shapes, three formats")
+    p.add_argument("--no-graph", action="store_true", help="eager timing only")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    env = environment()
+    print(json.dumps(env), flush=True)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.tune or args.tune_only:
+        t0 = time.time()
+        sweep = tune(log)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "tune.json"), "w") as f:
+            json.dump({"environment": env, "sweep": sweep}, f, indent=1)
+        log(f"tuning took {time.time() - t0:.0f}s")
+        if args.tune_only:
+            return
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    formats = FORMATS[:1] + FORMATS[2:4] if args.quick else FORMATS
+    rows = []
+    t0 = time.time()
+    for m in TOKENS:
+        for k, n in shapes:
+            log(f"M={m} K={k} N={n}")
+            rows += bench_shape(m, k, n, formats, graph=not args.no_graph, log=log)
+    summary = summarize(rows)
+    md = markdown(rows, summary)
+    jp, mp = write_results(args.out, "linear", env, {"rows": rows, "summary": summary, "rank": RANK}, md)
+    log(md)
+    log(f"benchmark took {time.time() - t0:.0f}s; wrote {jp} and {mp}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""One denoising step of the full-size FLUX.1 transformer at 1024x1024: bf16 vs fourbit W4A4.
+
+    python benchmarks/transformer.py            # H100/H200; needs diffusers (carry its wheel to the GPU box)
+    python benchmarks/transformer.py --tiny     # a few-layer model on CPU with the reference kernel (smoke test)
+
+Model: diffusers' ``FluxTransformer2DModel`` with FLUX.1-dev's published config (19 double blocks, 38 single
+blocks, 24 heads x 128, in_channels 64, joint_attention_dim 4096, pooled_projection_dim 768, guidance
+embeddings), random bf16 weights. Inputs: 4096 image tokens (64x64 latent patches) + 512 text tokens, batch 1.
+Random weights say nothing about image quality, only about speed and memory.
+
+Quantization: ``fourbit.quantize(model, RTNConfig(weights="int4p2", activations="int4p2"))`` on every
+nn.Linear (RTN needs no calibration, so it runs on the GPU in seconds). RTN has no low-rank branch; to time
+what an SVDQuant checkpoint runs, each layer then gets synthetic rank-32 factors and smoothing factors
+(``--rank 0`` skips them). Then the step is timed in memory mode ("triton-memory": 4-bit weights at rest,
+expanded per layer) and speed mode ("triton": FP8 weights cached).
+Reported: median step latency (CUDA events, after warm-up), peak allocated memory during a step, and the
+bytes of weights (parameters + buffers; speed mode adds the cached FP8 operands).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import environment, md_table, write_results  # noqa: E402
+
+FLUX_DEV = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+TINY = dict(patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
+            guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+
+def build(cfg, device, dtype=torch.bfloat16, seed=0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in bf16 directly on the device: no fp32 copy of 12B parameters
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def make_inputs(cfg, device, image_tokens, text_tokens, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    side = int(image_tokens ** 0.5)
+    img_ids = torch.zeros(side, side, 3, device=device)
+    img_ids[..., 1] = torch.arange(side, device=device)[:, None]
+    img_ids[..., 2] = torch.arange(side, device=device)[None, :]
+    return dict(
+        hidden_states=torch.randn(1, image_tokens, cfg["in_channels"], device=device, generator=g).to(dtype),
+        encoder_hidden_states=torch.randn(1, text_tokens, cfg["joint_attention_dim"], device=device,
+                                          generator=g).to(dtype),
+        pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], device=device, generator=g).to(dtype),
+        timestep=torch.tensor([0.5], device=device, dtype=dtype),
+        guidance=torch.tensor([3.5], device=device, dtype=dtype),
+        img_ids=img_ids.reshape(-1, 3),
+        txt_ids=torch.zeros(text_tokens, 3, device=device),
+        return_dict=False,
+    )
+
+
+def model_bytes(model) -> int:
+    """Parameters + buffers (the quantized layers' codes, scales, smoothing and low-rank factors)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def cached_operand_bytes(model) -> int:
+    """Bytes of the speed-mode caches (FP8 weight operands) held by the quantized layers."""
+    from fourbit.nn import quantized_layers
+
+    total = 0
+    for _, layer in quantized_layers(model):
+        st = layer._cache.get("fourbit.kernels.linear")
+        if st is not None and st.weight is not None:
+            total += st.weight.nbytes()
+    return total
+
+
+def linear_bytes_bf16(model) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() + (0 if m.bias is None else m.bias.numel() * 2)
+               for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+@torch.inference_mode()
+def time_step(model, inputs, warmup=2, steps=5, device="cuda"):
+    if device != "cuda":
+        t0 = time.perf_counter()
+        out = model(**inputs)[0]
+        return (time.perf_counter() - t0) * 1e3, 0, out
+    for _ in range(warmup):
+        out = model(**inputs)[0]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        out = model(**inputs)[0]
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    peak = torch.cuda.max_memory_allocated()
+    return statistics.median(times), peak, out
+
+
+def add_synthetic_branch(model, rank, seed=0):
+    """Give every quantized layer random rank-r factors and smoothing factors (what SVDQuant would store),
+    so the timed step runs the branch; the numerics are not those of a calibrated model."""
+    from fourbit.nn import quantized_layers
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for _, layer in quantized_layers(model):
+        kp, n = layer.padded_in, layer.out_features
+        dev, dt = layer.weight_packed.device, layer.compute_dtype
+        layer.smooth = (torch.rand(kp, generator=g) + 0.5).to(dev)
+        layer.lr_down = (torch.randn(rank, kp, generator=g) / kp ** 0.5).to(dev, dt)
+        layer.lr_up = (torch.randn(n, rank, generator=g) * 0.01).to(dev, dt)
+        layer._cache = {}
+
+
+def main(argv=None):
+    import fourbit
+    from fourbit.nn import set_kernel
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--tiny", action="store_true", help="tiny model, CPU, reference kernel (smoke test)")
+    p.add_argument("--weights", default="int4p2")
+    p.add_argument("--activations", default="int4p2")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args(argv)
+    env = environment()
+    print(json.dumps(env), flush=True)
+    tiny = args.tiny or not torch.cuda.is_available()
+    cfg, device = (TINY, "cpu") if tiny else (FLUX_DEV, "cuda")
+    img, txt = (64, 8) if tiny else (4096, 512)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+
+    t0 = time.perf_counter()
+    model = build(cfg, device)
+    inputs = make_inputs(cfg, device, img, txt)
+    log(f"built FluxTransformer2DModel ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params) "
+        f"in {time.perf_counter() - t0:.1f}s")
+    res = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+           "image_tokens": img, "text_tokens": txt, "weights": args.weights, "activations": args.activations,
+           "rank": args.rank}
+    bf16_bytes = model_bytes(model)
+    res["bf16"] = dict(bytes=bf16_bytes, linear_bytes=linear_bytes_bf16(model))
+    ms, peak, y_bf16 = time_step(model, inputs, steps=args.steps, device=device)
+    res["bf16"].update(step_ms=ms, peak_bytes=peak)
+    log(f"bf16: {ms:.1f} ms/step, peak {peak / 2**30:.2f} GiB, weights {bf16_bytes / 2**30:.2f} GiB")
+
+    qcfg = fourbit.RTNConfig(weights=args.weights, activations=args.activations,
+                             kernel="reference" if tiny else "triton-memory")
+    t0 = time.perf_counter()
+    fourbit.quantize(model, qcfg, progress=False, verbose=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    res["quantize_seconds"] = time.perf_counter() - t0
+    log(f"fourbit.quantize (RTN, {len(model.fourbit_report.layers)} layers) took {res['quantize_seconds']:.1f}s")
+    if args.rank:
+        add_synthetic_branch(model, args.rank)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    q_bytes = model_bytes(model)
+    modes = [("memory", "triton-memory"), ("speed", "triton")] if not tiny else [("reference", "reference")]
+    for mode, kernel in modes:
+        set_kernel(model, kernel)
+        ms, peak, y = time_step(model, inputs, steps=args.steps, device=device)
+        cache = cached_operand_bytes(model)
+        err = float((y.float() - y_bf16.float()).norm() / y_bf16.float().norm())
+        res[mode] = dict(kernel=kernel, step_ms=ms, peak_bytes=peak, bytes=q_bytes + cache, cached_operand_bytes=cache,
+                         speedup=res["bf16"]["step_ms"] / ms, weight_ratio=bf16_bytes / (q_bytes + cache),
+                         finite=bool(torch.isfinite(y).all()), rel_diff_vs_bf16_random_weights=err)
+        log(f"{mode} ({kernel}): {ms:.1f} ms/step ({res[mode]['speedup']:.2f}x), peak {peak / 2**30:.2f} GiB, "
+            f"weights {(q_bytes + cache) / 2**30:.2f} GiB (1/{res[mode]['weight_ratio']:.2f} of bf16)")
+
+    rows = [["bf16", f"{res['bf16']['step_ms']:.1f}", "1.00", f"{res['bf16']['peak_bytes'] / 2**30:.2f}",
+             f"{bf16_bytes / 2**30:.2f}", "1"]]
+    for mode, _ in modes:
+        r = res[mode]
+        rows.append([f"W4A4 {args.weights}/{args.activations} r{args.rank}, {mode} mode", f"{r['step_ms']:.1f}",
+                     f"{r['speedup']:.2f}", f"{r['peak_bytes'] / 2**30:.2f}", f"{r['bytes'] / 2**30:.2f}",
+                     f"1/{r['weight_ratio']:.2f}"])
+    md = (f"FLUX.1-dev transformer, random bf16 weights, 1 step at 1024x1024 ({img} image + {txt} text tokens), "
+          f"fourbit.quantize RTN took {res['quantize_seconds']:.1f}s\n\n"
+          + md_table(["model", "step ms", "speed-up", "peak GiB", "weights GiB", "weights vs bf16"], rows))
+    stem = "transformer.tiny" if tiny else "transformer"
+    jp, mp = write_results(args.out, stem, env, res, md)
+    log(md)
+    log(f"wrote {jp} and {mp}")
+
+
+if __name__ == "__main__":
+    main()

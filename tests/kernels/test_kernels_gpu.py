@@ -1,0 +1,103 @@
+"""The compiled kernels on a CUDA GPU (skipped without one): bit-exact operands, bounded GEMM error.
+
+Bounds (relative Frobenius error):
+  * act_quant / expand_weight: bit for bit against the twins (which are built from the formats' references);
+  * GEMMs with fp32 output vs the fp32 twin: 1e-4 (fp8 products are exact; the tensor cores' fp32
+    accumulation order and the tf32 low-rank epilogue differ);
+  * layers with bf16 activations vs ``quant_linear_reference``: 4e-3 (one bf16 rounding of the output,
+    identical codes); speed and memory mode: identical bits.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fourbit
+from fourbit.formats import make_format
+from fourbit.nn import set_kernel
+
+from .conftest import bits
+from .test_kernels_interpret import ACT_FORMATS, PAIRS, WEIGHT_FORMATS, _ids, hard_rows
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("name,kw", ACT_FORMATS, ids=_ids(ACT_FORMATS))
+def test_act_quant_bit_exact_gpu(name, kw):
+    from fourbit.kernels.act_quant import act_quant, act_quant_torch
+
+    fmt = make_format(name, **kw)
+    m, k, kp = 333, 1000, 1024
+    x = hard_rows(m, k).cuda()
+    smooth = (torch.rand(kp) + 0.5).cuda()
+    down = torch.randn(32, kp).bfloat16().cuda()
+    for xin in (x, x.bfloat16()):
+        got = act_quant(xin, fmt, smooth, down, kp)
+        ref = act_quant_torch(xin, fmt, smooth, down, kp)
+        assert torch.equal(bits(got.q), bits(ref.q))
+        for a, b in ((got.row_scale, ref.row_scale), (got.group_scale, ref.group_scale)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.equal(bits(a), bits(b))
+        assert ((got.lr - ref.lr).norm() / ref.lr.norm()).item() < 1e-3  # tf32 down-projection
+
+
+@pytest.mark.parametrize("name,kw", WEIGHT_FORMATS, ids=_ids(WEIGHT_FORMATS))
+def test_expand_weight_bit_exact_gpu(name, kw):
+    from fourbit.kernels.weights import expand_weight, expand_weight_torch
+
+    fmt = make_format(name, **kw)
+    q = fmt.quantize(hard_rows(300, 1024, seed=1).cuda())
+    packed = fmt.pack(q.codes)
+    got = expand_weight(packed, q.scales, q.row_scale, fmt, 1024)
+    ref = expand_weight_torch(packed, q.scales, q.row_scale, fmt, 1024)
+    assert torch.equal(bits(got.w), bits(ref.w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8, torch.bfloat16], ids=["fp8", "int8", "bf16"])
+def test_scaled_gemm_gpu(dtype):
+    from fourbit.kernels.gemm import scaled_gemm, scaled_gemm_torch
+
+    m, n, k = 1000, 776, 3072
+    if dtype == torch.int8:
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+        b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    else:
+        a = torch.randint(-8, 8, (m, k), device="cuda").to(torch.float16).to(dtype)
+        b = torch.randint(-8, 8, (n, k), device="cuda").to(torch.float16).to(dtype)
+    sa, sb = torch.rand(m, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5
+    lr, up, bias = (torch.randn(m, 32, device="cuda") * 30, torch.randn(n, 32, device="cuda"),
+                    torch.randn(n, device="cuda"))
+    got = scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
+    ref = scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_grouped_gemm_gpu():
+    from fourbit.kernels.gemm_grouped import grouped_gemm, grouped_gemm_torch
+
+    m, n, k, g = 1000, 776, 3072, 64
+    a = torch.randint(-8, 8, (m, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
+    b = torch.randint(-8, 8, (n, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
+    sa = torch.rand(k // g, m, device="cuda") + 0.1
+    sb = torch.rand(k // g, n, device="cuda") + 0.1
+    got = grouped_gemm(a, b, sa, sb, g, out_dtype=torch.float32)
+    ref = grouped_gemm_torch(a, b, sa, sb, g, out_dtype=torch.float32)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("wf,af", PAIRS, ids=[f"w{w}-a{a}" for w, a in PAIRS])
+def test_layers_gpu(wf, af):
+    lin = nn.Linear(1000, 777).bfloat16().cuda()
+    x = torch.randn(2, 300, 1000, device="cuda").bfloat16()
+    model = nn.Sequential(lin)
+    cfg = fourbit.SVDQuantConfig(weights=wf, activations=af, rank=32, alpha=0.5)
+    fourbit.quantize(model, cfg, forward_loop=lambda mm: mm(x), progress=False, verbose=False)
+    ref = model(x).float()
+    set_kernel(model, "triton")
+    speed = model(x)
+    set_kernel(model, "triton-memory")
+    memory = model(x)
+    assert torch.equal(bits(speed), bits(memory))
+    assert ((speed.float() - ref).norm() / ref.norm()).item() < 4e-3

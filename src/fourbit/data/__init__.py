@@ -1,4 +1,5 @@
 """Datasets and image I/O: Fashion-MNIST loading (IDX files), image grids and a dependency-free PNG writer."""
+
 from fourbit.data.fashion_mnist import (
     CLASS_NAMES,
     NUM_CLASSES,

@@ -3,6 +3,7 @@
 Files are looked up in ``root``, else ``$FOURBIT_FASHION_MNIST``, else where the Debian package
 ``dataset-fashion-mnist`` installs them.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,7 +51,9 @@ def fashion_mnist_available(root: str | os.PathLike | None = None) -> bool:
     return all(f.is_file() for s in _PREFIX for f in _files(s, r))
 
 
-def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_fashion_mnist(
+    split: str = "train", root: str | os.PathLike | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Load one split. Returns ``(images, labels)``: uint8 ``(N, 28, 28)`` and int64 ``(N,)`` tensors.
 
     Raises FileNotFoundError naming the install command when the files are missing.

@@ -3,6 +3,7 @@
 Layout: 2 zero bytes, one type byte (0x08 = uint8), one byte with the number of dimensions n, then n big-endian
 uint32 sizes, then the data. Images files therefore have a 16-byte header, label files an 8-byte header.
 """
+
 from __future__ import annotations
 
 import gzip

@@ -1,4 +1,5 @@
 """Image grids and a minimal PNG writer (zlib only, no Pillow): 8-bit greyscale or RGB."""
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,9 @@ def write_png(path: str | os.PathLike, pixels: torch.Tensor) -> None:
     # Each scanline starts with filter type 0 (None).
     raw = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), rows], dim=1).numpy().tobytes()
     header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
+    data = (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
+    )
     with open(path, "wb") as f:
         f.write(data)
 

@@ -7,6 +7,7 @@ the identity. Every matmul is a plain ``nn.Linear`` (``blocks.{i}.attn.qkv``, ``
 ``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.fc2``, ``blocks.{i}.adaLN_modulation.1``); the patch embedding is a
 ``Conv2d`` with kernel = stride = patch size.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -1,4 +1,5 @@
 """Fixed sinusoidal embeddings shared by the bundled models."""
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,11 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
         raise ValueError(f"sincos_pos_embed_2d needs dim divisible by 4, got {dim}")
     coords = torch.arange(grid, dtype=torch.float64)
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
     def one_axis(pos: torch.Tensor) -> torch.Tensor:
         out = pos[:, None] * omega[None]  # (grid, dim/4)
         return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (grid, dim/2)
+
     rows = one_axis(coords)[:, None, :].expand(grid, grid, dim // 2)
     cols = one_axis(coords)[None, :, :].expand(grid, grid, dim // 2)
     return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim).float()

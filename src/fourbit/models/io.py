@@ -4,6 +4,7 @@ Metadata keys (all strings): ``format`` = ``fourbit.model``, ``format_version``,
 ``arch``, ``config`` (JSON of the architecture config) and optionally ``training`` (JSON: steps, wall time,
 loss, seed, versions, date, ...).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,13 @@ def _arch_of(model: nn.Module) -> str:
     raise TypeError(f"{type(model).__name__} has no known architecture config")
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, name: str, training: dict[str, Any] | None = None, dtype: torch.dtype = torch.float16) -> None:
+def save_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str,
+    training: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> None:
     """Write ``model``'s state (parameters and persistent buffers) in ``dtype`` plus metadata to ``path``."""
     arch = _arch_of(model)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
@@ -66,7 +73,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict[str, Any]]:
+def load_weights(
+    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, dict[str, Any]]:
     """Build the architecture a weights file describes and load it. Returns ``(model in eval mode, metadata)``.
 
     Unlike ``load_pretrained`` this accepts any config (e.g. tiny test models or fresh training outputs).
@@ -81,12 +90,20 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu", dt
         state = {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in f.keys()}
     expected = set(model.state_dict())
     if set(state) != expected:
-        raise ValueError(f"{path}: tensor names differ; missing {sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}")
+        raise ValueError(
+            f"{path}: tensor names differ; missing {sorted(expected - set(state))}, "
+            f"unexpected {sorted(set(state) - expected)}"
+        )
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval(), meta
 
 
-def load_pretrained(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, path: str | os.PathLike | None = None) -> nn.Module:
+def load_pretrained(
+    name: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    path: str | os.PathLike | None = None,
+) -> nn.Module:
     """Load trained weights of bundled model ``name`` (from the package, or ``path``) into a new eval-mode model.
 
     Refuses (ValueError) a file written for another model, another architecture or another config than the
@@ -95,15 +112,21 @@ def load_pretrained(name: str, device: torch.device | str = "cpu", dtype: torch.
     spec = get_spec(name)
     path = Path(path) if path is not None else weights_path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"no weights for {name!r} at {path}; train them with `python -m fourbit.training.train --model {name}`")
+        raise FileNotFoundError(
+            f"no weights for {name!r} at {path}; train them with `python -m fourbit.training.train --model {name}`"
+        )
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} file (format={meta.get('format')!r})")
     if meta.get("model") != name or meta.get("arch") != spec.arch:
-        raise ValueError(f"{path}: holds model {meta.get('model')!r} (arch {meta.get('arch')!r}), not {name!r} (arch {spec.arch!r})")
+        raise ValueError(
+            f"{path}: holds model {meta.get('model')!r} (arch {meta.get('arch')!r}), not {name!r} (arch {spec.arch!r})"
+        )
     stored = config_from_dict(spec.arch, meta["config"])
     if stored != spec.config:
         diff = {k: (v, getattr(spec.config, k)) for k, v in vars(stored).items() if v != getattr(spec.config, k)}
-        raise ValueError(f"{path}: architecture config differs from the registry's for {name!r} (file, registry): {diff}")
+        raise ValueError(
+            f"{path}: architecture config differs from the registry's for {name!r} (file, registry): {diff}"
+        )
     model, _ = load_weights(path, device=device, dtype=dtype)
     return model

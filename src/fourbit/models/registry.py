@@ -2,6 +2,7 @@
 
 Adding a model = one ``ModelSpec`` entry (and, for a new architecture, one entry in ``ARCHITECTURES``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -96,7 +97,9 @@ def config_from_dict(arch: str, values: dict) -> Any:
     return ARCHITECTURES[arch][0](**values)
 
 
-def build_model(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **overrides: Any) -> nn.Module:
+def build_model(
+    name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **overrides: Any
+) -> nn.Module:
     """Build a bundled model with random weights (``device="meta"`` allocates nothing).
 
     ``overrides`` replace fields of the spec's architecture config (e.g. ``depth=1`` for tests).
@@ -107,7 +110,9 @@ def build_model(name: str, device: torch.device | str = "cpu", dtype: torch.dtyp
     return build_from_config(spec.arch, config, device=device, dtype=dtype)
 
 
-def build_from_config(arch: str, config: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_from_config(
+    arch: str, config: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """Build an architecture from a config object, on ``device`` with parameters of ``dtype``, in eval mode."""
     model_cls = ARCHITECTURES[arch][1]
     with torch.device(device):

@@ -5,6 +5,7 @@ the first conv), self-attention over the 7x7 tokens, skip concatenations from ev
 matching up-path ResBlock. Convolutions are ``nn.Conv2d``; the embedding projections and the attention
 projections are ``nn.Linear``. Output convolution starts at zero.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -106,7 +107,13 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution level of the down or up path: ResBlocks, optional attention after each, optional resampler."""
 
-    def __init__(self, resnets: list[ResBlock], attentions: list[SelfAttention] | None, resample: nn.Module | None, resample_name: str) -> None:
+    def __init__(
+        self,
+        resnets: list[ResBlock],
+        attentions: list[SelfAttention] | None,
+        resample: nn.Module | None,
+        resample_name: str,
+    ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(attentions) if attentions else None
@@ -126,7 +133,9 @@ class FashionUNet(nn.Module):
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
 
         def attn(i: int, c: int, count: int) -> list[SelfAttention] | None:
-            return [SelfAttention(c, config.num_heads, g) for _ in range(count)] if i in config.attention_levels else None
+            return (
+                [SelfAttention(c, config.num_heads, g) for _ in range(count)] if i in config.attention_levels else None
+            )
 
         skips = [ch[0]]  # widths of the tensors pushed on the skip stack, in push order
         self.down_blocks = nn.ModuleList()
@@ -142,7 +151,12 @@ class FashionUNet(nn.Module):
                 skips.append(c)
             self.down_blocks.append(Level(resnets, attn(i, c, n), down, "downsample"))
 
-        self.mid_block = Level([ResBlock(c_prev, c_prev, e, g), ResBlock(c_prev, c_prev, e, g)], [SelfAttention(c_prev, config.num_heads, g)], None, "downsample")
+        self.mid_block = Level(
+            [ResBlock(c_prev, c_prev, e, g), ResBlock(c_prev, c_prev, e, g)],
+            [SelfAttention(c_prev, config.num_heads, g)],
+            None,
+            "downsample",
+        )
 
         self.up_blocks = nn.ModuleList()
         for i in reversed(range(levels)):
@@ -161,7 +175,9 @@ class FashionUNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        emb = self.time_embedding(timestep_embedding(t, self.config.freq_dim).to(x.dtype)) + self.class_embedding(y)  # (B, E)
+        emb = self.time_embedding(timestep_embedding(t, self.config.freq_dim).to(x.dtype)) + self.class_embedding(
+            y
+        )  # (B, E)
         h = self.conv_in(x)
         stack = [h]
         for level in self.down_blocks:

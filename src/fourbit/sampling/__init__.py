@@ -1,4 +1,6 @@
-"""Samplers in plain torch: DDIM (eta) and DDPM ancestral, classifier-free guidance, per-sample seeds, per-step hooks."""
+"""Samplers in plain torch: DDIM (eta) and DDPM ancestral, classifier-free guidance, per-sample seeds and per-step
+hooks (``fourbit.sampling.hooks``)."""
+
 from fourbit.sampling.calibration import calibration_forward_loop, sample_plan
 from fourbit.sampling.hooks import SamplerHook, StepInfo
 from fourbit.sampling.sample import DEFAULT_GUIDANCE_SCALE, NULL_CLASS, guided_eps, sample

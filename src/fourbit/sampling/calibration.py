@@ -1,4 +1,5 @@
 """The seeding convention of the library and the sampler loop that quantizer calibration runs."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -35,7 +36,17 @@ def calibration_forward_loop(
     classes, seeds = sample_plan(num_samples, seed, num_classes)
 
     def forward_loop(model: nn.Module) -> None:
-        sample(model, classes, seeds, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
-               hooks=hooks, batch_size=batch_size, progress=progress)
+        sample(
+            model,
+            classes,
+            seeds,
+            steps=steps,
+            sampler=sampler,
+            eta=eta,
+            guidance_scale=guidance_scale,
+            hooks=hooks,
+            batch_size=batch_size,
+            progress=progress,
+        )
 
     return forward_loop

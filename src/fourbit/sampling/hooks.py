@@ -9,6 +9,7 @@ A hook is any object with some of these methods (all optional), called in the or
 
 ``SamplerHook`` is a no-op base class to subclass for convenience; subclassing is not required.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """A minimal text progress bar on stderr."""
+
 from __future__ import annotations
 
 import sys
@@ -17,7 +18,9 @@ class ProgressBar:
             return
         filled = self.width * self.done // max(self.total, 1)
         elapsed = time.perf_counter() - self.start
-        sys.stderr.write(f"\r{self.desc} [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {elapsed:.1f}s")
+        sys.stderr.write(
+            f"\r{self.desc} [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {elapsed:.1f}s"
+        )
         if self.done >= self.total:
             sys.stderr.write("\n")
         sys.stderr.flush()

@@ -1,4 +1,5 @@
 """``sample()``: DDIM / DDPM sampling with classifier-free guidance, per-sample seeds and per-step hooks."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -24,7 +25,14 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def guided_eps(model: nn.Module, x: torch.Tensor, t: int, classes: torch.Tensor, guidance_scale: float, null_class: int = NULL_CLASS) -> torch.Tensor:
+def guided_eps(
+    model: nn.Module,
+    x: torch.Tensor,
+    t: int,
+    classes: torch.Tensor,
+    guidance_scale: float,
+    null_class: int = NULL_CLASS,
+) -> torch.Tensor:
     """eps_uncond + g * (eps_cond - eps_uncond), cond and uncond in one batched forward; g = 1: cond only.
 
     ``x`` ``(B, C, H, W)`` is cast to the model's dtype for the call; the result is float32.
@@ -46,7 +54,22 @@ def _per_sample_noise(generators: list[torch.Generator], shape: tuple[int, ...],
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
-def _sample_batch(model, classes, seeds, schedule, timesteps, sampler, eta, guidance_scale, hooks, device, clip_x0, null_class, shape, bar) -> torch.Tensor:
+def _sample_batch(
+    model,
+    classes,
+    seeds,
+    schedule,
+    timesteps,
+    sampler,
+    eta,
+    guidance_scale,
+    hooks,
+    device,
+    clip_x0,
+    null_class,
+    shape,
+    bar,
+) -> torch.Tensor:
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = _per_sample_noise(generators, shape, device)  # (B, C, H, W) float32
     classes = classes.to(device)
@@ -58,9 +81,17 @@ def _sample_batch(model, classes, seeds, schedule, timesteps, sampler, eta, guid
         ab_t, ab_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
         sigma = step_sigma(sampler, ab_t, ab_prev, eta)
         step = StepInfo(
-            index=i, num_steps=n, t=t, t_prev=t_prev, alpha_bar_t=ab_t, alpha_bar_prev=ab_prev,
-            beta_t=1 - ab_t / ab_prev, sigma=sigma, eta=1.0 if sampler == "ddpm" else eta,
-            sampler=sampler, guidance_scale=guidance_scale,
+            index=i,
+            num_steps=n,
+            t=t,
+            t_prev=t_prev,
+            alpha_bar_t=ab_t,
+            alpha_bar_prev=ab_prev,
+            beta_t=1 - ab_t / ab_prev,
+            sigma=sigma,
+            eta=1.0 if sampler == "ddpm" else eta,
+            sampler=sampler,
+            guidance_scale=guidance_scale,
         )
         run_before_step(hooks, step, model)
         eps = guided_eps(model, x, t, classes, guidance_scale, null_class)
@@ -117,7 +148,22 @@ def sample(
     chunks = [(classes[i : i + batch_size], seeds[i : i + batch_size]) for i in range(0, len(seeds), batch_size)]
     bar = ProgressBar(len(chunks) * steps, desc=f"{sampler} {steps} steps", enabled=progress)
     out = [
-        _sample_batch(model, c, s, schedule, timesteps, sampler, eta, guidance_scale, tuple(hooks), device, clip_x0, null_class, tuple(shape), bar).cpu()
+        _sample_batch(
+            model,
+            c,
+            s,
+            schedule,
+            timesteps,
+            sampler,
+            eta,
+            guidance_scale,
+            tuple(hooks),
+            device,
+            clip_x0,
+            null_class,
+            tuple(shape),
+            bar,
+        ).cpu()
         for c, s in chunks
     ]
     if not out:

@@ -1,4 +1,5 @@
 """The DDPM noise schedule: q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), t = 0..T-1."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Exponential moving average of a model's weights, with the usual warm-up of the decay."""
+
 from __future__ import annotations
 
 import copy

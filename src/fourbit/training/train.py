@@ -8,13 +8,13 @@ DDIM). On CUDA the forward/backward runs under bf16 autocast. With ``--steps`` a
 reproducible bit for bit; with ``--minutes`` the step count (and, through the cosine schedule, the learning
 rate) depends on speed.
 """
+
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -87,7 +87,9 @@ def _to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_loss(model, images: torch.Tensor, labels: torch.Tensor, schedule: NoiseSchedule, seed: int, batch_size: int = 1000) -> float:
+def evaluate_loss(
+    model, images: torch.Tensor, labels: torch.Tensor, schedule: NoiseSchedule, seed: int, batch_size: int = 1000
+) -> float:
     """Mean eps-MSE over ``images`` (uint8) with fixed seeded timesteps and noise, conditional labels."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -103,7 +105,12 @@ def evaluate_loss(model, images: torch.Tensor, labels: torch.Tensor, schedule: N
     return total / count
 
 
-def train(cfg: TrainConfig, train_data: tuple[torch.Tensor, torch.Tensor] | None = None, eval_data: tuple[torch.Tensor, torch.Tensor] | None = None, log=print) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    train_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    log=print,
+) -> dict[str, Any]:
     """Run one training. ``train_data``/``eval_data`` (uint8 images, labels) default to Fashion-MNIST train/test.
 
     Returns the run record (also stored in the weights metadata and the loss log).
@@ -132,8 +139,13 @@ def train(cfg: TrainConfig, train_data: tuple[torch.Tensor, torch.Tensor] | None
     schedule = NoiseSchedule()
     gen = torch.Generator(device).manual_seed(cfg.seed)
     null = spec.null_class
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    log(f"[{cfg.model}] {n_params / 1e6:.2f}M params, {n} images, device {device}, batch {cfg.batch_size}, budget steps={cfg.steps} minutes={cfg.minutes}")
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    log(
+        f"[{cfg.model}] {n_params / 1e6:.2f}M params, {n} images, device {device}, batch {cfg.batch_size}, "
+        f"budget steps={cfg.steps} minutes={cfg.minutes}"
+    )
 
     record: dict[str, Any] = {
         "model": cfg.model,
@@ -149,7 +161,12 @@ def train(cfg: TrainConfig, train_data: tuple[torch.Tensor, torch.Tensor] | None
     weights_file = out / f"{cfg.model}.safetensors"
 
     def save(final: bool) -> None:
-        save_weights(ema.model, weights_file, cfg.model, training={k: v for k, v in record.items() if k != "config"} | {"final": final})
+        save_weights(
+            ema.model,
+            weights_file,
+            cfg.model,
+            training={k: v for k, v in record.items() if k != "config"} | {"final": final},
+        )
 
     start = time.perf_counter()
     last_ckpt = start
@@ -208,16 +225,32 @@ def train(cfg: TrainConfig, train_data: tuple[torch.Tensor, torch.Tensor] | None
         k = cfg.eval_samples
         record["eval_loss_ema"] = evaluate_loss(ema.model, eval_data[0][:k], eval_data[1][:k], schedule, seed=cfg.seed)
         record["eval_samples"] = min(k, eval_data[0].shape[0])
-    log(f"[{cfg.model}] done: {step} steps in {wall:.0f}s, final train loss {record['final_loss']:.4f}, EMA eval loss {record.get('eval_loss_ema', float('nan')):.4f}")
+    log(
+        f"[{cfg.model}] done: {step} steps in {wall:.0f}s, final train loss {record['final_loss']:.4f}, "
+        f"EMA eval loss {record.get('eval_loss_ema', float('nan')):.4f}"
+    )
     save(final=True)
 
     guidance = cfg.grid_guidance if cfg.grid_guidance is not None else spec.default_guidance_scale
     k, nc = cfg.grid_per_class, spec.num_classes
     classes, seeds = sample_plan(k * nc, seed=0, num_classes=nc)
     order = torch.arange(k * nc).reshape(k, nc).t().reshape(-1)  # regroup so that each grid row holds one class
-    grid = sample(ema.model, classes[order], [seeds[i] for i in order], steps=cfg.grid_steps, guidance_scale=guidance, device=device)
+    grid = sample(
+        ema.model,
+        classes[order],
+        [seeds[i] for i in order],
+        steps=cfg.grid_steps,
+        guidance_scale=guidance,
+        device=device,
+    )
     save_png(out / f"{cfg.model}.samples.png", grid, nrow=k)
-    record["grid"] = {"sampler": "ddim", "steps": cfg.grid_steps, "guidance_scale": guidance, "rows": f"classes 0..{nc - 1}", "seeds": f"0..{k * nc - 1} (seed i has class i % {nc})"}
+    record["grid"] = {
+        "sampler": "ddim",
+        "steps": cfg.grid_steps,
+        "guidance_scale": guidance,
+        "rows": f"classes 0..{nc - 1}",
+        "seeds": f"0..{k * nc - 1} (seed i has class i % {nc})",
+    }
     with open(out / f"{cfg.model}.losses.json", "w") as f:
         json.dump({"record": record, "losses": losses}, f, indent=1)
     return record
@@ -230,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="folder with the Fashion-MNIST *-ubyte.gz files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="step budget")
-    p.add_argument("--minutes", type=float, default=None, help="training-time budget (excludes start-up and final sampling)")
+    p.add_argument(
+        "--minutes", type=float, default=None, help="training-time budget (excludes start-up and final sampling)"
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=500)
@@ -242,12 +277,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-samples", type=int, default=10000, help="test images for the final EMA loss (0: skip)")
     p.add_argument("--grid-steps", type=int, default=50)
     p.add_argument("--grid-per-class", type=int, default=10)
-    p.add_argument("--arch", default="{}", help='JSON of architecture overrides, e.g. \'{"depth": 1}\' (for tests)')
+    p.add_argument("--arch", default="{}", help="JSON of architecture overrides, e.g. '{\"depth\": 1}' (for tests)")
     a = p.parse_args(argv)
     cfg = TrainConfig(
-        model=a.model, out=a.out, data=a.data, seed=a.seed, steps=a.steps, minutes=a.minutes, batch_size=a.batch_size,
-        lr=a.lr, warmup_steps=a.warmup_steps, ema_max_decay=a.ema_max_decay, class_dropout=a.class_dropout,
-        hflip=a.hflip, log_every=a.log_every, device=a.device, eval_samples=a.eval_samples, grid_steps=a.grid_steps, grid_per_class=a.grid_per_class, arch_overrides=json.loads(a.arch),
+        model=a.model,
+        out=a.out,
+        data=a.data,
+        seed=a.seed,
+        steps=a.steps,
+        minutes=a.minutes,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        warmup_steps=a.warmup_steps,
+        ema_max_decay=a.ema_max_decay,
+        class_dropout=a.class_dropout,
+        hflip=a.hflip,
+        log_every=a.log_every,
+        device=a.device,
+        eval_samples=a.eval_samples,
+        grid_steps=a.grid_steps,
+        grid_per_class=a.grid_per_class,
+        arch_overrides=json.loads(a.arch),
     )
     train(cfg, log=lambda msg: print(msg, flush=True))
     return 0

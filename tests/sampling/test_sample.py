@@ -125,7 +125,8 @@ def test_plan_convention():
     assert classes.tolist() == [i % 10 for i in range(12)] and seeds == list(range(7, 19))
 
 
-def test_progress_bar(dit, capsys):
+def test_progress_bar(dit, capsys, monkeypatch):
+    monkeypatch.setenv("FOURBIT_PROGRESS", "1")  # the test suite turns bars off
     sample(dit, [0], [0], steps=2, progress=True)
     assert "2/2" in capsys.readouterr().err
 

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from fourbit.sampling.hooks import StepInfo, run_adjust_sigma, run_before_step, run_on_eps
-from fourbit.sampling.progress import ProgressBar
 from fourbit.sampling.samplers import SAMPLERS, UPDATES, step_sigma
 from fourbit.sampling.schedule import NoiseSchedule
+from fourbit.utils.progress import Progress
 
 DEFAULT_GUIDANCE_SCALE = 3.0
 NULL_CLASS = 10
@@ -130,7 +130,7 @@ def sample(
     noise from the same generator, so each image depends only on its own class and seed, never on
     ``batch_size`` or on the other samples. ``guidance_scale`` 1.0 evaluates the conditional model only;
     class ``null_class`` is the unconditional one. ``device`` defaults to the model's. Hooks: see
-    ``fourbit.sampling.hooks``.
+    ``fourbit.sampling.hooks``. ``progress`` draws a bar on stderr (``FOURBIT_PROGRESS=0`` turns all bars off).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
@@ -146,26 +146,13 @@ def sample(
     device = torch.device(device) if device is not None else _model_device_dtype(model)[0]
     timesteps = schedule.timesteps(steps)
     chunks = [(classes[i : i + batch_size], seeds[i : i + batch_size]) for i in range(0, len(seeds), batch_size)]
-    bar = ProgressBar(len(chunks) * steps, desc=f"{sampler} {steps} steps", enabled=progress)
-    out = [
-        _sample_batch(
-            model,
-            c,
-            s,
-            schedule,
-            timesteps,
-            sampler,
-            eta,
-            guidance_scale,
-            tuple(hooks),
-            device,
-            clip_x0,
-            null_class,
-            tuple(shape),
-            bar,
-        ).cpu()
-        for c, s in chunks
-    ]
+    hooks = tuple(hooks)
+    with Progress(len(chunks) * steps, desc=f"{sampler} {steps} steps", enabled=progress) as bar:
+        out = [
+            _sample_batch(model, c, s, schedule, timesteps, sampler, eta, guidance_scale, hooks, device, clip_x0,
+                          null_class, tuple(shape), bar).cpu()
+            for c, s in chunks
+        ]
     if not out:
         return torch.empty(0, *shape)
     return torch.cat(out).clamp(-1, 1)

@@ -55,13 +55,17 @@ def test_training_is_seeded(tmp_path):
 
 
 def test_cli_parses_arguments(tmp_path, monkeypatch):
-    seen = {}
-    monkeypatch.setattr("fourbit.training.train.train", lambda cfg, log: seen.setdefault("cfg", cfg))
+    seen = []
+    monkeypatch.setattr("fourbit.training.train.train", lambda cfg, log: seen.append(cfg))
     main(
         ["--model", "fashion-dit", "--minutes", "1.5", "--out", str(tmp_path), "--seed", "3", "--arch", '{"depth": 1}']
     )
-    cfg = seen["cfg"]
+    cfg = seen[-1]
     assert cfg.minutes == 1.5 and cfg.seed == 3 and cfg.arch_overrides == {"depth": 1} and cfg.steps is None
+    main(
+        ["--", "--model", "fashion-unet", "--steps", "5", "--out", str(tmp_path)]
+    )
+    assert seen[-1].model == "fashion-unet" and seen[-1].steps == 5
 
 
 def test_budget_required_and_lr_schedule(tmp_path):

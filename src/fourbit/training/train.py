@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-steps", type=int, default=50)
     p.add_argument("--grid-per-class", type=int, default=10)
     p.add_argument("--arch", default="{}", help="JSON of architecture overrides, e.g. '{\"depth\": 1}' (for tests)")
+    if argv and argv[0] == "--":  # `fourbit train -- --model ...` passes the separator through
+        argv = argv[1:]
     a = p.parse_args(argv)
     cfg = TrainConfig(
         model=a.model,

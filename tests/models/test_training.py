@@ -62,9 +62,7 @@ def test_cli_parses_arguments(tmp_path, monkeypatch):
     )
     cfg = seen[-1]
     assert cfg.minutes == 1.5 and cfg.seed == 3 and cfg.arch_overrides == {"depth": 1} and cfg.steps is None
-    main(
-        ["--", "--model", "fashion-unet", "--steps", "5", "--out", str(tmp_path)]
-    )
+    main(["--", "--model", "fashion-unet", "--steps", "5", "--out", str(tmp_path)])  # as `fourbit train -- ARGS`
     assert seen[-1].model == "fashion-unet" and seen[-1].steps == 5
 
 

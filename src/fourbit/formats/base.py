@@ -23,11 +23,30 @@ from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
+
+_FINITE_CHECK: ContextVar[bool] = ContextVar("fourbit_finite_check", default=True)
+
+
+@contextmanager
+def skip_finite_check():
+    """Inside this block quantize() does not scan its input for NaN/Inf (a full extra pass).
+
+    Used by the forward pass of quantized layers, where activations are quantized every call; weights and
+    calibration data are always checked.
+    """
+    token = _FINITE_CHECK.set(False)
+    try:
+        yield
+    finally:
+        _FINITE_CHECK.reset(token)
+
 
 
 @dataclass
@@ -111,7 +130,7 @@ class Format(ABC):
                 f"{self.name}: K={x.shape[1]} is not a multiple of the group size {g}; pad K first"
             )
         xf = x.float()
-        if not torch.isfinite(xf).all():
+        if _FINITE_CHECK.get() and not torch.isfinite(xf).all():
             raise ValueError(f"{self.name}: input contains NaN or Inf (or values beyond the fp32 range)")
         return xf
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..formats.base import skip_finite_check
+
 
 def prepare_activation(layer, x2: Tensor) -> Tensor:
     """(M, K) -> (M, Kp) fp32, padded and smoothed: the input both branches see."""
@@ -32,7 +34,11 @@ def low_rank_branch(layer, xs: Tensor) -> Tensor:
 def quant_linear_reference(layer, x2: Tensor) -> Tensor:
     """(M, K) -> (M, N) in x2's dtype. ``layer`` is a QuantLinear (duck-typed)."""
     xs = prepare_activation(layer, x2)
-    xq = xs if layer.act_format is None else layer.act_format.fake_quantize(xs)
+    if layer.act_format is None:
+        xq = xs
+    else:
+        with skip_finite_check():  # a full extra pass per call; NaNs still propagate to the output
+            xq = layer.act_format.fake_quantize(xs)
     y = xq @ layer.dequantized_weight(torch.float32).t()
     if layer.lr_down is not None:
         y = y + low_rank_branch(layer, xs)

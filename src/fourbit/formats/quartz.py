@@ -151,7 +151,8 @@ class QuaRTZ(Format):
         if not self.signed:
             xf = xf.clamp_min(0.0)
         if self.stage1 == "token":
-            s = xf.abs().amax(dim=1, keepdim=True) / self.qmax  # (R, 1) fp32
+            amax = xf.abs().amax(dim=1, keepdim=True)  # (R, 1)
+            s = amax / torch.full_like(amax, self.qmax)  # fp32; a tensor divisor: IEEE division on every device
             y = xf / safe_divisor(s)  # (R, K) stage-1 quotient
         else:
             xg = grouped(xf, self.group_size)  # (R, K/g, g)

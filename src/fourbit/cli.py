@@ -107,16 +107,11 @@ _inspect.run = _run_inspect
 # ---- train --------------------------------------------------------------------------------------
 @command("train", "train a bundled model from scratch (GPU recommended); see docs/models.md")
 def _train(p):
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m fourbit.training.train")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m fourbit.training.train "
+                   "(--model NAME --minutes M --out DIR ...)")
 
 
-def _run_train(args) -> int:
-    from .training.train import main as train_main
-
-    return train_main(args.rest) or 0
-
-
-_train.run = _run_train
+_train.run = lambda args: 0  # main() hands `fourbit train ...` to the trainer's own parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +136,11 @@ def _load_plugins() -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the trainer has its own parser: hand it every argument unchanged
+        from .training.train import main as train_main
+
+        return train_main([a for a in argv[1:] if a != "--"] ) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -45,10 +45,10 @@ def _files(split: str, root: Path) -> tuple[Path, Path]:
     return root / f"{p}-images-idx3-ubyte.gz", root / f"{p}-labels-idx1-ubyte.gz"
 
 
-def fashion_mnist_available(root: str | os.PathLike | None = None) -> bool:
-    """True when both splits' image and label files exist under the searched folder."""
+def fashion_mnist_available(root: str | os.PathLike | None = None, split: str | None = None) -> bool:
+    """True when the image and label files of ``split`` (default: both splits) exist under the searched folder."""
     r = fashion_mnist_root(root)
-    return all(f.is_file() for s in _PREFIX for f in _files(s, r))
+    return all(f.is_file() for s in ([split] if split else _PREFIX) for f in _files(s, r))
 
 
 def load_fashion_mnist(

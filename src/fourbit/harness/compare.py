@@ -94,7 +94,7 @@ def run_compare(settings: CompareSettings, out_dir: str | Path) -> dict:
         fp_model = load_pretrained(settings.model, device=device).eval()
 
     data = None
-    if settings.data_samples and fashion_mnist_available():
+    if settings.data_samples and fashion_mnist_available(split="test"):
         imgs, _ = load_fashion_mnist("test")
         g = torch.Generator().manual_seed(settings.seed)
         idx = torch.randperm(imgs.shape[0], generator=g)[: settings.data_samples]

@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-samples", type=int, default=40)
     p.add_argument("--data-samples", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--fd-boot", type=int, default=100, help="bootstrap resamples of the FD intervals")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         settings = CompareSettings(model=model, variants=tuple(args.variants.split(",")), samples=args.samples,
                                    steps=args.steps, eta=args.eta, calib_samples=args.calib_samples,
-                                   data_samples=args.data_samples, batch_size=args.batch_size, device=args.device)
+                                   data_samples=args.data_samples, batch_size=args.batch_size, device=args.device,
+                                   fd_n_boot=args.fd_boot)
         report = run_compare(settings, out / model)
         sections.append(markdown(report))
         print(sections[-1], flush=True)

@@ -5,7 +5,9 @@ import pytest
 
 from fourbit.cli import main
 from fourbit.harness.compare import CompareSettings, run_compare
+from fourbit.config import SVDQuantConfig
 from fourbit.harness.variants import parse_variant
+from fourbit.ptqd.harness import candidate_formats
 
 
 def test_ptqd_variant_names_parse():
@@ -15,13 +17,22 @@ def test_ptqd_variant_names_parse():
     assert parse_variant("rtn:w4a4+ptqd").posts == ["ptqd"]
 
 
+def test_mixed_candidates_keep_the_models_config():
+    class _Header:  # candidate_formats only reads the quantized model's header
+        fourbit_header = {"config": SVDQuantConfig(group_size=32, rank=8).to_dict()}
+
+    fmts = candidate_formats(parse_variant("svdquant:w4a4-8:r8:g=32+ptqd"), _Header())
+    assert [(f.name, f.group_size) for f in fmts] == [("int4", 32), ("int8", None)]
+    assert candidate_formats(parse_variant("svdquant:w4a4:r8+ptqd"), _Header()) is None
+
+
 def test_compare_with_ptqd_on_tiny_model(tiny_weights, tmp_path):
     settings = CompareSettings(model="fashion-dit", weights=str(tiny_weights), samples=4, steps=3, calib_samples=2,
-                               variants=("fp16", "rtn:w4a4+ptqd", "svdquant:w4a4-8:r8:alpha=0.5+ptqd"),
+                               variants=("fp16", "rtn:w4a4+ptqd", "rtn:w4a4-8+ptqd"),
                                data_samples=0, n_boot=20, fd_n_boot=3, device="cpu")
     run_compare(settings, tmp_path)
     rows = json.loads((tmp_path / "report.json").read_text())["variants"]
-    single, mixed = rows["rtn:w4a4+ptqd"]["ptqd"], rows["svdquant:w4a4-8:r8:alpha=0.5+ptqd"]["ptqd"]
+    single, mixed = rows["rtn:w4a4+ptqd"]["ptqd"], rows["rtn:w4a4-8+ptqd"]["ptqd"]
     assert single["setting"].endswith("ddim|steps=3|guidance=3|eta=0") and single["samples"] == 2
     assert list(single["per_format"]) == ["int4"] and single["schedule"] is None
     assert single["bops"]["bops_vs_all_a4"] == pytest.approx(1.0)

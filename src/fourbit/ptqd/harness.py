@@ -45,7 +45,7 @@ def stats_info(stats: PTQDStats) -> dict:
         "base_format": stats.base,
         "timesteps": stats.timesteps,
         "snr_f": [None if x == float("inf") else x for x in stats.snr_f],
-        "per_format": {lb: {"bits": fs.bits, "k": fs.k, "sigma_q": fs.sigma_q,
+        "per_format": {lb: {"bits": fs.bits, "k": fs.k, "k_raw": fs.k_raw, "mu": fs.mu, "sigma_q": fs.sigma_q,
                             "snr_q": [None if x == float("inf") else x for x in fs.snr_q], "corr": fs.corr}
                        for lb, fs in stats.formats.items()},
         "schedule": stats.schedule,

@@ -142,9 +142,12 @@ def bench_shape(m, k, n, formats, graph=True, log=print):
         layer = make_layer(k, n, wname, aname)
         ref = quant_linear_reference(layer, xs[0])
         for variant in variants:
-            fns = [variant_fn(layer, x, variant) for x in xs]
-            err = rel_err(fns[0](), ref) if variant != "none" and variant != "cublas-none" else None
-            record(label, variant, fns, err)
+            try:
+                fns = [variant_fn(layer, x, variant) for x in xs]
+                err = rel_err(fns[0](), ref) if variant != "none" and variant != "cublas-none" else None
+                record(label, variant, fns, err)
+            except Exception as e:  # report and go on: one broken path must not lose the whole run
+                log(f"  {label} {variant}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         del layer, ref
         torch.cuda.empty_cache()
     return rows
@@ -173,7 +176,7 @@ def summarize(rows):
 
             def ratio(fmt, var, num=("bf16 nn.Linear", "-")):
                 vals = [by[s][num][f"{mode}_ms"] / by[s][(fmt, var)][f"{mode}_ms"]
-                        for s in shapes if (fmt, var) in by[s]]
+                        for s in shapes if (fmt, var) in by[s] and num in by[s]]
                 return geomean(vals)
 
             acc = {
@@ -235,12 +238,10 @@ def markdown(rows, summary):
 
 
 # ---- tile-config sweep ----------------------------------------------------------------------------
-def tune(log=print):
-    """Sweep GEMM and act_quant configs at the FLUX shapes; returns {name: [(config, ms per shape...)]}."""
-    from fourbit.kernels.act_quant import ActConfig, act_quant
+def tune(log=print, which=("gemm", "act")):
+    """Sweep GEMM and act_quant configs at the FLUX shapes; returns {name: [(config, ms per shape...)]}.
+    The best act_quant config (geometric mean) becomes the default for the rest of the run."""
     from fourbit.kernels.gemm import GemmConfig, scaled_gemm
-    from fourbit.kernels.gemm_grouped import grouped_gemm
-    from fourbit.formats import make_format
 
     res = {}
     shapes = [(4608, k, n) for k, n in SHAPES] + [(1024, 3072, 3072), (1024, 3072, 12288), (1024, 12288, 3072)]
@@ -284,18 +285,38 @@ def tune(log=print):
             return [lambda a_=a_: scaled_gemm(a_, b, sa, sb, lr, up, bias, config=cfg) for a_ in a]
         return make
 
-    fp8_cfgs = [GemmConfig(128, 256, 128, 8, 8, 3, True), GemmConfig(128, 256, 128, 8, 8, 4, True),
-                GemmConfig(256, 128, 128, 8, 8, 3, True), GemmConfig(128, 128, 128, 8, 8, 4, True),
-                GemmConfig(128, 128, 128, 8, 4, 4, True), GemmConfig(128, 256, 128, 8, 8, 3, False),
-                GemmConfig(128, 256, 128, 8, 8, 3, True, flatten=True), GemmConfig(128, 256, 64, 8, 8, 4, True),
-                GemmConfig(128, 256, 128, 8, 8, 3, True, precise=True),
-                GemmConfig(128, 256, 128, 8, 8, 3, True, tma_store=True),
-                GemmConfig(128, 256, 128, 8, 8, 3, True, flatten=True, tma_store=True)]
+    if "gemm" not in which:
+        fp8_cfgs = []
+    else:
+        fp8_cfgs = [GemmConfig(128, 256, 128, 8, 8, 3, True), GemmConfig(128, 256, 128, 8, 8, 4, True),
+                    GemmConfig(256, 128, 128, 8, 8, 3, True), GemmConfig(128, 128, 128, 8, 8, 4, True),
+                    GemmConfig(128, 128, 128, 8, 4, 4, True), GemmConfig(128, 256, 128, 8, 8, 3, False),
+                    GemmConfig(128, 256, 128, 8, 8, 3, True, flatten=True), GemmConfig(128, 256, 64, 8, 8, 4, True),
+                    GemmConfig(128, 256, 128, 8, 8, 3, True, precise=True),
+                    GemmConfig(128, 256, 128, 8, 8, 3, True, tma_store=True),
+                    GemmConfig(128, 256, 128, 8, 8, 3, True, flatten=True, tma_store=True)]
+    if "gemm" in which:
+        _tune_gemms(log, sweep, gemm_fn, fp8_cfgs, res)
+    if "act" in which:
+        import fourbit.kernels.act_quant as aq
+
+        table = _tune_act(log, sweep)
+        if table:
+            best = min(table, key=lambda ct: geomean(ct[1]))[0]
+            aq.DEFAULT_CONFIG = best
+            res["act_quant_chosen"] = repr(best)
+            log(f"act_quant default for this run: {best}")
+    return res
+
+
+def _tune_gemms(log, sweep, gemm_fn, fp8_cfgs, res):
+    from fourbit.kernels.gemm import GemmConfig, scaled_gemm, scaled_gemm_torch
+    from fourbit.kernels.gemm_grouped import grouped_gemm
+
     log("fp8 scaled_gemm (rank-32 epilogue + bias), ms per shape:")
     sweep("fp8", fp8_cfgs, gemm_fn(torch.float8_e4m3fn))
     # accuracy of the fp8 accumulation at the longest K: Hopper's fp8 MMA accumulates with reduced precision
     # unless promoted to fp32 every BK (GemmConfig.precise)
-    from fourbit.kernels.gemm import scaled_gemm_torch
     m, k, n = 4608, 15360, 3072
     a = torch.randint(-8, 8, (m, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
     b = (torch.randint(-8, 8, (n, k), device="cuda").float() * 2.0 ** torch.randint(-6, 1, (n, k), device="cuda")
@@ -323,6 +344,12 @@ def tune(log=print):
     sweep("grouped", [GemmConfig(128, 128, 64, 8, 8, 4, True), GemmConfig(128, 256, 64, 8, 8, 3, True),
                       GemmConfig(64, 128, 64, 8, 4, 4, True), GemmConfig(128, 128, 64, 8, 8, 3, False)], grouped_make)
 
+
+
+def _tune_act(log, sweep):
+    from fourbit.formats import make_format
+    from fourbit.kernels.act_quant import ActConfig, act_quant
+
     fmt = make_format("int4p2")
 
     def act_make(cfg, m, k, n):
@@ -331,12 +358,12 @@ def tune(log=print):
         down = torch.randn(RANK, k, device="cuda", dtype=torch.bfloat16)
         return [lambda x=x: act_quant(x, fmt, smooth, down, k, config=cfg) for x in xs]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    act_cfgs = [ActConfig(32, 256, 8), ActConfig(16, 256, 4), ActConfig(16, 512, 4), ActConfig(32, 512, 8),
-                ActConfig(64, 256, 8), ActConfig(32, 256, 4), ActConfig(32, 256, 8, programs=sms),
-                ActConfig(32, 256, 8, programs=4 * sms), ActConfig(16, 256, 4, programs=8 * sms)]
+    act_cfgs = [ActConfig(), ActConfig(BM=32, BK=256, num_warps=8), ActConfig(BM=16, BK=128, num_warps=4),
+                ActConfig(BM=8, BK=256, num_warps=4), ActConfig(stats_BM=64, stats_BK=64, stats_warps=4),
+                ActConfig(stats_BM=32, stats_BK=256, stats_warps=8), ActConfig(split=2 * sms // 144 + 1),
+                ActConfig(hw_round=False)]
     log("act_quant int4p2 (smooth + rank 32):")
-    sweep("act_quant", act_cfgs, act_make)
-    return res
+    return sweep("act_quant", act_cfgs, act_make)
 
 
 def main(argv=None):
@@ -344,6 +371,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tune", action="store_true", help="sweep tile configs first")
     p.add_argument("--tune-only", action="store_true")
+    p.add_argument("--tune-what", default="gemm,act", help="comma list of sweeps: gemm, act")
     p.add_argument("--quick", action="store_true", help="two shapes, three formats")
     p.add_argument("--no-graph", action="store_true", help="eager timing only")
     args = p.parse_args(argv)
@@ -353,7 +381,9 @@ def main(argv=None):
     log = lambda s: print(s, flush=True)  # noqa: E731
     if args.tune or args.tune_only:
         t0 = time.time()
-        sweep = tune(log)
+        if "act" in args.tune_what and "gemm" not in args.tune_what:
+            log("(GEMM configs: the defaults in fourbit/kernels/gemm.py)")
+        sweep = tune(log, which=tuple(args.tune_what.split(",")))
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "tune.json"), "w") as f:
             json.dump({"environment": env, "sweep": sweep}, f, indent=1)
@@ -364,13 +394,16 @@ def main(argv=None):
     formats = FORMATS[:1] + FORMATS[2:4] if args.quick else FORMATS
     rows = []
     t0 = time.time()
+    import fourbit.kernels.act_quant as aq
+
     for m in TOKENS:
         for k, n in shapes:
             log(f"M={m} K={k} N={n}")
             rows += bench_shape(m, k, n, formats, graph=not args.no_graph, log=log)
-    summary = summarize(rows)
-    md = markdown(rows, summary)
-    jp, mp = write_results(args.out, "linear", env, {"rows": rows, "summary": summary, "rank": RANK}, md)
+            summary = summarize(rows)  # written after every shape: a run cut short keeps what it measured
+            md = markdown(rows, summary)
+            payload = {"rows": rows, "summary": summary, "rank": RANK, "act_config": repr(aq.DEFAULT_CONFIG)}
+            jp, mp = write_results(args.out, "linear", env, payload, md)
     log(md)
     log(f"benchmark took {time.time() - t0:.0f}s; wrote {jp} and {mp}")
 

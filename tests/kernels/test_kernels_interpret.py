@@ -65,7 +65,7 @@ def test_act_quant_bit_exact(name, kw):
     smooth = 2.0 ** torch.randint(-2, 3, (kp,)).float()  # powers of two keep the tie rows exact
     smooth[k // 3] = 0.7  # and one ordinary factor (IEEE division must match torch's)
     down = torch.randn(20, kp).bfloat16()
-    got = act_quant(x, fmt, smooth, down, kp, ActConfig(BM=16, BK=128, num_warps=4))
+    got = act_quant(x, fmt, smooth, down, kp, ActConfig(BM=16, BK=128, num_warps=4, stats_BK=64, split=3))
     ref = act_quant_torch(x, fmt, smooth, down, kp)
     assert got.q.dtype == ref.q.dtype and got.q.shape == (m, kp)
     assert torch.equal(bits(got.q), bits(ref.q))
@@ -82,7 +82,7 @@ def test_act_quant_bf16_input_no_smooth_no_rank(name):
 
     fmt = make_format(name)
     x = hard_rows(20, 128).bfloat16()
-    got = act_quant(x, fmt, config=ActConfig(BM=16, BK=64, num_warps=4, programs=2))
+    got = act_quant(x, fmt, config=ActConfig(BM=16, BK=64, num_warps=4, stats_BK=32, split=2))
     ref = act_quant_torch(x, fmt)
     assert got.lr is None
     assert torch.equal(bits(got.q), bits(ref.q))

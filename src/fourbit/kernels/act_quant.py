@@ -13,9 +13,11 @@ One kernel reads each token's row of X (M, K) and emits what the GEMM needs:
 with X^ = pad(X) / smooth computed in fp32 exactly as ``fourbit.nn.reference`` does, and codes/scales bit-for-bit
 those of the format's reference ``quantize`` (the ``act_quant_torch`` twin builds them from it).
 
-Formats with a per-row scale need the row maximum before any element can be coded: a program takes BM
-rows, runs over K once for the maximum (and the down-projection), then again to quantize; the programs are
-persistent and few enough that the second read comes from L2.
+Two launches: a *stats* kernel (row maxima of |X^| where the format has a per-row or per-tensor scale, and
+the down-projection, each program over a slice of K, partial results summed in a fixed order) and the
+*quantize* kernel, one program per (rows, columns) tile. Formats with a per-row scale need the row maximum
+before any element can be coded, so X is read twice (the second read mostly from L2); splitting K keeps
+thousands of programs in flight, which a single pass over whole rows cannot (too few row blocks at M ~ 1-5k).
 """
 from __future__ import annotations
 
@@ -27,8 +29,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (aligned_empty, amax as _amax, as_int_value, cdiv, check_device, e2m1_round, frexp_exponent, mantissa_bits, next_pow2, next_up,
-                      num_sms, pow2, round_half_even, round_to_mantissa)
+from ._common import (aligned_empty, amax as _amax, as_int_value, check_device, e2m1_round, frexp_exponent,
+                      interpreting, mantissa_bits, next_pow2, next_up, num_sms, pow2, round_half_even,
+                      round_to_mantissa)
+
+try:  # the GPU's rint (round half to even); the interpreter path never calls it
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover
+    from triton.language.extra.cuda import libdevice
 
 # kernel modes (one per family of format numerics)
 P2_INT, P2_E2M1, INT8_ROW, INT4_GROUP, E2M1_E4M3, MX = range(6)
@@ -95,19 +103,28 @@ class ActOperand:
 
 @dataclass(frozen=True)
 class ActConfig:
-    """BM rows per program, BK columns per step (a multiple of the group), persistent program count."""
+    """Tiles of the two kernels.
 
-    BM: int = 32
+    quantize kernel: one program per (BM rows, BK columns) tile (BK a multiple of the group);
+    stats kernel (row maxima and the down-projection, only where needed): programs of stats_BM rows over a
+    slice of K; ``split`` slices per row block (None: enough programs to fill the GPU ~4 times).
+    ``hw_round``: use the GPU's round-to-nearest-even instruction (the interpreter emulates it).
+    """
+
+    BM: int = 16
     BK: int = 256
-    num_warps: int = 8
-    programs: Optional[int] = None  # None: sized so that in-flight rows fit in ~L2_BUDGET bytes
-    l2_budget: int = 24 << 20
+    num_warps: int = 4
+    stats_BM: int = 32
+    stats_BK: int = 128
+    stats_warps: int = 4
+    split: Optional[int] = None
+    hw_round: bool = True
 
 
 DEFAULT_CONFIG = ActConfig()
 
 
-# ---- the kernel ---------------------------------------------------------------------------------
+# ---- the kernels --------------------------------------------------------------------------------
 @triton.jit
 def _load_smoothed(x_ptr, smooth_ptr, row_off, cols, row_mask, K, Kp, HAS_SMOOTH: tl.constexpr):
     """fp32 X^ = X / smooth (IEEE division) with zeros past K (the padding)."""
@@ -119,124 +136,147 @@ def _load_smoothed(x_ptr, smooth_ptr, row_off, cols, row_mask, K, Kp, HAS_SMOOTH
 
 
 @triton.jit
-def _down_proj(acc, xs, down_ptr, cols, Kp, stride_dn, RANK: tl.constexpr):
-    """acc (BM, RANK) += xs (BM, BK) @ lr_down[:, cols]^T."""
-    offs_r = tl.arange(0, RANK)
-    d = tl.load(down_ptr + offs_r[None, :] * stride_dn + cols[:, None], mask=cols[:, None] < Kp, other=0.0)
-    return tl.dot(xs, d.to(tl.float32), acc, input_precision="tf32")
+def _rne(x, HW: tl.constexpr):
+    if HW:
+        return libdevice.rint(x)
+    else:
+        return round_half_even(x)
+
+
+@triton.jit
+def _act_stats_kernel(x_ptr, smooth_ptr, down_ptr, pmax_ptr, plr_ptr,
+                      M, K, Kp, stride_xm, stride_dn, cols_per_split,
+                      NEED_AMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr):
+    """Partial row maxima of |X^| (SPLIT, M) and partial down-projections (SPLIT, M, RANK) over one K slice."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < M
+    xrow = rows.to(tl.int64) * stride_xm
+    k_lo = pid_s * cols_per_split
+    amax = tl.full((BM,), 0, tl.float32)
+    if RANK > 0:
+        acc = tl.full((BM, RANK), 0, tl.float32)
+        offs_r = tl.arange(0, RANK)
+    for k0 in range(k_lo, tl.minimum(k_lo + cols_per_split, Kp), BK):
+        cols = k0 + tl.arange(0, BK)
+        xs = _load_smoothed(x_ptr, smooth_ptr, xrow[:, None], cols[None, :], rmask[:, None], K, Kp, HAS_SMOOTH)
+        if NEED_AMAX:
+            amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
+        if RANK > 0:
+            d = tl.load(down_ptr + offs_r[None, :] * stride_dn + cols[:, None], mask=cols[:, None] < Kp, other=0.0)
+            acc = tl.dot(xs, d.to(tl.float32), acc, input_precision="tf32")  # (BM, BK) @ (BK, RANK)
+    if NEED_AMAX:
+        tl.store(pmax_ptr + pid_s * M + rows, amax, mask=rmask)
+    if RANK > 0:
+        tl.store(plr_ptr + (pid_s * M + rows[:, None]).to(tl.int64) * RANK + offs_r[None, :], acc,
+                 mask=rmask[:, None])
 
 
 @triton.jit
 def _act_quant_kernel(
-    x_ptr, smooth_ptr, down_ptr, q_ptr, rs_ptr, gs_ptr, lr_ptr, t_ptr,
-    M, K, Kp, stride_xm, stride_qm, stride_gs, stride_lr, stride_dn,
+    x_ptr, smooth_ptr, q_ptr, rs_ptr, gs_ptr, pmax_ptr, plr_ptr, lr_ptr, t_ptr,
+    M, K, Kp, stride_xm, stride_qm, stride_gs, SPLIT,
     MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
     MANT_T: tl.constexpr,  # pow2 modes: mantissa bits above which frexp's m exceeds QMAX / 8
     S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,  # 16-bit scale grid
     OUTER: tl.constexpr, ROW_PASS: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, NUM_PROGS: tl.constexpr,
+    HW_ROUND: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_blocks = cdiv(M, BM)
-    for blk in tl.range(pid, n_blocks, NUM_PROGS):
-        rows = blk * BM + tl.arange(0, BM)
-        rmask = rows < M
-        xrow = rows.to(tl.int64) * stride_xm
-        if RANK > 0:
-            acc_l = tl.full((BM, RANK), 0, tl.float32)
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < M
 
-        # ---- pass 1: row maximum (and the down-projection) ----
-        if ROW_PASS:
-            amax = tl.full((BM,), 0, tl.float32)
-            for k0 in range(0, Kp, BK):
-                cols = k0 + tl.arange(0, BK)
-                xs = _load_smoothed(x_ptr, smooth_ptr, xrow[:, None], cols[None, :], rmask[:, None], K, Kp,
-                                    HAS_SMOOTH)
-                amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
-                if RANK > 0:
-                    acc_l = _down_proj(acc_l, xs, down_ptr, cols, Kp, stride_dn, RANK)
-            if MODE == 0 or MODE == 1:  # r = max|x_row| / qmax
-                rsc = tl.math.div_rn(amax, QMAX)
-                tl.store(rs_ptr + rows, rsc, mask=rmask)
-                r_safe = tl.where(rsc != 0, rsc, 1.0)
-            if MODE == 2:  # int8: s = max / 127 (next fp32 up where it would clip by > half a step)
-                s8 = tl.math.div_rn(amax, QMAX)
-                bump = (amax > 127.5 * s8) & (s8 < 3.4028234663852886e38)
-                s8 = tl.where(bump, (s8.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), s8)
-                tl.store(rs_ptr + rows, s8, mask=rmask)
-                s8_safe = tl.where(s8 != 0, s8, 1.0)
-            if OUTER == 2:
-                t_row = tl.maximum(tl.math.div_rn(amax, 2688.0), 1.1754943508222875e-38)
-                tl.store(rs_ptr + rows, t_row, mask=rmask)
-        if OUTER == 1:
-            t_one = tl.load(t_ptr)
-
-        # ---- pass 2: quantize, group by group ----
-        grp = tl.arange(0, NG)
-        el = tl.arange(0, G)
-        for k0 in range(0, Kp, BK):
-            cols = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
-            xs = _load_smoothed(x_ptr, smooth_ptr, xrow[:, None, None], cols, rmask[:, None, None], K, Kp,
-                                HAS_SMOOTH)  # (BM, NG, G)
-            if not ROW_PASS:
-                if RANK > 0:
-                    acc_l = _down_proj(acc_l, tl.reshape(xs, (BM, BK)), down_ptr, k0 + tl.arange(0, BK), Kp,
-                                       stride_dn, RANK)
-            if MODE == 0 or MODE == 1:
-                y = tl.math.div_rn(xs, r_safe[:, None, None])
-                gmax = _amax(tl.abs(y), 2)  # (BM, NG)
-                e = frexp_exponent(gmax) - 3 + (mantissa_bits(gmax) > MANT_T).to(tl.int32)
-                e = tl.where(gmax > 0, e, EMIN)
-                e = tl.minimum(tl.maximum(e, EMIN), 0)
-                v = y * pow2(-e)[:, :, None]
-                if MODE == 0:
-                    c = as_int_value(tl.minimum(tl.maximum(round_half_even(v), -8.0), 7.0))
-                else:
-                    c = e2m1_round(v)
-                out = (c * pow2(e)[:, :, None]).to(tl.float8e4nv)
-            if MODE == 2:
-                c = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(xs, s8_safe[:, None, None])), -127.0), 127.0)
-                out = c.to(tl.int32).to(tl.int8)
-            if MODE == 3:
-                gmax = _amax(tl.abs(xs), 2)
-                s = round_to_mantissa(tl.minimum(tl.math.div_rn(gmax, 7.0), S_MAX), S_DROP, S_SUBQ, S_MINN)
-                s = tl.where((gmax > 7.5 * s) & (s < S_MAX), next_up(s, S_DROP, S_SUBQ, S_MINN), s)
-                s_safe = tl.where(s != 0, s, 1.0)
-                c = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(xs, s_safe[:, :, None])), -8.0), 7.0)
-                out = as_int_value(c).to(tl.float8e4nv)
-                gcol = k0 // G + grp
-                tl.store(gs_ptr + gcol[None, :] * stride_gs + rows[:, None], s,
-                         mask=rmask[:, None] & (gcol[None, :] < Kp // G))
-            if MODE == 4:
-                gmax = _amax(tl.abs(xs), 2)
-                if OUTER == 0:
-                    rel = gmax
-                if OUTER == 1:
-                    rel = tl.math.div_rn(gmax, t_one)
-                if OUTER == 2:
-                    rel = tl.math.div_rn(gmax, t_row[:, None])
-                s = round_to_mantissa(tl.minimum(tl.math.div_rn(rel, 6.0), 448.0), 20, 0.001953125, 0.015625)
-                s = tl.where((rel > 7.0 * s) & (s < 448.0), next_up(s, 20, 0.001953125, 0.015625), s)
-                if OUTER == 0:
-                    eff = s
-                if OUTER == 1:
-                    eff = s * t_one
-                if OUTER == 2:
-                    eff = s * t_row[:, None]
-                eff = tl.where(eff != 0, eff, 1.0)
-                v = e2m1_round(tl.math.div_rn(xs, eff[:, :, None]))
-                out = (v * s[:, :, None]).to(tl.bfloat16)  # exact: <= 6 significant bits
-            if MODE == 5:
-                gmax = _amax(tl.abs(xs), 2)
-                e = tl.where(gmax > 0, frexp_exponent(gmax) - 3, -127)
-                e = tl.minimum(tl.maximum(e, -127), 127)
-                v = e2m1_round(xs * pow2(-e)[:, :, None])
-                out = (v * pow2(e)[:, :, None]).to(tl.bfloat16)
-            tl.store(q_ptr + rows[:, None, None].to(tl.int64) * stride_qm + cols, out,
-                     mask=rmask[:, None, None] & (cols < Kp))
-        if RANK > 0:
+    # ---- per-row scales from the stats kernel's partial maxima (every program recomputes them) ----
+    if ROW_PASS:
+        amax = tl.full((BM,), 0, tl.float32)
+        for s in range(SPLIT):
+            amax = tl.maximum(amax, tl.load(pmax_ptr + s * M + rows, mask=rmask, other=0.0))
+        if MODE == 0 or MODE == 1:  # r = max|x_row| / qmax
+            rsc = tl.math.div_rn(amax, QMAX)
+            r_safe = tl.where(rsc != 0, rsc, 1.0)
+        if MODE == 2:  # int8: s = max / 127 (next fp32 up where it would clip by > half a step)
+            rsc = tl.math.div_rn(amax, QMAX)
+            bump = (amax > 127.5 * rsc) & (rsc < 3.4028234663852886e38)
+            rsc = tl.where(bump, (rsc.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), rsc)
+            s8_safe = tl.where(rsc != 0, rsc, 1.0)
+        if OUTER == 2:
+            rsc = tl.maximum(tl.math.div_rn(amax, 2688.0), 1.1754943508222875e-38)
+            t_row = rsc
+        if pid_k == 0:
+            tl.store(rs_ptr + rows, rsc, mask=rmask)
+    if OUTER == 1:
+        t_one = tl.load(t_ptr)
+    if RANK > 0:  # the down-projection: sum of the partials, in a fixed order (deterministic)
+        if pid_k == 0:
             offs_r = tl.arange(0, RANK)
-            tl.store(lr_ptr + rows[:, None] * stride_lr + offs_r[None, :], acc_l, mask=rmask[:, None])
+            lr = tl.full((BM, RANK), 0, tl.float32)
+            for s in range(SPLIT):
+                lr += tl.load(plr_ptr + (s * M + rows[:, None]).to(tl.int64) * RANK + offs_r[None, :],
+                              mask=rmask[:, None], other=0.0)
+            tl.store(lr_ptr + rows[:, None].to(tl.int64) * RANK + offs_r[None, :], lr, mask=rmask[:, None])
+
+    # ---- quantize one (BM, NG, G) tile ----
+    k0 = pid_k * BK
+    grp = tl.arange(0, NG)
+    el = tl.arange(0, G)
+    cols = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
+    xs = _load_smoothed(x_ptr, smooth_ptr, rows[:, None, None].to(tl.int64) * stride_xm, cols,
+                        rmask[:, None, None], K, Kp, HAS_SMOOTH)  # (BM, NG, G)
+    if MODE == 0 or MODE == 1:
+        y = tl.math.div_rn(xs, r_safe[:, None, None])
+        gmax = _amax(tl.abs(y), 2)  # (BM, NG)
+        e = frexp_exponent(gmax) - 3 + (mantissa_bits(gmax) > MANT_T).to(tl.int32)
+        e = tl.where(gmax > 0, e, EMIN)
+        e = tl.minimum(tl.maximum(e, EMIN), 0)
+        v = y * pow2(-e)[:, :, None]
+        if MODE == 0:
+            c = as_int_value(tl.minimum(tl.maximum(_rne(v, HW_ROUND), -8.0), 7.0))
+        else:
+            c = e2m1_round(v)
+        out = (c * pow2(e)[:, :, None]).to(tl.float8e4nv)
+    if MODE == 2:
+        c = tl.minimum(tl.maximum(_rne(tl.math.div_rn(xs, s8_safe[:, None, None]), HW_ROUND), -127.0), 127.0)
+        out = c.to(tl.int32).to(tl.int8)
+    if MODE == 3:
+        gmax = _amax(tl.abs(xs), 2)
+        s = round_to_mantissa(tl.minimum(tl.math.div_rn(gmax, 7.0), S_MAX), S_DROP, S_SUBQ, S_MINN)
+        s = tl.where((gmax > 7.5 * s) & (s < S_MAX), next_up(s, S_DROP, S_SUBQ, S_MINN), s)
+        s_safe = tl.where(s != 0, s, 1.0)
+        c = tl.minimum(tl.maximum(_rne(tl.math.div_rn(xs, s_safe[:, :, None]), HW_ROUND), -8.0), 7.0)
+        out = as_int_value(c).to(tl.float8e4nv)
+        gcol = k0 // G + grp
+        tl.store(gs_ptr + gcol[None, :] * stride_gs + rows[:, None], s,
+                 mask=rmask[:, None] & (gcol[None, :] < Kp // G))
+    if MODE == 4:
+        gmax = _amax(tl.abs(xs), 2)
+        if OUTER == 0:
+            rel = gmax
+        if OUTER == 1:
+            rel = tl.math.div_rn(gmax, t_one)
+        if OUTER == 2:
+            rel = tl.math.div_rn(gmax, t_row[:, None])
+        s = round_to_mantissa(tl.minimum(tl.math.div_rn(rel, 6.0), 448.0), 20, 0.001953125, 0.015625)
+        s = tl.where((rel > 7.0 * s) & (s < 448.0), next_up(s, 20, 0.001953125, 0.015625), s)
+        if OUTER == 0:
+            eff = s
+        if OUTER == 1:
+            eff = s * t_one
+        if OUTER == 2:
+            eff = s * t_row[:, None]
+        eff = tl.where(eff != 0, eff, 1.0)
+        v = e2m1_round(tl.math.div_rn(xs, eff[:, :, None]))
+        out = (v * s[:, :, None]).to(tl.bfloat16)  # exact: <= 6 significant bits
+    if MODE == 5:
+        gmax = _amax(tl.abs(xs), 2)
+        e = tl.where(gmax > 0, frexp_exponent(gmax) - 3, -127)
+        e = tl.minimum(tl.maximum(e, -127), 127)
+        v = e2m1_round(xs * pow2(-e)[:, :, None])
+        out = (v * pow2(e)[:, :, None]).to(tl.bfloat16)
+    tl.store(q_ptr + rows[:, None, None].to(tl.int64) * stride_qm + cols, out,
+             mask=rmask[:, None, None] & (cols < Kp))
 
 
 # ---- launcher ---------------------------------------------------------------------------------
@@ -259,13 +299,6 @@ def _check(x, smooth, lr_down, padded_in):
     return kp
 
 
-def _tensor_scale(x: Tensor, smooth: Optional[Tensor]) -> Tensor:
-    """nvfp4's per-tensor outer scale t = max(max|X^| / 2688, 2^-126), computed as the reference does."""
-    xs = x.float() if smooth is None else x.float() / smooth[: x.shape[1]]
-    amax = xs.abs().amax().reshape(1)
-    return torch.clamp(amax / (6.0 * 448.0), min=_TINY)
-
-
 def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
               padded_in: Optional[int] = None, config: Optional[ActConfig] = None) -> ActOperand:
     """Quantize activations x (M, K) with format ``fmt`` for the GEMM, fused with smoothing and X^ @ lr_down^T.
@@ -282,43 +315,54 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
         x = x.contiguous()
     cfg = config or DEFAULT_CONFIG
     m, k = x.shape
-    bk = max(cfg.BK, spec.group) if spec.mode != INT8_ROW else cfg.BK
-    g = bk if spec.mode == INT8_ROW else spec.group
     dev = x.device
+    bk = max(cfg.BK, spec.group)
+    g = bk if spec.mode == INT8_ROW else spec.group
     q = aligned_empty(m, kp, spec.operand_dtype, dev)  # row stride 16-byte aligned for the GEMM's TMA
     rs = gs = lr = t = None
+    dummy = q
+    rank = 0
+    if lr_down is not None:
+        rank = next_pow2(lr_down.shape[0], 16)
+        if lr_down.shape[0] != rank:
+            lr_down = torch.nn.functional.pad(lr_down, (0, 0, 0, rank - lr_down.shape[0]))
+        lr_down = lr_down.contiguous()
+        lr = torch.empty((m, rank), device=dev, dtype=torch.float32)
+    need_amax = spec.row_pass or spec.outer == 1
+    split = 1
+    pmax = plr = None
+    if need_amax or rank:  # ---- stats kernel ----
+        n_rb = triton.cdiv(m, cfg.stats_BM)
+        k_steps = triton.cdiv(kp, cfg.stats_BK)
+        split = cfg.split or triton.cdiv(4 * num_sms(dev), n_rb)
+        split = max(1, min(split, k_steps))
+        cols_per_split = triton.cdiv(k_steps, split) * cfg.stats_BK
+        split = triton.cdiv(kp, cols_per_split)
+        pmax = torch.empty((split, m), device=dev, dtype=torch.float32) if need_amax else None
+        plr = torch.empty((split, m, rank), device=dev, dtype=torch.float32) if rank else None
+        _act_stats_kernel[(n_rb, split)](
+            x, dummy if smooth is None else smooth, dummy if lr_down is None else lr_down,
+            dummy if pmax is None else pmax, dummy if plr is None else plr,
+            m, k, kp, x.stride(0), 0 if lr_down is None else lr_down.stride(0), cols_per_split,
+            NEED_AMAX=need_amax, HAS_SMOOTH=smooth is not None, RANK=rank, BM=cfg.stats_BM, BK=cfg.stats_BK,
+            num_warps=cfg.stats_warps)
     if spec.row_pass:
         rs = torch.empty((m,), device=dev, dtype=torch.float32)
     if spec.mode == INT4_GROUP:
         gs = torch.empty((kp // g, m), device=dev, dtype=torch.float32)
-    if spec.outer == 1:
-        t = rs = _tensor_scale(x, smooth)
-    rank = 0
-    if lr_down is not None:
-        rank = next_pow2(lr_down.shape[0], 16)
-        lr = torch.empty((m, rank), device=dev, dtype=torch.float32)
-        if lr_down.shape[0] != rank:
-            lr_down = torch.nn.functional.pad(lr_down, (0, 0, 0, rank - lr_down.shape[0]))
-        lr_down = lr_down.contiguous()
+    if spec.outer == 1:  # nvfp4: t = max(max|X^| / (6 * 448), 2^-126) over the whole tensor
+        t = rs = torch.clamp(pmax.amax().reshape(1) / (6.0 * 448.0), min=_TINY)
     s_drop, s_max, s_subq, s_minn = _SCALE16.get(spec.scale16, _SCALE16["float16"])
-    n_blocks = triton.cdiv(m, cfg.BM)
-    if cfg.programs is not None:
-        progs = cfg.programs
-    else:
-        block_bytes = cfg.BM * k * x.element_size()
-        progs = max(num_sms(dev), min(4 * num_sms(dev), cfg.l2_budget // max(block_bytes, 1)))
-    progs = max(1, min(progs, n_blocks))
     mant_t = int((spec.qmax / 4.0 - 1.0) * (1 << 23)) if spec.mode in (P2_INT, P2_E2M1) else 0
-    dummy = q
-    _act_quant_kernel[(progs,)](
-        x, dummy if smooth is None else smooth, dummy if lr_down is None else lr_down, q,
-        dummy if rs is None else rs, dummy if gs is None else gs, dummy if lr is None else lr,
+    _act_quant_kernel[(triton.cdiv(m, cfg.BM), triton.cdiv(kp, bk))](
+        x, dummy if smooth is None else smooth, q, dummy if rs is None else rs, dummy if gs is None else gs,
+        dummy if pmax is None else pmax, dummy if plr is None else plr, dummy if lr is None else lr,
         dummy if t is None else t,
-        m, k, kp, x.stride(0), q.stride(0), 0 if gs is None else gs.stride(0), 0 if lr is None else lr.stride(0),
-        0 if lr_down is None else lr_down.stride(0),
+        m, k, kp, x.stride(0), q.stride(0), 0 if gs is None else gs.stride(0), split,
         MODE=spec.mode, G=g, NG=bk // g, QMAX=float(spec.qmax), EMIN=spec.emin, MANT_T=mant_t,
         S_DROP=s_drop, S_MAX=s_max, S_SUBQ=s_subq, S_MINN=s_minn, OUTER=spec.outer, ROW_PASS=spec.row_pass,
-        HAS_SMOOTH=smooth is not None, RANK=rank, BM=cfg.BM, BK=bk, NUM_PROGS=progs, num_warps=cfg.num_warps,
+        HAS_SMOOTH=smooth is not None, RANK=rank, HW_ROUND=cfg.hw_round and not interpreting(),
+        BM=cfg.BM, BK=bk, num_warps=cfg.num_warps,
     )
     return ActOperand(q, rs, gs, lr)
 

@@ -74,7 +74,10 @@ def _scaled_gemm_kernel(
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=MAX_IMPRECISE)
+            if ACC_INT:  # (Triton 3.6 needs out_dtype spelled out for an int32 accumulator)
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=MAX_IMPRECISE)
 
         # ---- epilogue: scales, low-rank branch, bias; one rounding to the output type ----
         y = acc.to(tl.float32)
@@ -126,14 +129,17 @@ class GemmConfig:
                 f"{'-tma' if self.tma_store else ''}")
 
 
-#: Per-(operand dtype, size class) defaults; the benchmark's sweep on an H100 chose these (docs/kernels.md).
+#: Per-(operand dtype, size class) defaults. Chosen by ``benchmarks/linear.py --tune`` on an H100 (2026-11-22,
+#: Triton 3.6): 128x256x128, 3 stages, persistent, TMA store was best or within 2% of best at all nine
+#: FLUX shapes (M = 4608 and 1024) for fp8; 128x128 tiles were 10-45% slower; promoting the fp8 accumulator
+#: every BK ("precise") cost 40%. bf16: 128x256x64, 3 stages. int8 (not swept yet): the fp8 tiles.
 _DEFAULTS: dict[tuple[str, str], GemmConfig] = {
-    ("fp8", "large"): GemmConfig(128, 256, 128, 8, 8, 3, True),
-    ("fp8", "small"): GemmConfig(128, 128, 128, 8, 8, 4, True),
-    ("int8", "large"): GemmConfig(128, 256, 128, 8, 8, 3, True),
-    ("int8", "small"): GemmConfig(128, 128, 128, 8, 8, 4, True),
+    ("fp8", "large"): GemmConfig(128, 256, 128, 8, 8, 3, True, tma_store=True),
+    ("fp8", "small"): GemmConfig(128, 256, 128, 8, 8, 3, True, tma_store=True),
+    ("int8", "large"): GemmConfig(128, 256, 128, 8, 8, 3, True, tma_store=True),
+    ("int8", "small"): GemmConfig(128, 256, 128, 8, 8, 3, True, tma_store=True),
     ("16", "large"): GemmConfig(128, 256, 64, 8, 8, 3, True),
-    ("16", "small"): GemmConfig(128, 128, 64, 8, 8, 4, True),
+    ("16", "small"): GemmConfig(128, 256, 64, 8, 8, 3, True),
 }
 _OVERRIDES: dict[tuple[str, str], GemmConfig] = {}
 

@@ -21,6 +21,7 @@ Per step t (one scalar unless said otherwise), with e = eps_fp and d = Delta ove
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -60,8 +61,6 @@ def model_act_format(q_model: nn.Module) -> Optional[Format]:
 
 
 def json_key(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, sort_keys=True)
 
 
@@ -71,7 +70,7 @@ class NoiseMoments:
 
     def __init__(self) -> None:
         self.channel: Optional[torch.Tensor] = None  # (C, 6) float64: n, S_e, S_d, S_ee, S_ed, S_dd
-        self.per_sample: list[torch.Tensor] = []  # (B, 6) float64 per batch: the same sums per sample
+        self.per_sample: list[torch.Tensor] = []  # (B, C, 6) float64 per batch: the same sums per sample
 
     @staticmethod
     def _sums(e: torch.Tensor, d: torch.Tensor, dims: tuple) -> torch.Tensor:

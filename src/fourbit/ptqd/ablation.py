@@ -100,7 +100,8 @@ def run_ablation(settings: AblationSettings, out_dir) -> dict:
     guidance = spec.default_guidance_scale if st.guidance_scale is None else st.guidance_scale
     fp_model = (load_weights(st.weights, device=device)[0] if st.weights
                 else load_pretrained(st.model, device=device)).eval()
-    timings: dict = {}
+    timings: dict = {"metrics_s": 0.0}
+    t_start = time.perf_counter()
 
     # one quantized model for every row and eta (calibrated on trajectories of the first eta)
     t0 = time.perf_counter()
@@ -179,7 +180,8 @@ def run_ablation(settings: AblationSettings, out_dir) -> dict:
         for name, which, kw, note in rows:
             _log(f"== eta {eta}: {name}")
             if note is not None and prev is not None:  # exact no-op: reuse the previous row's images
-                imgs, secs, counter = prev
+                imgs, _, counter = prev
+                secs = 0.0  # not sampled again
             else:
                 schedule = None if which == base else ("auto" if which == "auto" else [which] * st.steps)
                 counter = BOPCounter(compare_bits=compare_bits)
@@ -187,8 +189,10 @@ def run_ablation(settings: AblationSettings, out_dir) -> dict:
                 imgs, secs = run(q_model, [hook, counter])
             prev = (imgs, secs, counter)
             images[name] = imgs
+            t0 = time.perf_counter()
             m = compare_images(imgs, reference, data, n_boot=st.n_boot, fd_n_boot=st.fd_n_boot, seed=st.seed,
                                device=device)
+            timings["metrics_s"] += time.perf_counter() - t0
             eta_rows.append({"row": name, "note": note, "lpips": m["lpips"], "psnr": m["psnr"], "ssim": m["ssim"],
                              "fd_vs_fp16": m["fd_vs_reference"], "fd_vs_data": m["fd_vs_data"],
                              "bops": counter.result(), "sampling_seconds": secs,
@@ -205,6 +209,7 @@ def run_ablation(settings: AblationSettings, out_dir) -> dict:
     if st.save:
         save(q_model, st.save)
         _log(f"checkpoint with PTQD statistics: {st.save}")
+    timings["total_s"] = time.perf_counter() - t_start
     report = {
         "fourbit_version": __version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -250,6 +255,12 @@ def to_markdown(report: dict) -> str:
              f"calibration {s['calib_samples']} trajectories. Device: {report['device']}, torch {report['torch']}, "
              f"fourbit {report['fourbit_version']}, {report['date']}.", ""]
     lines += [f"- {n}" for n in report["notes"]]
+    t = report.get("timings", {})
+    if "total_s" in t:
+        lines += ["", f"Wall time {t['total_s']:.0f} s: quantization {t['quantize_s']:.0f} s, statistics "
+                  f"{sum(r['stats_seconds'] for r in report['results']):.0f} s, sampling "
+                  f"{sum(r['reference']['sampling_seconds'] + sum(x['sampling_seconds'] for x in r['rows']) for r in report['results']):.0f} s, "
+                  f"metrics {t['metrics_s']:.0f} s."]
     for res in report["results"]:
         lines += ["", f"## eta = {res['eta']:g}" + ("" if res["stochastic"] else " (deterministic sampler)"), "",
                   "| row | LPIPS vs 16-bit (lower better) | FD vs 16-bit | PSNR dB | FD vs data | GBOPs/image | "

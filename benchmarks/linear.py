@@ -347,8 +347,11 @@ def _tune_gemms(log, sweep, gemm_fn, fp8_cfgs, res):
 
 
 def _tune_act(log, sweep):
+    import dataclasses
+
+    import fourbit.kernels.act_quant as aq
     from fourbit.formats import make_format
-    from fourbit.kernels.act_quant import ActConfig, act_quant
+    from fourbit.kernels.act_quant import act_quant
 
     fmt = make_format("int4p2")
 
@@ -357,11 +360,13 @@ def _tune_act(log, sweep):
         smooth = torch.rand(k, device="cuda") + 0.5
         down = torch.randn(RANK, k, device="cuda", dtype=torch.bfloat16)
         return [lambda x=x: act_quant(x, fmt, smooth, down, k, config=cfg) for x in xs]
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    act_cfgs = [ActConfig(), ActConfig(BM=32, BK=256, num_warps=8), ActConfig(BM=16, BK=128, num_warps=4),
-                ActConfig(BM=8, BK=256, num_warps=4), ActConfig(stats_BM=64, stats_BK=64, stats_warps=4),
-                ActConfig(stats_BM=32, stats_BK=256, stats_warps=8), ActConfig(split=2 * sms // 144 + 1),
-                ActConfig(hw_round=False)]
+    base = aq.DEFAULT_CONFIG
+    act_cfgs = [base] + [dataclasses.replace(base, **kw) for kw in (
+        dict(stats_BM=64, stats_BK=32), dict(stats_BM=128, stats_BK=32, stats_warps=8),
+        dict(stats_BM=128, stats_BK=64, stats_warps=8), dict(stats_BM=64, stats_BK=64, stats_warps=8),
+        dict(stats_BM=64, stats_BK=128), dict(lr_dot="bf16x2"), dict(lr_dot="bf16x2", stats_BM=128, stats_BK=64,
+                                                                         stats_warps=8),
+        dict(BM=32, BK=128), dict(BM=8, BK=512), dict(BM=16, BK=512, num_warps=8), dict(BM=4, BK=1024))]
     log("act_quant int4p2 (smooth + rank 32):")
     return sweep("act_quant", act_cfgs, act_make)
 

@@ -76,6 +76,18 @@ def test_act_quant_bit_exact(name, kw):
     assert torch.allclose(got.lr, ref.lr, rtol=1e-5, atol=1e-5 * ref.lr.abs().max().item())
 
 
+def test_act_quant_bf16x2_down_projection():
+    from fourbit.kernels.act_quant import ActConfig, act_quant, act_quant_torch
+
+    fmt = make_format("int4p2")
+    x = hard_rows(20, 256)
+    down = torch.randn(32, 256).bfloat16()
+    got = act_quant(x, fmt, None, down, config=ActConfig(stats_BK=64, lr_dot="bf16x2"))
+    ref = act_quant_torch(x, fmt, None, down)
+    assert torch.equal(bits(got.q), bits(ref.q))
+    assert ((got.lr - ref.lr).norm() / ref.lr.norm()).item() < 1e-4  # X^ kept to ~16 bits
+
+
 @pytest.mark.parametrize("name", ["int4p2", "int4"])
 def test_act_quant_bf16_input_no_smooth_no_rank(name):
     from fourbit.kernels.act_quant import ActConfig, act_quant, act_quant_torch

@@ -119,9 +119,11 @@ class ActConfig:
     stats_warps: int = 4
     split: Optional[int] = None
     hw_round: bool = True
+    lr_dot: str = "tf32"  # down-projection: "tf32", or "bf16x2" (X^ split into two bf16 halves; bf16 lr_down)
 
 
-DEFAULT_CONFIG = ActConfig()
+#: H100 sweep (benchmarks/linear.py --tune-what act, 2026-11-22): 64x64 stats tiles were ~40% faster than 32x128.
+DEFAULT_CONFIG = ActConfig(stats_BM=64, stats_BK=64)
 
 
 # ---- the kernels --------------------------------------------------------------------------------
@@ -147,7 +149,7 @@ def _rne(x, HW: tl.constexpr):
 def _act_stats_kernel(x_ptr, smooth_ptr, down_ptr, pmax_ptr, plr_ptr,
                       M, K, Kp, stride_xm, stride_dn, cols_per_split,
                       NEED_AMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr):
+                      BF16X2: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """Partial row maxima of |X^| (SPLIT, M) and partial down-projections (SPLIT, M, RANK) over one K slice."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -166,7 +168,17 @@ def _act_stats_kernel(x_ptr, smooth_ptr, down_ptr, pmax_ptr, plr_ptr,
             amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
         if RANK > 0:
             d = tl.load(down_ptr + offs_r[None, :] * stride_dn + cols[:, None], mask=cols[:, None] < Kp, other=0.0)
-            acc = tl.dot(xs, d.to(tl.float32), acc, input_precision="tf32")  # (BM, BK) @ (BK, RANK)
+            if BF16X2:  # xs = hi + lo, both bf16 (~16 significant bits); d is bf16, so both products exact
+                hi = xs.to(tl.bfloat16)
+                lo = (xs - hi.to(tl.float32)).to(tl.bfloat16)
+                if UPCAST:  # interpreter: its bf16 dot is wrong; the same products in fp32
+                    acc = tl.dot(hi.to(tl.float32), d.to(tl.float32), acc)
+                    acc = tl.dot(lo.to(tl.float32), d.to(tl.float32), acc)
+                else:
+                    acc = tl.dot(hi, d, acc)
+                    acc = tl.dot(lo, d, acc)
+            else:
+                acc = tl.dot(xs, d.to(tl.float32), acc, input_precision="tf32")  # (BM, BK) @ (BK, RANK)
     if NEED_AMAX:
         tl.store(pmax_ptr + pid_s * M + rows, amax, mask=rmask)
     if RANK > 0:
@@ -344,7 +356,9 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
             x, dummy if smooth is None else smooth, dummy if lr_down is None else lr_down,
             dummy if pmax is None else pmax, dummy if plr is None else plr,
             m, k, kp, x.stride(0), 0 if lr_down is None else lr_down.stride(0), cols_per_split,
-            NEED_AMAX=need_amax, HAS_SMOOTH=smooth is not None, RANK=rank, BM=cfg.stats_BM, BK=cfg.stats_BK,
+            NEED_AMAX=need_amax, HAS_SMOOTH=smooth is not None, RANK=rank,
+            BF16X2=cfg.lr_dot == "bf16x2" and lr_down is not None and lr_down.dtype == torch.bfloat16,
+            UPCAST=interpreting(), BM=cfg.stats_BM, BK=cfg.stats_BK,
             num_warps=cfg.stats_warps)
     if spec.row_pass:
         rs = torch.empty((m,), device=dev, dtype=torch.float32)

@@ -224,7 +224,8 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     c = torch.empty((m, n), device=a.device, dtype=out_dtype)
     a_desc = TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK])
     b_desc = TensorDescriptor.from_tensor(b, [cfg.BN, cfg.BK])
-    tma_store = cfg.tma_store and (n * c.element_size()) % 16 == 0 and not interpreting()
+    # TMA store stages the whole tile in shared memory: 16-bit outputs only (an fp32 tile does not fit)
+    tma_store = cfg.tma_store and c.element_size() == 2 and (n * 2) % 16 == 0 and not interpreting()
     c_desc = TensorDescriptor.from_tensor(c, [cfg.BM, cfg.BN]) if tma_store else a_desc
     tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN)
     progs = min(tiles, num_sms(a.device)) if cfg.persistent else tiles

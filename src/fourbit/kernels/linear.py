@@ -82,7 +82,11 @@ def _key(layer) -> tuple:
     out = []
     for name in _BUFFERS:
         t = getattr(layer, name)
-        out.append(None if t is None else (t.device, t.data_ptr(), t._version))
+        try:
+            version = None if t is None else t._version
+        except RuntimeError:  # inference tensors have no version counter
+            version = -1
+        out.append(None if t is None else (t.device, t.data_ptr(), version))
     return (layer.act_format, layer.weight_format, tuple(out))
 
 

@@ -22,7 +22,7 @@ def _fmt(m: dict | None, key: str = "mean", nd: int = 3) -> str:
     if not m or m.get(key) is None:
         return "n/a"
     v = m[key]
-    if v == float("inf") or v >= 99.99:
+    if v == float("inf") or (m.get("name") == "PSNR" and v >= m.get("cap_db", float("inf"))):
         return "inf"
     return f"{v:.{nd}f} [{m['lo']:.{nd}f}, {m['hi']:.{nd}f}]"
 
@@ -38,6 +38,11 @@ def markdown(report: dict) -> str:
                      f"{_fmt(r['fd_vs_fp16'], 'value', 1)} | {_fmt(r.get('fd_vs_data'), 'value', 1)} | "
                      f"{r['weight_bits_per_element']:.2f} | {r['model_bytes'] / 2**20:.2f} | {r['calibration_seconds']:.1f} |")
     return "\n".join(lines)
+
+
+def markdown_from_files(report_paths) -> str:
+    """Rebuild the tables from saved report.json files."""
+    return "\n\n".join(markdown(json.loads(Path(p).read_text())) for p in report_paths)
 
 
 def main(argv=None) -> int:

@@ -76,3 +76,16 @@ def load_fashion_mnist(
     if labels.size and labels.max() >= NUM_CLASSES:
         raise ValueError(f"{lbl_path}: label {labels.max()} out of range 0..{NUM_CLASSES - 1}")
     return torch.from_numpy(images), torch.from_numpy(labels.astype("int64"))
+
+
+def reference_images(n: int, seed: int = 0, split: str = "test",
+                     root: str | os.PathLike | None = None) -> torch.Tensor | None:
+    """``n`` seeded random images of ``split`` as float (n, 1, 28, 28) in [-1, 1], or None when the data is absent.
+
+    The real-image reference of the harness's "FD vs data".
+    """
+    if n <= 0 or not fashion_mnist_available(root, split=split):
+        return None
+    imgs, _ = load_fashion_mnist(split, root)
+    idx = torch.randperm(imgs.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return imgs[idx].float().div(127.5).sub(1.0).unsqueeze(1)  # (n, 1, 28, 28)

@@ -71,7 +71,7 @@ def _log(msg: str) -> None:
 
 def run_compare(settings: CompareSettings, out_dir: str | Path) -> dict:
     """Run the comparison and write report.json, grid.png and report.html under ``out_dir``."""
-    from ..data.fashion_mnist import fashion_mnist_available, load_fashion_mnist
+    from ..data.fashion_mnist import reference_images
     from ..eval import compare_images
     from ..models import get_spec, load_pretrained
     from ..models.io import load_weights
@@ -93,12 +93,7 @@ def run_compare(settings: CompareSettings, out_dir: str | Path) -> dict:
     else:
         fp_model = load_pretrained(settings.model, device=device).eval()
 
-    data = None
-    if settings.data_samples and fashion_mnist_available(split="test"):
-        imgs, _ = load_fashion_mnist("test")
-        g = torch.Generator().manual_seed(settings.seed)
-        idx = torch.randperm(imgs.shape[0], generator=g)[: settings.data_samples]
-        data = imgs[idx].float().div(127.5).sub(1.0).unsqueeze(1)  # (n, 1, 28, 28) in [-1, 1]
+    data = reference_images(settings.data_samples, settings.seed)  # None without the dataset
 
     def generate(model, hooks=()):
         _sync(device)

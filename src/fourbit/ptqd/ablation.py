@@ -77,7 +77,7 @@ def _sync(device: str) -> None:
 def run_ablation(settings: AblationSettings, out_dir) -> dict:
     """Run the ablation and write ablation.json, ablation.md and grid_eta*.png under ``out_dir``."""
     from .. import __version__, quantize, save
-    from ..data.fashion_mnist import fashion_mnist_available, load_fashion_mnist
+    from ..data.fashion_mnist import reference_images
     from ..eval import compare_images
     from ..harness.report import write_grid
     from ..harness.variants import parse_variant
@@ -123,11 +123,7 @@ def run_ablation(settings: AblationSettings, out_dir) -> dict:
         candidates = None
     w = variant.wbits
 
-    data = None
-    if st.data_samples and fashion_mnist_available():
-        imgs, _ = load_fashion_mnist("test")
-        idx = torch.randperm(imgs.shape[0], generator=torch.Generator().manual_seed(st.seed))[: st.data_samples]
-        data = imgs[idx].float().div(127.5).sub(1.0).unsqueeze(1)  # (n, 1, 28, 28) in [-1, 1]
+    data = reference_images(st.data_samples, st.seed)  # None without the dataset
 
     classes, seeds = sample_plan(st.samples, st.seed, spec.num_classes)
 

@@ -13,8 +13,10 @@ nn.Linear (RTN needs no calibration, so it runs on the GPU in seconds). RTN has 
 what an SVDQuant checkpoint runs, each layer then gets synthetic rank-32 factors and smoothing factors
 (``--rank 0`` skips them). Then the step is timed in memory mode ("triton-memory": 4-bit weights at rest,
 expanded per layer) and speed mode ("triton": FP8 weights cached).
-Reported: median step latency (CUDA events, after warm-up), peak allocated memory during a step, and the
-bytes of weights (parameters + buffers; speed mode adds the cached FP8 operands).
+Reported: median step latency (CUDA events, after warm-up) of eager calls and of CUDA-graph replays (no
+Python launch overhead: what ``torch.compile(mode="reduce-overhead")`` or a captured sampler loop runs), peak
+allocated memory during an eager step, and the bytes of weights (parameters + buffers; speed mode adds the
+cached FP8 operands).
 """
 from __future__ import annotations
 
@@ -120,6 +122,37 @@ def time_step(model, inputs, warmup=2, steps=5, device="cuda"):
     return statistics.median(times), peak, out
 
 
+@torch.inference_mode()
+def time_step_graph(model, inputs, steps=5):
+    """Median ms of CUDA-graph replays of one step (no Python/launch overhead), or None if capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(**inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(**inputs)
+    except Exception as e:  # report, do not lose the eager numbers
+        print(f"CUDA graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del graph
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
 def add_synthetic_branch(model, rank, seed=0):
     """Give every quantized layer random rank-r factors and smoothing factors (what SVDQuant would store),
     so the timed step runs the branch; the numerics are not those of a calibrated model."""
@@ -165,8 +198,10 @@ def main(argv=None):
     bf16_bytes = model_bytes(model)
     res["bf16"] = dict(bytes=bf16_bytes, linear_bytes=linear_bytes_bf16(model))
     ms, peak, y_bf16 = time_step(model, inputs, steps=args.steps, device=device)
-    res["bf16"].update(step_ms=ms, peak_bytes=peak)
-    log(f"bf16: {ms:.1f} ms/step, peak {peak / 2**30:.2f} GiB, weights {bf16_bytes / 2**30:.2f} GiB")
+    graph_ms = None if tiny else time_step_graph(model, inputs, steps=args.steps)
+    res["bf16"].update(step_ms=ms, peak_bytes=peak, graph_step_ms=graph_ms)
+    log(f"bf16: {ms:.1f} ms/step eager, {graph_ms} ms/step CUDA graph, peak {peak / 2**30:.2f} GiB, "
+        f"weights {bf16_bytes / 2**30:.2f} GiB")
 
     qcfg = fourbit.RTNConfig(weights=args.weights, activations=args.activations,
                              kernel="reference" if tiny else "triton-memory")
@@ -186,23 +221,33 @@ def main(argv=None):
         set_kernel(model, kernel)
         ms, peak, y = time_step(model, inputs, steps=args.steps, device=device)
         cache = cached_operand_bytes(model)
+        graph_ms = None if tiny else time_step_graph(model, inputs, steps=args.steps)
         err = float((y.float() - y_bf16.float()).norm() / y_bf16.float().norm())
-        res[mode] = dict(kernel=kernel, step_ms=ms, peak_bytes=peak, bytes=q_bytes + cache, cached_operand_bytes=cache,
-                         speedup=res["bf16"]["step_ms"] / ms, weight_ratio=bf16_bytes / (q_bytes + cache),
-                         finite=bool(torch.isfinite(y).all()), rel_diff_vs_bf16_random_weights=err)
-        log(f"{mode} ({kernel}): {ms:.1f} ms/step ({res[mode]['speedup']:.2f}x), peak {peak / 2**30:.2f} GiB, "
+        base_graph = res["bf16"]["graph_step_ms"]
+        res[mode] = dict(kernel=kernel, step_ms=ms, graph_step_ms=graph_ms, peak_bytes=peak, bytes=q_bytes + cache,
+                         cached_operand_bytes=cache, speedup=res["bf16"]["step_ms"] / ms,
+                         graph_speedup=None if not (graph_ms and base_graph) else base_graph / graph_ms,
+                         weight_ratio=bf16_bytes / (q_bytes + cache), finite=bool(torch.isfinite(y).all()),
+                         rel_diff_vs_bf16_random_weights=err)
+        log(f"{mode} ({kernel}): {ms:.1f} ms/step eager ({res[mode]['speedup']:.2f}x), {graph_ms} ms/step graph "
+            f"({res[mode]['graph_speedup']}x), peak {peak / 2**30:.2f} GiB, "
             f"weights {(q_bytes + cache) / 2**30:.2f} GiB (1/{res[mode]['weight_ratio']:.2f} of bf16)")
 
-    rows = [["bf16", f"{res['bf16']['step_ms']:.1f}", "1.00", f"{res['bf16']['peak_bytes'] / 2**30:.2f}",
-             f"{bf16_bytes / 2**30:.2f}", "1"]]
+    def f(v, spec=".1f"):
+        return "-" if v is None else format(v, spec)
+
+    rows = [["bf16", f(res["bf16"]["graph_step_ms"]), "1.00", f(res["bf16"]["step_ms"]), "1.00",
+             f"{res['bf16']['peak_bytes'] / 2**30:.2f}", f"{bf16_bytes / 2**30:.2f}", "1"]]
     for mode, _ in modes:
         r = res[mode]
-        rows.append([f"W4A4 {args.weights}/{args.activations} r{args.rank}, {mode} mode", f"{r['step_ms']:.1f}",
-                     f"{r['speedup']:.2f}", f"{r['peak_bytes'] / 2**30:.2f}", f"{r['bytes'] / 2**30:.2f}",
-                     f"1/{r['weight_ratio']:.2f}"])
+        rows.append([f"W4A4 {args.weights}/{args.activations} r{args.rank}, {mode} mode", f(r["graph_step_ms"]),
+                     f(r["graph_speedup"], ".2f"), f(r["step_ms"]), f(r["speedup"], ".2f"),
+                     f"{r['peak_bytes'] / 2**30:.2f}", f"{r['bytes'] / 2**30:.2f}", f"1/{r['weight_ratio']:.2f}"])
     md = (f"FLUX.1-dev transformer, random bf16 weights, 1 step at 1024x1024 ({img} image + {txt} text tokens), "
-          f"fourbit.quantize RTN took {res['quantize_seconds']:.1f}s\n\n"
-          + md_table(["model", "step ms", "speed-up", "peak GiB", "weights GiB", "weights vs bf16"], rows))
+          f"fourbit.quantize RTN took {res['quantize_seconds']:.1f}s. Step time: median of {args.steps} CUDA-graph "
+          f"replays ('graph') and of {args.steps} eager calls ('eager'); peak = max allocated during eager steps.\n\n"
+          + md_table(["model", "graph ms", "graph speed-up", "eager ms", "eager speed-up", "peak GiB",
+                      "weights GiB", "weights vs bf16"], rows))
     stem = "transformer.tiny" if tiny else "transformer"
     jp, mp = write_results(args.out, stem, env, res, md)
     log(md)

@@ -58,6 +58,11 @@ def tma_aligned(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def ceil_div(a: int, b: int) -> int:
+    """Host-side ceil(a / b) (``triton.cdiv`` is a slow wrapper in recent Triton; this runs per launch)."""
+    return -(-a // b)
+
+
 def next_pow2(n: int, least: int = 1) -> int:
     return max(least, 1 << max(0, (int(n) - 1).bit_length()))
 

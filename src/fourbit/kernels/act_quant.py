@@ -21,6 +21,7 @@ thousands of programs in flight, which a single pass over whole rows cannot (too
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,8 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (aligned_empty, amax as _amax, as_int_value, check_device, e2m1_round, frexp_exponent,
-                      interpreting, mantissa_bits, next_pow2, next_up, num_sms, pow2, round_half_even,
+from ._common import (aligned_empty, amax as _amax, as_int_value, ceil_div, check_device, e2m1_round,
+                      frexp_exponent, interpreting, mantissa_bits, next_pow2, next_up, num_sms, pow2, round_half_even,
                       round_to_mantissa)
 
 try:  # the GPU's rint (round half to even); the interpreter path never calls it
@@ -69,8 +70,10 @@ class ActSpec:
         return torch.float8_e4m3fn
 
 
+@functools.lru_cache(maxsize=256)
 def act_spec(fmt) -> Optional[ActSpec]:
-    """The kernel spec of activation format ``fmt``, or None if no kernel implements it (use the reference)."""
+    """The kernel spec of activation format ``fmt``, or None if no kernel implements it (use the reference).
+    Cached: formats are immutable and hash by their spec."""
     name = getattr(fmt, "name", None)
     g = fmt.group_size if fmt is not None else None
     pow2_group = g is not None and g >= 16 and (g & (g - 1)) == 0
@@ -122,8 +125,9 @@ class ActConfig:
     lr_dot: str = "tf32"  # down-projection: "tf32", or "bf16x2" (X^ split into two bf16 halves; bf16 lr_down)
 
 
-#: H100 sweep (benchmarks/linear.py --tune-what act, 2026-11-22): 64x64 stats tiles were ~40% faster than 32x128.
-DEFAULT_CONFIG = ActConfig(stats_BM=64, stats_BK=64)
+#: H100 sweep (benchmarks/linear.py --tune-what act, 2026-11-22, Triton 3.6): the stats kernel's tile decides;
+#: 64x32 was 20% faster than 64x64 and 2x faster than 32x128; the quantize kernel's tile mattered < 10%.
+DEFAULT_CONFIG = ActConfig(stats_BM=64, stats_BK=32)
 
 
 # ---- the kernels --------------------------------------------------------------------------------
@@ -344,12 +348,12 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
     split = 1
     pmax = plr = None
     if need_amax or rank:  # ---- stats kernel ----
-        n_rb = triton.cdiv(m, cfg.stats_BM)
-        k_steps = triton.cdiv(kp, cfg.stats_BK)
-        split = cfg.split or triton.cdiv(4 * num_sms(dev), n_rb)
+        n_rb = ceil_div(m, cfg.stats_BM)
+        k_steps = ceil_div(kp, cfg.stats_BK)
+        split = cfg.split or ceil_div(4 * num_sms(dev), n_rb)
         split = max(1, min(split, k_steps))
-        cols_per_split = triton.cdiv(k_steps, split) * cfg.stats_BK
-        split = triton.cdiv(kp, cols_per_split)
+        cols_per_split = ceil_div(k_steps, split) * cfg.stats_BK
+        split = ceil_div(kp, cols_per_split)
         pmax = torch.empty((split, m), device=dev, dtype=torch.float32) if need_amax else None
         plr = torch.empty((split, m, rank), device=dev, dtype=torch.float32) if rank else None
         _act_stats_kernel[(n_rb, split)](
@@ -368,7 +372,7 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
         t = rs = torch.clamp(pmax.amax().reshape(1) / (6.0 * 448.0), min=_TINY)
     s_drop, s_max, s_subq, s_minn = _SCALE16.get(spec.scale16, _SCALE16["float16"])
     mant_t = int((spec.qmax / 4.0 - 1.0) * (1 << 23)) if spec.mode in (P2_INT, P2_E2M1) else 0
-    _act_quant_kernel[(triton.cdiv(m, cfg.BM), triton.cdiv(kp, bk))](
+    _act_quant_kernel[(ceil_div(m, cfg.BM), ceil_div(kp, bk))](
         x, dummy if smooth is None else smooth, q, dummy if rs is None else rs, dummy if gs is None else gs,
         dummy if pmax is None else pmax, dummy if plr is None else plr, dummy if lr is None else lr,
         dummy if t is None else t,

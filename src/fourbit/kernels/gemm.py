@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cdiv, check_device, interpreting, next_pow2, num_sms, tma_aligned
+from ._common import ceil_div, cdiv, check_device, interpreting, next_pow2, num_sms, tma_aligned
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -227,7 +227,7 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     # TMA store stages the whole tile in shared memory: 16-bit outputs only (an fp32 tile does not fit)
     tma_store = cfg.tma_store and c.element_size() == 2 and (n * 2) % 16 == 0 and not interpreting()
     c_desc = TensorDescriptor.from_tensor(c, [cfg.BM, cfg.BN]) if tma_store else a_desc
-    tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN)
+    tiles = ceil_div(m, cfg.BM) * ceil_div(n, cfg.BN)
     progs = min(tiles, num_sms(a.device)) if cfg.persistent else tiles
     dummy = c  # never read when the matching flag is off
     is_fp8 = a.dtype == torch.float8_e4m3fn

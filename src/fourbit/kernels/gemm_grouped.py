@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cdiv, check_device, next_pow2, num_sms, tma_aligned
+from ._common import ceil_div, cdiv, check_device, next_pow2, num_sms, tma_aligned
 from .gemm import GemmConfig, TensorDescriptor, _pad_rank, _tile_coords
 
 
@@ -102,7 +102,7 @@ def grouped_gemm(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, group: int, lr: O
     c = torch.empty((m, n), device=a.device, dtype=out_dtype)
     a_desc = TensorDescriptor.from_tensor(a, [cfg.BM, group])
     b_desc = TensorDescriptor.from_tensor(b, [cfg.BN, group])
-    tiles = triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN)
+    tiles = ceil_div(m, cfg.BM) * ceil_div(n, cfg.BN)
     progs = min(tiles, num_sms(a.device)) if cfg.persistent else tiles
     _grouped_gemm_kernel[(progs,)](
         a_desc, b_desc, c, sa.contiguous(), sb.contiguous(),

@@ -80,8 +80,9 @@ _BUFFERS = ("weight_packed", "weight_scales", "weight_row_scale", "smooth", "lr_
 def _key(layer) -> tuple:
     """Changes when any buffer is replaced, moved or modified in place."""
     out = []
+    buffers = layer._buffers
     for name in _BUFFERS:
-        t = getattr(layer, name)
+        t = buffers.get(name)
         try:
             version = None if t is None else t._version
         except RuntimeError:  # inference tensors have no version counter

@@ -12,6 +12,7 @@ of the 4-bit weight, one write of the operand: ~1.5 bytes per parameter of extra
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import aligned_empty, check_device, e2m1_value, pow2, tma_aligned
+from ._common import aligned_empty, ceil_div, check_device, e2m1_value, pow2, tma_aligned
 
 # scale kinds
 S_NONE, S_EXP, S_E4M3, S_E8M0 = range(4)
@@ -36,6 +37,7 @@ _KINDS = {  # format name -> (operand kind, code kind, scale kind)
 }
 
 
+@functools.lru_cache(maxsize=256)
 def weight_kind(fmt) -> Optional[str]:
     """'fp8' | 'codes' | 'bf16' | 'int8' for a weight format the kernels expand, else None."""
     entry = _KINDS.get(getattr(fmt, "name", None))
@@ -126,7 +128,7 @@ def expand_weight(packed: Tensor, scales: Tensor, row_scale: Optional[Tensor], f
         out = aligned_empty(n, kp, _operand_dtype(kind), packed.device)
     s = scales.contiguous()
     bn, bkh = 32, 128
-    grid = (triton.cdiv(n, bn), triton.cdiv(kp // 2, bkh))
+    grid = (ceil_div(n, bn), ceil_div(kp // 2, bkh))
     _expand_kernel[grid](packed, s, out, n, kp // 2, packed.stride(0), s.stride(0), out.stride(0),
                          G=fmt.group_size, CODE_E2M1=code == "e2m1", SCALE=skind, BN=bn, BKH=bkh, num_warps=4)
     return WeightOperand(out, col, grp)

@@ -176,10 +176,9 @@ class SmoothQuantConfig(QuantConfig):
 
 
 @dataclass
-class SVDConfig(QuantConfig):
-    """SVD-only: a 16-bit rank-r branch of W plus the quantized residual; no smoothing."""
+class _LowRankConfig(QuantConfig):
+    """A method with a 16-bit rank-r branch and no activation statistics."""
 
-    method: ClassVar[str] = "svd"
     needs_calibration: ClassVar[bool] = False
     rank: int = 32
 
@@ -189,16 +188,17 @@ class SVDConfig(QuantConfig):
 
 
 @dataclass
-class LoRCConfig(QuantConfig):
+class SVDConfig(_LowRankConfig):
+    """SVD-only: a 16-bit rank-r branch of W plus the quantized residual; no smoothing."""
+
+    method: ClassVar[str] = "svd"
+
+
+@dataclass
+class LoRCConfig(_LowRankConfig):
     """LoRC: quantize W, then add a rank-r 16-bit approximation of the error W - Q(W)."""
 
     method: ClassVar[str] = "lorc"
-    needs_calibration: ClassVar[bool] = False
-    rank: int = 32
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_rank(self.rank)
 
 
 @dataclass

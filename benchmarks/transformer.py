@@ -153,6 +153,40 @@ def time_step_graph(model, inputs, steps=5):
     return statistics.median(times)
 
 
+_CATEGORIES = [  # (category, regex over CUDA kernel names), first match wins
+    ("fourbit act_quant", r"_act_(stats|quant)_kernel"),
+    ("fourbit GEMM", r"_(scaled|grouped)_gemm_kernel"),
+    ("fourbit weight expansion", r"_expand_kernel"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("cuBLAS/other GEMM", r"gemm|sm90_xmma|nvjet|cutlass|cublas"),
+    ("elementwise/norm/other", r"."),
+]
+
+
+@torch.inference_mode()
+def profile_step(model, inputs):
+    """CUDA time of one step by kernel category (ms), from torch.profiler."""
+    import re
+
+    from torch.profiler import ProfilerActivity, profile
+
+    model(**inputs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(**inputs)
+        torch.cuda.synchronize()
+    out = {c: 0.0 for c, _ in _CATEGORIES}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if not us or ev.key.startswith(("ProfilerStep", "cudaDeviceSynchronize")):
+            continue
+        for cat, rx in _CATEGORIES:
+            if re.search(rx, ev.key, re.I):
+                out[cat] += us / 1e3
+                break
+    return out
+
+
 def add_synthetic_branch(model, rank, seed=0):
     """Give every quantized layer random rank-r factors and smoothing factors (what SVDQuant would store),
     so the timed step runs the branch; the numerics are not those of a calibrated model."""
@@ -179,6 +213,7 @@ def main(argv=None):
     p.add_argument("--activations", default="int4p2")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="also break one step's CUDA time down by kernel kind")
     args = p.parse_args(argv)
     env = environment()
     print(json.dumps(env), flush=True)
@@ -200,6 +235,9 @@ def main(argv=None):
     ms, peak, y_bf16 = time_step(model, inputs, steps=args.steps, device=device)
     graph_ms = None if tiny else time_step_graph(model, inputs, steps=args.steps)
     res["bf16"].update(step_ms=ms, peak_bytes=peak, graph_step_ms=graph_ms)
+    if args.profile and not tiny:
+        res["bf16"]["profile_ms"] = profile_step(model, inputs)
+        log(f"bf16 profile (ms): {json.dumps({k: round(v, 2) for k, v in res['bf16']['profile_ms'].items()})}")
     log(f"bf16: {ms:.1f} ms/step eager, {graph_ms} ms/step CUDA graph, peak {peak / 2**30:.2f} GiB, "
         f"weights {bf16_bytes / 2**30:.2f} GiB")
 
@@ -223,12 +261,15 @@ def main(argv=None):
         cache = cached_operand_bytes(model)
         graph_ms = None if tiny else time_step_graph(model, inputs, steps=args.steps)
         err = float((y.float() - y_bf16.float()).norm() / y_bf16.float().norm())
+        prof = profile_step(model, inputs) if args.profile and not tiny else None
+        if prof:
+            log(f"{mode} profile (ms): {json.dumps({k: round(v, 2) for k, v in prof.items()})}")
         base_graph = res["bf16"]["graph_step_ms"]
         res[mode] = dict(kernel=kernel, step_ms=ms, graph_step_ms=graph_ms, peak_bytes=peak, bytes=q_bytes + cache,
                          cached_operand_bytes=cache, speedup=res["bf16"]["step_ms"] / ms,
                          graph_speedup=None if not (graph_ms and base_graph) else base_graph / graph_ms,
                          weight_ratio=bf16_bytes / (q_bytes + cache), finite=bool(torch.isfinite(y).all()),
-                         rel_diff_vs_bf16_random_weights=err)
+                         rel_diff_vs_bf16_random_weights=err, profile_ms=prof)
         log(f"{mode} ({kernel}): {ms:.1f} ms/step eager ({res[mode]['speedup']:.2f}x), {graph_ms} ms/step graph "
             f"({res[mode]['graph_speedup']}x), peak {peak / 2**30:.2f} GiB, "
             f"weights {(q_bytes + cache) / 2**30:.2f} GiB (1/{res[mode]['weight_ratio']:.2f} of bf16)")
@@ -248,6 +289,11 @@ def main(argv=None):
           f"replays ('graph') and of {args.steps} eager calls ('eager'); peak = max allocated during eager steps.\n\n"
           + md_table(["model", "graph ms", "graph speed-up", "eager ms", "eager speed-up", "peak GiB",
                       "weights GiB", "weights vs bf16"], rows))
+    if args.profile and not tiny:
+        cats = [c for c, _ in _CATEGORIES]
+        prow = [["bf16"] + [f"{res['bf16']['profile_ms'][c]:.1f}" for c in cats]]
+        prow += [[mode] + [f"{res[mode]['profile_ms'][c]:.1f}" for c in cats] for mode, _ in modes]
+        md += "\nCUDA time of one eager step by kernel kind (ms, torch.profiler):\n\n" + md_table(["model"] + cats, prow)
     stem = "transformer.tiny" if tiny else "transformer"
     jp, mp = write_results(args.out, stem, env, res, md)
     log(md)

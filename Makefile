@@ -26,7 +26,7 @@ demo: setup
 	$(PY) -m fourbit demo --out out/demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 clean:
 	rm -rf out $(STAMP) .pytest_cache

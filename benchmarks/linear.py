@@ -41,6 +41,11 @@ FORMATS = [
     ("nvfp4 W4A4", "nvfp4", "nvfp4", ("fused", "none")),
     ("mxfp4 W4A4", "mxfp4", "mxfp4", ("fused", "none")),
 ]
+#: the QuaRTZ activation path (per-token stage 1: FP8-exact) beside the int4p2 path it competes with
+QUARTZ_FORMATS = [
+    ("int4p2 W4A4", "int4p2", "int4p2", ("fused", "none", "cublas", "cublas-none")),
+    ("QuaRTZ tok x int4p2 W4A4", "int4p2", "quartz_tok", ("quartz-cublas", "quartz-cublas-none")),
+]
 L2_BYTES = 50 << 20
 
 
@@ -109,6 +114,23 @@ def variant_fn(layer, x, variant):
                 y.addmm_((x / smooth16) @ down16, up16)
             return y
         return run
+    if variant in ("quartz-cublas", "quartz-cublas-none"):
+        from fourbit.kernels.quartz_quant import quartz_quant
+
+        st = layer_state(layer)
+        w = weight_operand(layer, st, memory=False)
+        wt, sb = w.w.t(), w.col_scale.reshape(1, -1)
+        rank = layer.lr_down.shape[0]
+        up16 = layer.lr_up.t().to(x.dtype).contiguous()  # (r, N)
+        branch = variant == "quartz-cublas"
+
+        def run():  # one read of x: QuaRTZ codes as exact e4m3 + per-token scale, and x^ @ lr_down^T
+            a = quartz_quant(x, layer.act_format, st.smooth, st.down if branch else None, layer.padded_in)
+            y = _scaled_mm_bias(a.q, wt, a.row_scale.reshape(-1, 1), sb, layer.bias, x.dtype)
+            if branch:
+                y.addmm_(a.lr[:, :rank].to(x.dtype), up16)
+            return y
+        return run
     raise ValueError(variant)
 
 
@@ -144,7 +166,7 @@ def bench_shape(m, k, n, formats, graph=True, log=print):
         for variant in variants:
             try:
                 fns = [variant_fn(layer, x, variant) for x in xs]
-                err = rel_err(fns[0](), ref) if variant != "none" and variant != "cublas-none" else None
+                err = rel_err(fns[0](), ref) if not variant.endswith("none") else None
                 record(label, variant, fns, err)
             except Exception as e:  # report and go on: one broken path must not lose the whole run
                 log(f"  {label} {variant}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -379,6 +401,8 @@ def main(argv=None):
     p.add_argument("--tune-what", default="gemm,act", help="comma list of sweeps: gemm, act")
     p.add_argument("--quick", action="store_true", help="two shapes, three formats")
     p.add_argument("--no-graph", action="store_true", help="eager timing only")
+    p.add_argument("--quartz", action="store_true", help="only the QuaRTZ activation path beside int4p2 "
+                   "(writes linear-quartz.*)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     env = environment()
@@ -397,6 +421,9 @@ def main(argv=None):
             return
     shapes = SHAPES[:2] if args.quick else SHAPES
     formats = FORMATS[:1] + FORMATS[2:4] if args.quick else FORMATS
+    stem = "linear"
+    if args.quartz:
+        formats, stem = QUARTZ_FORMATS, "linear-quartz"
     rows = []
     t0 = time.time()
     import fourbit.kernels.act_quant as aq
@@ -408,7 +435,7 @@ def main(argv=None):
             summary = summarize(rows)  # written after every shape: a run cut short keeps what it measured
             md = markdown(rows, summary)
             payload = {"rows": rows, "summary": summary, "rank": RANK, "act_config": repr(aq.DEFAULT_CONFIG)}
-            jp, mp = write_results(args.out, "linear", env, payload, md)
+            jp, mp = write_results(args.out, stem, env, payload, md)
     log(md)
     log(f"benchmark took {time.time() - t0:.0f}s; wrote {jp} and {mp}")
 

@@ -57,3 +57,14 @@ def test_compare_on_tiny_model(tmp_path):
     assert "svdquant:w4a4:r8" in format_table(report)
     html = (tmp_path / "out" / "report.html").read_text()
     assert "<svg" in html and "data:image/png;base64" in html
+
+
+def test_model_policy_option():
+    from fourbit.models import get_spec
+
+    spec = get_spec("fashion-dit")
+    cfg = parse_variant("svdquant:w4a4:r32:policy=paper").config(spec.quant_exclude, spec.quant_policies)
+    assert cfg.for_layer("blocks.2.adaLN_modulation.1").activations is None
+    assert cfg.for_layer("blocks.2.mlp.fc1").activations == "int4"
+    with pytest.raises(ValueError, match="no policy 'nope'"):
+        parse_variant("rtn:w4a4:policy=nope").config((), spec.quant_policies)

@@ -113,7 +113,7 @@ def run_compare(settings: CompareSettings, out_dir: str | Path) -> dict:
             row.update(calibration_seconds=0.0, weight_bits_per_element=16.0, model_bytes=model_bytes(fp_model))
         else:
             model = copy.deepcopy(fp_model)
-            cfg = v.config(exclude=spec.quant_exclude)
+            cfg = v.config(exclude=spec.quant_exclude, policies=spec.quant_policies)
             loop = calibration_forward_loop(settings.calib_samples, calib_steps, sampler=settings.sampler,
                                             guidance_scale=guidance, seed=settings.calib_seed,
                                             num_classes=spec.num_classes, eta=settings.eta,

@@ -1,7 +1,8 @@
 """Variant names of the harness: ``METHOD:wXaY[:rN][:key=value...]`` with optional ``+post`` suffixes.
 
 Examples: ``fp16``, ``rtn:w4a4``, ``smoothquant:w4a4``, ``svdquant:w4a4:r32``, ``svdquant:w8a8:r16``,
-``nf4:w4a16``, ``svdquant:w4a4:r32:fmt=int4p2:kernel=triton``, ``rtn:w4a4+ptqd``.
+``nf4:w4a16``, ``svdquant:w4a4:r32:fmt=int4p2:kernel=triton``, ``rtn:w4a4+ptqd``,
+``svdquant:w4a4:r32:policy=paper`` (the model's "paper" override set, e.g. adaLN layers W4A16).
 
 Bits map to formats: 4 -> int4 (group 64), 8 -> int8 (per channel / per token), 16 -> unquantized;
 ``fmt=NAME`` replaces the 4-bit format of weights and activations (``wfmt=``/``afmt=`` one side only),
@@ -35,6 +36,7 @@ class Variant:
     rank: Optional[int] = None
     options: dict = field(default_factory=dict)
     posts: list = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)  # per-layer overrides of a model policy (``policy=NAME``)
 
     @property
     def is_baseline(self) -> bool:
@@ -55,7 +57,7 @@ class Variant:
 
     def common_kwargs(self, exclude: tuple) -> dict:
         kw: dict[str, Any] = dict(weights=self.weight_format(), activations=self.activation_format(),
-                                  exclude=tuple(exclude))
+                                  exclude=tuple(exclude), overrides=dict(self.overrides))
         if "g" in self.options:
             kw["group_size"] = int(self.options["g"])
         if "kernel" in self.options:
@@ -64,10 +66,17 @@ class Variant:
             kw["calib_rows"] = int(self.options["calib_rows"])
         return kw
 
-    def config(self, exclude: tuple = ()) -> C.QuantConfig:
-        """The quantization config this variant means (exclude: layers the model keeps 16-bit)."""
+    def config(self, exclude: tuple = (), policies: Optional[dict] = None) -> C.QuantConfig:
+        """The quantization config this variant means. exclude: layers the model keeps 16-bit; policies: the
+        model's named override sets, of which ``policy=NAME`` picks one (e.g. "paper": adaLN layers W4A16)."""
         if self.is_baseline:
             raise ValueError("the fp16 baseline has no quantization config")
+        if "policy" in self.options:
+            name = self.options["policy"]
+            if name not in (policies or {}):
+                raise ValueError(f"{self.name!r}: this model has no policy {name!r}; "
+                                 f"known: {', '.join(sorted(policies or {})) or 'none'}")
+            self.overrides = dict(policies[name])
         return _METHODS[self.method](self, exclude)
 
 

@@ -38,6 +38,8 @@ class ModelSpec:
     default_steps: int
     default_sampler: str = "ddim"
     quant_exclude: tuple[str, ...] = ()
+    #: named per-layer override sets a variant can ask for with ``policy=NAME`` (see harness/variants.py)
+    quant_policies: dict = field(default_factory=dict)
     num_classes: int = 10
     image_shape: tuple[int, int, int] = (1, 28, 28)
     dataset: str = "fashion-mnist"
@@ -63,6 +65,8 @@ MODELS: dict[str, ModelSpec] = {
             default_guidance_scale=3.0,
             default_steps=20,
             quant_exclude=("x_embedder", "t_embedder.*", "y_embedder.*", "final_layer.*"),
+            # SVDQuant's setting for adaLN models (FLUX): layers fed by the modulation embedding run W4A16
+            quant_policies={"paper": {"blocks.*.adaLN_modulation.*": {"activations": None}}},
         ),
         ModelSpec(
             name="fashion-unet",

@@ -106,7 +106,7 @@ def run_ablation(settings: AblationSettings, out_dir) -> dict:
     # one quantized model for every row and eta (calibrated on trajectories of the first eta)
     t0 = time.perf_counter()
     q_model = copy.deepcopy(fp_model)
-    cfg = variant.config(exclude=spec.quant_exclude)
+    cfg = variant.config(exclude=spec.quant_exclude, policies=spec.quant_policies)
     loop = calibration_forward_loop(st.calib_samples, st.calib_steps or st.steps, sampler=st.sampler,
                                     guidance_scale=guidance, seed=st.calib_seed, num_classes=spec.num_classes,
                                     eta=st.etas[0], batch_size=st.batch_size)

@@ -78,6 +78,46 @@ def _demo(p):
 _demo.run = lambda args: _run_compare(args, "fashion-dit", DEMO_VARIANTS)
 
 
+# ---- quantize -----------------------------------------------------------------------------------
+@command("quantize", "quantize a bundled model (calibrated on its own sampler) and write a checkpoint")
+def _quantize(p):
+    p.add_argument("--model", default="fashion-dit", help="bundled model (fashion-dit, fashion-unet)")
+    p.add_argument("--variant", default="svdquant:w4a4:r32", help="METHOD:wXaY[:rN][:key=value], as in compare")
+    p.add_argument("--calib-samples", type=int, default=20, help="calibration trajectories (classes spread evenly)")
+    p.add_argument("--calib-steps", type=int, default=20, help="sampler steps per calibration trajectory")
+    p.add_argument("--seed", type=int, default=10_000, help="first calibration seed")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors), written atomically")
+
+
+def _run_quantize(args) -> int:
+    import torch
+
+    from .api import quantize
+    from .checkpoint import save
+    from .harness.variants import parse_variant
+    from .models import get_spec, load_pretrained
+    from .sampling import calibration_forward_loop
+
+    variant = parse_variant(args.variant)
+    if variant.is_baseline or variant.posts:
+        raise ValueError(f"{args.variant!r}: give a quantization variant without +suffixes (e.g. svdquant:w4a4:r32)")
+    spec = get_spec(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = variant.config(exclude=spec.quant_exclude, policies=spec.quant_policies)
+    model = load_pretrained(args.model, device=device)
+    loop = calibration_forward_loop(args.calib_samples, args.calib_steps, guidance_scale=spec.default_guidance_scale,
+                                    seed=args.seed, num_classes=spec.num_classes)
+    quantize(model, cfg, forward_loop=loop)
+    path = save(model, args.out, extra={"model": args.model, "variant": variant.name})
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB); load it with "
+          f"fourbit.load(fourbit.models.build_model({args.model!r}, device='meta'), {str(path)!r})")
+    return 0
+
+
+_quantize.run = _run_quantize
+
+
 # ---- inspect ------------------------------------------------------------------------------------
 @command("inspect", "print the header of a fourbit checkpoint")
 def _inspect(p):

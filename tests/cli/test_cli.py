@@ -33,3 +33,25 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert "unknown method 'magic'" in err and "Traceback" not in err
     assert main(["inspect", str(tmp_path / "absent.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_quantize_writes_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from fourbit.models import build_model
+    from fourbit.models import io as model_io
+
+    tiny = build_model("fashion-dit", width=64, depth=1, num_heads=2)
+    weights = tmp_path / "tiny.safetensors"
+    model_io.save_weights(tiny, weights, "fashion-dit")
+    monkeypatch.setattr("fourbit.models.load_pretrained", lambda name, device="cpu": model_io.load_weights(weights, device)[0])
+    out = tmp_path / "q.safetensors"
+    assert main(["quantize", "--variant", "rtn:w4a4", "--calib-samples", "2", "--calib-steps", "2",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    header = fourbit.read_header(out)
+    assert header["config"]["method"] == "rtn" and header["extra"]["variant"] == "rtn:w4a4"
+    fresh = model_io.load_weights(weights)[0]
+    fourbit.load(fresh, out)
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([10, 500]), torch.tensor([1, 10])
+    assert fresh(x, t, y).shape == (2, 1, 28, 28)

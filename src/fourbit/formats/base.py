@@ -111,6 +111,13 @@ class Format(ABC):
         self.group_size = group_size
         self.options = options
 
+    def _set_scale_dtype(self, value: str, allowed: tuple) -> None:
+        """Validate the ``scale_dtype`` option (a torch dtype name from ``allowed``) and apply it."""
+        if value not in allowed:
+            choices = ", ".join(repr(a) for a in allowed)
+            raise ValueError(f"{self.name}: scale_dtype must be one of {choices}, got {value!r}")
+        self.scale_dtype = getattr(torch, value)
+
     # ---- group geometry -------------------------------------------------------------------
     def group_for(self, k: int) -> int:
         """The group size used for a row of length ``k`` (per-row formats use k)."""

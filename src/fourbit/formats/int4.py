@@ -29,10 +29,8 @@ class Int4(Format):
     scale_dtype = torch.float16
 
     def __init__(self, group_size=None, scale_dtype: str = "float16"):
-        if scale_dtype not in ("float16", "bfloat16"):
-            raise ValueError(f"int4: scale_dtype must be 'float16' or 'bfloat16', got {scale_dtype!r}")
         super().__init__(group_size, scale_dtype=scale_dtype)
-        self.scale_dtype = getattr(torch, scale_dtype)
+        self._set_scale_dtype(scale_dtype, ("float16", "bfloat16"))
 
     def quantize(self, x: Tensor) -> QuantizedTensor:
         xf = self.check_input(x)

@@ -28,10 +28,8 @@ class Int8(Format):
     scale_dtype = torch.float32
 
     def __init__(self, group_size=None, scale_dtype: str = "float32"):
-        if scale_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"int8: scale_dtype must be 'float32', 'float16' or 'bfloat16', got {scale_dtype!r}")
         super().__init__(group_size, scale_dtype=scale_dtype)
-        self.scale_dtype = getattr(torch, scale_dtype)
+        self._set_scale_dtype(scale_dtype, ("float32", "float16", "bfloat16"))
 
     def quantize(self, x: Tensor) -> QuantizedTensor:
         xf = self.check_input(x)

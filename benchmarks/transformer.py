@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import environment, md_table, write_results  # noqa: E402
+from _util import environment, md_table, time_graph, write_results  # noqa: E402
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
@@ -124,37 +124,49 @@ def time_step(model, inputs, warmup=2, steps=5, device="cuda"):
 
 @torch.inference_mode()
 def time_step_graph(model, inputs, steps=5):
-    """Median ms of CUDA-graph replays of one step (no Python/launch overhead), or None if capture fails."""
+    """Median ms of CUDA-graph replays of one step (``_util.time_graph``: no Python/launch overhead), or None if
+    capture fails."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model(**inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model(**inputs)
+        return time_graph([lambda: model(**inputs)], replays=steps, min_calls=1)
     except Exception as e:  # report, do not lose the eager numbers
         print(f"CUDA graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
         return None
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del graph
-    torch.cuda.empty_cache()
-    return statistics.median(times)
+    finally:
+        torch.cuda.empty_cache()
+
+
+def compile_blocks(model, on=True):
+    """Regional torch.compile (inductor, default mode) of every transformer block, or undo it. The blocks of a
+    kind share one compiled graph; fourbit's quantized layers are opaque to dynamo (graph breaks), so what
+    inductor fuses is the code between them: norms, modulation, GELU, RoPE, gates, residuals."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, 4096)
+    for blocks in (model.transformer_blocks, model.single_transformer_blocks):
+        for blk in blocks:
+            if on:
+                blk.compile()
+            else:
+                blk._compiled_call_impl = None
+
+
+def timed_compile(model, inputs, device):
+    """Compile the blocks and run one step (compilation happens here); returns the seconds it took."""
+    t0 = time.perf_counter()
+    compile_blocks(model, True)
+    with torch.inference_mode():
+        model(**inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 _CATEGORIES = [  # (category, regex over CUDA kernel names), first match wins
-    ("fourbit act_quant", r"_act_(stats|quant)_kernel"),
+    ("fourbit act_quant", r"_act_(stats|quant|fused)_kernel"),
     ("fourbit GEMM", r"_(scaled|grouped)_gemm_kernel"),
     ("fourbit weight expansion", r"_expand_kernel"),
     ("attention", r"flash|fmha|attention|sdpa"),
@@ -202,6 +214,27 @@ def add_synthetic_branch(model, rank, seed=0):
         layer._cache = {}
 
 
+def compiled(model, inputs, args, device, log, name):
+    """Step times with the blocks compiled (then uncompiled again): eager, CUDA graph, optional profile."""
+    try:
+        secs = timed_compile(model, inputs, device)
+        ms, _, _ = time_step(model, inputs, steps=args.steps, device=device)
+        graph_ms = None if device != "cuda" else time_step_graph(model, inputs, steps=args.steps)
+        out = dict(compile_seconds=secs, compiled_step_ms=ms, compiled_graph_step_ms=graph_ms)
+        if args.profile and device == "cuda":
+            out["compiled_profile_ms"] = profile_step(model, inputs)
+            log(f"{name} compiled profile (ms): "
+                f"{json.dumps({k: round(v, 2) for k, v in out['compiled_profile_ms'].items()})}")
+        log(f"{name} compiled (blocks, inductor; compile+first step {secs:.0f}s): {ms:.1f} ms/step eager, "
+            f"{graph_ms} ms/step CUDA graph")
+    except Exception as e:  # torch.compile failing must not lose the other numbers
+        log(f"{name}: torch.compile FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        out = dict(compile_error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    finally:
+        compile_blocks(model, False)
+    return out
+
+
 def main(argv=None):
     import fourbit
     from fourbit.nn import set_kernel
@@ -214,11 +247,18 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="also break one step's CUDA time down by kernel kind")
+    p.add_argument("--compile", action="store_true", help="also time every model with its blocks under "
+                   "torch.compile (inductor; quantized layers kept out of the graph)")
+    p.add_argument("--blocks", default=None, help="D,S: only D double and S single blocks (a quick check; "
+                   "results go to transformer-<D>x<S>.*)")
     args = p.parse_args(argv)
     env = environment()
     print(json.dumps(env), flush=True)
     tiny = args.tiny or not torch.cuda.is_available()
     cfg, device = (TINY, "cpu") if tiny else (FLUX_DEV, "cuda")
+    if args.blocks:
+        d, s_ = (int(v) for v in args.blocks.split(","))
+        cfg = dict(cfg, num_layers=d, num_single_layers=s_)
     img, txt = (64, 8) if tiny else (4096, 512)
     log = lambda s: print(s, flush=True)  # noqa: E731
 
@@ -240,6 +280,8 @@ def main(argv=None):
         log(f"bf16 profile (ms): {json.dumps({k: round(v, 2) for k, v in res['bf16']['profile_ms'].items()})}")
     log(f"bf16: {ms:.1f} ms/step eager, {graph_ms} ms/step CUDA graph, peak {peak / 2**30:.2f} GiB, "
         f"weights {bf16_bytes / 2**30:.2f} GiB")
+    if args.compile:
+        res["bf16"].update(compiled(model, inputs, args, device, log, "bf16"))
 
     qcfg = fourbit.RTNConfig(weights=args.weights, activations=args.activations,
                              kernel="reference" if tiny else "triton-memory")
@@ -265,7 +307,8 @@ def main(argv=None):
         if prof:
             log(f"{mode} profile (ms): {json.dumps({k: round(v, 2) for k, v in prof.items()})}")
         base_graph = res["bf16"]["graph_step_ms"]
-        res[mode] = dict(kernel=kernel, step_ms=ms, graph_step_ms=graph_ms, peak_bytes=peak, bytes=q_bytes + cache,
+        comp = compiled(model, inputs, args, device, log, mode) if args.compile else {}
+        res[mode] = dict(**comp, kernel=kernel, step_ms=ms, graph_step_ms=graph_ms, peak_bytes=peak, bytes=q_bytes + cache,
                          cached_operand_bytes=cache, speedup=res["bf16"]["step_ms"] / ms,
                          graph_speedup=None if not (graph_ms and base_graph) else base_graph / graph_ms,
                          weight_ratio=bf16_bytes / (q_bytes + cache), finite=bool(torch.isfinite(y).all()),
@@ -289,12 +332,32 @@ def main(argv=None):
           f"replays ('graph') and of {args.steps} eager calls ('eager'); peak = max allocated during eager steps.\n\n"
           + md_table(["model", "graph ms", "graph speed-up", "eager ms", "eager speed-up", "peak GiB",
                       "weights GiB", "weights vs bf16"], rows))
+    if args.compile:
+        b = res["bf16"]
+        crow = []
+        for name in ["bf16"] + [mode for mode, _ in modes]:
+            r = res[name]
+            cg = r.get("compiled_graph_step_ms")
+            crow.append([name, f(r.get("graph_step_ms")), f(cg), f(r.get("compiled_step_ms")),
+                         f(None if not (cg and b.get("graph_step_ms")) else b["graph_step_ms"] / cg, ".2f"),
+                         f(None if not (cg and b.get("compiled_graph_step_ms")) else b["compiled_graph_step_ms"] / cg,
+                           ".2f"), f(r.get("compile_seconds"), ".0f"), r.get("compile_error", "")])
+        md += ("\nWith every transformer block under torch.compile (inductor, default mode; fourbit's kernels are "
+               "graph breaks), step time in ms:\n\n"
+               + md_table(["model", "graph (not compiled)", "compiled + graph", "compiled eager",
+                           "speed-up vs bf16 graph", "speed-up vs bf16 compiled + graph", "compile s", "error"], crow))
     if args.profile and not tiny:
         cats = [c for c, _ in _CATEGORIES]
         prow = [["bf16"] + [f"{res['bf16']['profile_ms'][c]:.1f}" for c in cats]]
         prow += [[mode] + [f"{res[mode]['profile_ms'][c]:.1f}" for c in cats] for mode, _ in modes]
         md += "\nCUDA time of one eager step by kernel kind (ms, torch.profiler):\n\n" + md_table(["model"] + cats, prow)
+        cprow = [[name] + [f"{res[name]['compiled_profile_ms'][c]:.1f}" for c in cats]
+                 for name in ["bf16"] + [mode for mode, _ in modes] if res[name].get("compiled_profile_ms")]
+        if cprow:
+            md += "\nSame, blocks compiled:\n\n" + md_table(["model"] + cats, cprow)
     stem = "transformer.tiny" if tiny else "transformer"
+    if args.blocks:
+        stem += "-" + args.blocks.replace(",", "x")
     jp, mp = write_results(args.out, stem, env, res, md)
     log(md)
     log(f"wrote {jp} and {mp}")

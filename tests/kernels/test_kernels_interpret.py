@@ -2,7 +2,8 @@
 
 Exact numerics are compared bit for bit (activation codes, FP8/int8/bf16 operands, row and group scales,
 expanded weights). Where the arithmetic legitimately differs, the bound is stated:
-  * the low-rank down-projection: fp32 sums in another order, relative 1e-5;
+  * the low-rank down-projection: fp32 sums in another order (and, single-pass, the smoothed factor split into
+    bf16 hi + lo: 2^-16 relative per product), relative 1e-5;
   * GEMMs with fp32 output: fp32 sums in another order, relative 1e-5;
   * layers with fp32 activations vs ``quant_linear_reference``: 1e-5 relative (same codes, fp32 sums);
   * layers with bf16 activations: the interpreter casts fp32 -> bf16 by truncation (not round-to-nearest as
@@ -55,8 +56,14 @@ def hard_rows(m: int, k: int, seed: int = 0) -> torch.Tensor:
 
 
 # ---- act_quant -------------------------------------------------------------------------------
+#: the single-pass path in chunks (ragged last chunk) and in one whole-row chunk, and the two-launch path
+ACT_CONFIGS = [dict(rows=4, rows_lr=16, chunk=128), dict(rows=1, rows_lr=8, chunk=0),
+               dict(single_pass=False, BM=16, BK=128, num_warps=4, stats_BK=64, split=3)]
+
+
+@pytest.mark.parametrize("cfg", ACT_CONFIGS, ids=["chunks", "whole-rows", "two-launch"])
 @pytest.mark.parametrize("name,kw", ACT_FORMATS, ids=_ids(ACT_FORMATS))
-def test_act_quant_bit_exact(name, kw):
+def test_act_quant_bit_exact(name, kw, cfg):
     from fourbit.kernels.act_quant import ActConfig, act_quant, act_quant_torch
 
     fmt = make_format(name, **kw)
@@ -65,15 +72,31 @@ def test_act_quant_bit_exact(name, kw):
     smooth = 2.0 ** torch.randint(-2, 3, (kp,)).float()  # powers of two keep the tie rows exact
     smooth[k // 3] = 0.7  # and one ordinary factor (IEEE division must match torch's)
     down = torch.randn(20, kp).bfloat16()
-    got = act_quant(x, fmt, smooth, down, kp, ActConfig(BM=16, BK=128, num_warps=4, stats_BK=64, split=3))
-    ref = act_quant_torch(x, fmt, smooth, down, kp)
-    assert got.q.dtype == ref.q.dtype and got.q.shape == (m, kp)
-    assert torch.equal(bits(got.q), bits(ref.q))
-    for a, b in ((got.row_scale, ref.row_scale), (got.group_scale, ref.group_scale)):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert torch.equal(bits(a), bits(b))
-    assert torch.allclose(got.lr, ref.lr, rtol=1e-5, atol=1e-5 * ref.lr.abs().max().item())
+    for xin in (x, x.bfloat16()):
+        got = act_quant(xin, fmt, smooth, down, kp, ActConfig(**cfg))
+        ref = act_quant_torch(xin, fmt, smooth, down, kp)
+        assert got.q.dtype == ref.q.dtype and got.q.shape == (m, kp)
+        assert torch.equal(bits(got.q), bits(ref.q))
+        for a, b in ((got.row_scale, ref.row_scale), (got.group_scale, ref.group_scale)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.equal(bits(a), bits(b))
+        # single pass: X @ (lr_down / smooth) with the factor in bf16 hi + lo (2^-16 relative per product);
+        # two-launch: fp32 products here (the interpreter's tf32 dot is fp32); both: fp32 sums in another order
+        assert torch.allclose(got.lr, ref.lr, rtol=1e-5, atol=1e-5 * ref.lr.abs().max().item())
+
+
+def test_fold_down_is_the_smoothed_factor():
+    from fourbit.kernels.act_quant import fold_down
+
+    down = torch.randn(20, 256).bfloat16()
+    smooth = torch.rand(256) + 0.5
+    d = fold_down(down, smooth)
+    assert d.shape == (2, 256, 32) and d.dtype == torch.bfloat16
+    ref = (down.float() / smooth).t()
+    got = d[0].float() + d[1].float()
+    assert torch.equal(d[:, :, 20:].float(), torch.zeros(2, 256, 12))  # rank padding
+    assert ((got[:, :20] - ref).abs() <= 2.0 ** -16 * ref.abs()).all()
 
 
 def test_act_quant_bf16x2_down_projection():
@@ -82,19 +105,21 @@ def test_act_quant_bf16x2_down_projection():
     fmt = make_format("int4p2")
     x = hard_rows(20, 256)
     down = torch.randn(32, 256).bfloat16()
-    got = act_quant(x, fmt, None, down, config=ActConfig(stats_BK=64, lr_dot="bf16x2"))
+    got = act_quant(x, fmt, None, down, config=ActConfig(single_pass=False, stats_BK=64, lr_dot="bf16x2"))
     ref = act_quant_torch(x, fmt, None, down)
     assert torch.equal(bits(got.q), bits(ref.q))
     assert ((got.lr - ref.lr).norm() / ref.lr.norm()).item() < 1e-4  # X^ kept to ~16 bits
 
 
+@pytest.mark.parametrize("single", [True, False], ids=["single-pass", "two-launch"])
 @pytest.mark.parametrize("name", ["int4p2", "int4"])
-def test_act_quant_bf16_input_no_smooth_no_rank(name):
+def test_act_quant_bf16_input_no_smooth_no_rank(name, single):
     from fourbit.kernels.act_quant import ActConfig, act_quant, act_quant_torch
 
     fmt = make_format(name)
     x = hard_rows(20, 128).bfloat16()
-    got = act_quant(x, fmt, config=ActConfig(BM=16, BK=64, num_warps=4, stats_BK=32, split=2))
+    got = act_quant(x, fmt, config=ActConfig(single_pass=single, rows=8, chunk=64, BM=16, BK=64, num_warps=4,
+                                             stats_BK=32, split=2))
     ref = act_quant_torch(x, fmt)
     assert got.lr is None
     assert torch.equal(bits(got.q), bits(ref.q))

@@ -106,14 +106,24 @@ class ActOperand:
 
 @dataclass(frozen=True)
 class ActConfig:
-    """Tiles of the two kernels.
+    """Which path and tiles.
 
-    quantize kernel: one program per (BM rows, BK columns) tile (BK a multiple of the group);
-    stats kernel (row maxima and the down-projection, only where needed): programs of stats_BM rows over a
-    slice of K; ``split`` slices per row block (None: enough programs to fill the GPU ~4 times).
+    ``single_pass`` (default): one launch (``_act_fused_kernel``), one program per ``rows`` rows (``rows_lr``
+    when there is a down-projection: tensor-core dots need >= 16 rows) walking whole rows in chunks of
+    ``chunk`` columns (0: the whole padded row in one chunk), ``warps`` warps, ``stages`` software-pipeline
+    stages. Formats with a per-tensor scale (nvfp4, fp4 with a tensor scale) always take the two-launch path.
+    Two-launch path (``single_pass=False``): stats kernel (row maxima and the down-projection) over slices of K,
+    programs of stats_BM rows, ``split`` slices per row block (None: enough programs to fill the GPU ~4 times),
+    then the quantize kernel, one program per (BM rows, BK columns) tile (BK a multiple of the group).
     ``hw_round``: use the GPU's round-to-nearest-even instruction (the interpreter emulates it).
     """
 
+    single_pass: bool = True
+    rows: int = 4
+    rows_lr: int = 16
+    chunk: int = 512
+    warps: int = 8
+    stages: int = 1
     BM: int = 16
     BK: int = 256
     num_warps: int = 4
@@ -122,11 +132,11 @@ class ActConfig:
     stats_warps: int = 4
     split: Optional[int] = None
     hw_round: bool = True
-    lr_dot: str = "tf32"  # down-projection: "tf32", or "bf16x2" (X^ split into two bf16 halves; bf16 lr_down)
+    lr_dot: str = "tf32"  # two-launch path's down-projection: "tf32", or "bf16x2" (X^ in two bf16 halves)
 
 
-#: H100 sweep (benchmarks/linear.py --tune-what act, 2026-11-22, Triton 3.6): the stats kernel's tile decides;
-#: 64x32 was 20% faster than 64x64 and 2x faster than 32x128; the quantize kernel's tile mattered < 10%.
+#: H100 sweep (benchmarks/linear.py --tune-what act, 2026-11-22, Triton 3.6): for the two-launch path the stats
+#: kernel's tile decides: 64x32 was 20% faster than 64x64 and 2x faster than 32x128.
 DEFAULT_CONFIG = ActConfig(stats_BM=64, stats_BK=32)
 
 
@@ -191,58 +201,34 @@ def _act_stats_kernel(x_ptr, smooth_ptr, down_ptr, pmax_ptr, plr_ptr,
 
 
 @triton.jit
-def _act_quant_kernel(
-    x_ptr, smooth_ptr, q_ptr, rs_ptr, gs_ptr, pmax_ptr, plr_ptr, lr_ptr, t_ptr,
-    M, K, Kp, stride_xm, stride_qm, stride_gs, SPLIT,
-    MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
-    MANT_T: tl.constexpr,  # pow2 modes: mantissa bits above which frexp's m exceeds QMAX / 8
-    S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,  # 16-bit scale grid
-    OUTER: tl.constexpr, ROW_PASS: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
-    HW_ROUND: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    rmask = rows < M
+def _row_scale(amax, MODE: tl.constexpr, QMAX: tl.constexpr, OUTER: tl.constexpr):
+    """Per-row scale (what ``row_scale`` stores) and the divisor the quantizer uses, from max|X^_row|."""
+    rsc = amax
+    div = amax
+    if MODE == 0 or MODE == 1:  # r = max|x_row| / qmax
+        rsc = tl.math.div_rn(amax, QMAX)
+        div = tl.where(rsc != 0, rsc, 1.0)
+    if MODE == 2:  # int8: s = max / 127 (next fp32 up where it would clip by > half a step)
+        rsc = tl.math.div_rn(amax, QMAX)
+        bump = (amax > 127.5 * rsc) & (rsc < 3.4028234663852886e38)
+        rsc = tl.where(bump, (rsc.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), rsc)
+        div = tl.where(rsc != 0, rsc, 1.0)
+    if OUTER == 2:
+        rsc = tl.maximum(tl.math.div_rn(amax, 2688.0), 1.1754943508222875e-38)
+        div = rsc
+    return rsc, div
 
-    # ---- per-row scales from the stats kernel's partial maxima (every program recomputes them) ----
-    if ROW_PASS:
-        amax = tl.full((BM,), 0, tl.float32)
-        for s in range(SPLIT):
-            amax = tl.maximum(amax, tl.load(pmax_ptr + s * M + rows, mask=rmask, other=0.0))
-        if MODE == 0 or MODE == 1:  # r = max|x_row| / qmax
-            rsc = tl.math.div_rn(amax, QMAX)
-            r_safe = tl.where(rsc != 0, rsc, 1.0)
-        if MODE == 2:  # int8: s = max / 127 (next fp32 up where it would clip by > half a step)
-            rsc = tl.math.div_rn(amax, QMAX)
-            bump = (amax > 127.5 * rsc) & (rsc < 3.4028234663852886e38)
-            rsc = tl.where(bump, (rsc.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), rsc)
-            s8_safe = tl.where(rsc != 0, rsc, 1.0)
-        if OUTER == 2:
-            rsc = tl.maximum(tl.math.div_rn(amax, 2688.0), 1.1754943508222875e-38)
-            t_row = rsc
-        if pid_k == 0:
-            tl.store(rs_ptr + rows, rsc, mask=rmask)
-    if OUTER == 1:
-        t_one = tl.load(t_ptr)
-    if RANK > 0:  # the down-projection: sum of the partials, in a fixed order (deterministic)
-        if pid_k == 0:
-            offs_r = tl.arange(0, RANK)
-            lr = tl.full((BM, RANK), 0, tl.float32)
-            for s in range(SPLIT):
-                lr += tl.load(plr_ptr + (s * M + rows[:, None]).to(tl.int64) * RANK + offs_r[None, :],
-                              mask=rmask[:, None], other=0.0)
-            tl.store(lr_ptr + rows[:, None].to(tl.int64) * RANK + offs_r[None, :], lr, mask=rmask[:, None])
 
-    # ---- quantize one (BM, NG, G) tile ----
-    k0 = pid_k * BK
+@triton.jit
+def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
+                MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
+                MANT_T: tl.constexpr, S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr,
+                S_MINN: tl.constexpr, OUTER: tl.constexpr, HW_ROUND: tl.constexpr):
+    """Quantize one (BM, NG, G) tile of X^ -> the GEMM operand (int4 groups: also stores the group scales).
+    div: (BM,) the row divisor of ``_row_scale`` (row formats); t_one: the per-tensor scale (nvfp4)."""
     grp = tl.arange(0, NG)
-    el = tl.arange(0, G)
-    cols = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
-    xs = _load_smoothed(x_ptr, smooth_ptr, rows[:, None, None].to(tl.int64) * stride_xm, cols,
-                        rmask[:, None, None], K, Kp, HAS_SMOOTH)  # (BM, NG, G)
     if MODE == 0 or MODE == 1:
-        y = tl.math.div_rn(xs, r_safe[:, None, None])
+        y = tl.math.div_rn(xs, div[:, None, None])
         gmax = _amax(tl.abs(y), 2)  # (BM, NG)
         e = frexp_exponent(gmax) - 3 + (mantissa_bits(gmax) > MANT_T).to(tl.int32)
         e = tl.where(gmax > 0, e, EMIN)
@@ -254,7 +240,7 @@ def _act_quant_kernel(
             c = e2m1_round(v)
         out = (c * pow2(e)[:, :, None]).to(tl.float8e4nv)
     if MODE == 2:
-        c = tl.minimum(tl.maximum(_rne(tl.math.div_rn(xs, s8_safe[:, None, None]), HW_ROUND), -127.0), 127.0)
+        c = tl.minimum(tl.maximum(_rne(tl.math.div_rn(xs, div[:, None, None]), HW_ROUND), -127.0), 127.0)
         out = c.to(tl.int32).to(tl.int8)
     if MODE == 3:
         gmax = _amax(tl.abs(xs), 2)
@@ -273,7 +259,7 @@ def _act_quant_kernel(
         if OUTER == 1:
             rel = tl.math.div_rn(gmax, t_one)
         if OUTER == 2:
-            rel = tl.math.div_rn(gmax, t_row[:, None])
+            rel = tl.math.div_rn(gmax, div[:, None])
         s = round_to_mantissa(tl.minimum(tl.math.div_rn(rel, 6.0), 448.0), 20, 0.001953125, 0.015625)
         s = tl.where((rel > 7.0 * s) & (s < 448.0), next_up(s, 20, 0.001953125, 0.015625), s)
         if OUTER == 0:
@@ -281,7 +267,7 @@ def _act_quant_kernel(
         if OUTER == 1:
             eff = s * t_one
         if OUTER == 2:
-            eff = s * t_row[:, None]
+            eff = s * div[:, None]
         eff = tl.where(eff != 0, eff, 1.0)
         v = e2m1_round(tl.math.div_rn(xs, eff[:, :, None]))
         out = (v * s[:, :, None]).to(tl.bfloat16)  # exact: <= 6 significant bits
@@ -291,8 +277,143 @@ def _act_quant_kernel(
         e = tl.minimum(tl.maximum(e, -127), 127)
         v = e2m1_round(xs * pow2(-e)[:, :, None])
         out = (v * pow2(e)[:, :, None]).to(tl.bfloat16)
+    return out
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, smooth_ptr, q_ptr, rs_ptr, gs_ptr, pmax_ptr, plr_ptr, lr_ptr, t_ptr,
+    M, K, Kp, stride_xm, stride_qm, stride_gs, SPLIT,
+    MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
+    MANT_T: tl.constexpr,  # pow2 modes: mantissa bits above which frexp's m exceeds QMAX / 8
+    S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,  # 16-bit scale grid
+    OUTER: tl.constexpr, ROW_PASS: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
+    HW_ROUND: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    """The two-launch path's second kernel: quantize one (BM, BK) tile, row scales from the stats partials."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < M
+
+    # ---- per-row scales from the stats kernel's partial maxima (every program recomputes them) ----
+    div = tl.full((BM,), 1.0, tl.float32)
+    if ROW_PASS:
+        amax = tl.full((BM,), 0, tl.float32)
+        for s in range(SPLIT):
+            amax = tl.maximum(amax, tl.load(pmax_ptr + s * M + rows, mask=rmask, other=0.0))
+        rsc, div = _row_scale(amax, MODE, QMAX, OUTER)
+        if pid_k == 0:
+            tl.store(rs_ptr + rows, rsc, mask=rmask)
+    t_one = 1.0
+    if OUTER == 1:
+        t_one = tl.load(t_ptr)
+    if RANK > 0:  # the down-projection: sum of the partials, in a fixed order (deterministic)
+        if pid_k == 0:
+            offs_r = tl.arange(0, RANK)
+            lr = tl.full((BM, RANK), 0, tl.float32)
+            for s in range(SPLIT):
+                lr += tl.load(plr_ptr + (s * M + rows[:, None]).to(tl.int64) * RANK + offs_r[None, :],
+                              mask=rmask[:, None], other=0.0)
+            tl.store(lr_ptr + rows[:, None].to(tl.int64) * RANK + offs_r[None, :], lr, mask=rmask[:, None])
+
+    # ---- quantize one (BM, NG, G) tile ----
+    k0 = pid_k * BK
+    grp = tl.arange(0, NG)
+    el = tl.arange(0, G)
+    cols = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
+    xs = _load_smoothed(x_ptr, smooth_ptr, rows[:, None, None].to(tl.int64) * stride_xm, cols,
+                        rmask[:, None, None], K, Kp, HAS_SMOOTH)  # (BM, NG, G)
+    out = _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp, MODE, G, NG, QMAX, EMIN, MANT_T,
+                      S_DROP, S_MAX, S_SUBQ, S_MINN, OUTER, HW_ROUND)
     tl.store(q_ptr + rows[:, None, None].to(tl.int64) * stride_qm + cols, out,
              mask=rmask[:, None, None] & (cols < Kp))
+
+
+@triton.jit
+def _down_dot(x, d_ptr, cols, Kp, acc, RANK: tl.constexpr, XSPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += x @ D[cols] with D = lr_down^T / smooth split into bf16 hi + lo ((2, Kp, RANK), see ``fold_down``).
+
+    x (BM, BK) raw input (zeros past K). bf16 x: the products x * hi and x * lo are exact in the fp32
+    accumulator; other dtypes: x split into bf16 hi + lo as well (x_lo * d_lo dropped, ~2^-16 relative)."""
+    offs_r = tl.arange(0, RANK)
+    dmask = cols[:, None] < Kp
+    dp = d_ptr + cols[:, None] * RANK + offs_r[None, :]
+    d_hi = tl.load(dp, mask=dmask, other=0.0)
+    d_lo = tl.load(dp + Kp * RANK, mask=dmask, other=0.0)
+    if UPCAST:  # interpreter: its bf16 dot is wrong; the same sum of products in fp32
+        xf = x.to(tl.float32)
+        acc = tl.dot(xf, d_hi.to(tl.float32), acc)
+        acc = tl.dot(xf, d_lo.to(tl.float32), acc)
+    else:
+        if XSPLIT:
+            xf = x.to(tl.float32)
+            x_hi = xf.to(tl.bfloat16)
+            x_lo = (xf - x_hi.to(tl.float32)).to(tl.bfloat16)
+            acc = tl.dot(x_hi, d_hi, acc)
+            acc = tl.dot(x_hi, d_lo, acc)
+            acc = tl.dot(x_lo, d_hi, acc)
+        else:
+            acc = tl.dot(x, d_hi, acc)
+            acc = tl.dot(x, d_lo, acc)
+    return acc
+
+
+@triton.jit
+def _act_fused_kernel(
+    x_ptr, smooth_ptr, d_ptr, q_ptr, rs_ptr, gs_ptr, lr_ptr, t_ptr,
+    M, K, Kp, stride_xm, stride_qm, stride_gs,
+    MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
+    MANT_T: tl.constexpr, S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,
+    OUTER: tl.constexpr, ROW_PASS: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
+    LR_IN_QUANT: tl.constexpr, XSPLIT: tl.constexpr, UPCAST: tl.constexpr, HW_ROUND: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
+):
+    """One launch, one program per BM rows (whole rows): X read from memory once.
+
+    Row formats: loop 1 over K (row maxima of |X^| and the down-projection on tensor cores), loop 2 over K
+    (quantize and store; the row block was just read, so this read mostly hits L1/L2). Other formats: one
+    loop (quantize + down-projection)."""
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < M
+    xrow = rows.to(tl.int64) * stride_xm
+    if RANK > 0:
+        acc = tl.full((BM, RANK), 0, tl.float32)
+    div = tl.full((BM,), 1.0, tl.float32)
+    if ROW_PASS:
+        amax = tl.full((BM,), 0, tl.float32)
+        for k0 in range(0, Kp, BK):
+            cols = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + xrow[:, None] + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0)
+            xs = x.to(tl.float32)
+            if HAS_SMOOTH:
+                s = tl.load(smooth_ptr + cols, mask=cols < Kp, other=1.0)
+                xs = tl.math.div_rn(xs, s[None, :])
+            amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
+            if RANK > 0:
+                acc = _down_dot(x, d_ptr, cols, Kp, acc, RANK, XSPLIT, UPCAST)
+        rsc, div = _row_scale(amax, MODE, QMAX, OUTER)
+        tl.store(rs_ptr + rows, rsc, mask=rmask)
+    t_one = 1.0
+    if OUTER == 1:
+        t_one = tl.load(t_ptr)
+    grp = tl.arange(0, NG)
+    el = tl.arange(0, G)
+    for k0 in range(0, Kp, BK):
+        cols3 = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
+        xs3 = _load_smoothed(x_ptr, smooth_ptr, xrow[:, None, None], cols3, rmask[:, None, None], K, Kp, HAS_SMOOTH)
+        out = _quant_tile(xs3, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp, MODE, G, NG, QMAX, EMIN,
+                          MANT_T, S_DROP, S_MAX, S_SUBQ, S_MINN, OUTER, HW_ROUND)
+        tl.store(q_ptr + rows[:, None, None].to(tl.int64) * stride_qm + cols3, out,
+                 mask=rmask[:, None, None] & (cols3 < Kp))
+        if LR_IN_QUANT:
+            cols = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + xrow[:, None] + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0)
+            acc = _down_dot(x, d_ptr, cols, Kp, acc, RANK, XSPLIT, UPCAST)
+    if RANK > 0:
+        offs_r = tl.arange(0, RANK)
+        tl.store(lr_ptr + rows[:, None].to(tl.int64) * RANK + offs_r[None, :], acc, mask=rmask[:, None])
 
 
 # ---- launcher ---------------------------------------------------------------------------------
@@ -315,12 +436,30 @@ def _check(x, smooth, lr_down, padded_in):
     return kp
 
 
+def fold_down(lr_down: Tensor, smooth: Optional[Tensor] = None) -> Tensor:
+    """The single-pass path's down-projection operand: D = (lr_down / smooth)^T, R zero-padded to a power of
+    two >= 16, split into bf16 hi + lo = D to ~2^-16 relative: (2, Kp, Rp) bfloat16, contiguous.
+
+    X^ @ lr_down^T == X @ D (smoothing folded into the factor ahead of time), so the kernel multiplies the raw
+    input: for bf16 X every product X * hi and X * lo is exact in the fp32 accumulator. Layers cache it."""
+    rank = next_pow2(lr_down.shape[0], 16)
+    d = lr_down.float()
+    if smooth is not None:
+        d = d / smooth.float()  # IEEE division, fp32
+    d = torch.nn.functional.pad(d, (0, 0, 0, rank - d.shape[0])).t()  # (Kp, Rp)
+    hi = d.to(torch.bfloat16)
+    lo = (d - hi.float()).to(torch.bfloat16)
+    return torch.stack([hi, lo]).contiguous()
+
+
 def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
-              padded_in: Optional[int] = None, config: Optional[ActConfig] = None) -> ActOperand:
+              padded_in: Optional[int] = None, config: Optional[ActConfig] = None,
+              down_folded: Optional[Tensor] = None) -> ActOperand:
     """Quantize activations x (M, K) with format ``fmt`` for the GEMM, fused with smoothing and X^ @ lr_down^T.
 
     smooth: (Kp,) fp32 or None; lr_down: (R, Kp) 16-bit or fp32 (R padded to a power of two >= 16 inside);
     padded_in: Kp (zero-padding of K up to the group multiple); x may be any float dtype and row stride.
+    down_folded: ``fold_down(lr_down, smooth)`` if the caller caches it (single-pass path; else computed here).
     """
     spec = act_spec(fmt)
     if spec is None:
@@ -330,6 +469,53 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or DEFAULT_CONFIG
+    if cfg.single_pass and spec.outer != 1:
+        return _act_quant_single(x, spec, smooth, lr_down, kp, cfg, down_folded)
+    return _act_quant_two(x, spec, smooth, lr_down, kp, cfg)
+
+
+def _scale_consts(spec: ActSpec):
+    s_drop, s_max, s_subq, s_minn = _SCALE16.get(spec.scale16, _SCALE16["float16"])
+    mant_t = int((spec.qmax / 4.0 - 1.0) * (1 << 23)) if spec.mode in (P2_INT, P2_E2M1) else 0
+    return dict(MANT_T=mant_t, S_DROP=s_drop, S_MAX=s_max, S_SUBQ=s_subq, S_MINN=s_minn)
+
+
+def _act_quant_single(x, spec, smooth, lr_down, kp, cfg, down_folded) -> ActOperand:
+    m, k = x.shape
+    dev = x.device
+    rank = 0
+    if lr_down is not None:
+        rank = next_pow2(lr_down.shape[0], 16)
+        if down_folded is None:
+            down_folded = fold_down(lr_down, smooth)
+        if down_folded.shape != (2, kp, rank) or down_folded.dtype != torch.bfloat16:
+            raise ValueError(f"act_quant: down_folded must be (2, {kp}, {rank}) bfloat16 (fold_down), "
+                             f"got {tuple(down_folded.shape)} {down_folded.dtype}")
+        down_folded = down_folded.contiguous()
+    bk = cfg.chunk or next_pow2(kp)
+    bk = max(bk, spec.group, 16)
+    g = bk if spec.mode == INT8_ROW else spec.group
+    bm = cfg.rows_lr if rank else cfg.rows
+    if rank and not interpreting():
+        bm = max(bm, 16)  # tensor-core dot
+    q = aligned_empty(m, kp, spec.operand_dtype, dev)
+    lr = torch.empty((m, rank), device=dev, dtype=torch.float32) if rank else None
+    rs = torch.empty((m,), device=dev, dtype=torch.float32) if spec.row_pass else None
+    gs = torch.empty((kp // g, m), device=dev, dtype=torch.float32) if spec.mode == INT4_GROUP else None
+    dummy = q
+    _act_fused_kernel[(ceil_div(m, bm),)](
+        x, dummy if smooth is None else smooth, dummy if down_folded is None else down_folded, q,
+        dummy if rs is None else rs, dummy if gs is None else gs, dummy if lr is None else lr, dummy,
+        m, k, kp, x.stride(0), q.stride(0), 0 if gs is None else gs.stride(0),
+        MODE=spec.mode, G=g, NG=bk // g, QMAX=float(spec.qmax), EMIN=spec.emin, **_scale_consts(spec),
+        OUTER=spec.outer, ROW_PASS=spec.row_pass, HAS_SMOOTH=smooth is not None, RANK=rank,
+        LR_IN_QUANT=bool(rank) and not spec.row_pass, XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(),
+        HW_ROUND=cfg.hw_round and not interpreting(), BM=bm, BK=bk, num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    return ActOperand(q, rs, gs, lr)
+
+
+def _act_quant_two(x, spec, smooth, lr_down, kp, cfg) -> ActOperand:
     m, k = x.shape
     dev = x.device
     bk = max(cfg.BK, spec.group)
@@ -370,15 +556,13 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
         gs = torch.empty((kp // g, m), device=dev, dtype=torch.float32)
     if spec.outer == 1:  # nvfp4: t = max(max|X^| / (6 * 448), 2^-126) over the whole tensor
         t = rs = torch.clamp(pmax.amax().reshape(1) / (6.0 * 448.0), min=_TINY)
-    s_drop, s_max, s_subq, s_minn = _SCALE16.get(spec.scale16, _SCALE16["float16"])
-    mant_t = int((spec.qmax / 4.0 - 1.0) * (1 << 23)) if spec.mode in (P2_INT, P2_E2M1) else 0
     _act_quant_kernel[(ceil_div(m, cfg.BM), ceil_div(kp, bk))](
         x, dummy if smooth is None else smooth, q, dummy if rs is None else rs, dummy if gs is None else gs,
         dummy if pmax is None else pmax, dummy if plr is None else plr, dummy if lr is None else lr,
         dummy if t is None else t,
         m, k, kp, x.stride(0), q.stride(0), 0 if gs is None else gs.stride(0), split,
-        MODE=spec.mode, G=g, NG=bk // g, QMAX=float(spec.qmax), EMIN=spec.emin, MANT_T=mant_t,
-        S_DROP=s_drop, S_MAX=s_max, S_SUBQ=s_subq, S_MINN=s_minn, OUTER=spec.outer, ROW_PASS=spec.row_pass,
+        MODE=spec.mode, G=g, NG=bk // g, QMAX=float(spec.qmax), EMIN=spec.emin, **_scale_consts(spec),
+        OUTER=spec.outer, ROW_PASS=spec.row_pass,
         HAS_SMOOTH=smooth is not None, RANK=rank, HW_ROUND=cfg.hw_round and not interpreting(),
         BM=cfg.BM, BK=bk, num_warps=cfg.num_warps,
     )
@@ -387,7 +571,8 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
 
 # ---- the plain-torch twin ----------------------------------------------------------------------
 def act_quant_torch(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
-                    padded_in: Optional[int] = None, config: Optional[ActConfig] = None) -> ActOperand:
+                    padded_in: Optional[int] = None, config: Optional[ActConfig] = None,
+                    down_folded: Optional[Tensor] = None) -> ActOperand:
     """The same outputs from the format's reference ``quantize`` (plain torch, any device)."""
     from ..formats.floats import e2m1_decode
 

@@ -3,7 +3,7 @@
     y = GEMM(act_quant(x), weight operand)   with the low-rank branch and the bias in the GEMM epilogue
 
 Three launches at most per layer: ``act_quant`` (smoothing, dynamic quantization and the down-projection,
-one read of x), in memory mode ``expand_weight`` (4-bit weight -> operand, just in time), and the GEMM
+one launch and one read of x from memory for most formats), in memory mode ``expand_weight`` (4-bit weight -> operand, just in time), and the GEMM
 (``scaled_gemm`` for formats whose scales factor out of the K loop, ``grouped_gemm`` for int4 with group
 scales). Which pair of formats runs on which path (``plan_for``):
 
@@ -32,7 +32,7 @@ from torch import Tensor
 from ..nn.reference import low_rank_branch, prepare_activation, quant_linear_reference
 from . import register_linear_kernel
 from ._common import next_pow2
-from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec
+from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, fold_down
 from .gemm import scaled_gemm
 from .gemm_grouped import grouped_gemm
 from .weights import WeightOperand, expand_weight, weight_kind
@@ -68,6 +68,7 @@ class LayerState:
     plan: str
     smooth: Optional[Tensor] = None  # (Kp,) fp32
     down: Optional[Tensor] = None  # (Rp, Kp), the layer's 16-bit dtype, rank zero-padded
+    down_folded: Optional[Tensor] = None  # (2, Kp, Rp) bf16: fold_down(lr_down, smooth), act_quant's operand
     up: Optional[Tensor] = None  # (N, Rp) fp32
     bias: Optional[Tensor] = None  # (N,) fp32
     weight: Optional[WeightOperand] = None  # speed mode
@@ -103,6 +104,7 @@ def layer_state(layer) -> LayerState:
         pad = rp - layer.lr_down.shape[0]
         st.down = F.pad(layer.lr_down, (0, 0, 0, pad)).contiguous()
         st.up = F.pad(layer.lr_up.float(), (0, pad)).contiguous()
+        st.down_folded = fold_down(layer.lr_down, st.smooth)
     st.bias = None if layer.bias is None else layer.bias.float().contiguous()
     layer._cache[_CACHE_KEY] = st
     return st
@@ -154,7 +156,8 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
                           f"using the reference implementation", stacklevel=3)
         return quant_linear_reference(layer, x2)
     fused = lowrank == "fused" and st.down is not None
-    a = act_quant(x2, layer.act_format, st.smooth, st.down if fused else None, layer.padded_in)
+    a = act_quant(x2, layer.act_format, st.smooth, st.down if fused else None, layer.padded_in,
+                  down_folded=st.down_folded if fused else None)
     w = weight_operand(layer, st, memory)
     lr, up = (a.lr, st.up) if fused else (None, None)
     if st.plan == "grouped":
@@ -169,10 +172,14 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
     return y
 
 
+# torch.compile: the kernels are opaque to dynamo (a graph break per quantized layer); inductor compiles and fuses
+# the code between them (norms, modulation, activations), and an outer CUDA graph captures both.
+@torch.compiler.disable
 def triton_speed(layer, x2: Tensor) -> Tensor:
     return linear_forward(layer, x2, memory=False)
 
 
+@torch.compiler.disable
 def triton_memory(layer, x2: Tensor) -> Tensor:
     return linear_forward(layer, x2, memory=True)
 

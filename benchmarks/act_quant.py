@@ -32,22 +32,38 @@ def inputs(m, k, min_bytes=2 * L2_BYTES):
 
 
 def configs(quick):
-    from fourbit.kernels.act_quant import ActConfig
+    """(label, ActConfig) candidates with and without the rank-32 branch; the first is the library default."""
+    from fourbit.kernels.act_quant import DEFAULT_CONFIG as base
 
-    base = ActConfig()
-    lr = [dict(rows_lr=16, chunk=512, warps=8), dict(rows_lr=16, chunk=256, warps=4),
-          dict(rows_lr=32, chunk=256, warps=8), dict(rows_lr=32, chunk=512, warps=8),
-          dict(rows_lr=16, chunk=512, warps=8, stages=2), dict(rows_lr=64, chunk=256, warps=8)]
-    nolr = [dict(rows=1, chunk=0, warps=8), dict(rows=2, chunk=0, warps=16), dict(rows=4, chunk=512, warps=8),
-            dict(rows=4, chunk=1024, warps=8), dict(rows=8, chunk=512, warps=8), dict(rows=1, chunk=1024, warps=4)]
+    old = dataclasses.replace(base, single_pass=False, lr_dot="tf32", fast_div=False, stats_BM=64, stats_BK=32)
+    common = [("default", base), ("old: two-launch, tf32, div_rn", old),
+              ("two-launch, folded, fast div", dataclasses.replace(old, lr_dot="folded", fast_div=True)),
+              ("default, div_rn", dataclasses.replace(base, fast_div=False))]
+    lr = common + [(None, dataclasses.replace(base, **kw)) for kw in (
+        dict(rows=2), dict(chunk=2048, warps=8), dict(chunk=512), dict(stats_BM=128, stats_BK=64, stats_warps=8),
+        dict(stats_BM=64, stats_BK=64), dict(lr_split=False, rows_lr=16, chunk=256, warps=4))]
+    nolr = common + [(None, dataclasses.replace(base, **kw)) for kw in (
+        dict(rows=2), dict(chunk=2048, warps=8), dict(chunk=512), dict(chunk=0, warps=8), dict(rows=4, warps=8))]
     if quick:
-        lr, nolr = lr[:2], nolr[:2]
-    return ([dataclasses.replace(base, **kw) for kw in lr], [dataclasses.replace(base, **kw) for kw in nolr])
+        lr, nolr = lr[:3], nolr[:3]
+    return lr, nolr
+
+
+def _name(label, cfg, rank):
+    if label:
+        return label
+    keys = ("rows", "chunk", "warps", "stages", "lr_split", "stats_BM", "stats_BK", "stats_warps", "fast_div")
+    from fourbit.kernels.act_quant import DEFAULT_CONFIG as base
+
+    diff = [f"{k}={getattr(cfg, k)}" for k in keys if getattr(cfg, k) != getattr(base, k)]
+    if rank and not cfg.lr_split:
+        diff += [f"rows_lr={cfg.rows_lr}"]
+    return "default + " + " ".join(diff)
 
 
 def main(argv=None):
     from fourbit.formats import make_format
-    from fourbit.kernels.act_quant import DEFAULT_CONFIG, ActConfig, act_quant, fold_down
+    from fourbit.kernels.act_quant import act_quant, fold_down, recip
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -57,7 +73,6 @@ def main(argv=None):
     env = environment()
     print(json.dumps(env), flush=True)
     lr_cfgs, nolr_cfgs = configs(args.quick)
-    two = dataclasses.replace(DEFAULT_CONFIG, single_pass=False)
     rows = []
     for m, k in SHAPES:
         xs = inputs(m, k)
@@ -66,26 +81,26 @@ def main(argv=None):
         print(f"M={m} K={k}: copy floor {floor_ms:.4f} ms ({gbs:.0f} GB/s)", flush=True)
         smooth = torch.rand(k, device="cuda") + 0.5
         down = torch.randn(RANK, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-        folded = fold_down(down, smooth)
+        folded, rsm = fold_down(down, smooth), recip(smooth)
         for fi, fname in enumerate(args.formats.split(",")):
             fmt = make_format(fname)
             for rank in (RANK, 0):
                 d, f = (down, folded) if rank else (None, None)
-                cands = [("two-launch (old default)", two)] + [(None, c) for c in (lr_cfgs if rank else nolr_cfgs)]
-                if fi > 0:  # other formats: old path and the first (default-like) config only
+                cands = lr_cfgs if rank else nolr_cfgs
+                if fi > 0:  # other formats: the default and the old path only
                     cands = cands[:2]
                 for label, cfg in cands:
-                    fns = [lambda x=x, cfg=cfg: act_quant(x, fmt, smooth, d, k, config=cfg, down_folded=f) for x in xs]
+                    fns = [lambda x=x, cfg=cfg: act_quant(x, fmt, smooth, d, k, config=cfg, down_folded=f,
+                                                          smooth_recip=rsm) for x in xs]
                     try:
                         ms = time_graph(fns)
                     except Exception as e:  # a config that does not compile is reported, not fatal
                         print(f"  {fname} r{rank} {cfg}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:160]}")
                         continue
-                    name = label or (f"single rows={cfg.rows_lr if rank else cfg.rows} chunk={cfg.chunk} "
-                                     f"warps={cfg.warps} stages={cfg.stages}")
+                    name = _name(label, cfg, rank)
                     rows.append(dict(M=m, K=k, format=fname, rank=rank, config=name, ms=ms, floor_ms=floor_ms,
                                      x_floor=ms / floor_ms))
-                    print(f"  {fname:7s} r{rank:<2d} {name:42s} {ms:.4f} ms  {ms / floor_ms:.2f}x floor", flush=True)
+                    print(f"  {fname:7s} r{rank:<2d} {name:50s} {ms:.4f} ms  {ms / floor_ms:.2f}x floor", flush=True)
         del xs
         torch.cuda.empty_cache()
     # best single-pass config per (rank) for int4p2 by geometric mean over the shapes

@@ -369,9 +369,6 @@ def _tune_gemms(log, sweep, gemm_fn, fp8_cfgs, res):
 
 
 def _tune_act(log, sweep):
-    import dataclasses
-
-    import fourbit.kernels.act_quant as aq
     from fourbit.formats import make_format
     from fourbit.kernels.act_quant import act_quant
 
@@ -382,13 +379,9 @@ def _tune_act(log, sweep):
         smooth = torch.rand(k, device="cuda") + 0.5
         down = torch.randn(RANK, k, device="cuda", dtype=torch.bfloat16)
         return [lambda x=x: act_quant(x, fmt, smooth, down, k, config=cfg) for x in xs]
-    base = aq.DEFAULT_CONFIG
-    act_cfgs = [base] + [dataclasses.replace(base, **kw) for kw in (
-        dict(stats_BM=64, stats_BK=32), dict(stats_BM=128, stats_BK=32, stats_warps=8),
-        dict(stats_BM=128, stats_BK=64, stats_warps=8), dict(stats_BM=64, stats_BK=64, stats_warps=8),
-        dict(stats_BM=64, stats_BK=128), dict(lr_dot="bf16x2"), dict(lr_dot="bf16x2", stats_BM=128, stats_BK=64,
-                                                                         stats_warps=8),
-        dict(BM=32, BK=128), dict(BM=8, BK=512), dict(BM=16, BK=512, num_warps=8), dict(BM=4, BK=1024))]
+    from act_quant import configs  # the candidates of benchmarks/act_quant.py with the rank-32 branch
+
+    act_cfgs = [c for _, c in configs(False)[0]]
     log("act_quant int4p2 (smooth + rank 32):")
     return sweep("act_quant", act_cfgs, act_make)
 

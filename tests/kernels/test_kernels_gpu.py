@@ -19,7 +19,7 @@ from fourbit.formats import make_format
 from fourbit.nn import set_kernel
 
 from .conftest import bits
-from .test_kernels_interpret import ACT_FORMATS, PAIRS, WEIGHT_FORMATS, _ids, hard_rows
+from .test_kernels_interpret import ACT_FORMATS, PAIRS, WEIGHT_FORMATS, _division_cases, _ids, hard_rows
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -34,12 +34,12 @@ def test_act_quant_bit_exact_gpu(name, kw, single):
     x = hard_rows(m, k).cuda()
     smooth = (torch.rand(kp) + 0.5).cuda()
     down = torch.randn(32, kp).bfloat16().cuda()
-    # single pass: raw X times (lr_down / smooth) in bf16 hi + lo, exact products (bf16 X) or X split too;
-    # two-launch path and per-tensor-scale formats: tf32 X^
-    single_path = single and act_spec(fmt).outer != 1
+    # raw X times (lr_down / smooth) in bf16 hi + lo ("folded", the default of both paths): exact products (bf16
+    # X) or X split too; the two-launch path's tf32 option: tf32 X^
     for xin in (x, x.bfloat16()):
-        for cfg in ((ActConfig(), ActConfig(chunk=0), ActConfig(rows=1, rows_lr=32, chunk=256))
-                    if single else (ActConfig(single_pass=False),)):
+        for cfg in ((ActConfig(), ActConfig(chunk=0, rows=2), ActConfig(rows=4, chunk=256, lr_split=False),
+                     ActConfig(fast_div=False))
+                    if single else (ActConfig(single_pass=False), ActConfig(single_pass=False, lr_dot="tf32"))):
             got = act_quant(xin, fmt, smooth, down, kp, config=cfg)
             ref = act_quant_torch(xin, fmt, smooth, down, kp)
             assert torch.equal(bits(got.q), bits(ref.q))
@@ -48,7 +48,18 @@ def test_act_quant_bit_exact_gpu(name, kw, single):
                 if a is not None:
                     assert torch.equal(bits(a), bits(b))
             err = ((got.lr - ref.lr).norm() / ref.lr.norm()).item()
-            assert err < (1e-4 if single_path else 1e-3), err
+            assert err < (1e-3 if cfg.lr_dot == "tf32" and not (single and act_spec(fmt).outer != 1) else 1e-4), err
+
+
+def test_fast_division_is_ieee_gpu():
+    from fourbit.kernels.act_quant import div_elementwise
+
+    for seed in range(4):
+        a, b = _division_cases(1 << 24, seed=seed, device="cuda")
+        got = div_elementwise(a, b)
+        ref = a / b
+        same = (bits(got) == bits(ref)) | (torch.isnan(got) & torch.isnan(ref))
+        assert same.all(), (a[~same][:5], b[~same][:5], got[~same][:5], ref[~same][:5])
 
 
 @pytest.mark.parametrize("name,kw", WEIGHT_FORMATS, ids=_ids(WEIGHT_FORMATS))

@@ -56,12 +56,16 @@ def hard_rows(m: int, k: int, seed: int = 0) -> torch.Tensor:
 
 
 # ---- act_quant -------------------------------------------------------------------------------
-#: the single-pass path in chunks (ragged last chunk) and in one whole-row chunk, and the two-launch path
-ACT_CONFIGS = [dict(rows=4, rows_lr=16, chunk=128), dict(rows=1, rows_lr=8, chunk=0),
-               dict(single_pass=False, BM=16, BK=128, num_warps=4, stats_BK=64, split=3)]
+#: the single-pass path in chunks (ragged last chunk; down-projection inside, IEEE divisions) and in one
+#: whole-row chunk (down-projection in a split-K stats launch, divisions from reciprocals), and the two-launch
+#: path with the folded factor (reciprocals) and with tf32 X^ (IEEE divisions)
+ACT_CONFIGS = [dict(rows=4, rows_lr=16, chunk=128, lr_split=False, fast_div=False), dict(rows=1, chunk=0, split=3),
+               dict(single_pass=False, BM=16, BK=128, num_warps=4, stats_BK=64, split=3),
+               dict(single_pass=False, BM=16, BK=128, num_warps=4, stats_BK=64, split=3, lr_dot="tf32",
+                    fast_div=False)]
 
 
-@pytest.mark.parametrize("cfg", ACT_CONFIGS, ids=["chunks", "whole-rows", "two-launch"])
+@pytest.mark.parametrize("cfg", ACT_CONFIGS, ids=["chunks", "whole-rows", "two-launch", "two-launch-tf32"])
 @pytest.mark.parametrize("name,kw", ACT_FORMATS, ids=_ids(ACT_FORMATS))
 def test_act_quant_bit_exact(name, kw, cfg):
     from fourbit.kernels.act_quant import ActConfig, act_quant, act_quant_torch
@@ -289,3 +293,28 @@ def test_import_fourbit_does_not_import_triton():
     code = "import sys, fourbit, fourbit.kernels; assert 'triton' not in sys.modules; " \
            "assert {'triton', 'triton-memory'} <= set(fourbit.kernels.available_kernels())"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _division_cases(n, seed=0, device="cpu"):
+    """(a, b) fp32 pairs over the whole exponent range, plus zeros, subnormals and the guard's edges."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    a = torch.randn(n, generator=g) * torch.exp2(torch.randint(-140, 120, (n,), generator=g).float())
+    b = (torch.rand(n, generator=g) + 0.5) * torch.exp2(torch.randint(-120, 120, (n,), generator=g).float())
+    b[: n // 2] = torch.rand(n // 2, generator=g) * 4 + 0.05  # typical smoothing factors / row scales
+    a[::17] = 0.0
+    a[1::17] = -0.0
+    a[2::17] = 2.0 ** -100
+    a[3::17] = 1e-40  # subnormal
+    b[4::17] = 2.0 ** 100
+    b[5::17] = 2.0 ** -100
+    return a.to(device), b.to(device)
+
+
+def test_fast_division_is_ieee():
+    from fourbit.kernels.act_quant import div_elementwise
+
+    a, b = _division_cases(1 << 16)
+    got = div_elementwise(a, b)
+    ref = a / b
+    same = (bits(got) == bits(ref)) | (torch.isnan(got) & torch.isnan(ref))
+    assert same.all(), (a[~same][:5], b[~same][:5], got[~same][:5], ref[~same][:5])

@@ -112,6 +112,8 @@ class ActConfig:
     when there is a down-projection: tensor-core dots need >= 16 rows) walking whole rows in chunks of
     ``chunk`` columns (0: the whole padded row in one chunk), ``warps`` warps, ``stages`` software-pipeline
     stages. Formats with a per-tensor scale (nvfp4, fp4 with a tensor scale) always take the two-launch path.
+    With a down-projection and ``lr_split``, a stats launch over slices of K computes it first (raw X times the
+    ``fold_down`` factor; thousands of programs of stats_BM rows); else the single-pass kernel does it itself.
     Two-launch path (``single_pass=False``): stats kernel (row maxima and the down-projection) over slices of K,
     programs of stats_BM rows, ``split`` slices per row block (None: enough programs to fill the GPU ~4 times),
     then the quantize kernel, one program per (BM rows, BK columns) tile (BK a multiple of the group).
@@ -119,11 +121,13 @@ class ActConfig:
     """
 
     single_pass: bool = True
-    rows: int = 4
+    rows: int = 1
     rows_lr: int = 16
-    chunk: int = 512
-    warps: int = 8
+    chunk: int = 1024
+    warps: int = 4
     stages: int = 1
+    lr_split: bool = True  # single pass + rank: the down-projection in its own stats launch (split K, folded)
+    fast_div: bool = True  # IEEE divisions from reciprocals (3 instructions, bit-exact; see ``_div``)
     BM: int = 16
     BK: int = 256
     num_warps: int = 4
@@ -132,7 +136,8 @@ class ActConfig:
     stats_warps: int = 4
     split: Optional[int] = None
     hw_round: bool = True
-    lr_dot: str = "tf32"  # two-launch path's down-projection: "tf32", or "bf16x2" (X^ in two bf16 halves)
+    lr_dot: str = "folded"  # stats kernel's down-projection: "folded" (raw X @ fold_down factor: bf16 hi + lo),
+    #                        "tf32" (X^ @ lr_down^T), or "bf16x2" (X^ in two bf16 halves)
 
 
 #: H100 sweep (benchmarks/linear.py --tune-what act, 2026-11-22, Triton 3.6): for the two-launch path the stats
@@ -142,13 +147,92 @@ DEFAULT_CONFIG = ActConfig(stats_BM=64, stats_BK=32)
 
 # ---- the kernels --------------------------------------------------------------------------------
 @triton.jit
-def _load_smoothed(x_ptr, smooth_ptr, row_off, cols, row_mask, K, Kp, HAS_SMOOTH: tl.constexpr):
-    """fp32 X^ = X / smooth (IEEE division) with zeros past K (the padding)."""
+def _any(bad, NDIM: tl.constexpr):
+    """True if any element of the (NDIM-d, NDIM in 1..3) boolean tensor is set (a scalar, for a branch)."""
+    b = bad.to(tl.int32)
+    if NDIM == 3:
+        b = _amax(b, 2)
+    if NDIM >= 2:
+        b = _amax(b, 1)
+    return _amax(b, 0) > 0
+
+
+@triton.jit
+def _div(a, b, rb, FAST: tl.constexpr, NDIM: tl.constexpr):
+    """a / b rounded to nearest even, bit for bit IEEE division (``div_rn``).
+
+    FAST: from rb = RN(1/b) (NaN where |b| is outside [2^-100, 2^100]: ``recip``) with three instructions and
+    no special-function unit (Markstein): q0 = a * rb is within 1 ulp of a / b, the residual r = a - q0 * b is
+    exact in one fma, and RN(q0 + r * rb) is the correctly rounded quotient, provided nothing underflows or
+    overflows: |a| >= 2^-100 or a == 0, and 2^-120 <= |q0| <= 2^120. Where some element of the tile is outside
+    that (never for activations in practice), the tile takes ``div_rn`` for those elements (a branch per tile).
+    r == 0 means q0 is exact (this also keeps the sign of -0 / b)."""
+    if FAST:
+        q0 = a * rb
+        r = tl.fma(-q0, b, a)
+        q = tl.where(r == 0, q0, tl.fma(r, rb, q0))
+        aa = tl.abs(a)
+        aq = tl.abs(q0)
+        bad = ((aa != 0) & ((aa < 7.888609052210118e-31) | (aq < 7.52316384526264e-37))) | ~(aq <= 1.329227995784916e36)
+        if _any(bad, NDIM):
+            q = tl.where(bad, tl.math.div_rn(a, b), q)
+    else:
+        q = tl.math.div_rn(a, b)
+    return q
+
+
+@triton.jit
+def _recip(b):
+    """RN(1 / b), NaN where |b| is outside [2^-100, 2^100] (so that ``_div`` takes its exact branch there)."""
+    rb = tl.math.div_rn(tl.full(b.shape, 1.0, tl.float32), b)
+    ab = tl.abs(b)
+    return tl.where((ab >= 7.888609052210118e-31) & (ab <= 1.2676506002282294e30), rb, float("nan"))
+
+
+def recip(b: Tensor) -> Tensor:
+    """Host twin of ``_recip`` (fp32): the reciprocal operand of the kernels' fast division."""
+    b = b.float()
+    ok = (b.abs() >= 2.0 ** -100) & (b.abs() <= 2.0 ** 100)
+    return torch.where(ok, 1.0 / b, torch.full_like(b, float("nan")))
+
+
+@triton.jit
+def _div_kernel(a_ptr, b_ptr, rb_ptr, o_ptr, N, FAST: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    a = tl.load(a_ptr + offs, mask=m, other=1.0)
+    b = tl.load(b_ptr + offs, mask=m, other=1.0)
+    rb = tl.load(rb_ptr + offs, mask=m, other=1.0)
+    tl.store(o_ptr + offs, _div(a, b, rb, FAST, 1), mask=m)
+
+
+def div_elementwise(a: Tensor, b: Tensor, fast: bool = True) -> Tensor:
+    """a / b (fp32, same shape) through the kernels' division ``_div``: for checking that it is IEEE's."""
+    a, b = a.float().contiguous(), b.float().contiguous()
+    out = torch.empty_like(a)
+    _div_kernel[(ceil_div(a.numel(), 1024),)](a, b, recip(b), out, a.numel(), FAST=fast, BLOCK=1024)
+    return out
+
+
+@triton.jit
+def _load_smoothed(x_ptr, smooth_ptr, rsmooth_ptr, row_off, cols, row_mask, K, Kp, HAS_SMOOTH: tl.constexpr,
+                   FAST: tl.constexpr, NDIM: tl.constexpr):
+    """fp32 X^ = X / smooth (IEEE division) with zeros past K (the padding); rsmooth = RN(1 / smooth) (FAST)."""
     x = tl.load(x_ptr + row_off + cols, mask=row_mask & (cols < K), other=0.0).to(tl.float32)
     if HAS_SMOOTH:
-        s = tl.load(smooth_ptr + cols, mask=cols < Kp, other=1.0)
-        x = tl.math.div_rn(x, s)
+        x = _smooth(x, smooth_ptr, rsmooth_ptr, cols, Kp, FAST, NDIM)
     return x
+
+
+@triton.jit
+def _smooth(x, smooth_ptr, rsmooth_ptr, cols, Kp, FAST: tl.constexpr, NDIM: tl.constexpr):
+    s = tl.load(smooth_ptr + cols, mask=cols < Kp, other=1.0)
+    rs = s
+    if FAST:
+        rs = tl.load(rsmooth_ptr + cols, mask=cols < Kp, other=1.0)
+    s = tl.broadcast_to(s, x.shape)
+    rs = tl.broadcast_to(rs, x.shape)
+    return _div(x, s, rs, FAST, NDIM)
 
 
 @triton.jit
@@ -160,11 +244,13 @@ def _rne(x, HW: tl.constexpr):
 
 
 @triton.jit
-def _act_stats_kernel(x_ptr, smooth_ptr, down_ptr, pmax_ptr, plr_ptr,
+def _act_stats_kernel(x_ptr, smooth_ptr, rsmooth_ptr, down_ptr, pmax_ptr, plr_ptr,
                       M, K, Kp, stride_xm, stride_dn, cols_per_split,
                       NEED_AMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
-                      BF16X2: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """Partial row maxima of |X^| (SPLIT, M) and partial down-projections (SPLIT, M, RANK) over one K slice."""
+                      LR_DOT: tl.constexpr, XSPLIT: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr):
+    """Partial row maxima of |X^| (SPLIT, M) and partial down-projections (SPLIT, M, RANK) over one K slice.
+    LR_DOT: 0 tf32 X^ @ lr_down^T, 1 X^ in bf16 hi + lo, 2 raw X @ ``fold_down`` factor (no division)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -177,22 +263,30 @@ def _act_stats_kernel(x_ptr, smooth_ptr, down_ptr, pmax_ptr, plr_ptr,
         offs_r = tl.arange(0, RANK)
     for k0 in range(k_lo, tl.minimum(k_lo + cols_per_split, Kp), BK):
         cols = k0 + tl.arange(0, BK)
-        xs = _load_smoothed(x_ptr, smooth_ptr, xrow[:, None], cols[None, :], rmask[:, None], K, Kp, HAS_SMOOTH)
+        x = tl.load(x_ptr + xrow[:, None] + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0)
+        if NEED_AMAX or LR_DOT < 2:
+            xs = x.to(tl.float32)
+            if HAS_SMOOTH:
+                xs = _smooth(xs, smooth_ptr, rsmooth_ptr, cols[None, :], Kp, FAST, 2)
         if NEED_AMAX:
             amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
         if RANK > 0:
-            d = tl.load(down_ptr + offs_r[None, :] * stride_dn + cols[:, None], mask=cols[:, None] < Kp, other=0.0)
-            if BF16X2:  # xs = hi + lo, both bf16 (~16 significant bits); d is bf16, so both products exact
-                hi = xs.to(tl.bfloat16)
-                lo = (xs - hi.to(tl.float32)).to(tl.bfloat16)
-                if UPCAST:  # interpreter: its bf16 dot is wrong; the same products in fp32
-                    acc = tl.dot(hi.to(tl.float32), d.to(tl.float32), acc)
-                    acc = tl.dot(lo.to(tl.float32), d.to(tl.float32), acc)
-                else:
-                    acc = tl.dot(hi, d, acc)
-                    acc = tl.dot(lo, d, acc)
+            if LR_DOT == 2:
+                acc = _down_dot(x, down_ptr, cols, Kp, acc, RANK, XSPLIT, UPCAST)
             else:
-                acc = tl.dot(xs, d.to(tl.float32), acc, input_precision="tf32")  # (BM, BK) @ (BK, RANK)
+                d = tl.load(down_ptr + offs_r[None, :] * stride_dn + cols[:, None], mask=cols[:, None] < Kp,
+                            other=0.0)
+                if LR_DOT == 1:  # xs = hi + lo, both bf16 (~16 significant bits); d is bf16: both products exact
+                    hi = xs.to(tl.bfloat16)
+                    lo = (xs - hi.to(tl.float32)).to(tl.bfloat16)
+                    if UPCAST:  # interpreter: its bf16 dot is wrong; the same products in fp32
+                        acc = tl.dot(hi.to(tl.float32), d.to(tl.float32), acc)
+                        acc = tl.dot(lo.to(tl.float32), d.to(tl.float32), acc)
+                    else:
+                        acc = tl.dot(hi, d, acc)
+                        acc = tl.dot(lo, d, acc)
+                else:
+                    acc = tl.dot(xs, d.to(tl.float32), acc, input_precision="tf32")  # (BM, BK) @ (BK, RANK)
     if NEED_AMAX:
         tl.store(pmax_ptr + pid_s * M + rows, amax, mask=rmask)
     if RANK > 0:
@@ -223,12 +317,17 @@ def _row_scale(amax, MODE: tl.constexpr, QMAX: tl.constexpr, OUTER: tl.constexpr
 def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
                 MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
                 MANT_T: tl.constexpr, S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr,
-                S_MINN: tl.constexpr, OUTER: tl.constexpr, HW_ROUND: tl.constexpr):
+                S_MINN: tl.constexpr, OUTER: tl.constexpr, HW_ROUND: tl.constexpr, FAST: tl.constexpr):
     """Quantize one (BM, NG, G) tile of X^ -> the GEMM operand (int4 groups: also stores the group scales).
     div: (BM,) the row divisor of ``_row_scale`` (row formats); t_one: the per-tensor scale (nvfp4)."""
     grp = tl.arange(0, NG)
+    if MODE <= 2:  # the row divisor's reciprocal (fast division)
+        d3 = tl.broadcast_to(div[:, None, None], xs.shape)
+        rd3 = d3
+        if FAST:
+            rd3 = tl.broadcast_to(_recip(div)[:, None, None], xs.shape)
     if MODE == 0 or MODE == 1:
-        y = tl.math.div_rn(xs, div[:, None, None])
+        y = _div(xs, d3, rd3, FAST, 3)
         gmax = _amax(tl.abs(y), 2)  # (BM, NG)
         e = frexp_exponent(gmax) - 3 + (mantissa_bits(gmax) > MANT_T).to(tl.int32)
         e = tl.where(gmax > 0, e, EMIN)
@@ -240,7 +339,7 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
             c = e2m1_round(v)
         out = (c * pow2(e)[:, :, None]).to(tl.float8e4nv)
     if MODE == 2:
-        c = tl.minimum(tl.maximum(_rne(tl.math.div_rn(xs, div[:, None, None]), HW_ROUND), -127.0), 127.0)
+        c = tl.minimum(tl.maximum(_rne(_div(xs, d3, rd3, FAST, 3), HW_ROUND), -127.0), 127.0)
         out = c.to(tl.int32).to(tl.int8)
     if MODE == 3:
         gmax = _amax(tl.abs(xs), 2)
@@ -282,13 +381,13 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
 
 @triton.jit
 def _act_quant_kernel(
-    x_ptr, smooth_ptr, q_ptr, rs_ptr, gs_ptr, pmax_ptr, plr_ptr, lr_ptr, t_ptr,
+    x_ptr, smooth_ptr, rsmooth_ptr, q_ptr, rs_ptr, gs_ptr, pmax_ptr, plr_ptr, lr_ptr, t_ptr,
     M, K, Kp, stride_xm, stride_qm, stride_gs, SPLIT,
     MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
     MANT_T: tl.constexpr,  # pow2 modes: mantissa bits above which frexp's m exceeds QMAX / 8
     S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,  # 16-bit scale grid
     OUTER: tl.constexpr, ROW_PASS: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
-    HW_ROUND: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    HW_ROUND: tl.constexpr, FAST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     """The two-launch path's second kernel: quantize one (BM, BK) tile, row scales from the stats partials."""
     pid_m = tl.program_id(0)
@@ -322,10 +421,10 @@ def _act_quant_kernel(
     grp = tl.arange(0, NG)
     el = tl.arange(0, G)
     cols = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
-    xs = _load_smoothed(x_ptr, smooth_ptr, rows[:, None, None].to(tl.int64) * stride_xm, cols,
-                        rmask[:, None, None], K, Kp, HAS_SMOOTH)  # (BM, NG, G)
+    xs = _load_smoothed(x_ptr, smooth_ptr, rsmooth_ptr, rows[:, None, None].to(tl.int64) * stride_xm, cols,
+                        rmask[:, None, None], K, Kp, HAS_SMOOTH, FAST, 3)  # (BM, NG, G)
     out = _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp, MODE, G, NG, QMAX, EMIN, MANT_T,
-                      S_DROP, S_MAX, S_SUBQ, S_MINN, OUTER, HW_ROUND)
+                      S_DROP, S_MAX, S_SUBQ, S_MINN, OUTER, HW_ROUND, FAST)
     tl.store(q_ptr + rows[:, None, None].to(tl.int64) * stride_qm + cols, out,
              mask=rmask[:, None, None] & (cols < Kp))
 
@@ -361,24 +460,25 @@ def _down_dot(x, d_ptr, cols, Kp, acc, RANK: tl.constexpr, XSPLIT: tl.constexpr,
 
 @triton.jit
 def _act_fused_kernel(
-    x_ptr, smooth_ptr, d_ptr, q_ptr, rs_ptr, gs_ptr, lr_ptr, t_ptr,
-    M, K, Kp, stride_xm, stride_qm, stride_gs,
+    x_ptr, smooth_ptr, rsmooth_ptr, d_ptr, plr_ptr, q_ptr, rs_ptr, gs_ptr, lr_ptr, t_ptr,
+    M, K, Kp, stride_xm, stride_qm, stride_gs, SPLIT,
     MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
     MANT_T: tl.constexpr, S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,
     OUTER: tl.constexpr, ROW_PASS: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
-    LR_IN_QUANT: tl.constexpr, XSPLIT: tl.constexpr, UPCAST: tl.constexpr, HW_ROUND: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr,
+    LR_MODE: tl.constexpr, LR_Q: tl.constexpr, XSPLIT: tl.constexpr, UPCAST: tl.constexpr, HW_ROUND: tl.constexpr,
+    FAST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
-    """One launch, one program per BM rows (whole rows): X read from memory once.
+    """One program per BM rows (whole rows): X read from memory once.
 
-    Row formats: loop 1 over K (row maxima of |X^| and the down-projection on tensor cores), loop 2 over K
-    (quantize and store; the row block was just read, so this read mostly hits L1/L2). Other formats: one
-    loop (quantize + down-projection)."""
+    Row formats: loop 1 over K (row maxima of |X^|, and the down-projection on tensor cores if LR_MODE == 1),
+    loop 2 over K (quantize and store; the row block was just read, so this read mostly hits L1/L2). Other
+    formats: one loop. LR_MODE: 0 no down-projection, 1 in this kernel (``_down_dot``), 2 sum the SPLIT partials
+    of a preceding stats launch (``_act_stats_kernel`` over slices of K, fixed order)."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
     xrow = rows.to(tl.int64) * stride_xm
-    if RANK > 0:
+    if LR_MODE == 1:
         acc = tl.full((BM, RANK), 0, tl.float32)
     div = tl.full((BM,), 1.0, tl.float32)
     if ROW_PASS:
@@ -388,10 +488,9 @@ def _act_fused_kernel(
             x = tl.load(x_ptr + xrow[:, None] + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0)
             xs = x.to(tl.float32)
             if HAS_SMOOTH:
-                s = tl.load(smooth_ptr + cols, mask=cols < Kp, other=1.0)
-                xs = tl.math.div_rn(xs, s[None, :])
+                xs = _smooth(xs, smooth_ptr, rsmooth_ptr, cols[None, :], Kp, FAST, 2)
             amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
-            if RANK > 0:
+            if LR_MODE == 1:
                 acc = _down_dot(x, d_ptr, cols, Kp, acc, RANK, XSPLIT, UPCAST)
         rsc, div = _row_scale(amax, MODE, QMAX, OUTER)
         tl.store(rs_ptr + rows, rsc, mask=rmask)
@@ -402,16 +501,23 @@ def _act_fused_kernel(
     el = tl.arange(0, G)
     for k0 in range(0, Kp, BK):
         cols3 = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
-        xs3 = _load_smoothed(x_ptr, smooth_ptr, xrow[:, None, None], cols3, rmask[:, None, None], K, Kp, HAS_SMOOTH)
+        xs3 = _load_smoothed(x_ptr, smooth_ptr, rsmooth_ptr, xrow[:, None, None], cols3, rmask[:, None, None], K, Kp,
+                             HAS_SMOOTH, FAST, 3)
         out = _quant_tile(xs3, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp, MODE, G, NG, QMAX, EMIN,
-                          MANT_T, S_DROP, S_MAX, S_SUBQ, S_MINN, OUTER, HW_ROUND)
+                          MANT_T, S_DROP, S_MAX, S_SUBQ, S_MINN, OUTER, HW_ROUND, FAST)
         tl.store(q_ptr + rows[:, None, None].to(tl.int64) * stride_qm + cols3, out,
                  mask=rmask[:, None, None] & (cols3 < Kp))
-        if LR_IN_QUANT:
+        if LR_Q:  # LR_MODE == 1 for formats without a row pass
             cols = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + xrow[:, None] + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0)
             acc = _down_dot(x, d_ptr, cols, Kp, acc, RANK, XSPLIT, UPCAST)
-    if RANK > 0:
+    if LR_MODE == 2:  # the partials of the stats launch, summed in a fixed order (deterministic)
+        offs_r = tl.arange(0, RANK)
+        acc = tl.full((BM, RANK), 0, tl.float32)
+        for sp in range(SPLIT):
+            acc += tl.load(plr_ptr + (sp * M + rows[:, None]).to(tl.int64) * RANK + offs_r[None, :],
+                           mask=rmask[:, None], other=0.0)
+    if LR_MODE > 0:
         offs_r = tl.arange(0, RANK)
         tl.store(lr_ptr + rows[:, None].to(tl.int64) * RANK + offs_r[None, :], acc, mask=rmask[:, None])
 
@@ -454,12 +560,13 @@ def fold_down(lr_down: Tensor, smooth: Optional[Tensor] = None) -> Tensor:
 
 def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
               padded_in: Optional[int] = None, config: Optional[ActConfig] = None,
-              down_folded: Optional[Tensor] = None) -> ActOperand:
+              down_folded: Optional[Tensor] = None, smooth_recip: Optional[Tensor] = None) -> ActOperand:
     """Quantize activations x (M, K) with format ``fmt`` for the GEMM, fused with smoothing and X^ @ lr_down^T.
 
     smooth: (Kp,) fp32 or None; lr_down: (R, Kp) 16-bit or fp32 (R padded to a power of two >= 16 inside);
     padded_in: Kp (zero-padding of K up to the group multiple); x may be any float dtype and row stride.
-    down_folded: ``fold_down(lr_down, smooth)`` if the caller caches it (single-pass path; else computed here).
+    Layers pass what they cache: down_folded = ``fold_down(lr_down, smooth)``, smooth_recip = ``recip(smooth)``;
+    computed here when None.
     """
     spec = act_spec(fmt)
     if spec is None:
@@ -469,9 +576,21 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or DEFAULT_CONFIG
+    fast = cfg.fast_div
+    if cfg.fast_div and smooth is not None and smooth_recip is None:
+        smooth_recip = recip(smooth)
+    folded = lr_down is not None and (cfg.single_pass and spec.outer != 1 or cfg.lr_dot == "folded")
+    if folded and down_folded is None:
+        down_folded = fold_down(lr_down, smooth)
+    if folded:
+        rank = next_pow2(lr_down.shape[0], 16)
+        if down_folded.shape != (2, kp, rank) or down_folded.dtype != torch.bfloat16:
+            raise ValueError(f"act_quant: down_folded must be (2, {kp}, {rank}) bfloat16 (fold_down), "
+                             f"got {tuple(down_folded.shape)} {down_folded.dtype}")
+        down_folded = down_folded.contiguous()
     if cfg.single_pass and spec.outer != 1:
-        return _act_quant_single(x, spec, smooth, lr_down, kp, cfg, down_folded)
-    return _act_quant_two(x, spec, smooth, lr_down, kp, cfg)
+        return _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast)
+    return _act_quant_two(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast)
 
 
 def _scale_consts(spec: ActSpec):
@@ -480,42 +599,66 @@ def _scale_consts(spec: ActSpec):
     return dict(MANT_T=mant_t, S_DROP=s_drop, S_MAX=s_max, S_SUBQ=s_subq, S_MINN=s_minn)
 
 
-def _act_quant_single(x, spec, smooth, lr_down, kp, cfg, down_folded) -> ActOperand:
+def _stats(x, smooth, smooth_recip, down, kp, rank, need_amax, cfg, dummy, fast, lr_dot):
+    """Launch the stats kernel over slices of K: (split, pmax (split, M) or None, plr (split, M, R) or None)."""
     m, k = x.shape
     dev = x.device
-    rank = 0
-    if lr_down is not None:
-        rank = next_pow2(lr_down.shape[0], 16)
-        if down_folded is None:
-            down_folded = fold_down(lr_down, smooth)
-        if down_folded.shape != (2, kp, rank) or down_folded.dtype != torch.bfloat16:
-            raise ValueError(f"act_quant: down_folded must be (2, {kp}, {rank}) bfloat16 (fold_down), "
-                             f"got {tuple(down_folded.shape)} {down_folded.dtype}")
-        down_folded = down_folded.contiguous()
+    n_rb = ceil_div(m, cfg.stats_BM)
+    k_steps = ceil_div(kp, cfg.stats_BK)
+    split = cfg.split or ceil_div(4 * num_sms(dev), n_rb)
+    split = max(1, min(split, k_steps))
+    cols_per_split = ceil_div(k_steps, split) * cfg.stats_BK
+    split = ceil_div(kp, cols_per_split)
+    pmax = torch.empty((split, m), device=dev, dtype=torch.float32) if need_amax else None
+    plr = torch.empty((split, m, rank), device=dev, dtype=torch.float32) if rank else None
+    code = {"tf32": 0, "bf16x2": 1, "folded": 2}[lr_dot]
+    if code == 1 and (down is None or down.dtype != torch.bfloat16):
+        code = 0
+    _act_stats_kernel[(n_rb, split)](
+        x, dummy if smooth is None else smooth, dummy if smooth_recip is None else smooth_recip,
+        dummy if down is None else down, dummy if pmax is None else pmax, dummy if plr is None else plr,
+        m, k, kp, x.stride(0), 0 if down is None or code == 2 else down.stride(0), cols_per_split,
+        NEED_AMAX=need_amax, HAS_SMOOTH=smooth is not None, RANK=rank, LR_DOT=code,
+        XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(), FAST=fast and smooth is not None,
+        BM=cfg.stats_BM, BK=cfg.stats_BK, num_warps=cfg.stats_warps)
+    return split, pmax, plr
+
+
+def _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast) -> ActOperand:
+    m, k = x.shape
+    dev = x.device
+    rank = 0 if lr_down is None else next_pow2(lr_down.shape[0], 16)
     bk = cfg.chunk or next_pow2(kp)
     bk = max(bk, spec.group, 16)
     g = bk if spec.mode == INT8_ROW else spec.group
-    bm = cfg.rows_lr if rank else cfg.rows
-    if rank and not interpreting():
-        bm = max(bm, 16)  # tensor-core dot
-    q = aligned_empty(m, kp, spec.operand_dtype, dev)
+    q = aligned_empty(m, kp, spec.operand_dtype, dev)  # row stride 16-byte aligned for the GEMM's TMA
     lr = torch.empty((m, rank), device=dev, dtype=torch.float32) if rank else None
     rs = torch.empty((m,), device=dev, dtype=torch.float32) if spec.row_pass else None
     gs = torch.empty((kp // g, m), device=dev, dtype=torch.float32) if spec.mode == INT4_GROUP else None
     dummy = q
+    lr_mode, split, plr = 0, 1, None
+    bm = cfg.rows
+    if rank and cfg.lr_split:
+        lr_mode = 2
+        split, _, plr = _stats(x, None, None, down_folded, kp, rank, False, cfg, dummy, False, "folded")
+    elif rank:
+        lr_mode = 1
+        bm = cfg.rows_lr if interpreting() else max(cfg.rows_lr, 16)  # tensor-core dot: >= 16 rows
     _act_fused_kernel[(ceil_div(m, bm),)](
-        x, dummy if smooth is None else smooth, dummy if down_folded is None else down_folded, q,
+        x, dummy if smooth is None else smooth, dummy if smooth_recip is None else smooth_recip,
+        dummy if down_folded is None else down_folded, dummy if plr is None else plr, q,
         dummy if rs is None else rs, dummy if gs is None else gs, dummy if lr is None else lr, dummy,
-        m, k, kp, x.stride(0), q.stride(0), 0 if gs is None else gs.stride(0),
+        m, k, kp, x.stride(0), q.stride(0), 0 if gs is None else gs.stride(0), split,
         MODE=spec.mode, G=g, NG=bk // g, QMAX=float(spec.qmax), EMIN=spec.emin, **_scale_consts(spec),
-        OUTER=spec.outer, ROW_PASS=spec.row_pass, HAS_SMOOTH=smooth is not None, RANK=rank,
-        LR_IN_QUANT=bool(rank) and not spec.row_pass, XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(),
-        HW_ROUND=cfg.hw_round and not interpreting(), BM=bm, BK=bk, num_warps=cfg.warps, num_stages=cfg.stages,
+        OUTER=spec.outer, ROW_PASS=spec.row_pass, HAS_SMOOTH=smooth is not None, RANK=rank, LR_MODE=lr_mode,
+        LR_Q=lr_mode == 1 and not spec.row_pass, XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(),
+        HW_ROUND=cfg.hw_round and not interpreting(), FAST=fast, BM=bm, BK=bk, num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
     return ActOperand(q, rs, gs, lr)
 
 
-def _act_quant_two(x, spec, smooth, lr_down, kp, cfg) -> ActOperand:
+def _act_quant_two(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast) -> ActOperand:
     m, k = x.shape
     dev = x.device
     bk = max(cfg.BK, spec.group)
@@ -524,32 +667,23 @@ def _act_quant_two(x, spec, smooth, lr_down, kp, cfg) -> ActOperand:
     rs = gs = lr = t = None
     dummy = q
     rank = 0
+    down = None
     if lr_down is not None:
         rank = next_pow2(lr_down.shape[0], 16)
-        if lr_down.shape[0] != rank:
-            lr_down = torch.nn.functional.pad(lr_down, (0, 0, 0, rank - lr_down.shape[0]))
-        lr_down = lr_down.contiguous()
+        if down_folded is not None:
+            down = down_folded
+        else:
+            down = lr_down
+            if lr_down.shape[0] != rank:
+                down = torch.nn.functional.pad(lr_down, (0, 0, 0, rank - lr_down.shape[0]))
+            down = down.contiguous()
         lr = torch.empty((m, rank), device=dev, dtype=torch.float32)
     need_amax = spec.row_pass or spec.outer == 1
     split = 1
     pmax = plr = None
-    if need_amax or rank:  # ---- stats kernel ----
-        n_rb = ceil_div(m, cfg.stats_BM)
-        k_steps = ceil_div(kp, cfg.stats_BK)
-        split = cfg.split or ceil_div(4 * num_sms(dev), n_rb)
-        split = max(1, min(split, k_steps))
-        cols_per_split = ceil_div(k_steps, split) * cfg.stats_BK
-        split = ceil_div(kp, cols_per_split)
-        pmax = torch.empty((split, m), device=dev, dtype=torch.float32) if need_amax else None
-        plr = torch.empty((split, m, rank), device=dev, dtype=torch.float32) if rank else None
-        _act_stats_kernel[(n_rb, split)](
-            x, dummy if smooth is None else smooth, dummy if lr_down is None else lr_down,
-            dummy if pmax is None else pmax, dummy if plr is None else plr,
-            m, k, kp, x.stride(0), 0 if lr_down is None else lr_down.stride(0), cols_per_split,
-            NEED_AMAX=need_amax, HAS_SMOOTH=smooth is not None, RANK=rank,
-            BF16X2=cfg.lr_dot == "bf16x2" and lr_down is not None and lr_down.dtype == torch.bfloat16,
-            UPCAST=interpreting(), BM=cfg.stats_BM, BK=cfg.stats_BK,
-            num_warps=cfg.stats_warps)
+    if need_amax or rank:
+        split, pmax, plr = _stats(x, smooth, smooth_recip, down, kp, rank, need_amax, cfg, dummy, fast,
+                                  "folded" if down_folded is not None else cfg.lr_dot)
     if spec.row_pass:
         rs = torch.empty((m,), device=dev, dtype=torch.float32)
     if spec.mode == INT4_GROUP:
@@ -557,13 +691,14 @@ def _act_quant_two(x, spec, smooth, lr_down, kp, cfg) -> ActOperand:
     if spec.outer == 1:  # nvfp4: t = max(max|X^| / (6 * 448), 2^-126) over the whole tensor
         t = rs = torch.clamp(pmax.amax().reshape(1) / (6.0 * 448.0), min=_TINY)
     _act_quant_kernel[(ceil_div(m, cfg.BM), ceil_div(kp, bk))](
-        x, dummy if smooth is None else smooth, q, dummy if rs is None else rs, dummy if gs is None else gs,
+        x, dummy if smooth is None else smooth, dummy if smooth_recip is None else smooth_recip, q,
+        dummy if rs is None else rs, dummy if gs is None else gs,
         dummy if pmax is None else pmax, dummy if plr is None else plr, dummy if lr is None else lr,
         dummy if t is None else t,
         m, k, kp, x.stride(0), q.stride(0), 0 if gs is None else gs.stride(0), split,
         MODE=spec.mode, G=g, NG=bk // g, QMAX=float(spec.qmax), EMIN=spec.emin, **_scale_consts(spec),
         OUTER=spec.outer, ROW_PASS=spec.row_pass,
-        HAS_SMOOTH=smooth is not None, RANK=rank, HW_ROUND=cfg.hw_round and not interpreting(),
+        HAS_SMOOTH=smooth is not None, RANK=rank, HW_ROUND=cfg.hw_round and not interpreting(), FAST=fast,
         BM=cfg.BM, BK=bk, num_warps=cfg.num_warps,
     )
     return ActOperand(q, rs, gs, lr)
@@ -572,7 +707,7 @@ def _act_quant_two(x, spec, smooth, lr_down, kp, cfg) -> ActOperand:
 # ---- the plain-torch twin ----------------------------------------------------------------------
 def act_quant_torch(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
                     padded_in: Optional[int] = None, config: Optional[ActConfig] = None,
-                    down_folded: Optional[Tensor] = None) -> ActOperand:
+                    down_folded: Optional[Tensor] = None, smooth_recip: Optional[Tensor] = None) -> ActOperand:
     """The same outputs from the format's reference ``quantize`` (plain torch, any device)."""
     from ..formats.floats import e2m1_decode
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..nn.reference import low_rank_branch, prepare_activation, quant_linear_reference
 from . import register_linear_kernel
 from ._common import next_pow2
-from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, fold_down
+from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, fold_down, recip
 from .gemm import scaled_gemm
 from .gemm_grouped import grouped_gemm
 from .weights import WeightOperand, expand_weight, weight_kind
@@ -67,6 +67,7 @@ class LayerState:
     key: tuple
     plan: str
     smooth: Optional[Tensor] = None  # (Kp,) fp32
+    smooth_recip: Optional[Tensor] = None  # (Kp,) fp32, recip(smooth) (act_quant's fast IEEE division)
     down: Optional[Tensor] = None  # (Rp, Kp), the layer's 16-bit dtype, rank zero-padded
     down_folded: Optional[Tensor] = None  # (2, Kp, Rp) bf16: fold_down(lr_down, smooth), act_quant's operand
     up: Optional[Tensor] = None  # (N, Rp) fp32
@@ -99,6 +100,7 @@ def layer_state(layer) -> LayerState:
         return st
     st = LayerState(key, plan_for(layer))
     st.smooth = None if layer.smooth is None else layer.smooth.float().contiguous()
+    st.smooth_recip = None if st.smooth is None else recip(st.smooth)
     if layer.lr_down is not None:
         rp = next_pow2(layer.lr_down.shape[0], 16)
         pad = rp - layer.lr_down.shape[0]
@@ -157,7 +159,7 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
         return quant_linear_reference(layer, x2)
     fused = lowrank == "fused" and st.down is not None
     a = act_quant(x2, layer.act_format, st.smooth, st.down if fused else None, layer.padded_in,
-                  down_folded=st.down_folded if fused else None)
+                  down_folded=st.down_folded if fused else None, smooth_recip=st.smooth_recip)
     w = weight_operand(layer, st, memory)
     lr, up = (a.lr, st.up) if fused else (None, None)
     if st.plan == "grouped":

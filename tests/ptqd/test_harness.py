@@ -55,13 +55,19 @@ def test_ablation_command(tiny_weights, tmp_path, capsys):
     assert [r["eta"] for r in report["results"]] == [0.0, 1.0]
     eta0, eta1 = ({r["row"]: r for r in res["rows"]} for res in report["results"])
     assert list(eta0) == ["W4A4", "W4A4 +correlated", "W4A4 +correlated +bias", "W4A4 +correlated +bias +VSC",
-                          "mixed A4/A8 + full PTQD", "W4A8", "W4A8 + full PTQD"]
+                          "W4A4 + validated PTQD", "mixed A4/A8 + full PTQD", "mixed A4/A8 + validated PTQD",
+                          "W4A8", "W4A8 + full PTQD", "W4A8 + validated PTQD"]
     assert "no-op" in eta0["W4A4 +correlated +bias +VSC"]["note"]
+    assert eta0["W4A4 + validated PTQD"]["note"].startswith("kept: ")
+    validation = report["results"][1]["stats"]["validation"]
+    assert set(validation) == {"int4", "int8", "auto"}
+    assert "correlated+bias+vsc" in validation["int4"]["candidates"]  # eta 1 injects noise: VSC is a candidate
     assert eta1["W4A4 +correlated +bias +VSC"]["note"] is None
     bops = {n: r["bops"]["bops"] for n, r in eta0.items()}
     assert bops["W4A4"] <= bops["mixed A4/A8 + full PTQD"] <= bops["W4A8"]
     md = (out / "ablation.md").read_text()
     assert "## eta = 0 (deterministic sampler)" in md and "Precision schedule: int4" in md
+    assert "Validated PTQD for int4: kept: " in md
     assert (out / "grid_eta1.png").stat().st_size > 0
     assert "ablation.md" in capsys.readouterr().out
     from fourbit import read_header

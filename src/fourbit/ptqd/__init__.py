@@ -10,6 +10,7 @@ sampler, variance-schedule calibration, and step-aware mixed precision.
 
 The pieces: ``stats`` (the statistics pass), ``hooks`` (correction, VSC, per-step precision), ``mixed`` (the
 schedule rule and BOPs), ``setting`` (what statistics are tied to, persistence, ``PTQDStatsMismatch``),
+``validate`` (keeps only the components that help this model, on the statistics seeds),
 ``harness`` (the ``+ptqd`` variant suffix), ``ablation`` and ``cli`` (``fourbit ptqd-ablation``).
 See docs/ptqd.md.
 """
@@ -18,6 +19,7 @@ from .mixed import BOPCounter, choose_schedule, format_schedule
 from .setting import (PTQDSetting, PTQDStatsMismatch, attach_stats, check_setting, find_stats, make_setting,
                       quant_digest, stored_settings)
 from .stats import DEFAULT_STATS_SEED, FormatStats, NoiseMoments, PTQDStats, collect_stats, format_label
+from .validate import COMPONENT_SETS, format_validation, validate_components, validated_components
 
 __all__ = [
     "collect_stats", "PTQDStats", "FormatStats", "NoiseMoments", "DEFAULT_STATS_SEED", "format_label",
@@ -25,4 +27,5 @@ __all__ = [
     "BOPCounter", "choose_schedule", "format_schedule",
     "PTQDSetting", "PTQDStatsMismatch", "make_setting", "quant_digest", "check_setting", "attach_stats",
     "find_stats", "stored_settings",
+    "validate_components", "validated_components", "format_validation", "COMPONENT_SETS",
 ]

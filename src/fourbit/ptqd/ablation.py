@@ -34,6 +34,7 @@ from .hooks import PTQDHook
 from .mixed import BOPCounter, format_schedule
 from .setting import attach_stats
 from .stats import DEFAULT_STATS_SEED, collect_stats, format_label, model_act_format
+from .validate import format_validation, validate_components, validation_mode
 
 
 @dataclass
@@ -60,6 +61,8 @@ class AblationSettings:
     fd_n_boot: int = 100
     weights: Optional[str] = None  # a weights file instead of the bundled model (any config of the arch)
     save: Optional[str] = None  # write the quantized model with all PTQD statistics to this checkpoint
+    validate: bool = True  # add "validated PTQD" rows (components chosen on the statistics seeds)
+    validate_samples: Optional[int] = None  # validation trajectories (None: stats_samples)
 
     def resolved_device(self) -> str:
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,33 +160,64 @@ def run_ablation(settings: AblationSettings, out_dir) -> dict:
         if stats.schedule:
             _log(f"PTQD precision schedule: {format_schedule(stats)}")
 
+        # validated PTQD (fourbit's default): components chosen on the statistics seeds, per mode
+        validations = {}
+        if st.validate:
+            modes = [None] + [[lb] * st.steps for lb in bits if lb != base] + (["auto"] if stats.schedule else [])
+            for mode in modes:
+                key = validation_mode(mode, stats)
+                _log(f"== eta {eta}: validating PTQD components for {key}")
+                validations[key] = validate_components(fp_model, q_model, stats, schedule=mode,
+                                                       num_samples=st.validate_samples, num_classes=spec.num_classes,
+                                                       batch_size=st.batch_size, device=device)
+                _log(f"   {format_validation(validations[key])}")
+
+        def validated(lb):
+            d = validations.get(lb)
+            return None if d is None else (dict(d["components"]), f"kept: {d['chosen']}")
+
         a = f"W{w}A{bits[base]}"
         rows = [(a, base, dict(correlated=False, bias=False, variance=False), None),
                 (f"{a} +correlated", base, dict(bias=False, variance=False), None),
                 (f"{a} +correlated +bias", base, dict(variance=False), None),
                 (f"{a} +correlated +bias +VSC", base, {}, None if stochastic else
                  "no-op: this sampler injects no noise (DDIM eta = 0), same images as the row above")]
+        if validated(base):
+            rows.append((f"{a} + validated PTQD", base, *validated(base)))
         if stats.schedule:
             widths = "/".join(f"A{bits[lb]}" for lb in sorted(bits, key=bits.get))
             rows.append((f"mixed {widths} + full PTQD", "auto", {}, None))
+            if validated("auto"):
+                rows.append((f"mixed {widths} + validated PTQD", "auto", *validated("auto")))
         for lb in sorted(bits, key=bits.get):
             if lb != base:
                 rows += [(f"W{w}A{bits[lb]}", lb, dict(correlated=False, bias=False, variance=False), None),
                          (f"W{w}A{bits[lb]} + full PTQD", lb, {}, None)]
+                if validated(lb):
+                    rows.append((f"W{w}A{bits[lb]} + validated PTQD", lb, *validated(lb)))
 
         eta_rows, images = [], {"16-bit": reference}
         prev = None
+        done: dict = {}  # (format or "auto", effective components) -> (imgs, secs, counter): identical runs
         for name, which, kw, note in rows:
             _log(f"== eta {eta}: {name}")
-            if note is not None and prev is not None:  # exact no-op: reuse the previous row's images
+            flags = {**dict(correlated=True, bias=True, variance=True), **kw}
+            if not stochastic:
+                flags["variance"] = False  # VSC is a no-op without injected noise
+            run_key = (which, tuple(sorted(flags.items())))
+            if note is not None and note.startswith("no-op") and prev is not None:  # reuse the row above
                 imgs, _, counter = prev
                 secs = 0.0  # not sampled again
+            elif run_key in done:  # the same sampling run as an earlier row (e.g. validation kept "none")
+                imgs, _, counter = done[run_key]
+                secs = 0.0
             else:
                 schedule = None if which == base else ("auto" if which == "auto" else [which] * st.steps)
                 counter = BOPCounter(compare_bits=compare_bits)
                 hook = PTQDHook(stats, schedule=schedule, q_model=q_model, **kw)
                 imgs, secs = run(q_model, [hook, counter])
             prev = (imgs, secs, counter)
+            done.setdefault(run_key, prev)
             images[name] = imgs
             t0 = time.perf_counter()
             m = compare_images(imgs, reference, data, n_boot=st.n_boot, fd_n_boot=st.fd_n_boot, seed=st.seed,
@@ -274,6 +308,8 @@ def to_markdown(report: dict) -> str:
         st = res["stats"]
         if st.get("schedule_text"):
             lines += ["", f"Precision schedule: {st['schedule_text']}"]
+        for mode, d in (st.get("validation") or {}).items():
+            lines += ["", f"Validated PTQD for {mode}: {format_validation(d)}"]
         lines += ["", "Per-step statistics (k_t, sigma_q,t and SNR_Q per activation format; SNR_F of the schedule):",
                   "", "```", res["stats_summary"], "```"]
     return "\n".join(lines) + "\n"

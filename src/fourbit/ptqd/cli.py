@@ -32,6 +32,10 @@ def _ablation(p):
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for LPIPS/PSNR intervals")
     p.add_argument("--fd-n-boot", type=int, default=100, help="bootstrap resamples for FD intervals")
     p.add_argument("--save", default=None, help="write the quantized model with its PTQD statistics here")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip the 'validated PTQD' rows (components chosen on the statistics seeds)")
+    p.add_argument("--validate-samples", type=int, default=None,
+                   help="validation trajectories (default: --stats-samples)")
     p.add_argument("--out", default="out/ptqd-ablation", help="output directory")
 
 
@@ -46,7 +50,8 @@ def _run(args) -> int:
         etas=etas, guidance_scale=args.guidance, seed=args.seed, calib_samples=args.calib_samples,
         calib_steps=args.calib_steps, stats_samples=args.stats_samples, stats_seed=args.stats_seed,
         mixed=args.mixed, bias=args.bias, data_samples=args.data_samples, batch_size=args.batch_size,
-        device=args.device, n_boot=args.n_boot, fd_n_boot=args.fd_n_boot, weights=args.weights, save=args.save)
+        device=args.device, n_boot=args.n_boot, fd_n_boot=args.fd_n_boot, weights=args.weights, save=args.save,
+        validate=not args.no_validate, validate_samples=args.validate_samples)
     run_ablation(settings, args.out)
     print(Path(args.out, "ablation.md").read_text())
     print(f"report: {args.out}/ablation.json  {args.out}/ablation.md")

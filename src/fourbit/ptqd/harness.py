@@ -5,7 +5,10 @@ For each such variant ``fourbit compare`` quantizes as usual (mixed: with the lo
 measures PTQD statistics on 16-bit trajectories of exactly the evaluation setting (sampler, steps, eta,
 guidance) but other seeds, files them in the model's header, prints the precision schedule for mixed variants,
 and returns the PTQD hook plus a BOPs counter. Options (variant ``key=value`` tokens):
-``ptqd_samples=N`` (default: the harness's ``calib_samples``), ``ptqd_bias=residual|total``.
+``ptqd_samples=N`` (default: the harness's ``calib_samples``), ``ptqd_bias=residual|total``,
+``ptqd_components=validated|paper``: by default the components are validated on the statistics seeds
+(``fourbit.ptqd.validate``: only those that measurably lower LPIPS vs the 16-bit samples are applied);
+``paper`` applies all three as the paper does.
 Facts go into the report under "ptqd": the setting key, sample count, per-step k / sigma_q / SNR_Q per format,
 the schedule, and BOPs of the sampling run.
 """
@@ -17,10 +20,11 @@ from typing import Any, Optional
 
 from ..config import QuantConfig
 from ..harness.variants import Variant, register_post
-from .hooks import PTQDHook
+from .hooks import ptqd_hooks
 from .mixed import BOPCounter, format_schedule
 from .setting import attach_stats
 from .stats import DEFAULT_STATS_SEED, PTQDStats, collect_stats
+from .validate import format_validation, validate_components
 
 
 def candidate_formats(variant: Variant, q_model) -> Optional[list]:
@@ -50,6 +54,7 @@ def stats_info(stats: PTQDStats) -> dict:
                        for lb, fs in stats.formats.items()},
         "schedule": stats.schedule,
         "schedule_text": format_schedule(stats) if stats.schedule else None,
+        "validation": stats.meta.get("validation"),
     }
 
 
@@ -73,8 +78,17 @@ class PTQDPost:
                               num_classes=spec.num_classes, act_formats=formats,
                               bias=v.options.get("ptqd_bias", "residual"), model_name=st.model,
                               batch_size=st.batch_size, device=ctx.device)
+        components = v.options.get("ptqd_components", "validated")
+        if components not in ("validated", "paper"):
+            raise ValueError(f"{v.name}: ptqd_components must be 'validated' or 'paper', got {components!r}")
+        schedule = "auto" if formats else None
+        if components == "validated":
+            decision = validate_components(ctx.fp_model, q, stats, schedule=schedule, num_classes=spec.num_classes,
+                                           batch_size=st.batch_size, device=ctx.device)
+            print(f"PTQD validation for {v.name}: {format_validation(decision)}", file=sys.stderr, flush=True)
         attach_stats(q, stats)
         ctx.info.update(stats_info(stats))
+        ctx.info["components"] = components
         if stats.schedule:
             print(f"PTQD precision schedule for {v.name} ({st.sampler}, {st.steps} steps, eta {st.eta}):\n"
                   f"  {format_schedule(stats)}", file=sys.stderr, flush=True)
@@ -82,8 +96,8 @@ class PTQDPost:
             ctx.info["variance_calibration"] = "no-op: DDIM with eta = 0 injects no noise"
         bits = sorted({fs.bits for fs in stats.formats.values()} | {4, 8})
         ctx.info["bops"] = {}
-        return [PTQDHook(stats, schedule="auto" if formats else None, q_model=q),
-                BOPCounter(info=ctx.info["bops"], compare_bits=bits)]
+        return ptqd_hooks(stats, mixed=bool(formats), q_model=q, components=components) + [
+            BOPCounter(info=ctx.info["bops"], compare_bits=bits)]
 
 
 register_post("ptqd", PTQDPost())

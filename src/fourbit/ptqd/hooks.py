@@ -143,7 +143,27 @@ class PTQDHook:
 
 
 def ptqd_hooks(stats: PTQDStats, *, mixed: bool = False, q_model: Optional[nn.Module] = None,
-               correlated: bool = True, bias: bool = True, variance: bool = True) -> list:
-    """The sampler hooks of full PTQD (``mixed``: with the step-aware precision schedule)."""
-    return [PTQDHook(stats, correlated=correlated, bias=bias, variance=variance,
-                     schedule="auto" if mixed else None, q_model=q_model)]
+               components: Union[str, dict] = "auto") -> list:
+    """The sampler hooks of PTQD (``mixed``: with the step-aware precision schedule).
+
+    components: "paper" - all three corrections (the paper's full PTQD); "validated" - the set that
+    ``validate_components`` chose for this mode (ValueError if it was not run); "auto" - validated if a
+    validation is stored in ``stats``, else "paper"; or a dict ``{correlated, bias, variance}``.
+    """
+    from .validate import validated_components, validation_mode
+
+    schedule = "auto" if mixed else None
+    if isinstance(components, dict):
+        flags = dict(components)
+    elif components == "paper":
+        flags = dict(correlated=True, bias=True, variance=True)
+    elif components in ("validated", "auto"):
+        flags = validated_components(stats, validation_mode(schedule, stats))
+        if flags is None:
+            if components == "validated":
+                raise ValueError("these PTQD statistics carry no validation for this mode; run "
+                                 "fourbit.ptqd.validate_components(fp_model, q_model, stats) first")
+            flags = dict(correlated=True, bias=True, variance=True)
+    else:
+        raise ValueError(f"components must be 'auto', 'paper', 'validated' or a dict, got {components!r}")
+    return [PTQDHook(stats, schedule=schedule, q_model=q_model, **flags)]

@@ -35,15 +35,15 @@ def configs(quick):
     """(label, ActConfig) candidates with and without the rank-32 branch; the first is the library default."""
     from fourbit.kernels.act_quant import DEFAULT_CONFIG as base
 
-    old = dataclasses.replace(base, single_pass=False, lr_dot="tf32", fast_div=False, stats_BM=64, stats_BK=32)
-    common = [("default", base), ("old: two-launch, tf32, div_rn", old),
-              ("two-launch, folded, fast div", dataclasses.replace(old, lr_dot="folded", fast_div=True)),
-              ("default, div_rn", dataclasses.replace(base, fast_div=False))]
-    lr = common + [(None, dataclasses.replace(base, **kw)) for kw in (
-        dict(rows=2), dict(chunk=2048, warps=8), dict(chunk=512), dict(stats_BM=128, stats_BK=64, stats_warps=8),
-        dict(stats_BM=64, stats_BK=64), dict(lr_split=False, rows_lr=16, chunk=256, warps=4))]
-    nolr = common + [(None, dataclasses.replace(base, **kw)) for kw in (
-        dict(rows=2), dict(chunk=2048, warps=8), dict(chunk=512), dict(chunk=0, warps=8), dict(rows=4, warps=8))]
+    old = dataclasses.replace(base, single_pass=False, lr_dot="tf32", fast_div=False, BM=16, BK=256, num_warps=4)
+    two = dataclasses.replace(old, lr_dot="folded")
+    common = [("default", base), ("old: two-launch, tf32", old)] + [
+        (f"two-launch, folded, quantize tile {kw['BM']}x{kw['BK']} w{kw['num_warps']}", dataclasses.replace(two, **kw))
+        for kw in (dict(BM=1, BK=1024, num_warps=4), dict(BM=2, BK=1024, num_warps=4),
+                   dict(BM=1, BK=2048, num_warps=8), dict(BM=4, BK=512, num_warps=4))]
+    lr = common + [(None, dataclasses.replace(base, fast_div=True))]
+    nolr = common + [(None, dataclasses.replace(base, **kw)) for kw in (dict(fast_div=True), dict(rows=2),
+                                                                        dict(chunk=2048, warps=8))]
     if quick:
         lr, nolr = lr[:3], nolr[:3]
     return lr, nolr

@@ -127,7 +127,7 @@ class ActConfig:
     warps: int = 4
     stages: int = 1
     lr_split: bool = True  # single pass + rank: the down-projection in its own stats launch (split K, folded)
-    fast_div: bool = True  # IEEE divisions from reciprocals (3 instructions, bit-exact; see ``_div``)
+    fast_div: bool = False  # IEEE divisions from reciprocals (bit-exact, see ``_div``); measured slower on H100
     BM: int = 16
     BK: int = 256
     num_warps: int = 4
@@ -140,8 +140,12 @@ class ActConfig:
     #                        "tf32" (X^ @ lr_down^T), or "bf16x2" (X^ in two bf16 halves)
 
 
-#: H100 sweep (benchmarks/linear.py --tune-what act, 2026-11-22, Triton 3.6): for the two-launch path the stats
-#: kernel's tile decides: 64x32 was 20% faster than 64x64 and 2x faster than 32x128.
+#: H100 sweeps (benchmarks/act_quant.py, results/act_quant.h100.2026-11-22b.*; Triton 3.6): one row per program
+#: in chunks of 1024 columns with 4 warps beat the two-launch path by 30% without the branch (2.3x vs 3.4x the
+#: memory floor at 4608 x 3072); rows of 16 with the down-projection's dot inside were 3-4x slower (the factor
+#: is re-read from L2 by every 16 rows); dividing from cached reciprocals (``fast_div``) was 25% slower (its
+#: guard). The stats kernel's tile (two-launch path, or the split-K down-projection): 64x32 was 20% faster than
+#: 64x64 and 2x faster than 32x128 (2026-11-22 sweep).
 DEFAULT_CONFIG = ActConfig(stats_BM=64, stats_BK=32)
 
 

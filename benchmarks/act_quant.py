@@ -35,15 +35,17 @@ def configs(quick):
     """(label, ActConfig) candidates with and without the rank-32 branch; the first is the library default."""
     from fourbit.kernels.act_quant import DEFAULT_CONFIG as base
 
-    old = dataclasses.replace(base, single_pass=False, lr_dot="tf32", fast_div=False, BM=16, BK=256, num_warps=4)
-    two = dataclasses.replace(old, lr_dot="folded")
-    common = [("default", base), ("old: two-launch, tf32", old)] + [
-        (f"two-launch, folded, quantize tile {kw['BM']}x{kw['BK']} w{kw['num_warps']}", dataclasses.replace(two, **kw))
-        for kw in (dict(BM=1, BK=1024, num_warps=4), dict(BM=2, BK=1024, num_warps=4),
-                   dict(BM=1, BK=2048, num_warps=8), dict(BM=4, BK=512, num_warps=4))]
-    lr = common + [(None, dataclasses.replace(base, fast_div=True))]
-    nolr = common + [(None, dataclasses.replace(base, **kw)) for kw in (dict(fast_div=True), dict(rows=2),
-                                                                        dict(chunk=2048, warps=8))]
+    two = dataclasses.replace(base, single_pass=False, single_pass_lr=False)
+    one = dataclasses.replace(base, single_pass=True, single_pass_lr=True)
+    old = dataclasses.replace(two, lr_dot="tf32", BM=16, BK=256, num_warps=4)
+
+    def tiles(bm, bk, w=4):
+        return (f"two-launch, quantize tile {bm}x{bk} w{w}", dataclasses.replace(two, BM=bm, BK=bk, num_warps=w))
+
+    common = [("default", base), ("old: two-launch, tf32 X^, tile 16x256", old)]
+    lr = common + [("single pass + split-K down-projection", one), tiles(2, 1024), tiles(1, 1024), tiles(8, 256)]
+    nolr = common + [tiles(4, 512), tiles(2, 1024), ("single pass, rows=2", dataclasses.replace(one, rows=2)),
+                     ("single pass, chunk=512", dataclasses.replace(one, chunk=512))]
     if quick:
         lr, nolr = lr[:3], nolr[:3]
     return lr, nolr

@@ -322,9 +322,8 @@ def tune(log=print, which=("gemm", "act")):
     if "act" in which:
         import fourbit.kernels.act_quant as aq
 
-        table = _tune_act(log, sweep)
-        if table:
-            best = min(table, key=lambda ct: geomean(ct[1]))[0]
+        best = _tune_act(log, sweep)
+        if best is not None:
             aq.DEFAULT_CONFIG = best
             res["act_quant_chosen"] = repr(best)
             log(f"act_quant default for this run: {best}")
@@ -369,21 +368,42 @@ def _tune_gemms(log, sweep, gemm_fn, fp8_cfgs, res):
 
 
 def _tune_act(log, sweep):
+    """Sweep act_quant candidates (benchmarks/act_quant.py) with and without the rank-32 branch, with the
+    per-layer factors cached as QuantLinear caches them; returns the composed best config."""
+    import dataclasses
+
+    from act_quant import configs
+
     from fourbit.formats import make_format
-    from fourbit.kernels.act_quant import act_quant
+    from fourbit.kernels.act_quant import act_quant, fold_down, recip
 
     fmt = make_format("int4p2")
 
-    def act_make(cfg, m, k, n):
-        xs = inputs(m, k)
-        smooth = torch.rand(k, device="cuda") + 0.5
-        down = torch.randn(RANK, k, device="cuda", dtype=torch.bfloat16)
-        return [lambda x=x: act_quant(x, fmt, smooth, down, k, config=cfg) for x in xs]
-    from act_quant import configs  # the candidates of benchmarks/act_quant.py with the rank-32 branch
+    def act_make(rank):
+        def make(cfg, m, k, n):
+            xs = inputs(m, k)
+            smooth = torch.rand(k, device="cuda") + 0.5
+            down = torch.randn(RANK, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 if rank else None
+            folded = fold_down(down, smooth) if rank else None
+            rs = recip(smooth)
+            return [lambda x=x: act_quant(x, fmt, smooth, down, k, config=cfg, down_folded=folded, smooth_recip=rs)
+                    for x in xs]
+        return make
 
-    act_cfgs = [c for _, c in configs(False)[0]]
-    log("act_quant int4p2 (smooth + rank 32):")
-    return sweep("act_quant", act_cfgs, act_make)
+    lr, nolr = configs(False)
+    best = {}
+    for rank, cands in ((RANK, lr), (0, nolr)):
+        log(f"act_quant int4p2 (smooth, rank {rank}):")
+        table = sweep(f"act_quant_r{rank}", [c for _, c in cands], act_make(rank))
+        if table:
+            best[rank] = min(table, key=lambda ct: geomean(ct[1]))[0]
+    if not best:
+        return None
+    cfg = best.get(RANK) or best[0]
+    if 0 in best:  # the no-branch path's choice; tiles of the two-launch path stay the rank-32 winner's
+        n = best[0]
+        cfg = dataclasses.replace(cfg, single_pass=n.single_pass, rows=n.rows, chunk=n.chunk, warps=n.warps)
+    return cfg
 
 
 def main(argv=None):

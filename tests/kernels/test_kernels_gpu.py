@@ -37,9 +37,13 @@ def test_act_quant_bit_exact_gpu(name, kw, single):
     # raw X times (lr_down / smooth) in bf16 hi + lo ("folded", the default of both paths): exact products (bf16
     # X) or X split too; the two-launch path's tf32 option: tf32 X^
     for xin in (x, x.bfloat16()):
-        for cfg in ((ActConfig(), ActConfig(chunk=0, rows=2), ActConfig(rows=4, chunk=256, lr_split=False),
-                     ActConfig(fast_div=False))
-                    if single else (ActConfig(single_pass=False), ActConfig(single_pass=False, lr_dot="tf32"))):
+        one = dict(single_pass=True, single_pass_lr=True)
+        two = dict(single_pass=False, single_pass_lr=False)
+        for cfg in ((ActConfig(**one), ActConfig(**one, chunk=0, rows=2), ActConfig(**one, rows=4, chunk=256,
+                                                                                     lr_split=False),
+                     ActConfig(**one, fast_div=True))
+                    if single else (ActConfig(**two), ActConfig(**two, lr_dot="tf32"), ActConfig(**two, fast_div=True),
+                                    ActConfig(**two, BM=16, BK=256))):
             got = act_quant(xin, fmt, smooth, down, kp, config=cfg)
             ref = act_quant_torch(xin, fmt, smooth, down, kp)
             assert torch.equal(bits(got.q), bits(ref.q))

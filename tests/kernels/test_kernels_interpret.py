@@ -59,8 +59,9 @@ def hard_rows(m: int, k: int, seed: int = 0) -> torch.Tensor:
 #: the single-pass path in chunks (ragged last chunk; down-projection inside, IEEE divisions) and in one
 #: whole-row chunk (down-projection in a split-K stats launch, divisions from reciprocals), and the two-launch
 #: path with the folded factor (reciprocals) and with tf32 X^ (IEEE divisions)
-ACT_CONFIGS = [dict(rows=4, rows_lr=16, chunk=128, lr_split=False, fast_div=False), dict(rows=1, chunk=0, split=3),
-               dict(single_pass=False, BM=16, BK=128, num_warps=4, stats_BK=64, split=3),
+ACT_CONFIGS = [dict(single_pass_lr=True, rows=4, rows_lr=16, chunk=128, lr_split=False, fast_div=False),
+               dict(single_pass_lr=True, rows=1, chunk=0, split=3, fast_div=True),
+               dict(single_pass=False, BM=16, BK=128, num_warps=4, stats_BK=64, split=3, fast_div=True),
                dict(single_pass=False, BM=16, BK=128, num_warps=4, stats_BK=64, split=3, lr_dot="tf32",
                     fast_div=False)]
 
@@ -109,7 +110,7 @@ def test_act_quant_bf16x2_down_projection():
     fmt = make_format("int4p2")
     x = hard_rows(20, 256)
     down = torch.randn(32, 256).bfloat16()
-    got = act_quant(x, fmt, None, down, config=ActConfig(single_pass=False, stats_BK=64, lr_dot="bf16x2"))
+    got = act_quant(x, fmt, None, down, config=ActConfig(single_pass_lr=False, stats_BK=64, lr_dot="bf16x2"))
     ref = act_quant_torch(x, fmt, None, down)
     assert torch.equal(bits(got.q), bits(ref.q))
     assert ((got.lr - ref.lr).norm() / ref.lr.norm()).item() < 1e-4  # X^ kept to ~16 bits

@@ -108,19 +108,21 @@ class ActOperand:
 class ActConfig:
     """Which path and tiles.
 
-    ``single_pass`` (default): one launch (``_act_fused_kernel``), one program per ``rows`` rows (``rows_lr``
+    ``single_pass`` (without a down-projection; ``single_pass_lr`` with one): one launch
+    (``_act_fused_kernel``), one program per ``rows`` rows (``rows_lr``
     when there is a down-projection: tensor-core dots need >= 16 rows) walking whole rows in chunks of
     ``chunk`` columns (0: the whole padded row in one chunk), ``warps`` warps, ``stages`` software-pipeline
     stages. Formats with a per-tensor scale (nvfp4, fp4 with a tensor scale) always take the two-launch path.
     With a down-projection and ``lr_split``, a stats launch over slices of K computes it first (raw X times the
     ``fold_down`` factor; thousands of programs of stats_BM rows); else the single-pass kernel does it itself.
-    Two-launch path (``single_pass=False``): stats kernel (row maxima and the down-projection) over slices of K,
+    Two-launch path: stats kernel (row maxima and the down-projection) over slices of K,
     programs of stats_BM rows, ``split`` slices per row block (None: enough programs to fill the GPU ~4 times),
     then the quantize kernel, one program per (BM rows, BK columns) tile (BK a multiple of the group).
     ``hw_round``: use the GPU's round-to-nearest-even instruction (the interpreter emulates it).
     """
 
-    single_pass: bool = True
+    single_pass: bool = True  # without a down-projection
+    single_pass_lr: bool = False  # with one
     rows: int = 1
     rows_lr: int = 16
     chunk: int = 1024
@@ -146,7 +148,11 @@ class ActConfig:
 #: is re-read from L2 by every 16 rows); dividing from cached reciprocals (``fast_div``) was 25% slower (its
 #: guard). The stats kernel's tile (two-launch path, or the split-K down-projection): 64x32 was 20% faster than
 #: 64x64 and 2x faster than 32x128 (2026-11-22 sweep).
-DEFAULT_CONFIG = ActConfig(stats_BM=64, stats_BK=32)
+#: With the rank-32 branch (2026-11-22b sweep with cached factors): two launches, the stats kernel computing row
+#: maxima and the folded down-projection, then quantize tiles of 4 x 512, were 4% faster than the single pass
+#: plus a split-K down-projection launch at K >= 12288 and equal at K = 3072.
+DEFAULT_CONFIG = ActConfig(single_pass=True, single_pass_lr=False, BM=4, BK=512, num_warps=4, stats_BM=64,
+                           stats_BK=32)
 
 
 # ---- the kernels --------------------------------------------------------------------------------
@@ -583,7 +589,10 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
     fast = cfg.fast_div
     if cfg.fast_div and smooth is not None and smooth_recip is None:
         smooth_recip = recip(smooth)
-    folded = lr_down is not None and (cfg.single_pass and spec.outer != 1 or cfg.lr_dot == "folded")
+    single = (cfg.single_pass if lr_down is None else cfg.single_pass_lr) and spec.outer != 1
+    folded = lr_down is not None and (single or cfg.lr_dot == "folded")
+    if not folded:
+        down_folded = None
     if folded and down_folded is None:
         down_folded = fold_down(lr_down, smooth)
     if folded:
@@ -592,7 +601,7 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
             raise ValueError(f"act_quant: down_folded must be (2, {kp}, {rank}) bfloat16 (fold_down), "
                              f"got {tuple(down_folded.shape)} {down_folded.dtype}")
         down_folded = down_folded.contiguous()
-    if cfg.single_pass and spec.outer != 1:
+    if single:
         return _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast)
     return _act_quant_two(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast)
 

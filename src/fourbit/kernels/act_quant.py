@@ -13,11 +13,16 @@ One kernel reads each token's row of X (M, K) and emits what the GEMM needs:
 with X^ = pad(X) / smooth computed in fp32 exactly as ``fourbit.nn.reference`` does, and codes/scales bit-for-bit
 those of the format's reference ``quantize`` (the ``act_quant_torch`` twin builds them from it).
 
-Two launches: a *stats* kernel (row maxima of |X^| where the format has a per-row or per-tensor scale, and
-the down-projection, each program over a slice of K, partial results summed in a fixed order) and the
-*quantize* kernel, one program per (rows, columns) tile. Formats with a per-row scale need the row maximum
-before any element can be coded, so X is read twice (the second read mostly from L2); splitting K keeps
-thousands of programs in flight, which a single pass over whole rows cannot (too few row blocks at M ~ 1-5k).
+Two paths (``ActConfig``; defaults from the H100 sweeps, see DEFAULT_CONFIG):
+  * single pass (``_act_fused_kernel``; default without a down-projection): one program per row (or few rows),
+    walking it twice in chunks: row maximum, then quantize and store (the second walk hits L1/L2), so X is read
+    from memory once; formats without a row scale walk once;
+  * two launches (default with a down-projection; always for per-tensor scales): a *stats* kernel (row maxima
+    of |X^| and the down-projection, each program over a slice of K, partials summed in a fixed order) and the
+    *quantize* kernel, one program per (rows, columns) tile.
+The down-projection multiplies the raw X by ``fold_down(lr_down, smooth)`` = (lr_down / smooth)^T in bf16 hi + lo
+(no division; exact products for bf16 X; differs from the fp32 reference by ~2^-16 relative per product and the
+summation order). ``fast_div`` computes the IEEE divisions from cached reciprocals (``_div``), bit-exact.
 """
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 
     y = GEMM(act_quant(x), weight operand)   with the low-rank branch and the bias in the GEMM epilogue
 
-Three launches at most per layer: ``act_quant`` (smoothing, dynamic quantization and the down-projection,
-one launch and one read of x from memory for most formats), in memory mode ``expand_weight`` (4-bit weight -> operand, just in time), and the GEMM
-(``scaled_gemm`` for formats whose scales factor out of the K loop, ``grouped_gemm`` for int4 with group
-scales). Which pair of formats runs on which path (``plan_for``):
+At most four launches per layer: ``act_quant`` (smoothing, dynamic quantization and the down-projection;
+one launch without the low-rank branch, two with it), in memory mode ``expand_weight`` (4-bit weight ->
+operand, just in time), and the GEMM (``scaled_gemm`` for formats whose scales factor out of the K loop,
+``grouped_gemm`` for int4 with group scales). Which pair of formats runs on which path (``plan_for``):
 
     activations x weights           operands        GEMM
     int4p2/fp4p2 x int4p2/fp4p2     fp8 x fp8       scaled_gemm, per-token x per-channel fp32 scales

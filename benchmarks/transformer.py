@@ -249,6 +249,9 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="also break one step's CUDA time down by kernel kind")
     p.add_argument("--compile", action="store_true", help="also time every model with its blocks under "
                    "torch.compile (inductor; quantized layers kept out of the graph)")
+    p.add_argument("--fuse-siblings", action="store_true",
+                   help="fuse linears that read the same input (Q/K/V, single-block proj_mlp) into one layer "
+                        "before quantizing (fourbit.fuse_siblings); bf16 is also timed fused, as the fair baseline")
     p.add_argument("--blocks", default=None, help="D,S: only D double and S single blocks (a quick check; "
                    "results go to transformer-<D>x<S>.*)")
     args = p.parse_args(argv)
@@ -285,6 +288,19 @@ def main(argv=None):
 
     qcfg = fourbit.RTNConfig(weights=args.weights, activations=args.activations,
                              kernel="reference" if tiny else "triton-memory")
+    if args.fuse_siblings:
+        with torch.inference_mode():
+            groups = fourbit.find_siblings(model, lambda m: m(**inputs), config=qcfg)
+        fourbit.fuse_siblings(model, groups)
+        res["sibling_groups"] = len(groups)
+        ms, peak, y_fused = time_step(model, inputs, steps=args.steps, device=device)
+        graph_ms = None if tiny else time_step_graph(model, inputs, steps=args.steps)
+        err = float((y_fused.float() - y_bf16.float()).norm() / y_bf16.float().norm())
+        res["bf16_fused"] = dict(step_ms=ms, graph_step_ms=graph_ms, peak_bytes=peak, rel_diff_vs_bf16=err)
+        log(f"bf16 with {len(groups)} sibling groups fused: {ms:.1f} ms/step eager, {graph_ms} ms/step CUDA graph "
+            f"(rel. diff vs unfused {err:.1e})")
+        if args.compile:
+            res["bf16_fused"].update(compiled(model, inputs, args, device, log, "bf16 fused"))
     t0 = time.perf_counter()
     fourbit.quantize(model, qcfg, progress=False, verbose=False)
     if device == "cuda":

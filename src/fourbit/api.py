@@ -125,6 +125,8 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Calla
     report.convert_seconds = time.perf_counter() - t0
 
     model.fourbit_header = {"config": config.to_dict(), "architecture": fingerprint}
+    if getattr(model, "fourbit_siblings", None):
+        model.fourbit_header["siblings"] = [list(g) for g in model.fourbit_siblings]
     model.fourbit_report = report
     if verbose:
         print(report.summary(), file=sys.stderr)

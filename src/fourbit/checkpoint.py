@@ -21,6 +21,7 @@ from torch import nn
 
 from . import __version__
 from .api import _set_module, architecture_fingerprint
+from .nn.siblings import fuse_siblings
 from .nn import QuantLinear, build_empty, quantized_layers
 
 FORMAT_VERSION = 1
@@ -57,6 +58,8 @@ def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None)
         "extra": {**base.get("extra", {}), **(extra or {})},
         "tensor_sha256": _digest(tensors),
     }
+    if base.get("siblings"):
+        header["siblings"] = base["siblings"]  # fused sibling linears (fourbit.nn.siblings): load re-fuses
     blob = st_save(tensors, metadata={HEADER_KEY: json.dumps(header)})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +119,14 @@ def load(model: nn.Module, path: Union[str, Path], strict: bool = True, device=N
     header = read_header(path)
     if getattr(model, "fourbit_header", None) is not None:
         raise CheckpointError("model is already quantized; load onto a freshly built 16-bit model")
+    if header.get("siblings") and getattr(model, "fourbit_siblings", None) != header["siblings"]:
+        if getattr(model, "fourbit_siblings", None):
+            raise CheckpointError(f"{path}: the model's fused sibling layers differ from the checkpoint's; "
+                                  f"load onto an unfused 16-bit model")
+        try:
+            fuse_siblings(model, header["siblings"])  # the checkpoint was quantized with these layers fused
+        except ValueError as err:
+            raise CheckpointError(f"{path}: cannot fuse the checkpoint's sibling layers on this model: {err}") from None
     fingerprint = architecture_fingerprint(model)
     layers = header["layers"]
     modules = dict(model.named_modules())
@@ -149,6 +160,8 @@ def load(model: nn.Module, path: Union[str, Path], strict: bool = True, device=N
         model.to(device)
     model.fourbit_header = {"config": header["config"], "architecture": header["architecture"],
                             "extra": header.get("extra", {})}
+    if header.get("siblings"):
+        model.fourbit_header["siblings"] = header["siblings"]
     return model
 
 

@@ -7,6 +7,7 @@ from typing import Iterator, Optional
 from torch import nn
 
 from .linear import QuantConv2d, QuantLinear, build_empty, conv_rows
+from .siblings import SiblingGroup, SiblingOutput, find_siblings, fuse_siblings
 from .state import QuantizedLinearState
 
 
@@ -44,4 +45,5 @@ def activation_format(model: nn.Module, fmt):
 
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantizedLinearState", "build_empty", "conv_rows",
-           "quantized_layers", "set_kernel", "activation_format"]
+           "quantized_layers", "set_kernel", "activation_format", "SiblingGroup", "SiblingOutput", "find_siblings",
+           "fuse_siblings"]

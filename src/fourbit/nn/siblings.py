@@ -1,0 +1,205 @@
+"""Sibling linears: layers that read the very same input tensor (attention's Q, K and V projections, FLUX's
+single-block ``proj_mlp`` next to them) fused into one wider layer, so the input is quantized once and one
+GEMM runs instead of several.
+
+    groups = find_siblings(model, forward_loop)          # [["blocks.0.attn.to_q", "...to_k", "...to_v"], ...]
+    fuse_siblings(model, groups)                         # before fourbit.quantize
+    fourbit.quantize(model, cfg, forward_loop)           # the groups go into the checkpoint header
+    fourbit.load(fresh_model, path)                      # fuses the fresh model the same way first
+
+After fusion each sibling is a ``SiblingOutput`` that returns its slice of the group's output; the group holds
+one ``nn.Linear`` (concatenated weights and biases) at ``<first sibling>.group.linear``, which is what
+``fourbit.quantize`` quantizes (one smoothing vector and one activation quantization for the shared input).
+The group computes its output once per input tensor and hands each sibling its columns; the cached output is
+released as soon as every sibling has taken its share. Calling a sibling with another input recomputes.
+"""
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+def _version(x: torch.Tensor):
+    """The tensor's in-place version counter; None for inference-mode tensors, which do not track one (there a
+    cached output is trusted for the same tensor object)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
+class SiblingGroup(nn.Module):
+    """One linear layer (``self.linear``) whose output columns are shared out to ``len(sizes)`` siblings."""
+
+    def __init__(self, linear: nn.Module, sizes: Sequence[int]):
+        super().__init__()
+        self.linear = linear
+        self.sizes = [int(s) for s in sizes]
+        bounds = [0]
+        for s in self.sizes:
+            bounds.append(bounds[-1] + s)
+        self.bounds = bounds
+        self._clear()
+
+    def _clear(self) -> None:
+        self._x, self._key, self._out, self._served = None, None, None, set()
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Sibling ``index``'s columns of ``linear(x)`` (computed once per input tensor)."""
+        return _uncompiled_output()(self, index, x)
+
+    def _output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), _version(x), x.dtype, x.device)
+        if self._x is not x or self._key != key or index in self._served:
+            self._x, self._key, self._out, self._served = x, key, self.linear(x), set()
+        out = self._out[..., self.bounds[index]: self.bounds[index + 1]].contiguous()
+        self._served.add(index)
+        if len(self._served) == len(self.sizes):
+            self._clear()  # every sibling has its share: drop the references
+        return out
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}"
+
+
+@functools.lru_cache(maxsize=1)
+def _uncompiled_output():
+    """``SiblingGroup._output`` kept out of dynamo's graphs (its Python-side cache is a graph break), wrapped
+    on first use so that ``import fourbit`` does not import torch._dynamo (and with it Triton)."""
+    return torch.compiler.disable(SiblingGroup._output)
+
+
+class SiblingOutput(nn.Module):
+    """Stands where sibling ``index`` was; the first sibling owns the group as a submodule (``group``), the
+    others refer to it without registering it, so its weights appear once in ``state_dict``."""
+
+    def __init__(self, group: SiblingGroup, index: int, owner: bool, in_features: int, out_features: int):
+        super().__init__()
+        if owner:
+            self.group = group
+        else:
+            object.__setattr__(self, "_shared_group", group)
+        self.index = index
+        self.in_features, self.out_features = in_features, out_features
+
+    @property
+    def sibling_group(self) -> SiblingGroup:
+        return self._modules["group"] if "group" in self._modules else self._shared_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sibling_group.output(self.index, x)
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _linears(model: nn.Module, names: Optional[Iterable[str]]) -> dict:
+    wanted = None if names is None else set(names)
+    return {n: m for n, m in model.named_modules()
+            if type(m) is nn.Linear and (wanted is None or n in wanted)}
+
+
+@torch.no_grad()
+def find_siblings(model: nn.Module, forward_loop: Callable[[nn.Module], None], config=None,
+                  names: Optional[Iterable[str]] = None) -> list:
+    """Groups (lists of module names, in call order) of ``nn.Linear`` layers that, in every call made by
+    ``forward_loop(model)``, read the same input tensor as each other and no other candidate. ``config``
+    (a fourbit config): only layers it quantizes, grouped only with layers it quantizes the same way;
+    ``names`` restricts the candidates further."""
+    layer_config: dict = {}
+    if config is not None:
+        from ..calibration import select_targets
+
+        targets, _ = select_targets(model, config)
+        layer_config = {t.name: repr(t.config.to_dict()) for t in targets}
+        names = [n for n in layer_config if names is None or n in set(names)]
+    linears = _linears(model, names)
+    events: list = []  # one list of names per distinct input tensor, in order
+
+    class _Tracker:
+        current: dict = {}
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0]
+            key = (id(x), x.data_ptr(), tuple(x.shape), _version(x))
+            group = _Tracker.current.get(key)
+            if group is None:
+                group = (x, [])  # keep x alive so its id is not reused within this forward
+                _Tracker.current[key] = group
+                events.append(group[1])
+            group[1].append(name)
+        return pre
+
+    def reset(module, args):
+        _Tracker.current = {}
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    handles.append(model.register_forward_pre_hook(reset))
+    try:
+        forward_loop(model)
+    finally:
+        for h in handles:
+            h.remove()
+        _Tracker.current = {}
+    seen: dict = defaultdict(set)  # name -> every co-caller set it was part of
+    for names_ in events:
+        for n in names_:
+            seen[n].add(tuple(names_))
+    groups, done = [], set()
+    for names_ in events:
+        g = tuple(names_)
+        if len(g) < 2 or len(set(g)) != len(g) or g[0] in done:
+            continue
+        same_config = len({layer_config.get(n) for n in g}) == 1
+        if same_config and all(seen[n] == {g} for n in g) and _compatible([linears[n] for n in g]):
+            groups.append(list(g))
+            done.update(g)
+    return groups
+
+
+def _compatible(mods: list) -> bool:
+    w = mods[0].weight
+    return all(m.in_features == mods[0].in_features and m.weight.dtype == w.dtype and m.weight.device == w.device
+               for m in mods)
+
+
+def fuse_siblings(model: nn.Module, groups: Sequence[Sequence[str]]) -> nn.Module:
+    """Replace each group of sibling ``nn.Linear`` layers by one fused layer (see the module docstring).
+    Works on the meta device. Records the groups at ``model.fourbit_siblings`` (``fourbit.quantize`` puts them
+    in the header). Returns ``model``."""
+    from ..api import _set_module
+
+    if getattr(model, "fourbit_header", None) is not None:
+        raise ValueError("fuse siblings before quantizing: this model is already quantized by fourbit")
+    modules = dict(model.named_modules())
+    flat = [n for g in groups for n in g]
+    if len(set(flat)) != len(flat):
+        raise ValueError("a layer appears in two sibling groups")
+    for g in groups:
+        if len(g) < 2:
+            raise ValueError(f"a sibling group needs two or more layers, got {list(g)}")
+        missing = [n for n in g if n not in modules]
+        if missing:
+            raise ValueError(f"sibling layer(s) not in the model: {', '.join(missing)}")
+        mods = [modules[n] for n in g]
+        if not all(type(m) is nn.Linear for m in mods) or not _compatible(mods):
+            raise ValueError(f"sibling group {list(g)}: every layer must be an nn.Linear with the same "
+                             f"in_features, dtype and device")
+        w0 = mods[0].weight
+        fused = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods),
+                          bias=any(m.bias is not None for m in mods), device=w0.device, dtype=w0.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([m.weight for m in mods]))  # (sum N, K)
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features,
+                                            device=w0.device, dtype=w0.dtype) for m in mods]))
+        group = SiblingGroup(fused, [m.out_features for m in mods])
+        for i, (name, m) in enumerate(zip(g, mods)):
+            _set_module(model, name, SiblingOutput(group, i, i == 0, m.in_features, m.out_features))
+    model.fourbit_siblings = [list(g) for g in list(getattr(model, "fourbit_siblings", [])) + list(groups)]
+    return model

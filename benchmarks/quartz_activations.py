@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 from collections import defaultdict
 
@@ -56,7 +57,6 @@ class Recorder:
                 self.flags[label] += torch.bincount(fmt.flags(q).flatten().long(), minlength=5)[:5].double()
 
     def rows(self):
-        import math
         for label in self.formats:
             sq = 10 * math.log10(self.signal[label] / max(self.noise[label], 1e-30))
             h = self.flags.get(label)

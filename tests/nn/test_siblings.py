@@ -121,7 +121,7 @@ def test_rtn_fused_equals_rtn_unfused():
 
 
 def test_diffusers_flux_block_siblings():
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)

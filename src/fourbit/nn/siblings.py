@@ -119,24 +119,20 @@ def find_siblings(model: nn.Module, forward_loop: Callable[[nn.Module], None], c
         names = [n for n in layer_config if names is None or n in set(names)]
     linears = _linears(model, names)
     events: list = []  # one list of names per distinct input tensor, in order
-
-    class _Tracker:
-        current: dict = {}
+    current: dict = {}  # this forward's inputs: key -> (x, names); x is kept alive so its id is not reused
 
     def hook(name):
         def pre(module, args):
             x = args[0]
             key = (id(x), x.data_ptr(), tuple(x.shape), _version(x))
-            group = _Tracker.current.get(key)
-            if group is None:
-                group = (x, [])  # keep x alive so its id is not reused within this forward
-                _Tracker.current[key] = group
-                events.append(group[1])
-            group[1].append(name)
+            if key not in current:
+                current[key] = (x, [])
+                events.append(current[key][1])
+            current[key][1].append(name)
         return pre
 
     def reset(module, args):
-        _Tracker.current = {}
+        current.clear()
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     handles.append(model.register_forward_pre_hook(reset))
@@ -145,7 +141,7 @@ def find_siblings(model: nn.Module, forward_loop: Callable[[nn.Module], None], c
     finally:
         for h in handles:
             h.remove()
-        _Tracker.current = {}
+        current.clear()
     seen: dict = defaultdict(set)  # name -> every co-caller set it was part of
     for names_ in events:
         for n in names_:

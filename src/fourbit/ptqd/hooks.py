@@ -150,20 +150,21 @@ def ptqd_hooks(stats: PTQDStats, *, mixed: bool = False, q_model: Optional[nn.Mo
     ``validate_components`` chose for this mode (ValueError if it was not run); "auto" - validated if a
     validation is stored in ``stats``, else "paper"; or a dict ``{correlated, bias, variance}``.
     """
-    from .validate import validated_components, validation_mode
+    from .validate import COMPONENT_SETS, validated_components, validation_mode
 
+    paper = COMPONENT_SETS["correlated+bias+vsc"]
     schedule = "auto" if mixed else None
     if isinstance(components, dict):
         flags = dict(components)
     elif components == "paper":
-        flags = dict(correlated=True, bias=True, variance=True)
+        flags = dict(paper)
     elif components in ("validated", "auto"):
         flags = validated_components(stats, validation_mode(schedule, stats))
         if flags is None:
             if components == "validated":
                 raise ValueError("these PTQD statistics carry no validation for this mode; run "
                                  "fourbit.ptqd.validate_components(fp_model, q_model, stats) first")
-            flags = dict(correlated=True, bias=True, variance=True)
+            flags = dict(paper)
     else:
         raise ValueError(f"components must be 'auto', 'paper', 'validated' or a dict, got {components!r}")
     return [PTQDHook(stats, schedule=schedule, q_model=q_model, **flags)]

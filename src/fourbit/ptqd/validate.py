@@ -95,7 +95,7 @@ def validate_components(
     candidates, best, best_mean = {}, "none", float(base.mean())
     for name, v in scores.items():
         diff = v - base
-        se = float(diff.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.inf
+        se = float(diff.std(unbiased=True) / math.sqrt(n))  # n >= 2 (checked above)
         mean = float(v.mean())
         candidates[name] = {"lpips": mean, "diff": float(diff.mean()), "se": se}
         if name != "none" and float(diff.mean()) + z * se < 0 and mean < best_mean:

@@ -51,6 +51,22 @@ def configs(quick):
     return lr, nolr
 
 
+def probe_configs():
+    """What the IEEE divisions cost: the default with them replaced by multiplications by reciprocals
+    (``probe_mul``; not bit-exact), and tiles that may suit the lighter arithmetic."""
+    from fourbit.kernels.act_quant import DEFAULT_CONFIG as base
+
+    r = dataclasses.replace
+    c = [("default", base), ("probe: smoothing as multiply", r(base, probe_mul=1)),
+         ("probe: row scale as multiply", r(base, probe_mul=2)), ("probe: both as multiply", r(base, probe_mul=3))]
+    both = r(base, probe_mul=3)
+    c += [("probe both, chunk=2048", r(both, chunk=2048)), ("probe both, chunk=512", r(both, chunk=512)),
+          ("probe both, rows=2", r(both, rows=2)), ("probe both, chunk=2048 warps=8", r(both, chunk=2048, warps=8)),
+          ("probe both, stages=2", r(both, stages=2)),
+          ("probe both, two-launch 4x512", r(both, single_pass=False, single_pass_lr=False))]
+    return c, c
+
+
 def _name(label, cfg, rank):
     if label:
         return label
@@ -70,11 +86,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--probe", action="store_true", help="what the divisions cost (inexact variants, see probe_configs)")
+    p.add_argument("--tag", default="", help="suffix of the results' file names")
     p.add_argument("--formats", default="int4p2,fp4p2,int8")
     args = p.parse_args(argv)
     env = environment()
     print(json.dumps(env), flush=True)
-    lr_cfgs, nolr_cfgs = configs(args.quick)
+    lr_cfgs, nolr_cfgs = probe_configs() if args.probe else configs(args.quick)
     rows = []
     for m, k in SHAPES:
         xs = inputs(m, k)
@@ -89,7 +107,7 @@ def main(argv=None):
             for rank in (RANK, 0):
                 d, f = (down, folded) if rank else (None, None)
                 cands = lr_cfgs if rank else nolr_cfgs
-                if fi > 0:  # other formats: the default and the old path only
+                if fi > 0 and not args.probe:  # other formats: the default and the old path only
                     cands = cands[:2]
                 for label, cfg in cands:
                     fns = [lambda x=x, cfg=cfg: act_quant(x, fmt, smooth, d, k, config=cfg, down_folded=f,
@@ -119,7 +137,7 @@ def main(argv=None):
                      [[r["M"], r["K"], r["format"], r["rank"], r["config"], f"{r['ms']:.4f}", f"{r['floor_ms']:.4f}",
                        f"{r['x_floor']:.2f}"] for r in rows])
     md = "\n".join(lines) + "\n\n" + table
-    jp, mp = write_results(args.out, "act_quant", env, {"rows": rows, "best": best}, md)
+    jp, mp = write_results(args.out, "act_quant" + args.tag, env, {"rows": rows, "best": best}, md)
     print(md)
     print(f"wrote {jp} {mp}")
 

@@ -338,6 +338,12 @@ def main(argv=None):
 
     rows = [["bf16", f(res["bf16"]["graph_step_ms"]), "1.00", f(res["bf16"]["step_ms"]), "1.00",
              f"{res['bf16']['peak_bytes'] / 2**30:.2f}", f"{bf16_bytes / 2**30:.2f}", "1"]]
+    if "bf16_fused" in res:
+        r = res["bf16_fused"]
+        rows.append([f"bf16, {res['sibling_groups']} sibling groups fused", f(r["graph_step_ms"]),
+                     f(None if not (r["graph_step_ms"] and res["bf16"]["graph_step_ms"])
+                       else res["bf16"]["graph_step_ms"] / r["graph_step_ms"], ".2f"), f(r["step_ms"]),
+                     f(res["bf16"]["step_ms"] / r["step_ms"], ".2f"), f"{r['peak_bytes'] / 2**30:.2f}", "-", "-"])
     for mode, _ in modes:
         r = res[mode]
         rows.append([f"W4A4 {args.weights}/{args.activations} r{args.rank}, {mode} mode", f(r["graph_step_ms"]),
@@ -351,7 +357,7 @@ def main(argv=None):
     if args.compile:
         b = res["bf16"]
         crow = []
-        for name in ["bf16"] + [mode for mode, _ in modes]:
+        for name in ["bf16"] + (["bf16_fused"] if "bf16_fused" in res else []) + [mode for mode, _ in modes]:
             r = res[name]
             cg = r.get("compiled_graph_step_ms")
             crow.append([name, f(r.get("graph_step_ms")), f(cg), f(r.get("compiled_step_ms")),
@@ -368,7 +374,8 @@ def main(argv=None):
         prow += [[mode] + [f"{res[mode]['profile_ms'][c]:.1f}" for c in cats] for mode, _ in modes]
         md += "\nCUDA time of one eager step by kernel kind (ms, torch.profiler):\n\n" + md_table(["model"] + cats, prow)
         cprow = [[name] + [f"{res[name]['compiled_profile_ms'][c]:.1f}" for c in cats]
-                 for name in ["bf16"] + [mode for mode, _ in modes] if res[name].get("compiled_profile_ms")]
+                 for name in ["bf16", "bf16_fused"] + [mode for mode, _ in modes]
+                 if name in res and res[name].get("compiled_profile_ms")]
         if cprow:
             md += "\nSame, blocks compiled:\n\n" + md_table(["model"] + cats, cprow)
     stem = "transformer.tiny" if tiny else "transformer"

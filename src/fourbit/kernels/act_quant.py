@@ -135,6 +135,7 @@ class ActConfig:
     stages: int = 1
     lr_split: bool = True  # single pass + rank: the down-projection in its own stats launch (split K, folded)
     fast_div: bool = False  # IEEE divisions from reciprocals (bit-exact, see ``_div``); measured slower on H100
+    probe_mul: int = 0  # measurement only, NOT bit-exact: 1 smoothing, 2 row scale, 3 both as x * RN(1/d)
     BM: int = 16
     BK: int = 256
     num_warps: int = 4
@@ -243,11 +244,13 @@ def _load_smoothed(x_ptr, smooth_ptr, rsmooth_ptr, row_off, cols, row_mask, K, K
 def _smooth(x, smooth_ptr, rsmooth_ptr, cols, Kp, FAST: tl.constexpr, NDIM: tl.constexpr):
     s = tl.load(smooth_ptr + cols, mask=cols < Kp, other=1.0)
     rs = s
-    if FAST:
+    if FAST & 3:
         rs = tl.load(rsmooth_ptr + cols, mask=cols < Kp, other=1.0)
     s = tl.broadcast_to(s, x.shape)
     rs = tl.broadcast_to(rs, x.shape)
-    return _div(x, s, rs, FAST, NDIM)
+    if FAST & 2:  # probe: multiply by the reciprocal (not IEEE division)
+        return x * rs
+    return _div(x, s, rs, FAST & 1, NDIM)
 
 
 @triton.jit
@@ -339,10 +342,15 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
     if MODE <= 2:  # the row divisor's reciprocal (fast division)
         d3 = tl.broadcast_to(div[:, None, None], xs.shape)
         rd3 = d3
-        if FAST:
+        if FAST & 1:
             rd3 = tl.broadcast_to(_recip(div)[:, None, None], xs.shape)
+        if FAST & 4:  # probe: multiply by the reciprocal
+            rd3 = tl.broadcast_to((1.0 / div)[:, None, None], xs.shape)
     if MODE == 0 or MODE == 1:
-        y = _div(xs, d3, rd3, FAST, 3)
+        if FAST & 4:
+            y = xs * rd3
+        else:
+            y = _div(xs, d3, rd3, FAST & 1, 3)
         gmax = _amax(tl.abs(y), 2)  # (BM, NG)
         e = frexp_exponent(gmax) - 3 + (mantissa_bits(gmax) > MANT_T).to(tl.int32)
         e = tl.where(gmax > 0, e, EMIN)
@@ -354,7 +362,7 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
             c = e2m1_round(v)
         out = (c * pow2(e)[:, :, None]).to(tl.float8e4nv)
     if MODE == 2:
-        c = tl.minimum(tl.maximum(_rne(_div(xs, d3, rd3, FAST, 3), HW_ROUND), -127.0), 127.0)
+        c = tl.minimum(tl.maximum(_rne(_div(xs, d3, rd3, FAST & 1, 3), HW_ROUND), -127.0), 127.0)
         out = c.to(tl.int32).to(tl.int8)
     if MODE == 3:
         gmax = _amax(tl.abs(xs), 2)
@@ -591,8 +599,8 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or DEFAULT_CONFIG
-    fast = cfg.fast_div
-    if cfg.fast_div and smooth is not None and smooth_recip is None:
+    fast = int(cfg.fast_div) | (2 if cfg.probe_mul & 1 and smooth is not None else 0) | (4 if cfg.probe_mul & 2 else 0)
+    if fast & 3 and smooth is not None and smooth_recip is None:
         smooth_recip = recip(smooth)
     single = (cfg.single_pass if lr_down is None else cfg.single_pass_lr) and spec.outer != 1
     folded = lr_down is not None and (single or cfg.lr_dot == "folded")
@@ -637,7 +645,7 @@ def _stats(x, smooth, smooth_recip, down, kp, rank, need_amax, cfg, dummy, fast,
         dummy if down is None else down, dummy if pmax is None else pmax, dummy if plr is None else plr,
         m, k, kp, x.stride(0), 0 if down is None or code == 2 else down.stride(0), cols_per_split,
         NEED_AMAX=need_amax, HAS_SMOOTH=smooth is not None, RANK=rank, LR_DOT=code,
-        XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(), FAST=fast and smooth is not None,
+        XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(), FAST=fast if smooth is not None else fast & 4,
         BM=cfg.stats_BM, BK=cfg.stats_BK, num_warps=cfg.stats_warps)
     return split, pmax, plr
 

@@ -51,22 +51,6 @@ def configs(quick):
     return lr, nolr
 
 
-def probe_configs():
-    """What the IEEE divisions cost: the default with them replaced by multiplications by reciprocals
-    (``probe_mul``; not bit-exact), and tiles that may suit the lighter arithmetic."""
-    from fourbit.kernels.act_quant import DEFAULT_CONFIG as base
-
-    r = dataclasses.replace
-    c = [("default", base), ("probe: smoothing as multiply", r(base, probe_mul=1)),
-         ("probe: row scale as multiply", r(base, probe_mul=2)), ("probe: both as multiply", r(base, probe_mul=3))]
-    both = r(base, probe_mul=3)
-    c += [("probe both, chunk=2048", r(both, chunk=2048)), ("probe both, chunk=512", r(both, chunk=512)),
-          ("probe both, rows=2", r(both, rows=2)), ("probe both, chunk=2048 warps=8", r(both, chunk=2048, warps=8)),
-          ("probe both, stages=2", r(both, stages=2)),
-          ("probe both, two-launch 4x512", r(both, single_pass=False, single_pass_lr=False))]
-    return c, c
-
-
 def _name(label, cfg, rank):
     if label:
         return label
@@ -81,18 +65,18 @@ def _name(label, cfg, rank):
 
 def main(argv=None):
     from fourbit.formats import make_format
-    from fourbit.kernels.act_quant import act_quant, fold_down, recip
+    from fourbit.kernels.act_quant import act_quant, fold_down
+    from fourbit.nn.reference import smooth_reciprocal
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--probe", action="store_true", help="what the divisions cost (inexact variants, see probe_configs)")
     p.add_argument("--tag", default="", help="suffix of the results' file names")
     p.add_argument("--formats", default="int4p2,fp4p2,int8")
     args = p.parse_args(argv)
     env = environment()
     print(json.dumps(env), flush=True)
-    lr_cfgs, nolr_cfgs = probe_configs() if args.probe else configs(args.quick)
+    lr_cfgs, nolr_cfgs = configs(args.quick)
     rows = []
     for m, k in SHAPES:
         xs = inputs(m, k)
@@ -101,13 +85,13 @@ def main(argv=None):
         print(f"M={m} K={k}: copy floor {floor_ms:.4f} ms ({gbs:.0f} GB/s)", flush=True)
         smooth = torch.rand(k, device="cuda") + 0.5
         down = torch.randn(RANK, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-        folded, rsm = fold_down(down, smooth), recip(smooth)
+        folded, rsm = fold_down(down, smooth), smooth_reciprocal(smooth)
         for fi, fname in enumerate(args.formats.split(",")):
             fmt = make_format(fname)
             for rank in (RANK, 0):
                 d, f = (down, folded) if rank else (None, None)
                 cands = lr_cfgs if rank else nolr_cfgs
-                if fi > 0 and not args.probe:  # other formats: the default and the old path only
+                if fi > 0:  # other formats: the default and the old path only
                     cands = cands[:2]
                 for label, cfg in cands:
                     fns = [lambda x=x, cfg=cfg: act_quant(x, fmt, smooth, d, k, config=cfg, down_folded=f,

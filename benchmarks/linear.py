@@ -375,7 +375,8 @@ def _tune_act(log, sweep):
     from act_quant import configs
 
     from fourbit.formats import make_format
-    from fourbit.kernels.act_quant import act_quant, fold_down, recip
+    from fourbit.kernels.act_quant import act_quant, fold_down
+    from fourbit.nn.reference import smooth_reciprocal
 
     fmt = make_format("int4p2")
 
@@ -385,7 +386,7 @@ def _tune_act(log, sweep):
             smooth = torch.rand(k, device="cuda") + 0.5
             down = torch.randn(RANK, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 if rank else None
             folded = fold_down(down, smooth) if rank else None
-            rs = recip(smooth)
+            rs = smooth_reciprocal(smooth)
             return [lambda x=x: act_quant(x, fmt, smooth, down, k, config=cfg, down_folded=folded, smooth_recip=rs)
                     for x in xs]
         return make

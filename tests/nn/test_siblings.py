@@ -67,6 +67,20 @@ def test_fused_model_matches_and_each_input_is_multiplied_once():
     assert fused.blocks[0].to_q.sibling_group._out is None  # released once every sibling took its share
 
 
+def test_sibling_outputs_are_views_unless_asked_for_copies():
+    x = torch.randn(2, 5, 64)
+    for contiguous in (False, True):
+        net = fuse_siblings(Net(), [["blocks.0.to_q", "blocks.0.to_k", "blocks.0.to_v"]], contiguous=contiguous)
+        with torch.no_grad():
+            q, k, v = (getattr(net.blocks[0], n)(x) for n in ("to_q", "to_k", "to_v"))
+        assert q.shape == (2, 5, 64) and v.shape == (2, 5, 128)
+        shared = q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        assert shared != contiguous and q.is_contiguous() == contiguous
+        assert v.unflatten(-1, (2, 64)).shape == (2, 5, 2, 64)  # what attention code does with them
+        ref = Net().blocks[0]
+        torch.testing.assert_close(v, ref.to_v(x))
+
+
 def test_other_inputs_recompute():
     net = fuse_siblings(Net(), [["blocks.0.to_q", "blocks.0.to_k"]])
     a, b = torch.randn(2, 64), torch.randn(2, 64)

@@ -297,6 +297,11 @@ def div_scalar(a: Tensor, b: float) -> Tensor:
     return a / torch.full((), b, dtype=a.dtype, device=a.device)
 
 
+def reciprocal(t: Tensor) -> Tensor:
+    """1 / t correctly rounded on every device (a tensor-by-tensor division: see ``div_scalar``)."""
+    return torch.ones_like(t) / t
+
+
 def safe_divisor(s: Tensor) -> Tensor:
     """s with zeros replaced by 1 (a zero scale means an all-zero group: codes 0, no NaN)."""
     return torch.where(s != 0, s, torch.ones_like(s))

@@ -9,7 +9,8 @@ Choice of scales, for a format with largest value ``qmax`` (7 for int4, 6 for e2
   r = max|x_row| / qmax  (fp32; an all-zero row stores r = 0);
   e = the smallest integer with max|x_group / r| <= qmax * 2^e, i.e. ceil(log2(max|x_group| / max|x_row|))
       (computed exactly from the fp32 value by frexp), clamped to [emin, 0]; e <= 0 always holds;
-  code = round(x / r * 2^-e) to the format's grid (the scaling by 2^-e is exact).
+  code = round(x * (1 / r) * 2^-e) to the format's grid (1 / r: one correctly rounded reciprocal per row, then
+      a multiply per element, as a fast kernel does it; the scaling by 2^-e is exact).
 Every element is therefore within half a grid step of r * 2^e; groups smaller than 2^emin times the row
 maximum are quantized with e = emin (coarser, still no overflow). Exponents are stored as int8.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Format, QuantizedTensor, div_scalar, grouped, pow2, safe_divisor
+from .base import Format, QuantizedTensor, div_scalar, grouped, pow2, reciprocal, safe_divisor
 
 
 class Pow2Format(Format):
@@ -47,7 +48,7 @@ class Pow2Format(Format):
         xf = self.check_input(x)
         r_, k = xf.shape
         r = div_scalar(xf.abs().amax(dim=1, keepdim=True), self.QMAX)  # (R, 1) fp32
-        yg = grouped(xf / safe_divisor(r), self.group_for(k))  # (R, G, g), |y| <= qmax (+1 ulp)
+        yg = grouped(xf * reciprocal(safe_divisor(r)), self.group_for(k))  # (R, G, g), |y| <= qmax (+2 ulp)
         gmax = yg.abs().amax(dim=-1)  # (R, G)
         m, f = torch.frexp(gmax)  # gmax = m * 2^f, m in [0.5, 1)
         # smallest e with gmax * 2^-e <= qmax: f - 3 if 8m <= qmax else f - 2

@@ -10,7 +10,7 @@ One kernel reads each token's row of X (M, K) and emits what the GEMM needs:
   row_scale   (M,) fp32 per-token scale (or (1,) per-tensor for nvfp4), None where the format has none
   group_scale (K/g, M) fp32, group-major (int4 only)
   lr     (M, R) fp32: X^ @ lr_down^T, the low-rank branch's down-projection (R padded to a power of 2 >= 16)
-with X^ = pad(X) / smooth computed in fp32 exactly as ``fourbit.nn.reference`` does, and codes/scales bit-for-bit
+with X^ = pad(X) * (1 / smooth) computed in fp32 exactly as ``fourbit.nn.reference`` does, and codes/scales bit-for-bit
 those of the format's reference ``quantize`` (the ``act_quant_torch`` twin builds them from it).
 
 Two paths (``ActConfig``; defaults from the H100 sweeps, see DEFAULT_CONFIG):
@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..nn.reference import smooth_reciprocal
 from ._common import (aligned_empty, amax as _amax, as_int_value, ceil_div, check_device, e2m1_round,
                       frexp_exponent, interpreting, mantissa_bits, next_pow2, next_up, num_sms, pow2, round_half_even,
                       round_to_mantissa)
@@ -133,9 +134,11 @@ class ActConfig:
     chunk: int = 1024
     warps: int = 4
     stages: int = 1
+    large_k: int = 0  # padded K from which the single pass uses ``large_chunk`` / ``large_warps`` (0: never)
+    large_chunk: int = 2048
+    large_warps: int = 8
     lr_split: bool = True  # single pass + rank: the down-projection in its own stats launch (split K, folded)
-    fast_div: bool = False  # IEEE divisions from reciprocals (bit-exact, see ``_div``); measured slower on H100
-    probe_mul: int = 0  # measurement only, NOT bit-exact: 1 smoothing, 2 row scale, 3 both as x * RN(1/d)
+    fast_div: bool = False  # int8's row division from a reciprocal (bit-exact, see ``_div``); measured slower on H100
     BM: int = 16
     BK: int = 256
     num_warps: int = 4
@@ -157,8 +160,11 @@ class ActConfig:
 #: With the rank-32 branch (2026-11-22b sweep with cached factors): two launches, the stats kernel computing row
 #: maxima and the folded down-projection, then quantize tiles of 4 x 512, were 4% faster than the single pass
 #: plus a split-K down-projection launch at K >= 12288 and equal at K = 3072.
-DEFAULT_CONFIG = ActConfig(single_pass=True, single_pass_lr=False, BM=4, BK=512, num_warps=4, stats_BM=64,
-                           stats_BK=32)
+#: With the smoothing and the row scale as multiplications by reciprocals (2026-11-22c probe,
+#: results/act_quant-probe.h100.2026-11-22.*): single pass without the branch 0.038 -> 0.023 ms at 4608 x 3072
+#: with 2 stages, 0.148 -> 0.080 ms at 4608 x 12288 with chunks of 2048 and 8 warps.
+DEFAULT_CONFIG = ActConfig(single_pass=True, single_pass_lr=False, stages=2, large_k=8192, large_chunk=2048,
+                           large_warps=8, BM=4, BK=512, num_warps=4, stats_BM=64, stats_BK=32)
 
 
 # ---- the kernels --------------------------------------------------------------------------------
@@ -231,26 +237,18 @@ def div_elementwise(a: Tensor, b: Tensor, fast: bool = True) -> Tensor:
 
 
 @triton.jit
-def _load_smoothed(x_ptr, smooth_ptr, rsmooth_ptr, row_off, cols, row_mask, K, Kp, HAS_SMOOTH: tl.constexpr,
-                   FAST: tl.constexpr, NDIM: tl.constexpr):
-    """fp32 X^ = X / smooth (IEEE division) with zeros past K (the padding); rsmooth = RN(1 / smooth) (FAST)."""
+def _load_smoothed(x_ptr, rsmooth_ptr, row_off, cols, row_mask, K, Kp, HAS_SMOOTH: tl.constexpr):
+    """fp32 X^ = X * (1 / smooth) with zeros past K (the padding); rsmooth_ptr: ``smooth_reciprocal(smooth)``."""
     x = tl.load(x_ptr + row_off + cols, mask=row_mask & (cols < K), other=0.0).to(tl.float32)
     if HAS_SMOOTH:
-        x = _smooth(x, smooth_ptr, rsmooth_ptr, cols, Kp, FAST, NDIM)
+        x = _smooth(x, rsmooth_ptr, cols, Kp)
     return x
 
 
 @triton.jit
-def _smooth(x, smooth_ptr, rsmooth_ptr, cols, Kp, FAST: tl.constexpr, NDIM: tl.constexpr):
-    s = tl.load(smooth_ptr + cols, mask=cols < Kp, other=1.0)
-    rs = s
-    if FAST & 3:
-        rs = tl.load(rsmooth_ptr + cols, mask=cols < Kp, other=1.0)
-    s = tl.broadcast_to(s, x.shape)
-    rs = tl.broadcast_to(rs, x.shape)
-    if FAST & 2:  # probe: multiply by the reciprocal (not IEEE division)
-        return x * rs
-    return _div(x, s, rs, FAST & 1, NDIM)
+def _smooth(x, rsmooth_ptr, cols, Kp):
+    """x * (1 / smooth) (the reference's smoothing: one fp32 multiply by the cached reciprocal)."""
+    return x * tl.load(rsmooth_ptr + cols, mask=cols < Kp, other=1.0)
 
 
 @triton.jit
@@ -262,10 +260,10 @@ def _rne(x, HW: tl.constexpr):
 
 
 @triton.jit
-def _act_stats_kernel(x_ptr, smooth_ptr, rsmooth_ptr, down_ptr, pmax_ptr, plr_ptr,
+def _act_stats_kernel(x_ptr, rsmooth_ptr, down_ptr, pmax_ptr, plr_ptr,
                       M, K, Kp, stride_xm, stride_dn, cols_per_split,
                       NEED_AMAX: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
-                      LR_DOT: tl.constexpr, XSPLIT: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+                      LR_DOT: tl.constexpr, XSPLIT: tl.constexpr, UPCAST: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr):
     """Partial row maxima of |X^| (SPLIT, M) and partial down-projections (SPLIT, M, RANK) over one K slice.
     LR_DOT: 0 tf32 X^ @ lr_down^T, 1 X^ in bf16 hi + lo, 2 raw X @ ``fold_down`` factor (no division)."""
@@ -285,7 +283,7 @@ def _act_stats_kernel(x_ptr, smooth_ptr, rsmooth_ptr, down_ptr, pmax_ptr, plr_pt
         if NEED_AMAX or LR_DOT < 2:
             xs = x.to(tl.float32)
             if HAS_SMOOTH:
-                xs = _smooth(xs, smooth_ptr, rsmooth_ptr, cols[None, :], Kp, FAST, 2)
+                xs = _smooth(xs, rsmooth_ptr, cols[None, :], Kp)
         if NEED_AMAX:
             amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
         if RANK > 0:
@@ -339,18 +337,8 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
     """Quantize one (BM, NG, G) tile of X^ -> the GEMM operand (int4 groups: also stores the group scales).
     div: (BM,) the row divisor of ``_row_scale`` (row formats); t_one: the per-tensor scale (nvfp4)."""
     grp = tl.arange(0, NG)
-    if MODE <= 2:  # the row divisor's reciprocal (fast division)
-        d3 = tl.broadcast_to(div[:, None, None], xs.shape)
-        rd3 = d3
-        if FAST & 1:
-            rd3 = tl.broadcast_to(_recip(div)[:, None, None], xs.shape)
-        if FAST & 4:  # probe: multiply by the reciprocal
-            rd3 = tl.broadcast_to((1.0 / div)[:, None, None], xs.shape)
-    if MODE == 0 or MODE == 1:
-        if FAST & 4:
-            y = xs * rd3
-        else:
-            y = _div(xs, d3, rd3, FAST & 1, 3)
+    if MODE == 0 or MODE == 1:  # y = X^ * RN(1 / r): one IEEE reciprocal per row, as the format's reference
+        y = xs * tl.math.div_rn(tl.full(div.shape, 1.0, tl.float32), div)[:, None, None]
         gmax = _amax(tl.abs(y), 2)  # (BM, NG)
         e = frexp_exponent(gmax) - 3 + (mantissa_bits(gmax) > MANT_T).to(tl.int32)
         e = tl.where(gmax > 0, e, EMIN)
@@ -362,7 +350,11 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
             c = e2m1_round(v)
         out = (c * pow2(e)[:, :, None]).to(tl.float8e4nv)
     if MODE == 2:
-        c = tl.minimum(tl.maximum(_rne(_div(xs, d3, rd3, FAST & 1, 3), HW_ROUND), -127.0), 127.0)
+        d3 = tl.broadcast_to(div[:, None, None], xs.shape)
+        rd3 = d3
+        if FAST:  # the row divisor's reciprocal (fast IEEE division)
+            rd3 = tl.broadcast_to(_recip(div)[:, None, None], xs.shape)
+        c = tl.minimum(tl.maximum(_rne(_div(xs, d3, rd3, FAST, 3), HW_ROUND), -127.0), 127.0)
         out = c.to(tl.int32).to(tl.int8)
     if MODE == 3:
         gmax = _amax(tl.abs(xs), 2)
@@ -404,7 +396,7 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
 
 @triton.jit
 def _act_quant_kernel(
-    x_ptr, smooth_ptr, rsmooth_ptr, q_ptr, rs_ptr, gs_ptr, pmax_ptr, plr_ptr, lr_ptr, t_ptr,
+    x_ptr, rsmooth_ptr, q_ptr, rs_ptr, gs_ptr, pmax_ptr, plr_ptr, lr_ptr, t_ptr,
     M, K, Kp, stride_xm, stride_qm, stride_gs, SPLIT,
     MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
     MANT_T: tl.constexpr,  # pow2 modes: mantissa bits above which frexp's m exceeds QMAX / 8
@@ -444,8 +436,8 @@ def _act_quant_kernel(
     grp = tl.arange(0, NG)
     el = tl.arange(0, G)
     cols = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
-    xs = _load_smoothed(x_ptr, smooth_ptr, rsmooth_ptr, rows[:, None, None].to(tl.int64) * stride_xm, cols,
-                        rmask[:, None, None], K, Kp, HAS_SMOOTH, FAST, 3)  # (BM, NG, G)
+    xs = _load_smoothed(x_ptr, rsmooth_ptr, rows[:, None, None].to(tl.int64) * stride_xm, cols,
+                        rmask[:, None, None], K, Kp, HAS_SMOOTH)  # (BM, NG, G)
     out = _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp, MODE, G, NG, QMAX, EMIN, MANT_T,
                       S_DROP, S_MAX, S_SUBQ, S_MINN, OUTER, HW_ROUND, FAST)
     tl.store(q_ptr + rows[:, None, None].to(tl.int64) * stride_qm + cols, out,
@@ -483,7 +475,7 @@ def _down_dot(x, d_ptr, cols, Kp, acc, RANK: tl.constexpr, XSPLIT: tl.constexpr,
 
 @triton.jit
 def _act_fused_kernel(
-    x_ptr, smooth_ptr, rsmooth_ptr, d_ptr, plr_ptr, q_ptr, rs_ptr, gs_ptr, lr_ptr, t_ptr,
+    x_ptr, rsmooth_ptr, d_ptr, plr_ptr, q_ptr, rs_ptr, gs_ptr, lr_ptr, t_ptr,
     M, K, Kp, stride_xm, stride_qm, stride_gs, SPLIT,
     MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
     MANT_T: tl.constexpr, S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,
@@ -511,7 +503,7 @@ def _act_fused_kernel(
             x = tl.load(x_ptr + xrow[:, None] + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0)
             xs = x.to(tl.float32)
             if HAS_SMOOTH:
-                xs = _smooth(xs, smooth_ptr, rsmooth_ptr, cols[None, :], Kp, FAST, 2)
+                xs = _smooth(xs, rsmooth_ptr, cols[None, :], Kp)
             amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
             if LR_MODE == 1:
                 acc = _down_dot(x, d_ptr, cols, Kp, acc, RANK, XSPLIT, UPCAST)
@@ -524,8 +516,8 @@ def _act_fused_kernel(
     el = tl.arange(0, G)
     for k0 in range(0, Kp, BK):
         cols3 = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
-        xs3 = _load_smoothed(x_ptr, smooth_ptr, rsmooth_ptr, xrow[:, None, None], cols3, rmask[:, None, None], K, Kp,
-                             HAS_SMOOTH, FAST, 3)
+        xs3 = _load_smoothed(x_ptr, rsmooth_ptr, xrow[:, None, None], cols3, rmask[:, None, None], K, Kp,
+                             HAS_SMOOTH)
         out = _quant_tile(xs3, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp, MODE, G, NG, QMAX, EMIN,
                           MANT_T, S_DROP, S_MAX, S_SUBQ, S_MINN, OUTER, HW_ROUND, FAST)
         tl.store(q_ptr + rows[:, None, None].to(tl.int64) * stride_qm + cols3, out,
@@ -588,7 +580,7 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
 
     smooth: (Kp,) fp32 or None; lr_down: (R, Kp) 16-bit or fp32 (R padded to a power of two >= 16 inside);
     padded_in: Kp (zero-padding of K up to the group multiple); x may be any float dtype and row stride.
-    Layers pass what they cache: down_folded = ``fold_down(lr_down, smooth)``, smooth_recip = ``recip(smooth)``;
+    Layers pass what they cache: down_folded = ``fold_down(lr_down, smooth)``, smooth_recip = ``smooth_reciprocal(smooth)``;
     computed here when None.
     """
     spec = act_spec(fmt)
@@ -599,9 +591,9 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or DEFAULT_CONFIG
-    fast = int(cfg.fast_div) | (2 if cfg.probe_mul & 1 and smooth is not None else 0) | (4 if cfg.probe_mul & 2 else 0)
-    if fast & 3 and smooth is not None and smooth_recip is None:
-        smooth_recip = recip(smooth)
+    fast = cfg.fast_div
+    if smooth is not None and smooth_recip is None:
+        smooth_recip = smooth_reciprocal(smooth)
     single = (cfg.single_pass if lr_down is None else cfg.single_pass_lr) and spec.outer != 1
     folded = lr_down is not None and (single or cfg.lr_dot == "folded")
     if not folded:
@@ -625,7 +617,7 @@ def _scale_consts(spec: ActSpec):
     return dict(MANT_T=mant_t, S_DROP=s_drop, S_MAX=s_max, S_SUBQ=s_subq, S_MINN=s_minn)
 
 
-def _stats(x, smooth, smooth_recip, down, kp, rank, need_amax, cfg, dummy, fast, lr_dot):
+def _stats(x, smooth, smooth_recip, down, kp, rank, need_amax, cfg, dummy, lr_dot):
     """Launch the stats kernel over slices of K: (split, pmax (split, M) or None, plr (split, M, R) or None)."""
     m, k = x.shape
     dev = x.device
@@ -641,11 +633,11 @@ def _stats(x, smooth, smooth_recip, down, kp, rank, need_amax, cfg, dummy, fast,
     if code == 1 and (down is None or down.dtype != torch.bfloat16):
         code = 0
     _act_stats_kernel[(n_rb, split)](
-        x, dummy if smooth is None else smooth, dummy if smooth_recip is None else smooth_recip,
+        x, dummy if smooth is None else smooth_recip,
         dummy if down is None else down, dummy if pmax is None else pmax, dummy if plr is None else plr,
         m, k, kp, x.stride(0), 0 if down is None or code == 2 else down.stride(0), cols_per_split,
         NEED_AMAX=need_amax, HAS_SMOOTH=smooth is not None, RANK=rank, LR_DOT=code,
-        XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(), FAST=fast if smooth is not None else fast & 4,
+        XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(), 
         BM=cfg.stats_BM, BK=cfg.stats_BK, num_warps=cfg.stats_warps)
     return split, pmax, plr
 
@@ -654,7 +646,8 @@ def _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_fold
     m, k = x.shape
     dev = x.device
     rank = 0 if lr_down is None else next_pow2(lr_down.shape[0], 16)
-    bk = cfg.chunk or next_pow2(kp)
+    large = cfg.large_k and kp >= cfg.large_k
+    bk = (cfg.large_chunk if large else cfg.chunk) or next_pow2(kp)
     bk = max(bk, spec.group, 16)
     g = bk if spec.mode == INT8_ROW else spec.group
     q = aligned_empty(m, kp, spec.operand_dtype, dev)  # row stride 16-byte aligned for the GEMM's TMA
@@ -666,20 +659,20 @@ def _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_fold
     bm = cfg.rows
     if rank and cfg.lr_split:
         lr_mode = 2
-        split, _, plr = _stats(x, None, None, down_folded, kp, rank, False, cfg, dummy, False, "folded")
+        split, _, plr = _stats(x, None, None, down_folded, kp, rank, False, cfg, dummy, "folded")
     elif rank:
         lr_mode = 1
         bm = cfg.rows_lr if interpreting() else max(cfg.rows_lr, 16)  # tensor-core dot: >= 16 rows
     _act_fused_kernel[(ceil_div(m, bm),)](
-        x, dummy if smooth is None else smooth, dummy if smooth_recip is None else smooth_recip,
+        x, dummy if smooth is None else smooth_recip,
         dummy if down_folded is None else down_folded, dummy if plr is None else plr, q,
         dummy if rs is None else rs, dummy if gs is None else gs, dummy if lr is None else lr, dummy,
         m, k, kp, x.stride(0), q.stride(0), 0 if gs is None else gs.stride(0), split,
         MODE=spec.mode, G=g, NG=bk // g, QMAX=float(spec.qmax), EMIN=spec.emin, **_scale_consts(spec),
         OUTER=spec.outer, ROW_PASS=spec.row_pass, HAS_SMOOTH=smooth is not None, RANK=rank, LR_MODE=lr_mode,
         LR_Q=lr_mode == 1 and not spec.row_pass, XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(),
-        HW_ROUND=cfg.hw_round and not interpreting(), FAST=fast, BM=bm, BK=bk, num_warps=cfg.warps,
-        num_stages=cfg.stages,
+        HW_ROUND=cfg.hw_round and not interpreting(), FAST=fast, BM=bm, BK=bk,
+        num_warps=cfg.large_warps if large else cfg.warps, num_stages=cfg.stages,
     )
     return ActOperand(q, rs, gs, lr)
 
@@ -708,7 +701,7 @@ def _act_quant_two(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded,
     split = 1
     pmax = plr = None
     if need_amax or rank:
-        split, pmax, plr = _stats(x, smooth, smooth_recip, down, kp, rank, need_amax, cfg, dummy, fast,
+        split, pmax, plr = _stats(x, smooth, smooth_recip, down, kp, rank, need_amax, cfg, dummy,
                                   "folded" if down_folded is not None else cfg.lr_dot)
     if spec.row_pass:
         rs = torch.empty((m,), device=dev, dtype=torch.float32)
@@ -717,7 +710,7 @@ def _act_quant_two(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded,
     if spec.outer == 1:  # nvfp4: t = max(max|X^| / (6 * 448), 2^-126) over the whole tensor
         t = rs = torch.clamp(pmax.amax().reshape(1) / (6.0 * 448.0), min=_TINY)
     _act_quant_kernel[(ceil_div(m, cfg.BM), ceil_div(kp, bk))](
-        x, dummy if smooth is None else smooth, dummy if smooth_recip is None else smooth_recip, q,
+        x, dummy if smooth is None else smooth_recip, q,
         dummy if rs is None else rs, dummy if gs is None else gs,
         dummy if pmax is None else pmax, dummy if plr is None else plr, dummy if lr is None else lr,
         dummy if t is None else t,
@@ -745,7 +738,7 @@ def act_quant_torch(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Op
     if kp != x.shape[1]:
         xs = torch.nn.functional.pad(xs, (0, kp - x.shape[1]))
     if smooth is not None:
-        xs = xs / smooth
+        xs = xs * smooth_reciprocal(smooth)
     qt = fmt.quantize(xs)
     m = xs.shape[0]
     rs = gs = None

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..nn.reference import low_rank_branch, prepare_activation, quant_linear_reference
+from ..nn.reference import low_rank_branch, prepare_activation, quant_linear_reference, smooth_reciprocal
 from . import register_linear_kernel
 from ._common import next_pow2
-from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, fold_down, recip
+from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, fold_down
 from .gemm import scaled_gemm
 from .gemm_grouped import grouped_gemm
 from .weights import WeightOperand, expand_weight, weight_kind
@@ -67,7 +67,7 @@ class LayerState:
     key: tuple
     plan: str
     smooth: Optional[Tensor] = None  # (Kp,) fp32
-    smooth_recip: Optional[Tensor] = None  # (Kp,) fp32, recip(smooth) (act_quant's fast IEEE division)
+    smooth_recip: Optional[Tensor] = None  # (Kp,) fp32, smooth_reciprocal(smooth): activations are multiplied by it
     down: Optional[Tensor] = None  # (Rp, Kp), the layer's 16-bit dtype, rank zero-padded
     down_folded: Optional[Tensor] = None  # (2, Kp, Rp) bf16: fold_down(lr_down, smooth), act_quant's operand
     up: Optional[Tensor] = None  # (N, Rp) fp32
@@ -100,7 +100,7 @@ def layer_state(layer) -> LayerState:
         return st
     st = LayerState(key, plan_for(layer))
     st.smooth = None if layer.smooth is None else layer.smooth.float().contiguous()
-    st.smooth_recip = None if st.smooth is None else recip(st.smooth)
+    st.smooth_recip = None if st.smooth is None else smooth_reciprocal(st.smooth)
     if layer.lr_down is not None:
         rp = next_pow2(layer.lr_down.shape[0], 16)
         pad = rp - layer.lr_down.shape[0]
@@ -169,7 +169,7 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
         y = scaled_gemm(a.q, w.w, a.row_scale, w.col_scale, lr, up, st.bias, out_dtype=x2.dtype)
     if lowrank == "unfused" and st.down is not None:  # separate GEMMs: x read again, y read and written again
         k = x2.shape[1]
-        xs = x2 if st.smooth is None else x2 / st.smooth[:k].to(x2.dtype)
+        xs = x2 if st.smooth is None else x2 * st.smooth_recip[:k].to(x2.dtype)
         y.addmm_(xs @ st.down[:, :k].t().to(x2.dtype), st.up.t().to(x2.dtype))
     return y
 

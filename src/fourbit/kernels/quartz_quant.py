@@ -8,7 +8,7 @@ quantize kernel can hand the GEMM q~ directly and the product is a plain row/col
 
 One program takes BM tokens and reads their rows twice: pass 1 finds max|x^| per row (and accumulates the
 low-rank down-projection x^ @ lr_down^T when given), pass 2 quantizes group by group:
-    x^ = pad(x) / smooth (fp32, IEEE division, exactly as ``fourbit.nn.reference``)
+    x^ = pad(x) * (1 / smooth) (fp32, exactly as ``fourbit.nn.reference``)
     s  = max|x^_row| / 127;  q = clamp(rint(x^ / s), -127, 127)      (unsigned: / 255, clamp to [0, 255])
     FLAG per G_s group from max|q|;  c = |q| >> FLAG (trunc) or min(rint(|x^ / s| / 2^FLAG), 7) (round)
     q~ = sign(q) * c * 2^FLAG  -> stored as float8_e4m3fn (or int8; uint8 for the unsigned variant)
@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..nn.reference import smooth_reciprocal
 from ._common import amax as _amax, check_device, next_pow2, round_half_even
 
 
@@ -62,12 +63,11 @@ DEFAULT_CONFIG = QuaRTZQuantConfig()
 
 
 @triton.jit
-def _load_smoothed(x_ptr, smooth_ptr, row_off, cols, row_mask, K, Kp, HAS_SMOOTH: tl.constexpr):
-    """fp32 x^ = x / smooth with zeros past K (the padding)."""
+def _load_smoothed(x_ptr, rsmooth_ptr, row_off, cols, row_mask, K, Kp, HAS_SMOOTH: tl.constexpr):
+    """fp32 x^ = x * (1 / smooth) with zeros past K (the padding); rsmooth_ptr: ``smooth_reciprocal(smooth)``."""
     x = tl.load(x_ptr + row_off + cols, mask=row_mask & (cols < K), other=0.0).to(tl.float32)
     if HAS_SMOOTH:
-        s = tl.load(smooth_ptr + cols, mask=cols < Kp, other=1.0)
-        x = tl.math.div_rn(x, s)
+        x = x * tl.load(rsmooth_ptr + cols, mask=cols < Kp, other=1.0)
     return x
 
 
@@ -185,7 +185,7 @@ def quartz_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optio
             lr_down = torch.nn.functional.pad(lr_down, (0, 0, 0, rank - lr_down.shape[0]))
         lr_down = lr_down.contiguous()
     if smooth is not None:
-        smooth = smooth.float().contiguous()
+        smooth = smooth_reciprocal(smooth).contiguous()  # the kernel multiplies by 1 / smooth
     dummy = rs
     _quartz_quant_kernel[(triton.cdiv(m, bm),)](
         x, dummy if smooth is None else smooth, dummy if lr_down is None else lr_down, q, rs,
@@ -209,7 +209,7 @@ def quartz_quant_torch(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down:
     if kp != xs.shape[1]:
         xs = torch.nn.functional.pad(xs, (0, kp - xs.shape[1]))
     if smooth is not None:
-        xs = xs / smooth.float()
+        xs = xs * smooth_reciprocal(smooth)
     qt = fmt.quantize(xs)
     q = fmt.fp8_values(qt).to(torch.float8_e4m3fn) if out == "fp8" else fmt.decode_int8(qt)
     lr = None

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..formats import Format
+from ..nn.reference import smooth_reciprocal
 from ..nn.state import QuantizedLinearState
 
 EPS = 1e-5
@@ -37,14 +38,14 @@ def quantize_weight(weight: Tensor, fmt: Format, rows: Optional[Tensor] = None,
 
 def rounding_kwargs(cfg, stats, weight: Tensor, smooth: Optional[Tensor] = None) -> dict:
     """What ``quantize_state``/``quantize_weight`` need for ``cfg.weight_rounding``: {} for RTN, else the
-    calibration rows as the quantized weight sees them (x / smooth, padded to Kp) and the GPTQ options."""
+    calibration rows as the quantized weight sees them (x * (1 / smooth), padded to Kp) and the GPTQ options."""
     if cfg.weight_rounding == "rtn":
         return {}
     if stats is None:
         raise ValueError(f"weight_rounding={cfg.weight_rounding!r} needs calibration rows; none were recorded "
                          f"for this layer")
     x = calibration_rows(stats, weight)
-    return {"rows": x if smooth is None else x / smooth,
+    return {"rows": x if smooth is None else x * smooth_reciprocal(smooth),
             "gptq": {"damp": cfg.gptq_damp, "static_groups": cfg.weight_rounding == "gptq_static"}}
 
 
@@ -82,7 +83,7 @@ def low_rank(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 def state_output(state: QuantizedLinearState, x: Tensor) -> Tensor:
     """What the quantized layer computes for rows x (n, Kp) (no bias): the reference numerics."""
-    xs = x if state.smooth is None else x / state.smooth
+    xs = x if state.smooth is None else x * smooth_reciprocal(state.smooth)
     xq = xs if state.act_format is None else state.act_format.fake_quantize(xs)
     y = xq @ state.weight_format.dequantize(state.weight).t()
     if state.lr_down is not None:

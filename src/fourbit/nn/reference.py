@@ -2,7 +2,7 @@
 
 Steps (M tokens, K inputs, Kp padded, N outputs, r rank):
   1. pad x (M, K) with zeros to (M, Kp)
-  2. smoothing: x^ = x / smooth
+  2. smoothing: x^ = x * (1 / smooth)  (the reciprocal correctly rounded, then one multiply per element)
   3. low-rank branch (16-bit): y_lr = (x^ @ lr_down^T) @ lr_up^T           (M, r) -> (M, N)
   4. dynamic activation quantization per token and group: x~ = deq(Q_a(x^)) (bit-exact codes and scales)
   5. y = x~ @ deq(W)^T + y_lr + bias, accumulated in fp32, returned in x's dtype
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..formats.base import skip_finite_check
+from ..formats.base import reciprocal, skip_finite_check
 
 
 def prepare_activation(layer, x2: Tensor) -> Tensor:
@@ -22,8 +22,13 @@ def prepare_activation(layer, x2: Tensor) -> Tensor:
     if layer.padded_in != layer.in_features:
         x = F.pad(x, (0, layer.padded_in - layer.in_features))
     if layer.smooth is not None:
-        x = x / layer.smooth
+        x = x * smooth_reciprocal(layer.smooth)
     return x
+
+
+def smooth_reciprocal(smooth: Tensor) -> Tensor:
+    """(Kp,) fp32 1 / smooth, correctly rounded: the factor every path multiplies activations by."""
+    return reciprocal(smooth.float())
 
 
 def low_rank_branch(layer, xs: Tensor) -> Tensor:

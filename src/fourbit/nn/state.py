@@ -13,7 +13,7 @@ from ..formats import Format, QuantizedTensor
 class QuantizedLinearState:
     """The quantized form of y = x W^T + b with W (N, K):
 
-        y = (x / smooth) @ lr_down^T @ lr_up^T  +  Q_a(x / smooth) @ deq(weight)^T  +  bias
+        y = x^ @ lr_down^T @ lr_up^T  +  Q_a(x^) @ deq(weight)^T  +  bias,   x^ = x * (1 / smooth)
 
     weight:      QuantizedTensor of the (residual) weight, (N, Kp) with Kp = K padded to the group size
     smooth:      (Kp,) fp32 smoothing factors lambda, or None

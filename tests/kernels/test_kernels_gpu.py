@@ -124,3 +124,24 @@ def test_layers_gpu(wf, af):
     memory = model(x)
     assert torch.equal(bits(speed), bits(memory))
     assert ((speed.float() - ref).norm() / ref.norm()).item() < 4e-3
+
+
+@pytest.mark.parametrize("kernel", ["triton", "triton-memory"])
+def test_compiled_layers_gpu(kernel):
+    """Under torch.compile (inductor) prepared layers run as custom ops: no graph break, the eager bits."""
+    import torch._dynamo
+
+    from fourbit.nn import prepare_kernels
+
+    model = nn.Sequential(nn.Linear(512, 384), nn.Linear(384, 256)).cuda().bfloat16()
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+    cfg = fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=32, kernel=kernel)
+    fourbit.quantize(model, cfg, forward_loop=lambda m: m(x), progress=False, verbose=False)
+    prepare_kernels(model)
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(model)(x).graph_break_count == 0
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(model, fullgraph=True)(x), eager)
+    torch._dynamo.reset()

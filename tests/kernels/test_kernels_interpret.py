@@ -319,3 +319,49 @@ def test_fast_division_is_ieee():
     ref = a / b
     same = (bits(got) == bits(ref)) | (torch.isnan(got) & torch.isnan(ref))
     assert same.all(), (a[~same][:5], b[~same][:5], got[~same][:5], ref[~same][:5])
+
+
+@pytest.mark.parametrize("kernel", ["triton", "triton-memory"])
+def test_compiled_model_runs_layers_as_custom_ops(kernel):
+    """torch.compile traces through prepared layers (no graph break) and computes what eager computes."""
+    import torch._dynamo
+
+    from fourbit.nn import prepare_kernels
+
+    lin1, lin2 = nn.Linear(200, 96), nn.Linear(96, 64)
+    model = nn.Sequential(nn.LayerNorm(200), lin1, nn.GELU(), lin2)
+    x = torch.randn(3, 17, 200)
+    cfg = fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=20, alpha=0.5, kernel=kernel)
+    fourbit.quantize(model, cfg, forward_loop=lambda mm: mm(x), progress=False, verbose=False)
+    prepare_kernels(model)
+    with torch.no_grad():  # inference: the layers have no autograd formula
+        eager = model(x)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x), eager)
+    torch._dynamo.reset()
+
+
+def test_compiled_model_without_prepared_state_breaks_graphs_and_says_so():
+    import torch._dynamo
+
+    from fourbit.kernels import compiled as compiled_mod
+
+    model = nn.Sequential(nn.Linear(200, 96))
+    x = torch.randn(5, 200)
+    fourbit.quantize(model, fourbit.RTNConfig(weights="int4p2", activations="int4p2", kernel="triton"),
+                     progress=False, verbose=False)
+    compiled_mod._WARNED[0] = False
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="prepare_kernels"):
+        explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count >= 1
+    set_kernel(model, "reference")
+    ref = model(x)
+    set_kernel(model, "triton")
+    assert ((model(x) - ref).norm() / ref.norm()).item() < 1e-5
+    torch._dynamo.reset()
+

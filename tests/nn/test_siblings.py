@@ -154,3 +154,24 @@ def test_diffusers_flux_block_siblings():
     fuse_siblings(m, groups)
     with torch.no_grad():
         torch.testing.assert_close(m(**kw)[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_model_compiles_without_graph_breaks():
+    """dynamo traces the group's sharing: one graph, one GEMM per group, the eager result."""
+    import torch._dynamo
+
+    net = Net()
+    fused = fuse_siblings(copy.deepcopy(net), find_siblings(net, _loop))
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        eager = fused(x)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fused)(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        linears = [n for n in explained.graphs[0].graph.nodes
+                   if n.op == "call_function" and "linear" in str(n.target)]
+        assert len(linears) == 2 * 2 + 1  # per block: the q/k/v group and `out`; then the head
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(fused, backend="aot_eager")(x), eager, rtol=0, atol=0)
+        assert fused.blocks[0].to_q.sibling_group._out is None
+    torch._dynamo.reset()

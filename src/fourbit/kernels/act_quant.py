@@ -581,11 +581,17 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
     smooth: (Kp,) fp32 or None; lr_down: (R, Kp) 16-bit or fp32 (R padded to a power of two >= 16 inside);
     padded_in: Kp (zero-padding of K up to the group multiple); x may be any float dtype and row stride.
     Layers pass what they cache: down_folded = ``fold_down(lr_down, smooth)``, smooth_recip = ``smooth_reciprocal(smooth)``;
-    computed here when None.
+    computed here when None. The kernels read only these two, so either may be given without its source
+    (``smooth`` / ``lr_down`` None).
     """
     spec = act_spec(fmt)
     if spec is None:
         raise NotImplementedError(f"act_quant: no kernel for activation format {fmt!r}")
+    if smooth is None and smooth_recip is not None:
+        smooth = smooth_recip  # below, only its shape and presence are read
+    from_folded = lr_down is None and down_folded is not None
+    if from_folded:
+        lr_down = down_folded[0].t()  # (Rp, Kp) view: only its shape is read
     kp = _check(x, smooth, lr_down, padded_in)
     check_device(x, smooth, lr_down)
     if x.stride(1) != 1:
@@ -595,7 +601,7 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
     if smooth is not None and smooth_recip is None:
         smooth_recip = smooth_reciprocal(smooth)
     single = (cfg.single_pass if lr_down is None else cfg.single_pass_lr) and spec.outer != 1
-    folded = lr_down is not None and (single or cfg.lr_dot == "folded")
+    folded = lr_down is not None and (single or cfg.lr_dot == "folded" or from_folded)
     if not folded:
         down_folded = None
     if folded and down_folded is None:

@@ -74,6 +74,7 @@ class LayerState:
     bias: Optional[Tensor] = None  # (N,) fp32
     weight: Optional[WeightOperand] = None  # speed mode
     w16: Optional[Tensor] = None  # 'a16' plan, speed mode: dequantized weight in the activation dtype
+    op_key: str = ""  # the custom op's description of this layer (``compiled.py``): formats, plan, shapes
 
 
 _BUFFERS = ("weight_packed", "weight_scales", "weight_row_scale", "smooth", "lr_down", "lr_up", "bias")
@@ -108,6 +109,10 @@ def layer_state(layer) -> LayerState:
         st.up = F.pad(layer.lr_up.float(), (0, pad)).contiguous()
         st.down_folded = fold_down(layer.lr_down, st.smooth)
     st.bias = None if layer.bias is None else layer.bias.float().contiguous()
+    if st.plan in ("scaled", "grouped"):
+        from .compiled import register_layer
+
+        st.op_key = register_layer(layer, st.plan)
     layer._cache[_CACHE_KEY] = st
     return st
 
@@ -158,15 +163,9 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
                           f"using the reference implementation", stacklevel=3)
         return quant_linear_reference(layer, x2)
     fused = lowrank == "fused" and st.down is not None
-    a = act_quant(x2, layer.act_format, st.smooth, st.down if fused else None, layer.padded_in,
-                  down_folded=st.down_folded if fused else None, smooth_recip=st.smooth_recip)
     w = weight_operand(layer, st, memory)
-    lr, up = (a.lr, st.up) if fused else (None, None)
-    if st.plan == "grouped":
-        y = grouped_gemm(a.q, w.w, a.group_scale, w.group_scale, layer.act_format.group_size, lr, up, st.bias,
-                         out_dtype=x2.dtype)
-    else:
-        y = scaled_gemm(a.q, w.w, a.row_scale, w.col_scale, lr, up, st.bias, out_dtype=x2.dtype)
+    y = quantized_gemm(x2, layer.act_format, layer.padded_in, st.plan, w, st.smooth_recip,
+                       st.down_folded if fused else None, st.up if fused else None, st.bias)
     if lowrank == "unfused" and st.down is not None:  # separate GEMMs: x read again, y read and written again
         k = x2.shape[1]
         xs = x2 if st.smooth is None else x2 * st.smooth_recip[:k].to(x2.dtype)
@@ -174,16 +173,41 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
     return y
 
 
-# torch.compile: the kernels are opaque to dynamo (a graph break per quantized layer); inductor compiles and fuses
-# the code between them (norms, modulation, activations), and an outer CUDA graph captures both.
-@torch.compiler.disable
+def quantized_gemm(x2: Tensor, act_format, padded_in: int, plan: str, w: WeightOperand,
+                   smooth_recip: Optional[Tensor], down_folded: Optional[Tensor], up: Optional[Tensor],
+                   bias: Optional[Tensor]) -> Tensor:
+    """act_quant + GEMM for the 'scaled' / 'grouped' plans: (M, K) -> (M, N) in x2's dtype. ``down_folded`` and
+    ``up`` (both or neither): the low-rank branch, fused (down-projection in act_quant, up in the epilogue)."""
+    a = act_quant(x2, act_format, padded_in=padded_in, down_folded=down_folded, smooth_recip=smooth_recip)
+    lr = a.lr if down_folded is not None else None
+    if plan == "grouped":
+        return grouped_gemm(a.q, w.w, a.group_scale, w.group_scale, act_format.group_size, lr, up, bias,
+                            out_dtype=x2.dtype)
+    return scaled_gemm(a.q, w.w, a.row_scale, w.col_scale, lr, up, bias, out_dtype=x2.dtype)
+
+
+# torch.compile: layers on the 'scaled' / 'grouped' plans run as one custom op (``compiled.py``), so dynamo traces
+# through them and inductor fuses the code around them; other plans are opaque (a graph break per layer).
 def triton_speed(layer, x2: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():
+        from .compiled import compiled_forward
+
+        return compiled_forward(layer, x2, memory=False)
     return linear_forward(layer, x2, memory=False)
 
 
-@torch.compiler.disable
 def triton_memory(layer, x2: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():
+        from .compiled import compiled_forward
+
+        return compiled_forward(layer, x2, memory=True)
     return linear_forward(layer, x2, memory=True)
+
+
+@torch.compiler.disable
+def linear_forward_uncompiled(layer, x2: Tensor, memory: bool) -> Tensor:
+    """``linear_forward`` kept out of dynamo's graphs (a graph break)."""
+    return linear_forward(layer, x2, memory=memory)
 
 
 register_linear_kernel("triton", triton_speed)

@@ -28,6 +28,15 @@ def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
     return model
 
 
+def prepare_kernels(model: nn.Module) -> nn.Module:
+    """Build the Triton kernels' per-layer state now (weight operands in speed mode, folded factors): call after
+    moving the model to the GPU and before ``torch.compile``, so that compiled graphs run the quantized layers as
+    custom ops instead of breaking at each of them. Returns ``model``."""
+    from ..kernels.compiled import prepare_kernels as prepare
+
+    return prepare(model)
+
+
 @contextmanager
 def activation_format(model: nn.Module, fmt):
     """Temporarily quantize every quantized layer's activations with ``fmt`` (a Format or None = 16-bit).
@@ -45,5 +54,5 @@ def activation_format(model: nn.Module, fmt):
 
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantizedLinearState", "build_empty", "conv_rows",
-           "quantized_layers", "set_kernel", "activation_format", "SiblingGroup", "SiblingOutput", "find_siblings",
+           "quantized_layers", "set_kernel", "prepare_kernels", "activation_format", "SiblingGroup", "SiblingOutput", "find_siblings",
            "fuse_siblings"]

@@ -53,7 +53,22 @@ class SiblingGroup(nn.Module):
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Sibling ``index``'s columns of ``linear(x)`` (computed once per input tensor)."""
+        if torch.compiler.is_compiling():
+            return self._output_traced(index, x)
         return _uncompiled_output()(self, index, x)
+
+    def _output_traced(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """What dynamo traces: the same sharing keyed on the traced tensor's identity (data pointers and
+        version counters are not traceable); within one graph the siblings' input is one traced value."""
+        if self._x is not x or index in self._served:
+            self._x, self._key, self._out, self._served = x, None, self.linear(x), set()
+        out = self._out[..., self.bounds[index]: self.bounds[index + 1]]
+        if self.contiguous:
+            out = out.contiguous()
+        self._served = self._served | {index}
+        if len(self._served) == len(self.sizes):
+            self._clear()
+        return out
 
     def _output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), _version(x), x.dtype, x.device)

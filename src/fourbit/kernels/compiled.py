@@ -1,0 +1,100 @@
+"""The Triton layer path as one ``torch.library`` custom op, so that ``torch.compile`` traces through quantized
+layers instead of breaking its graph at each of them.
+
+    fourbit::quant_linear(x2, weights, smooth_recip, down_folded, up, bias, key) -> (M, N)
+
+Dynamo sees one opaque node per layer (its output shape comes from the fake implementation below) and
+inductor compiles and fuses the code around it: norms, modulation, residual adds, activations. The layer's
+state goes in as tensors (what ``layer_state`` caches, and the weight operand or, in memory mode, the packed
+weight) plus ``key``, a string naming the formats, the plan and the shapes. The key is the same for layers
+that differ only in their tensors, so the blocks of a model share compiled code (no recompilation per layer).
+
+Requirement: the layer's state must exist before tracing (``prepare_kernels(model)``, or one eager call);
+a layer without it falls back to the graph-breaking path and says so once.
+"""
+import warnings  # no ``from __future__ import annotations``: custom_op reads the annotations as types
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_SPECS: dict[str, tuple] = {}  # key -> (act_format, weight_format, padded_in, out_features, plan)
+_WARNED = [False]
+
+
+def _fmt_spec(fmt) -> str:
+    return repr(sorted(fmt.spec().items()))
+
+
+def register_layer(layer, plan: str) -> str:
+    """The op key of ``layer`` (registered so that the op can find the format objects)."""
+    key = "|".join([plan, _fmt_spec(layer.act_format), _fmt_spec(layer.weight_format), str(layer.padded_in),
+                    str(layer.out_features)])
+    _SPECS.setdefault(key, (layer.act_format, layer.weight_format, layer.padded_in, layer.out_features, plan))
+    return key
+
+
+def _lookup(key: str) -> tuple:
+    try:
+        return _SPECS[key.rsplit("|", 1)[0]]
+    except KeyError:
+        raise RuntimeError(f"fourbit::quant_linear: unknown layer key {key!r}: the layer's kernel state was not "
+                           f"built in this process (call fourbit.nn.prepare_kernels(model) first)") from None
+
+
+@torch.library.custom_op("fourbit::quant_linear", mutates_args=())
+def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Optional[Tensor],
+                 down_folded: Optional[Tensor], up: Optional[Tensor], bias: Optional[Tensor], key: str) -> Tensor:
+    """x2 (M, K) -> (M, N). weights: speed mode [operand (N, Kp), col_scale, group_scale]; memory mode
+    [packed, scales, row_scale] (expanded here). key: ``register_layer``'s key + "|speed" or "|memory"."""
+    from .linear import quantized_gemm  # imported here: the test suite re-executes kernel modules (interpreter)
+    from .weights import WeightOperand, expand_weight
+
+    act_format, weight_format, padded_in, _, plan = _lookup(key)
+    if key.endswith("|memory"):
+        w = expand_weight(weights[0], weights[1], weights[2], weight_format, padded_in)
+    else:
+        w = WeightOperand(weights[0], weights[1], weights[2])
+    return quantized_gemm(x2, act_format, padded_in, plan, w, smooth_recip, down_folded, up, bias)
+
+
+@quant_linear.register_fake
+def _(x2, weights, smooth_recip, down_folded, up, bias, key):
+    n = _lookup(key)[3]
+    return x2.new_empty((x2.shape[0], n))
+
+
+def compiled_forward(layer, x2: Tensor, memory: bool) -> Tensor:
+    """What a quantized layer runs while dynamo traces it: the custom op if its state is ready."""
+    from .linear import _CACHE_KEY, linear_forward_uncompiled
+
+    st = layer._cache.get(_CACHE_KEY)
+    if st is None or not st.op_key or (not memory and st.weight is None):
+        if not _WARNED[0]:
+            _WARNED[0] = True
+            warnings.warn("fourbit: a quantized layer was traced by torch.compile before its kernel state was "
+                          "built, so it breaks the graph; call fourbit.nn.prepare_kernels(model) (after moving the "
+                          "model to the GPU) before compiling", stacklevel=3)
+        return linear_forward_uncompiled(layer, x2, memory)
+    if memory:
+        weights = [layer.weight_packed, layer.weight_scales, layer.weight_row_scale]
+    else:
+        weights = [st.weight.w, st.weight.col_scale, st.weight.group_scale]
+    return torch.ops.fourbit.quant_linear(x2, weights, st.smooth_recip, st.down_folded, st.up, st.bias,
+                                          st.op_key + ("|memory" if memory else "|speed"))
+
+
+def prepare_kernels(model: torch.nn.Module) -> torch.nn.Module:
+    """Build every quantized layer's kernel state now (on the layers' current device): speed-mode weight
+    operands, folded factors, reciprocals. Call after moving the model to the GPU and before ``torch.compile``,
+    so that the compiled graphs contain the layers instead of breaking at them."""
+    from ..nn import quantized_layers
+    from .linear import layer_state, weight_operand
+
+    for _, layer in quantized_layers(model):
+        if layer.kernel not in ("triton", "triton-memory"):
+            continue
+        st = layer_state(layer)
+        if layer.kernel == "triton" and st.plan in ("scaled", "grouped"):
+            weight_operand(layer, st, memory=False)
+    return model

@@ -43,7 +43,9 @@ def configs(quick):
         return (f"two-launch, quantize tile {bm}x{bk} w{w}", dataclasses.replace(two, BM=bm, BK=bk, num_warps=w))
 
     common = [("default", base), ("old: two-launch, tf32 X^, tile 16x256", old)]
-    lr = common + [("single pass + split-K down-projection", one), tiles(2, 1024), tiles(1, 1024), tiles(8, 256)]
+    lr = common + [("single pass + split-K down-projection", one),
+                   ("single pass + split-K down-projection, never cuBLAS", dataclasses.replace(one, lr_mm_rows=0)),
+                   tiles(2, 1024), tiles(1, 1024), tiles(8, 256)]
     nolr = common + [tiles(4, 512), tiles(2, 1024), ("single pass, rows=2", dataclasses.replace(one, rows=2)),
                      ("single pass, chunk=512", dataclasses.replace(one, chunk=512))]
     if quick:
@@ -65,7 +67,7 @@ def _name(label, cfg, rank):
 
 def main(argv=None):
     from fourbit.formats import make_format
-    from fourbit.kernels.act_quant import act_quant, fold_down
+    from fourbit.kernels.act_quant import act_quant, cat_down, fold_down
     from fourbit.nn.reference import smooth_reciprocal
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,16 +88,17 @@ def main(argv=None):
         smooth = torch.rand(k, device="cuda") + 0.5
         down = torch.randn(RANK, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
         folded, rsm = fold_down(down, smooth), smooth_reciprocal(smooth)
+        dcat_full = cat_down(folded)
         for fi, fname in enumerate(args.formats.split(",")):
             fmt = make_format(fname)
             for rank in (RANK, 0):
-                d, f = (down, folded) if rank else (None, None)
+                d, f, dcat = (down, folded, dcat_full) if rank else (None, None, None)
                 cands = lr_cfgs if rank else nolr_cfgs
                 if fi > 0:  # other formats: the default and the old path only
                     cands = cands[:2]
                 for label, cfg in cands:
                     fns = [lambda x=x, cfg=cfg: act_quant(x, fmt, smooth, d, k, config=cfg, down_folded=f,
-                                                          smooth_recip=rsm) for x in xs]
+                                                          smooth_recip=rsm, down_cat=dcat) for x in xs]
                     try:
                         ms = time_graph(fns)
                     except Exception as e:  # a config that does not compile is reported, not fatal

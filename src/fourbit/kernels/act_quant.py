@@ -138,6 +138,8 @@ class ActConfig:
     large_chunk: int = 2048
     large_warps: int = 8
     lr_split: bool = True  # single pass + rank: the down-projection in its own stats launch (split K, folded)
+    lr_mm_rows: int = 0  # with a down-projection, M >= this, bf16 X on CUDA: single pass without it, and the
+    #                      down-projection as one cuBLAS GEMM X @ [hi | lo] with fp32 output (0: never)
     fast_div: bool = False  # int8's row division from a reciprocal (bit-exact, see ``_div``); measured slower on H100
     BM: int = 16
     BK: int = 256
@@ -163,8 +165,11 @@ class ActConfig:
 #: With the smoothing and the row scale as multiplications by reciprocals (2026-11-22c probe,
 #: results/act_quant-probe.h100.2026-11-22.*): single pass without the branch 0.038 -> 0.023 ms at 4608 x 3072
 #: with 2 stages, 0.148 -> 0.080 ms at 4608 x 12288 with chunks of 2048 and 8 warps.
+#: The down-projection as a cuBLAS GEMM beside the single pass (results/act_quant-lrmm.h100.2026-11-22.*):
+#: 0.040 -> 0.036 ms at 4608 x 3072, 0.142 -> 0.130 at 4608 x 12288, equal at 4608 x 15360, slower at
+#: 1024 x 3072 (0.0136 -> 0.0163): used from 2048 rows.
 DEFAULT_CONFIG = ActConfig(single_pass=True, single_pass_lr=False, stages=2, large_k=8192, large_chunk=2048,
-                           large_warps=8, BM=4, BK=512, num_warps=4, stats_BM=64, stats_BK=32)
+                           large_warps=8, lr_mm_rows=2048, BM=4, BK=512, num_warps=4, stats_BM=64, stats_BK=32)
 
 
 # ---- the kernels --------------------------------------------------------------------------------
@@ -573,9 +578,15 @@ def fold_down(lr_down: Tensor, smooth: Optional[Tensor] = None) -> Tensor:
     return torch.stack([hi, lo]).contiguous()
 
 
+def cat_down(down_folded: Tensor) -> Tensor:
+    """(2, Kp, Rp) ``fold_down`` factor -> (Kp, 2 Rp) [hi | lo], the operand of ``ActConfig.lr_mm``."""
+    return down_folded.permute(1, 0, 2).reshape(down_folded.shape[1], -1).contiguous()
+
+
 def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
               padded_in: Optional[int] = None, config: Optional[ActConfig] = None,
-              down_folded: Optional[Tensor] = None, smooth_recip: Optional[Tensor] = None) -> ActOperand:
+              down_folded: Optional[Tensor] = None, smooth_recip: Optional[Tensor] = None,
+              down_cat: Optional[Tensor] = None) -> ActOperand:
     """Quantize activations x (M, K) with format ``fmt`` for the GEMM, fused with smoothing and X^ @ lr_down^T.
 
     smooth: (Kp,) fp32 or None; lr_down: (R, Kp) 16-bit or fp32 (R padded to a power of two >= 16 inside);
@@ -612,6 +623,15 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
             raise ValueError(f"act_quant: down_folded must be (2, {kp}, {rank}) bfloat16 (fold_down), "
                              f"got {tuple(down_folded.shape)} {down_folded.dtype}")
         down_folded = down_folded.contiguous()
+    if (folded and spec.outer != 1 and cfg.lr_mm_rows and x.shape[0] >= cfg.lr_mm_rows and x.is_cuda
+            and x.dtype == torch.bfloat16):
+        if down_cat is None:
+            down_cat = cat_down(down_folded)
+        out = _act_quant_single(x, spec, smooth, smooth_recip, None, kp, cfg, None, fast)
+        both = torch.mm(x, down_cat[: x.shape[1]], out_dtype=torch.float32)  # (M, 2 Rp): X @ hi, X @ lo
+        rank = down_folded.shape[2]
+        out.lr = both[:, :rank] + both[:, rank:]
+        return out
     if single:
         return _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast)
     return _act_quant_two(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast)

@@ -1,7 +1,7 @@
 """The Triton layer path as one ``torch.library`` custom op, so that ``torch.compile`` traces through quantized
 layers instead of breaking its graph at each of them.
 
-    fourbit::quant_linear(x2, weights, smooth_recip, down_folded, up, bias, key) -> (M, N)
+    fourbit::quant_linear(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key) -> (M, N)
 
 Dynamo sees one opaque node per layer (its output shape comes from the fake implementation below) and
 inductor compiles and fuses the code around it: norms, modulation, residual adds, activations. The layer's
@@ -44,7 +44,8 @@ def _lookup(key: str) -> tuple:
 
 @torch.library.custom_op("fourbit::quant_linear", mutates_args=())
 def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Optional[Tensor],
-                 down_folded: Optional[Tensor], up: Optional[Tensor], bias: Optional[Tensor], key: str) -> Tensor:
+                 down_folded: Optional[Tensor], down_cat: Optional[Tensor], up: Optional[Tensor],
+                 bias: Optional[Tensor], key: str) -> Tensor:
     """x2 (M, K) -> (M, N). weights: speed mode [operand (N, Kp), col_scale, group_scale]; memory mode
     [packed, scales, row_scale] (expanded here). key: ``register_layer``'s key + "|speed" or "|memory"."""
     from .linear import quantized_gemm  # imported here: the test suite re-executes kernel modules (interpreter)
@@ -55,11 +56,11 @@ def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Opti
         w = expand_weight(weights[0], weights[1], weights[2], weight_format, padded_in)
     else:
         w = WeightOperand(weights[0], weights[1], weights[2])
-    return quantized_gemm(x2, act_format, padded_in, plan, w, smooth_recip, down_folded, up, bias)
+    return quantized_gemm(x2, act_format, padded_in, plan, w, smooth_recip, down_folded, down_cat, up, bias)
 
 
 @quant_linear.register_fake
-def _(x2, weights, smooth_recip, down_folded, up, bias, key):
+def _(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key):
     n = _lookup(key)[3]
     return x2.new_empty((x2.shape[0], n))
 
@@ -80,8 +81,8 @@ def compiled_forward(layer, x2: Tensor, memory: bool) -> Tensor:
         weights = [layer.weight_packed, layer.weight_scales, layer.weight_row_scale]
     else:
         weights = [st.weight.w, st.weight.col_scale, st.weight.group_scale]
-    return torch.ops.fourbit.quant_linear(x2, weights, st.smooth_recip, st.down_folded, st.up, st.bias,
-                                          st.op_key + ("|memory" if memory else "|speed"))
+    return torch.ops.fourbit.quant_linear(x2, weights, st.smooth_recip, st.down_folded, st.down_cat, st.up,
+                                          st.bias, st.op_key + ("|memory" if memory else "|speed"))
 
 
 def prepare_kernels(model: torch.nn.Module) -> torch.nn.Module:

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..nn.reference import low_rank_branch, prepare_activation, quant_linear_reference, smooth_reciprocal
 from . import register_linear_kernel
 from ._common import next_pow2
-from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, fold_down
+from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, cat_down, fold_down
 from .gemm import scaled_gemm
 from .gemm_grouped import grouped_gemm
 from .weights import WeightOperand, expand_weight, weight_kind
@@ -70,6 +70,7 @@ class LayerState:
     smooth_recip: Optional[Tensor] = None  # (Kp,) fp32, smooth_reciprocal(smooth): activations are multiplied by it
     down: Optional[Tensor] = None  # (Rp, Kp), the layer's 16-bit dtype, rank zero-padded
     down_folded: Optional[Tensor] = None  # (2, Kp, Rp) bf16: fold_down(lr_down, smooth), act_quant's operand
+    down_cat: Optional[Tensor] = None  # (Kp, 2 Rp) bf16: cat_down(down_folded), the cuBLAS down-projection's
     up: Optional[Tensor] = None  # (N, Rp) fp32
     bias: Optional[Tensor] = None  # (N,) fp32
     weight: Optional[WeightOperand] = None  # speed mode
@@ -108,6 +109,7 @@ def layer_state(layer) -> LayerState:
         st.down = F.pad(layer.lr_down, (0, 0, 0, pad)).contiguous()
         st.up = F.pad(layer.lr_up.float(), (0, pad)).contiguous()
         st.down_folded = fold_down(layer.lr_down, st.smooth)
+        st.down_cat = cat_down(st.down_folded)
     st.bias = None if layer.bias is None else layer.bias.float().contiguous()
     if st.plan in ("scaled", "grouped"):
         from .compiled import register_layer
@@ -165,7 +167,8 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
     fused = lowrank == "fused" and st.down is not None
     w = weight_operand(layer, st, memory)
     y = quantized_gemm(x2, layer.act_format, layer.padded_in, st.plan, w, st.smooth_recip,
-                       st.down_folded if fused else None, st.up if fused else None, st.bias)
+                       st.down_folded if fused else None, st.down_cat if fused else None, st.up if fused else None,
+                       st.bias)
     if lowrank == "unfused" and st.down is not None:  # separate GEMMs: x read again, y read and written again
         k = x2.shape[1]
         xs = x2 if st.smooth is None else x2 * st.smooth_recip[:k].to(x2.dtype)
@@ -174,11 +177,13 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
 
 
 def quantized_gemm(x2: Tensor, act_format, padded_in: int, plan: str, w: WeightOperand,
-                   smooth_recip: Optional[Tensor], down_folded: Optional[Tensor], up: Optional[Tensor],
-                   bias: Optional[Tensor]) -> Tensor:
-    """act_quant + GEMM for the 'scaled' / 'grouped' plans: (M, K) -> (M, N) in x2's dtype. ``down_folded`` and
-    ``up`` (both or neither): the low-rank branch, fused (down-projection in act_quant, up in the epilogue)."""
-    a = act_quant(x2, act_format, padded_in=padded_in, down_folded=down_folded, smooth_recip=smooth_recip)
+                   smooth_recip: Optional[Tensor], down_folded: Optional[Tensor], down_cat: Optional[Tensor],
+                   up: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """act_quant + GEMM for the 'scaled' / 'grouped' plans: (M, K) -> (M, N) in x2's dtype. ``down_folded``,
+    ``down_cat`` and ``up`` (all or none): the low-rank branch, fused (down-projection in act_quant, up in the
+    GEMM's epilogue)."""
+    a = act_quant(x2, act_format, padded_in=padded_in, down_folded=down_folded, smooth_recip=smooth_recip,
+                  down_cat=down_cat)
     lr = a.lr if down_folded is not None else None
     if plan == "grouped":
         return grouped_gemm(a.q, w.w, a.group_scale, w.group_scale, act_format.group_size, lr, up, bias,

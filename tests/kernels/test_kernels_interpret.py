@@ -365,3 +365,25 @@ def test_compiled_model_without_prepared_state_breaks_graphs_and_says_so():
     assert ((model(x) - ref).norm() / ref.norm()).item() < 1e-5
     torch._dynamo.reset()
 
+
+
+def test_compiled_w4a16_layers_break_quietly():
+    """Plans without a custom op (16-bit activations) still compile, through a graph break, without the
+    'prepare_kernels' warning (their state was prepared)."""
+    import torch._dynamo
+
+    from fourbit.nn import prepare_kernels
+
+    model = nn.Sequential(nn.Linear(200, 96))
+    x = torch.randn(5, 200)
+    fourbit.quantize(model, fourbit.RTNConfig(weights="nf4", activations=None, kernel="triton"),
+                     progress=False, verbose=False)
+    prepare_kernels(model)
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            compiled = torch.compile(model, backend="aot_eager")(x)
+        assert torch.equal(compiled, eager)
+    torch._dynamo.reset()

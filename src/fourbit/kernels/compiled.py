@@ -70,7 +70,9 @@ def compiled_forward(layer, x2: Tensor, memory: bool) -> Tensor:
     from .linear import _CACHE_KEY, linear_forward_uncompiled
 
     st = layer._cache.get(_CACHE_KEY)
-    if st is None or not st.op_key or (not memory and st.weight is None):
+    if st is not None and st.plan not in ("scaled", "grouped"):  # no custom op for 16-bit activations or the
+        return linear_forward_uncompiled(layer, x2, memory)      # reference fallback: a graph break
+    if st is None or (not memory and st.weight is None):
         if not _WARNED[0]:
             _WARNED[0] = True
             warnings.warn("fourbit: a quantized layer was traced by torch.compile before its kernel state was "

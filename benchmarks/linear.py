@@ -134,6 +134,35 @@ def variant_fn(layer, x, variant):
     raise ValueError(variant)
 
 
+def diagnose(layer, x, y, ref, limit=8) -> dict:
+    """Where a layer's output departs from the reference: its worst rows, and act_quant's codes and row scales
+    against the plain-torch twin on the same input (counts and the first ``limit`` differing elements)."""
+    from fourbit.kernels.act_quant import act_quant, act_quant_torch
+    from fourbit.kernels.linear import layer_state
+
+    st = layer_state(layer)
+    row_err = ((y.float() - ref.float()).norm(dim=1) / ref.float().norm(dim=1).clamp_min(1e-30))
+    worst = torch.topk(row_err, min(limit, row_err.numel()))
+    got = act_quant(x, layer.act_format, st.smooth, st.down, layer.padded_in, down_folded=st.down_folded,
+                    smooth_recip=st.smooth_recip, down_cat=st.down_cat)
+    twin = act_quant_torch(x, layer.act_format, st.smooth, st.down, layer.padded_in)
+    diff = got.q.view(torch.uint8) != twin.q.view(torch.uint8) if got.q.element_size() == 1 else got.q != twin.q
+    out = dict(worst_rows=worst.indices.tolist(), worst_row_rel_err=[float(v) for v in worst.values],
+               code_mismatches=int(diff.sum()), rows_with_code_mismatches=int(diff.any(1).sum()))
+    if got.row_scale is not None:
+        out["row_scale_mismatches"] = int((got.row_scale != twin.row_scale).sum())
+    idx = diff.nonzero()[:limit]
+    out["first_code_mismatches"] = [
+        dict(row=int(r), col=int(c), x=float(x[r, c]) if c < x.shape[1] else 0.0, kernel=float(got.q[r, c].float()),
+             reference=float(twin.q[r, c].float()),
+             row_scale_kernel=None if got.row_scale is None else float(got.row_scale[r]),
+             row_scale_reference=None if twin.row_scale is None else float(twin.row_scale[r]))
+        for r, c in idx.tolist()]
+    if got.lr is not None:
+        out["lr_rel_err"] = float((got.lr - twin.lr).norm() / twin.lr.norm())
+    return out
+
+
 def bench_shape(m, k, n, formats, graph=True, log=print):
     rows = []
     xs = inputs(m, k)
@@ -166,8 +195,12 @@ def bench_shape(m, k, n, formats, graph=True, log=print):
         for variant in variants:
             try:
                 fns = [variant_fn(layer, x, variant) for x in xs]
-                err = rel_err(fns[0](), ref) if not variant.endswith("none") else None
+                y = fns[0]() if not variant.endswith("none") else None
+                err = None if y is None else rel_err(y, ref)
                 record(label, variant, fns, err)
+                if err is not None and err > 2e-3 and variant in ("fused", "memory"):  # above the bf16 rounding
+                    rows[-1]["diagnosis"] = diag = diagnose(layer, xs[0], y, ref)
+                    log(f"    diagnosis: {json.dumps(diag)[:600]}")
             except Exception as e:  # report and go on: one broken path must not lose the whole run
                 log(f"  {label} {variant}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         del layer, ref

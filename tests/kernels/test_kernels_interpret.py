@@ -387,3 +387,41 @@ def test_compiled_w4a16_layers_break_quietly():
             compiled = torch.compile(model, backend="aot_eager")(x)
         assert torch.equal(compiled, eager)
     torch._dynamo.reset()
+
+
+def test_loaded_checkpoint_with_siblings_compiles_without_graph_breaks(tmp_path):
+    """quantize (siblings fused, Triton kernel) -> save -> load into a fresh model -> prepare_kernels ->
+    torch.compile: one graph, the eager result."""
+    import torch._dynamo
+
+    from fourbit.nn import find_siblings, fuse_siblings, prepare_kernels
+
+    class Attn(nn.Module):
+        def __init__(self, d=64):
+            super().__init__()
+            self.norm = nn.LayerNorm(d)
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+        def forward(self, x):
+            h = self.norm(x)
+            q, k, v = self.q(h), self.k(h), self.v(h)
+            return x + self.o(torch.softmax(q @ k.transpose(-1, -2) / 8, -1) @ v)
+
+    torch.manual_seed(0)
+    net, x = nn.Sequential(Attn(), Attn()), torch.randn(2, 9, 64)
+    cfg = fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=8, kernel="triton")
+    fuse_siblings(net, find_siblings(net, lambda m: m(x), config=cfg))
+    fourbit.quantize(net, cfg, forward_loop=lambda m: m(x), progress=False, verbose=False)
+    path = fourbit.save(net, tmp_path / "q.safetensors")
+    torch.manual_seed(1)
+    fresh = fourbit.load(nn.Sequential(Attn(), Attn()), path)
+    prepare_kernels(fresh)
+    with torch.no_grad():
+        eager = fresh(x)
+        torch.testing.assert_close(eager, net(x), rtol=0, atol=0)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fresh)(x)
+        assert explained.graph_break_count == 0
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(fresh, backend="aot_eager")(x), eager)
+    torch._dynamo.reset()

@@ -16,9 +16,15 @@ import triton
 import triton.language as tl
 
 
+#: TRITON_INTERPRET as it was when this module was (re)loaded: Triton decides interpreter-or-compiler when a kernel
+#: is defined, and the kernel modules are loaded after this one (the tests reload them all, this one first).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 when they were defined)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 when they were defined). Read
+    once per load of this module (a layer call asked six times; each read of the environment costs microseconds)."""
+    return _INTERPRETING
 
 
 def check_device(*tensors: torch.Tensor) -> None:

@@ -425,3 +425,25 @@ def test_loaded_checkpoint_with_siblings_compiles_without_graph_breaks(tmp_path)
         torch._dynamo.reset()
         assert torch.equal(torch.compile(fresh, backend="aot_eager")(x), eager)
     torch._dynamo.reset()
+
+
+def test_cublas_down_projection_falls_back_where_torch_lacks_it():
+    """Where ``torch.mm(..., out_dtype=float32)`` does not run (here: CPU), the helper says so once and returns
+    None, and act_quant keeps using the Triton down-projection."""
+    from fourbit.kernels import act_quant as aq
+
+    down = torch.randn(20, 256).bfloat16()
+    folded = aq.fold_down(down, torch.rand(256) + 0.5)
+    x = torch.randn(8, 256).bfloat16()
+    try:
+        torch.mm(x, aq.cat_down(folded), out_dtype=torch.float32)
+        pytest.skip("this torch has mm(..., out_dtype) on CPU: nothing to fall back from")
+    except (TypeError, RuntimeError, NotImplementedError):
+        pass
+    saved = aq._MM_FP32_OUT[0]
+    try:
+        with pytest.warns(UserWarning, match="out_dtype"):
+            assert aq._down_projection_mm(x, folded, None) is None
+        assert aq._MM_FP32_OUT[0] is False
+    finally:
+        aq._MM_FP32_OUT[0] = saved

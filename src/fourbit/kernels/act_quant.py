@@ -578,6 +578,27 @@ def fold_down(lr_down: Tensor, smooth: Optional[Tensor] = None) -> Tensor:
     return torch.stack([hi, lo]).contiguous()
 
 
+_MM_FP32_OUT = [True]  # this torch has mm(bf16, bf16, out_dtype=float32) on CUDA (checked on first use)
+
+
+def _down_projection_mm(x: Tensor, down_folded: Tensor, down_cat: Optional[Tensor]) -> Optional[Tensor]:
+    """X @ (hi + lo) as one cuBLAS GEMM with fp32 output: (M, Rp) fp32, or None where torch cannot do that (then
+    the Triton path is used from then on, after one warning)."""
+    if down_cat is None:
+        down_cat = cat_down(down_folded)
+    try:
+        both = torch.mm(x, down_cat[: x.shape[1]], out_dtype=torch.float32)  # (M, 2 Rp): X @ hi, X @ lo
+    except (TypeError, RuntimeError, NotImplementedError) as e:
+        import warnings
+
+        _MM_FP32_OUT[0] = False
+        warnings.warn(f"fourbit act_quant: torch.mm(..., out_dtype=float32) is not available here ({e}); the "
+                      f"low-rank down-projection runs in the Triton stats kernel instead", stacklevel=3)
+        return None
+    rank = down_folded.shape[2]
+    return both[:, :rank] + both[:, rank:]
+
+
 def cat_down(down_folded: Tensor) -> Tensor:
     """(2, Kp, Rp) ``fold_down`` factor -> (Kp, 2 Rp) [hi | lo], the operand of ``ActConfig.lr_mm``."""
     return down_folded.permute(1, 0, 2).reshape(down_folded.shape[1], -1).contiguous()
@@ -624,14 +645,12 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
                              f"got {tuple(down_folded.shape)} {down_folded.dtype}")
         down_folded = down_folded.contiguous()
     if (folded and spec.outer != 1 and cfg.lr_mm_rows and x.shape[0] >= cfg.lr_mm_rows and x.is_cuda
-            and x.dtype == torch.bfloat16):
-        if down_cat is None:
-            down_cat = cat_down(down_folded)
-        out = _act_quant_single(x, spec, smooth, smooth_recip, None, kp, cfg, None, fast)
-        both = torch.mm(x, down_cat[: x.shape[1]], out_dtype=torch.float32)  # (M, 2 Rp): X @ hi, X @ lo
-        rank = down_folded.shape[2]
-        out.lr = both[:, :rank] + both[:, rank:]
-        return out
+            and x.dtype == torch.bfloat16 and _MM_FP32_OUT[0]):
+        lr = _down_projection_mm(x, down_folded, down_cat)
+        if lr is not None:
+            out = _act_quant_single(x, spec, smooth, smooth_recip, None, kp, cfg, None, fast)
+            out.lr = lr
+            return out
     if single:
         return _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast)
     return _act_quant_two(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast)

@@ -104,14 +104,14 @@ def variant_fn(layer, x, variant):
         sb = w.col_scale.reshape(1, -1)
         up16 = st.up.t().to(x.dtype).contiguous()
         down16 = st.down.t().to(x.dtype)
-        smooth16 = st.smooth.to(x.dtype)
+        rsmooth16 = st.smooth_recip.to(x.dtype)
         branch = variant == "cublas"
 
         def run():
-            a = act_quant(x, layer.act_format, st.smooth, None, layer.padded_in)
+            a = act_quant(x, layer.act_format, padded_in=layer.padded_in, smooth_recip=st.smooth_recip)
             y = _scaled_mm_bias(a.q, wt, a.row_scale.reshape(-1, 1), sb, layer.bias, x.dtype)
             if branch:
-                y.addmm_((x / smooth16) @ down16, up16)
+                y.addmm_((x * rsmooth16) @ down16, up16)
             return y
         return run
     if variant in ("quartz-cublas", "quartz-cublas-none"):

@@ -171,7 +171,7 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
                        st.bias)
     if lowrank == "unfused" and st.down is not None:  # separate GEMMs: x read again, y read and written again
         k = x2.shape[1]
-        xs = x2 if st.smooth is None else x2 * st.smooth_recip[:k].to(x2.dtype)
+        xs = x2 if st.smooth_recip is None else x2 * st.smooth_recip[:k].to(x2.dtype)
         y.addmm_(xs @ st.down[:, :k].t().to(x2.dtype), st.up.t().to(x2.dtype))
     return y
 

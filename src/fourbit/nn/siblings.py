@@ -60,24 +60,20 @@ class SiblingGroup(nn.Module):
     def _output_traced(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """What dynamo traces: the same sharing keyed on the traced tensor's identity (data pointers and
         version counters are not traceable); within one graph the siblings' input is one traced value."""
-        if self._x is not x or index in self._served:
-            self._x, self._key, self._out, self._served = x, None, self.linear(x), set()
-        out = self._out[..., self.bounds[index]: self.bounds[index + 1]]
-        if self.contiguous:
-            out = out.contiguous()
-        self._served = self._served | {index}
-        if len(self._served) == len(self.sizes):
-            self._clear()
-        return out
+        return self._serve(index, x, None)
 
     def _output(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), _version(x), x.dtype, x.device)
+        return self._serve(index, x, (x.data_ptr(), tuple(x.shape), tuple(x.stride()), _version(x), x.dtype,
+                                      x.device))
+
+    def _serve(self, index: int, x: torch.Tensor, key) -> torch.Tensor:
+        """Sibling ``index``'s columns, computing ``linear(x)`` unless it is cached for this input (``key``)."""
         if self._x is not x or self._key != key or index in self._served:
             self._x, self._key, self._out, self._served = x, key, self.linear(x), set()
         out = self._out[..., self.bounds[index]: self.bounds[index + 1]]  # (..., sizes[index]) view
         if self.contiguous:  # measured: the copies cost ~14 ms per FLUX.1 step on an H100 (2026-11-22c)
             out = out.contiguous()
-        self._served.add(index)
+        self._served = self._served | {index}  # a new set: dynamo traces it without in-place mutation
         if len(self._served) == len(self.sizes):
             self._clear()  # every sibling has its share: drop the references
         return out

@@ -97,6 +97,32 @@ def test_scaled_gemm_gpu(dtype):
     assert ((got - ref).norm() / ref.norm()).item() < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16], ids=["fp8", "bf16"])
+def test_scaled_gemm_stream_k_gpu(dtype):
+    """A FLUX-like shape whose last wave is partial (432 tiles of 128 x 256 on 132 SMs, ragged edges): stream-K
+    matches the twin and the data-parallel schedule, gives the same bits twice, and leaves its flags at zero."""
+    import dataclasses
+
+    from fourbit.kernels import gemm as gm
+
+    m, n, k = 4603, 3032, 3072
+    a = torch.randint(-8, 8, (m, k), device="cuda").to(torch.float16).to(dtype)
+    b = torch.randint(-8, 8, (n, k), device="cuda").to(torch.float16).to(dtype)
+    sa, sb = torch.rand(m, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5
+    lr, up, bias = (torch.randn(m, 32, device="cuda") * 30, torch.randn(n, 32, device="cuda"),
+                    torch.randn(n, device="cuda"))
+    base = gm.default_config(m, n, k, dtype)
+    outs = {}
+    for sk in (False, True):
+        cfg = dataclasses.replace(base, stream_k=sk)
+        outs[sk] = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
+        assert torch.equal(gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg), outs[sk])
+    ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
+    assert ((outs[True] - ref).norm() / ref.norm()).item() < 1e-4
+    assert ((outs[True] - outs[False]).norm() / ref.norm()).item() < 1e-5
+    assert all(int(f.abs().sum()) == 0 for _, f in gm._WORKSPACES.values())
+
+
 def test_grouped_gemm_gpu():
     from fourbit.kernels.gemm_grouped import grouped_gemm, grouped_gemm_torch
 
@@ -148,20 +174,23 @@ def test_compiled_layers_gpu(kernel):
     torch._dynamo.reset()
 
 
-def test_act_quant_cublas_down_projection_gpu():
-    """From ``lr_mm_rows`` rows (bf16 X) the down-projection is one cuBLAS GEMM beside the single pass: the same
-    codes, the branch within 1e-4 of the fp32 reference (bf16 hi + lo factor, fp32 output)."""
+def test_act_quant_large_m_down_projection_paths_gpu():
+    """The large-M down-projection paths (cuBLAS GEMM beside the single pass, on the same stream or concurrent on
+    a side stream; the split-K stats launch): the same codes, the branch within 1e-4 of the fp32 reference (bf16
+    hi + lo factor, fp32 sums); the side stream's result is complete when act_quant returns."""
     import dataclasses
 
     from fourbit.kernels.act_quant import DEFAULT_CONFIG, act_quant, act_quant_torch
 
     fmt = make_format("int4p2")
-    m, k = DEFAULT_CONFIG.lr_mm_rows + 77, 1000
+    m, k = 2048 + 77, 1000
     x = hard_rows(m, k).cuda().bfloat16()
     smooth = (torch.rand(1024) + 0.5).cuda()
     down = torch.randn(32, 1024).bfloat16().cuda()
     ref = act_quant_torch(x, fmt, smooth, down, 1024)
-    for cfg in (DEFAULT_CONFIG, dataclasses.replace(DEFAULT_CONFIG, lr_mm_rows=0)):
+    mm = dataclasses.replace(DEFAULT_CONFIG, lr_mm_rows=2048, lr_mm_stream_max_k=0)
+    for cfg in (DEFAULT_CONFIG, mm, dataclasses.replace(mm, lr_mm_stream_max_k=1024),
+                dataclasses.replace(mm, lr_mm_rows=0)):
         got = act_quant(x, fmt, smooth, down, 1024, config=cfg)
         assert torch.equal(bits(got.q), bits(ref.q)) and torch.equal(bits(got.row_scale), bits(ref.row_scale))
         assert ((got.lr - ref.lr).norm() / ref.lr.norm()).item() < 1e-4

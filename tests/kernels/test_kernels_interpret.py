@@ -189,6 +189,30 @@ def test_scaled_gemm_matches_twin(dtype):
         assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("n,rem", [(80, 3), (112, 1)], ids=["3-tail-tiles", "1-tail-tile"])
+@pytest.mark.parametrize("k", [64, 320, 1024], ids=["k-tiles-2", "k-tiles-10", "k-tiles-32"])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16], ids=["fp8", "bf16"])
+def test_scaled_gemm_stream_k_matches_twin(dtype, k, n, rem):
+    """Stream-K tail: 4 programs (the interpreter's SM count) over 3 x (n / 16) tiles of 32 x 16, the last
+    ``rem`` shared out by K iterations (a tile whole in one program, or split over 2-4 with the owner adding the
+    partials): the twin's result, the same bits on a second launch, and the flags back at zero."""
+    from fourbit.kernels import gemm as gm
+
+    m = 70  # 3 row tiles, the last ragged
+    a, b = _operands(dtype, m, n, k)
+    cfg = gm.GemmConfig(32, 16, 32, 2, 4, 2, persistent=True, stream_k=True)
+    k_tiles = -(-k // 32)
+    dp, sk_iters, per, ws, flags = gm._stream_k_split(3 * (n // 16), 4, k_tiles, cfg, a)
+    assert (dp, sk_iters) == (3 * (n // 16) - rem, rem * k_tiles) and flags is not None
+    sa, sb = torch.rand(m) + 0.5, torch.rand(n) + 0.5
+    lr, up, bias = torch.randn(m, 20), torch.randn(n, 20).bfloat16().float(), torch.randn(n)
+    got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
+    ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+    assert torch.equal(gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg), got)
+    assert int(flags.abs().sum()) == 0
+
+
 def test_scaled_gemm_non_persistent_and_unaligned_k():
     from fourbit.kernels.gemm import GemmConfig, scaled_gemm, scaled_gemm_torch
 

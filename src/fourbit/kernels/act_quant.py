@@ -140,6 +140,8 @@ class ActConfig:
     lr_split: bool = True  # single pass + rank: the down-projection in its own stats launch (split K, folded)
     lr_mm_rows: int = 0  # with a down-projection, M >= this, bf16 X on CUDA: single pass without it, and the
     #                      down-projection as one cuBLAS GEMM X @ [hi | lo] with fp32 output (0: never)
+    lr_mm_stream_max_k: int = 0  # cuBLAS down-projection with Kp <= this: on a side stream, concurrent with the
+    #                              single pass (X fits in L2, so the two share its reads); 0: never
     fast_div: bool = False  # int8's row division from a reciprocal (bit-exact, see ``_div``); measured slower on H100
     BM: int = 16
     BK: int = 256
@@ -168,8 +170,14 @@ class ActConfig:
 #: The down-projection as a cuBLAS GEMM beside the single pass (results/act_quant-lrmm.h100.2026-11-22.*):
 #: 0.040 -> 0.036 ms at 4608 x 3072, 0.142 -> 0.130 at 4608 x 12288, equal at 4608 x 15360, slower at
 #: 1024 x 3072 (0.0136 -> 0.0163): used from 2048 rows.
-DEFAULT_CONFIG = ActConfig(single_pass=True, single_pass_lr=False, stages=2, large_k=8192, large_chunk=2048,
-                           large_warps=8, lr_mm_rows=2048, BM=4, BK=512, num_warps=4, stats_BM=64, stats_BK=32)
+#: Session 4 (results/branch-probe.h100.2026-11-22*): the cuBLAS down-projection on a side stream, concurrent
+#: with the single pass, 0.038 -> 0.031 ms at 4608 x 3072 (X fits in L2: the two kernels share its reads), no gain
+#: at K = 12288, slower at 15360; chunks of 4096 from K = 8192 (no branch) 0.079 -> 0.076 ms at 4608 x 12288 and
+#: 0.112 -> 0.098 at 4608 x 15360. Tried and dropped: the cuBLAS down-projection over row chunks that stay in L2
+#: (1.3-1.6x slower), one wave of 64-row programs with the dot inside (2.4-2.8x slower).
+DEFAULT_CONFIG = ActConfig(single_pass=True, single_pass_lr=False, stages=2, large_k=8192, large_chunk=4096,
+                           large_warps=8, lr_mm_rows=2048, lr_mm_stream_max_k=4096, BM=4, BK=512, num_warps=4,
+                           stats_BM=64, stats_BK=32)
 
 
 # ---- the kernels --------------------------------------------------------------------------------
@@ -581,9 +589,10 @@ def fold_down(lr_down: Tensor, smooth: Optional[Tensor] = None) -> Tensor:
 _MM_FP32_OUT = [True]  # this torch has mm(bf16, bf16, out_dtype=float32) on CUDA (checked on first use)
 
 
-def _down_projection_mm(x: Tensor, down_folded: Tensor, down_cat: Optional[Tensor]) -> Optional[Tensor]:
-    """X @ (hi + lo) as one cuBLAS GEMM with fp32 output: (M, Rp) fp32, or None where torch cannot do that (then
-    the Triton path is used from then on, after one warning)."""
+def _down_projection_mm(x: Tensor, down_folded: Tensor, down_cat: Optional[Tensor],
+                        out: Optional[Tensor] = None) -> Optional[Tensor]:
+    """X @ (hi + lo) as one cuBLAS GEMM with fp32 output: (M, Rp) fp32 (into ``out`` if given), or None where
+    torch cannot do that (then the Triton path is used from then on, after one warning)."""
     if down_cat is None:
         down_cat = cat_down(down_folded)
     try:
@@ -596,7 +605,7 @@ def _down_projection_mm(x: Tensor, down_folded: Tensor, down_cat: Optional[Tenso
                       f"low-rank down-projection runs in the Triton stats kernel instead", stacklevel=3)
         return None
     rank = down_folded.shape[2]
-    return both[:, :rank] + both[:, rank:]
+    return torch.add(both[:, :rank], both[:, rank:], out=out)
 
 
 def cat_down(down_folded: Tensor) -> Tensor:
@@ -646,10 +655,8 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
         down_folded = down_folded.contiguous()
     if (folded and spec.outer != 1 and cfg.lr_mm_rows and x.shape[0] >= cfg.lr_mm_rows and x.is_cuda
             and x.dtype == torch.bfloat16 and _MM_FP32_OUT[0]):
-        lr = _down_projection_mm(x, down_folded, down_cat)
-        if lr is not None:
-            out = _act_quant_single(x, spec, smooth, smooth_recip, None, kp, cfg, None, fast)
-            out.lr = lr
+        out = _act_quant_mm(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, fast)
+        if out is not None:
             return out
     if single:
         return _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast)
@@ -685,6 +692,46 @@ def _stats(x, smooth, smooth_recip, down, kp, rank, need_amax, cfg, dummy, lr_do
         XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(), 
         BM=cfg.stats_BM, BK=cfg.stats_BK, num_warps=cfg.stats_warps)
     return split, pmax, plr
+
+
+def _act_quant_mm(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, fast) -> Optional[ActOperand]:
+    """The single pass beside the down-projection as one cuBLAS GEMM (concurrent on a side stream up to
+    ``lr_mm_stream_max_k``). None where torch lacks the GEMM."""
+    if kp <= cfg.lr_mm_stream_max_k:
+        return _act_quant_mm_concurrent(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, fast)
+    lr = _down_projection_mm(x, down_folded, down_cat)
+    if lr is None:
+        return None
+    out = _act_quant_single(x, spec, smooth, smooth_recip, None, kp, cfg, None, fast)
+    out.lr = lr
+    return out
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _act_quant_mm_concurrent(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat,
+                             fast) -> Optional[ActOperand]:
+    """The cuBLAS down-projection on a side stream while the single pass runs on the current one (both stream
+    X; together they use more of the memory bandwidth than either alone). Every buffer the side stream writes
+    is allocated on the current stream before the fork, and the current stream waits for the side one before
+    returning, so the caching allocator needs no cross-stream bookkeeping (also under CUDA-graph capture)."""
+    dev = x.device
+    rank = down_folded.shape[2]
+    cur = torch.cuda.current_stream(dev)
+    side = _SIDE_STREAMS.get(dev.index)
+    if side is None:
+        side = _SIDE_STREAMS[dev.index] = torch.cuda.Stream(dev)
+    lr = torch.empty((x.shape[0], rank), device=dev, dtype=torch.float32)
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):  # its (M, 2 Rp) temporary is freed there, reused only by later side work
+        ok = _down_projection_mm(x, down_folded, down_cat, out=lr) is not None
+    out = _act_quant_single(x, spec, smooth, smooth_recip, None, kp, cfg, None, fast)
+    cur.wait_stream(side)
+    if not ok:
+        return None
+    out.lr = lr
+    return out
 
 
 def _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast) -> ActOperand:

@@ -42,9 +42,59 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _mainloop(a_desc, b_desc, off_m, off_n, kt_lo, kt_hi, acc, BK: tl.constexpr, ACC_INT: tl.constexpr,
+              MAX_IMPRECISE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += A[off_m tile, K tiles kt_lo..kt_hi) @ B[off_n tile, same]^T (software-pipelined)."""
+    for kt in range(kt_lo, kt_hi):
+        a = a_desc.load([off_m, kt * BK])  # (BM, BK); TMA zero-fills past M and K
+        b = b_desc.load([off_n, kt * BK])  # (BN, BK)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if ACC_INT:  # (Triton 3.6 needs out_dtype spelled out for an int32 accumulator)
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=MAX_IMPRECISE)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
+              M, N, stride_cm, stride_lr, stride_up,
+              A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, TMA_STORE: tl.constexpr):
+    """Scales, low-rank branch, bias; one rounding to the output type; store the (BM, BN) tile."""
+    y = acc.to(tl.float32)
+    offs_m = off_m + tl.arange(0, BM)
+    offs_n = off_n + tl.arange(0, BN)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if A_SCALE == 1:
+        y = y * tl.load(a_scale_ptr)
+    if A_SCALE == 2:
+        y = y * tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+    if B_SCALE == 1:
+        y = y * tl.load(b_scale_ptr)
+    if B_SCALE == 2:
+        y = y * tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if RANK > 0:
+        offs_r = tl.arange(0, RANK)
+        lr = tl.load(lr_ptr + offs_m[:, None] * stride_lr + offs_r[None, :], mask=mask_m[:, None], other=0.0)
+        up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None], other=0.0)
+        y = tl.dot(lr, up.T, y, input_precision="tf32")  # (BM, R) @ (R, BN), fp32 accumulate into y
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if TMA_STORE:
+        c_desc.store([off_m, off_n], y.to(c_desc.dtype))
+    else:
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _scaled_gemm_kernel(
-    a_desc, b_desc, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
-    M, N, K, stride_cm, stride_lr, stride_up,
+    a_desc, b_desc, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr, ws_ptr, flag_ptr,
+    M, N, K, stride_cm, stride_lr, stride_up, DP_TILES, SK_ITERS, SK_PER,
     A_SCALE: tl.constexpr,  # 0: none, 1: one scalar, 2: one per row of A
     B_SCALE: tl.constexpr,  # 0: none, 1: one scalar, 2: one per row of B (= column of y)
     RANK: tl.constexpr,  # padded rank of the low-rank branch; 0 = no branch
@@ -54,57 +104,53 @@ def _scaled_gemm_kernel(
     NUM_PROGS: tl.constexpr, MAX_IMPRECISE: tl.constexpr, FLATTEN: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong, so 16-bit operands go through fp32
     TMA_STORE: tl.constexpr,  # store the output tile through a TMA descriptor (else masked pointer stores)
+    STREAM_K: tl.constexpr,  # SK_ITERS > 0 (compiled in only then; never with ACC_INT)
 ):
+    """Tiles [0, DP_TILES): one program each, round robin. The remaining tiles (fewer than one wave; SK_ITERS =
+    their K tiles in all, 0 = none) are shared out by K iterations, SK_PER per program (stream-K): a program
+    walks its range from the end; the segment holding a tile's last K iteration owns the tile: it adds the
+    partial sums of the programs before it (fp32 slots in ``ws``, in program order: deterministic), then runs
+    the epilogue; the other segments store their partial sum and raise their flag (reset by the owner)."""
     pid = tl.program_id(0)
     num_pid_m = cdiv(M, BM)
     num_pid_n = cdiv(N, BN)
-    num_tiles = num_pid_m * num_pid_n
     k_tiles = cdiv(K, BK)
-    for tile in tl.range(pid, num_tiles, NUM_PROGS, flatten=FLATTEN):
+    for tile in tl.range(pid, DP_TILES, NUM_PROGS, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
-        off_m = pid_m * BM
-        off_n = pid_n * BN
         if ACC_INT:
             acc = tl.full((BM, BN), 0, tl.int32)
         else:
             acc = tl.full((BM, BN), 0, tl.float32)
-        for kt in range(k_tiles):
-            a = a_desc.load([off_m, kt * BK])  # (BM, BK); TMA zero-fills past M and K
-            b = b_desc.load([off_n, kt * BK])  # (BN, BK)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if ACC_INT:  # (Triton 3.6 needs out_dtype spelled out for an int32 accumulator)
-                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-            else:
-                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=MAX_IMPRECISE)
-
-        # ---- epilogue: scales, low-rank branch, bias; one rounding to the output type ----
-        y = acc.to(tl.float32)
-        offs_m = off_m + tl.arange(0, BM)
-        offs_n = off_n + tl.arange(0, BN)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        if A_SCALE == 1:
-            y = y * tl.load(a_scale_ptr)
-        if A_SCALE == 2:
-            y = y * tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-        if B_SCALE == 1:
-            y = y * tl.load(b_scale_ptr)
-        if B_SCALE == 2:
-            y = y * tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        if RANK > 0:
-            offs_r = tl.arange(0, RANK)
-            lr = tl.load(lr_ptr + offs_m[:, None] * stride_lr + offs_r[None, :], mask=mask_m[:, None], other=0.0)
-            up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None], other=0.0)
-            y = tl.dot(lr, up.T, y, input_precision="tf32")  # (BM, R) @ (R, BN), fp32 accumulate into y
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        if TMA_STORE:
-            c_desc.store([off_m, off_n], y.to(c_desc.dtype))
-        else:
-            c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-            tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc = _mainloop(a_desc, b_desc, pid_m * BM, pid_n * BN, 0, k_tiles, acc, BK, ACC_INT, MAX_IMPRECISE,
+                        UPCAST)
+        _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
+                  M, N, stride_cm, stride_lr, stride_up, A_SCALE, B_SCALE, RANK, HAS_BIAS, BM, BN, TMA_STORE)
+    if STREAM_K:
+        start = pid * SK_PER
+        it = tl.minimum(start + SK_PER, SK_ITERS)
+        offs_tile = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]  # (BM, BN) in a workspace slot
+        while it > start:
+            t = (it - 1) // k_tiles  # stream-K tile index
+            t_lo = t * k_tiles  # its first iteration
+            seg_lo = tl.maximum(t_lo, start)
+            pid_m, pid_n = _tile_coords(DP_TILES + t, num_pid_m, num_pid_n, GROUP_M)
+            acc = tl.full((BM, BN), 0, tl.float32)
+            acc = _mainloop(a_desc, b_desc, pid_m * BM, pid_n * BN, seg_lo - t_lo, it - t_lo, acc, BK, ACC_INT,
+                            MAX_IMPRECISE, UPCAST)
+            if it == t_lo + k_tiles:  # owner: the partials of programs t_lo // SK_PER .. pid - 1, in order
+                for q in range(t_lo // SK_PER, pid):
+                    while tl.atomic_add(flag_ptr + q, 0, sem="acquire") == 0:
+                        pass
+                    acc += tl.load(ws_ptr + q * (BM * BN) + offs_tile, cache_modifier=".cg")
+                    tl.atomic_xchg(flag_ptr + q, 0)
+                _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr,
+                          bias_ptr, M, N, stride_cm, stride_lr, stride_up, A_SCALE, B_SCALE, RANK, HAS_BIAS, BM, BN,
+                          TMA_STORE)
+            else:  # the head of a tile owned by a later program (only ever this program's last segment)
+                tl.store(ws_ptr + pid * (BM * BN) + offs_tile, acc)
+                tl.debug_barrier()  # every thread's part of the slot is written before the flag goes up
+                tl.atomic_xchg(flag_ptr + pid, 1, sem="release")
+            it = seg_lo
 
 
 @dataclass(frozen=True)
@@ -122,11 +168,12 @@ class GemmConfig:
     flatten: bool = False
     precise: bool = False
     tma_store: bool = False
+    stream_k: bool = False  # the last, partial wave of tiles shared out by K iterations (fp8 / 16-bit operands)
 
     def key(self) -> str:
         return (f"{self.BM}x{self.BN}x{self.BK}-g{self.GROUP_M}-w{self.num_warps}-s{self.num_stages}"
                 f"{'-p' if self.persistent else ''}{'-f' if self.flatten else ''}{'-acc' if self.precise else ''}"
-                f"{'-tma' if self.tma_store else ''}")
+                f"{'-tma' if self.tma_store else ''}{'-sk' if self.stream_k else ''}")
 
 
 #: Per-(operand dtype, size class) defaults. Chosen by ``benchmarks/linear.py --tune`` on an H100 (2026-11-22,
@@ -201,6 +248,31 @@ def _pad_rank(t: Tensor, r: int) -> Tensor:
     return t.contiguous()
 
 
+_WORKSPACES: dict = {}
+
+
+def _stream_k_split(tiles: int, progs: int, k_tiles: int, cfg: "GemmConfig", a: Tensor):
+    """(data-parallel tiles, stream-K iterations, iterations per program, workspace, flags) for one launch.
+
+    Stream-K only where it can help: a persistent fp8 / 16-bit launch whose tiles leave the last wave partly
+    empty (e.g. 432 tiles of 128 x 256 on 132 SMs: 3.27 waves run as 4 without it). The workspace (one fp32
+    (BM, BN) slot and one flag per program) is cached per (device, stream, tile shape): launches on one stream
+    run in order, so they can share it; the flags are zero between launches (each owner resets the flags it
+    consumed)."""
+    rem = tiles % progs
+    if not (cfg.stream_k and cfg.persistent and rem and tiles > progs and k_tiles > 1 and a.dtype != torch.int8):
+        return tiles, 0, 0, None, None
+    sk_iters = rem * k_tiles
+    sk_per = ceil_div(sk_iters, progs)
+    stream = torch.cuda.current_stream(a.device).cuda_stream if a.is_cuda else 0
+    key = (a.device, stream, progs, cfg.BM, cfg.BN)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = _WORKSPACES[key] = (torch.empty((progs, cfg.BM * cfg.BN), device=a.device, dtype=torch.float32),
+                                 torch.zeros((progs,), device=a.device, dtype=torch.int32))
+    return tiles - rem, sk_iters, sk_per, ws[0], ws[1]
+
+
 def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale: Optional[Tensor] = None,
                 lr: Optional[Tensor] = None, up: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                 out_dtype: torch.dtype = torch.bfloat16, config: Optional[GemmConfig] = None) -> Tensor:
@@ -231,17 +303,20 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     progs = min(tiles, num_sms(a.device)) if cfg.persistent else tiles
     dummy = c  # never read when the matching flag is off
     is_fp8 = a.dtype == torch.float8_e4m3fn
+    dp_tiles, sk_iters, sk_per, ws, flags = _stream_k_split(tiles, progs, ceil_div(k, cfg.BK), cfg, a)
     _scaled_gemm_kernel[(progs,)](
         a_desc, b_desc, c_desc, c,
         dummy if a_scale is None else a_scale, dummy if b_scale is None else b_scale,
         dummy if lr is None else lr, dummy if up is None else up,
-        dummy if bias is None else bias,
+        dummy if bias is None else bias, dummy if ws is None else ws, dummy if flags is None else flags,
         m, n, k, c.stride(0), 0 if lr is None else lr.stride(0), 0 if up is None else up.stride(0),
+        dp_tiles, sk_iters, sk_per,
         A_SCALE=_scale_mode(a_scale, m, "a_scale"), B_SCALE=_scale_mode(b_scale, n, "b_scale"),
         RANK=rank, HAS_BIAS=bias is not None, ACC_INT=a.dtype == torch.int8,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, NUM_PROGS=progs,
         MAX_IMPRECISE=cfg.BK if (cfg.precise and is_fp8 and not interpreting()) else None,
-        FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, TMA_STORE=tma_store, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, TMA_STORE=tma_store,
+        STREAM_K=sk_iters > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c
 

@@ -65,9 +65,8 @@ def time_eager(fns: Sequence[Callable[[], object]], warmup_ms: float = 25, rep_m
     return float(do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def time_graph(fns: Sequence[Callable[[], object]], replays: int = 20, min_calls: int = 12) -> float:
-    """Median ms per call from CUDA-graph replays of several calls rotating over ``fns`` (no launch overhead;
-    inputs rotate, so data larger than L2 comes from memory as in a real model)."""
+def capture_graph(fns: Sequence[Callable[[], object]], min_calls: int = 12):
+    """(graph, calls): one CUDA graph of ``calls`` calls rotating over ``fns``, after a warm-up outside it."""
     calls = max(min_calls, len(fns))
     for fn in fns:  # warm caches (compilation, layer state) outside the capture
         fn()
@@ -85,6 +84,13 @@ def time_graph(fns: Sequence[Callable[[], object]], replays: int = 20, min_calls
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
+    return g, calls
+
+
+def time_graph(fns: Sequence[Callable[[], object]], replays: int = 20, min_calls: int = 12) -> float:
+    """Median ms per call from CUDA-graph replays of several calls rotating over ``fns`` (no launch overhead;
+    inputs rotate, so data larger than L2 comes from memory as in a real model)."""
+    g, calls = capture_graph(fns, min_calls)
     times = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -95,6 +101,37 @@ def time_graph(fns: Sequence[Callable[[], object]], replays: int = 20, min_calls
         times.append(a.elapsed_time(b) / calls)
     del g
     return float(statistics.median(times))
+
+
+class InterleavedGraphs:
+    """Time several variants side by side: each is captured once (``capture_graph``), then every round replays
+    all of them in turn, so slow drifts of the GPU's clock or temperature touch every variant alike; the
+    result per variant is the median over rounds of ms per call."""
+
+    def __init__(self, min_calls: int = 12):
+        self.min_calls = min_calls
+        self.items: list = []  # (graph, calls, fns: kept alive, the graph reads their tensors)
+
+    def add(self, fns: Sequence[Callable[[], object]]) -> int:
+        g, calls = capture_graph(fns, self.min_calls)
+        self.items.append((g, calls, fns))
+        return len(self.items) - 1
+
+    def run(self, rounds: int = 20) -> list[float]:
+        times: list[list[float]] = [[] for _ in self.items]
+        for _ in range(rounds):
+            events = []
+            for g, calls, _ in self.items:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                g.replay()
+                b.record()
+                events.append((a, b, calls))
+            torch.cuda.synchronize()
+            for t, (a, b, calls) in zip(times, events):
+                t.append(a.elapsed_time(b) / calls)
+        self.items.clear()
+        return [float(statistics.median(t)) for t in times]
 
 
 def geomean(xs: Sequence[float]) -> float:

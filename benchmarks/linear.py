@@ -10,8 +10,9 @@ from a bf16 input to a bf16 output. Variants: "fused" (speed mode: fp8 weight ca
 weight expanded before each GEMM), "unfused" (branch as two separate torch GEMMs), "none" (no branch:
 the cost floor the branch is compared with), "cublas" (act_quant + torch._scaled_mm rowwise, branch unfused).
 Error: relative Frobenius error against ``quant_linear_reference`` (fp32) on the same layer and input.
-Timing: median of CUDA-graph replays of 12+ calls rotating over inputs larger than L2 ("graph", GPU time,
-the primary number), and triton's do_bench with an L2 flush before each call ("eager", includes Python
+Timing: CUDA-graph replays of 12+ calls rotating over inputs larger than L2 ("graph", GPU time, the primary
+number; all variants of a shape captured, then replayed in turn for 20 rounds, median per variant, so clock
+drift touches them alike), and triton's do_bench with an L2 flush before each call ("eager", includes Python
 launch overhead where it exceeds GPU time).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import environment, geomean, md_table, time_eager, time_graph, write_results  # noqa: E402
+from _util import InterleavedGraphs, environment, geomean, md_table, time_eager, time_graph, write_results  # noqa: E402
 
 SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]  # (K, N)
 TOKENS = (4608, 1024)
@@ -170,13 +171,14 @@ def bench_shape(m, k, n, formats, graph=True, log=print):
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
     flops = 2.0 * m * n * k
 
+    graphs = InterleavedGraphs()  # graph timings: all variants of this shape replayed in turn, medians
+
     def record(label, variant, fns, err=None):
         t_eager = time_eager(fns)
-        t_graph = time_graph(fns) if graph else float("nan")
-        rows.append(dict(M=m, K=k, N=n, format=label, variant=variant, graph_ms=t_graph, eager_ms=t_eager,
-                         tflops=flops / (t_graph if graph else t_eager) / 1e9, rel_err=err))
-        log(f"  {label:24s} {variant:12s} graph {t_graph:.4f} ms  eager {t_eager:.4f} ms"
-            + ("" if err is None else f"  err {err:.2e}"))
+        slot = graphs.add(fns) if graph else None
+        rows.append(dict(M=m, K=k, N=n, format=label, variant=variant, graph_ms=float("nan"), eager_ms=t_eager,
+                         rel_err=err, _slot=slot))
+        log(f"  {label:24s} {variant:12s} eager {t_eager:.4f} ms" + ("" if err is None else f"  err {err:.2e}"))
 
     record("bf16 nn.Linear", "-", [lambda x=x: F.linear(x, w, b) for x in xs])
     x8 = [(x.float().abs().amax(1, keepdim=True) / 448).clamp_min(1e-12) for x in xs]
@@ -204,7 +206,14 @@ def bench_shape(m, k, n, formats, graph=True, log=print):
             except Exception as e:  # report and go on: one broken path must not lose the whole run
                 log(f"  {label} {variant}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         del layer, ref
-        torch.cuda.empty_cache()
+    if graph:
+        for r, t in zip(rows, graphs.run()):
+            r["graph_ms"] = t
+            log(f"  {r['format']:24s} {r['variant']:12s} graph {t:.4f} ms (interleaved rounds)")
+    for r in rows:
+        r.pop("_slot")
+        r["tflops"] = flops / (r["graph_ms"] if graph else r["eager_ms"]) / 1e9
+    torch.cuda.empty_cache()
     return rows
 
 

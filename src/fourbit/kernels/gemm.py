@@ -13,7 +13,7 @@ software-pipelined K loop. ``scaled_gemm_torch`` is the plain-torch twin (same s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -201,10 +201,21 @@ def _operand_kind(dtype: torch.dtype) -> str:
     raise TypeError(f"scaled_gemm: unsupported operand dtype {dtype}")
 
 
+#: fp8 from this K on: the stream-K tail (branch_probe.h100.2026-11-22c: 3-4% at 4608 x 12288 x 3072 and
+#: 4608 x 15360 x 3072, two rounds each; 10-15% slower at K = 3072, where its partial tiles are short)
+STREAM_K_MIN_K = 8192
+
+
 def default_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemmConfig:
     kind = _operand_kind(dtype)
     size = "large" if m * n >= 4096 * 4096 else "small"
-    return _OVERRIDES.get((kind, size)) or _DEFAULTS[(kind, size)]
+    override = _OVERRIDES.get((kind, size))
+    if override is not None:
+        return override
+    cfg = _DEFAULTS[(kind, size)]
+    if kind == "fp8" and k >= STREAM_K_MIN_K:
+        cfg = replace(cfg, stream_k=True)
+    return cfg
 
 
 def set_default_config(dtype: torch.dtype, size: str, config: GemmConfig) -> None:

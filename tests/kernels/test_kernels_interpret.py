@@ -195,7 +195,7 @@ def test_scaled_gemm_matches_twin(dtype):
 def test_scaled_gemm_stream_k_matches_twin(dtype, k, n, rem):
     """Stream-K tail: 4 programs (the interpreter's SM count) over 3 x (n / 16) tiles of 32 x 16, the last
     ``rem`` shared out by K iterations (a tile whole in one program, or split over 2-4 with the owner adding the
-    partials): the twin's result, the same bits on a second launch, and the flags back at zero."""
+    partials): the twin's result, and the same bits on a second launch."""
     from fourbit.kernels import gemm as gm
 
     m = 70  # 3 row tiles, the last ragged
@@ -210,7 +210,6 @@ def test_scaled_gemm_stream_k_matches_twin(dtype, k, n, rem):
     ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
     assert torch.equal(gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg), got)
-    assert int(flags.abs().sum()) == 0
 
 
 def test_scaled_gemm_non_persistent_and_unaligned_k():

@@ -110,7 +110,7 @@ def _scaled_gemm_kernel(
     their K tiles in all, 0 = none) are shared out by K iterations, SK_PER per program (stream-K): a program
     walks its range from the end; the segment holding a tile's last K iteration owns the tile: it adds the
     partial sums of the programs before it (fp32 slots in ``ws``, in program order: deterministic), then runs
-    the epilogue; the other segments store their partial sum and raise their flag (reset by the owner)."""
+    the epilogue; the other segments store their partial sum and raise their flag (zeroed per launch)."""
     pid = tl.program_id(0)
     num_pid_m = cdiv(M, BM)
     num_pid_n = cdiv(N, BN)
@@ -142,7 +142,6 @@ def _scaled_gemm_kernel(
                     while tl.atomic_add(flag_ptr + q, 0, sem="acquire") == 0:
                         pass
                     acc += tl.load(ws_ptr + q * (BM * BN) + offs_tile, cache_modifier=".cg")
-                    tl.atomic_xchg(flag_ptr + q, 0)
                 _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr,
                           bias_ptr, M, N, stride_cm, stride_lr, stride_up, A_SCALE, B_SCALE, RANK, HAS_BIAS, BM, BN,
                           TMA_STORE)
@@ -259,29 +258,21 @@ def _pad_rank(t: Tensor, r: int) -> Tensor:
     return t.contiguous()
 
 
-_WORKSPACES: dict = {}
-
-
 def _stream_k_split(tiles: int, progs: int, k_tiles: int, cfg: "GemmConfig", a: Tensor):
     """(data-parallel tiles, stream-K iterations, iterations per program, workspace, flags) for one launch.
 
     Stream-K only where it can help: a persistent fp8 / 16-bit launch whose tiles leave the last wave partly
     empty (e.g. 432 tiles of 128 x 256 on 132 SMs: 3.27 waves run as 4 without it). The workspace (one fp32
-    (BM, BN) slot and one flag per program) is cached per (device, stream, tile shape): launches on one stream
-    run in order, so they can share it; the flags are zero between launches (each owner resets the flags it
-    consumed)."""
+    (BM, BN) slot and one zeroed flag per program) comes from the caching allocator at every call, so it is
+    ordered on the caller's stream and safe under CUDA-graph capture (a cached workspace shared between
+    streams or graph pools is not); its cost is one small memset."""
     rem = tiles % progs
     if not (cfg.stream_k and cfg.persistent and rem and tiles > progs and k_tiles > 1 and a.dtype != torch.int8):
         return tiles, 0, 0, None, None
     sk_iters = rem * k_tiles
-    sk_per = ceil_div(sk_iters, progs)
-    stream = torch.cuda.current_stream(a.device).cuda_stream if a.is_cuda else 0
-    key = (a.device, stream, progs, cfg.BM, cfg.BN)
-    ws = _WORKSPACES.get(key)
-    if ws is None:
-        ws = _WORKSPACES[key] = (torch.empty((progs, cfg.BM * cfg.BN), device=a.device, dtype=torch.float32),
-                                 torch.zeros((progs,), device=a.device, dtype=torch.int32))
-    return tiles - rem, sk_iters, sk_per, ws[0], ws[1]
+    ws = torch.empty((progs, cfg.BM * cfg.BN), device=a.device, dtype=torch.float32)
+    flags = torch.zeros((progs,), device=a.device, dtype=torch.int32)
+    return tiles - rem, sk_iters, ceil_div(sk_iters, progs), ws, flags
 
 
 def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale: Optional[Tensor] = None,

@@ -136,8 +136,10 @@ def variant_fn(layer, x, variant):
 
 
 def diagnose(layer, x, y, ref, limit=8) -> dict:
-    """Where a layer's output departs from the reference: its worst rows, and act_quant's codes and row scales
-    against the plain-torch twin on the same input (counts and the first ``limit`` differing elements)."""
+    """Where a layer's output departs from the reference: its worst rows and columns; act_quant's codes and row
+    scales against the plain-torch twin on the same input (counts and the first ``limit`` differing elements);
+    the weight operand against its twin; the GEMM's fp32 twin and the fp8 GEMM with a promoted accumulator on
+    the kernel's own operands (which stage the error comes from)."""
     from fourbit.kernels.act_quant import act_quant, act_quant_torch
     from fourbit.kernels.linear import layer_state
 
@@ -161,6 +163,25 @@ def diagnose(layer, x, y, ref, limit=8) -> dict:
         for r, c in idx.tolist()]
     if got.lr is not None:
         out["lr_rel_err"] = float((got.lr - twin.lr).norm() / twin.lr.norm())
+    col_err = ((y.float() - ref.float()).norm(dim=0) / ref.float().norm(dim=0).clamp_min(1e-30))
+    worst_c = torch.topk(col_err, min(limit, col_err.numel()))
+    out["worst_cols"], out["worst_col_rel_err"] = worst_c.indices.tolist(), [float(v) for v in worst_c.values]
+    if st.plan == "scaled":  # the GEMM on the kernel's own operands: fp32 twin, and fp8 with a promoted accumulator
+        import dataclasses
+
+        from fourbit.kernels.gemm import default_config, scaled_gemm, scaled_gemm_torch
+        from fourbit.kernels.linear import weight_operand
+        from fourbit.kernels.weights import expand_weight_torch
+
+        w = weight_operand(layer, st, memory=False)
+        wt = expand_weight_torch(layer.weight_packed, layer.weight_scales, layer.weight_row_scale,
+                                 layer.weight_format, layer.padded_in)
+        out["weight_operand_mismatches"] = int((w.w.view(torch.uint8) != wt.w.view(torch.uint8)).sum()) \
+            if w.w.element_size() == 1 else int((w.w != wt.w).sum())
+        args = (got.q, w.w, got.row_scale, w.col_scale, got.lr, st.up, st.bias)
+        out["twin_gemm_rel_err"] = rel_err(scaled_gemm_torch(*args, out_dtype=y.dtype), ref)
+        cfg = dataclasses.replace(default_config(*y.shape, got.q.shape[1], got.q.dtype), precise=True)
+        out["precise_accumulation_rel_err"] = rel_err(scaled_gemm(*args, out_dtype=y.dtype, config=cfg), ref)
     return out
 
 
@@ -202,7 +223,7 @@ def bench_shape(m, k, n, formats, graph=True, log=print):
                 record(label, variant, fns, err)
                 if err is not None and err > 2e-3 and variant in ("fused", "memory"):  # above the bf16 rounding
                     rows[-1]["diagnosis"] = diag = diagnose(layer, xs[0], y, ref)
-                    log(f"    diagnosis: {json.dumps(diag)[:600]}")
+                    log(f"    diagnosis: {json.dumps(diag)[:1500]}")
             except Exception as e:  # report and go on: one broken path must not lose the whole run
                 log(f"  {label} {variant}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         del layer, ref

@@ -196,9 +196,10 @@ def bench_shape(m, k, n, formats, graph=True, log=print):
 
     def record(label, variant, fns, err=None):
         t_eager = time_eager(fns)
-        slot = graphs.add(fns) if graph else None
+        if graph:
+            graphs.add(fns)  # one graph per row, in row order
         rows.append(dict(M=m, K=k, N=n, format=label, variant=variant, graph_ms=float("nan"), eager_ms=t_eager,
-                         rel_err=err, _slot=slot))
+                         rel_err=err))
         log(f"  {label:24s} {variant:12s} eager {t_eager:.4f} ms" + ("" if err is None else f"  err {err:.2e}"))
 
     record("bf16 nn.Linear", "-", [lambda x=x: F.linear(x, w, b) for x in xs])
@@ -232,7 +233,6 @@ def bench_shape(m, k, n, formats, graph=True, log=print):
             r["graph_ms"] = t
             log(f"  {r['format']:24s} {r['variant']:12s} graph {t:.4f} ms (interleaved rounds)")
     for r in rows:
-        r.pop("_slot")
         r["tflops"] = flops / (r["graph_ms"] if graph else r["eager_ms"]) / 1e9
     torch.cuda.empty_cache()
     return rows

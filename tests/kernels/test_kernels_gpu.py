@@ -207,3 +207,57 @@ def test_act_quant_large_m_down_projection_paths_gpu():
         got = act_quant(x, fmt, smooth, down, 1024, config=cfg)
         assert torch.equal(bits(got.q), bits(ref.q)) and torch.equal(bits(got.row_scale), bits(ref.row_scale))
         assert ((got.lr - ref.lr).norm() / ref.lr.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["int4p2", "fp4p2", "int8"])
+@pytest.mark.parametrize("m,k", [(4608, 15360), (512 + 37, 12288), (2048, 8192 + 320)])
+def test_act_quant_split_pass_gpu(name, m, k):
+    """The split pass on the GPU (one launch; programs wait on the flags of their block's other slices): codes and
+    row scales bit-exact, the branch within 1e-4 of the fp32 reference, also replayed from a CUDA graph twice."""
+    import dataclasses
+
+    from fourbit.kernels.act_quant import DEFAULT_CONFIG, act_quant, act_quant_torch
+
+    fmt = make_format(name)
+    kp = -(-k // 64) * 64
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))).cuda().bfloat16()
+    smooth = (torch.rand(kp, generator=g) + 0.5).cuda()
+    down = torch.randn(32, kp, generator=g).bfloat16().cuda()
+    ref = act_quant_torch(x, fmt, smooth, down, kp)
+    cfg = dataclasses.replace(DEFAULT_CONFIG, split_min_k=8192)
+    got = act_quant(x, fmt, smooth, down, kp, config=cfg)
+    assert torch.equal(bits(got.q), bits(ref.q)) and torch.equal(bits(got.row_scale), bits(ref.row_scale))
+    assert ((got.lr - ref.lr).norm() / ref.lr.norm()).item() < 1e-4
+    outs = []
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        act_quant(x, fmt, smooth, down, kp, config=cfg)  # warm-up outside the capture
+        with torch.cuda.graph(graph):
+            outs.append(act_quant(x, fmt, smooth, down, kp, config=cfg))
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(2):
+        outs[0].q.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(bits(outs[0].q), bits(ref.q))
+        assert ((outs[0].lr - ref.lr).norm() / ref.lr.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("m", [1, 77, 512])
+def test_scaled_gemm_few_tiles_default_gpu(m):
+    """Launches with few 128 x 256 tiles (the text stream, the adaLN linears) take the 64 x 128 one-program-per-
+    tile config by default; it matches the fp32 twin."""
+    from fourbit.kernels import gemm as gm
+
+    n, k = 3072, 3072
+    assert gm.default_config(m, n, k, torch.float8_e4m3fn) == gm.FEW_TILES
+    a = torch.randint(-8, 8, (m, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
+    b = torch.randint(-8, 8, (n, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
+    sa, sb = torch.rand(m, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5
+    lr, up, bias = torch.randn(m, 32, device="cuda"), torch.randn(n, 32, device="cuda"), torch.randn(n, device="cuda")
+    got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
+    ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4

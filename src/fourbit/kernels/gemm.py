@@ -205,13 +205,23 @@ def _operand_kind(dtype: torch.dtype) -> str:
 STREAM_K_MIN_K = 8192
 
 
-def default_config(m: int, n: int, k: int, dtype: torch.dtype) -> GemmConfig:
+#: fp8 / int8 launches with fewer 128 x 256 tiles than this many waves of SMs take ``FEW_TILES``: 64 x 128 tiles, one
+#: program each (step_shapes.h100.2026-11-22: the FLUX text stream at M = 512 and the adaLN linears at M = 1,
+#: 48-144 tiles, 8-25% faster; at 192 tiles (1.45 waves) 3% slower, so not there)
+FEW_TILES_WAVES = 1.25
+FEW_TILES = GemmConfig(64, 128, 128, 8, 4, 4, False, tma_store=True)
+
+
+def default_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int = 132) -> GemmConfig:
+    """The tile config ``scaled_gemm`` uses for an (m, n, k) problem on a GPU with ``sms`` SMs."""
     kind = _operand_kind(dtype)
     size = "large" if m * n >= 4096 * 4096 else "small"
     override = _OVERRIDES.get((kind, size))
     if override is not None:
         return override
     cfg = _DEFAULTS[(kind, size)]
+    if kind in ("fp8", "int8") and ceil_div(m, cfg.BM) * ceil_div(n, cfg.BN) < FEW_TILES_WAVES * sms:
+        return FEW_TILES
     if kind == "fp8" and k >= STREAM_K_MIN_K:
         cfg = replace(cfg, stream_k=True)
     return cfg
@@ -290,7 +300,7 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     if TensorDescriptor is None:
         raise RuntimeError("scaled_gemm needs Triton >= 3.4 (tensor descriptors)")
     a, b = tma_aligned(a), tma_aligned(b)  # no copy for operands from act_quant / expand_weight
-    cfg = config or default_config(m, n, k, a.dtype)
+    cfg = config or default_config(m, n, k, a.dtype, num_sms(a.device))
     rank = 0
     if lr is not None:
         rank = next_pow2(lr.shape[1], 16)

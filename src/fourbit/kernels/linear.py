@@ -33,7 +33,7 @@ from ..nn.reference import low_rank_branch, prepare_activation, quant_linear_ref
 from . import register_linear_kernel
 from ._common import next_pow2
 from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, cat_down, fold_down
-from .gemm import scaled_gemm
+from .gemm import GemmConfig, scaled_gemm
 from .gemm_grouped import grouped_gemm
 from .weights import WeightOperand, expand_weight, weight_kind
 
@@ -147,12 +147,13 @@ def _a16(layer, st: LayerState, x2: Tensor, memory: bool) -> Tensor:
     return y.to(x2.dtype)
 
 
-def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fused") -> Tensor:
+def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fused",
+                   gemm_config: Optional[GemmConfig] = None) -> Tensor:
     """(M, K) -> (M, N) through the Triton kernels.
 
     lowrank: "fused" (down-projection in act_quant, up-projection in the GEMM epilogue), "unfused" (both
     as separate torch GEMMs over x and y, for comparison), or "none" (skip the branch: NOT the layer's
-    function, for measuring the branch's cost).
+    function, for measuring the branch's cost). ``gemm_config``: the GEMM's tiles (default: ``default_config``).
     """
     st = layer_state(layer)
     if st.plan == "a16":
@@ -168,7 +169,7 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
     w = weight_operand(layer, st, memory)
     y = quantized_gemm(x2, layer.act_format, layer.padded_in, st.plan, w, st.smooth_recip,
                        st.down_folded if fused else None, st.down_cat if fused else None, st.up if fused else None,
-                       st.bias)
+                       st.bias, gemm_config)
     if lowrank == "unfused" and st.down is not None:  # separate GEMMs: x read again, y read and written again
         k = x2.shape[1]
         xs = x2 if st.smooth_recip is None else x2 * st.smooth_recip[:k].to(x2.dtype)
@@ -178,7 +179,7 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
 
 def quantized_gemm(x2: Tensor, act_format, padded_in: int, plan: str, w: WeightOperand,
                    smooth_recip: Optional[Tensor], down_folded: Optional[Tensor], down_cat: Optional[Tensor],
-                   up: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+                   up: Optional[Tensor], bias: Optional[Tensor], gemm_config: Optional[GemmConfig] = None) -> Tensor:
     """act_quant + GEMM for the 'scaled' / 'grouped' plans: (M, K) -> (M, N) in x2's dtype. ``down_folded``,
     ``down_cat`` and ``up`` (all or none): the low-rank branch, fused (down-projection in act_quant, up in the
     GEMM's epilogue)."""
@@ -187,8 +188,8 @@ def quantized_gemm(x2: Tensor, act_format, padded_in: int, plan: str, w: WeightO
     lr = a.lr if down_folded is not None else None
     if plan == "grouped":
         return grouped_gemm(a.q, w.w, a.group_scale, w.group_scale, act_format.group_size, lr, up, bias,
-                            out_dtype=x2.dtype)
-    return scaled_gemm(a.q, w.w, a.row_scale, w.col_scale, lr, up, bias, out_dtype=x2.dtype)
+                            out_dtype=x2.dtype, config=gemm_config)
+    return scaled_gemm(a.q, w.w, a.row_scale, w.col_scale, lr, up, bias, out_dtype=x2.dtype, config=gemm_config)
 
 
 # torch.compile: layers on the 'scaled' / 'grouped' plans run as one custom op (``compiled.py``), so dynamo traces

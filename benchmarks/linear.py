@@ -180,6 +180,12 @@ def diagnose(layer, x, y, ref, limit=8) -> dict:
             if w.w.element_size() == 1 else int((w.w != wt.w).sum())
         args = (got.q, w.w, got.row_scale, w.col_scale, got.lr, st.up, st.bias)
         out["twin_gemm_rel_err"] = rel_err(scaled_gemm_torch(*args, out_dtype=y.dtype), ref)
+        out["default_gemm_on_fresh_operands_rel_err"] = rel_err(scaled_gemm(*args, out_dtype=y.dtype), ref)
+        from fourbit.kernels.linear import linear_forward
+
+        y2 = linear_forward(layer, x)
+        out["second_call_rel_err"] = rel_err(y2, ref)
+        out["first_vs_second_call_rel_diff"] = rel_err(y, y2)
         cfg = dataclasses.replace(default_config(*y.shape, got.q.shape[1], got.q.dtype), precise=True)
         out["precise_accumulation_rel_err"] = rel_err(scaled_gemm(*args, out_dtype=y.dtype, config=cfg), ref)
     return out
@@ -478,6 +484,9 @@ def main(argv=None):
     p.add_argument("--tune-what", default="gemm,act", help="comma list of sweeps: gemm, act")
     p.add_argument("--quick", action="store_true", help="two shapes, three formats")
     p.add_argument("--no-graph", action="store_true", help="eager timing only")
+    p.add_argument("--formats", default=None, help="comma list: only the formats whose label contains one")
+    p.add_argument("--shapes", default=None, help="comma list of KxN: only these shapes")
+    p.add_argument("--tokens", default=None, help="comma list of M (default: 4608,1024)")
     p.add_argument("--quartz", action="store_true", help="only the QuaRTZ activation path beside int4p2 "
                    "(writes linear-quartz.*)")
     args = p.parse_args(argv)
@@ -501,11 +510,18 @@ def main(argv=None):
     stem = "linear"
     if args.quartz:
         formats, stem = QUARTZ_FORMATS, "linear-quartz"
+    if args.formats:
+        formats = [f for f in formats if any(s in f[0] for s in args.formats.split(","))]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    tokens = tuple(int(v) for v in args.tokens.split(",")) if args.tokens else TOKENS
+    if args.formats or args.shapes or args.tokens:
+        stem += "-subset"  # a partial run never overwrites the full table
     rows = []
     t0 = time.time()
     import fourbit.kernels.act_quant as aq
 
-    for m in TOKENS:
+    for m in tokens:
         for k, n in shapes:
             log(f"M={m} K={k} N={n}")
             rows += bench_shape(m, k, n, formats, graph=not args.no_graph, log=log)

@@ -91,6 +91,44 @@ def test_act_quant_bit_exact(name, kw, cfg):
         assert torch.allclose(got.lr, ref.lr, rtol=1e-5, atol=1e-5 * ref.lr.abs().max().item())
 
 
+SPLIT_FORMATS = [("int4p2", {}), ("fp4p2", {}), ("int8", {})]
+
+
+@pytest.mark.parametrize("slices", [None, 2, 3], ids=["planned", "2-slices", "3-slices"])
+@pytest.mark.parametrize("name,kw", SPLIT_FORMATS, ids=_ids(SPLIT_FORMATS))
+def test_act_quant_split_pass_bit_exact(name, kw, slices):
+    """The split pass (row blocks x slices of K; partial row maxima and down-projections merged across slices)
+    gives the single pass's codes and row scales bit for bit; ragged rows, a ragged last slice, padded K."""
+    from fourbit.kernels.act_quant import ActConfig, _split_plan, act_quant, act_quant_torch
+
+    fmt = make_format(name, **kw)
+    m, k, kp = 37, 330, 384
+    x = hard_rows(m, k)
+    smooth = 2.0 ** torch.randint(-2, 3, (kp,)).float()
+    smooth[k // 3] = 0.7
+    down = torch.randn(20, kp).bfloat16()
+    cfg = ActConfig(split_min_k=256, split_rows=16, split_bk=64, split_qrows=4, split_qbk=64, split_slices=slices)
+    ns, cols, progs = _split_plan(m, kp, cfg, 4)
+    assert progs % ns == 0 and ns * cols >= kp and (slices is None or ns == slices)
+    for xin in (x, x.bfloat16()):
+        got = act_quant(xin, fmt, smooth, down, kp, cfg)
+        ref = act_quant_torch(xin, fmt, smooth, down, kp)
+        assert torch.equal(bits(got.q), bits(ref.q))
+        assert torch.equal(bits(got.row_scale), bits(ref.row_scale))
+        assert torch.allclose(got.lr, ref.lr, rtol=1e-5, atol=1e-5 * ref.lr.abs().max().item())
+
+
+def test_split_plan_fills_the_gpu_with_whole_blocks():
+    from fourbit.kernels.act_quant import DEFAULT_CONFIG, ActConfig, _split_plan
+
+    cfg = ActConfig(split_min_k=8192)
+    for m, kp in ((4608, 15360), (4096, 12288), (512, 12288), (4608, 8192)):
+        ns, cols, progs = _split_plan(m, kp, cfg, 132)
+        assert progs % ns == 0 and progs <= 132 and ns * cols >= kp > (ns - 1) * cols
+        assert progs * cfg.split_rows * cols * 2 <= cfg.split_l2_bytes  # a round's X stays in L2
+    assert _split_plan(4608, 15360, cfg, 132)[:2] == (12, 1280)  # 11 blocks of 12 slices per round
+
+
 def test_fold_down_is_the_smoothed_factor():
     from fourbit.kernels.act_quant import fold_down
 

@@ -98,6 +98,20 @@ def amax(x, axis: tl.constexpr):
     return tl.reduce(x, axis, _MAX_COMBINE)
 
 
+@triton.jit
+def _sum_combine(a, b):
+    return a + b
+
+
+_SUM_COMBINE = getattr(tl.standard, "_sum_combine", None) or _sum_combine  # (numpy in the interpreter, as above)
+
+
+@triton.jit
+def total(x, axis: tl.constexpr):
+    """sum of x along ``axis`` (one fixed reduction tree when compiled: deterministic)."""
+    return tl.reduce(x, axis, _SUM_COMBINE)
+
+
 # ---- bit-exact scalar helpers (element-wise on fp32 tensors) --------------------------------------
 @triton.jit
 def round_half_even(x):

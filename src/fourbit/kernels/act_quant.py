@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..nn.reference import smooth_reciprocal
-from ._common import (aligned_empty, amax as _amax, as_int_value, ceil_div, check_device, e2m1_round,
+from ._common import (aligned_empty, amax as _amax, total as _total, as_int_value, ceil_div, check_device, e2m1_round,
                       frexp_exponent, interpreting, mantissa_bits, next_pow2, next_up, num_sms, pow2, round_half_even,
                       round_to_mantissa)
 
@@ -153,6 +153,18 @@ class ActConfig:
     hw_round: bool = True
     lr_dot: str = "folded"  # stats kernel's down-projection: "folded" (raw X @ fold_down factor: bf16 hi + lo),
     #                        "tf32" (X^ @ lr_down^T), or "bf16x2" (X^ in two bf16 halves)
+    # the split pass (``_act_split_kernel``): per-row-scale formats with the branch and Kp >= split_min_k (0: never)
+    split_min_k: int = 0
+    split_rows: int = 64  # rows per block (tensor-core dots: >= 16)
+    split_bk: int = 128  # columns per step of its first walk (row maxima + down-projection)
+    split_qrows: int = 8  # quantize tiles of its second walk: split_qrows x split_qbk
+    split_qbk: int = 256
+    split_slices: Optional[int] = None  # slices of K per row block (None: chosen by ``_split_plan``)
+    split_warps: int = 4
+    split_ctas: int = 2  # programs per SM; split_warps x split_ctas <= 8 keeps them resident at once whatever
+    #                      registers the kernel takes (<= 255 per thread: 8 warps' worth fill one SM's 64K)
+    split_stages: int = 2
+    split_l2_bytes: int = 24 << 20  # cap on the X bytes one round of blocks holds in L2 between the two walks
 
 
 #: H100 sweeps (benchmarks/act_quant.py, results/act_quant.h100.2026-11-22b.*; Triton 3.6): one row per program
@@ -550,6 +562,94 @@ def _act_fused_kernel(
         tl.store(lr_ptr + rows[:, None].to(tl.int64) * RANK + offs_r[None, :], acc, mask=rmask[:, None])
 
 
+@triton.jit
+def _act_split_kernel(
+    x_ptr, rsmooth_ptr, d_ptr, pmax_ptr, plr_ptr, cnt_ptr, q_ptr, rs_ptr, lr_ptr,
+    M, K, Kp, stride_xm, stride_qm, SLICE, NSLICE, ITEMS,
+    MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
+    MANT_T: tl.constexpr, S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr, XSPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    HW_ROUND: tl.constexpr, FAST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, QBM: tl.constexpr,
+    QBK: tl.constexpr, NUM_PROGS: tl.constexpr, NS_P2: tl.constexpr,  # NS_P2: a power of two >= NSLICE
+    LRB: tl.constexpr,
+    PHASE: tl.constexpr,  # 1: first walk only, 2: second walk only (two launches), 3: both, with the wait
+):
+    """Row formats with the down-projection, X read from memory once at any K (the split pass).
+
+    Work items are (block of BM rows, slice of SLICE columns), NSLICE slices per block, handed out round robin
+    to NUM_PROGS persistent programs (a multiple of NSLICE, at most one per SM, so every block's slices run in
+    the same round, all resident at once). First walk over the item: partial row maxima of |X^| and the partial
+    down-projection (``_down_dot``, tensor cores) into per-slice slots; then the block's count is raised and the
+    program waits until all NSLICE slices of its block have counted. Second walk over the same item (its X was
+    just read by this SM, so it comes from L2): the row scales from the NSLICE partial maxima (max is exact in any
+    order: the codes are the single pass's, bit for bit), quantize and store. The block's programs also sum the
+    down-projection's partials (LRB rows each, one fixed reduction: deterministic); slice 0's stores the row scales. Under the interpreter
+    (programs run one after another) the two walks are two launches, PHASE 1 then PHASE 2."""
+    pid = tl.program_id(0)
+    for item in range(pid, ITEMS, NUM_PROGS):
+        rb = item // NSLICE
+        sl = item - rb * NSLICE
+        k_lo = sl * SLICE
+        k_hi = tl.minimum(k_lo + SLICE, Kp)
+        if PHASE != 2:
+            rows = rb * BM + tl.arange(0, BM)
+            rmask = rows < M
+            xrow = rows.to(tl.int64) * stride_xm
+            amax = tl.full((BM,), 0, tl.float32)
+            acc = tl.full((BM, RANK), 0, tl.float32)
+            for k0 in range(k_lo, k_hi, BK):
+                cols = k0 + tl.arange(0, BK)
+                x = tl.load(x_ptr + xrow[:, None] + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K),
+                            other=0.0)
+                xs = x.to(tl.float32)
+                if HAS_SMOOTH:
+                    xs = _smooth(xs, rsmooth_ptr, cols[None, :], Kp)
+                amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
+                acc = _down_dot(x, d_ptr, cols, Kp, acc, RANK, XSPLIT, UPCAST)
+            offs_r = tl.arange(0, RANK)
+            tl.store(pmax_ptr + sl * M + rows, amax, mask=rmask)
+            tl.store(plr_ptr + (sl * M + rows[:, None]).to(tl.int64) * RANK + offs_r[None, :], acc,
+                     mask=rmask[:, None])
+            if PHASE == 3:  # (a scalar atomic: one thread, after a barrier of the whole program)
+                tl.debug_barrier()  # every thread's partials are written before the count goes up
+                tl.atomic_add(cnt_ptr + rb, 1, sem="release")
+        if PHASE != 1:
+            if PHASE == 3:  # wait for the block's other slices (all running in this round)
+                while tl.atomic_add(cnt_ptr + rb, 0, sem="acquire") < NSLICE:
+                    pass
+            sps = tl.arange(0, NS_P2)
+            smask = sps < NSLICE
+            # the down-projection: the slices' partials summed by a fixed reduction tree (deterministic), LRB rows
+            # at a time, the chunks of the block shared out over its slices' programs
+            offs_r = tl.arange(0, RANK)
+            for c in range(sl, BM // LRB, NSLICE):
+                lrows = rb * BM + c * LRB + tl.arange(0, LRB)
+                lmask = lrows < M
+                plr = tl.load(plr_ptr + (sps[:, None, None] * M + lrows[None, :, None]).to(tl.int64) * RANK
+                              + offs_r[None, None, :], mask=smask[:, None, None] & lmask[None, :, None], other=0.0,
+                              cache_modifier=".cg")  # (NS_P2, LRB, RANK)
+                tl.store(lr_ptr + lrows[:, None].to(tl.int64) * RANK + offs_r[None, :], _total(plr, 0),
+                         mask=lmask[:, None])
+            grp = tl.arange(0, NG)
+            el = tl.arange(0, G)
+            for r0 in range(rb * BM, rb * BM + BM, QBM):
+                qrows = r0 + tl.arange(0, QBM)
+                qmask = qrows < M
+                row_max = _amax(tl.load(pmax_ptr + sps[:, None] * M + qrows[None, :], mask=smask[:, None] & qmask[None, :],
+                                        other=0.0, cache_modifier=".cg"), 0)  # (NS_P2, QBM) -> (QBM,)
+                rsc, div = _row_scale(row_max, MODE, QMAX, 0)
+                if sl == 0:
+                    tl.store(rs_ptr + qrows, rsc, mask=qmask)
+                qrow = qrows[:, None, None].to(tl.int64)
+                for k0 in range(k_lo, k_hi, QBK):
+                    cols3 = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
+                    xs3 = _load_smoothed(x_ptr, rsmooth_ptr, qrow * stride_xm, cols3, qmask[:, None, None], K, Kp,
+                                         HAS_SMOOTH)
+                    out = _quant_tile(xs3, div, 1.0, rs_ptr, qrows, qmask, k0, 0, Kp, MODE, G, NG, QMAX, EMIN,
+                                      MANT_T, S_DROP, S_MAX, S_SUBQ, S_MINN, 0, HW_ROUND, FAST)
+                    tl.store(q_ptr + qrow * stride_qm + cols3, out, mask=qmask[:, None, None] & (cols3 < k_hi))
+
+
 # ---- launcher ---------------------------------------------------------------------------------
 _SCALE16 = {  # (mantissa bits dropped from fp32, max, subnormal quantum, smallest normal)
     "float16": (13, 65504.0, 2.0 ** -24, 2.0 ** -14),
@@ -653,6 +753,8 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
             raise ValueError(f"act_quant: down_folded must be (2, {kp}, {rank}) bfloat16 (fold_down), "
                              f"got {tuple(down_folded.shape)} {down_folded.dtype}")
         down_folded = down_folded.contiguous()
+    if folded and spec.mode in (P2_INT, P2_E2M1, INT8_ROW) and cfg.split_min_k and kp >= cfg.split_min_k:
+        return _act_quant_split(x, spec, smooth, smooth_recip, kp, cfg, down_folded, fast)
     if (folded and spec.outer != 1 and cfg.lr_mm_rows and x.shape[0] >= cfg.lr_mm_rows and x.is_cuda
             and x.dtype == torch.bfloat16 and _MM_FP32_OUT[0]):
         out = _act_quant_mm(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, fast)
@@ -767,6 +869,60 @@ def _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_fold
         num_warps=cfg.large_warps if large else cfg.warps, num_stages=cfg.stages,
     )
     return ActOperand(q, rs, gs, lr)
+
+
+def _split_plan(m: int, kp: int, cfg: ActConfig, sms: int) -> tuple[int, int, int]:
+    """(slices per row block, columns per slice, programs) for the split pass: the fewest rounds x slice length
+    (time per round), with programs a multiple of the slices (a round holds whole blocks) and a round's X within
+    ``split_l2_bytes`` (it must still be in L2 for the second walk)."""
+    unit = max(cfg.split_bk, cfg.split_qbk)
+    units = ceil_div(kp, unit)
+    n_rb = ceil_div(m, cfg.split_rows)
+    best = None
+    choices = [cfg.split_slices] if cfg.split_slices else range(1, min(units, sms) + 1)
+    for ns in choices:
+        per = ceil_div(units, ns)
+        ns = ceil_div(units, per)  # slices actually needed at this length
+        progs = min((sms // ns) * ns, n_rb * ns)
+        if progs == 0:
+            continue
+        if progs * cfg.split_rows * per * unit * 2 > cfg.split_l2_bytes and best is not None:
+            continue
+        cost = (ceil_div(n_rb * ns, progs) * per, -per)
+        if best is None or cost < best[0]:
+            best = (cost, ns, per * unit, progs)
+    if best is None:
+        raise ValueError(f"act_quant: split_slices={cfg.split_slices} exceeds the {sms} programs that can run at once")
+    return best[1], best[2], best[3]
+
+
+def _act_quant_split(x, spec, smooth, smooth_recip, kp, cfg, down_folded, fast) -> ActOperand:
+    """The split pass (``_act_split_kernel``): row formats with the folded down-projection, X read once."""
+    m, k = x.shape
+    dev = x.device
+    rank = down_folded.shape[2]
+    if cfg.split_warps * cfg.split_ctas > 8:  # more might not all be resident at once: the wait would hang
+        raise ValueError(f"act_quant: split_warps x split_ctas = {cfg.split_warps * cfg.split_ctas} > 8")
+    ns, slice_cols, progs = _split_plan(m, kp, cfg, num_sms(dev) * (1 if interpreting() else cfg.split_ctas))
+    qbk = cfg.split_qbk
+    g = qbk if spec.mode == INT8_ROW else spec.group
+    q = aligned_empty(m, kp, spec.operand_dtype, dev)  # row stride 16-byte aligned for the GEMM's TMA
+    rs = torch.empty((m,), device=dev, dtype=torch.float32)
+    lr = torch.empty((m, rank), device=dev, dtype=torch.float32)
+    pmax = torch.empty((ns, m), device=dev, dtype=torch.float32)
+    plr = torch.empty((ns, m, rank), device=dev, dtype=torch.float32)
+    n_rb = ceil_div(m, cfg.split_rows)
+    cnt = torch.zeros((n_rb,), device=dev, dtype=torch.int32)  # slices done per row block, zeroed per call
+    args = (x, q if smooth is None else smooth_recip, down_folded, pmax, plr, cnt, q, rs, lr,
+            m, k, kp, x.stride(0), q.stride(0), slice_cols, ns, n_rb * ns)
+    meta = dict(MODE=spec.mode, G=g, NG=qbk // g, QMAX=float(spec.qmax), EMIN=spec.emin, **_scale_consts(spec),
+                HAS_SMOOTH=smooth is not None, RANK=rank, XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(),
+                HW_ROUND=cfg.hw_round and not interpreting(), FAST=fast, BM=cfg.split_rows, BK=cfg.split_bk,
+                QBM=cfg.split_qrows, QBK=qbk, NUM_PROGS=progs, NS_P2=next_pow2(ns), LRB=min(8, cfg.split_rows), num_warps=cfg.split_warps,
+                num_stages=cfg.split_stages)
+    for phase in ((1, 2) if interpreting() else (3,)):  # the interpreter runs programs one after another
+        _act_split_kernel[(progs,)](*args, PHASE=phase, **meta)
+    return ActOperand(q, rs, None, lr)
 
 
 def _act_quant_two(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast) -> ActOperand:

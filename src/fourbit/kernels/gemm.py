@@ -205,10 +205,12 @@ def _operand_kind(dtype: torch.dtype) -> str:
 STREAM_K_MIN_K = 8192
 
 
-#: fp8 / int8 launches with fewer 128 x 256 tiles than this many waves of SMs take ``FEW_TILES``: 64 x 128 tiles, one
-#: program each (step_shapes.h100.2026-11-22: the FLUX text stream at M = 512 and the adaLN linears at M = 1,
-#: 48-144 tiles, 8-25% faster; at 192 tiles (1.45 waves) 3% slower, so not there)
+#: fp8 / int8 launches of at most FEW_TILES_MAX_M rows with fewer 128 x 256 tiles than this many waves of SMs take
+#: ``FEW_TILES``: 64 x 128 tiles, one program each (step_shapes.h100.2026-11-22: the FLUX text stream at M = 512 and
+#: the adaLN linears at M = 1, 48-144 tiles, 8-25% faster; at 192 tiles (1.45 waves) 3% slower, so not there; not
+#: measured better at M = 1024, so only up to 512 rows)
 FEW_TILES_WAVES = 1.25
+FEW_TILES_MAX_M = 512
 FEW_TILES = GemmConfig(64, 128, 128, 8, 4, 4, False, tma_store=True)
 
 
@@ -220,7 +222,8 @@ def default_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int = 132) -
     if override is not None:
         return override
     cfg = _DEFAULTS[(kind, size)]
-    if kind in ("fp8", "int8") and ceil_div(m, cfg.BM) * ceil_div(n, cfg.BN) < FEW_TILES_WAVES * sms:
+    if (kind in ("fp8", "int8") and m <= FEW_TILES_MAX_M
+            and ceil_div(m, cfg.BM) * ceil_div(n, cfg.BN) < FEW_TILES_WAVES * sms):
         return FEW_TILES
     if kind == "fp8" and k >= STREAM_K_MIN_K:
         cfg = replace(cfg, stream_k=True)

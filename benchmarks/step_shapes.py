@@ -74,12 +74,12 @@ def gemm_candidates(m):
 
 
 def with_act_config(fn, *args, **overrides):
-    """fn(*args) with act_quant's default config changed (``split_min_k=8192`` unless given); the kernels read it
-    when called, so a CUDA graph captured through this keeps the change."""
+    """fn(*args) with act_quant's default config changed by ``overrides``; the kernels read it when called, so a
+    CUDA graph captured through this keeps the change."""
     import fourbit.kernels.act_quant as aq
 
     old = aq.DEFAULT_CONFIG
-    aq.DEFAULT_CONFIG = dataclasses.replace(old, **(overrides or dict(split_min_k=8192)))
+    aq.DEFAULT_CONFIG = dataclasses.replace(old, **overrides)
     try:
         return fn(*args)
     finally:

@@ -119,7 +119,7 @@ def test_act_quant_split_pass_bit_exact(name, kw, slices):
 
 
 def test_split_plan_fills_the_gpu_with_whole_blocks():
-    from fourbit.kernels.act_quant import DEFAULT_CONFIG, ActConfig, _split_plan
+    from fourbit.kernels.act_quant import ActConfig, _split_plan
 
     cfg = ActConfig(split_min_k=8192)
     for m, kp in ((4608, 15360), (4096, 12288), (512, 12288), (4608, 8192)):

@@ -887,7 +887,7 @@ def _split_plan(m: int, kp: int, cfg: ActConfig, sms: int) -> tuple[int, int, in
         if progs == 0:
             continue
         if progs * cfg.split_rows * per * unit * 2 > cfg.split_l2_bytes and best is not None:
-            continue
+            continue  # over the L2 cap (the first, finest candidate is kept as a fallback)
         cost = (ceil_div(n_rb * ns, progs) * per, -per)
         if best is None or cost < best[0]:
             best = (cost, ns, per * unit, progs)

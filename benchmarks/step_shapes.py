@@ -6,7 +6,9 @@ The FLUX.1 transformer (siblings fused as ``fourbit.fuse_siblings`` fuses them; 
 tokens) runs its linear layers at a dozen shapes: the image stream of the 19 double blocks at M = 4096, their
 text stream at M = 512, the 38 single blocks at M = 4608, and the adaLN modulation linears at M = 1. For each
 shape: bf16 ``F.linear``, cuBLAS FP8 rowwise (GEMM only), act_quant alone, the int4p2 W4A4 rank-32 layer end to
-end with the default GEMM tiles and with candidate tiles (the small-M shapes), and without its branch. Times are
+end with the default GEMM tiles and with candidate tiles (the small-M shapes), and without its branch; at
+M <= ``GemvConfig.max_m`` the default is the GEMV on the packed weight (``fourbit.kernels.gemv``), shown beside
+act_quant + GEMM and other GEMV tiles (``--few-rows 2,4,8`` adds the adaLN shapes at those M). Times are
 medians of CUDA-graph replays, all variants of a shape replayed in turn (``_util.InterleavedGraphs``); calls
 rotate over several layers (different weights) and inputs, so weights and activations come from memory as in
 the real step, where every layer's weights are read once. The step totals weigh each shape by its count.
@@ -73,17 +75,39 @@ def gemm_candidates(m):
     }
 
 
-def with_act_config(fn, *args, **overrides):
-    """fn(*args) with act_quant's default config changed by ``overrides``; the kernels read it when called, so a
-    CUDA graph captured through this keeps the change."""
-    import fourbit.kernels.act_quant as aq
+#: few-row GEMV configs tried beside the default (GemvConfig fields)
+GEMV_CANDIDATES = {
+    "16x256 w4": dict(BN=16, BK=256, warps=4),
+    "16x512 w4": dict(BN=16, BK=512, warps=4),
+    "16x512 w8": dict(BN=16, BK=512, warps=8),
+    "8x256 w4": dict(BN=8, BK=256, warps=4),
+    "32x128 w4": dict(BN=32, BK=128, warps=4),
+    "16x128 w2": dict(BN=16, BK=128, warps=2),
+    "64x256 w8": dict(BN=64, BK=256, warps=8),
+    "32x256 w4 lanes": dict(lanes=True),
+    "16x256 w4 lanes": dict(BN=16, BK=256, warps=4, lanes=True),
+    "64x512 w8": dict(BN=64, BK=512, warps=8),
+    "32x256 w4, act 4 programs": dict(act_programs=4),
+    "32x256 w4, act 16 programs": dict(act_programs=16),
+}
 
-    old = aq.DEFAULT_CONFIG
-    aq.DEFAULT_CONFIG = dataclasses.replace(old, **overrides)
+
+def with_defaults(module, attr, fn, *args, **overrides):
+    """fn(*args) with ``module.attr`` (a default config dataclass) changed by ``overrides``; the kernels read it
+    when called, so a CUDA graph captured through this keeps the change."""
+    old = getattr(module, attr)
+    setattr(module, attr, dataclasses.replace(old, **overrides))
     try:
         return fn(*args)
     finally:
-        aq.DEFAULT_CONFIG = old
+        setattr(module, attr, old)
+
+
+def with_act_config(fn, *args, **overrides):
+    """fn(*args) with act_quant's default config changed by ``overrides``."""
+    import fourbit.kernels.act_quant as aq
+
+    return with_defaults(aq, "DEFAULT_CONFIG", fn, *args, **overrides)
 
 
 def bench(name, m, k, n, count, log):
@@ -124,7 +148,15 @@ def bench(name, m, k, n, count, log):
                 variants["act_quant only"], li, xi, **kw)
             variants[f"W4A4 r32, split act_quant {label}"] = lambda li, xi, kw=kw: with_act_config(
                 variants["W4A4 r32 (default tiles)"], li, xi, **kw)
-    for label, cfg in gemm_candidates(m).items():
+    from fourbit.kernels import gemv as gv
+
+    if m <= 16:  # few rows: the GEMV (the default up to max_m) and act_quant + GEMM, each forced
+        variants["W4A4 r32, act_quant + GEMM"] = lambda li, xi: with_defaults(
+            gv, "DEFAULT_GEMV", variants["W4A4 r32 (default tiles)"], li, xi, max_m=0)
+        for label, kw in {"default": {}, **GEMV_CANDIDATES}.items():
+            variants[f"W4A4 r32, GEMV {label}"] = lambda li, xi, kw=kw: with_defaults(
+                gv, "DEFAULT_GEMV", variants["W4A4 r32 (default tiles)"], li, xi, **dict(kw, max_m=16))
+    for label, cfg in (gemm_candidates(m) if m > gv.DEFAULT_GEMV.max_m else {}).items():
         variants[f"W4A4 r32, GEMM {label}"] = lambda li, xi, cfg=cfg: linear_forward(layers[li], xs[xi],
                                                                                      gemm_config=cfg)
     ref = variants["W4A4 r32 (default tiles)"](0, 0)
@@ -192,6 +224,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--only", default=None, help="comma list of substrings: only the shapes whose name has one")
+    p.add_argument("--few-rows", default="", help="comma list of M: also time the adaLN shapes at these row "
+                   "counts (batch > 1; not counted in the step totals)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_shapes.py needs a CUDA GPU")
@@ -203,6 +237,8 @@ def main(argv=None):
     if args.only:
         keys = args.only.split(",")
         shapes = [s for s in shapes if any(k in s[0] for k in keys)]
+    for extra in [int(v) for v in args.few_rows.split(",") if v]:
+        shapes = shapes + [(f"{name} M={extra}", extra, k, n, 0) for name, m, k, n, _ in STEP_SHAPES if m == 1]
     rows, t0 = [], time.time()
     for name, m, k, n, count in shapes:
         log(f"{name}: M={m} K={k} N={n} x{count}")

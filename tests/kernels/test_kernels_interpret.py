@@ -273,6 +273,88 @@ def test_grouped_gemm_matches_twin():
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
+# ---- the few-row GEMV ------------------------------------------------------------------------
+GEMV_PAIRS = [("int4p2", "int4p2", None), ("fp4p2", "fp4p2", None), ("int4p2", "fp4p2", 32),
+              ("fp4p2", "int4p2", 64)]  # (activations, weights, group size of both)
+
+
+def _gemv_layer(af, wf, group=None, bias=True, k=200, n=40):
+    lin = nn.Linear(k, n, bias=bias)
+    cfg = fourbit.SVDQuantConfig(weights=wf, activations=af, rank=20, alpha=0.5, group_size=group)
+    model = nn.Sequential(lin)
+    fourbit.quantize(model, cfg, forward_loop=lambda mm: mm(torch.randn(8, k)), progress=False, verbose=False)
+    return model
+
+
+@pytest.mark.parametrize("m", [1, 3, 5])
+@pytest.mark.parametrize("af,wf,wg", GEMV_PAIRS, ids=[f"a{a}-w{w}-g{g}" for a, w, g in GEMV_PAIRS])
+def test_gemv_matches_twin(af, wf, wg, m):
+    """The GEMV against its twin, with and without the branch (stats launch / own row maxima) and bias, fp32
+    and bf16 rows (the hard rows: ties, an all-zero row, subnormal-ish and clamped groups): fp32 sums in another
+    order, relative 1e-5."""
+    from fourbit.kernels.gemv import GemvConfig, gemv, gemv_torch
+    from fourbit.kernels.linear import layer_state
+
+    layer = _gemv_layer(af, wf, wg)[0]
+    st = layer_state(layer)
+    wfmt, packed, scales, row_scale = (layer.weight_format, layer.weight_packed, layer.weight_scales,
+                                       layer.weight_row_scale)
+    cfgs = (GemvConfig(BN=16, BK=128, act_programs=3, act_BK=64), GemvConfig(BN=8, BK=64, lanes=True, act_programs=1))
+    x = hard_rows(8, 200)[{1: [5], 3: [0, 1, 3], 5: [0, 1, 2, 3, 4]}[m]]  # row 1 of several: all zeros
+    for xin in (x, x.bfloat16()):
+        for branch, bias in ((True, True), (False, False)):
+            args = (xin, layer.act_format, wfmt, layer.padded_in, packed, scales, row_scale, st.smooth_recip,
+                    st.down_folded if branch else None, st.up if branch else None, st.bias if bias else None)
+            ref = gemv_torch(*args, out_dtype=torch.float32)
+            got = gemv(*args, out_dtype=torch.float32, config=cfgs[branch])
+            assert torch.isfinite(got).all()
+            assert ((got - ref).norm() / ref.norm()).item() < 1e-5, (xin.dtype, branch)
+            if m > 1:
+                assert torch.equal(got[1], ref[1])  # the all-zero row: bias (or zero) exactly
+
+
+def test_gemv_rejects_bad_input():
+    from fourbit.kernels.gemv import gemv
+    from fourbit.kernels.linear import layer_state
+
+    layer = _gemv_layer("int4p2", "int4p2")[0]
+    st = layer_state(layer)
+    base = dict(act_format=layer.act_format, weight_format=layer.weight_format, padded_in=layer.padded_in,
+                packed=layer.weight_packed, scales=layer.weight_scales, row_scale=layer.weight_row_scale)
+    with pytest.raises(ValueError, match="x must be"):
+        gemv(torch.randn(1, 300), **base)
+    with pytest.raises(ValueError, match="both down_folded and up"):
+        gemv(torch.randn(1, 200), **base, down_folded=st.down_folded)
+    with pytest.raises(NotImplementedError, match="no kernel"):
+        gemv(torch.randn(1, 200), **dict(base, act_format=make_format("int8")))
+    with pytest.raises(NotImplementedError, match="no kernel"):  # group sizes differ
+        gemv(torch.randn(1, 200), **dict(base, act_format=make_format("int4p2", group_size=32)))
+
+
+@pytest.mark.parametrize("kernel", ["triton", "triton-memory"])
+def test_few_row_layer_takes_the_gemv(kernel, monkeypatch):
+    """A layer called with one row runs the GEMV (no weight operand built) and matches the reference; more
+    rows than ``GemvConfig.max_m`` take the GEMM."""
+    from fourbit.kernels import gemv as gv
+    from fourbit.kernels.linear import layer_state
+
+    model = _gemv_layer("int4p2", "int4p2")
+    layer = model[0]
+    calls = []
+    real = gv.gemv
+    monkeypatch.setattr(gv, "gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    x = torch.randn(2, 3, 200)
+    for rows in (x[:1, :1], x[:1, :2], x):  # M = 1 (GEMV), 2 and 6 (GEMM)
+        ref = model(rows)
+        set_kernel(model, kernel)
+        got = model(rows)
+        set_kernel(model, "reference")
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+    assert calls == [1]
+    if kernel == "triton-memory":
+        assert layer_state(layer).weight is None
+
+
 # ---- layers through fourbit.quantize ---------------------------------------------------------
 PAIRS = [("int4p2", "int4p2"), ("fp4p2", "fp4p2"), ("fp4p2", "int4p2"), ("int8", "int8"), ("int4", "int4"),
          ("fp4", "fp4"), ("nvfp4", "nvfp4"), ("mxfp4", "mxfp4"), ("int4p2", None)]

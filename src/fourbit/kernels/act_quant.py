@@ -355,6 +355,24 @@ def _row_scale(amax, MODE: tl.constexpr, QMAX: tl.constexpr, OUTER: tl.constexpr
 
 
 @triton.jit
+def p2_values(xs, div, MODE: tl.constexpr, EMIN: tl.constexpr, MANT_T: tl.constexpr, HW_ROUND: tl.constexpr):
+    """int4p2 (MODE 0) / fp4p2 (MODE 1): a (BM, NG, G) tile of X^ -> code * 2^e as fp32 (exact in FP8 e4m3).
+    div: (BM,) the row divisor of ``_row_scale``. y = X^ * RN(1 / r): one IEEE reciprocal per row, as the
+    format's reference."""
+    y = xs * tl.math.div_rn(tl.full(div.shape, 1.0, tl.float32), div)[:, None, None]
+    gmax = _amax(tl.abs(y), 2)  # (BM, NG)
+    e = frexp_exponent(gmax) - 3 + (mantissa_bits(gmax) > MANT_T).to(tl.int32)
+    e = tl.where(gmax > 0, e, EMIN)
+    e = tl.minimum(tl.maximum(e, EMIN), 0)
+    v = y * pow2(-e)[:, :, None]
+    if MODE == 0:
+        c = as_int_value(tl.minimum(tl.maximum(_rne(v, HW_ROUND), -8.0), 7.0))
+    else:
+        c = e2m1_round(v)
+    return c * pow2(e)[:, :, None]
+
+
+@triton.jit
 def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
                 MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
                 MANT_T: tl.constexpr, S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr,
@@ -362,18 +380,8 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
     """Quantize one (BM, NG, G) tile of X^ -> the GEMM operand (int4 groups: also stores the group scales).
     div: (BM,) the row divisor of ``_row_scale`` (row formats); t_one: the per-tensor scale (nvfp4)."""
     grp = tl.arange(0, NG)
-    if MODE == 0 or MODE == 1:  # y = X^ * RN(1 / r): one IEEE reciprocal per row, as the format's reference
-        y = xs * tl.math.div_rn(tl.full(div.shape, 1.0, tl.float32), div)[:, None, None]
-        gmax = _amax(tl.abs(y), 2)  # (BM, NG)
-        e = frexp_exponent(gmax) - 3 + (mantissa_bits(gmax) > MANT_T).to(tl.int32)
-        e = tl.where(gmax > 0, e, EMIN)
-        e = tl.minimum(tl.maximum(e, EMIN), 0)
-        v = y * pow2(-e)[:, :, None]
-        if MODE == 0:
-            c = as_int_value(tl.minimum(tl.maximum(_rne(v, HW_ROUND), -8.0), 7.0))
-        else:
-            c = e2m1_round(v)
-        out = (c * pow2(e)[:, :, None]).to(tl.float8e4nv)
+    if MODE == 0 or MODE == 1:
+        out = p2_values(xs, div, MODE, EMIN, MANT_T, HW_ROUND).to(tl.float8e4nv)  # exact
     if MODE == 2:
         d3 = tl.broadcast_to(div[:, None, None], xs.shape)
         rd3 = d3

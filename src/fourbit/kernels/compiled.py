@@ -46,12 +46,17 @@ def _lookup(key: str) -> tuple:
 def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Optional[Tensor],
                  down_folded: Optional[Tensor], down_cat: Optional[Tensor], up: Optional[Tensor],
                  bias: Optional[Tensor], key: str) -> Tensor:
-    """x2 (M, K) -> (M, N). weights: speed mode [operand (N, Kp), col_scale, group_scale]; memory mode
-    [packed, scales, row_scale] (expanded here). key: ``register_layer``'s key + "|speed" or "|memory"."""
-    from .linear import quantized_gemm  # imported here: the test suite re-executes kernel modules (interpreter)
+    """x2 (M, K) -> (M, N). weights: speed mode [operand (N, Kp), col_scale, group_scale, packed, scales,
+    row_scale]; memory mode [packed, scales, row_scale] (expanded here). Few rows of the Hopper-native formats
+    take the GEMV on the packed weight (the last three). key: ``register_layer``'s key + "|speed" or "|memory"."""
+    from . import gemv  # imported here: the test suite re-executes kernel modules (interpreter)
+    from .linear import gemv_rows, quantized_gemm
     from .weights import WeightOperand, expand_weight
 
     act_format, weight_format, padded_in, _, plan = _lookup(key)
+    if plan == "scaled" and gemv_rows(x2) and gemv.gemv_supported(act_format, weight_format):
+        return gemv.gemv(x2, act_format, weight_format, padded_in, weights[-3], weights[-2], weights[-1],
+                         smooth_recip, down_folded, up, bias)
     if key.endswith("|memory"):
         w = expand_weight(weights[0], weights[1], weights[2], weight_format, padded_in)
     else:
@@ -79,10 +84,8 @@ def compiled_forward(layer, x2: Tensor, memory: bool) -> Tensor:
                           "built, so it breaks the graph; call fourbit.nn.prepare_kernels(model) (after moving the "
                           "model to the GPU) before compiling", stacklevel=3)
         return linear_forward_uncompiled(layer, x2, memory)
-    if memory:
-        weights = [layer.weight_packed, layer.weight_scales, layer.weight_row_scale]
-    else:
-        weights = [st.weight.w, st.weight.col_scale, st.weight.group_scale]
+    packed = [layer.weight_packed, layer.weight_scales, layer.weight_row_scale]
+    weights = packed if memory else [st.weight.w, st.weight.col_scale, st.weight.group_scale] + packed
     return torch.ops.fourbit.quant_linear(x2, weights, st.smooth_recip, st.down_folded, st.down_cat, st.up,
                                           st.bias, st.op_key + ("|memory" if memory else "|speed"))
 

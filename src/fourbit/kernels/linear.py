@@ -35,6 +35,7 @@ from ._common import next_pow2
 from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, cat_down, fold_down
 from .gemm import GemmConfig, scaled_gemm
 from .gemm_grouped import grouped_gemm
+from . import gemv as _gemv
 from .weights import WeightOperand, expand_weight, weight_kind
 
 _CACHE_KEY = "fourbit.kernels.linear"
@@ -76,6 +77,7 @@ class LayerState:
     weight: Optional[WeightOperand] = None  # speed mode
     w16: Optional[Tensor] = None  # 'a16' plan, speed mode: dequantized weight in the activation dtype
     op_key: str = ""  # the custom op's description of this layer (``compiled.py``): formats, plan, shapes
+    gemv: bool = False  # few rows take the GEMV on the packed weight (``gemv.py``)
 
 
 _BUFFERS = ("weight_packed", "weight_scales", "weight_row_scale", "smooth", "lr_down", "lr_up", "bias")
@@ -111,6 +113,7 @@ def layer_state(layer) -> LayerState:
         st.down_folded = fold_down(layer.lr_down, st.smooth)
         st.down_cat = cat_down(st.down_folded)
     st.bias = None if layer.bias is None else layer.bias.float().contiguous()
+    st.gemv = st.plan == "scaled" and _gemv.gemv_supported(layer.act_format, layer.weight_format)
     if st.plan in ("scaled", "grouped"):
         from .compiled import register_layer
 
@@ -166,15 +169,25 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
                           f"using the reference implementation", stacklevel=3)
         return quant_linear_reference(layer, x2)
     fused = lowrank == "fused" and st.down is not None
-    w = weight_operand(layer, st, memory)
-    y = quantized_gemm(x2, layer.act_format, layer.padded_in, st.plan, w, st.smooth_recip,
-                       st.down_folded if fused else None, st.down_cat if fused else None, st.up if fused else None,
-                       st.bias, gemm_config)
+    if st.gemv and gemv_rows(x2):  # few rows: the packed weight, no operand built
+        y = _gemv.gemv(x2, layer.act_format, layer.weight_format, layer.padded_in, layer.weight_packed,
+                       layer.weight_scales, layer.weight_row_scale, st.smooth_recip, st.down_folded if fused else None,
+                       st.up if fused else None, st.bias)
+    else:
+        w = weight_operand(layer, st, memory)
+        y = quantized_gemm(x2, layer.act_format, layer.padded_in, st.plan, w, st.smooth_recip,
+                           st.down_folded if fused else None, st.down_cat if fused else None,
+                           st.up if fused else None, st.bias, gemm_config)
     if lowrank == "unfused" and st.down is not None:  # separate GEMMs: x read again, y read and written again
         k = x2.shape[1]
         xs = x2 if st.smooth_recip is None else x2 * st.smooth_recip[:k].to(x2.dtype)
         y.addmm_(xs @ st.down[:, :k].t().to(x2.dtype), st.up.t().to(x2.dtype))
     return y
+
+
+def gemv_rows(x2: Tensor) -> bool:
+    """Whether this many rows take the GEMV (``GemvConfig.max_m``) rather than act_quant + GEMM."""
+    return 0 < x2.shape[0] <= _gemv.DEFAULT_GEMV.max_m
 
 
 def quantized_gemm(x2: Tensor, act_format, padded_in: int, plan: str, w: WeightOperand,

@@ -62,6 +62,17 @@ class WeightOperand:
 
 
 @triton.jit
+def nibble_value(nib, CODE_E2M1: tl.constexpr):
+    """4-bit codes (int32 0..15) -> their values as fp32: int4 two's complement, or e2m1 (bit 3 the sign)."""
+    if CODE_E2M1:
+        mag = e2m1_value(nib & 7)
+        v = tl.where((nib & 8) != 0, -mag, mag)
+    else:  # the fp32 with bits 2^23 + (nib ^ 8), minus 2^23 + 8: exact, and no integer-to-float conversion
+        v = ((nib ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    return v
+
+
+@triton.jit
 def _expand_kernel(p_ptr, s_ptr, o_ptr, N, KH, stride_p, stride_s, stride_o,
                    G: tl.constexpr, CODE_E2M1: tl.constexpr, SCALE: tl.constexpr,
                    BN: tl.constexpr, BKH: tl.constexpr):
@@ -72,14 +83,8 @@ def _expand_kernel(p_ptr, s_ptr, o_ptr, N, KH, stride_p, stride_s, stride_o,
     hcols = pid_k * BKH + tl.arange(0, BKH)
     mask = (rows[:, None] < N) & (hcols[None, :] < KH)
     byte = tl.load(p_ptr + rows[:, None].to(tl.int64) * stride_p + hcols[None, :], mask=mask, other=0).to(tl.int32)
-    lo = byte & 0xF
-    hi = (byte >> 4) & 0xF
-    if CODE_E2M1:
-        v_lo = tl.where((lo & 8) != 0, -e2m1_value(lo & 7), e2m1_value(lo & 7))
-        v_hi = tl.where((hi & 8) != 0, -e2m1_value(hi & 7), e2m1_value(hi & 7))
-    else:
-        v_lo = ((lo ^ 8) - 8).to(tl.float32)
-        v_hi = ((hi ^ 8) - 8).to(tl.float32)
+    v_lo = nibble_value(byte & 0xF, CODE_E2M1)
+    v_hi = nibble_value((byte >> 4) & 0xF, CODE_E2M1)
     if SCALE != 0:  # both nibbles of a byte share a group (G even)
         s_off = rows[:, None].to(tl.int64) * stride_s + (2 * hcols[None, :]) // G
         if SCALE == 1:

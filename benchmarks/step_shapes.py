@@ -78,17 +78,15 @@ def gemm_candidates(m):
 #: few-row GEMV configs tried beside the default (GemvConfig fields)
 GEMV_CANDIDATES = {
     "16x256 w4": dict(BN=16, BK=256, warps=4),
-    "16x512 w4": dict(BN=16, BK=512, warps=4),
+    "32x256 w4": dict(BN=32, BK=256, warps=4),
     "16x512 w8": dict(BN=16, BK=512, warps=8),
     "8x256 w4": dict(BN=8, BK=256, warps=4),
     "32x128 w4": dict(BN=32, BK=128, warps=4),
     "16x128 w2": dict(BN=16, BK=128, warps=2),
     "64x256 w8": dict(BN=64, BK=256, warps=8),
-    "32x256 w4 lanes": dict(lanes=True),
-    "16x256 w4 lanes": dict(BN=16, BK=256, warps=4, lanes=True),
     "64x512 w8": dict(BN=64, BK=512, warps=8),
-    "32x256 w4, act 4 programs": dict(act_programs=4),
-    "32x256 w4, act 16 programs": dict(act_programs=16),
+    "act 4 programs": dict(act_programs=4),
+    "act 16 programs": dict(act_programs=16),
 }
 
 

@@ -299,7 +299,7 @@ def test_gemv_matches_twin(af, wf, wg, m):
     st = layer_state(layer)
     wfmt, packed, scales, row_scale = (layer.weight_format, layer.weight_packed, layer.weight_scales,
                                        layer.weight_row_scale)
-    cfgs = (GemvConfig(BN=16, BK=128, act_programs=3, act_BK=64), GemvConfig(BN=8, BK=64, lanes=True, act_programs=1))
+    cfgs = (GemvConfig(BN=16, BK=128, act_programs=3, act_BK=64), GemvConfig(BN=8, BK=64, act_programs=1))
     x = hard_rows(8, 200)[{1: [5], 3: [0, 1, 3], 5: [0, 1, 2, 3, 4]}[m]]  # row 1 of several: all zeros
     for xin in (x, x.bfloat16()):
         for branch, bias in ((True, True), (False, False)):

@@ -13,7 +13,7 @@ path reads the packed 4-bit codes and their exponents (~0.52 bytes per parameter
     down-projection X @ D;
   * ``_gemv_kernel``, one program per ``BN`` output channels: walks K in chunks of ``BK``, decodes the weight's
     nibbles times their group's 2^e without a multiply (``_weight_values``), accumulates on CUDA cores in fp32
-    (per group, or per lane with ``lanes``), then applies the row and channel scales,
+    (each row's products reduced every step), then applies the row and channel scales,
     sums the down-projection's partials in a fixed order, adds the up-projection and the bias, and rounds once.
 
 Numerics: the same quantized operands as the GEMM path; the sums are plain fp32 (no FP8 tensor-core
@@ -37,16 +37,16 @@ from .weights import nibble_value
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """``max_m``: the most rows this path takes (``linear_forward``); ``BN`` output channels per program at one
-    row (divided by the rows, rounded up to a power of two, down to 8), ``BK`` columns per step (raised to a multiple of the group), ``warps``, ``lanes`` (one row: per-lane sums, ``_gemv_kernel``); the activation launch: ``act_programs``
-    slices of K (few: every GEMV program sums their partial down-projections), ``act_BK`` columns per step,
-    ``act_row_elems`` elements per step of its row-maxima walk, ``act_warps``."""
+    """``max_m``: the most rows this path takes (``linear_forward``). The GEMV: ``BN`` output channels per program
+    at one row (divided by the rows, rounded up to a power of two, down to 8), ``BK`` columns per step (raised to a
+    multiple of the group), ``warps``. The activation launch: ``act_programs`` slices of K (few: every GEMV program
+    sums their partial down-projections), ``act_BK`` columns per step, ``act_row_elems`` elements per step of its
+    row-maxima walk, ``act_warps``."""
 
     max_m: int = 1
     BN: int = 16
     BK: int = 512
     warps: int = 4
-    lanes: bool = False
     act_programs: int = 24
     act_BK: int = 128
     act_row_elems: int = 4096
@@ -137,10 +137,10 @@ def _weight_values(byte, e, W_E2M1: tl.constexpr):
 def _gemv_kernel(q_ptr, rs_ptr, plr_ptr, wp_ptr, we_ptr, wr_ptr, up_ptr, bias_ptr, out_ptr,
                  M, N, Kp, KH, SPLIT, stride_qm, stride_wp, stride_we, stride_om,
                  W_E2M1: tl.constexpr, G: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 LANES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """One program per BN output channels: fp32 sums of the activation operand times the decoded weight, then
-    the row and channel scales, the up-projection and the bias. LANES (one row): one fp32 sum per (channel,
-    column) lane, reduced after the walk; else each row's products are reduced every step."""
+    the row and channel scales, the up-projection and the bias. Each row's products are reduced every step (one
+    fp32 sum per lane, reduced after the walk, measured no faster)."""
     pid = tl.program_id(0)
     rows = tl.arange(0, BM)
     rmask = rows < M
@@ -152,10 +152,9 @@ def _gemv_kernel(q_ptr, rs_ptr, plr_ptr, wp_ptr, we_ptr, wr_ptr, up_ptr, bias_pt
     hj = tl.arange(0, HG)
     wrow = chans.to(tl.int64)
     acc = tl.full((BM, BN), 0, tl.float32)
-    if LANES:
-        lanes = tl.full((BN, WGN, HG), 0, tl.float32)  # one row (BM == 1)
-    for kh0 in range(0, KH, BK // 2):  # KH = Kp / 2 bytes per weight row (a separate argument: its divisibility
-        bcols = kh0 + tl.arange(0, BK // 2)  # byte columns                        lets the loads vectorize)
+    # KH = Kp / 2 bytes per weight row, a separate argument: its divisibility by 16 lets the loads vectorize
+    for kh0 in range(0, KH, BK // 2):
+        bcols = kh0 + tl.arange(0, BK // 2)  # byte columns
         byte = tl.load(wp_ptr + wrow[:, None] * stride_wp + bcols[None, :], mask=cmask[:, None] & (bcols[None, :] < KH),
                        other=0)
         byte = tl.reshape(byte, (BN, WGN, HG)).to(tl.int32)  # (BN, WGN, HG): group, then byte in the group
@@ -170,13 +169,8 @@ def _gemv_kernel(q_ptr, rs_ptr, plr_ptr, wp_ptr, we_ptr, wr_ptr, up_ptr, bias_pt
             x_even = tl.load(qp, mask=qm, other=0.0)  # (WGN, HG) fp32
             x_odd = tl.load(qp + HG, mask=qm, other=0.0)
             prod = x_even[None, :, :] * w_lo + x_odd[None, :, :] * w_hi
-            if LANES:
-                lanes += prod
-            else:
-                part = _total(_total(prod, 2), 1)  # (BN,)
-                acc = tl.where(rows[:, None] == r, acc + part[None, :], acc)
-    if LANES:
-        acc += _total(_total(lanes, 2), 1)[None, :]
+            part = _total(_total(prod, 2), 1)  # (BN,)
+            acc = tl.where(rows[:, None] == r, acc + part[None, :], acc)
     y = acc
     y = y * tl.load(rs_ptr + rows, mask=rmask, other=0.0)[:, None]
     y = y * tl.load(wr_ptr + chans, mask=cmask, other=0.0)[None, :]
@@ -257,13 +251,12 @@ def gemv(x: Tensor, act_format, weight_format, padded_in: int, packed: Tensor, s
         HW_ROUND=not interpreting(), QROWS=qrows, BM=max(16, qrows), BK=bk_act,
         ABK=min(next_pow2(kp), max(bk_act, cfg.act_row_elems // qrows)), num_warps=cfg.act_warps)
     bn = max(8, cfg.BN // next_pow2(m))  # the work per step stays about the same
-    lanes = cfg.lanes and m == 1
     _gemv_kernel[(ceil_div(n, bn),)](
         q, rs, dummy if plr is None else plr, packed, scales, row_scale.float().reshape(-1).contiguous(),
         dummy if up is None else up.float().contiguous(), dummy if bias is None else bias.float().contiguous(), out,
         m, n, kp, kp // 2, progs, q.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         W_E2M1=weight_format.name == "fp4p2", G=g, RANK=rank, HAS_BIAS=bias is not None,
-        LANES=lanes, BM=next_pow2(m), BN=bn, BK=max(cfg.BK, g), num_warps=cfg.warps)
+        BM=next_pow2(m), BN=bn, BK=max(cfg.BK, g), num_warps=cfg.warps)
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 # definition order: helpers first, then the modules that import them
-_KERNEL_MODULES = ("_common", "gemm", "gemm_grouped", "act_quant", "weights", "gemv", "linear")
+_KERNEL_MODULES = ("_common", "activation", "gemm", "gemm_grouped", "act_quant", "weights", "gemv", "linear")
 
 
 def _reload_kernels() -> None:

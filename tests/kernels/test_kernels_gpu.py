@@ -313,3 +313,83 @@ def test_gemv_gpu(af, wf, m):
         with torch._inductor.config.patch(compile_threads=1):
             assert torch.equal(bits(torch.compile(model, fullgraph=True)(x)), bits(speed))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["gelu_tanh", "gelu", "silu"])
+def test_scaled_gemm_output_activation_gpu(kind):
+    """The epilogue activation on a column range, at the default (128 x 256, TMA store) and few-tile configs:
+    fp32 output the twin's to 1e-5; bf16 output within one rounding of the fp32 twin."""
+    from fourbit.kernels.activation import OutputActivation
+    from fourbit.kernels.gemm import scaled_gemm, scaled_gemm_torch
+
+    for m, n, k in ((1000, 1536, 512), (77, 640, 256)):
+        g = torch.Generator().manual_seed(m)
+        a = torch.randint(-8, 8, (m, k), generator=g).float().to(torch.float8_e4m3fn).cuda()
+        b = torch.randint(-8, 8, (n, k), generator=g).float().to(torch.float8_e4m3fn).cuda()
+        sa, sb = (torch.rand(m, generator=g) * 0.05).cuda(), (torch.rand(n, generator=g) + 0.5).cuda()
+        lr, up = torch.randn(m, 32, generator=g).cuda(), torch.randn(n, 32, generator=g).cuda() * 0.1
+        act = OutputActivation(kind, 300, n - 100)
+        ref = scaled_gemm_torch(a, b, sa, sb, lr, up, None, out_dtype=torch.float32, act=act)
+        got = scaled_gemm(a, b, sa, sb, lr, up, None, out_dtype=torch.float32, act=act)
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+        got16 = scaled_gemm(a, b, sa, sb, lr, up, None, out_dtype=torch.bfloat16, act=act).float()
+        assert ((got16 - ref).abs() <= ref.abs() * 2 ** -8 * 1.01 + 1e-6).all()
+
+
+def test_act_quant_two_column_blocks_gpu():
+    """X as two column blocks at FLUX's single-block proj_out split (3072 | 12288, the second a strided view of a
+    wider output) on the large-M path (single pass + cuBLAS down-projection, both reading the blocks in place):
+    codes and row scales bit-exact with the concatenation's, the branch within 1e-5."""
+    from fourbit.kernels.act_quant import act_quant
+
+    fmt = make_format("int4p2")
+    m, k1, k2 = 2304, 3072, 12288
+    x = (torch.randn(m, k1 + k2, device="cuda") * 3).bfloat16()
+    wide = torch.empty(m, 9216 + k2, device="cuda", dtype=torch.bfloat16)
+    wide[:, 9216:] = x[:, k1:]
+    blocks = [x[:, :k1].contiguous(), wide[:, 9216:]]
+    smooth = (torch.rand(k1 + k2, device="cuda") + 0.5)
+    down = torch.randn(32, k1 + k2, device="cuda").bfloat16()
+    for rank_down in (None, down):
+        got = act_quant(blocks, fmt, smooth, rank_down, k1 + k2)
+        ref = act_quant(x, fmt, smooth, rank_down, k1 + k2)
+        assert torch.equal(bits(got.q), bits(ref.q)) and torch.equal(bits(got.row_scale), bits(ref.row_scale))
+        if rank_down is not None:
+            assert ((got.lr - ref.lr).norm() / ref.lr.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fusion_under_inductor_gpu(dtype):
+    """A FLUX-like block compiled with ``inductor_options``: both activations and the concatenation fused (counted),
+    CUDA-graph replay gives the compiled bits. fp32: eager's result to 1e-5 (the GELU's input is the same fp32
+    value). bf16: the fused GELU rounds once where eager rounds twice, which moves some 4-bit codes of the next
+    layer's input, so only within the W4A4 error (a GELU skipped or misplaced is off by 30% and more)."""
+    import torch._dynamo
+
+    from fourbit.kernels.fusion import fusion_stats
+    from fourbit.nn import inductor_options
+
+    from .test_kernels_interpret import _MlpBlock, _quantized_block
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1100, 256, device="cuda", dtype=dtype)
+    block = _quantized_block(_MlpBlock(256, 1024).cuda().to(dtype), x)
+    before = fusion_stats()
+    with torch.no_grad():
+        eager = block(x)
+        torch._dynamo.reset()
+        with torch._inductor.config.patch(compile_threads=1):
+            compiled = torch.compile(block, options=inductor_options(), fullgraph=True)
+            got = compiled(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = compiled(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    after = fusion_stats()
+    assert after.get("activations", 0) - before.get("activations", 0) == 2
+    assert after.get("concatenations", 0) - before.get("concatenations", 0) == 1
+    assert torch.equal(replayed, got)
+    err = ((got.float() - eager.float()).norm() / eager.float().norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 3e-2), err
+    torch._dynamo.reset()

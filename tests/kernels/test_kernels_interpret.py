@@ -91,6 +91,36 @@ def test_act_quant_bit_exact(name, kw, cfg):
         assert torch.allclose(got.lr, ref.lr, rtol=1e-5, atol=1e-5 * ref.lr.abs().max().item())
 
 
+@pytest.mark.parametrize("rank", [0, 20], ids=["no-branch", "branch"])
+@pytest.mark.parametrize("name,kw", [("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("int4", {})],
+                         ids=["int4p2", "fp4p2", "int8", "int4"])
+def test_act_quant_two_column_blocks_bit_exact(name, kw, rank):
+    """X given as two column blocks (the second a strided view of a wider tensor, the split not on a chunk or
+    group boundary): the single pass reads both in place, other paths concatenate; either way the result is
+    act_quant's on the concatenation, bit for bit (and its twin's)."""
+    from fourbit.kernels.act_quant import ActConfig, act_quant, act_quant_torch
+
+    fmt = make_format(name, **kw)
+    m, k1, k, kp = 37, 72, 200, 256
+    x = hard_rows(m, k).bfloat16()
+    wide = torch.randn(m, 300).bfloat16()
+    wide[:, 100: 100 + k - k1] = x[:, k1:]
+    blocks = [x[:, :k1].contiguous(), wide[:, 100: 100 + k - k1]]  # (m, 72), (m, 128) with row stride 300
+    smooth = 2.0 ** torch.randint(-2, 3, (kp,)).float()
+    down = torch.randn(rank, kp).bfloat16() if rank else None
+    cfg = ActConfig(rows=4, chunk=128)
+    got = act_quant(blocks, fmt, smooth, down, kp, cfg)
+    ref = act_quant(x, fmt, smooth, down, kp, cfg)
+    twin = act_quant_torch(blocks, fmt, smooth, down, kp)
+    assert torch.equal(bits(got.q), bits(ref.q)) and torch.equal(bits(got.q), bits(twin.q))
+    for a, b in ((got.row_scale, ref.row_scale), (got.group_scale, ref.group_scale)):
+        assert (a is None) == (b is None) and (a is None or torch.equal(bits(a), bits(b)))
+    if rank:
+        assert torch.equal(got.lr, ref.lr)
+    with pytest.raises(ValueError, match="share rows"):
+        act_quant([x[:, :k1], wide[:-1, :k - k1]], fmt, smooth, down, kp, cfg)
+
+
 SPLIT_FORMATS = [("int4p2", {}), ("fp4p2", {}), ("int8", {})]
 
 
@@ -248,6 +278,33 @@ def test_scaled_gemm_stream_k_matches_twin(dtype, k, n, rem):
     ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
     assert torch.equal(gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg), got)
+
+
+@pytest.mark.parametrize("kind", ["gelu_tanh", "gelu", "silu"])
+def test_scaled_gemm_output_activation_matches_twin(kind):
+    """The activation on a column range in the epilogue (tiles wholly inside, outside and across the range's
+    edges; open-ended range): the twin's fp32 result to 1e-5; with bf16 output, within one bf16 rounding."""
+    from fourbit.kernels.activation import OutputActivation
+    from fourbit.kernels.gemm import GemmConfig, scaled_gemm, scaled_gemm_torch
+
+    m, n, k, r = 40, 136, 128, 20
+    a, b = _operands(torch.float8_e4m3fn, m, n, k)
+    sa, sb = torch.rand(m) * 0.1 + 0.05, torch.rand(n) + 0.5
+    lr, up, bias = torch.randn(m, r), torch.randn(n, r).bfloat16().float(), torch.randn(n)
+    for act, cfg in ((OutputActivation(kind, 17, 90), GemmConfig(32, 32, 64, 2, 4, 2, persistent=True)),
+                     (OutputActivation(kind, 40), None)):
+        got = scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg, act=act)
+        ref = scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, act=act)
+        plain = scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
+        lo, hi = act.bounds(n)
+        assert torch.equal(got[:, :lo], scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32,
+                                                    config=cfg)[:, :lo])
+        assert not torch.allclose(ref[:, lo:hi], plain[:, lo:hi])  # the activation did something
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+        got16 = scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.bfloat16, config=cfg, act=act).float()
+        assert ((got16 - ref).abs() <= ref.abs() * 2 ** -7 + 1e-6).all()  # the interpreter truncates to bf16
+    with pytest.raises(ValueError, match="not one of"):
+        OutputActivation("relu")
 
 
 def test_scaled_gemm_non_persistent_and_unaligned_k():
@@ -567,6 +624,135 @@ def test_loaded_checkpoint_with_siblings_compiles_without_graph_breaks(tmp_path)
         assert explained.graph_break_count == 0
         torch._dynamo.reset()
         assert torch.equal(torch.compile(fresh, backend="aot_eager")(x), eager)
+    torch._dynamo.reset()
+
+
+class _MlpBlock(nn.Module):
+    """FLUX-like: a norm read by a query projection and an MLP input projection (siblings), tanh-GELU on the MLP
+    columns, the two concatenated into an output projection; then a plain MLP with exact GELU."""
+
+    def __init__(self, d=64, h=128):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.to_q, self.proj_mlp, self.proj_out = nn.Linear(d, d), nn.Linear(d, h), nn.Linear(d + h, d)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        n = self.norm(x)
+        q, m = self.to_q(n), self.act(self.proj_mlp(n))
+        y = x + self.proj_out(torch.cat([torch.tanh(q), m], dim=2))
+        return y + self.fc2(torch.nn.functional.gelu(self.fc1(y)))
+
+
+def _quantized_block(block, x, siblings=True):
+    from fourbit.nn import find_siblings, fuse_siblings, prepare_kernels
+
+    cfg = fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=8, kernel="triton")
+    if siblings:
+        fuse_siblings(block, find_siblings(block, lambda m: m(x), config=cfg))
+    fourbit.quantize(block, cfg, forward_loop=lambda m: m(x), progress=False, verbose=False)
+    return prepare_kernels(block)
+
+
+def _compile_with_pass(model):
+    """torch.compile whose backend runs the fusion pass on dynamo's graph, then the graph as is (no inductor)."""
+    from fourbit.kernels.fusion import FuseAroundQuantLinear
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        FuseAroundQuantLinear()(gm.graph)
+        gm.recompile()
+        graphs.append(gm.graph)
+        return gm
+
+    return torch.compile(model, backend=backend, fullgraph=True), graphs
+
+
+def test_fusion_pass_moves_activations_and_concatenations():
+    """Both GELUs go into their GEMM epilogues (one on the sibling group's MLP columns only), the concatenation
+    is read in place; the result is eager's up to fp32 rounding (same codes; the activation before, not after,
+    the output's rounding, which for fp32 output is the same value)."""
+    import torch._dynamo
+
+    from fourbit.kernels.fusion import fusion_stats
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 64)
+    block = _quantized_block(_MlpBlock(), x)
+    before = fusion_stats()
+    with torch.no_grad():
+        eager = block(x)
+        torch._dynamo.reset()
+        compiled, graphs = _compile_with_pass(block)
+        got = compiled(x)
+    after = fusion_stats()
+    assert after.get("activations", 0) - before.get("activations", 0) == 2
+    assert after.get("concatenations", 0) - before.get("concatenations", 0) == 1
+    targets = {n.target for n in graphs[0].nodes}
+    assert torch.cat not in targets and torch._C._nn.gelu not in targets
+    acts = sorted((n.args[9], n.args[10], n.args[11]) for n in graphs[0].nodes if "quant_linear" in str(n.target)
+                  and n.args[9])
+    assert acts == [("gelu", 0, 128), ("gelu_tanh", 64, 192)]
+    assert ((got - eager).norm() / eager.norm()).item() < 1e-6
+    torch._dynamo.reset()
+
+
+class _Unsafe(nn.Module):
+    """Three shapes the pass must leave alone: the pre-activation output read again (residual), an activated
+    column slice read by a consumer that may not accept strides (an in-place op), a concatenation read twice."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        ya = self.a(x)
+        h = torch.nn.functional.gelu(ya) + ya
+        yb = self.b(h)
+        g = torch.nn.functional.silu(yb[..., 32:])
+        g.mul_(2.0)
+        cat = torch.cat([yb[..., :32], g], dim=-1)
+        return self.c(cat) + cat[..., :64]
+
+
+def test_fusion_pass_leaves_unsafe_graphs_alone():
+    import torch._dynamo
+
+    from fourbit.kernels.fusion import fusion_stats
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 64)
+    model = _quantized_block(_Unsafe(), x, siblings=False)
+    before = fusion_stats()
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        compiled, _ = _compile_with_pass(model)
+        got = compiled(x)
+    assert fusion_stats() == before
+    assert torch.equal(got, eager)
+    torch._dynamo.reset()
+
+
+def test_inductor_options_fuse_under_torch_compile():
+    """The public way: ``torch.compile(..., options=fourbit.nn.inductor_options())`` with inductor (CPU here)."""
+    import torch._dynamo
+
+    from fourbit.kernels.fusion import fusion_stats
+    from fourbit.nn import inductor_options
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 24, 64)
+    block = _quantized_block(_MlpBlock(), x)
+    before = fusion_stats()
+    with torch.no_grad():
+        eager = block(x)
+        torch._dynamo.reset()
+        got = torch.compile(block, options=inductor_options(), fullgraph=True)(x)
+    assert fusion_stats().get("activations", 0) - before.get("activations", 0) == 2
+    assert ((got - eager).norm() / eager.norm()).item() < 1e-5
     torch._dynamo.reset()
 
 

@@ -271,6 +271,18 @@ def _load_smoothed(x_ptr, rsmooth_ptr, row_off, cols, row_mask, K, Kp, HAS_SMOOT
 
 
 @triton.jit
+def _load_blocks(x_ptr, x2_ptr, row_off, row2_off, cols, row_mask, K1, K, TWO: tl.constexpr):
+    """Raw X at ``cols`` (zeros past K). TWO: X is two column blocks, [x_ptr rows, columns < K1 | x2_ptr rows,
+    columns K1..K) (a concatenation that was never written); else one at x_ptr."""
+    if TWO:
+        a = tl.load(x_ptr + row_off + cols, mask=row_mask & (cols < K1), other=0.0)
+        b = tl.load(x2_ptr + row2_off + (cols - K1), mask=row_mask & (cols >= K1) & (cols < K), other=0.0)
+        return tl.where(cols < K1, a, b)
+    else:
+        return tl.load(x_ptr + row_off + cols, mask=row_mask & (cols < K), other=0.0)
+
+
+@triton.jit
 def _smooth(x, rsmooth_ptr, cols, Kp):
     """x * (1 / smooth) (the reference's smoothing: one fp32 multiply by the cached reciprocal)."""
     return x * tl.load(rsmooth_ptr + cols, mask=cols < Kp, other=1.0)
@@ -508,15 +520,16 @@ def _down_dot(x, d_ptr, cols, Kp, acc, RANK: tl.constexpr, XSPLIT: tl.constexpr,
 
 @triton.jit
 def _act_fused_kernel(
-    x_ptr, rsmooth_ptr, d_ptr, plr_ptr, q_ptr, rs_ptr, gs_ptr, lr_ptr, t_ptr,
-    M, K, Kp, stride_xm, stride_qm, stride_gs, SPLIT,
+    x_ptr, x2_ptr, rsmooth_ptr, d_ptr, plr_ptr, q_ptr, rs_ptr, gs_ptr, lr_ptr, t_ptr,
+    M, K1, K, Kp, stride_xm, stride_x2m, stride_qm, stride_gs, SPLIT,
     MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
     MANT_T: tl.constexpr, S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,
     OUTER: tl.constexpr, ROW_PASS: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
     LR_MODE: tl.constexpr, LR_Q: tl.constexpr, XSPLIT: tl.constexpr, UPCAST: tl.constexpr, HW_ROUND: tl.constexpr,
-    FAST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    FAST: tl.constexpr, TWO: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
-    """One program per BM rows (whole rows): X read from memory once.
+    """One program per BM rows (whole rows): X read from memory once. TWO: X is two column blocks
+    (``_load_blocks``; LR_MODE 0 or 2 only).
 
     Row formats: loop 1 over K (row maxima of |X^|, and the down-projection on tensor cores if LR_MODE == 1),
     loop 2 over K (quantize and store; the row block was just read, so this read mostly hits L1/L2). Other
@@ -526,6 +539,7 @@ def _act_fused_kernel(
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
     xrow = rows.to(tl.int64) * stride_xm
+    x2row = rows.to(tl.int64) * stride_x2m
     if LR_MODE == 1:
         acc = tl.full((BM, RANK), 0, tl.float32)
     div = tl.full((BM,), 1.0, tl.float32)
@@ -533,7 +547,7 @@ def _act_fused_kernel(
         amax = tl.full((BM,), 0, tl.float32)
         for k0 in range(0, Kp, BK):
             cols = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + xrow[:, None] + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0)
+            x = _load_blocks(x_ptr, x2_ptr, xrow[:, None], x2row[:, None], cols[None, :], rmask[:, None], K1, K, TWO)
             xs = x.to(tl.float32)
             if HAS_SMOOTH:
                 xs = _smooth(xs, rsmooth_ptr, cols[None, :], Kp)
@@ -549,8 +563,10 @@ def _act_fused_kernel(
     el = tl.arange(0, G)
     for k0 in range(0, Kp, BK):
         cols3 = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
-        xs3 = _load_smoothed(x_ptr, rsmooth_ptr, xrow[:, None, None], cols3, rmask[:, None, None], K, Kp,
-                             HAS_SMOOTH)
+        xs3 = _load_blocks(x_ptr, x2_ptr, xrow[:, None, None], x2row[:, None, None], cols3, rmask[:, None, None],
+                           K1, K, TWO).to(tl.float32)
+        if HAS_SMOOTH:
+            xs3 = _smooth(xs3, rsmooth_ptr, cols3, Kp)
         out = _quant_tile(xs3, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp, MODE, G, NG, QMAX, EMIN,
                           MANT_T, S_DROP, S_MAX, S_SUBQ, S_MINN, OUTER, HW_ROUND, FAST)
         tl.store(q_ptr + rows[:, None, None].to(tl.int64) * stride_qm + cols3, out,
@@ -665,12 +681,37 @@ _SCALE16 = {  # (mantissa bits dropped from fp32, max, subnormal quantum, smalle
 }
 
 
-def _check(x, smooth, lr_down, padded_in):
+def _column_blocks(x) -> tuple[Tensor, Optional[Tensor]]:
+    """``act_quant``'s x: one (M, K) tensor, or a list of column blocks (M, K_i) that X is the concatenation of.
+    Returns (first block, second block or None); three or more blocks are concatenated into one."""
+    if isinstance(x, Tensor):
+        return x, None
+    blocks = list(x)
+    if not blocks or not all(isinstance(b, Tensor) and b.dim() == 2 for b in blocks):
+        raise ValueError("act_quant: x must be a 2-D tensor (M, K) or a non-empty list of 2-D column blocks")
+    first = blocks[0]
+    if any(b.shape[0] != first.shape[0] or b.dtype != first.dtype or b.device != first.device for b in blocks):
+        raise ValueError(f"act_quant: column blocks must share rows, dtype and device, got "
+                         f"{[(tuple(b.shape), b.dtype, str(b.device)) for b in blocks]}")
+    if len(blocks) == 1:
+        return first, None
+    if len(blocks) > 2:
+        return torch.cat(blocks, 1), None
+    return first, blocks[1]
+
+
+def _joined(x: Tensor, tail: Optional[Tensor]) -> Tensor:
+    """X itself, for the paths that read one tensor (the concatenation is written only there)."""
+    return x if tail is None else torch.cat([x, tail], 1)
+
+
+def _check(x, smooth, lr_down, padded_in, k=None):
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"act_quant: x must be a 2-D float tensor (M, K), got {tuple(x.shape)} {x.dtype}")
-    kp = padded_in if padded_in is not None else x.shape[1]
-    if kp < x.shape[1]:
-        raise ValueError(f"act_quant: padded_in={kp} < K={x.shape[1]}")
+    k = x.shape[1] if k is None else k
+    kp = padded_in if padded_in is not None else k
+    if kp < k:
+        raise ValueError(f"act_quant: padded_in={kp} < K={k}")
     if smooth is not None and smooth.shape != (kp,):
         raise ValueError(f"act_quant: smooth must be ({kp},), got {tuple(smooth.shape)}")
     if lr_down is not None and (lr_down.dim() != 2 or lr_down.shape[1] != kp):
@@ -698,13 +739,17 @@ _MM_FP32_OUT = [True]  # this torch has mm(bf16, bf16, out_dtype=float32) on CUD
 
 
 def _down_projection_mm(x: Tensor, down_folded: Tensor, down_cat: Optional[Tensor],
-                        out: Optional[Tensor] = None) -> Optional[Tensor]:
-    """X @ (hi + lo) as one cuBLAS GEMM with fp32 output: (M, Rp) fp32 (into ``out`` if given), or None where
-    torch cannot do that (then the Triton path is used from then on, after one warning)."""
+                        out: Optional[Tensor] = None, tail: Optional[Tensor] = None) -> Optional[Tensor]:
+    """X @ (hi + lo) as one cuBLAS GEMM with fp32 output (two, summed, for X in two column blocks [x | tail]):
+    (M, Rp) fp32 (into ``out`` if given), or None where torch cannot do that (then the Triton path is used from
+    then on, after one warning)."""
     if down_cat is None:
         down_cat = cat_down(down_folded)
+    k1 = x.shape[1]
     try:
-        both = torch.mm(x, down_cat[: x.shape[1]], out_dtype=torch.float32)  # (M, 2 Rp): X @ hi, X @ lo
+        both = torch.mm(x, down_cat[:k1], out_dtype=torch.float32)  # (M, 2 Rp): X @ hi, X @ lo
+        if tail is not None:
+            both += torch.mm(tail, down_cat[k1: k1 + tail.shape[1]], out_dtype=torch.float32)
     except (TypeError, RuntimeError, NotImplementedError) as e:
         import warnings
 
@@ -721,7 +766,7 @@ def cat_down(down_folded: Tensor) -> Tensor:
     return down_folded.permute(1, 0, 2).reshape(down_folded.shape[1], -1).contiguous()
 
 
-def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
+def act_quant(x, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
               padded_in: Optional[int] = None, config: Optional[ActConfig] = None,
               down_folded: Optional[Tensor] = None, smooth_recip: Optional[Tensor] = None,
               down_cat: Optional[Tensor] = None) -> ActOperand:
@@ -729,6 +774,9 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
 
     smooth: (Kp,) fp32 or None; lr_down: (R, Kp) 16-bit or fp32 (R padded to a power of two >= 16 inside);
     padded_in: Kp (zero-padding of K up to the group multiple); x may be any float dtype and row stride.
+    x may also be a list of column blocks [(M, K1), (M, K2)] whose concatenation is X (e.g. an attention output
+    and an MLP activation that a model concatenates): the single pass reads both where it runs (no branch, or
+    the cuBLAS down-projection), other paths concatenate them first.
     Layers pass what they cache: down_folded = ``fold_down(lr_down, smooth)``, smooth_recip = ``smooth_reciprocal(smooth)``;
     computed here when None. The kernels read only these two, so either may be given without its source
     (``smooth`` / ``lr_down`` None).
@@ -741,10 +789,13 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
     from_folded = lr_down is None and down_folded is not None
     if from_folded:
         lr_down = down_folded[0].t()  # (Rp, Kp) view: only its shape is read
-    kp = _check(x, smooth, lr_down, padded_in)
-    check_device(x, smooth, lr_down)
+    x, tail = _column_blocks(x)
+    kp = _check(x, smooth, lr_down, padded_in, x.shape[1] + (0 if tail is None else tail.shape[1]))
+    check_device(x, tail, smooth, lr_down)
     if x.stride(1) != 1:
         x = x.contiguous()
+    if tail is not None and tail.stride(1) != 1:
+        tail = tail.contiguous()
     cfg = config or DEFAULT_CONFIG
     fast = cfg.fast_div
     if smooth is not None and smooth_recip is None:
@@ -762,12 +813,15 @@ def act_quant(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional
                              f"got {tuple(down_folded.shape)} {down_folded.dtype}")
         down_folded = down_folded.contiguous()
     if folded and spec.mode in (P2_INT, P2_E2M1, INT8_ROW) and cfg.split_min_k and kp >= cfg.split_min_k:
-        return _act_quant_split(x, spec, smooth, smooth_recip, kp, cfg, down_folded, fast)
+        return _act_quant_split(_joined(x, tail), spec, smooth, smooth_recip, kp, cfg, down_folded, fast)
     if (folded and spec.outer != 1 and cfg.lr_mm_rows and x.shape[0] >= cfg.lr_mm_rows and x.is_cuda
             and x.dtype == torch.bfloat16 and _MM_FP32_OUT[0]):
-        out = _act_quant_mm(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, fast)
+        out = _act_quant_mm(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, fast, tail)
         if out is not None:
             return out
+    if single and lr_down is None:  # the one path that reads two column blocks itself
+        return _act_quant_single(x, spec, smooth, smooth_recip, None, kp, cfg, None, fast, tail)
+    x = _joined(x, tail)
     if single:
         return _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast)
     return _act_quant_two(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast)
@@ -804,15 +858,16 @@ def _stats(x, smooth, smooth_recip, down, kp, rank, need_amax, cfg, dummy, lr_do
     return split, pmax, plr
 
 
-def _act_quant_mm(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, fast) -> Optional[ActOperand]:
+def _act_quant_mm(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, fast,
+                  tail=None) -> Optional[ActOperand]:
     """The single pass beside the down-projection as one cuBLAS GEMM (concurrent on a side stream up to
-    ``lr_mm_stream_max_k``). None where torch lacks the GEMM."""
+    ``lr_mm_stream_max_k``). None where torch lacks the GEMM. ``tail``: X's second column block."""
     if kp <= cfg.lr_mm_stream_max_k:
-        return _act_quant_mm_concurrent(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, fast)
-    lr = _down_projection_mm(x, down_folded, down_cat)
+        return _act_quant_mm_concurrent(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, fast, tail)
+    lr = _down_projection_mm(x, down_folded, down_cat, tail=tail)
     if lr is None:
         return None
-    out = _act_quant_single(x, spec, smooth, smooth_recip, None, kp, cfg, None, fast)
+    out = _act_quant_single(x, spec, smooth, smooth_recip, None, kp, cfg, None, fast, tail)
     out.lr = lr
     return out
 
@@ -821,7 +876,7 @@ _SIDE_STREAMS: dict = {}
 
 
 def _act_quant_mm_concurrent(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat,
-                             fast) -> Optional[ActOperand]:
+                             fast, tail=None) -> Optional[ActOperand]:
     """The cuBLAS down-projection on a side stream while the single pass runs on the current one (both stream
     X; together they use more of the memory bandwidth than either alone). Every buffer the side stream writes
     is allocated on the current stream before the fork, and the current stream waits for the side one before
@@ -835,8 +890,8 @@ def _act_quant_mm_concurrent(x, spec, smooth, smooth_recip, kp, cfg, down_folded
     lr = torch.empty((x.shape[0], rank), device=dev, dtype=torch.float32)
     side.wait_stream(cur)
     with torch.cuda.stream(side):  # its (M, 2 Rp) temporary is freed there, reused only by later side work
-        ok = _down_projection_mm(x, down_folded, down_cat, out=lr) is not None
-    out = _act_quant_single(x, spec, smooth, smooth_recip, None, kp, cfg, None, fast)
+        ok = _down_projection_mm(x, down_folded, down_cat, out=lr, tail=tail) is not None
+    out = _act_quant_single(x, spec, smooth, smooth_recip, None, kp, cfg, None, fast, tail)
     cur.wait_stream(side)
     if not ok:
         return None
@@ -844,8 +899,12 @@ def _act_quant_mm_concurrent(x, spec, smooth, smooth_recip, kp, cfg, down_folded
     return out
 
 
-def _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast) -> ActOperand:
-    m, k = x.shape
+def _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded, fast, tail=None) -> ActOperand:
+    """The single pass; ``tail`` (no down-projection here then): X's second column block, read in place."""
+    m, k1 = x.shape
+    k = k1 + (0 if tail is None else tail.shape[1])
+    if tail is not None and lr_down is not None:
+        raise ValueError("act_quant: two column blocks with the in-kernel down-projection (concatenate them first)")
     dev = x.device
     rank = 0 if lr_down is None else next_pow2(lr_down.shape[0], 16)
     large = cfg.large_k and kp >= cfg.large_k
@@ -866,14 +925,15 @@ def _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_fold
         lr_mode = 1
         bm = cfg.rows_lr if interpreting() else max(cfg.rows_lr, 16)  # tensor-core dot: >= 16 rows
     _act_fused_kernel[(ceil_div(m, bm),)](
-        x, dummy if smooth is None else smooth_recip,
+        x, x if tail is None else tail, dummy if smooth is None else smooth_recip,
         dummy if down_folded is None else down_folded, dummy if plr is None else plr, q,
         dummy if rs is None else rs, dummy if gs is None else gs, dummy if lr is None else lr, dummy,
-        m, k, kp, x.stride(0), q.stride(0), 0 if gs is None else gs.stride(0), split,
+        m, k1, k, kp, x.stride(0), x.stride(0) if tail is None else tail.stride(0), q.stride(0),
+        0 if gs is None else gs.stride(0), split,
         MODE=spec.mode, G=g, NG=bk // g, QMAX=float(spec.qmax), EMIN=spec.emin, **_scale_consts(spec),
         OUTER=spec.outer, ROW_PASS=spec.row_pass, HAS_SMOOTH=smooth is not None, RANK=rank, LR_MODE=lr_mode,
         LR_Q=lr_mode == 1 and not spec.row_pass, XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(),
-        HW_ROUND=cfg.hw_round and not interpreting(), FAST=fast, BM=bm, BK=bk,
+        HW_ROUND=cfg.hw_round and not interpreting(), FAST=fast, TWO=tail is not None, BM=bm, BK=bk,
         num_warps=cfg.large_warps if large else cfg.warps, num_stages=cfg.stages,
     )
     return ActOperand(q, rs, gs, lr)
@@ -989,6 +1049,7 @@ def act_quant_torch(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Op
     spec = act_spec(fmt)
     if spec is None:
         raise NotImplementedError(f"act_quant: no kernel for activation format {fmt!r}")
+    x = _joined(*_column_blocks(x))
     kp = _check(x, smooth, lr_down, padded_in)
     xs = x.float()
     if kp != x.shape[1]:

@@ -1,7 +1,8 @@
 """The Triton layer path as one ``torch.library`` custom op, so that ``torch.compile`` traces through quantized
 layers instead of breaking its graph at each of them.
 
-    fourbit::quant_linear(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key) -> (M, N)
+    fourbit::quant_linear(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key,
+                          x_tail, act, act_lo, act_hi) -> (M, N)
 
 Dynamo sees one opaque node per layer (its output shape comes from the fake implementation below) and
 inductor compiles and fuses the code around it: norms, modulation, residual adds, activations. The layer's
@@ -11,6 +12,10 @@ that differ only in their tensors, so the blocks of a model share compiled code 
 
 Requirement: the layer's state must exist before tracing (``prepare_kernels(model)``, or one eager call);
 a layer without it falls back to the graph-breaking path and says so once.
+
+The last four arguments are what the graph rewrites of ``fusion.py`` fill in (traced layers pass None, "", 0, 0):
+``x_tail``, a second column block of X (the layer's input was ``cat([x2, x_tail], -1)``, now never written), and
+``act`` on output columns [act_lo, act_hi) (an activation that followed the layer, now in the GEMM's epilogue).
 """
 import warnings  # no ``from __future__ import annotations``: custom_op reads the annotations as types
 from typing import Optional
@@ -45,27 +50,35 @@ def _lookup(key: str) -> tuple:
 @torch.library.custom_op("fourbit::quant_linear", mutates_args=())
 def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Optional[Tensor],
                  down_folded: Optional[Tensor], down_cat: Optional[Tensor], up: Optional[Tensor],
-                 bias: Optional[Tensor], key: str) -> Tensor:
-    """x2 (M, K) -> (M, N). weights: speed mode [operand (N, Kp), col_scale, group_scale, packed, scales,
-    row_scale]; memory mode [packed, scales, row_scale] (expanded here). Few rows of the Hopper-native formats
-    take the GEMV on the packed weight (the last three). key: ``register_layer``'s key + "|speed" or "|memory"."""
+                 bias: Optional[Tensor], key: str, x_tail: Optional[Tensor], act: str, act_lo: int,
+                 act_hi: int) -> Tensor:
+    """x2 (M, K) -> (M, N) (with x_tail: [x2 | x_tail] (M, K1 + K2) -> (M, N)). weights: speed mode [operand
+    (N, Kp), col_scale, group_scale, packed, scales, row_scale]; memory mode [packed, scales, row_scale] (expanded
+    here). Few rows of the Hopper-native formats take the GEMV on the packed weight (the last three). key:
+    ``register_layer``'s key + "|speed" or "|memory". act: "" or an ``activation.CODES`` kind for columns
+    [act_lo, act_hi)."""
     from . import gemv  # imported here: the test suite re-executes kernel modules (interpreter)
+    from .activation import OutputActivation, apply_rounded
     from .linear import gemv_rows, quantized_gemm
     from .weights import WeightOperand, expand_weight
 
     act_format, weight_format, padded_in, _, plan = _lookup(key)
+    out_act = OutputActivation(act, act_lo, act_hi) if act else None
     if plan == "scaled" and gemv_rows(x2) and gemv.gemv_supported(act_format, weight_format):
-        return gemv.gemv(x2, act_format, weight_format, padded_in, weights[-3], weights[-2], weights[-1],
-                         smooth_recip, down_folded, up, bias)
+        x = x2 if x_tail is None else torch.cat([x2, x_tail], 1)
+        return apply_rounded(gemv.gemv(x, act_format, weight_format, padded_in, weights[-3], weights[-2],
+                                       weights[-1], smooth_recip, down_folded, up, bias), out_act)
     if key.endswith("|memory"):
         w = expand_weight(weights[0], weights[1], weights[2], weight_format, padded_in)
     else:
         w = WeightOperand(weights[0], weights[1], weights[2])
-    return quantized_gemm(x2, act_format, padded_in, plan, w, smooth_recip, down_folded, down_cat, up, bias)
+    x = x2 if x_tail is None else [x2, x_tail]
+    return quantized_gemm(x, act_format, padded_in, plan, w, smooth_recip, down_folded, down_cat, up, bias,
+                          act=out_act)
 
 
 @quant_linear.register_fake
-def _(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key):
+def _(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key, x_tail, act, act_lo, act_hi):
     n = _lookup(key)[3]
     return x2.new_empty((x2.shape[0], n))
 
@@ -87,7 +100,7 @@ def compiled_forward(layer, x2: Tensor, memory: bool) -> Tensor:
     packed = [layer.weight_packed, layer.weight_scales, layer.weight_row_scale]
     weights = packed if memory else [st.weight.w, st.weight.col_scale, st.weight.group_scale] + packed
     return torch.ops.fourbit.quant_linear(x2, weights, st.smooth_recip, st.down_folded, st.down_cat, st.up,
-                                          st.bias, st.op_key + ("|memory" if memory else "|speed"))
+                                          st.bias, st.op_key + ("|memory" if memory else "|speed"), None, "", 0, 0)
 
 
 def prepare_kernels(model: torch.nn.Module) -> torch.nn.Module:

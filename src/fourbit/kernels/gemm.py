@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import ceil_div, cdiv, check_device, interpreting, next_pow2, num_sms, tma_aligned
+from .activation import OutputActivation, activate_columns, activation_torch
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -60,10 +61,11 @@ def _mainloop(a_desc, b_desc, off_m, off_n, kt_lo, kt_hi, acc, BK: tl.constexpr,
 
 @triton.jit
 def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
-              M, N, stride_cm, stride_lr, stride_up,
+              M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi,
               A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, TMA_STORE: tl.constexpr):
-    """Scales, low-rank branch, bias; one rounding to the output type; store the (BM, BN) tile."""
+              ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TMA_STORE: tl.constexpr):
+    """Scales, low-rank branch, bias, the output activation on columns [act_lo, act_hi); one rounding to the
+    output type; store the (BM, BN) tile."""
     y = acc.to(tl.float32)
     offs_m = off_m + tl.arange(0, BM)
     offs_n = off_n + tl.arange(0, BN)
@@ -84,6 +86,8 @@ def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr
         y = tl.dot(lr, up.T, y, input_precision="tf32")  # (BM, R) @ (R, BN), fp32 accumulate into y
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if ACT > 0:
+        y = activate_columns(y, offs_n, off_n, act_lo, act_hi, ACT, BN)
     if TMA_STORE:
         c_desc.store([off_m, off_n], y.to(c_desc.dtype))
     else:
@@ -94,11 +98,12 @@ def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr
 @triton.jit
 def _scaled_gemm_kernel(
     a_desc, b_desc, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr, ws_ptr, flag_ptr,
-    M, N, K, stride_cm, stride_lr, stride_up, DP_TILES, SK_ITERS, SK_PER,
+    M, N, K, stride_cm, stride_lr, stride_up, DP_TILES, SK_ITERS, SK_PER, act_lo, act_hi,
     A_SCALE: tl.constexpr,  # 0: none, 1: one scalar, 2: one per row of A
     B_SCALE: tl.constexpr,  # 0: none, 1: one scalar, 2: one per row of B (= column of y)
     RANK: tl.constexpr,  # padded rank of the low-rank branch; 0 = no branch
     HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,  # output activation (``activation.CODES``) on columns [act_lo, act_hi); 0 = none
     ACC_INT: tl.constexpr,  # int8 operands: int32 accumulator
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGS: tl.constexpr, MAX_IMPRECISE: tl.constexpr, FLATTEN: tl.constexpr,
@@ -124,7 +129,8 @@ def _scaled_gemm_kernel(
         acc = _mainloop(a_desc, b_desc, pid_m * BM, pid_n * BN, 0, k_tiles, acc, BK, ACC_INT, MAX_IMPRECISE,
                         UPCAST)
         _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
-                  M, N, stride_cm, stride_lr, stride_up, A_SCALE, B_SCALE, RANK, HAS_BIAS, BM, BN, TMA_STORE)
+                  M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, A_SCALE, B_SCALE, RANK, HAS_BIAS, ACT,
+                  BM, BN, TMA_STORE)
     if STREAM_K:
         start = pid * SK_PER
         it = tl.minimum(start + SK_PER, SK_ITERS)
@@ -143,8 +149,8 @@ def _scaled_gemm_kernel(
                         pass
                     acc += tl.load(ws_ptr + q * (BM * BN) + offs_tile, cache_modifier=".cg")
                 _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr,
-                          bias_ptr, M, N, stride_cm, stride_lr, stride_up, A_SCALE, B_SCALE, RANK, HAS_BIAS, BM, BN,
-                          TMA_STORE)
+                          bias_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, A_SCALE, B_SCALE, RANK,
+                          HAS_BIAS, ACT, BM, BN, TMA_STORE)
             else:  # the head of a tile owned by a later program (only ever this program's last segment)
                 tl.store(ws_ptr + pid * (BM * BN) + offs_tile, acc)
                 tl.debug_barrier()  # every thread's part of the slot is written before the flag goes up
@@ -290,15 +296,18 @@ def _stream_k_split(tiles: int, progs: int, k_tiles: int, cfg: "GemmConfig", a: 
 
 def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale: Optional[Tensor] = None,
                 lr: Optional[Tensor] = None, up: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                out_dtype: torch.dtype = torch.bfloat16, config: Optional[GemmConfig] = None) -> Tensor:
-    """y = (a @ b^T) * a_scale[:, None] * b_scale[None, :] + lr @ up^T + bias, (M, N) in ``out_dtype``.
+                out_dtype: torch.dtype = torch.bfloat16, config: Optional[GemmConfig] = None,
+                act: Optional[OutputActivation] = None) -> Tensor:
+    """y = act((a @ b^T) * a_scale[:, None] * b_scale[None, :] + lr @ up^T + bias), (M, N) in ``out_dtype``.
 
     a (M, K), b (N, K): both float8_e4m3fn, int8, bf16 or fp16; rows contiguous with a 16-byte-aligned stride
     (else they are copied).
     a_scale: fp32 (M,) or (1,); b_scale: fp32 (N,) or (1,); lr (M, R) and up (N, R): the low-rank branch
-    (fp32 inside; R is padded to a power of two >= 16); bias (N,).
+    (fp32 inside; R is padded to a power of two >= 16); bias (N,); act: an activation on a range of output columns,
+    applied in fp32 before the rounding (``activation.py``).
     """
     m, n, k = _check(a, b, a_scale, b_scale, lr, up, bias)
+    act_lo, act_hi = (0, 0) if act is None else act.bounds(n)
     check_device(a, b, a_scale, b_scale, lr, up, bias)
     if TensorDescriptor is None:
         raise RuntimeError("scaled_gemm needs Triton >= 3.4 (tensor descriptors)")
@@ -325,9 +334,10 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
         dummy if lr is None else lr, dummy if up is None else up,
         dummy if bias is None else bias, dummy if ws is None else ws, dummy if flags is None else flags,
         m, n, k, c.stride(0), 0 if lr is None else lr.stride(0), 0 if up is None else up.stride(0),
-        dp_tiles, sk_iters, sk_per,
+        dp_tiles, sk_iters, sk_per, act_lo, act_hi,
         A_SCALE=_scale_mode(a_scale, m, "a_scale"), B_SCALE=_scale_mode(b_scale, n, "b_scale"),
-        RANK=rank, HAS_BIAS=bias is not None, ACC_INT=a.dtype == torch.int8,
+        RANK=rank, HAS_BIAS=bias is not None, ACT=0 if act_hi <= act_lo else act.code,
+        ACC_INT=a.dtype == torch.int8,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, NUM_PROGS=progs,
         MAX_IMPRECISE=cfg.BK if (cfg.precise and is_fp8 and not interpreting()) else None,
         FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, TMA_STORE=tma_store,
@@ -338,7 +348,8 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
 
 def scaled_gemm_torch(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale: Optional[Tensor] = None,
                       lr: Optional[Tensor] = None, up: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                      out_dtype: torch.dtype = torch.bfloat16, config: Optional[GemmConfig] = None) -> Tensor:
+                      out_dtype: torch.dtype = torch.bfloat16, config: Optional[GemmConfig] = None,
+                      act: Optional[OutputActivation] = None) -> Tensor:
     """Plain-torch twin of ``scaled_gemm`` (fp32 math; int8 sums exact)."""
     _check(a, b, a_scale, b_scale, lr, up, bias)
     if a.dtype == torch.int8:  # exact integer sums in float64 (|sum| < 2^53), then fp32
@@ -353,4 +364,4 @@ def scaled_gemm_torch(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_
         y = y + lr.float() @ up.float().t()
     if bias is not None:
         y = y + bias.float()
-    return y.to(out_dtype)
+    return activation_torch(y, act).to(out_dtype)

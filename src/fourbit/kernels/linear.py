@@ -36,6 +36,7 @@ from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act
 from .gemm import GemmConfig, scaled_gemm
 from .gemm_grouped import grouped_gemm
 from . import gemv as _gemv
+from .activation import OutputActivation, apply_rounded
 from .weights import WeightOperand, expand_weight, weight_kind
 
 _CACHE_KEY = "fourbit.kernels.linear"
@@ -190,19 +191,23 @@ def gemv_rows(x2: Tensor) -> bool:
     return 0 < x2.shape[0] <= _gemv.DEFAULT_GEMV.max_m
 
 
-def quantized_gemm(x2: Tensor, act_format, padded_in: int, plan: str, w: WeightOperand,
+def quantized_gemm(x2, act_format, padded_in: int, plan: str, w: WeightOperand,
                    smooth_recip: Optional[Tensor], down_folded: Optional[Tensor], down_cat: Optional[Tensor],
-                   up: Optional[Tensor], bias: Optional[Tensor], gemm_config: Optional[GemmConfig] = None) -> Tensor:
+                   up: Optional[Tensor], bias: Optional[Tensor], gemm_config: Optional[GemmConfig] = None,
+                   act: Optional[OutputActivation] = None) -> Tensor:
     """act_quant + GEMM for the 'scaled' / 'grouped' plans: (M, K) -> (M, N) in x2's dtype. ``down_folded``,
     ``down_cat`` and ``up`` (all or none): the low-rank branch, fused (down-projection in act_quant, up in the
-    GEMM's epilogue)."""
+    GEMM's epilogue). x2 may be a list of column blocks (``act_quant``); ``act``: an activation on a range of
+    output columns (in the epilogue on the 'scaled' plan, after the rounding on the 'grouped' one)."""
+    dtype = x2.dtype if isinstance(x2, Tensor) else x2[0].dtype
     a = act_quant(x2, act_format, padded_in=padded_in, down_folded=down_folded, smooth_recip=smooth_recip,
                   down_cat=down_cat)
     lr = a.lr if down_folded is not None else None
     if plan == "grouped":
-        return grouped_gemm(a.q, w.w, a.group_scale, w.group_scale, act_format.group_size, lr, up, bias,
-                            out_dtype=x2.dtype, config=gemm_config)
-    return scaled_gemm(a.q, w.w, a.row_scale, w.col_scale, lr, up, bias, out_dtype=x2.dtype, config=gemm_config)
+        return apply_rounded(grouped_gemm(a.q, w.w, a.group_scale, w.group_scale, act_format.group_size, lr, up,
+                                          bias, out_dtype=dtype, config=gemm_config), act)
+    return scaled_gemm(a.q, w.w, a.row_scale, w.col_scale, lr, up, bias, out_dtype=dtype, config=gemm_config,
+                       act=act)
 
 
 # torch.compile: layers on the 'scaled' / 'grouped' plans run as one custom op (``compiled.py``), so dynamo traces

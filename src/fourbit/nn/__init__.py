@@ -37,6 +37,16 @@ def prepare_kernels(model: nn.Module) -> nn.Module:
     return prepare(model)
 
 
+def inductor_options() -> dict:
+    """Options for ``torch.compile(..., options=fourbit.nn.inductor_options())`` (or ``module.compile(...)``) that
+    fuse the code around quantized layers into their kernels: an activation after a layer goes into its GEMM's
+    epilogue, and a concatenation that only feeds a layer is read in place (``fourbit/kernels/fusion.py``).
+    Use with the Triton kernels after ``prepare_kernels``; without them the options change nothing."""
+    from ..kernels.fusion import inductor_options as options
+
+    return options()
+
+
 @contextmanager
 def activation_format(model: nn.Module, fmt):
     """Temporarily quantize every quantized layer's activations with ``fmt`` (a Format or None = 16-bit).
@@ -54,5 +64,5 @@ def activation_format(model: nn.Module, fmt):
 
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantizedLinearState", "build_empty", "conv_rows",
-           "quantized_layers", "set_kernel", "prepare_kernels", "activation_format", "SiblingGroup", "SiblingOutput", "find_siblings",
+           "quantized_layers", "set_kernel", "prepare_kernels", "inductor_options", "activation_format", "SiblingGroup", "SiblingOutput", "find_siblings",
            "fuse_siblings"]

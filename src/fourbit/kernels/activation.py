@@ -1,0 +1,99 @@
+"""Activations applied to a range of a layer's output columns in the GEMM epilogue.
+
+    y[:, lo:hi] = act(y[:, lo:hi])        act: "gelu_tanh" | "gelu" | "silu"
+
+Fusing the activation that follows a linear layer (FLUX's MLP GELU, also when the MLP input projection is fused
+with Q/K/V as one sibling group, hence a column range) saves a read and a write of the layer's output. The kernel
+applies it to the fp32 epilogue value before the one rounding to the output type; the unfused graph rounds the
+linear's output first, then the activation's. The two differ by at most about one rounding of the output type.
+
+``OutputActivation`` describes it, ``activation_torch`` is the plain-torch twin of the epilogue step (fp32), and
+``apply_rounded`` is what paths without the fused epilogue run (the unfused semantics, in place on the output).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+#: kind -> the epilogue's constexpr code (0: none)
+CODES = {"gelu_tanh": 1, "gelu": 2, "silu": 3}
+
+
+@dataclass(frozen=True)
+class OutputActivation:
+    """``kind`` applied to output columns [lo, hi) (hi None: to the last column)."""
+
+    kind: str
+    lo: int = 0
+    hi: Optional[int] = None
+
+    def __post_init__(self):
+        if self.kind not in CODES:
+            raise ValueError(f"output activation {self.kind!r} is not one of {sorted(CODES)}")
+        if self.lo < 0 or (self.hi is not None and self.hi < self.lo):
+            raise ValueError(f"output activation columns [{self.lo}, {self.hi}) are not a range")
+
+    @property
+    def code(self) -> int:
+        return CODES[self.kind]
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """[lo, hi) clipped to n output columns."""
+        hi = n if self.hi is None else min(self.hi, n)
+        return min(self.lo, hi), hi
+
+
+def _torch_fn(kind: str, y: Tensor) -> Tensor:
+    if kind == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if kind == "gelu":
+        return F.gelu(y)
+    return F.silu(y)
+
+
+def activation_torch(y: Tensor, act: Optional[OutputActivation]) -> Tensor:
+    """The epilogue step in plain torch: ``act`` on y's columns [lo, hi) (a new tensor; y's dtype)."""
+    if act is None:
+        return y
+    lo, hi = act.bounds(y.shape[-1])
+    out = y.clone()
+    out[..., lo:hi] = _torch_fn(act.kind, y[..., lo:hi])
+    return out
+
+
+def apply_rounded(y: Tensor, act: Optional[OutputActivation]) -> Tensor:
+    """The unfused semantics, for paths without the epilogue: ``act`` on the already rounded output's columns,
+    in place (what the model's own activation would have done to them)."""
+    if act is not None:
+        lo, hi = act.bounds(y.shape[-1])
+        if hi > lo:
+            y[..., lo:hi] = _torch_fn(act.kind, y[..., lo:hi])
+    return y
+
+
+@triton.jit
+def activate(y, CODE: tl.constexpr):
+    """fp32 y -> act(y). gelu_tanh as y * sigmoid(2u), u = sqrt(2/pi) (y + 0.044715 y^3) (= 0.5 y (1 + tanh u),
+    without tanh's cancellation for negative y)."""
+    if CODE == 1:
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        return y / (1.0 + tl.exp(-2.0 * u))
+    elif CODE == 2:
+        return 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+    else:
+        return y / (1.0 + tl.exp(-y))
+
+
+@triton.jit
+def activate_columns(y, offs_n, off_n, lo, hi, CODE: tl.constexpr, BN: tl.constexpr):
+    """A (BM, BN) epilogue tile starting at column off_n with ``activate`` on its columns in [lo, hi)."""
+    if (off_n + BN > lo) & (off_n < hi):
+        inside = (offs_n >= lo) & (offs_n < hi)
+        y = tl.where(inside[None, :], activate(y, CODE), y)
+    return y

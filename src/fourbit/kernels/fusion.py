@@ -1,0 +1,257 @@
+"""Graph rewrites that move the code around quantized layers into their kernels, under ``torch.compile``.
+
+Compile blocks with ``options=fourbit.nn.inductor_options()`` (``prepare_kernels(model)`` first). Inductor then
+runs ``FuseAroundQuantLinear`` on each graph dynamo captures, before its own lowering. On the graph's
+``fourbit::quant_linear`` nodes (``compiled.py``) it makes two rewrites, for any model (no per-architecture code):
+
+1. **Output activation into the GEMM epilogue**: ``gelu(y)``, ``gelu(y, approximate="tanh")`` or ``silu(y)`` where
+   y is the layer's output, or a column slice of it that no other consumer reads (a sibling group's MLP columns),
+   becomes the op's ``act`` on those columns. Saves a read and a write of those columns (and the activation is
+   applied in fp32 before the output's one rounding).
+2. **Concatenated input read in place**: a layer whose input is ``cat([a, b], dim=-1)`` (used by nothing else)
+   takes a and b as two column blocks (``x2``, ``x_tail``): ``act_quant`` reads both (``act_quant.py``) and the
+   concatenation is never written. FLUX's single blocks concatenate the attention output and the MLP activation
+   before ``proj_out``.
+
+Each rewrite checks that it is safe (the values it removes have no other readers; a strided column slice only
+flows into consumers that accept any strides) and otherwise leaves the graph alone. ``fusion_stats()`` counts
+what was rewritten.
+"""
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+try:  # the interface inductor's caches read (uuid); torch >= 2.6
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+except ImportError:  # pragma: no cover - older torch: a plain callable (no FX-graph cache for it)
+    CustomGraphPass, get_hash_for_files = object, None
+
+_STATS: Counter = Counter()
+
+# quant_linear's positional arguments (``compiled.quant_linear``)
+_X, _KEY, _TAIL, _ACT, _ACT_LO, _ACT_HI = 0, 7, 8, 9, 10, 11
+_N_ARGS = 12
+
+
+def fusion_stats() -> dict:
+    """How many activations and concatenations were fused so far in this process (for logs and tests)."""
+    return dict(_STATS)
+
+
+def _is_quant_linear(n: fx.Node) -> bool:
+    if n.op != "call_function":
+        return False
+    ops = getattr(torch.ops, "fourbit", None)
+    op = getattr(ops, "quant_linear", None) if ops is not None else None
+    return op is not None and n.target in (op, op.default) and len(n.args) == _N_ARGS and not n.kwargs
+
+
+def _val(n) -> Optional[torch.Tensor]:
+    v = n.meta.get("example_value") if isinstance(n, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _activation_kind(n: fx.Node) -> Optional[str]:
+    """The output-activation kind of an activation call on its first argument, or None."""
+    if n.op != "call_function" or not n.args:
+        return None
+    gelus = (torch._C._nn.gelu, torch.nn.functional.gelu, torch.ops.aten.gelu.default)
+    silus = (torch.nn.functional.silu, torch.ops.aten.silu.default)
+    if n.target in gelus:
+        extra = set(n.kwargs) - {"approximate"}
+        approx = n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none")
+        if extra or len(n.args) > 2 or approx not in ("none", "tanh"):
+            return None
+        return "gelu_tanh" if approx == "tanh" else "gelu"
+    if n.target in silus:
+        if len(n.args) > 1 or n.kwargs.get("inplace", False):
+            return None
+        return "silu"
+    return None
+
+
+_RESHAPES = {"reshape", "view", "flatten", "unflatten"}
+
+
+def _row_reshape_of(n: fx.Node) -> Optional[fx.Node]:
+    """If n only reshapes the rows of its source (the last dimension kept), that source."""
+    src = None
+    if n.op == "call_method" and n.target in _RESHAPES:
+        src = n.args[0]
+    elif n.op == "call_function" and n.target in (torch.reshape, torch.flatten):
+        src = n.args[0]
+    if not isinstance(src, fx.Node):
+        return None
+    a, b = _val(src), _val(n)
+    if a is None or b is None or a.dim() < 1 or b.dim() < 1 or a.shape[-1] != b.shape[-1]:
+        return None
+    return src
+
+
+def _column_range(n: fx.Node, width: int) -> Optional[tuple[int, int]]:
+    """The columns [lo, hi) that ``n`` = ``src[..., lo:hi]`` takes from its source's last dimension."""
+    if n.op != "call_function" or n.target is not operator.getitem or len(n.args) != 2:
+        return None
+    src, idx = n.args
+    v = _val(src)
+    if v is None:
+        return None
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if len(idx) == 2 and idx[0] is Ellipsis:
+        sl = idx[1]
+    elif len(idx) == v.dim() and all(isinstance(s, slice) and s == slice(None) for s in idx[:-1]):
+        sl = idx[-1]
+    else:
+        return None
+    if not isinstance(sl, slice) or sl.step not in (None, 1):
+        return None
+    if not all(b is None or isinstance(b, int) for b in (sl.start, sl.stop)):
+        return None
+    lo, hi, _ = sl.indices(width)
+    return lo, max(lo, hi)
+
+
+def _readers(op: fx.Node) -> Optional[list[tuple[fx.Node, int, int, bool]]]:
+    """Every consumer of the op's output (through row reshapes) as (node, lo, hi, sliced): the columns [lo, hi)
+    it reads, and whether it is a column slice ``[..., lo:hi]``; None without shape information."""
+    n_out = _val(op)
+    if n_out is None:
+        return None
+    width = n_out.shape[-1]
+    out = []
+    frontier = [op]
+    while frontier:
+        src = frontier.pop()
+        for u in src.users:
+            if _row_reshape_of(u) is src:
+                frontier.append(u)
+                continue
+            rng = _column_range(u, width)
+            out.append((u, 0, width, False) if rng is None else (u, *rng, True))
+    return out
+
+
+_STRIDE_SAFE_METHODS = {"reshape", "contiguous", "flatten"}
+
+
+def _accepts_strided(n: fx.Node) -> bool:
+    """Whether consumer n reads a strided column slice as it would the contiguous tensor it got before."""
+    if n.op == "call_function":
+        return n.target in (torch.cat, torch.reshape, torch.flatten) or _is_quant_linear(n)
+    return n.op == "call_method" and n.target in _STRIDE_SAFE_METHODS
+
+
+def _activation_reader(reader: fx.Node, sliced: bool) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(activation node, its input) if this reader of an op's output is an activation of it, or a column slice
+    read only by an activation."""
+    if not sliced and _activation_kind(reader):
+        return reader, reader.args[0]
+    if sliced and len(reader.users) == 1:
+        act = next(iter(reader.users))
+        if _activation_kind(act) and act.args[0] is reader:
+            return act, reader
+    return None
+
+
+def fuse_activations(graph: fx.Graph) -> int:
+    """Rewrite 1 (module docstring). Returns how many activations moved into epilogues."""
+    done = 0
+    for op in [n for n in graph.nodes if _is_quant_linear(n)]:
+        readers = _readers(op)
+        if op.args[_ACT] or readers is None:
+            continue
+        width = _val(op).shape[-1]
+        for reader, lo, hi, sliced in readers:
+            found = _activation_reader(reader, sliced)
+            if found is None or hi <= lo:
+                continue
+            act, src = found
+            if any(r is not reader and lo2 < hi and lo < hi2 for r, lo2, hi2, _ in readers):
+                continue  # another consumer reads these columns without the activation
+            v_act, v_src = _val(act), _val(src)
+            if v_act is None or v_src is None or v_act.dtype != v_src.dtype:
+                continue
+            strided = sliced and (lo, hi) != (0, width)
+            if strided and not all(_accepts_strided(u) for u in act.users):
+                continue
+            args = list(op.args)
+            args[_ACT], args[_ACT_LO], args[_ACT_HI] = _activation_kind(act), lo, hi
+            op.args = tuple(args)
+            act.replace_all_uses_with(src)
+            graph.erase_node(act)
+            done += 1
+            break  # one activation range per op
+    _STATS["activations"] += done
+    return done
+
+
+def _cat_parts(n: fx.Node) -> Optional[list[fx.Node]]:
+    """The inputs of ``torch.cat([...], dim=-1)`` (last dimension), else None."""
+    if n.op != "call_function" or n.target is not torch.cat or not n.args:
+        return None
+    parts = n.args[0]
+    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+    v = _val(n)
+    if not isinstance(parts, (list, tuple)) or v is None or not isinstance(dim, int):
+        return None
+    if dim not in (-1, v.dim() - 1) or not all(isinstance(p, fx.Node) and _val(p) is not None for p in parts):
+        return None
+    return list(parts)
+
+
+def fuse_concatenations(graph: fx.Graph) -> int:
+    """Rewrite 2 (module docstring). Returns how many concatenations are no longer written."""
+    done = 0
+    for op in [n for n in graph.nodes if _is_quant_linear(n)]:
+        x2 = op.args[_X]
+        if op.args[_TAIL] is not None or not isinstance(x2, fx.Node) or len(x2.users) != 1:
+            continue
+        cat = x2 if _cat_parts(x2) is not None else _row_reshape_of(x2)  # cat(...) or cat(...).reshape(M, K)
+        if cat is None or len(cat.users) != 1:
+            continue
+        parts = _cat_parts(cat)
+        if parts is None or len(parts) != 2:
+            continue
+        vals = [_val(p) for p in parts]
+        if any(v.dtype != vals[0].dtype or v.shape[:-1] != vals[0].shape[:-1] for v in vals):
+            continue
+        blocks = []
+        with graph.inserting_before(op):
+            for p, v in zip(parts, vals):
+                b = graph.call_method("reshape", (p, -1, v.shape[-1]))  # (..., K_i) -> (M, K_i)
+                try:
+                    b.meta["example_value"] = v.reshape(-1, v.shape[-1])
+                except Exception:  # noqa: BLE001 - the meta is a convenience for later passes
+                    pass
+                blocks.append(b)
+        args = list(op.args)
+        args[_X], args[_TAIL] = blocks
+        op.args = tuple(args)
+        if x2 is not cat:
+            graph.erase_node(x2)
+        graph.erase_node(cat)
+        done += 1
+    _STATS["concatenations"] += done
+    return done
+
+
+class FuseAroundQuantLinear(CustomGraphPass):
+    """The inductor pre-grad pass: ``fuse_activations`` then ``fuse_concatenations``."""
+
+    def __call__(self, graph: fx.Graph) -> None:
+        fuse_activations(graph)
+        fuse_concatenations(graph)
+        graph.lint()
+
+    def uuid(self):
+        return get_hash_for_files((__file__,)) if get_hash_for_files is not None else None
+
+
+def inductor_options() -> dict:
+    """``torch.compile(..., options=fourbit.nn.inductor_options())``: inductor settings that install the pass."""
+    return {"pre_grad_custom_pass": FuseAroundQuantLinear()}

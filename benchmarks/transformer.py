@@ -135,11 +135,11 @@ def time_step_graph(model, inputs, steps=5):
         torch.cuda.empty_cache()
 
 
-def compile_blocks(model, on=True):
+def compile_blocks(model, on=True, options=None):
     """Regional torch.compile (inductor, default mode) of every transformer block, or undo it. The blocks of a
     kind share one compiled graph; fourbit's quantized layers are custom ops in it (``prepare_kernels``; formats
     without a Triton path break the graph), and inductor fuses the code around them: norms, modulation, GELU,
-    RoPE, gates, residuals."""
+    RoPE, gates, residuals. ``options``: inductor options (``fourbit.nn.inductor_options()``: the fusion pass)."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -150,18 +150,18 @@ def compile_blocks(model, on=True):
     for blocks in (model.transformer_blocks, model.single_transformer_blocks):
         for blk in blocks:
             if on:
-                blk.compile()
+                blk.compile(options=options) if options else blk.compile()
             else:
                 blk._compiled_call_impl = None
 
 
-def timed_compile(model, inputs, device):
+def timed_compile(model, inputs, device, options=None):
     """Compile the blocks and run one step (compilation happens here); returns the seconds it took."""
     from fourbit.nn import prepare_kernels
 
     t0 = time.perf_counter()
     prepare_kernels(model)  # quantized layers become custom ops in the graphs (no graph breaks)
-    compile_blocks(model, True)
+    compile_blocks(model, True, options)
     with torch.inference_mode():
         model(**inputs)
     if device == "cuda":
@@ -180,8 +180,9 @@ _CATEGORIES = [  # (category, regex over CUDA kernel names), first match wins
 
 
 @torch.inference_mode()
-def profile_step(model, inputs):
-    """CUDA time of one step by kernel category (ms), from torch.profiler."""
+def profile_step(model, inputs, top=None):
+    """CUDA time of one step by kernel category (ms), from torch.profiler. ``top``: a list that receives the
+    20 kernels with the most CUDA time, as (name, ms, calls)."""
     import re
 
     from torch.profiler import ProfilerActivity, profile
@@ -192,14 +193,18 @@ def profile_step(model, inputs):
         model(**inputs)
         torch.cuda.synchronize()
     out = {c: 0.0 for c, _ in _CATEGORIES}
+    kernels = []
     for ev in prof.key_averages():
         us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
         if not us or ev.key.startswith(("ProfilerStep", "cudaDeviceSynchronize")):
             continue
+        kernels.append((ev.key[:90], round(us / 1e3, 3), ev.count))
         for cat, rx in _CATEGORIES:
             if re.search(rx, ev.key, re.I):
                 out[cat] += us / 1e3
                 break
+    if top is not None:
+        top.extend(sorted(kernels, key=lambda t: -t[1])[:20])
     return out
 
 
@@ -218,17 +223,28 @@ def add_synthetic_branch(model, rank, seed=0):
         layer._cache = {}
 
 
-def compiled(model, inputs, args, device, log, name):
-    """Step times with the blocks compiled (then uncompiled again): eager, CUDA graph, optional profile."""
+def compiled(model, inputs, args, device, log, name, options=None):
+    """Step times with the blocks compiled (then uncompiled again): eager, CUDA graph, optional profile (with the
+    top kernels). ``options``: inductor options."""
+    from fourbit.kernels.fusion import fusion_stats
+
     try:
-        secs = timed_compile(model, inputs, device)
+        before = fusion_stats()
+        secs = timed_compile(model, inputs, device, options)
         ms, _, _ = time_step(model, inputs, steps=args.steps, device=device)
         graph_ms = None if device != "cuda" else time_step_graph(model, inputs, steps=args.steps)
         out = dict(compile_seconds=secs, compiled_step_ms=ms, compiled_graph_step_ms=graph_ms)
+        if options:
+            after = fusion_stats()
+            out["fused_in_graphs"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+            log(f"{name}: fusion pass rewrites in the compiled graphs: {out['fused_in_graphs']}")
         if args.profile and device == "cuda":
-            out["compiled_profile_ms"] = profile_step(model, inputs)
+            top = []
+            out["compiled_profile_ms"] = profile_step(model, inputs, top)
+            out["compiled_top_kernels"] = top
             log(f"{name} compiled profile (ms): "
                 f"{json.dumps({k: round(v, 2) for k, v in out['compiled_profile_ms'].items()})}")
+            log(f"{name} compiled, top kernels (name, ms, calls): " + "; ".join(f"{k} {v} {c}" for k, v, c in top))
         log(f"{name} compiled (blocks, inductor; compile+first step {secs:.0f}s): {ms:.1f} ms/step eager, "
             f"{graph_ms} ms/step CUDA graph")
     except Exception as e:  # torch.compile failing must not lose the other numbers
@@ -256,6 +272,9 @@ def main(argv=None):
     p.add_argument("--fuse-siblings", action="store_true",
                    help="fuse linears that read the same input (Q/K/V, single-block proj_mlp) into one layer "
                         "before quantizing (fourbit.fuse_siblings); bf16 is also timed fused, as the fair baseline")
+    p.add_argument("--no-fusion", action="store_true", help="with --compile: do not also time the W4A4 models "
+                   "compiled with fourbit.nn.inductor_options() (GELU into the GEMM epilogue, concatenations read "
+                   "in place)")
     p.add_argument("--blocks", default=None, help="D,S: only D double and S single blocks (a quick check; "
                    "results go to transformer-<D>x<S>.*)")
     args = p.parse_args(argv)
@@ -328,6 +347,10 @@ def main(argv=None):
             log(f"{mode} profile (ms): {json.dumps({k: round(v, 2) for k, v in prof.items()})}")
         base_graph = res["bf16"]["graph_step_ms"]
         comp = compiled(model, inputs, args, device, log, mode) if args.compile else {}
+        if args.compile and not args.no_fusion and not tiny:
+            from fourbit.nn import inductor_options
+
+            res[f"{mode}_fusion"] = compiled(model, inputs, args, device, log, f"{mode} + fusion", inductor_options())
         res[mode] = dict(**comp, kernel=kernel, step_ms=ms, graph_step_ms=graph_ms, peak_bytes=peak, bytes=q_bytes + cache,
                          cached_operand_bytes=cache, speedup=res["bf16"]["step_ms"] / ms,
                          graph_speedup=None if not (graph_ms and base_graph) else base_graph / graph_ms,
@@ -361,7 +384,8 @@ def main(argv=None):
     if args.compile:
         b = res["bf16"]
         crow = []
-        for name in ["bf16"] + (["bf16_fused"] if "bf16_fused" in res else []) + [mode for mode, _ in modes]:
+        names = [mode for mode, _ in modes] + [f"{mode}_fusion" for mode, _ in modes if f"{mode}_fusion" in res]
+        for name in ["bf16"] + (["bf16_fused"] if "bf16_fused" in res else []) + names:
             r = res[name]
             cg = r.get("compiled_graph_step_ms")
             crow.append([name, f(r.get("graph_step_ms")), f(cg), f(r.get("compiled_step_ms")),
@@ -378,7 +402,7 @@ def main(argv=None):
         prow += [[mode] + [f"{res[mode]['profile_ms'][c]:.1f}" for c in cats] for mode, _ in modes]
         md += "\nCUDA time of one eager step by kernel kind (ms, torch.profiler):\n\n" + md_table(["model"] + cats, prow)
         cprow = [[name] + [f"{res[name]['compiled_profile_ms'][c]:.1f}" for c in cats]
-                 for name in ["bf16", "bf16_fused"] + [mode for mode, _ in modes]
+                 for name in ["bf16", "bf16_fused"] + [m for mode, _ in modes for m in (mode, f"{mode}_fusion")]
                  if name in res and res[name].get("compiled_profile_ms")]
         if cprow:
             md += "\nSame, blocks compiled:\n\n" + md_table(["model"] + cats, cprow)

@@ -18,7 +18,7 @@ for stage in $STAGES; do
            echo "gpu tests rc $?"; tail -2 "$OUT/gpu_tests.log" ;;
     linear) timeout 300 python benchmarks/linear.py --out "$OUT" > "$OUT/linear.log" 2>&1
             echo "linear rc $?"; grep -A6 "## Acceptance" "$OUT"/linear.*.md; grep -A3 diagnosis "$OUT/linear.log" ;;
-    transformer) timeout 280 python benchmarks/transformer.py --compile --fuse-siblings --profile --out "$OUT" \
+    transformer) timeout 520 python benchmarks/transformer.py --compile --fuse-siblings --profile --out "$OUT" \
                    > "$OUT/transformer.log" 2>&1
                  echo "transformer rc $?"; tail -22 "$OUT/transformer.log" ;;
     *) echo "unknown stage $stage (known: tests linear transformer)"; exit 2 ;;

@@ -736,6 +736,18 @@ def test_fusion_pass_leaves_unsafe_graphs_alone():
     torch._dynamo.reset()
 
 
+def _no_compile_caches():
+    import contextlib
+
+    import torch._functorch.config
+    import torch._inductor.config
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False, compile_threads=1))
+    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+    return stack
+
+
 def test_inductor_options_fuse_under_torch_compile():
     """The public way: ``torch.compile(..., options=fourbit.nn.inductor_options())`` with inductor (CPU here)."""
     import torch._dynamo
@@ -747,7 +759,7 @@ def test_inductor_options_fuse_under_torch_compile():
     x = torch.randn(2, 24, 64)
     block = _quantized_block(_MlpBlock(), x)
     before = fusion_stats()
-    with torch.no_grad():
+    with torch.no_grad(), _no_compile_caches():  # a cached compile would not run the pass (nothing to count)
         eager = block(x)
         torch._dynamo.reset()
         got = torch.compile(block, options=inductor_options(), fullgraph=True)(x)

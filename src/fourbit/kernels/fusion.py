@@ -39,7 +39,8 @@ _N_ARGS = 12
 
 
 def fusion_stats() -> dict:
-    """How many activations and concatenations were fused so far in this process (for logs and tests)."""
+    """How many activations and concatenations this process's compiles fused (for logs and tests). A compile that
+    inductor serves from its caches runs no pass, so it adds nothing here (the cached code has the fusions)."""
     return dict(_STATS)
 
 

@@ -627,6 +627,40 @@ def test_loaded_checkpoint_with_siblings_compiles_without_graph_breaks(tmp_path)
     torch._dynamo.reset()
 
 
+def test_prepare_kernels_skips_operands_of_single_row_layers():
+    """With a forward loop, a layer only ever called with one row (a modulation linear) keeps no speed-mode
+    operand; the compiled model has no graph break and eager's result (its GEMV reads the packed weight)."""
+    import torch._dynamo
+
+    from fourbit.kernels.linear import _CACHE_KEY
+    from fourbit.nn import prepare_kernels
+
+    class Modulated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mod, self.lin = nn.Linear(64, 128), nn.Linear(64, 64)
+
+        def forward(self, x, t):  # x (B, S, 64), t (1, 64): one row
+            shift, scale = self.mod(t).chunk(2, dim=-1)
+            return self.lin(x * (1 + scale) + shift)
+
+    torch.manual_seed(0)
+    model, x, t = Modulated(), torch.randn(2, 9, 64), torch.randn(1, 64)
+    cfg = fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=8, kernel="triton")
+    fourbit.quantize(model, cfg, forward_loop=lambda m: m(x, t), progress=False, verbose=False)
+    prepare_kernels(model, forward_loop=lambda m: m(x, t))
+    assert model.mod._cache[_CACHE_KEY].weight is None and model.lin._cache[_CACHE_KEY].weight is not None
+    with torch.no_grad():
+        eager = model(x, t)
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(model)(x, t).graph_break_count == 0
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(model, backend="aot_eager", fullgraph=True)(x, t), eager)
+    prepare_kernels(model)  # without a loop: every layer gets its operand again
+    assert model.mod._cache[_CACHE_KEY].weight is not None
+    torch._dynamo.reset()
+
+
 class _MlpBlock(nn.Module):
     """FLUX-like: a norm read by a query projection and an MLP input projection (siblings), tanh-GELU on the MLP
     columns, the two concatenated into an output projection; then a plain MLP with exact GELU."""

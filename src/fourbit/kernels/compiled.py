@@ -85,9 +85,11 @@ def _(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key, x_tail, a
 
 def compiled_forward(layer, x2: Tensor, memory: bool) -> Tensor:
     """What a quantized layer runs while dynamo traces it: the custom op if its state is ready."""
-    from .linear import _CACHE_KEY, linear_forward_uncompiled
+    from .linear import _CACHE_KEY, gemv_rows, linear_forward_uncompiled
 
     st = layer._cache.get(_CACHE_KEY)
+    if st is not None and not memory and st.weight is None and st.gemv and gemv_rows(x2):
+        memory = True  # a single-row layer that ``prepare_kernels`` gave no operand: the GEMV reads the packed weight
     if st is not None and st.plan not in ("scaled", "grouped"):  # no custom op for 16-bit activations or the
         return linear_forward_uncompiled(layer, x2, memory)      # reference fallback: a graph break
     if st is None or (not memory and st.weight is None):
@@ -103,17 +105,39 @@ def compiled_forward(layer, x2: Tensor, memory: bool) -> Tensor:
                                           st.bias, st.op_key + ("|memory" if memory else "|speed"), None, "", 0, 0)
 
 
-def prepare_kernels(model: torch.nn.Module) -> torch.nn.Module:
+def prepare_kernels(model: torch.nn.Module, forward_loop=None) -> torch.nn.Module:
     """Build every quantized layer's kernel state now (on the layers' current device): speed-mode weight
     operands, folded factors, reciprocals. Call after moving the model to the GPU and before ``torch.compile``,
-    so that the compiled graphs contain the layers instead of breaking at them."""
-    from ..nn import quantized_layers
-    from .linear import layer_state, weight_operand
+    so that the compiled graphs contain the layers instead of breaking at them.
 
-    for _, layer in quantized_layers(model):
-        if layer.kernel not in ("triton", "triton-memory"):
-            continue
+    ``forward_loop(model)`` (optional): calls the model as it will be used (e.g. one step); layers that it calls only
+    with rows for the single-row GEMV (FLUX's modulation linears at batch 1) then get no speed-mode operand, as in
+    eager use (their GEMV reads the 4-bit weight: ~3 GiB less for FLUX.1). Called later with more rows, such a layer
+    expands its weight per call (memory-mode speed) until it is prepared again."""
+    from ..nn import quantized_layers
+    from .linear import few_rows, layer_state, weight_operand
+
+    layers = [layer for _, layer in quantized_layers(model) if layer.kernel in ("triton", "triton-memory")]
+    rows: dict = {}
+    if forward_loop is not None:
+        def record(layer, args):
+            x = args[0]
+            rows[layer] = max(rows.get(layer, 0), x.numel() // max(1, x.shape[-1]))
+
+        handles = [layer.register_forward_pre_hook(record) for layer in layers]
+        try:
+            with torch.no_grad():
+                forward_loop(model)
+        finally:
+            for h in handles:
+                h.remove()
+    for layer in layers:
         st = layer_state(layer)
-        if layer.kernel == "triton" and st.plan in ("scaled", "grouped"):
+        if layer.kernel != "triton" or st.plan not in ("scaled", "grouped"):
+            continue
+        seen = rows.get(layer)
+        if st.gemv and seen is not None and few_rows(seen):
+            st.weight = None  # the GEMV reads the packed weight
+        else:
             weight_operand(layer, st, memory=False)
     return model

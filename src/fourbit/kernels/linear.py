@@ -187,8 +187,13 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
 
 
 def gemv_rows(x2: Tensor) -> bool:
-    """Whether this many rows take the GEMV (``GemvConfig.max_m``) rather than act_quant + GEMM."""
-    return 0 < x2.shape[0] <= _gemv.DEFAULT_GEMV.max_m
+    """Whether x2's rows take the GEMV (``GemvConfig.max_m``) rather than act_quant + GEMM."""
+    return few_rows(x2.shape[0])
+
+
+def few_rows(m: int) -> bool:
+    """Whether m rows take the GEMV."""
+    return 0 < m <= _gemv.DEFAULT_GEMV.max_m
 
 
 def quantized_gemm(x2, act_format, padded_in: int, plan: str, w: WeightOperand,

@@ -28,13 +28,14 @@ def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
     return model
 
 
-def prepare_kernels(model: nn.Module) -> nn.Module:
+def prepare_kernels(model: nn.Module, forward_loop=None) -> nn.Module:
     """Build the Triton kernels' per-layer state now (weight operands in speed mode, folded factors): call after
     moving the model to the GPU and before ``torch.compile``, so that compiled graphs run the quantized layers as
-    custom ops instead of breaking at each of them. Returns ``model``."""
+    custom ops instead of breaking at each of them. ``forward_loop(model)``: one representative call; layers it
+    calls with a single row (the GEMV's) then keep no speed-mode operand. Returns ``model``."""
     from ..kernels.compiled import prepare_kernels as prepare
 
-    return prepare(model)
+    return prepare(model, forward_loop)
 
 
 def inductor_options() -> dict:

@@ -689,11 +689,10 @@ def _quantized_block(block, x, siblings=True):
     return prepare_kernels(block)
 
 
-def _compile_with_pass(model):
-    """torch.compile whose backend runs the fusion pass on dynamo's graph, then the graph as is (no inductor)."""
+def _compile_with_pass(model, graphs):
+    """torch.compile whose backend runs the fusion pass on dynamo's graph (appended to ``graphs``), then the graph
+    as is (no inductor)."""
     from fourbit.kernels.fusion import FuseAroundQuantLinear
-
-    graphs = []
 
     def backend(gm, example_inputs):
         FuseAroundQuantLinear()(gm.graph)
@@ -701,36 +700,53 @@ def _compile_with_pass(model):
         graphs.append(gm.graph)
         return gm
 
-    return torch.compile(model, backend=backend, fullgraph=True), graphs
+    return torch.compile(model, backend=backend, fullgraph=True)
+
+
+def _eager_and_compiled(model, x, compile_fn):
+    """(eager output, compiled output, how many activations / concatenations the pass rewrote meanwhile)."""
+    import torch._dynamo
+
+    from fourbit.kernels.fusion import fusion_stats
+
+    before = fusion_stats()
+    with torch.no_grad(), _no_compile_caches():  # a cached compile would not run the pass (nothing to count)
+        eager = model(x)
+        torch._dynamo.reset()
+        got = compile_fn(model)(x)
+    torch._dynamo.reset()
+    after = fusion_stats()
+    return eager, got, tuple(after.get(k, 0) - before.get(k, 0) for k in ("activations", "concatenations"))
+
+
+def _no_compile_caches():
+    import contextlib
+
+    import torch._functorch.config
+    import torch._inductor.config
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False, compile_threads=1))
+    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+    return stack
 
 
 def test_fusion_pass_moves_activations_and_concatenations():
     """Both GELUs go into their GEMM epilogues (one on the sibling group's MLP columns only), the concatenation
     is read in place; the result is eager's up to fp32 rounding (same codes; the activation before, not after,
     the output's rounding, which for fp32 output is the same value)."""
-    import torch._dynamo
-
-    from fourbit.kernels.fusion import fusion_stats
-
     torch.manual_seed(0)
     x = torch.randn(2, 40, 64)
-    block = _quantized_block(_MlpBlock(), x)
-    before = fusion_stats()
-    with torch.no_grad():
-        eager = block(x)
-        torch._dynamo.reset()
-        compiled, graphs = _compile_with_pass(block)
-        got = compiled(x)
-    after = fusion_stats()
-    assert after.get("activations", 0) - before.get("activations", 0) == 2
-    assert after.get("concatenations", 0) - before.get("concatenations", 0) == 1
+    graphs = []
+    eager, got, fused = _eager_and_compiled(_quantized_block(_MlpBlock(), x), x,
+                                            lambda m: _compile_with_pass(m, graphs))
+    assert fused == (2, 1)
     targets = {n.target for n in graphs[0].nodes}
     assert torch.cat not in targets and torch._C._nn.gelu not in targets
     acts = sorted((n.args[9], n.args[10], n.args[11]) for n in graphs[0].nodes if "quant_linear" in str(n.target)
                   and n.args[9])
     assert acts == [("gelu", 0, 128), ("gelu_tanh", 64, 192)]
     assert ((got - eager).norm() / eager.norm()).item() < 1e-6
-    torch._dynamo.reset()
 
 
 class _Unsafe(nn.Module):
@@ -752,54 +768,24 @@ class _Unsafe(nn.Module):
 
 
 def test_fusion_pass_leaves_unsafe_graphs_alone():
-    import torch._dynamo
-
-    from fourbit.kernels.fusion import fusion_stats
-
     torch.manual_seed(0)
     x = torch.randn(3, 64)
-    model = _quantized_block(_Unsafe(), x, siblings=False)
-    before = fusion_stats()
-    with torch.no_grad():
-        eager = model(x)
-        torch._dynamo.reset()
-        compiled, _ = _compile_with_pass(model)
-        got = compiled(x)
-    assert fusion_stats() == before
+    eager, got, fused = _eager_and_compiled(_quantized_block(_Unsafe(), x, siblings=False), x,
+                                            lambda m: _compile_with_pass(m, []))
+    assert fused == (0, 0)
     assert torch.equal(got, eager)
-    torch._dynamo.reset()
-
-
-def _no_compile_caches():
-    import contextlib
-
-    import torch._functorch.config
-    import torch._inductor.config
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False, compile_threads=1))
-    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
-    return stack
 
 
 def test_inductor_options_fuse_under_torch_compile():
     """The public way: ``torch.compile(..., options=fourbit.nn.inductor_options())`` with inductor (CPU here)."""
-    import torch._dynamo
-
-    from fourbit.kernels.fusion import fusion_stats
     from fourbit.nn import inductor_options
 
     torch.manual_seed(1)
     x = torch.randn(2, 24, 64)
-    block = _quantized_block(_MlpBlock(), x)
-    before = fusion_stats()
-    with torch.no_grad(), _no_compile_caches():  # a cached compile would not run the pass (nothing to count)
-        eager = block(x)
-        torch._dynamo.reset()
-        got = torch.compile(block, options=inductor_options(), fullgraph=True)(x)
-    assert fusion_stats().get("activations", 0) - before.get("activations", 0) == 2
+    eager, got, fused = _eager_and_compiled(_quantized_block(_MlpBlock(), x), x, lambda m: torch.compile(
+        m, options=inductor_options(), fullgraph=True))
+    assert fused == (2, 1)
     assert ((got - eager).norm() / eager.norm()).item() < 1e-5
-    torch._dynamo.reset()
 
 
 def test_cublas_down_projection_falls_back_where_torch_lacks_it():

@@ -1,0 +1,139 @@
+"""Do the GPU kernels change the images? One quantized model, sampled through each kernel with the same seeds.
+
+    python benchmarks/kernel_quality.py --out benchmarks/results      # on a CUDA GPU; ~2 min on an H100
+
+For each bundled model: quantize once (SVDQuant W4A4 r32, the Hopper-native int4p2 format, calibrated on the
+model's own trajectories through the plain-torch reference), then sample the same classes and seeds with kernel
+"reference" (the emulation every quality number in the README was measured with), "triton" (speed mode: FP8 GEMMs
+whose tensor cores accumulate with reduced precision), "triton-memory", and "triton" with the model under
+``torch.compile`` and the fusion pass (GELU in the GEMM epilogue). Reports each against the reference kernel's
+images (LPIPS-Alex, PSNR) and, for scale, the reference kernel's own distance from the 16-bit model.
+Writes kernel-quality.<device>.<date>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import environment, md_table, write_results  # noqa: E402
+
+
+def _sample_all(model, spec, args, classes, seeds):
+    from fourbit.sampling import sample
+
+    _sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        imgs = sample(model, classes, seeds, steps=args.steps, sampler="ddim", eta=0.0,
+                      guidance_scale=spec.default_guidance_scale, batch_size=args.batch_size, progress=False)
+    _sync()
+    return imgs, time.perf_counter() - t0
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_model(name: str, args, log) -> dict:
+    import copy
+
+    import torch._dynamo
+
+    import fourbit
+    from fourbit.eval import compare_images
+    from fourbit.harness.variants import parse_variant
+    from fourbit.models import get_spec, load_pretrained
+    from fourbit.nn import inductor_options, prepare_kernels, set_kernel
+    from fourbit.sampling import calibration_forward_loop, sample_plan
+
+    spec = get_spec(name)
+    fp = load_pretrained(name, device=args.device).eval()
+    classes, seeds = sample_plan(args.samples, 0, spec.num_classes)
+    fp_imgs, _ = _sample_all(fp, spec, args, classes, seeds)
+    model = copy.deepcopy(fp)
+    cfg = parse_variant("svdquant:w4a4:r32:fmt=int4p2").config(exclude=spec.quant_exclude,
+                                                               policies=spec.quant_policies)  # kernel "reference"
+    loop = calibration_forward_loop(args.calib_samples, args.steps, guidance_scale=spec.default_guidance_scale,
+                                    seed=10_000, num_classes=spec.num_classes, batch_size=args.batch_size)
+    fourbit.quantize(model, cfg, forward_loop=loop, progress=False, verbose=False)
+    out = {"model": name, "samples": args.samples, "steps": args.steps, "variants": {}}
+    images = {}
+    for label, kernel, compiled in (("reference", "reference", False), ("triton", "triton", False),
+                                    ("triton-memory", "triton-memory", False),
+                                    ("triton, compiled + fusion pass", "triton", True)):
+        set_kernel(model, kernel)
+        run = model
+        try:
+            if compiled:
+                prepare_kernels(model)
+                torch._dynamo.reset()
+                run = torch.compile(model, options=inductor_options())
+            imgs, secs = _sample_all(run, spec, args, classes, seeds)
+        except Exception as e:  # one failing variant must not lose the others
+            log(f"{name} {label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            out["variants"][label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            continue
+        images[label] = imgs
+        out["variants"][label] = {"sampling_seconds": secs}
+        log(f"{name} {label}: sampled in {secs:.1f}s")
+    torch._dynamo.reset()
+    ref = images["reference"]
+    for label, imgs in images.items():
+        row = out["variants"][label]
+        for against, base in (("reference_kernel", ref), ("fp16", fp_imgs)):
+            m = compare_images(imgs, base, None, n_boot=200, fd_n_boot=0, seed=0, device=args.device)
+            row[f"lpips_vs_{against}"], row[f"psnr_vs_{against}"] = m["lpips"], m["psnr"]
+        row["max_abs_pixel_diff_vs_reference_kernel"] = float((imgs.float() - ref.float()).abs().max())
+        log(f"{name} {label}: LPIPS vs reference kernel {row['lpips_vs_reference_kernel']['mean']:.4f}, "
+            f"vs fp16 {row['lpips_vs_fp16']['mean']:.4f}")
+    return out
+
+
+def _ci(m, nd=4) -> str:
+    if not m or m.get("mean") is None:
+        return "-"
+    return f"{m['mean']:.{nd}f} [{m['lo']:.{nd}f}, {m['hi']:.{nd}f}]"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="fashion-dit,fashion-unet")
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only checks the script (the Triton kernels fail)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("kernel_quality.py needs a CUDA GPU (the Triton kernels); --device cpu checks the script", file=sys.stderr)
+        return 2
+    env = environment()
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    res = {"models": [run_model(n, args, log) for n in args.models.split(",")]}
+    md = []
+    for r in res["models"]:
+        rows = [[label, _ci(v.get("lpips_vs_reference_kernel")), _ci(v.get("psnr_vs_reference_kernel"), 2),
+                 f"{v['max_abs_pixel_diff_vs_reference_kernel']:.3f}" if "max_abs_pixel_diff_vs_reference_kernel" in v
+                 else v.get("error", "-"), _ci(v.get("lpips_vs_fp16")), _ci(v.get("psnr_vs_fp16"), 2)]
+                for label, v in r["variants"].items()]
+        md.append(f"### {r['model']}: SVDQuant W4A4 r32 int4p2, {r['samples']} samples (seeds 0..{r['samples'] - 1}, "
+                  f"class = i mod 10), DDIM {r['steps']} steps\n\n"
+                  + md_table(["kernel", "LPIPS vs reference kernel", "PSNR vs reference kernel (dB)",
+                              "max |pixel diff|", "LPIPS vs fp16", "PSNR vs fp16 (dB)"], rows))
+    text = ("Same quantized model sampled through each kernel; LPIPS-Alex and PSNR with 95% bootstrap intervals "
+            "(200 resamples).\n\n" + "\n\n".join(md))
+    jp, mp = write_results(args.out, "kernel-quality", env, res, text)
+    log(text)
+    log(f"wrote {jp} and {mp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

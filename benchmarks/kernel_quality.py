@@ -5,14 +5,17 @@
 For each bundled model: quantize once (SVDQuant W4A4 r32, the Hopper-native int4p2 format, calibrated on the
 model's own trajectories through the plain-torch reference), then sample the same classes and seeds with kernel
 "reference" (the emulation every quality number in the README was measured with), "triton" (speed mode: FP8 GEMMs
-whose tensor cores accumulate with reduced precision), "triton-memory", and "triton" with the model under
-``torch.compile`` and the fusion pass (GELU in the GEMM epilogue). Reports each against the reference kernel's
-images (LPIPS-Alex, PSNR) and, for scale, the reference kernel's own distance from the 16-bit model.
+whose tensor cores accumulate with reduced precision), the same with the accumulator promoted to fp32,
+"triton-memory", and "triton" with the model under ``torch.compile`` and the fusion pass (GELU in the GEMM
+epilogue); and, as a control, the reference with its fp32 GEMMs in TF32 (a perturbation of the same size). Reports
+each against the reference kernel's images (LPIPS-Alex, PSNR) and against the 16-bit model's.
 Writes kernel-quality.<device>.<date>.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -40,6 +43,43 @@ def _sync():
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def _tf32_matmuls():
+    """The reference's fp32 GEMMs in TF32 (10-bit mantissa inputs): a perturbation of the same size as the FP8
+    accumulator's, to show how far sampling alone carries such a difference."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@contextlib.contextmanager
+def _precise_fp8_gemm():
+    """The Triton GEMM with its FP8 accumulator promoted to fp32 every K tile (``GemmConfig(precise=True)``)."""
+    from fourbit.kernels import gemm
+
+    saved = dict(gemm._OVERRIDES)
+    for size in ("large", "small"):
+        gemm.set_default_config(torch.float8_e4m3fn, size, dataclasses.replace(gemm._DEFAULTS[("fp8", size)],
+                                                                                precise=True))
+    try:
+        yield
+    finally:
+        gemm._OVERRIDES.clear()
+        gemm._OVERRIDES.update(saved)
+
+
+#: (label, kernel, compiled with the fusion pass, setting while sampling)
+VARIANTS = [("reference", "reference", False, contextlib.nullcontext),
+            ("reference, TF32 matmuls (control)", "reference", False, _tf32_matmuls),
+            ("triton", "triton", False, contextlib.nullcontext),
+            ("triton, FP8 accumulator promoted", "triton", False, _precise_fp8_gemm),
+            ("triton-memory", "triton-memory", False, contextlib.nullcontext),
+            ("triton, compiled + fusion pass", "triton", True, contextlib.nullcontext)]
+
+
 def run_model(name: str, args, log) -> dict:
     import copy
 
@@ -64,9 +104,7 @@ def run_model(name: str, args, log) -> dict:
     fourbit.quantize(model, cfg, forward_loop=loop, progress=False, verbose=False)
     out = {"model": name, "samples": args.samples, "steps": args.steps, "variants": {}}
     images = {}
-    for label, kernel, compiled in (("reference", "reference", False), ("triton", "triton", False),
-                                    ("triton-memory", "triton-memory", False),
-                                    ("triton, compiled + fusion pass", "triton", True)):
+    for label, kernel, compiled, setting in VARIANTS:
         set_kernel(model, kernel)
         run = model
         try:
@@ -74,7 +112,8 @@ def run_model(name: str, args, log) -> dict:
                 prepare_kernels(model)
                 torch._dynamo.reset()
                 run = torch.compile(model, options=inductor_options())
-            imgs, secs = _sample_all(run, spec, args, classes, seeds)
+            with setting():
+                imgs, secs = _sample_all(run, spec, args, classes, seeds)
         except Exception as e:  # one failing variant must not lose the others
             log(f"{name} {label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             out["variants"][label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}

@@ -703,7 +703,7 @@ def _compile_with_pass(model, graphs):
     return torch.compile(model, backend=backend, fullgraph=True)
 
 
-def _eager_and_compiled(model, x, compile_fn):
+def _eager_and_compiled(model, inputs: tuple, compile_fn):
     """(eager output, compiled output, how many activations / concatenations the pass rewrote meanwhile)."""
     import torch._dynamo
 
@@ -711,9 +711,9 @@ def _eager_and_compiled(model, x, compile_fn):
 
     before = fusion_stats()
     with torch.no_grad(), _no_compile_caches():  # a cached compile would not run the pass (nothing to count)
-        eager = model(x)
+        eager = model(*inputs)
         torch._dynamo.reset()
-        got = compile_fn(model)(x)
+        got = compile_fn(model)(*inputs)
     torch._dynamo.reset()
     after = fusion_stats()
     return eager, got, tuple(after.get(k, 0) - before.get(k, 0) for k in ("activations", "concatenations"))
@@ -738,7 +738,7 @@ def test_fusion_pass_moves_activations_and_concatenations():
     torch.manual_seed(0)
     x = torch.randn(2, 40, 64)
     graphs = []
-    eager, got, fused = _eager_and_compiled(_quantized_block(_MlpBlock(), x), x,
+    eager, got, fused = _eager_and_compiled(_quantized_block(_MlpBlock(), x), (x,),
                                             lambda m: _compile_with_pass(m, graphs))
     assert fused == (2, 1)
     targets = {n.target for n in graphs[0].nodes}
@@ -770,10 +770,41 @@ class _Unsafe(nn.Module):
 def test_fusion_pass_leaves_unsafe_graphs_alone():
     torch.manual_seed(0)
     x = torch.randn(3, 64)
-    eager, got, fused = _eager_and_compiled(_quantized_block(_Unsafe(), x, siblings=False), x,
+    eager, got, fused = _eager_and_compiled(_quantized_block(_Unsafe(), x, siblings=False), (x,),
                                             lambda m: _compile_with_pass(m, []))
     assert fused == (0, 0)
     assert torch.equal(got, eager)
+
+
+class _RowsThenGelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mod, self.lin = nn.Linear(64, 64), nn.Linear(64, 96)
+
+    def forward(self, x, t):  # t (1, 64): one row (the GEMV); x (B, 64) through lin
+        return torch.nn.functional.gelu(self.lin(x)), torch.nn.functional.silu(self.mod(t))
+
+
+@pytest.mark.parametrize("weights,acts", [("int4", "int4"), ("int4p2", "int4p2")], ids=["grouped-plan", "gemv"])
+def test_fused_activation_without_epilogue_is_eager_bitwise(weights, acts):
+    """Paths without the epilogue activation (the paper's int4 on the grouped GEMM; the single-row GEMV) apply it
+    after the output's rounding, as eager does: their compiled result is eager's, bit for bit (int4p2's 5-row layer
+    has the epilogue: eager's to fp32 rounding)."""
+    torch.manual_seed(0)
+    x, t = torch.randn(5, 64), torch.randn(1, 64)
+    model = _RowsThenGelu()
+    cfg = fourbit.RTNConfig(weights=weights, activations=acts, kernel="triton")
+    fourbit.quantize(model, cfg, forward_loop=lambda m: m(x, t), progress=False, verbose=False)
+    from fourbit.nn import prepare_kernels
+
+    prepare_kernels(model)
+    eager, got, fused = _eager_and_compiled(model, (x, t), lambda m: _compile_with_pass(m, []))
+    assert fused == (2, 0)
+    assert torch.equal(got[1], eager[1])  # the GEMV (int4p2) / grouped GEMM (int4)
+    if weights == "int4":
+        assert torch.equal(got[0], eager[0])
+    else:
+        assert ((got[0] - eager[0]).norm() / eager[0].norm()).item() < 1e-6
 
 
 def test_inductor_options_fuse_under_torch_compile():
@@ -782,7 +813,7 @@ def test_inductor_options_fuse_under_torch_compile():
 
     torch.manual_seed(1)
     x = torch.randn(2, 24, 64)
-    eager, got, fused = _eager_and_compiled(_quantized_block(_MlpBlock(), x), x, lambda m: torch.compile(
+    eager, got, fused = _eager_and_compiled(_quantized_block(_MlpBlock(), x), (x,), lambda m: torch.compile(
         m, options=inductor_options(), fullgraph=True))
     assert fused == (2, 1)
     assert ((got - eager).norm() / eager.norm()).item() < 1e-5

@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - older torch: a plain callable (no FX-g
 _STATS: Counter = Counter()
 
 # quant_linear's positional arguments (``compiled.quant_linear``)
-_X, _KEY, _TAIL, _ACT, _ACT_LO, _ACT_HI = 0, 7, 8, 9, 10, 11
+_X, _TAIL, _ACT, _ACT_LO, _ACT_HI = 0, 8, 9, 10, 11
 _N_ARGS = 12
 
 

@@ -6,7 +6,8 @@ FLUX.1's GEMMs that take a fused GELU (``fourbit.nn.inductor_options``): the dou
 (M = 4096, K = 3072, N = 12288, GELU on every column) and the single blocks' fused Q/K/V + MLP input
 (M = 4608, N = 21504, GELU on columns 9216..21504); FP8 operands, rank-32 branch, bf16 output. Each with no
 activation and with tanh-GELU, at the default tiles and with ``GemmConfig(flatten=True)`` (the persistent tile
-loop flattened with the K loop, so the next tile's loads can be issued during an epilogue); interleaved
+loop flattened with the K loop, so the next tile's loads can be issued during an epilogue; it needs 2 stages or no
+TMA store to fit in shared memory); interleaved
 CUDA-graph timing, ratios within the run. Writes epilogue-probe.<device>.<date>.{json,md}.
 """
 from __future__ import annotations
@@ -48,7 +49,9 @@ def main(argv=None) -> int:
         lr, up = torch.randn(m, 32, device="cuda", generator=g), torch.randn(n, 32, device="cuda", generator=g)
         base = default_config(m, n, k, a.dtype)
         variants = {}
-        for cfg_name, cfg in (("default", base), ("flatten", dataclasses.replace(base, flatten=True))):
+        flat = [("flatten, 2 stages", dataclasses.replace(base, flatten=True, num_stages=2)),
+                ("flatten, 3 stages, no TMA store", dataclasses.replace(base, flatten=True, tma_store=False))]
+        for cfg_name, cfg in [("default", base)] + flat:  # (flattened with 3 stages + TMA store: over shared memory)
             for act_name, act in (("none", None), ("gelu_tanh", OutputActivation("gelu_tanh", lo, hi))):
                 variants[f"{cfg_name}, {act_name}"] = (cfg, act)
         timer = InterleavedGraphs()

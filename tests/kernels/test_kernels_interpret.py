@@ -208,15 +208,16 @@ def test_act_spec_unsupported_formats_are_none():
 
 # ---- weights ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,kw", WEIGHT_FORMATS, ids=_ids(WEIGHT_FORMATS))
-def test_expand_weight_bit_exact(name, kw):
+@pytest.mark.parametrize("kp", [256, 384], ids=["k-whole-tile", "k-partial-tile"])
+def test_expand_weight_bit_exact(name, kw, kp):
     from fourbit.kernels.weights import expand_weight, expand_weight_torch
 
     fmt = make_format(name, **kw)
-    w = hard_rows(45, 256, seed=1)
+    w = hard_rows(45, kp, seed=1)
     q = fmt.quantize(w)
     packed = fmt.pack(q.codes)
-    got = expand_weight(packed, q.scales, q.row_scale, fmt, 256)
-    ref = expand_weight_torch(packed, q.scales, q.row_scale, fmt, 256)
+    got = expand_weight(packed, q.scales, q.row_scale, fmt, kp)
+    ref = expand_weight_torch(packed, q.scales, q.row_scale, fmt, kp)
     assert torch.equal(bits(got.w), bits(ref.w))
     for a, b in ((got.col_scale, ref.col_scale), (got.group_scale, ref.group_scale)):
         assert (a is None) == (b is None)
@@ -225,6 +226,18 @@ def test_expand_weight_bit_exact(name, kw):
     if name in ("int4p2", "fp4p2"):  # the operand times the row scale IS the format's dequantization
         deq = got.w.float() * got.col_scale[:, None]
         assert torch.equal(deq, fmt.dequantize(q))
+
+
+@pytest.mark.parametrize("name", ["int4p2", "fp4", "int4"])
+def test_expand_weight_group_not_a_power_of_two_bit_exact(name):
+    """Group 48: the kernel that gathers the scale per byte (the main one needs power-of-two groups)."""
+    from fourbit.kernels.weights import expand_weight, expand_weight_torch
+
+    fmt = make_format(name, group_size=48)
+    q = fmt.quantize(hard_rows(37, 384, seed=2))
+    packed = fmt.pack(q.codes)
+    got = expand_weight(packed, q.scales, q.row_scale, fmt, 384)
+    assert torch.equal(bits(got.w), bits(expand_weight_torch(packed, q.scales, q.row_scale, fmt, 384).w))
 
 
 # ---- GEMMs -----------------------------------------------------------------------------------

@@ -73,10 +73,52 @@ def nibble_value(nib, CODE_E2M1: tl.constexpr):
 
 
 @triton.jit
+def _scale_values(ptrs, mask, SCALE: tl.constexpr):
+    """Stored group scales -> fp32 multipliers: exponents (SCALE 1), e4m3/fp16 values (2), e8m0 (3). (The
+    masked-off value is given in the scales' own type: Triton 3.6 cannot cast an int fill to fp8.)"""
+    if SCALE == 1:
+        return pow2(tl.load(ptrs, mask=mask, other=0).to(tl.int32))
+    elif SCALE == 2:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return pow2(tl.load(ptrs, mask=mask, other=127).to(tl.int32) - 127)
+
+
+@triton.jit
 def _expand_kernel(p_ptr, s_ptr, o_ptr, N, KH, stride_p, stride_s, stride_o,
                    G: tl.constexpr, CODE_E2M1: tl.constexpr, SCALE: tl.constexpr,
                    BN: tl.constexpr, BKH: tl.constexpr):
-    """(N, KH) bytes of two 4-bit codes -> (N, 2 KH) operand values, low nibble first."""
+    """(N, KH) bytes of two 4-bit codes -> (N, 2 KH) operand values, low nibble first. The tile's bytes are
+    viewed as (BN, groups, G / 2) so that each group scale is loaded once (G a power of two dividing 2 BKH)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    NGRP: tl.constexpr = 2 * BKH // G
+    HG: tl.constexpr = G // 2
+    rows = pid_n * BN + tl.arange(0, BN)
+    hcols = pid_k * BKH + tl.arange(0, BKH)
+    mask = (rows[:, None] < N) & (hcols[None, :] < KH)
+    byte = tl.load(p_ptr + rows[:, None].to(tl.int64) * stride_p + hcols[None, :], mask=mask, other=0).to(tl.int32)
+    byte = tl.reshape(byte, (BN, NGRP, HG))  # (BN, groups, bytes of a group)
+    v_lo = nibble_value(byte & 0xF, CODE_E2M1)
+    v_hi = nibble_value((byte >> 4) & 0xF, CODE_E2M1)
+    if SCALE != 0:  # both nibbles of a byte share a group (G even)
+        grp = pid_k * NGRP + tl.arange(0, NGRP)
+        smask = (rows[:, None] < N) & (grp[None, :] < (2 * KH) // G)
+        sc = _scale_values(s_ptr + rows[:, None].to(tl.int64) * stride_s + grp[None, :], smask, SCALE)
+        sc = sc[:, :, None]  # (BN, groups, 1)
+        v_lo = v_lo * sc
+        v_hi = v_hi * sc
+    out = tl.reshape(tl.join(v_lo, v_hi), (BN, 2 * BKH)).to(o_ptr.dtype.element_ty)  # exact values
+    ocols = pid_k * 2 * BKH + tl.arange(0, 2 * BKH)
+    tl.store(o_ptr + rows[:, None].to(tl.int64) * stride_o + ocols[None, :], out,
+             mask=(rows[:, None] < N) & (ocols[None, :] < 2 * KH))
+
+
+@triton.jit
+def _expand_any_group_kernel(p_ptr, s_ptr, o_ptr, N, KH, stride_p, stride_s, stride_o,
+                             G: tl.constexpr, CODE_E2M1: tl.constexpr, SCALE: tl.constexpr,
+                             BN: tl.constexpr, BKH: tl.constexpr):
+    """``_expand_kernel`` for group sizes that are not powers of two: the scale gathered per byte."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
@@ -85,14 +127,8 @@ def _expand_kernel(p_ptr, s_ptr, o_ptr, N, KH, stride_p, stride_s, stride_o,
     byte = tl.load(p_ptr + rows[:, None].to(tl.int64) * stride_p + hcols[None, :], mask=mask, other=0).to(tl.int32)
     v_lo = nibble_value(byte & 0xF, CODE_E2M1)
     v_hi = nibble_value((byte >> 4) & 0xF, CODE_E2M1)
-    if SCALE != 0:  # both nibbles of a byte share a group (G even)
-        s_off = rows[:, None].to(tl.int64) * stride_s + (2 * hcols[None, :]) // G
-        if SCALE == 1:
-            sc = pow2(tl.load(s_ptr + s_off, mask=mask, other=0).to(tl.int32))
-        if SCALE == 2:
-            sc = tl.load(s_ptr + s_off, mask=mask, other=0.0).to(tl.float32)
-        if SCALE == 3:
-            sc = pow2(tl.load(s_ptr + s_off, mask=mask, other=127).to(tl.int32) - 127)
+    if SCALE != 0:
+        sc = _scale_values(s_ptr + rows[:, None].to(tl.int64) * stride_s + (2 * hcols[None, :]) // G, mask, SCALE)
         v_lo = v_lo * sc
         v_hi = v_hi * sc
     out = tl.reshape(tl.join(v_lo, v_hi), (BN, 2 * BKH)).to(o_ptr.dtype.element_ty)  # exact values
@@ -132,10 +168,12 @@ def expand_weight(packed: Tensor, scales: Tensor, row_scale: Optional[Tensor], f
     if out is None:
         out = aligned_empty(n, kp, _operand_dtype(kind), packed.device)
     s = scales.contiguous()
-    bn, bkh = 32, 128
+    g = fmt.group_size
+    bn, bkh = 32, max(128, g // 2)
     grid = (ceil_div(n, bn), ceil_div(kp // 2, bkh))
-    _expand_kernel[grid](packed, s, out, n, kp // 2, packed.stride(0), s.stride(0), out.stride(0),
-                         G=fmt.group_size, CODE_E2M1=code == "e2m1", SCALE=skind, BN=bn, BKH=bkh, num_warps=4)
+    kernel = _expand_kernel if g & (g - 1) == 0 else _expand_any_group_kernel
+    kernel[grid](packed, s, out, n, kp // 2, packed.stride(0), s.stride(0), out.stride(0),
+                 G=g, CODE_E2M1=code == "e2m1", SCALE=skind, BN=bn, BKH=bkh, num_warps=4)
     return WeightOperand(out, col, grp)
 
 

@@ -50,6 +50,29 @@ def write_results(out_dir: str, stem: str, env: dict, payload: dict, markdown: s
     return jp, mp
 
 
+def gpu_probe_args(doc: str, script: str, argv=None, rounds: int = 30):
+    """The probe scripts' command line (--out, --rounds), or None (after saying why) without a CUDA GPU."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--rounds", type=int, default=rounds, help="interleaved timing rounds")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{script} needs a CUDA GPU", file=sys.stderr)
+        return None
+    return args
+
+
+def finish(out_dir: str, stem: str, env: dict, payload: dict, markdown: str, log=print) -> int:
+    """Write the result files, print the table and where it went; the script's exit status."""
+    jp, mp = write_results(out_dir, stem, env, payload, markdown)
+    log(markdown)
+    log(f"wrote {jp} and {mp}")
+    return 0
+
+
 def time_eager(fns: Sequence[Callable[[], object]], warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """Median ms per call with device events (triton's do_bench: L2 flushed before each call), rotating
     over ``fns`` (one closure per input set)."""

@@ -12,7 +12,6 @@ CUDA-graph timing, ratios within the run. Writes epilogue-probe.<device>.<date>.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -20,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import InterleavedGraphs, environment, md_table, write_results  # noqa: E402
+from _util import InterleavedGraphs, environment, finish, gpu_probe_args, md_table  # noqa: E402
 
 SHAPES = [  # (label, M, K, N, activation columns [lo, hi))
     ("double-block MLP in", 4096, 3072, 12288, (0, 12288)),
@@ -32,12 +31,8 @@ def main(argv=None) -> int:
     from fourbit.kernels.activation import OutputActivation
     from fourbit.kernels.gemm import default_config, scaled_gemm
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--rounds", type=int, default=30)
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("epilogue_probe.py needs a CUDA GPU", file=sys.stderr)
+    args = gpu_probe_args(__doc__, "epilogue_probe.py", argv)
+    if args is None:
         return 2
     env = environment()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -65,10 +60,7 @@ def main(argv=None) -> int:
     md = ("FP8 GEMM with the rank-32 branch, bf16 output; median ms per call over interleaved CUDA-graph rounds; "
           "ratio to the default tiles without an activation.\n\n"
           + md_table(["GEMM", "tiles, activation", "ms", "vs default, none"], rows))
-    jp, mp = write_results(args.out, "epilogue-probe", env, res, md)
-    print(md)
-    print(f"wrote {jp} and {mp}")
-    return 0
+    return finish(args.out, "epilogue-probe", env, res, md)
 
 
 if __name__ == "__main__":

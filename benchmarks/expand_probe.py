@@ -9,14 +9,13 @@ Writes expand-probe.<device>.<date>.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import InterleavedGraphs, environment, md_table, write_results  # noqa: E402
+from _util import InterleavedGraphs, environment, finish, gpu_probe_args, md_table  # noqa: E402
 
 SHAPES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (21504, 3072), (3072, 15360)]  # (N, K)
 
@@ -25,12 +24,8 @@ def main(argv=None) -> int:
     from fourbit.formats import make_format
     from fourbit.kernels.weights import expand_weight
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--rounds", type=int, default=30)
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("expand_probe.py needs a CUDA GPU", file=sys.stderr)
+    args = gpu_probe_args(__doc__, "expand_probe.py", argv)
+    if args is None:
         return 2
     env = environment()
     fmt = make_format("int4p2")
@@ -53,10 +48,7 @@ def main(argv=None) -> int:
     md = ("int4p2 (group 64) weight -> FP8 operand; median ms per call over interleaved CUDA-graph rounds; 'copy' "
           "moves the same bytes (half read, half written).\n\n"
           + md_table(["N x K", "MiB moved", "expand ms", "copy ms", "expand / copy", "expand GB/s"], rows))
-    jp, mp = write_results(args.out, "expand-probe", env, res, md)
-    print(md)
-    print(f"wrote {jp} and {mp}")
-    return 0
+    return finish(args.out, "expand-probe", env, res, md)
 
 
 if __name__ == "__main__":

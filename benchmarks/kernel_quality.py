@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import environment, md_table, write_results  # noqa: E402
+from _util import environment, finish, md_table  # noqa: E402
 
 
 def _sample_all(model, spec, args, classes, seeds):
@@ -168,10 +168,7 @@ def main(argv=None) -> int:
                               "max |pixel diff|", "LPIPS vs fp16", "PSNR vs fp16 (dB)"], rows))
     text = ("Same quantized model sampled through each kernel; LPIPS-Alex and PSNR with 95% bootstrap intervals "
             "(200 resamples).\n\n" + "\n\n".join(md))
-    jp, mp = write_results(args.out, "kernel-quality", env, res, text)
-    log(text)
-    log(f"wrote {jp} and {mp}")
-    return 0
+    return finish(args.out, "kernel-quality", env, res, text, log)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,22 @@ def _scale_values(ptrs, mask, SCALE: tl.constexpr):
 
 
 @triton.jit
+def _tile_bytes(p_ptr, rows, hcols, N, KH, stride_p):
+    """A (BN, BKH) tile of packed bytes as int32 (zeros outside the weight)."""
+    mask = (rows[:, None] < N) & (hcols[None, :] < KH)
+    return tl.load(p_ptr + rows[:, None].to(tl.int64) * stride_p + hcols[None, :], mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _store_pairs(o_ptr, v_lo, v_hi, rows, pid_k, N, KH, stride_o, BN: tl.constexpr, BKH: tl.constexpr):
+    """Interleave the low- and high-nibble values (low first) into (BN, 2 BKH) operand columns and store them."""
+    out = tl.reshape(tl.join(v_lo, v_hi), (BN, 2 * BKH)).to(o_ptr.dtype.element_ty)  # exact values
+    ocols = pid_k * 2 * BKH + tl.arange(0, 2 * BKH)
+    tl.store(o_ptr + rows[:, None].to(tl.int64) * stride_o + ocols[None, :], out,
+             mask=(rows[:, None] < N) & (ocols[None, :] < 2 * KH))
+
+
+@triton.jit
 def _expand_kernel(p_ptr, s_ptr, o_ptr, N, KH, stride_p, stride_s, stride_o,
                    G: tl.constexpr, CODE_E2M1: tl.constexpr, SCALE: tl.constexpr,
                    BN: tl.constexpr, BKH: tl.constexpr):
@@ -93,25 +109,18 @@ def _expand_kernel(p_ptr, s_ptr, o_ptr, N, KH, stride_p, stride_s, stride_o,
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     NGRP: tl.constexpr = 2 * BKH // G
-    HG: tl.constexpr = G // 2
     rows = pid_n * BN + tl.arange(0, BN)
-    hcols = pid_k * BKH + tl.arange(0, BKH)
-    mask = (rows[:, None] < N) & (hcols[None, :] < KH)
-    byte = tl.load(p_ptr + rows[:, None].to(tl.int64) * stride_p + hcols[None, :], mask=mask, other=0).to(tl.int32)
-    byte = tl.reshape(byte, (BN, NGRP, HG))  # (BN, groups, bytes of a group)
+    byte = _tile_bytes(p_ptr, rows, pid_k * BKH + tl.arange(0, BKH), N, KH, stride_p)
+    byte = tl.reshape(byte, (BN, NGRP, G // 2))  # (BN, groups, bytes of a group)
     v_lo = nibble_value(byte & 0xF, CODE_E2M1)
     v_hi = nibble_value((byte >> 4) & 0xF, CODE_E2M1)
     if SCALE != 0:  # both nibbles of a byte share a group (G even)
         grp = pid_k * NGRP + tl.arange(0, NGRP)
         smask = (rows[:, None] < N) & (grp[None, :] < (2 * KH) // G)
         sc = _scale_values(s_ptr + rows[:, None].to(tl.int64) * stride_s + grp[None, :], smask, SCALE)
-        sc = sc[:, :, None]  # (BN, groups, 1)
-        v_lo = v_lo * sc
-        v_hi = v_hi * sc
-    out = tl.reshape(tl.join(v_lo, v_hi), (BN, 2 * BKH)).to(o_ptr.dtype.element_ty)  # exact values
-    ocols = pid_k * 2 * BKH + tl.arange(0, 2 * BKH)
-    tl.store(o_ptr + rows[:, None].to(tl.int64) * stride_o + ocols[None, :], out,
-             mask=(rows[:, None] < N) & (ocols[None, :] < 2 * KH))
+        v_lo = v_lo * sc[:, :, None]  # (BN, groups, 1)
+        v_hi = v_hi * sc[:, :, None]
+    _store_pairs(o_ptr, v_lo, v_hi, rows, pid_k, N, KH, stride_o, BN, BKH)
 
 
 @triton.jit
@@ -123,18 +132,15 @@ def _expand_any_group_kernel(p_ptr, s_ptr, o_ptr, N, KH, stride_p, stride_s, str
     pid_k = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
     hcols = pid_k * BKH + tl.arange(0, BKH)
-    mask = (rows[:, None] < N) & (hcols[None, :] < KH)
-    byte = tl.load(p_ptr + rows[:, None].to(tl.int64) * stride_p + hcols[None, :], mask=mask, other=0).to(tl.int32)
+    byte = _tile_bytes(p_ptr, rows, hcols, N, KH, stride_p)
     v_lo = nibble_value(byte & 0xF, CODE_E2M1)
     v_hi = nibble_value((byte >> 4) & 0xF, CODE_E2M1)
     if SCALE != 0:
+        mask = (rows[:, None] < N) & (hcols[None, :] < KH)
         sc = _scale_values(s_ptr + rows[:, None].to(tl.int64) * stride_s + (2 * hcols[None, :]) // G, mask, SCALE)
         v_lo = v_lo * sc
         v_hi = v_hi * sc
-    out = tl.reshape(tl.join(v_lo, v_hi), (BN, 2 * BKH)).to(o_ptr.dtype.element_ty)  # exact values
-    ocols = pid_k * 2 * BKH + tl.arange(0, 2 * BKH)
-    tl.store(o_ptr + rows[:, None].to(tl.int64) * stride_o + ocols[None, :], out,
-             mask=(rows[:, None] < N) & (ocols[None, :] < 2 * KH))
+    _store_pairs(o_ptr, v_lo, v_hi, rows, pid_k, N, KH, stride_o, BN, BKH)
 
 
 def _operand_dtype(kind: str) -> torch.dtype:

@@ -820,6 +820,66 @@ def test_fused_activation_without_epilogue_is_eager_bitwise(weights, acts):
         assert ((got[0] - eager[0]).norm() / eager[0].norm()).item() < 1e-6
 
 
+def _tiny_diffusers(name):
+    """(model, inputs, call) for a tiny random diffusers transformer of three families."""
+    import diffusers
+
+    if name == "flux":
+        m = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                             pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+        inp = (torch.randn(1, 16, 16), torch.randn(1, 5, 64), torch.randn(1, 32), torch.tensor([0.5]),
+               torch.tensor([3.5]), ids.reshape(-1, 3), torch.zeros(5, 3))
+        call = lambda mm, a: mm(hidden_states=a[0], encoder_hidden_states=a[1], pooled_projections=a[2],  # noqa
+                                timestep=a[3], guidance=a[4], img_ids=a[5], txt_ids=a[6], return_dict=False)[0]
+    elif name == "sd3":
+        m = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            caption_projection_dim=16, pooled_projection_dim=8, out_channels=4)
+        inp = (torch.randn(1, 4, 8, 8), torch.randn(1, 6, 16), torch.randn(1, 8), torch.tensor([3.0]))
+        call = lambda mm, a: mm(hidden_states=a[0], encoder_hidden_states=a[1], pooled_projections=a[2],  # noqa
+                                timestep=a[3], return_dict=False)[0]
+    else:
+        m = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                               out_channels=8, num_layers=2, cross_attention_dim=16, sample_size=8,
+                                               patch_size=2, caption_channels=16, norm_type="ada_norm_single",
+                                               use_additional_conditions=False)
+        inp = (torch.randn(1, 4, 8, 8), torch.randn(1, 6, 16), torch.tensor([3.0]))
+        call = lambda mm, a: mm(hidden_states=a[0], encoder_hidden_states=a[1], timestep=a[2],  # noqa
+                                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    return m.eval(), inp, call
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "pixart"])
+def test_fusion_pass_on_diffusers_transformers(name):
+    """No per-architecture code: on tiny FLUX, SD3 and PixArt transformers (siblings fused, int4p2, Triton kernels)
+    the pass finds activations to fuse (FLUX also its concatenation) and the result is eager's to fp32 rounding."""
+    pytest.importorskip("diffusers")
+    from fourbit.nn import prepare_kernels
+
+    torch.manual_seed(0)
+    model, inp, call = _tiny_diffusers(name)
+
+    class Call(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *a):
+            return call(self.m, a)
+
+    wrapped = Call(model)
+    cfg = fourbit.RTNConfig(weights="int4p2", activations="int4p2", kernel="triton")
+    with torch.no_grad():
+        fourbit.fuse_siblings(wrapped, fourbit.find_siblings(wrapped, lambda m: m(*inp), config=cfg))
+    fourbit.quantize(wrapped, cfg, progress=False, verbose=False)
+    prepare_kernels(wrapped)
+    eager, got, fused = _eager_and_compiled(wrapped, inp, lambda m: _compile_with_pass(m, []))
+    assert fused[0] >= 2 and (fused[1] >= 1) == (name == "flux"), fused
+    assert ((got - eager).norm() / eager.norm()).item() < 1e-6
+
+
 def test_inductor_options_fuse_under_torch_compile():
     """The public way: ``torch.compile(..., options=fourbit.nn.inductor_options())`` with inductor (CPU here)."""
     from fourbit.nn import inductor_options

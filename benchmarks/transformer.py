@@ -16,7 +16,10 @@ expanded per layer) and speed mode ("triton": FP8 weights cached).
 Reported: median step latency (CUDA events, after warm-up) of eager calls and of CUDA-graph replays (no
 Python launch overhead: what ``torch.compile(mode="reduce-overhead")`` or a captured sampler loop runs), peak
 allocated memory during an eager step, and the bytes of weights (parameters + buffers; speed mode adds the
-cached FP8 operands).
+cached FP8 operands). With ``--compile`` every model is also timed with its blocks under ``torch.compile``, and each
+W4A4 model a second time with ``fourbit.nn.inductor_options()`` (the fusion pass: GELU in the GEMM epilogue,
+concatenations read in place; ``--no-fusion`` skips that); ``--profile`` adds CUDA time by kernel kind and the top
+kernels of each compiled step.
 """
 from __future__ import annotations
 

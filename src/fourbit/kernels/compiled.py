@@ -59,12 +59,12 @@ def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Opti
     [act_lo, act_hi)."""
     from . import gemv  # imported here: the test suite re-executes kernel modules (interpreter)
     from .activation import OutputActivation, apply_rounded
-    from .linear import gemv_rows, quantized_gemm
+    from .linear import few_rows, quantized_gemm
     from .weights import WeightOperand, expand_weight
 
     act_format, weight_format, padded_in, _, plan = _lookup(key)
     out_act = OutputActivation(act, act_lo, act_hi) if act else None
-    if plan == "scaled" and gemv_rows(x2) and gemv.gemv_supported(act_format, weight_format):
+    if plan == "scaled" and few_rows(x2.shape[0]) and gemv.gemv_supported(act_format, weight_format):
         x = x2 if x_tail is None else torch.cat([x2, x_tail], 1)
         return apply_rounded(gemv.gemv(x, act_format, weight_format, padded_in, weights[-3], weights[-2],
                                        weights[-1], smooth_recip, down_folded, up, bias), out_act)
@@ -85,10 +85,10 @@ def _(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key, x_tail, a
 
 def compiled_forward(layer, x2: Tensor, memory: bool) -> Tensor:
     """What a quantized layer runs while dynamo traces it: the custom op if its state is ready."""
-    from .linear import _CACHE_KEY, gemv_rows, linear_forward_uncompiled
+    from .linear import _CACHE_KEY, few_rows, linear_forward_uncompiled
 
     st = layer._cache.get(_CACHE_KEY)
-    if st is not None and not memory and st.weight is None and st.gemv and gemv_rows(x2):
+    if st is not None and not memory and st.weight is None and st.gemv and few_rows(x2.shape[0]):
         memory = True  # a single-row layer that ``prepare_kernels`` gave no operand: the GEMV reads the packed weight
     if st is not None and st.plan not in ("scaled", "grouped"):  # no custom op for 16-bit activations or the
         return linear_forward_uncompiled(layer, x2, memory)      # reference fallback: a graph break

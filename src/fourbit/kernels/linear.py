@@ -170,7 +170,7 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
                           f"using the reference implementation", stacklevel=3)
         return quant_linear_reference(layer, x2)
     fused = lowrank == "fused" and st.down is not None
-    if st.gemv and gemv_rows(x2):  # few rows: the packed weight, no operand built
+    if st.gemv and few_rows(x2.shape[0]):  # few rows: the packed weight, no operand built
         y = _gemv.gemv(x2, layer.act_format, layer.weight_format, layer.padded_in, layer.weight_packed,
                        layer.weight_scales, layer.weight_row_scale, st.smooth_recip, st.down_folded if fused else None,
                        st.up if fused else None, st.bias)
@@ -186,13 +186,8 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
     return y
 
 
-def gemv_rows(x2: Tensor) -> bool:
-    """Whether x2's rows take the GEMV (``GemvConfig.max_m``) rather than act_quant + GEMM."""
-    return few_rows(x2.shape[0])
-
-
 def few_rows(m: int) -> bool:
-    """Whether m rows take the GEMV."""
+    """Whether m rows take the GEMV (``GemvConfig.max_m``) rather than act_quant + GEMM."""
     return 0 < m <= _gemv.DEFAULT_GEMV.max_m
 
 

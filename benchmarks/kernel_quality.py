@@ -55,20 +55,11 @@ def _tf32_matmuls():
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@contextlib.contextmanager
 def _precise_fp8_gemm():
     """The Triton GEMM with its FP8 accumulator promoted to fp32 every K tile (``GemmConfig(precise=True)``)."""
     from fourbit.kernels import gemm
 
-    saved = dict(gemm._OVERRIDES)
-    for size in ("large", "small"):
-        gemm.set_default_config(torch.float8_e4m3fn, size, dataclasses.replace(gemm._DEFAULTS[("fp8", size)],
-                                                                                precise=True))
-    try:
-        yield
-    finally:
-        gemm._OVERRIDES.clear()
-        gemm._OVERRIDES.update(saved)
+    return gemm.default_configs(torch.float8_e4m3fn, lambda cfg: dataclasses.replace(cfg, precise=True))
 
 
 #: (label, kernel, compiled with the fusion pass, setting while sampling)

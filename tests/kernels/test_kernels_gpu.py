@@ -153,7 +153,7 @@ def test_scaled_gemm_warp_specialized_gpu():
     lr = torch.randn(m, 32, generator=g).bfloat16().float().cuda()
     up = (torch.randn(n, 32, generator=g) * 0.1).bfloat16().float().cuda()
     bias = torch.randn(n, generator=g).cuda()
-    cfg = dataclasses.replace(gm.GemmConfig(), num_warps=4, tma_store=False, warp_specialize=True)
+    cfg = dataclasses.replace(gm.GemmConfig(), num_warps=4, num_stages=2, tma_store=False, warp_specialize=True)
     for act in (None, OutputActivation("gelu_tanh", 1000, 2000)):
         ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, act=act)
         got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg, act=act)

@@ -320,30 +320,23 @@ def test_scaled_gemm_output_activation_matches_twin(kind):
         OutputActivation("relu")
 
 
-def test_scaled_gemm_warp_specialized_layout_same_bits():
-    """The warp-specialized variant (branch operands through TMA, the activation without a per-tile branch):
-    the same bits as the pointer-load epilogue with the same tiles (ragged M and N; a column range that leaves
-    some tiles outside it); configs Triton cannot warp-specialize are refused."""
-    from fourbit.kernels.activation import OutputActivation
-    from fourbit.kernels.gemm import GemmConfig, scaled_gemm
+def test_default_configs_override_and_restore():
+    """``default_configs``: the changed default inside the block (both size classes), the previous overrides after
+    it, also when the block raises."""
+    import dataclasses
 
-    m, n, k, r = 40, 136, 128, 20
-    a, b = _operands(torch.float8_e4m3fn, m, n, k)
-    sa, sb = torch.rand(m) * 0.1 + 0.05, torch.rand(n) + 0.5
-    lr, up, bias = torch.randn(m, r), torch.randn(n, r).bfloat16().float(), torch.randn(n)
-    plain = GemmConfig(32, 32, 64, 2, 4, 2, persistent=True)
-    ws = GemmConfig(32, 32, 64, 2, 4, 2, persistent=True, warp_specialize=True)
-    for act in (None, OutputActivation("gelu_tanh", 70, 100)):
-        for out in (torch.float32, torch.bfloat16):
-            want = scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=out, config=plain, act=act)
-            got = scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=out, config=ws, act=act)
-            assert torch.equal(got, want)
-    assert torch.equal(scaled_gemm(a, b, sa, sb, out_dtype=torch.float32, config=ws),
-                       scaled_gemm(a, b, sa, sb, out_dtype=torch.float32, config=plain))
-    for bad in (dict(num_warps=8), dict(tma_store=True), dict(stream_k=True), dict(persistent=False)):
-        with pytest.raises(ValueError, match="warp_specialize needs"):
-            GemmConfig(**{**dict(BM=32, BN=32, BK=64, GROUP_M=2, num_warps=4, num_stages=2, persistent=True,
-                                 warp_specialize=True), **bad})
+    from fourbit.kernels import gemm as gm
+
+    fp8 = torch.float8_e4m3fn
+    before = gm.default_config(4608, 3072, 3072, fp8)
+    with gm.default_configs(fp8, lambda c: dataclasses.replace(c, precise=True)):
+        assert gm.default_config(4608, 3072, 3072, fp8).precise and gm.default_config(8192, 8192, 3072, fp8).precise
+        assert not gm.default_config(4608, 3072, 3072, torch.int8).precise
+    assert gm.default_config(4608, 3072, 3072, fp8) == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with gm.default_configs(fp8, lambda c: dataclasses.replace(c, BN=128)):
+            raise RuntimeError("inside")
+    assert gm.default_config(4608, 3072, 3072, fp8) == before
 
 
 def test_scaled_gemm_non_persistent_and_unaligned_k():

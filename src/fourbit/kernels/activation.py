@@ -91,14 +91,9 @@ def activate(y, CODE: tl.constexpr):
 
 
 @triton.jit
-def activate_columns(y, offs_n, off_n, lo, hi, CODE: tl.constexpr, BN: tl.constexpr, SKIP_OUTSIDE: tl.constexpr):
-    """A (BM, BN) epilogue tile starting at column off_n with ``activate`` on its columns in [lo, hi).
-    SKIP_OUTSIDE: tiles with no such column skip the activation (a branch that Triton's warp specialization on
-    Hopper cannot partition; without it every tile computes it and keeps its own values outside [lo, hi))."""
-    inside = (offs_n >= lo) & (offs_n < hi)
-    if SKIP_OUTSIDE:
-        if (off_n + BN > lo) & (off_n < hi):
-            y = tl.where(inside[None, :], activate(y, CODE), y)
-    else:
+def activate_columns(y, offs_n, off_n, lo, hi, CODE: tl.constexpr, BN: tl.constexpr):
+    """A (BM, BN) epilogue tile starting at column off_n with ``activate`` on its columns in [lo, hi)."""
+    if (off_n + BN > lo) & (off_n < hi):
+        inside = (offs_n >= lo) & (offs_n < hi)
         y = tl.where(inside[None, :], activate(y, CODE), y)
     return y

@@ -61,14 +61,12 @@ def _mainloop(a_desc, b_desc, off_m, off_n, kt_lo, kt_hi, acc, BK: tl.constexpr,
 
 
 @triton.jit
-def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, lr_desc, up_desc,
-              bias_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi,
+def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
+              M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi,
               A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-              ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TMA_STORE: tl.constexpr,
-              WARP_SPEC: tl.constexpr):
+              ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TMA_STORE: tl.constexpr):
     """Scales, low-rank branch, bias, the output activation on columns [act_lo, act_hi); one rounding to the
-    output type; store the (BM, BN) tile. WARP_SPEC: written the way Triton's warp specialization on Hopper can
-    partition it (the branch's operands through TMA descriptors, no data-dependent branch); the same values."""
+    output type; store the (BM, BN) tile."""
     y = acc.to(tl.float32)
     offs_m = off_m + tl.arange(0, BM)
     offs_n = off_n + tl.arange(0, BN)
@@ -84,17 +82,13 @@ def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr
         y = y * tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if RANK > 0:
         offs_r = tl.arange(0, RANK)
-        if WARP_SPEC:  # rows past M / N are zero-filled by the TMA unit
-            lr = lr_desc.load([off_m, 0])  # (BM, R)
-            up = up_desc.load([off_n, 0])  # (BN, R)
-        else:
-            lr = tl.load(lr_ptr + offs_m[:, None] * stride_lr + offs_r[None, :], mask=mask_m[:, None], other=0.0)
-            up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None], other=0.0)
+        lr = tl.load(lr_ptr + offs_m[:, None] * stride_lr + offs_r[None, :], mask=mask_m[:, None], other=0.0)
+        up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None], other=0.0)
         y = tl.dot(lr, up.T, y, input_precision="tf32")  # (BM, R) @ (R, BN), fp32 accumulate into y
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if ACT > 0:
-        y = activate_columns(y, offs_n, off_n, act_lo, act_hi, ACT, BN, not WARP_SPEC)
+        y = activate_columns(y, offs_n, off_n, act_lo, act_hi, ACT, BN)
     if TMA_STORE:
         c_desc.store([off_m, off_n], y.to(c_desc.dtype))
     else:
@@ -104,8 +98,8 @@ def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr
 
 @triton.jit
 def _scaled_gemm_kernel(
-    a_desc, b_desc, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, lr_desc, up_desc, bias_ptr, ws_ptr,
-    flag_ptr, M, N, K, stride_cm, stride_lr, stride_up, DP_TILES, SK_ITERS, SK_PER, act_lo, act_hi,
+    a_desc, b_desc, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr, ws_ptr, flag_ptr,
+    M, N, K, stride_cm, stride_lr, stride_up, DP_TILES, SK_ITERS, SK_PER, act_lo, act_hi,
     A_SCALE: tl.constexpr,  # 0: none, 1: one scalar, 2: one per row of A
     B_SCALE: tl.constexpr,  # 0: none, 1: one scalar, 2: one per row of B (= column of y)
     RANK: tl.constexpr,  # padded rank of the low-rank branch; 0 = no branch
@@ -117,7 +111,6 @@ def _scaled_gemm_kernel(
     UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong, so 16-bit operands go through fp32
     TMA_STORE: tl.constexpr,  # store the output tile through a TMA descriptor (else masked pointer stores)
     STREAM_K: tl.constexpr,  # SK_ITERS > 0 (compiled in only then; never with ACC_INT)
-    WARP_SPEC: tl.constexpr,  # Triton's automatic warp specialization of the tile loop (branch operands via TMA)
 ):
     """Tiles [0, DP_TILES): one program each, round robin. The remaining tiles (fewer than one wave; SK_ITERS =
     their K tiles in all, 0 = none) are shared out by K iterations, SK_PER per program (stream-K): a program
@@ -128,7 +121,7 @@ def _scaled_gemm_kernel(
     num_pid_m = cdiv(M, BM)
     num_pid_n = cdiv(N, BN)
     k_tiles = cdiv(K, BK)
-    for tile in tl.range(pid, DP_TILES, NUM_PROGS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
+    for tile in tl.range(pid, DP_TILES, NUM_PROGS, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         if ACC_INT:
             acc = tl.full((BM, BN), 0, tl.int32)
@@ -136,9 +129,9 @@ def _scaled_gemm_kernel(
             acc = tl.full((BM, BN), 0, tl.float32)
         acc = _mainloop(a_desc, b_desc, pid_m * BM, pid_n * BN, 0, k_tiles, acc, BK, ACC_INT, MAX_IMPRECISE,
                         UPCAST)
-        _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, lr_desc,
-                  up_desc, bias_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, A_SCALE, B_SCALE, RANK,
-                  HAS_BIAS, ACT, BM, BN, TMA_STORE, WARP_SPEC)
+        _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
+                  M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, A_SCALE, B_SCALE, RANK, HAS_BIAS, ACT,
+                  BM, BN, TMA_STORE)
     if STREAM_K:
         start = pid * SK_PER
         it = tl.minimum(start + SK_PER, SK_ITERS)
@@ -157,8 +150,8 @@ def _scaled_gemm_kernel(
                         pass
                     acc += tl.load(ws_ptr + q * (BM * BN) + offs_tile, cache_modifier=".cg")
                 _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr,
-                          lr_desc, up_desc, bias_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, A_SCALE,
-                          B_SCALE, RANK, HAS_BIAS, ACT, BM, BN, TMA_STORE, WARP_SPEC)
+                          bias_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, A_SCALE, B_SCALE, RANK,
+                          HAS_BIAS, ACT, BM, BN, TMA_STORE)
             else:  # the head of a tile owned by a later program (only ever this program's last segment)
                 tl.store(ws_ptr + pid * (BM * BN) + offs_tile, acc)
                 tl.debug_barrier()  # every thread's part of the slot is written before the flag goes up
@@ -182,21 +175,11 @@ class GemmConfig:
     precise: bool = False
     tma_store: bool = False
     stream_k: bool = False  # the last, partial wave of tiles shared out by K iterations (fp8 / 16-bit operands)
-    #: Triton's automatic warp specialization of the persistent tile loop (a TMA producer warp group feeding
-    #: consumer warp groups). Triton 3.6 on Hopper applies it only with num_warps = 4, pointer stores of the output
-    #: tile (its pass fails on a TMA store) and the branch operands loaded through TMA; no stream-K.
-    warp_specialize: bool = False
-
-    def __post_init__(self):
-        if self.warp_specialize and (self.num_warps != 4 or self.tma_store or self.stream_k or not self.persistent):
-            raise ValueError(f"GemmConfig: warp_specialize needs num_warps=4, persistent=True, tma_store=False and "
-                             f"stream_k=False (what Triton's Hopper warp specialization supports); got {self}")
 
     def key(self) -> str:
         return (f"{self.BM}x{self.BN}x{self.BK}-g{self.GROUP_M}-w{self.num_warps}-s{self.num_stages}"
                 f"{'-p' if self.persistent else ''}{'-f' if self.flatten else ''}{'-acc' if self.precise else ''}"
-                f"{'-tma' if self.tma_store else ''}{'-sk' if self.stream_k else ''}"
-                f"{'-ws' if self.warp_specialize else ''}")
+                f"{'-tma' if self.tma_store else ''}{'-sk' if self.stream_k else ''}")
 
 
 #: Per-(operand dtype, size class) defaults. Chosen by ``benchmarks/linear.py --tune`` on an H100 (2026-11-22,
@@ -249,7 +232,7 @@ def default_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int = 132) -
     if (kind in ("fp8", "int8") and m <= FEW_TILES_MAX_M
             and ceil_div(m, cfg.BM) * ceil_div(n, cfg.BN) < FEW_TILES_WAVES * sms):
         return FEW_TILES
-    if kind == "fp8" and k >= STREAM_K_MIN_K and not cfg.warp_specialize:
+    if kind == "fp8" and k >= STREAM_K_MIN_K:
         cfg = replace(cfg, stream_k=True)
     return cfg
 
@@ -356,10 +339,6 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     # TMA store stages the whole tile in shared memory: 16-bit outputs only (an fp32 tile does not fit)
     tma_store = cfg.tma_store and c.element_size() == 2 and (n * 2) % 16 == 0 and not interpreting()
     c_desc = TensorDescriptor.from_tensor(c, [cfg.BM, cfg.BN]) if tma_store else a_desc
-    lr_desc = up_desc = a_desc  # never read unless warp-specialized with a branch
-    if cfg.warp_specialize and lr is not None:
-        lr_desc = TensorDescriptor.from_tensor(lr, [cfg.BM, rank])
-        up_desc = TensorDescriptor.from_tensor(up, [cfg.BN, rank])
     tiles = ceil_div(m, cfg.BM) * ceil_div(n, cfg.BN)
     progs = min(tiles, num_sms(a.device)) if cfg.persistent else tiles
     dummy = c  # never read when the matching flag is off
@@ -368,7 +347,7 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     _scaled_gemm_kernel[(progs,)](
         a_desc, b_desc, c_desc, c,
         dummy if a_scale is None else a_scale, dummy if b_scale is None else b_scale,
-        dummy if lr is None else lr, dummy if up is None else up, lr_desc, up_desc,
+        dummy if lr is None else lr, dummy if up is None else up,
         dummy if bias is None else bias, dummy if ws is None else ws, dummy if flags is None else flags,
         m, n, k, c.stride(0), 0 if lr is None else lr.stride(0), 0 if up is None else up.stride(0),
         dp_tiles, sk_iters, sk_per, act_lo, act_hi,
@@ -378,7 +357,7 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, NUM_PROGS=progs,
         MAX_IMPRECISE=cfg.BK if (cfg.precise and is_fp8 and not interpreting()) else None,
         FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, TMA_STORE=tma_store,
-        STREAM_K=sk_iters > 0, WARP_SPEC=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STREAM_K=sk_iters > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c
 

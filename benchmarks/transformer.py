@@ -178,10 +178,15 @@ _CATEGORIES = [  # (category, regex over CUDA kernel names), first match wins
     ("fourbit act_quant", r"_act_(stats|quant|fused)_kernel"),
     ("fourbit GEMM", r"_(scaled|grouped)_gemm_kernel"),
     ("fourbit weight expansion", r"_expand_kernel"),
+    # inductor's generated kernels are named after the ops they fuse, e.g. the RoPE + layout work feeding SDPA is
+    # "triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention_...": elementwise, not attention
+    ("elementwise/norm/other", r"^triton_(poi|red|per)_"),
     ("attention", r"flash|fmha|attention|sdpa"),
     ("cuBLAS/other GEMM", r"gemm|sm90_xmma|nvjet|cutlass|cublas"),
     ("elementwise/norm/other", r"."),
 ]
+_CATEGORY_NAMES = ("fourbit act_quant", "fourbit GEMM", "fourbit weight expansion", "attention", "cuBLAS/other GEMM",
+                   "elementwise/norm/other")  # the tables' column order
 
 
 @torch.inference_mode()
@@ -197,7 +202,7 @@ def profile_step(model, inputs, top=None):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         model(**inputs)
         torch.cuda.synchronize()
-    out = {c: 0.0 for c, _ in _CATEGORIES}
+    out = dict.fromkeys(_CATEGORY_NAMES, 0.0)
     kernels = []
     for ev in prof.key_averages():
         us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
@@ -403,7 +408,7 @@ def main(argv=None):
                + md_table(["model", "graph (not compiled)", "compiled + graph", "compiled eager",
                            "speed-up vs bf16 graph", "speed-up vs bf16 compiled + graph", "compile s", "error"], crow))
     if args.profile and not tiny:
-        cats = [c for c, _ in _CATEGORIES]
+        cats = list(_CATEGORY_NAMES)
         prow = [["bf16"] + [f"{res['bf16']['profile_ms'][c]:.1f}" for c in cats]]
         prow += [[mode] + [f"{res[mode]['profile_ms'][c]:.1f}" for c in cats] for mode, _ in modes]
         md += "\nCUDA time of one eager step by kernel kind (ms, torch.profiler):\n\n" + md_table(["model"] + cats, prow)

@@ -137,7 +137,11 @@ class InterleavedGraphs:
 
     def add(self, fns: Sequence[Callable[[], object]]) -> int:
         g, calls = capture_graph(fns, self.min_calls)
-        self.items.append((g, calls, fns))
+        return self.add_captured(g, calls, fns)
+
+    def add_captured(self, g, calls: int, keep: object) -> int:
+        """A graph captured elsewhere (``capture_graph``) of ``calls`` calls; ``keep``: what it reads (kept alive)."""
+        self.items.append((g, calls, keep))
         return len(self.items) - 1
 
     def run(self, rounds: int = 20) -> list[float]:

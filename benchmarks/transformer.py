@@ -19,7 +19,9 @@ allocated memory during an eager step, and the bytes of weights (parameters + bu
 cached FP8 operands). With ``--compile`` every model is also timed with its blocks under ``torch.compile``, and each
 W4A4 model a second time with ``fourbit.nn.inductor_options()`` (the fusion pass: GELU in the GEMM epilogue,
 concatenations read in place; ``--no-fusion`` skips that); ``--profile`` adds CUDA time by kernel kind and the top
-kernels of each compiled step.
+kernels of each compiled step. Those timings run one model after the other; the headline ratio is then re-measured
+with both resident: a fresh bf16 model and the W4A4 model (speed mode, fusion pass), both compiled, their CUDA graphs
+replayed in alternation (``interleaved_headline``), so clock and temperature drift touch both alike.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import environment, md_table, time_graph, write_results  # noqa: E402
+from _util import InterleavedGraphs, capture_graph, environment, md_table, time_graph, write_results  # noqa: E402
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
@@ -138,14 +140,16 @@ def time_step_graph(model, inputs, steps=5):
         torch.cuda.empty_cache()
 
 
-def compile_blocks(model, on=True, options=None):
+def compile_blocks(model, on=True, options=None, reset=True):
     """Regional torch.compile (inductor, default mode) of every transformer block, or undo it. The blocks of a
     kind share one compiled graph; fourbit's quantized layers are custom ops in it (``prepare_kernels``; formats
     without a Triton path break the graph), and inductor fuses the code around them: norms, modulation, GELU,
-    RoPE, gates, residuals. ``options``: inductor options (``fourbit.nn.inductor_options()``: the fusion pass)."""
+    RoPE, gates, residuals. ``options``: inductor options (``fourbit.nn.inductor_options()``: the fusion pass).
+    ``reset=False`` keeps what dynamo compiled before (another model compiled and in use beside this one)."""
     import torch._dynamo
 
-    torch._dynamo.reset()
+    if reset:
+        torch._dynamo.reset()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
         torch._dynamo.config.accumulated_cache_size_limit = max(
@@ -158,7 +162,7 @@ def compile_blocks(model, on=True, options=None):
                 blk._compiled_call_impl = None
 
 
-def timed_compile(model, inputs, device, options=None):
+def timed_compile(model, inputs, device, options=None, reset=True):
     """Compile the blocks and run one step (compilation happens here); returns the seconds it took."""
     from fourbit.nn import prepare_kernels
 
@@ -166,7 +170,7 @@ def timed_compile(model, inputs, device, options=None):
     # quantized layers become custom ops in the graphs (no graph breaks); the step seen once, so that the single-row
     # (GEMV) layers keep no FP8 operand
     prepare_kernels(model, forward_loop=lambda m: m(**inputs))
-    compile_blocks(model, True, options)
+    compile_blocks(model, True, options, reset)
     with torch.inference_mode():
         model(**inputs)
     if device == "cuda":
@@ -263,6 +267,39 @@ def compiled(model, inputs, args, device, log, name, options=None):
         out = dict(compile_error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     finally:
         compile_blocks(model, False)
+    return out
+
+
+def interleaved_headline(model, inputs, cfg, log, rounds=10):
+    """The headline ratio with both models resident: the W4A4 model (its current mode) compiled with the fusion pass,
+    and a fresh bf16 model (the same seed: the same weights) compiled the default way; their CUDA graphs of one step
+    replayed in alternation for ``rounds`` rounds (median ms each), so GPU clock and temperature drift touch both
+    alike (the per-model timings above run one model after the other)."""
+    from fourbit.nn import inductor_options
+
+    bf16 = None
+    try:
+        timed_compile(model, inputs, "cuda", inductor_options())
+        bf16 = build(cfg, "cuda")
+        timed_compile(bf16, inputs, "cuda", reset=False)  # keeps the W4A4 model's compiled code
+        timer = InterleavedGraphs()
+        with torch.inference_mode():
+            for m in (bf16, model):
+                timer.add_captured(*capture_graph([lambda m=m: m(**inputs)], min_calls=1), keep=m)
+        ms_bf16, ms_w4 = timer.run(rounds)
+        out = dict(rounds=rounds, bf16_compiled_graph_ms=ms_bf16, w4a4_fusion_compiled_graph_ms=ms_w4,
+                   speedup=ms_bf16 / ms_w4)
+        log(f"interleaved ({rounds} rounds, compiled + CUDA graph): bf16 {ms_bf16:.1f} ms, W4A4 + fusion "
+            f"{ms_w4:.1f} ms: {ms_bf16 / ms_w4:.3f}x")
+    except Exception as e:  # report, do not lose the other numbers
+        log(f"interleaved timing FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        out = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    finally:
+        compile_blocks(model, False)
+        if bf16 is not None:
+            compile_blocks(bf16, False, reset=False)
+        del bf16
+        torch.cuda.empty_cache()
     return out
 
 
@@ -371,6 +408,9 @@ def main(argv=None):
             f"({res[mode]['graph_speedup']}x), peak {peak / 2**30:.2f} GiB, "
             f"weights {(q_bytes + cache) / 2**30:.2f} GiB (1/{res[mode]['weight_ratio']:.2f} of bf16)")
 
+    if args.compile and not args.no_fusion and not tiny:
+        res["interleaved"] = interleaved_headline(model, inputs, cfg, log)
+
     def f(v, spec=".1f"):
         return "-" if v is None else format(v, spec)
 
@@ -407,6 +447,13 @@ def main(argv=None):
                "custom ops in the graphs), step time in ms:\n\n"
                + md_table(["model", "graph (not compiled)", "compiled + graph", "compiled eager",
                            "speed-up vs bf16 graph", "speed-up vs bf16 compiled + graph", "compile s", "error"], crow))
+    il = res.get("interleaved")
+    if il and "speedup" in il:
+        md += (f"\nBoth resident, CUDA graphs of one compiled step replayed in alternation ({il['rounds']} rounds, "
+               f"medians): bf16 {il['bf16_compiled_graph_ms']:.1f} ms, W4A4 {modes[-1][0]} mode + fusion pass "
+               f"{il['w4a4_fusion_compiled_graph_ms']:.1f} ms: **{il['speedup']:.2f}x**.\n")
+    elif il:
+        md += f"\nInterleaved timing failed: {il.get('error')}\n"
     if args.profile and not tiny:
         cats = list(_CATEGORY_NAMES)
         prow = [["bf16"] + [f"{res['bf16']['profile_ms'][c]:.1f}" for c in cats]]

@@ -110,10 +110,8 @@ def capture_graph(fns: Sequence[Callable[[], object]], min_calls: int = 12):
     return g, calls
 
 
-def time_graph(fns: Sequence[Callable[[], object]], replays: int = 20, min_calls: int = 12) -> float:
-    """Median ms per call from CUDA-graph replays of several calls rotating over ``fns`` (no launch overhead;
-    inputs rotate, so data larger than L2 comes from memory as in a real model)."""
-    g, calls = capture_graph(fns, min_calls)
+def replay_median(g, calls: int, replays: int = 20) -> float:
+    """Median ms per call over ``replays`` back-to-back replays of a captured graph of ``calls`` calls."""
     times = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -122,8 +120,62 @@ def time_graph(fns: Sequence[Callable[[], object]], replays: int = 20, min_calls
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / calls)
-    del g
     return float(statistics.median(times))
+
+
+def time_graph(fns: Sequence[Callable[[], object]], replays: int = 20, min_calls: int = 12) -> float:
+    """Median ms per call from CUDA-graph replays of several calls rotating over ``fns`` (no launch overhead;
+    inputs rotate, so data larger than L2 comes from memory as in a real model)."""
+    g, calls = capture_graph(fns, min_calls)
+    ms = replay_median(g, calls, replays)
+    del g
+    return ms
+
+
+class ClockSampler:
+    """GPU SM clock (MHz), power (W) and temperature (C) sampled every ``period_ms`` by ``nvidia-smi`` in the
+    background while the block runs; ``summary`` gives mean / min / max of each (empty where nvidia-smi is absent)."""
+
+    FIELDS = ("clocks.sm", "power.draw", "temperature.gpu")
+
+    def __init__(self, period_ms: int = 50):
+        self.period_ms = period_ms
+        self.summary: dict = {}
+
+    def __enter__(self):
+        import shutil
+        import subprocess
+        import tempfile
+
+        self._proc = None
+        if shutil.which("nvidia-smi"):
+            self._file = tempfile.TemporaryFile(mode="w+")
+            idx = torch.cuda.current_device()
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", f"--id={idx}", f"--query-gpu={','.join(self.FIELDS)}", "--format=csv,noheader,nounits",
+                 f"-lms={self.period_ms}"], stdout=self._file, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc is None:
+            return False
+        self._proc.terminate()
+        self._proc.wait()
+        self._file.seek(0)
+        cols: list[list[float]] = [[] for _ in self.FIELDS]
+        for line in self._file:
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                vals = [float(p) for p in parts]
+            except ValueError:
+                continue
+            if len(vals) == len(self.FIELDS):
+                for c, v in zip(cols, vals):
+                    c.append(v)
+        self._file.close()
+        self.summary = {f: dict(mean=statistics.fmean(c), min=min(c), max=max(c), samples=len(c))
+                        for f, c in zip(self.FIELDS, cols) if c}
+        return False
 
 
 class InterleavedGraphs:

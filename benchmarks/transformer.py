@@ -35,7 +35,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import InterleavedGraphs, capture_graph, environment, md_table, time_graph, write_results  # noqa: E402
+from _util import (ClockSampler, InterleavedGraphs, capture_graph, environment, md_table, replay_median,  # noqa: E402
+                   time_graph, write_results)
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
@@ -274,7 +275,8 @@ def interleaved_headline(model, inputs, cfg, log, rounds=10):
     """The headline ratio with both models resident: the W4A4 model (its current mode) compiled with the fusion pass,
     and a fresh bf16 model (the same seed: the same weights) compiled the default way; their CUDA graphs of one step
     replayed in alternation for ``rounds`` rounds (median ms each), so GPU clock and temperature drift touch both
-    alike (the per-model timings above run one model after the other)."""
+    alike (the per-model timings above run one model after the other). Then each graph alone (back to back, as the
+    sequential tables time it) and the alternation again, with the SM clock and power sampled in each phase."""
     from fourbit.nn import inductor_options
 
     bf16 = None
@@ -282,15 +284,35 @@ def interleaved_headline(model, inputs, cfg, log, rounds=10):
         timed_compile(model, inputs, "cuda", inductor_options())
         bf16 = build(cfg, "cuda")
         timed_compile(bf16, inputs, "cuda", reset=False)  # keeps the W4A4 model's compiled code
-        timer = InterleavedGraphs()
         with torch.inference_mode():
-            for m in (bf16, model):
-                timer.add_captured(*capture_graph([lambda m=m: m(**inputs)], min_calls=1), keep=m)
-        ms_bf16, ms_w4 = timer.run(rounds)
+            graphs = {"bf16": capture_graph([lambda: bf16(**inputs)], min_calls=1),
+                      "w4a4": capture_graph([lambda: model(**inputs)], min_calls=1)}
+        phases = {}
+
+        def interleave(name):
+            timer = InterleavedGraphs()
+            for g, calls in graphs.values():
+                timer.add_captured(g, calls, keep=(bf16, model))
+            with ClockSampler() as clocks:
+                phases[name] = dict(zip(graphs, timer.run(rounds)), gpu=clocks.summary)
+
+        def alone(key):  # the same graph replayed back to back, as the sequential tables above time it
+            with ClockSampler() as clocks:
+                phases[f"{key} alone"] = {key: replay_median(*graphs[key], rounds), "gpu": clocks.summary}
+
+        interleave("interleaved")
+        alone("w4a4")
+        alone("bf16")
+        interleave("interleaved again")
+        ms_bf16, ms_w4 = phases["interleaved"]["bf16"], phases["interleaved"]["w4a4"]
         out = dict(rounds=rounds, bf16_compiled_graph_ms=ms_bf16, w4a4_fusion_compiled_graph_ms=ms_w4,
-                   speedup=ms_bf16 / ms_w4)
-        log(f"interleaved ({rounds} rounds, compiled + CUDA graph): bf16 {ms_bf16:.1f} ms, W4A4 + fusion "
-            f"{ms_w4:.1f} ms: {ms_bf16 / ms_w4:.3f}x")
+                   speedup=ms_bf16 / ms_w4, phases=phases)
+        for name, ph in phases.items():
+            sm = ph["gpu"].get("clocks.sm", {})
+            pw = ph["gpu"].get("power.draw", {})
+            log(f"{name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ph.items() if k != "gpu")
+                + (f"; SM clock mean {sm['mean']:.0f} MHz (min {sm['min']:.0f}), power mean {pw.get('mean', 0):.0f} W"
+                   if sm else ""))
     except Exception as e:  # report, do not lose the other numbers
         log(f"interleaved timing FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
         out = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
@@ -298,7 +320,7 @@ def interleaved_headline(model, inputs, cfg, log, rounds=10):
         compile_blocks(model, False)
         if bf16 is not None:
             compile_blocks(bf16, False, reset=False)
-        del bf16
+        bf16 = None  # noqa: F841 (the graphs above are gone with the function)
         torch.cuda.empty_cache()
     return out
 
@@ -451,7 +473,16 @@ def main(argv=None):
     if il and "speedup" in il:
         md += (f"\nBoth resident, CUDA graphs of one compiled step replayed in alternation ({il['rounds']} rounds, "
                f"medians): bf16 {il['bf16_compiled_graph_ms']:.1f} ms, W4A4 {modes[-1][0]} mode + fusion pass "
-               f"{il['w4a4_fusion_compiled_graph_ms']:.1f} ms: **{il['speedup']:.2f}x**.\n")
+               f"{il['w4a4_fusion_compiled_graph_ms']:.1f} ms: **{il['speedup']:.2f}x**. The same two graphs in "
+               f"phases (in this order; SM clock and power sampled by nvidia-smi):\n\n")
+        prow = []
+        for name, ph in il["phases"].items():
+            sm, pw = ph["gpu"].get("clocks.sm", {}), ph["gpu"].get("power.draw", {})
+            prow.append([name, f(ph.get("bf16")), f(ph.get("w4a4")),
+                         f(ph["bf16"] / ph["w4a4"], ".3f") if "bf16" in ph and "w4a4" in ph else "-",
+                         f(sm.get("mean"), ".0f"), f(sm.get("min"), ".0f"), f(pw.get("mean"), ".0f")])
+        md += md_table(["phase", "bf16 ms", "W4A4 ms", "ratio", "SM MHz mean", "SM MHz min", "power W mean"],
+                       prow) + "\n"
     elif il:
         md += f"\nInterleaved timing failed: {il.get('error')}\n"
     if args.profile and not tiny:

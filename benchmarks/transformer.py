@@ -474,15 +474,18 @@ def main(argv=None):
         md += (f"\nBoth resident, CUDA graphs of one compiled step replayed in alternation ({il['rounds']} rounds, "
                f"medians): bf16 {il['bf16_compiled_graph_ms']:.1f} ms, W4A4 {modes[-1][0]} mode + fusion pass "
                f"{il['w4a4_fusion_compiled_graph_ms']:.1f} ms: **{il['speedup']:.2f}x**. The same two graphs in "
-               f"phases (in this order; SM clock and power sampled by nvidia-smi):\n\n")
+               f"phases, in this order:\n\n")
+        sampled = any(ph["gpu"] for ph in il["phases"].values())
         prow = []
         for name, ph in il["phases"].items():
             sm, pw = ph["gpu"].get("clocks.sm", {}), ph["gpu"].get("power.draw", {})
             prow.append([name, f(ph.get("bf16")), f(ph.get("w4a4")),
-                         f(ph["bf16"] / ph["w4a4"], ".3f") if "bf16" in ph and "w4a4" in ph else "-",
-                         f(sm.get("mean"), ".0f"), f(sm.get("min"), ".0f"), f(pw.get("mean"), ".0f")])
-        md += md_table(["phase", "bf16 ms", "W4A4 ms", "ratio", "SM MHz mean", "SM MHz min", "power W mean"],
-                       prow) + "\n"
+                         f(ph["bf16"] / ph["w4a4"], ".3f") if "bf16" in ph and "w4a4" in ph else "-"]
+                        + ([f(sm.get("mean"), ".0f"), f(sm.get("min"), ".0f"), f(pw.get("mean"), ".0f")]
+                           if sampled else []))
+        md += md_table(["phase", "bf16 ms", "W4A4 ms", "ratio"]
+                       + (["SM MHz mean", "SM MHz min", "power W mean"] if sampled else []), prow)
+        md += "\n" if sampled else "\n\n(nvidia-smi gave no clock samples on this machine.)\n"
     elif il:
         md += f"\nInterleaved timing failed: {il.get('error')}\n"
     if args.profile and not tiny:

@@ -134,7 +134,7 @@ def time_graph(fns: Sequence[Callable[[], object]], replays: int = 20, min_calls
 
 class ClockSampler:
     """GPU SM clock (MHz), power (W) and temperature (C) sampled every ``period_ms`` by ``nvidia-smi`` in the
-    background while the block runs; ``summary`` gives mean / min / max of each (empty where nvidia-smi is absent)."""
+    background while the block runs; ``summary`` gives mean / min / max of each, or {"error": why} without samples."""
 
     FIELDS = ("clocks.sm", "power.draw", "temperature.gpu")
 
@@ -148,12 +148,14 @@ class ClockSampler:
         import tempfile
 
         self._proc = None
-        if shutil.which("nvidia-smi"):
-            self._file = tempfile.TemporaryFile(mode="w+")
-            idx = torch.cuda.current_device()
-            self._proc = subprocess.Popen(
-                ["nvidia-smi", f"--id={idx}", f"--query-gpu={','.join(self.FIELDS)}", "--format=csv,noheader,nounits",
-                 f"-lms={self.period_ms}"], stdout=self._file, stderr=subprocess.DEVNULL)
+        exe = shutil.which("nvidia-smi")
+        if exe is None:
+            self.summary = {"error": "nvidia-smi not found"}
+            return self
+        self._out, self._err = tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen(
+            [exe, f"--id={torch.cuda.current_device()}", f"--query-gpu={','.join(self.FIELDS)}",
+             "--format=csv,noheader,nounits", f"--loop-ms={self.period_ms}"], stdout=self._out, stderr=self._err)
         return self
 
     def __exit__(self, *exc):
@@ -161,20 +163,24 @@ class ClockSampler:
             return False
         self._proc.terminate()
         self._proc.wait()
-        self._file.seek(0)
         cols: list[list[float]] = [[] for _ in self.FIELDS]
-        for line in self._file:
-            parts = [p.strip() for p in line.split(",")]
+        self._out.seek(0)
+        for line in self._out:
             try:
-                vals = [float(p) for p in parts]
+                vals = [float(p.strip()) for p in line.split(",")]
             except ValueError:
                 continue
             if len(vals) == len(self.FIELDS):
                 for c, v in zip(cols, vals):
                     c.append(v)
-        self._file.close()
+        self._err.seek(0)
+        err = self._err.read().strip().splitlines()
+        self._out.close()
+        self._err.close()
         self.summary = {f: dict(mean=statistics.fmean(c), min=min(c), max=max(c), samples=len(c))
                         for f, c in zip(self.FIELDS, cols) if c}
+        if not self.summary:
+            self.summary = {"error": err[0][:200] if err else "no samples"}
         return False
 
 

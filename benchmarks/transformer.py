@@ -475,7 +475,7 @@ def main(argv=None):
                f"medians): bf16 {il['bf16_compiled_graph_ms']:.1f} ms, W4A4 {modes[-1][0]} mode + fusion pass "
                f"{il['w4a4_fusion_compiled_graph_ms']:.1f} ms: **{il['speedup']:.2f}x**. The same two graphs in "
                f"phases, in this order:\n\n")
-        sampled = any(ph["gpu"] for ph in il["phases"].values())
+        sampled = any("clocks.sm" in ph["gpu"] for ph in il["phases"].values())
         prow = []
         for name, ph in il["phases"].items():
             sm, pw = ph["gpu"].get("clocks.sm", {}), ph["gpu"].get("power.draw", {})
@@ -485,7 +485,8 @@ def main(argv=None):
                            if sampled else []))
         md += md_table(["phase", "bf16 ms", "W4A4 ms", "ratio"]
                        + (["SM MHz mean", "SM MHz min", "power W mean"] if sampled else []), prow)
-        md += "\n" if sampled else "\n\n(nvidia-smi gave no clock samples on this machine.)\n"
+        why = next(iter(il["phases"].values()))["gpu"].get("error", "")
+        md += "\n" if sampled else f"\n\n(no clock samples: {why})\n"
     elif il:
         md += f"\nInterleaved timing failed: {il.get('error')}\n"
     if args.profile and not tiny:

@@ -133,8 +133,9 @@ def time_graph(fns: Sequence[Callable[[], object]], replays: int = 20, min_calls
 
 
 class ClockSampler:
-    """GPU SM clock (MHz), power (W) and temperature (C) sampled every ``period_ms`` by ``nvidia-smi`` in the
-    background while the block runs; ``summary`` gives mean / min / max of each, or {"error": why} without samples."""
+    """GPU SM clock (MHz), power (W) and temperature (C) read by ``nvidia-smi`` every ``period_ms`` from a background
+    thread while the block runs (one query per sample: its looping mode buffers its output and loses it when
+    stopped); ``summary`` gives mean / min / max of each, or {"error": why} without samples."""
 
     FIELDS = ("clocks.sm", "power.draw", "temperature.gpu")
 
@@ -142,45 +143,42 @@ class ClockSampler:
         self.period_ms = period_ms
         self.summary: dict = {}
 
+    def _run(self, exe):
+        import subprocess
+
+        cmd = [exe, f"--id={self._index}", f"--query-gpu={','.join(self.FIELDS)}", "--format=csv,noheader,nounits"]
+        while not self._stop.wait(self.period_ms / 1e3):
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+                self._rows.append([float(p.strip()) for p in r.stdout.strip().split(",")])
+            except (OSError, ValueError, subprocess.SubprocessError) as e:
+                self._errors.append(f"{type(e).__name__}: {e}"[:200])
+
     def __enter__(self):
         import shutil
-        import subprocess
-        import tempfile
+        import threading
 
-        self._proc = None
+        self._thread, self._rows, self._errors = None, [], []
         exe = shutil.which("nvidia-smi")
         if exe is None:
             self.summary = {"error": "nvidia-smi not found"}
             return self
-        self._out, self._err = tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")
-        self._proc = subprocess.Popen(
-            [exe, f"--id={torch.cuda.current_device()}", f"--query-gpu={','.join(self.FIELDS)}",
-             "--format=csv,noheader,nounits", f"--loop-ms={self.period_ms}"], stdout=self._out, stderr=self._err)
+        self._index = torch.cuda.current_device()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(exe,), daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        if self._proc is None:
+        if self._thread is None:
             return False
-        self._proc.terminate()
-        self._proc.wait()
-        cols: list[list[float]] = [[] for _ in self.FIELDS]
-        self._out.seek(0)
-        for line in self._out:
-            try:
-                vals = [float(p.strip()) for p in line.split(",")]
-            except ValueError:
-                continue
-            if len(vals) == len(self.FIELDS):
-                for c, v in zip(cols, vals):
-                    c.append(v)
-        self._err.seek(0)
-        err = self._err.read().strip().splitlines()
-        self._out.close()
-        self._err.close()
+        self._stop.set()
+        self._thread.join()
+        rows = [r for r in self._rows if len(r) == len(self.FIELDS)]
         self.summary = {f: dict(mean=statistics.fmean(c), min=min(c), max=max(c), samples=len(c))
-                        for f, c in zip(self.FIELDS, cols) if c}
+                        for f, c in zip(self.FIELDS, zip(*rows))} if rows else {}
         if not self.summary:
-            self.summary = {"error": err[0][:200] if err else "no samples"}
+            self.summary = {"error": self._errors[0] if self._errors else "no samples"}
         return False
 
 

@@ -294,11 +294,13 @@ def interleaved_headline(model, inputs, cfg, log, rounds=10):
             for g, calls in graphs.values():
                 timer.add_captured(g, calls, keep=(bf16, model))
             with ClockSampler() as clocks:
-                phases[name] = dict(zip(graphs, timer.run(rounds)), gpu=clocks.summary)
+                times = timer.run(rounds)
+            phases[name] = dict(zip(graphs, times), gpu=clocks.summary)  # (summary: filled on leaving the block)
 
         def alone(key):  # the same graph replayed back to back, as the sequential tables above time it
             with ClockSampler() as clocks:
-                phases[f"{key} alone"] = {key: replay_median(*graphs[key], rounds), "gpu": clocks.summary}
+                ms = replay_median(*graphs[key], rounds)
+            phases[f"{key} alone"] = {key: ms, "gpu": clocks.summary}
 
         interleave("interleaved")
         alone("w4a4")

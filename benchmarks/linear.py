@@ -92,6 +92,13 @@ def _scaled_mm_bias(a, b, sa, sb, bias, out_dtype):
     return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype).add_(bias)
 
 
+def separate_pass_bound(x, w_t, w_scale, ones):
+    """The least a layer that quantizes X in a pass of its own can cost: a plain cast of X to FP8 (one read of X, one
+    byte written per element, no arithmetic) and cuBLAS's FP8 GEMM; no branch. w_t (K, N) FP8, w_scale (1, N), ones
+    (M, 1) fp32."""
+    return torch._scaled_mm(x.to(torch.float8_e4m3fn), w_t, scale_a=ones, scale_b=w_scale, out_dtype=torch.bfloat16)
+
+
 def variant_fn(layer, x, variant):
     from fourbit.kernels.act_quant import act_quant
     from fourbit.kernels.linear import layer_state, linear_forward, weight_operand
@@ -219,12 +226,9 @@ def bench_shape(m, k, n, formats, graph=True, log=print):
         lambda a=a, s=s: torch._scaled_mm(a, wq.t(), scale_a=s, scale_b=w8s.t(), out_dtype=torch.bfloat16)
         for a, s in zip(xq, x8)])
     del x8, xq
-    # the best any layer that quantizes X in a pass of its own could do: a plain cast (reads X once, writes one byte
-    # per element, computes nothing) followed by the FP8 GEMM
     ones = torch.ones(m, 1, device="cuda")
-    record("separate-pass bound", "cast + GEMM", [
-        lambda x=x: torch._scaled_mm(x.to(torch.float8_e4m3fn), wq.t(), scale_a=ones, scale_b=w8s.t(),
-                                     out_dtype=torch.bfloat16) for x in xs])
+    record("separate-pass bound", "cast + GEMM",
+           [lambda x=x: separate_pass_bound(x, wq.t(), w8s.t(), ones) for x in xs])
     from fourbit.nn.reference import quant_linear_reference
 
     for label, wname, aname, variants in formats:

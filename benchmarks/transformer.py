@@ -192,6 +192,7 @@ _CATEGORIES = [  # (category, regex over CUDA kernel names), first match wins
 ]
 _CATEGORY_NAMES = ("fourbit act_quant", "fourbit GEMM", "fourbit weight expansion", "attention", "cuBLAS/other GEMM",
                    "elementwise/norm/other")  # the tables' column order
+assert set(_CATEGORY_NAMES) == {c for c, _ in _CATEGORIES}, "a kernel category without a column (or the reverse)"
 
 
 @torch.inference_mode()
@@ -279,20 +280,20 @@ def interleaved_headline(model, inputs, cfg, log, rounds=10):
     sequential tables time it) and the alternation again, with the SM clock and power sampled in each phase."""
     from fourbit.nn import inductor_options
 
-    bf16 = None
+    models, graphs = {"w4a4": model}, {}  # emptied at the end, so that empty_cache can give their memory back
     try:
         timed_compile(model, inputs, "cuda", inductor_options())
-        bf16 = build(cfg, "cuda")
-        timed_compile(bf16, inputs, "cuda", reset=False)  # keeps the W4A4 model's compiled code
+        models["bf16"] = build(cfg, "cuda")
+        timed_compile(models["bf16"], inputs, "cuda", reset=False)  # keeps the W4A4 model's compiled code
         with torch.inference_mode():
-            graphs = {"bf16": capture_graph([lambda: bf16(**inputs)], min_calls=1),
-                      "w4a4": capture_graph([lambda: model(**inputs)], min_calls=1)}
+            for key in ("bf16", "w4a4"):
+                graphs[key] = capture_graph([lambda m=models[key]: m(**inputs)], min_calls=1)
         phases = {}
 
         def interleave(name):
             timer = InterleavedGraphs()
             for g, calls in graphs.values():
-                timer.add_captured(g, calls, keep=(bf16, model))
+                timer.add_captured(g, calls, keep=models)
             with ClockSampler() as clocks:
                 times = timer.run(rounds)
             phases[name] = dict(zip(graphs, times), gpu=clocks.summary)  # (summary: filled on leaving the block)
@@ -320,9 +321,10 @@ def interleaved_headline(model, inputs, cfg, log, rounds=10):
         out = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     finally:
         compile_blocks(model, False)
-        if bf16 is not None:
-            compile_blocks(bf16, False, reset=False)
-        bf16 = None  # noqa: F841 (the graphs above are gone with the function)
+        if "bf16" in models:
+            compile_blocks(models["bf16"], False, reset=False)
+        graphs.clear()
+        models.clear()
         torch.cuda.empty_cache()
     return out
 

@@ -491,6 +491,61 @@ def test_lowrank_variants():
     assert ((none + branch - fused).norm() / fused.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("chunks", [1, 2, 3, 5])
+def test_pipelined_layer_is_bitwise_one_call(chunks):
+    """Row chunks through act_quant and the GEMM (``pipeline.py``) give the one-call result (rows are independent;
+    here the chunks run one after another, on the GPU they overlap on two streams): the same bits, except where the
+    down-projection's split over K (chosen from the row count) sums in another fp32 order and the output rounds
+    to the neighbouring bf16 value."""
+    from fourbit.kernels.linear import layer_state, linear_forward, weight_operand
+    from fourbit.kernels.pipeline import chunk_bounds, pipelined_scaled_gemm
+
+    model, x = _quantized_linear("int4p2", "int4p2", torch.bfloat16)
+    layer, x2 = model[0], torch.randn(300, 200).to(torch.bfloat16)  # 300 rows: blocks of 128, 128 and 44
+    st = layer_state(layer)
+    one = linear_forward(layer, x2)
+    got = pipelined_scaled_gemm(x2, layer.act_format, layer.padded_in, weight_operand(layer, st, False),
+                                st.smooth_recip, st.down_folded, st.down_cat, st.up, st.bias, chunks)
+    assert torch.equal(bits(got), bits(one)) if chunks == 1 else True
+    ulp = one.float().abs() * 2.0 ** -7 + 1e-30  # one bf16 step at most
+    assert ((got.float() - one.float()).abs() <= ulp).all()
+    assert (got != one).float().mean() < 0.05
+    assert chunk_bounds(300, chunks) == {1: [(0, 300)], 2: [(0, 128), (128, 300)],
+                                         3: [(0, 128), (128, 256), (256, 300)]}.get(chunks, chunk_bounds(300, 3))
+
+
+def test_chunk_bounds_cover_rows_in_whole_blocks():
+    from fourbit.kernels.pipeline import chunk_bounds
+
+    assert chunk_bounds(4608, 4) == [(0, 1152), (1152, 2304), (2304, 3456), (3456, 4608)]
+    assert chunk_bounds(4608, 6)[0] == (0, 768) and chunk_bounds(0, 3) == []
+    for m in (1, 127, 129, 1000, 4608):
+        for c in (1, 2, 3, 7):
+            b = chunk_bounds(m, c)
+            assert b[0][0] == 0 and b[-1][1] == m and all(e == s for (_, e), (s, _) in zip(b, b[1:]))
+            assert all(s % 128 == 0 for s, _ in b) and len(b) <= c
+
+
+def test_scaled_gemm_writes_into_out_rows():
+    from fourbit.kernels.gemm import scaled_gemm, scaled_gemm_torch
+
+    a = torch.randint(-7, 8, (40, 64)).float().to(torch.float8_e4m3fn)
+    b = torch.randint(-7, 8, (48, 64)).float().to(torch.float8_e4m3fn)
+    sa, sb = torch.rand(40) + 0.5, torch.rand(48) + 0.5
+    big = torch.zeros(56, 48, dtype=torch.bfloat16)
+    got = scaled_gemm(a, b, sa, sb, out=big[8:48])
+    assert got.data_ptr() == big[8:48].data_ptr()
+    assert torch.equal(bits(big[8:48]), bits(scaled_gemm(a, b, sa, sb)))  # the interpreter's bf16 cast truncates
+    wide = torch.zeros(40, 56)
+    scaled_gemm(a, b, sa, sb, out_dtype=torch.float32, out=wide[:, 8:])  # fp32 rows: 224-byte stride, 32-byte offset
+    assert torch.allclose(wide[:, 8:], scaled_gemm_torch(a, b, sa, sb, out_dtype=torch.float32), rtol=1e-6)
+    assert not big[:8].any() and not big[48:].any()
+    with pytest.raises(ValueError, match="out must be"):
+        scaled_gemm(a, b, sa, sb, out=big[:39])
+    with pytest.raises(ValueError, match="16-byte"):
+        scaled_gemm(a, b, sa, sb, out=torch.zeros(40, 49, dtype=torch.bfloat16)[:, :48])
+
+
 def test_unsupported_pair_falls_back_to_reference_with_warning():
     model, x = _quantized_linear("nf4", "int4", torch.float32)
     ref = model(x)

@@ -286,6 +286,16 @@ def _check(a, b, a_scale, b_scale, lr, up, bias):
     return m, n, a.shape[1]
 
 
+def _check_out(out: Optional[Tensor], m: int, n: int, out_dtype: torch.dtype) -> None:
+    if out is None:
+        return
+    if out.shape != (m, n) or out.dtype != out_dtype:
+        raise ValueError(f"scaled_gemm: out must be ({m}, {n}) {out_dtype}, got {tuple(out.shape)} {out.dtype}")
+    if out.stride(1) != 1 or (out.stride(0) * out.element_size()) % 16 or out.data_ptr() % 16:
+        raise ValueError("scaled_gemm: out needs contiguous rows with a 16-byte-aligned start and row stride "
+                         f"(got strides {out.stride()})")
+
+
 def _pad_rank(t: Tensor, r: int) -> Tensor:
     t = t.float()
     if t.shape[1] != r:
@@ -313,16 +323,18 @@ def _stream_k_split(tiles: int, progs: int, k_tiles: int, cfg: "GemmConfig", a: 
 def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale: Optional[Tensor] = None,
                 lr: Optional[Tensor] = None, up: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                 out_dtype: torch.dtype = torch.bfloat16, config: Optional[GemmConfig] = None,
-                act: Optional[OutputActivation] = None) -> Tensor:
+                act: Optional[OutputActivation] = None, out: Optional[Tensor] = None) -> Tensor:
     """y = act((a @ b^T) * a_scale[:, None] * b_scale[None, :] + lr @ up^T + bias), (M, N) in ``out_dtype``.
 
     a (M, K), b (N, K): both float8_e4m3fn, int8, bf16 or fp16; rows contiguous with a 16-byte-aligned stride
     (else they are copied).
     a_scale: fp32 (M,) or (1,); b_scale: fp32 (N,) or (1,); lr (M, R) and up (N, R): the low-rank branch
     (fp32 inside; R is padded to a power of two >= 16); bias (N,); act: an activation on a range of output columns,
-    applied in fp32 before the rounding (``activation.py``).
+    applied in fp32 before the rounding (``activation.py``); out: an (M, N) ``out_dtype`` tensor with contiguous,
+    16-byte-aligned rows to write y into (e.g. a block of rows of a larger output), else y is allocated.
     """
     m, n, k = _check(a, b, a_scale, b_scale, lr, up, bias)
+    _check_out(out, m, n, out_dtype)
     act_lo, act_hi = (0, 0) if act is None else act.bounds(n)
     check_device(a, b, a_scale, b_scale, lr, up, bias)
     if TensorDescriptor is None:
@@ -333,7 +345,7 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     if lr is not None:
         rank = next_pow2(lr.shape[1], 16)
         lr, up = _pad_rank(lr, rank), _pad_rank(up, rank)
-    c = torch.empty((m, n), device=a.device, dtype=out_dtype)
+    c = torch.empty((m, n), device=a.device, dtype=out_dtype) if out is None else out
     a_desc = TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK])
     b_desc = TensorDescriptor.from_tensor(b, [cfg.BN, cfg.BK])
     # TMA store stages the whole tile in shared memory: 16-bit outputs only (an fp32 tile does not fit)
@@ -365,9 +377,10 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
 def scaled_gemm_torch(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale: Optional[Tensor] = None,
                       lr: Optional[Tensor] = None, up: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                       out_dtype: torch.dtype = torch.bfloat16, config: Optional[GemmConfig] = None,
-                      act: Optional[OutputActivation] = None) -> Tensor:
+                      act: Optional[OutputActivation] = None, out: Optional[Tensor] = None) -> Tensor:
     """Plain-torch twin of ``scaled_gemm`` (fp32 math; int8 sums exact)."""
-    _check(a, b, a_scale, b_scale, lr, up, bias)
+    m, n, _ = _check(a, b, a_scale, b_scale, lr, up, bias)
+    _check_out(out, m, n, out_dtype)
     if a.dtype == torch.int8:  # exact integer sums in float64 (|sum| < 2^53), then fp32
         y = (a.double() @ b.double().t()).float()
     else:
@@ -380,4 +393,5 @@ def scaled_gemm_torch(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_
         y = y + lr.float() @ up.float().t()
     if bias is not None:
         y = y + bias.float()
-    return activation_torch(y, act).to(out_dtype)
+    y = activation_torch(y, act).to(out_dtype)
+    return y if out is None else out.copy_(y)

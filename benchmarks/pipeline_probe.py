@@ -1,0 +1,148 @@
+"""Per layer: act_quant and the GEMM pipelined over row chunks (``fourbit/kernels/pipeline.py``) vs one call of each.
+
+    python benchmarks/pipeline_probe.py --out benchmarks/results      # on a CUDA GPU; ~2 min on an H100
+
+At FLUX.1's six shapes (M = 4608 and 1024), interleaved CUDA-graph rounds of: bf16 ``F.linear``, the separate-pass
+bound (X cast to FP8 + cuBLAS's FP8 GEMM, no branch), the int4p2 W4A4 rank-32 layer in speed mode as one act_quant +
+one GEMM ("1 chunk"), and the same pipelined over 2, 3, 4 and 6 row chunks. Also the largest difference between a
+pipelined output and the one-call output (chunking should not change the numerics). Writes
+pipeline-probe.<device>.<date>.{json,md}.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import InterleavedGraphs, environment, finish, geomean, gpu_probe_args, md_table  # noqa: E402
+from linear import SHAPES, inputs, make_layer, separate_pass_bound  # noqa: E402
+
+CHUNKS = (2, 4)
+#: (quantization SMs, chunks): the GEMMs in a CUDA green context of the other SMs, persistent over that many
+GREEN = ((16, 4), (32, 4), (16, 2))
+
+
+def green_stream(num_sms: int):
+    """A stream whose kernels run on ``num_sms`` SMs only (a CUDA green context), or (None, why)."""
+    try:
+        from torch.cuda.green_contexts import GreenContext
+
+        try:
+            gc = GreenContext.create(num_sms=num_sms, device_id=0)
+        except TypeError:
+            gc = GreenContext.create(num_sms, 0)
+        if hasattr(gc, "Stream"):
+            return gc, gc.Stream()
+        gc.set_context()
+        try:
+            return gc, torch.cuda.Stream()
+        finally:
+            gc.pop_context()
+    except Exception as e:  # noqa: BLE001 - report any failure as "not available"
+        return None, f"{type(e).__name__}: {e}"
+
+
+def piped_green(x, layer, st, op, chunks, stream, gemm_sms):
+    """pipelined_scaled_gemm with the GEMMs on ``stream`` (a green context) over ``gemm_sms`` persistent programs."""
+    import fourbit.kernels.gemm as gemm
+    from fourbit.kernels.act_quant import act_quant
+    from fourbit.kernels.pipeline import chunk_bounds
+
+    out = torch.empty((x.shape[0], op.w.shape[0]), device=x.device, dtype=x.dtype)
+    cur = torch.cuda.current_stream()
+    stream.wait_stream(cur)
+    saved = gemm.num_sms
+    gemm.num_sms = lambda device: gemm_sms
+    try:
+        for r0, r1 in chunk_bounds(x.shape[0], chunks):
+            a = act_quant(x[r0:r1], layer.act_format, padded_in=layer.padded_in, down_folded=st.down_folded,
+                          smooth_recip=st.smooth_recip, down_cat=st.down_cat)
+            ready = torch.cuda.Event()
+            ready.record(cur)
+            with torch.cuda.stream(stream):
+                stream.wait_event(ready)
+                gemm.scaled_gemm(a.q, op.w, a.row_scale, op.col_scale, a.lr, st.up, st.bias, out_dtype=x.dtype,
+                                 out=out[r0:r1])
+    finally:
+        gemm.num_sms = saved
+    cur.wait_stream(stream)
+    return out
+
+
+def main(argv=None) -> int:
+    from fourbit.kernels.linear import layer_state, linear_forward, weight_operand
+    from fourbit.kernels.pipeline import pipelined_scaled_gemm
+
+    args = gpu_probe_args(__doc__, "pipeline_probe.py", argv, rounds=20)
+    if args is None:
+        return 2
+    env = environment()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    greens = {}
+    for q, c in GREEN:
+        if sms - q not in greens:
+            greens[sms - q] = green_stream(sms - q)
+        print(f"green context of {sms - q} SMs:", greens[sms - q][1], flush=True)
+    green_ok = [(q, c) for q, c in GREEN if greens[sms - q][0] is not None]
+    variants = (["bf16 F.linear", "separate-pass bound", "1 chunk"] + [f"{c} chunks" for c in CHUNKS]
+                + [f"{c} chunks, GEMM on {sms - q} SMs" for q, c in green_ok])
+    res, md = {}, ""
+    for m in (4608, 1024):
+        rows, ratios = [], {v: [] for v in variants}
+        for k, n in SHAPES:
+            layer = make_layer(k, n, "int4p2", "int4p2")
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+            b = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+            xs = inputs(m, k)
+            with torch.no_grad():
+                st = layer_state(layer)
+                op = weight_operand(layer, st, memory=False)
+                wt, sb, ones = op.w.t(), op.col_scale.reshape(1, -1), torch.ones(m, 1, device="cuda")
+
+                def piped(x, c):
+                    return pipelined_scaled_gemm(x, layer.act_format, layer.padded_in, op, st.smooth_recip,
+                                                 st.down_folded, st.down_cat, st.up, st.bias, c)
+
+                one = linear_forward(layer, xs[0])
+                diff = {c: float((piped(xs[0], c).float() - one.float()).abs().max()) for c in CHUNKS}
+                timer = InterleavedGraphs()
+                timer.add([lambda x=x: F.linear(x, w, b) for x in xs])
+                timer.add([lambda x=x: separate_pass_bound(x, wt, sb, ones) for x in xs])
+                timer.add([lambda x=x: linear_forward(layer, x) for x in xs])
+                for c in CHUNKS:
+                    timer.add([lambda x=x, c=c: piped(x, c) for x in xs])
+                names = variants[:3 + len(CHUNKS)]
+                for q, c in green_ok:
+                    stream = greens[sms - q][1]
+                    try:
+                        diff[f"green{q}/{c}"] = float((piped_green(xs[0], layer, st, op, c, stream, sms - q).float()
+                                                       - one.float()).abs().max())
+                        timer.add([lambda x=x, c=c, s=stream, g=sms - q: piped_green(x, layer, st, op, c, s, g)
+                                   for x in xs])
+                        names.append(f"{c} chunks, GEMM on {sms - q} SMs")
+                    except Exception as e:  # noqa: BLE001 - a capture the green context does not allow
+                        print(f"green {q}/{c} failed: {type(e).__name__}: {e}", flush=True)
+                        torch.cuda.synchronize()
+                times = dict(zip(names, timer.run(args.rounds)))
+            res[f"{m}:{k}x{n}"] = {"ms": times, "max_abs_diff_vs_1_chunk": diff}
+            base = times[variants[0]]
+            for v, ms in times.items():
+                ratios[v].append(base / ms)
+            rows.append([f"{k}x{n}"] + [f"{times[v]:.4f} ({base / times[v]:.2f}x)" if v in times else "-"
+                                        for v in variants]
+                        + [f"{max(diff.values()):.1e}"])
+            print(m, f"{k}x{n}", {v: round(ms, 4) for v, ms in times.items()}, diff, flush=True)
+            del layer, xs, timer
+            torch.cuda.empty_cache()
+        md += (f"## M = {m}\n\nmedian ms per call over {args.rounds} interleaved CUDA-graph rounds (speed-up vs bf16 "
+               "in parentheses); last column: largest |pipelined - 1 chunk| over the chunk counts\n\n"
+               + md_table(["K x N"] + variants + ["max diff"], rows) + "\n\nGeometric mean vs bf16:\n\n"
+               + md_table(["variant", "geomean"], [[v, f"{geomean(r):.3f}"] for v, r in ratios.items()]) + "\n\n")
+    return finish(args.out, "pipeline-probe", env, res, md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,11 +1,14 @@
-"""Per layer: act_quant and the GEMM pipelined over row chunks (``fourbit/kernels/pipeline.py``) vs one call of each.
+"""Per layer: act_quant and the GEMM pipelined over row chunks on two streams vs one call of each.
 
     python benchmarks/pipeline_probe.py --out benchmarks/results      # on a CUDA GPU; ~2 min on an H100
 
 At FLUX.1's six shapes (M = 4608 and 1024), interleaved CUDA-graph rounds of: bf16 ``F.linear``, the separate-pass
 bound (X cast to FP8 + cuBLAS's FP8 GEMM, no branch), the int4p2 W4A4 rank-32 layer in speed mode as one act_quant +
-one GEMM ("1 chunk"), and the same pipelined over 2, 3, 4 and 6 row chunks. Also the largest difference between a
-pipelined output and the one-call output (chunking should not change the numerics). Writes
+one GEMM ("1 chunk"), and the same pipelined over 2 and 4 row chunks: act_quant of chunk i + 1 beside the GEMM of
+chunk i, the GEMMs on a high-priority stream, or on a CUDA green context of the SMs the quantization leaves free
+(``GREEN``). Overlapping the memory-bound pass with the compute-bound GEMM is the one way past the separate-pass
+bound short of quantizing inside the producer of X. Also the largest difference between a pipelined output and the
+one-call output (rows are independent; the down-projection's split over K depends on the row count, so a bf16 step). Writes
 pipeline-probe.<device>.<date>.{json,md}.
 """
 from __future__ import annotations
@@ -45,17 +48,44 @@ def green_stream(num_sms: int):
         return None, f"{type(e).__name__}: {e}"
 
 
-def piped_green(x, layer, st, op, chunks, stream, gemm_sms):
-    """pipelined_scaled_gemm with the GEMMs on ``stream`` (a green context) over ``gemm_sms`` persistent programs."""
+def chunk_bounds(m: int, chunks: int, block: int = 128) -> list[tuple[int, int]]:
+    """[(start, end), ...]: m rows in at most ``chunks`` runs of whole ``block``-row blocks, as even as possible."""
+    blocks = -(-m // block)
+    chunks = max(1, min(chunks, blocks))
+    bounds, start = [], 0
+    for i in range(chunks):
+        end = min(m, (blocks * (i + 1) // chunks) * block)
+        if end > start:
+            bounds.append((start, end))
+        start = end
+    return bounds
+
+
+_HIGH_PRIORITY: list = []
+
+
+def high_priority_stream() -> "torch.cuda.Stream":
+    if not _HIGH_PRIORITY:
+        lo, hi = torch.cuda.Stream.priority_range()
+        _HIGH_PRIORITY.append(torch.cuda.Stream(priority=min(lo, hi)))
+    return _HIGH_PRIORITY[0]
+
+
+def pipelined(x, layer, st, op, chunks, stream=None, gemm_sms=None):
+    """The W4A4 layer (speed mode) with act_quant and the GEMM pipelined over row chunks: act_quant on the caller's
+    stream, each chunk's GEMM on ``stream`` (default: a high-priority stream; else e.g. a green context's) as soon as
+    its operands exist, persistent over ``gemm_sms`` programs (default: all SMs). Every buffer is allocated on the
+    caller's stream, which waits for the GEMM stream before returning (no cross-stream allocator bookkeeping)."""
     import fourbit.kernels.gemm as gemm
     from fourbit.kernels.act_quant import act_quant
-    from fourbit.kernels.pipeline import chunk_bounds
 
+    stream = stream or high_priority_stream()
     out = torch.empty((x.shape[0], op.w.shape[0]), device=x.device, dtype=x.dtype)
     cur = torch.cuda.current_stream()
     stream.wait_stream(cur)
     saved = gemm.num_sms
-    gemm.num_sms = lambda device: gemm_sms
+    if gemm_sms:
+        gemm.num_sms = lambda device: gemm_sms
     try:
         for r0, r1 in chunk_bounds(x.shape[0], chunks):
             a = act_quant(x[r0:r1], layer.act_format, padded_in=layer.padded_in, down_folded=st.down_folded,
@@ -74,7 +104,6 @@ def piped_green(x, layer, st, op, chunks, stream, gemm_sms):
 
 def main(argv=None) -> int:
     from fourbit.kernels.linear import layer_state, linear_forward, weight_operand
-    from fourbit.kernels.pipeline import pipelined_scaled_gemm
 
     args = gpu_probe_args(__doc__, "pipeline_probe.py", argv, rounds=20)
     if args is None:
@@ -103,8 +132,7 @@ def main(argv=None) -> int:
                 wt, sb, ones = op.w.t(), op.col_scale.reshape(1, -1), torch.ones(m, 1, device="cuda")
 
                 def piped(x, c):
-                    return pipelined_scaled_gemm(x, layer.act_format, layer.padded_in, op, st.smooth_recip,
-                                                 st.down_folded, st.down_cat, st.up, st.bias, c)
+                    return pipelined(x, layer, st, op, c)
 
                 one = linear_forward(layer, xs[0])
                 diff = {c: float((piped(xs[0], c).float() - one.float()).abs().max()) for c in CHUNKS}
@@ -118,9 +146,9 @@ def main(argv=None) -> int:
                 for q, c in green_ok:
                     stream = greens[sms - q][1]
                     try:
-                        diff[f"green{q}/{c}"] = float((piped_green(xs[0], layer, st, op, c, stream, sms - q).float()
+                        diff[f"green{q}/{c}"] = float((pipelined(xs[0], layer, st, op, c, stream, sms - q).float()
                                                        - one.float()).abs().max())
-                        timer.add([lambda x=x, c=c, s=stream, g=sms - q: piped_green(x, layer, st, op, c, s, g)
+                        timer.add([lambda x=x, c=c, s=stream, g=sms - q: pipelined(x, layer, st, op, c, s, g)
                                    for x in xs])
                         names.append(f"{c} chunks, GEMM on {sms - q} SMs")
                     except Exception as e:  # noqa: BLE001 - a capture the green context does not allow

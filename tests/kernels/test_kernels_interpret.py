@@ -491,41 +491,6 @@ def test_lowrank_variants():
     assert ((none + branch - fused).norm() / fused.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("chunks", [1, 2, 3, 5])
-def test_pipelined_layer_is_bitwise_one_call(chunks):
-    """Row chunks through act_quant and the GEMM (``pipeline.py``) give the one-call result (rows are independent;
-    here the chunks run one after another, on the GPU they overlap on two streams): the same bits, except where the
-    down-projection's split over K (chosen from the row count) sums in another fp32 order and the output rounds
-    to the neighbouring bf16 value."""
-    from fourbit.kernels.linear import layer_state, linear_forward, weight_operand
-    from fourbit.kernels.pipeline import chunk_bounds, pipelined_scaled_gemm
-
-    model, x = _quantized_linear("int4p2", "int4p2", torch.bfloat16)
-    layer, x2 = model[0], torch.randn(300, 200).to(torch.bfloat16)  # 300 rows: blocks of 128, 128 and 44
-    st = layer_state(layer)
-    one = linear_forward(layer, x2)
-    got = pipelined_scaled_gemm(x2, layer.act_format, layer.padded_in, weight_operand(layer, st, False),
-                                st.smooth_recip, st.down_folded, st.down_cat, st.up, st.bias, chunks)
-    assert torch.equal(bits(got), bits(one)) if chunks == 1 else True
-    ulp = one.float().abs() * 2.0 ** -7 + 1e-30  # one bf16 step at most
-    assert ((got.float() - one.float()).abs() <= ulp).all()
-    assert (got != one).float().mean() < 0.05
-    assert chunk_bounds(300, chunks) == {1: [(0, 300)], 2: [(0, 128), (128, 300)],
-                                         3: [(0, 128), (128, 256), (256, 300)]}.get(chunks, chunk_bounds(300, 3))
-
-
-def test_chunk_bounds_cover_rows_in_whole_blocks():
-    from fourbit.kernels.pipeline import chunk_bounds
-
-    assert chunk_bounds(4608, 4) == [(0, 1152), (1152, 2304), (2304, 3456), (3456, 4608)]
-    assert chunk_bounds(4608, 6)[0] == (0, 768) and chunk_bounds(0, 3) == []
-    for m in (1, 127, 129, 1000, 4608):
-        for c in (1, 2, 3, 7):
-            b = chunk_bounds(m, c)
-            assert b[0][0] == 0 and b[-1][1] == m and all(e == s for (_, e), (s, _) in zip(b, b[1:]))
-            assert all(s % 128 == 0 for s, _ in b) and len(b) <= c
-
-
 def test_scaled_gemm_writes_into_out_rows():
     from fourbit.kernels.gemm import scaled_gemm, scaled_gemm_torch
 

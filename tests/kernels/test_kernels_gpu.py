@@ -97,6 +97,21 @@ def test_scaled_gemm_gpu(dtype):
     assert ((got - ref).norm() / ref.norm()).item() < 1e-4
 
 
+def test_scaled_gemm_into_out_rows_gpu():
+    """``out=``: the GEMM writes rows of a larger output (TMA store from a view), the same bits as its own output."""
+    from fourbit.kernels.gemm import scaled_gemm
+
+    m, n, k = 640, 768, 1024
+    a = torch.randint(-8, 8, (m, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
+    b = torch.randint(-8, 8, (n, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
+    sa, sb = torch.rand(m, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5
+    lr, up = torch.randn(m, 32, device="cuda"), torch.randn(n, 32, device="cuda")
+    big = torch.zeros(m + 256, n, device="cuda", dtype=torch.bfloat16)
+    scaled_gemm(a, b, sa, sb, lr, up, out=big[128:128 + m])
+    assert torch.equal(bits(big[128:128 + m]), bits(scaled_gemm(a, b, sa, sb, lr, up)))
+    assert not big[:128].any() and not big[128 + m:].any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16], ids=["fp8", "bf16"])
 def test_scaled_gemm_stream_k_gpu(dtype):
     """A FLUX-like shape whose last wave is partial (432 tiles of 128 x 256 on 132 SMs, ragged edges): stream-K

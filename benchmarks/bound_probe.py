@@ -18,14 +18,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import InterleavedGraphs, environment, finish, geomean, gpu_probe_args, md_table  # noqa: E402
-from linear import SHAPES, inputs, make_layer, separate_pass_bound  # noqa: E402
+from linear import SHAPES, probe_case  # noqa: E402
 
 M = 4608
 VARIANTS = ("bf16 F.linear", "separate-pass bound", "int4p2 W4A4 r32", "int4p2 W4A4, no branch")
 
 
 def main(argv=None) -> int:
-    from fourbit.kernels.linear import layer_state, linear_forward, weight_operand
+    from fourbit.kernels.linear import linear_forward
 
     args = gpu_probe_args(__doc__, "bound_probe.py", argv, rounds=20)
     if args is None:
@@ -33,16 +33,12 @@ def main(argv=None) -> int:
     env = environment()
     res, rows, ratios = {}, [], {v: [] for v in VARIANTS}
     for k, n in SHAPES:
-        layer = make_layer(k, n, "int4p2", "int4p2")
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-        b = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
-        xs = inputs(M, k)
         with torch.no_grad():
-            op = weight_operand(layer, layer_state(layer), memory=False)
-            wt, sb, ones = op.w.t(), op.col_scale.reshape(1, -1), torch.ones(M, 1, device="cuda")
+            case = probe_case(M, k, n)
+            layer, w, b, xs = case.layer, case.w, case.b, case.xs
             timer = InterleavedGraphs()
             timer.add([lambda x=x: F.linear(x, w, b) for x in xs])
-            timer.add([lambda x=x: separate_pass_bound(x, wt, sb, ones) for x in xs])
+            timer.add([lambda x=x, f=case.bound: f(x) for x in xs])
             timer.add([lambda x=x: linear_forward(layer, x) for x in xs])
             timer.add([lambda x=x: linear_forward(layer, x, lowrank="none") for x in xs])
             times = dict(zip(VARIANTS, timer.run(args.rounds)))

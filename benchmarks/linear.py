@@ -99,6 +99,24 @@ def separate_pass_bound(x, w_t, w_scale, ones):
     return torch._scaled_mm(x.to(torch.float8_e4m3fn), w_t, scale_a=ones, scale_b=w_scale, out_dtype=torch.bfloat16)
 
 
+def probe_case(m: int, k: int, n: int):
+    """What the probe scripts time at one shape: ``layer`` (int4p2 W4A4 rank 32, speed mode), a bf16 weight ``w``
+    and bias ``b`` of the same shape, rotating inputs ``xs`` (m, k), the layer's ``state`` and FP8 weight operand
+    ``op``, and ``bound``: the separate-pass bound on input x."""
+    from types import SimpleNamespace
+
+    from fourbit.kernels.linear import layer_state, weight_operand
+
+    layer = make_layer(k, n, "int4p2", "int4p2")
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+    st = layer_state(layer)
+    op = weight_operand(layer, st, memory=False)
+    wt, sb, ones = op.w.t(), op.col_scale.reshape(1, -1), torch.ones(m, 1, device="cuda")
+    return SimpleNamespace(layer=layer, w=w, b=b, xs=inputs(m, k), state=st, op=op,
+                           bound=lambda x: separate_pass_bound(x, wt, sb, ones))
+
+
 def variant_fn(layer, x, variant):
     from fourbit.kernels.act_quant import act_quant
     from fourbit.kernels.linear import layer_state, linear_forward, weight_operand

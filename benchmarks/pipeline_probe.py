@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import InterleavedGraphs, environment, finish, geomean, gpu_probe_args, md_table  # noqa: E402
-from linear import SHAPES, inputs, make_layer, separate_pass_bound  # noqa: E402
+from linear import SHAPES, probe_case  # noqa: E402
 
 CHUNKS = (2, 4)
 #: (quantization SMs, chunks): the GEMMs in a CUDA green context of the other SMs, persistent over that many
@@ -103,7 +103,7 @@ def pipelined(x, layer, st, op, chunks, stream=None, gemm_sms=None):
 
 
 def main(argv=None) -> int:
-    from fourbit.kernels.linear import layer_state, linear_forward, weight_operand
+    from fourbit.kernels.linear import linear_forward
 
     args = gpu_probe_args(__doc__, "pipeline_probe.py", argv, rounds=20)
     if args is None:
@@ -122,14 +122,9 @@ def main(argv=None) -> int:
     for m in (4608, 1024):
         rows, ratios = [], {v: [] for v in variants}
         for k, n in SHAPES:
-            layer = make_layer(k, n, "int4p2", "int4p2")
-            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-            b = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
-            xs = inputs(m, k)
             with torch.no_grad():
-                st = layer_state(layer)
-                op = weight_operand(layer, st, memory=False)
-                wt, sb, ones = op.w.t(), op.col_scale.reshape(1, -1), torch.ones(m, 1, device="cuda")
+                case = probe_case(m, k, n)
+                layer, w, b, xs, st, op = case.layer, case.w, case.b, case.xs, case.state, case.op
 
                 def piped(x, c):
                     return pipelined(x, layer, st, op, c)
@@ -138,7 +133,7 @@ def main(argv=None) -> int:
                 diff = {c: float((piped(xs[0], c).float() - one.float()).abs().max()) for c in CHUNKS}
                 timer = InterleavedGraphs()
                 timer.add([lambda x=x: F.linear(x, w, b) for x in xs])
-                timer.add([lambda x=x: separate_pass_bound(x, wt, sb, ones) for x in xs])
+                timer.add([lambda x=x, f=case.bound: f(x) for x in xs])
                 timer.add([lambda x=x: linear_forward(layer, x) for x in xs])
                 for c in CHUNKS:
                     timer.add([lambda x=x, c=c: piped(x, c) for x in xs])
@@ -163,7 +158,7 @@ def main(argv=None) -> int:
                                         for v in variants]
                         + [f"{max(diff.values()):.1e}"])
             print(m, f"{k}x{n}", {v: round(ms, 4) for v, ms in times.items()}, diff, flush=True)
-            del layer, xs, timer
+            del case, xs, timer
             torch.cuda.empty_cache()
         md += (f"## M = {m}\n\nmedian ms per call over {args.rounds} interleaved CUDA-graph rounds (speed-up vs bf16 "
                "in parentheses); last column: largest |pipelined - 1 chunk| over the chunk counts\n\n"

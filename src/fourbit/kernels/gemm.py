@@ -336,7 +336,7 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     m, n, k = _check(a, b, a_scale, b_scale, lr, up, bias)
     _check_out(out, m, n, out_dtype)
     act_lo, act_hi = (0, 0) if act is None else act.bounds(n)
-    check_device(a, b, a_scale, b_scale, lr, up, bias)
+    check_device(a, b, a_scale, b_scale, lr, up, bias, out)
     if TensorDescriptor is None:
         raise RuntimeError("scaled_gemm needs Triton >= 3.4 (tensor descriptors)")
     a, b = tma_aligned(a), tma_aligned(b)  # no copy for operands from act_quant / expand_weight

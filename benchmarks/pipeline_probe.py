@@ -1,6 +1,6 @@
 """Per layer: act_quant and the GEMM pipelined over row chunks on two streams vs one call of each.
 
-    python benchmarks/pipeline_probe.py --out benchmarks/results      # on a CUDA GPU; ~2 min on an H100
+    python benchmarks/pipeline_probe.py --out benchmarks/results      # on a CUDA GPU; ~1 min on an H100
 
 At FLUX.1's six shapes (M = 4608 and 1024), interleaved CUDA-graph rounds of: bf16 ``F.linear``, the separate-pass
 bound (X cast to FP8 + cuBLAS's FP8 GEMM, no branch), the int4p2 W4A4 rank-32 layer in speed mode as one act_quant +
@@ -163,7 +163,8 @@ def main(argv=None) -> int:
         md += (f"## M = {m}\n\nmedian ms per call over {args.rounds} interleaved CUDA-graph rounds (speed-up vs bf16 "
                "in parentheses); last column: largest |pipelined - 1 chunk| over the chunk counts\n\n"
                + md_table(["K x N"] + variants + ["max diff"], rows) + "\n\nGeometric mean vs bf16:\n\n"
-               + md_table(["variant", "geomean"], [[v, f"{geomean(r):.3f}"] for v, r in ratios.items()]) + "\n\n")
+               + md_table(["variant", "geomean", "shapes"],
+                          [[v, f"{geomean(r):.3f}", len(r)] for v, r in ratios.items()]) + "\n\n")
     return finish(args.out, "pipeline-probe", env, res, md)
 
 

@@ -45,7 +45,7 @@ def probe(fmt, m, k, n, log):
     from fourbit.kernels.act_quant import act_quant
     from fourbit.kernels.gemm import scaled_gemm, scaled_gemm_torch
     from fourbit.kernels.linear import layer_state, weight_operand
-    from fourbit.nn.reference import quant_linear_reference
+    from fourbit.kernels.reference import quant_linear_reference
 
     layer = make_layer(k, n, fmt, fmt)
     st = layer_state(layer)

@@ -68,7 +68,7 @@ def _name(label, cfg, rank):
 def main(argv=None):
     from fourbit.formats import make_format
     from fourbit.kernels.act_quant import act_quant, cat_down, fold_down
-    from fourbit.nn.reference import smooth_reciprocal
+    from fourbit.kernels.reference import smooth_reciprocal
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

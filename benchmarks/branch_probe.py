@@ -50,7 +50,7 @@ def act_candidates():
 def probe_act(m, log):
     from fourbit.formats import make_format
     from fourbit.kernels.act_quant import DEFAULT_CONFIG, act_quant, cat_down, fold_down
-    from fourbit.nn.reference import smooth_reciprocal
+    from fourbit.kernels.reference import smooth_reciprocal
 
     fmt = make_format("int4p2")
     rows = []

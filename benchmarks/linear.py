@@ -247,7 +247,7 @@ def bench_shape(m, k, n, formats, graph=True, log=print):
     ones = torch.ones(m, 1, device="cuda")
     record("separate-pass bound", "cast + GEMM",
            [lambda x=x: separate_pass_bound(x, wq.t(), w8s.t(), ones) for x in xs])
-    from fourbit.nn.reference import quant_linear_reference
+    from fourbit.kernels.reference import quant_linear_reference
 
     for label, wname, aname, variants in formats:
         layer = make_layer(k, n, wname, aname)
@@ -483,7 +483,7 @@ def _tune_act(log, sweep):
 
     from fourbit.formats import make_format
     from fourbit.kernels.act_quant import act_quant, fold_down
-    from fourbit.nn.reference import smooth_reciprocal
+    from fourbit.kernels.reference import smooth_reciprocal
 
     fmt = make_format("int4p2")
 

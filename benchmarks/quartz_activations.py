@@ -24,7 +24,7 @@ from fourbit.formats import make_format
 from fourbit.models import get_spec, load_pretrained
 from fourbit.nn import quantized_layers
 from fourbit.nn.linear import conv_rows
-from fourbit.nn.reference import prepare_activation
+from fourbit.kernels.reference import prepare_activation
 from fourbit.sampling import calibration_forward_loop, sample, sample_plan
 
 FORMATS = {  # label -> registry name

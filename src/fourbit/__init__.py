@@ -13,7 +13,7 @@ from .config import (LoRCConfig, NF4Config, QuantConfig, RTNConfig, SmoothQuantC
 from .config import QuaRTZConfig, SVDQuantQuaRTZConfig  # noqa: E402
 from .api import quantize  # noqa: E402
 from .checkpoint import CheckpointError, load, read_header, save  # noqa: E402
-from .nn.siblings import find_siblings, fuse_siblings  # noqa: E402
+from .siblings import find_siblings, fuse_siblings  # noqa: E402
 
 __all__ = ["quantize", "save", "load", "read_header", "CheckpointError", "find_siblings", "fuse_siblings", "QuantConfig", "RTNConfig",
            "SmoothQuantConfig", "SVDConfig", "LoRCConfig", "SVDQuantConfig", "NF4Config", "QuaRTZConfig",

@@ -15,7 +15,7 @@ from .calibration import LayerStats, calibrate, select_targets
 from .calibration.targets import Target
 from .config import QuantConfig
 from .methods import get_transform
-from .nn import QuantConv2d, QuantLinear
+from .nn import QuantConv2d, QuantLinear, set_module
 from .utils.progress import Progress
 
 
@@ -46,12 +46,6 @@ def architecture_fingerprint(model: nn.Module) -> str:
     items = [(n, list(t.shape)) for n, t in model.state_dict().items()]
     items += [(n, type(m).__name__) for n, m in model.named_modules()]
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _layer_weight(target: Target) -> torch.Tensor:
@@ -121,7 +115,7 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Calla
             bar.update(1, note=target.name)
     # swap only once every layer converted: a failure above leaves the model untouched
     for name, new in new_modules.items():
-        _set_module(model, name, new)
+        set_module(model, name, new)
     report.convert_seconds = time.perf_counter() - t0
 
     model.fourbit_header = {"config": config.to_dict(), "architecture": fingerprint}

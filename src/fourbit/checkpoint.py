@@ -20,8 +20,9 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from . import __version__
-from .api import _set_module, architecture_fingerprint
-from .nn.siblings import fuse_siblings
+from .api import architecture_fingerprint
+from .nn import set_module
+from .siblings import fuse_siblings
 from .nn import QuantLinear, build_empty, quantized_layers
 
 FORMAT_VERSION = 1
@@ -59,7 +60,7 @@ def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None)
         "tensor_sha256": _digest(tensors),
     }
     if base.get("siblings"):
-        header["siblings"] = base["siblings"]  # fused sibling linears (fourbit.nn.siblings): load re-fuses
+        header["siblings"] = base["siblings"]  # fused sibling linears (fourbit.siblings): load re-fuses
     blob = st_save(tensors, metadata={HEADER_KEY: json.dumps(header)})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,7 @@ def load(model: nn.Module, path: Union[str, Path], strict: bool = True, device=N
     for name, spec in layers.items():
         prefix = name + "."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
-        _set_module(model, name, build_empty(spec, _layer_tensors(own)))
+        set_module(model, name, build_empty(spec, _layer_tensors(own)))
     state_keys = set(model.state_dict().keys())
     extra = sorted(set(tensors) - state_keys)
     lacking = sorted(state_keys - set(tensors))

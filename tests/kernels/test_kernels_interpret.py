@@ -479,7 +479,7 @@ def test_layer_bf16_within_output_rounding():
 
 def test_lowrank_variants():
     from fourbit.kernels.linear import linear_forward
-    from fourbit.nn.reference import low_rank_branch, prepare_activation
+    from fourbit.kernels.reference import low_rank_branch, prepare_activation
 
     model, x = _quantized_linear("int4p2", "int4p2", torch.float32)
     layer, x2 = model[0], x.reshape(-1, 200)
@@ -646,7 +646,8 @@ def test_loaded_checkpoint_with_siblings_compiles_without_graph_breaks(tmp_path)
     torch.compile: one graph, the eager result."""
     import torch._dynamo
 
-    from fourbit.nn import find_siblings, fuse_siblings, prepare_kernels
+    from fourbit.nn import prepare_kernels
+    from fourbit.siblings import find_siblings, fuse_siblings
 
     class Attn(nn.Module):
         def __init__(self, d=64):
@@ -732,7 +733,8 @@ class _MlpBlock(nn.Module):
 
 
 def _quantized_block(block, x, siblings=True):
-    from fourbit.nn import find_siblings, fuse_siblings, prepare_kernels
+    from fourbit.nn import prepare_kernels
+    from fourbit.siblings import find_siblings, fuse_siblings
 
     cfg = fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=8, kernel="triton")
     if siblings:

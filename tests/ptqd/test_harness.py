@@ -7,7 +7,7 @@ from fourbit.cli import main
 from fourbit.harness.compare import CompareSettings, run_compare
 from fourbit.config import SVDQuantConfig
 from fourbit.harness.variants import parse_variant
-from fourbit.ptqd.harness import candidate_formats
+from fourbit.harness.ptqd_variants import candidate_formats
 
 
 def test_ptqd_variant_names_parse():

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .. import config as C
+from ..formats.quartz import alias_name
 
 MethodBuilder = Callable[["Variant", tuple], C.QuantConfig]
 _METHODS: dict[str, MethodBuilder] = {}
@@ -145,7 +146,7 @@ def _load_plugins() -> None:
     """Import optional components that register variant methods / posts (kept lazy)."""
     from ..utils import import_optional
 
-    for mod in ("fourbit.methods.quartz", "fourbit.ptqd.harness"):
+    for mod in ("fourbit.harness.ptqd_variants",):
         import_optional(mod)
 
 
@@ -165,3 +166,26 @@ register_variant_method("smoothquant", lambda v, ex: C.SmoothQuantConfig(**v.com
 register_variant_method("svd", lambda v, ex: C.SVDConfig(**v.common_kwargs(ex), rank=_rank(v, 32)))
 register_variant_method("lorc", lambda v, ex: C.LoRCConfig(**v.common_kwargs(ex), rank=_rank(v, 32)))
 register_variant_method("svdquant", lambda v, ex: C.SVDQuantConfig(**v.common_kwargs(ex), rank=v.rank, **_alpha(v)))
+
+
+# ---- QuaRTZ: quartz:w4a4 and svdquant+quartz:w4a4:r32, options lzs=16|32, mode=trunc|round, stage1=group|token
+#      (or afmt=NAME) and rounding=rtn|gptq|gptq_static; e.g. quartz:w4a4:lzs=32:mode=round
+def _activation_name(v) -> str:
+    if v.abits != "4":
+        raise ValueError(f"{v.name!r}: QuaRTZ activations are 4-bit (a4); got a{v.abits}")
+    if "afmt" in v.options:
+        return v.options["afmt"]
+    opts = v.options
+    return alias_name(int(opts.get("lzs", 16)), opts.get("mode", "trunc"), opts.get("stage1", "group"))
+
+
+def _variant_kwargs(v, exclude) -> dict:
+    kw = {**v.common_kwargs(exclude), "activations": _activation_name(v)}
+    if "rounding" in v.options:
+        kw["weight_rounding"] = v.options["rounding"]
+    return kw
+
+
+register_variant_method("quartz", lambda v, ex: C.QuaRTZConfig(**_variant_kwargs(v, ex)))
+register_variant_method("svdquant+quartz", lambda v, ex: C.SVDQuantQuaRTZConfig(
+    **_variant_kwargs(v, ex), rank=v.rank, **_alpha(v)))

@@ -1,14 +1,14 @@
 """Kernel registry: the named implementations a quantized layer can run through.
 
 A linear kernel is ``fn(layer, x2d (M, K)) -> (M, N)`` and must reproduce
-``fourbit.nn.reference.quant_linear_reference`` (bit-exact quantization, fp32-accumulated GEMM).
+``fourbit.kernels.reference.quant_linear_reference`` (bit-exact quantization, fp32-accumulated GEMM).
 GPU kernels register themselves here (``register_linear_kernel``); "reference" always exists.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from ..nn.reference import quant_linear_reference
+from .reference import quant_linear_reference
 
 LinearKernel = Callable
 

@@ -10,7 +10,7 @@ One kernel reads each token's row of X (M, K) and emits what the GEMM needs:
   row_scale   (M,) fp32 per-token scale (or (1,) per-tensor for nvfp4), None where the format has none
   group_scale (K/g, M) fp32, group-major (int4 only)
   lr     (M, R) fp32: X^ @ lr_down^T, the low-rank branch's down-projection (R padded to a power of 2 >= 16)
-with X^ = pad(X) * (1 / smooth) computed in fp32 exactly as ``fourbit.nn.reference`` does, and codes/scales bit-for-bit
+with X^ = pad(X) * (1 / smooth) computed in fp32 exactly as ``fourbit.kernels.reference`` does, and codes/scales bit-for-bit
 those of the format's reference ``quantize`` (the ``act_quant_torch`` twin builds them from it).
 
 Two paths (``ActConfig``; defaults from the H100 sweeps, see DEFAULT_CONFIG):
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..nn.reference import smooth_reciprocal
+from .reference import smooth_reciprocal
 from ._common import (aligned_empty, amax as _amax, total as _total, as_int_value, ceil_div, check_device, e2m1_round,
                       frexp_exponent, interpreting, mantissa_bits, next_pow2, next_up, num_sms, pow2, round_half_even,
                       round_to_mantissa)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..nn.reference import low_rank_branch, prepare_activation, quant_linear_reference, smooth_reciprocal
+from .reference import low_rank_branch, prepare_activation, quant_linear_reference, smooth_reciprocal
 from . import register_linear_kernel
 from ._common import next_pow2
 from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, cat_down, fold_down

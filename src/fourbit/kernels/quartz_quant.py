@@ -8,7 +8,7 @@ quantize kernel can hand the GEMM q~ directly and the product is a plain row/col
 
 One program takes BM tokens and reads their rows twice: pass 1 finds max|x^| per row (and accumulates the
 low-rank down-projection x^ @ lr_down^T when given), pass 2 quantizes group by group:
-    x^ = pad(x) * (1 / smooth) (fp32, exactly as ``fourbit.nn.reference``)
+    x^ = pad(x) * (1 / smooth) (fp32, exactly as ``fourbit.kernels.reference``)
     s  = max|x^_row| / 127;  q = clamp(rint(x^ / s), -127, 127)      (unsigned: / 255, clamp to [0, 255])
     FLAG per G_s group from max|q|;  c = |q| >> FLAG (trunc) or min(rint(|x^ / s| / 2^FLAG), 7) (round)
     q~ = sign(q) * c * 2^FLAG  -> stored as float8_e4m3fn (or int8; uint8 for the unsigned variant)
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..nn.reference import smooth_reciprocal
+from .reference import smooth_reciprocal
 from ._common import amax as _amax, check_device, next_pow2, round_half_even
 
 

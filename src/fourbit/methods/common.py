@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..formats import Format
-from ..nn.reference import smooth_reciprocal
+from ..kernels.reference import smooth_reciprocal
 from ..nn.state import QuantizedLinearState
 
 EPS = 1e-5

@@ -7,35 +7,18 @@ from typing import Iterator, Optional
 from torch import nn
 
 from .linear import QuantConv2d, QuantLinear, build_empty, conv_rows
-from .siblings import SiblingGroup, SiblingOutput, find_siblings, fuse_siblings
+from ..kernels import get_linear_kernel
+from .prepare import prepare_kernels, quantized_layers
+from .replace import set_module
 from .state import QuantizedLinearState
-
-
-def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
-    """(name, layer) for every quantized layer of ``model``."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            yield name, mod
 
 
 def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
     """Run every quantized layer through the named kernel ("reference", "triton", ...)."""
-    from ..kernels import get_linear_kernel
-
     get_linear_kernel(kernel)  # fail early on an unknown name
     for _, layer in quantized_layers(model):
         layer.kernel = kernel
     return model
-
-
-def prepare_kernels(model: nn.Module, forward_loop=None) -> nn.Module:
-    """Build the Triton kernels' per-layer state now (weight operands in speed mode, folded factors): call after
-    moving the model to the GPU and before ``torch.compile``, so that compiled graphs run the quantized layers as
-    custom ops instead of breaking at each of them. ``forward_loop(model)``: one representative call; layers it
-    calls with a single row (the GEMV's) then keep no speed-mode operand. Returns ``model``."""
-    from ..kernels.compiled import prepare_kernels as prepare
-
-    return prepare(model, forward_loop)
 
 
 def inductor_options() -> dict:
@@ -65,5 +48,4 @@ def activation_format(model: nn.Module, fmt):
 
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantizedLinearState", "build_empty", "conv_rows",
-           "quantized_layers", "set_kernel", "prepare_kernels", "inductor_options", "activation_format", "SiblingGroup", "SiblingOutput", "find_siblings",
-           "fuse_siblings"]
+           "quantized_layers", "set_kernel", "prepare_kernels", "inductor_options", "activation_format", "set_module"]

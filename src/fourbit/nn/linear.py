@@ -1,7 +1,7 @@
 """Quantized Linear and Conv2d modules.
 
 The modules hold packed 4/8-bit codes and scales as buffers and run through a *kernel* chosen by name
-(``layer.kernel``): "reference" is the plain-torch emulation in ``fourbit.nn.reference``; GPU kernels
+(``layer.kernel``): "reference" is the plain-torch emulation in ``fourbit.kernels.reference``; GPU kernels
 register themselves in ``fourbit.kernels`` under other names and must match the reference.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..formats import Format, QuantizedTensor, format_from_spec
+from ..kernels import get_linear_kernel
 from .state import QuantizedLinearState
 
 
@@ -116,8 +117,6 @@ class QuantLinear(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        from ..kernels import get_linear_kernel
-
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
         y = get_linear_kernel(self.kernel)(self, x2)  # (M, N)

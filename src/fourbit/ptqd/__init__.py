@@ -11,7 +11,7 @@ sampler, variance-schedule calibration, and step-aware mixed precision.
 The pieces: ``stats`` (the statistics pass), ``hooks`` (correction, VSC, per-step precision), ``mixed`` (the
 schedule rule and BOPs), ``setting`` (what statistics are tied to, persistence, ``PTQDStatsMismatch``),
 ``validate`` (keeps only the components that help this model, on the statistics seeds),
-``harness`` (the ``+ptqd`` variant suffix), ``ablation`` and ``cli`` (``fourbit ptqd-ablation``).
+The ``+ptqd`` variant suffix and ``fourbit ptqd-ablation`` live in the harness (``fourbit.harness.ptqd_*``).
 See docs/ptqd.md.
 """
 from .hooks import PTQDHook, correct_eps, ptqd_hooks, vsc_sigma

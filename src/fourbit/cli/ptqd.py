@@ -1,9 +1,9 @@
-"""``fourbit ptqd-ablation``: the PTQD component ablation for one quantized model (see ``fourbit.ptqd.ablation``)."""
+"""``fourbit ptqd-ablation``: the PTQD component ablation for one quantized model (see ``fourbit.harness.ptqd_ablation``)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import command
+from . import command
 
 
 @command("ptqd-ablation", "PTQD ablation for one quantized model: none / +correlated / +bias / +variance "
@@ -40,7 +40,7 @@ def _ablation(p):
 
 
 def _run(args) -> int:
-    from .ablation import AblationSettings, run_ablation
+    from ..harness.ptqd_ablation import AblationSettings, run_ablation
 
     etas = tuple(float(e) for e in args.eta.split(",") if e.strip())
     if not etas:

@@ -24,6 +24,9 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from .calibration import select_targets
+from .nn import set_module
+
 
 def _version(x: torch.Tensor):
     """The tensor's in-place version counter; None for inference-mode tensors, which do not track one (there a
@@ -128,7 +131,6 @@ def find_siblings(model: nn.Module, forward_loop: Callable[[nn.Module], None], c
     ``names`` restricts the candidates further."""
     layer_config: dict = {}
     if config is not None:
-        from ..calibration import select_targets
 
         targets, _ = select_targets(model, config)
         layer_config = {t.name: repr(t.config.to_dict()) for t in targets}
@@ -184,7 +186,6 @@ def fuse_siblings(model: nn.Module, groups: Sequence[Sequence[str]], contiguous:
     """Replace each group of sibling ``nn.Linear`` layers by one fused layer (see the module docstring).
     Works on the meta device. Records the groups at ``model.fourbit_siblings`` (``fourbit.quantize`` puts them
     in the header). Returns ``model``."""
-    from ..api import _set_module
 
     if getattr(model, "fourbit_header", None) is not None:
         raise ValueError("fuse siblings before quantizing: this model is already quantized by fourbit")
@@ -212,6 +213,6 @@ def fuse_siblings(model: nn.Module, groups: Sequence[Sequence[str]], contiguous:
                                             device=w0.device, dtype=w0.dtype) for m in mods]))
         group = SiblingGroup(fused, [m.out_features for m in mods], contiguous)
         for i, (name, m) in enumerate(zip(g, mods)):
-            _set_module(model, name, SiblingOutput(group, i, i == 0, m.in_features, m.out_features))
+            set_module(model, name, SiblingOutput(group, i, i == 0, m.in_features, m.out_features))
     model.fourbit_siblings = [list(g) for g in list(getattr(model, "fourbit_siblings", [])) + list(groups)]
     return model

@@ -29,12 +29,12 @@ from typing import Optional
 
 import torch
 
-from .harness import candidate_formats, stats_info
-from .hooks import PTQDHook
-from .mixed import BOPCounter, format_schedule
-from .setting import attach_stats
-from .stats import DEFAULT_STATS_SEED, collect_stats, format_label, model_act_format
-from .validate import format_validation, validate_components, validation_mode
+from .ptqd_variants import candidate_formats, stats_info
+from ..ptqd.hooks import PTQDHook
+from ..ptqd.mixed import BOPCounter, format_schedule
+from ..ptqd.setting import attach_stats
+from ..ptqd.stats import DEFAULT_STATS_SEED, collect_stats, format_label, model_act_format
+from ..ptqd.validate import format_validation, validate_components, validation_mode
 
 
 @dataclass
@@ -82,8 +82,8 @@ def run_ablation(settings: AblationSettings, out_dir) -> dict:
     from .. import __version__, quantize, save
     from ..data.fashion_mnist import reference_images
     from ..eval import compare_images
-    from ..harness.report import write_grid
-    from ..harness.variants import parse_variant
+    from .report import write_grid
+    from .variants import parse_variant
     from ..models import get_spec, load_pretrained
     from ..models.io import load_weights
     from ..sampling import calibration_forward_loop, sample, sample_plan

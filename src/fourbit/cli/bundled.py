@@ -1,27 +1,9 @@
-"""The ``fourbit`` command line (``fourbit ...`` and ``python -m fourbit ...`` are the same).
-
-Subcommands register themselves in ``COMMANDS``: each has an ``add_arguments(parser)`` and a ``run(args)``.
-"""
+"""``fourbit demo``, ``compare``, ``quantize`` and ``train`` on the bundled models (fashion-dit, fashion-unet)."""
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Callable, Optional
 
-COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
-
-
-def command(name: str, help: str):
-    """Decorator pair: ``@command("x", "...")`` on a function ``add_arguments(p)`` returning ``run``."""
-
-    def deco(add_arguments):
-        def run(args):
-            return add_arguments.run(args)
-
-        COMMANDS[name] = (help, add_arguments, run)
-        return add_arguments
-
-    return deco
+from . import command
 
 
 # ---- compare / demo ---------------------------------------------------------------------------
@@ -49,7 +31,7 @@ def _add_compare_args(p: argparse.ArgumentParser, demo: bool) -> None:
 
 
 def _run_compare(args, model: str, variants: str) -> int:
-    from .harness.compare import CompareSettings, format_table, run_compare
+    from ..harness.compare import CompareSettings, format_table, run_compare
 
     settings = CompareSettings(
         model=model, variants=tuple(v for v in variants.split(",") if v.strip()), samples=args.samples,
@@ -93,11 +75,11 @@ def _quantize(p):
 def _run_quantize(args) -> int:
     import torch
 
-    from .api import quantize
-    from .checkpoint import save
-    from .harness.variants import parse_variant
-    from .models import get_spec, load_pretrained
-    from .sampling import calibration_forward_loop
+    from ..api import quantize
+    from ..checkpoint import save
+    from ..harness.variants import parse_variant
+    from ..models import get_spec, load_pretrained
+    from ..sampling import calibration_forward_loop
 
     variant = parse_variant(args.variant)
     if variant.is_baseline or variant.posts:
@@ -118,32 +100,6 @@ def _run_quantize(args) -> int:
 _quantize.run = _run_quantize
 
 
-# ---- inspect ------------------------------------------------------------------------------------
-@command("inspect", "print the header of a fourbit checkpoint")
-def _inspect(p):
-    p.add_argument("path")
-
-
-def _run_inspect(args) -> int:
-    import json
-
-    from .checkpoint import read_header
-
-    h = read_header(args.path)
-    layers = h.pop("layers")
-    h.pop("tensor_sha256", None)
-    print(json.dumps(h, indent=2))
-    print(f"{len(layers)} quantized layers:")
-    for name, spec in layers.items():
-        a = spec["act_format"]["name"] if spec["act_format"] else "16-bit"
-        print(f"  {name:<40} {spec['kind']:<7} {spec['in_features']:>6}->{spec['out_features']:<6} "
-              f"W={spec['weight_format']['name']} A={a} rank={spec['rank']}")
-    return 0
-
-
-_inspect.run = _run_inspect
-
-
 # ---- train --------------------------------------------------------------------------------------
 @command("train", "train a bundled model from scratch (GPU recommended); see docs/models.md")
 def _train(p):
@@ -152,46 +108,3 @@ def _train(p):
 
 
 _train.run = lambda args: 0  # main() hands `fourbit train ...` to the trainer's own parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(prog="fourbit", description="4-bit quantization of diffusion models: "
-                                     "SVDQuant, PTQD, QuaRTZ, with kernels, calibration and evaluation.")
-    parser.add_argument("--version", action="version", version=f"fourbit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _load_plugins()
-    for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    return parser
-
-
-def _load_plugins() -> None:
-    """Components that add subcommands (e.g. PTQD's ablation) register when imported."""
-    from .utils import import_optional
-
-    for mod in ("fourbit.ptqd.cli",):
-        import_optional(mod)
-
-
-def main(argv: Optional[list] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"]:  # the trainer has its own parser: hand it every argument unchanged
-        from .training.train import main as train_main
-
-        return train_main([a for a in argv[1:] if a != "--"] ) or 0
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 0
-    try:
-        return COMMANDS[args.command][2](args) or 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fourbit {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import fourbit
-from fourbit.nn import SiblingOutput, find_siblings, fuse_siblings, quantized_layers
+from fourbit.nn import quantized_layers
+from fourbit.siblings import SiblingOutput, find_siblings, fuse_siblings
 
 
 class Attn(nn.Module):

@@ -19,12 +19,12 @@ import sys
 from typing import Any, Optional
 
 from ..config import QuantConfig
-from ..harness.variants import Variant, register_post
-from .hooks import ptqd_hooks
-from .mixed import BOPCounter, format_schedule
-from .setting import attach_stats
-from .stats import DEFAULT_STATS_SEED, PTQDStats, collect_stats
-from .validate import format_validation, validate_components
+from .variants import Variant, register_post
+from ..ptqd.hooks import ptqd_hooks
+from ..ptqd.mixed import BOPCounter, format_schedule
+from ..ptqd.setting import attach_stats
+from ..ptqd.stats import DEFAULT_STATS_SEED, PTQDStats, collect_stats
+from ..ptqd.validate import format_validation, validate_components
 
 
 def candidate_formats(variant: Variant, q_model) -> Optional[list]:

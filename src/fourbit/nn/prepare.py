@@ -1,0 +1,51 @@
+"""``prepare_kernels``: build the Triton kernels' per-layer state before ``torch.compile``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .linear import QuantLinear
+
+
+def quantized_layers(model: nn.Module):
+    """(name, layer) for every quantized layer of ``model``."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            yield name, mod
+
+
+def prepare_kernels(model: nn.Module, forward_loop=None) -> nn.Module:
+    """Build every quantized layer's kernel state now (on the layers' current device): speed-mode weight
+    operands, folded factors, reciprocals. Call after moving the model to the GPU and before ``torch.compile``,
+    so that the compiled graphs contain the layers instead of breaking at them.
+
+    ``forward_loop(model)`` (optional): calls the model as it will be used (e.g. one step); layers that it calls only
+    with rows for the single-row GEMV (FLUX's modulation linears at batch 1) then get no speed-mode operand, as in
+    eager use (their GEMV reads the 4-bit weight: ~3 GiB less for FLUX.1). Called later with more rows, such a layer
+    expands its weight per call (memory-mode speed) until it is prepared again."""
+    from ..kernels.linear import few_rows, layer_state, weight_operand  # imports triton: only when asked
+
+    layers = [layer for _, layer in quantized_layers(model) if layer.kernel in ("triton", "triton-memory")]
+    rows: dict = {}
+    if forward_loop is not None:
+        def record(layer, args):
+            x = args[0]
+            rows[layer] = max(rows.get(layer, 0), x.numel() // max(1, x.shape[-1]))
+
+        handles = [layer.register_forward_pre_hook(record) for layer in layers]
+        try:
+            with torch.no_grad():
+                forward_loop(model)
+        finally:
+            for h in handles:
+                h.remove()
+    for layer in layers:
+        st = layer_state(layer)
+        if layer.kernel != "triton" or st.plan not in ("scaled", "grouped"):
+            continue
+        seen = rows.get(layer)
+        if st.gemv and seen is not None and few_rows(seen):
+            st.weight = None  # the GEMV reads the packed weight
+        else:
+            weight_operand(layer, st, memory=False)
+    return model

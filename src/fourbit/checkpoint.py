@@ -2,8 +2,13 @@
 
 Header (safetensors metadata key "fourbit"): format_version, library_version, config, architecture
 fingerprint of the 16-bit model, per-layer specs (kind, shapes, formats, rank, kernel), extras added by
-other components (e.g. PTQD statistics keyed by sampler setting), and a SHA-256 over all tensor bytes so
-damaged files are refused. Writes are atomic (temporary file + fsync + rename). No pickle anywhere.
+other components (e.g. PTQD statistics keyed by sampler setting), a SHA-256 over all tensor bytes and a
+SHA-256 over the header itself (``header_sha256``, covering every other header field, the tensor checksum
+included), so a damaged file is refused whether the damage is in the tensors or in the header. Writes are
+atomic (temporary file + fsync + rename). No pickle anywhere.
+
+Format versions: 2 adds ``header_sha256``. Version-1 files (header not covered by any checksum) are refused
+with a sentence saying to re-create them; no version-1 checkpoint was ever committed or released.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from .nn import set_module
 from .siblings import fuse_siblings
 from .nn import QuantLinear, build_empty, quantized_layers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_KEY = "fourbit"
 
 
@@ -42,6 +47,13 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(str(list(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def header_digest(header: dict) -> str:
+    """SHA-256 of the header's canonical JSON (sorted keys, no spaces), ``header_sha256`` itself left out."""
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
@@ -61,6 +73,7 @@ def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None)
     }
     if base.get("siblings"):
         header["siblings"] = base["siblings"]  # fused sibling linears (fourbit.siblings): load re-fuses
+    header["header_sha256"] = header_digest(header)
     blob = st_save(tensors, metadata={HEADER_KEY: json.dumps(header)})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,10 +107,21 @@ def read_header(path: Union[str, Path]) -> dict:
         header = json.loads(meta[HEADER_KEY])
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: damaged fourbit header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: damaged fourbit header (a JSON {type(header).__name__}, not an object)")
     version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or version < 1:
+        raise CheckpointError(f"{path}: damaged fourbit header (format_version {version!r} is not a positive "
+                              f"integer)")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this fourbit "
                               f"({__version__}) reads (<= {FORMAT_VERSION}); upgrade fourbit")
+    if version < FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version} predates the header checksum and "
+                              f"is no longer read; quantize the model again and save it with this fourbit")
+    if header.get("header_sha256") != header_digest(header):
+        raise CheckpointError(f"{path}: the header does not match its checksum: the file is damaged or was "
+                              f"edited")
     return header
 
 

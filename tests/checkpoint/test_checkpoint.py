@@ -9,6 +9,7 @@ import fourbit
 from fourbit.checkpoint import CheckpointError, HEADER_KEY, read_header
 
 from ..helpers import TinyNet, loop_over, tiny_batches
+from .edit import read_raw, write_raw
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def test_round_trip_is_bit_exact(saved, device):
 def test_header_contents(saved):
     _, path = saved
     h = read_header(path)
-    assert h["format_version"] == 1 and h["library_version"] == fourbit.__version__
+    assert h["format_version"] == 2 and h["library_version"] == fourbit.__version__
     assert h["config"]["method"] == "svdquant" and h["config"]["rank"] == 4
     assert h["layers"]["conv"]["kind"] == "conv2d" and h["layers"]["conv"]["weight_format"]["name"] == "int4"
 
@@ -122,3 +123,38 @@ def test_save_is_atomic(saved, tmp_path, monkeypatch):
 def test_unquantized_model_cannot_be_saved(tmp_path):
     with pytest.raises(ValueError, match="not quantized"):
         fourbit.save(TinyNet(), tmp_path / "x.safetensors")
+
+
+# ---- issue 20 item 1: the header is covered by a checksum ---------------------------------------
+@pytest.mark.parametrize("act", ["int8", None])
+def test_edited_layer_format_is_refused(saved, tmp_path, act):
+    """One byte of a layer's act_format (int4 -> int8) or null (W4A16) used to load and change outputs."""
+    _, path = saved
+    tensors, header = read_raw(path)
+    spec = header["layers"]["fc"]
+    spec["act_format"] = None if act is None else {**spec["act_format"], "name": act}
+    edited = write_raw(tmp_path / "edited.safetensors", tensors, header)
+    with pytest.raises(CheckpointError, match="header does not match its checksum"):
+        fourbit.load(TinyNet(), edited)
+    with pytest.raises(CheckpointError, match="header does not match its checksum"):
+        read_header(edited)
+
+
+def test_header_checksum_ignores_key_order_and_spacing(saved, tmp_path):
+    model, path = saved
+    tensors, header = read_raw(path)
+    text = json.dumps(dict(reversed(list(header.items()))), indent=3)
+    same = write_raw(tmp_path / "same.safetensors", tensors, text)
+    fresh = fourbit.load(TinyNet(), same)
+    x = tiny_batches(1, seed=5)[0]
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_version_1_files_are_refused_with_a_reason(saved, tmp_path):
+    _, path = saved
+    tensors, header = read_raw(path)
+    header["format_version"] = 1
+    del header["header_sha256"]
+    old = write_raw(tmp_path / "v1.safetensors", tensors, header)
+    with pytest.raises(CheckpointError, match="version 1 predates the header checksum.*quantize the model again"):
+        fourbit.load(TinyNet(), old)

@@ -29,6 +29,10 @@ from .api import architecture_fingerprint
 from .nn import set_module
 from .siblings import fuse_siblings
 from .nn import QuantLinear, build_empty, quantized_layers
+from .checkpoint_header import HeaderError, check_header, header_digest
+from .config import QuantConfig
+from .formats import format_from_spec
+from .kernels import available_kernels
 
 FORMAT_VERSION = 2
 HEADER_KEY = "fourbit"
@@ -47,13 +51,6 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(str(list(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def header_digest(header: dict) -> str:
-    """SHA-256 of the header's canonical JSON (sorted keys, no spaces), ``header_sha256`` itself left out."""
-    body = {k: v for k, v in header.items() if k != "header_sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
@@ -122,7 +119,33 @@ def read_header(path: Union[str, Path]) -> dict:
     if header.get("header_sha256") != header_digest(header):
         raise CheckpointError(f"{path}: the header does not match its checksum: the file is damaged or was "
                               f"edited")
+    try:
+        check_header(header)
+        _check_meaning(header)
+    except HeaderError as err:
+        raise CheckpointError(f"{path}: invalid fourbit header: {err}") from None
     return header
+
+
+def _check_meaning(header: dict) -> None:
+    """What the schema's types cannot say: the config, the formats and the kernels must exist here."""
+    try:
+        QuantConfig.from_dict(header["config"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise HeaderError(f"its config is not valid here ({_first_line(err)})") from None
+    kernels = available_kernels()
+    for name, spec in header["layers"].items():
+        for key in ("weight_format", "act_format"):
+            try:
+                format_from_spec(spec[key])
+            except (ValueError, TypeError) as err:
+                raise HeaderError(f"layer {name!r}: {key} is not valid here ({_first_line(err)})") from None
+        if spec["kernel"] not in kernels:
+            raise HeaderError(f"layer {name!r}: unknown kernel {spec['kernel']!r}; known: {', '.join(kernels)}")
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -138,56 +161,108 @@ def load(model: nn.Module, path: Union[str, Path], strict: bool = True, device=N
     architecture (on the meta device or a real one). Replaces its layers in place and returns it.
 
     Refuses, with a one-line reason: a different architecture, missing or extra layers/tensors, a newer
-    format version, a damaged file.
+    format version, a damaged file, a header that breaks its schema or disagrees with the tensors. Every
+    layer is rebuilt and every check done before the first one is swapped in: a refused load leaves the
+    model as it was.
     """
     path = Path(path)
     header = read_header(path)
     if getattr(model, "fourbit_header", None) is not None:
         raise CheckpointError("model is already quantized; load onto a freshly built 16-bit model")
-    if header.get("siblings") and getattr(model, "fourbit_siblings", None) != header["siblings"]:
-        if getattr(model, "fourbit_siblings", None):
-            raise CheckpointError(f"{path}: the model's fused sibling layers differ from the checkpoint's; "
-                                  f"load onto an unfused 16-bit model")
-        try:
-            fuse_siblings(model, header["siblings"])  # the checkpoint was quantized with these layers fused
-        except ValueError as err:
-            raise CheckpointError(f"{path}: cannot fuse the checkpoint's sibling layers on this model: {err}") from None
-    fingerprint = architecture_fingerprint(model)
+    tensors = _read_tensors(path)
+    if _digest(tensors) != header["tensor_sha256"]:
+        raise CheckpointError(f"{path}: tensor data does not match its checksum: the file is damaged")
+    undo = _fuse_for_load(model, path, header.get("siblings"))
+    fused = bool(undo)
+    try:
+        new_modules, rest = _build(model, path, header, tensors, strict)
+        for name, new in new_modules.items():
+            undo.append((name, model.get_submodule(name)))
+            set_module(model, name, new)
+        model.load_state_dict(rest, strict=False, assign=True)
+    except BaseException:
+        for name, old in reversed(undo):  # put every replaced module back
+            set_module(model, name, old)
+        if fused:
+            model.__dict__.pop("fourbit_siblings", None)
+        raise
+    if device is not None:
+        model.to(device)
+    model.fourbit_header = {"config": header["config"], "architecture": header["architecture"],
+                            "extra": header["extra"]}
+    if header.get("siblings"):
+        model.fourbit_header["siblings"] = header["siblings"]
+    return model
+
+
+def _fuse_for_load(model: nn.Module, path: Path, groups: Optional[list]) -> list:
+    """Fuse the checkpoint's sibling groups on ``model``; returns [(name, original module)] to undo it."""
+    if not groups or getattr(model, "fourbit_siblings", None) == groups:
+        return []
+    if getattr(model, "fourbit_siblings", None):
+        raise CheckpointError(f"{path}: the model's fused sibling layers differ from the checkpoint's; "
+                              f"load onto an unfused 16-bit model")
+    modules = dict(model.named_modules())
+    undo = [(n, modules[n]) for g in groups for n in g if n in modules]
+    try:
+        fuse_siblings(model, groups)  # the checkpoint was quantized with these layers fused
+    except ValueError as err:
+        for name, old in reversed(undo):
+            set_module(model, name, old)
+        model.__dict__.pop("fourbit_siblings", None)
+        raise CheckpointError(f"{path}: cannot fuse the checkpoint's sibling layers on this model: {err}") from None
+    return undo
+
+
+def _build(model: nn.Module, path: Path, header: dict, tensors: dict, strict: bool) -> tuple[dict, dict]:
+    """Check the checkpoint against ``model`` and build every quantized layer, touching nothing.
+    Returns ({layer name: new module}, {state key: tensor} of the rest of the model)."""
     layers = header["layers"]
     modules = dict(model.named_modules())
     missing = [n for n in layers if n not in modules]
     if missing:
         raise CheckpointError(f"{path}: checkpoint layer(s) missing from this model: {', '.join(missing[:5])}"
                               f"{' ...' if len(missing) > 5 else ''} - is it the same architecture?")
-    for name, spec in layers.items():
-        _check_layer(path, name, modules[name], spec)
+    fingerprint = architecture_fingerprint(model)
     if fingerprint != header["architecture"] and strict:
+        for name, spec in layers.items():  # a layer-level difference names the layer
+            _check_layer(path, name, modules[name], spec)
         raise CheckpointError(f"{path}: architecture fingerprint {header['architecture']} differs from this "
                               f"model's {fingerprint}: the checkpoint was made from a different architecture "
                               f"or configuration")
-    tensors = _read_tensors(path)
-    if _digest(tensors) != header.get("tensor_sha256"):
-        raise CheckpointError(f"{path}: tensor data does not match its checksum: the file is damaged")
-
+    new_modules, claimed = {}, set()
     for name, spec in layers.items():
+        _check_layer(path, name, modules[name], spec)
         prefix = name + "."
-        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
-        set_module(model, name, build_empty(spec, _layer_tensors(own)))
-    state_keys = set(model.state_dict().keys())
-    extra = sorted(set(tensors) - state_keys)
-    lacking = sorted(state_keys - set(tensors))
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        claimed.update(prefix + k for k in own)
+        new_modules[name] = _build_layer(path, name, spec, own)
+    quantized_prefixes = tuple(n + "." for n in layers)
+    model_rest = {k: v for k, v in model.state_dict().items() if not k.startswith(quantized_prefixes)}
+    rest = {k: v for k, v in tensors.items() if k not in claimed}
+    lacking = sorted(set(model_rest) - set(rest))
+    extra = sorted(set(rest) - set(model_rest))
     if strict and (extra or lacking):
         raise CheckpointError(f"{path}: tensors do not match the model: "
                               + (f"missing from file: {', '.join(lacking[:5])}; " if lacking else "")
                               + (f"not in model: {', '.join(extra[:5])}" if extra else ""))
-    model.load_state_dict({k: v for k, v in tensors.items() if k in state_keys}, strict=strict, assign=True)
-    if device is not None:
-        model.to(device)
-    model.fourbit_header = {"config": header["config"], "architecture": header["architecture"],
-                            "extra": header.get("extra", {})}
-    if header.get("siblings"):
-        model.fourbit_header["siblings"] = header["siblings"]
-    return model
+    for key in sorted(set(rest) & set(model_rest)):
+        if rest[key].shape != model_rest[key].shape:
+            raise CheckpointError(f"{path}: tensor {key} has shape {list(rest[key].shape)} in the checkpoint but "
+                                  f"{list(model_rest[key].shape)} in this model: different architecture")
+    return new_modules, {k: v for k, v in rest.items() if k in model_rest}
+
+
+def _build_layer(path: Path, name: str, spec: dict, own: dict) -> QuantLinear:
+    """A quantized layer from its (schema-checked) spec and its tensors, after checking they agree."""
+    unknown = sorted(set(own) - set(_LAYER_TENSORS))
+    if unknown:
+        raise CheckpointError(f"{path}: layer {name} has unexpected tensor(s) {', '.join(unknown[:5])} in the "
+                              f"checkpoint: the file is damaged or from another library")
+    problem = _layer_tensor_problem(spec, own)
+    if problem:
+        raise CheckpointError(f"{path}: layer {name}: {problem}: the header and the tensors disagree")
+    return build_empty(spec, _layer_tensors(own))
 
 
 _LAYER_TENSORS = ("weight_packed", "weight_scales", "weight_row_scale", "smooth", "lr_down", "lr_up", "bias")
@@ -197,18 +272,55 @@ def _layer_tensors(own: dict) -> dict:
     return {n: own.get(n) for n in _LAYER_TENSORS}
 
 
+def _layer_tensor_problem(spec: dict, own: dict) -> Optional[str]:
+    """What is wrong between a layer's spec and its tensors (shapes, dtypes, presence), or None."""
+    wf, af = format_from_spec(spec["weight_format"]), format_from_spec(spec["act_format"])
+    n, kp, r = spec["out_features"], spec["padded_in"], spec["rank"]
+    for fmt in (wf, af):
+        if fmt is not None and kp % fmt.group_for(kp):
+            return f"padded_in {kp} is not a multiple of {fmt.name}'s group size {fmt.group_for(kp)}"
+    if kp * wf.code_bits % 8:
+        return f"padded_in {kp} does not fill whole bytes of {wf.code_bits}-bit codes"
+    storage = wf.storage_shapes(n, kp)
+    expected = {"weight_packed": storage["codes"], "weight_scales": storage["scales"],
+                "weight_row_scale": storage.get("row_scale")}
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    lr_dtype = own["lr_down"].dtype if own.get("lr_down") is not None else None
+    expected.update(smooth=((kp,), torch.float32), bias=((n,), None),
+                    lr_down=((r, kp), None) if r else None, lr_up=((n, r), lr_dtype) if r else None)
+    optional = ("smooth", "bias")
+    for key, want in expected.items():
+        t = own.get(key)
+        if want is None:
+            if t is not None:
+                return f"tensor {key} is present but the spec has none (rank {r}, format {wf.name})"
+            continue
+        if t is None:
+            if key in optional:
+                continue
+            return f"tensor {key} is missing"
+        shape, dtype = want
+        if tuple(t.shape) != tuple(shape):
+            return f"tensor {key} has shape {list(t.shape)}, the spec implies {list(shape)}"
+        if dtype is not None and t.dtype != dtype:
+            return f"tensor {key} is {t.dtype}, the spec implies {dtype}"
+        if dtype is None and t.dtype not in floats:
+            return f"tensor {key} is {t.dtype}, expected a 16- or 32-bit float"
+    return None
+
+
 def _check_layer(path: Path, name: str, module: nn.Module, spec: dict) -> None:
     if isinstance(module, QuantLinear):
         raise CheckpointError(f"{path}: layer {name} of the model is already quantized")
     kind = spec["kind"]
     if kind == "linear":
-        ok = isinstance(module, nn.Linear) and (module.in_features, module.out_features) == (
+        ok = type(module) is nn.Linear and (module.in_features, module.out_features) == (
             spec["in_features"], spec["out_features"])
-    elif kind == "conv2d":
-        ok = isinstance(module, nn.Conv2d) and module.out_channels == spec["out_features"] and (
-            module.in_channels * module.kernel_size[0] * module.kernel_size[1] == spec["in_features"])
     else:
-        raise CheckpointError(f"{path}: layer {name} has unknown kind {kind!r}")
+        ok = type(module) is nn.Conv2d and module.out_channels == spec["out_features"] and (
+            module.in_channels * module.kernel_size[0] * module.kernel_size[1] == spec["in_features"]) and all(
+            list(getattr(module, f)) == spec[f] for f in ("kernel_size", "stride", "padding", "dilation")
+            if not isinstance(getattr(module, f), str))
     if not ok:
         raise CheckpointError(f"{path}: layer {name} is a {kind} {spec['in_features']}->{spec['out_features']} in "
                               f"the checkpoint but {module} in this model: different architecture")

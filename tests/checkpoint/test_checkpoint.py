@@ -158,3 +158,80 @@ def test_version_1_files_are_refused_with_a_reason(saved, tmp_path):
     old = write_raw(tmp_path / "v1.safetensors", tensors, header)
     with pytest.raises(CheckpointError, match="version 1 predates the header checksum.*quantize the model again"):
         fourbit.load(TinyNet(), old)
+
+
+# ---- issue 20 item 2: a header with a missing or renamed key is refused with one sentence --------
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h["layers"]["fc"].pop("act_format"), "layer 'fc' lacks the field 'act_format'"),
+    (lambda h: h["layers"]["fc"].update(kernl=h["layers"]["fc"].pop("kernel")), "unknown field.*'kernl'"),
+    (lambda h: h.pop("config"), "the header lacks the field 'config'"),
+    (lambda h: h["layers"].update(fc=[1, 2]), "layer 'fc': its spec must be a JSON object"),
+    (lambda h: h["layers"]["conv"].update(stride=[1]), "'stride' must be a list of two integers"),
+    (lambda h: h["layers"]["fc"]["weight_format"].update(name="int3"), "unknown format 'int3'"),
+    (lambda h: h["layers"]["fc"].update(kernel="bogus"), "unknown kernel 'bogus'"),
+    (lambda h: h["config"].update(method="magic"), "config is not valid here .*unknown method 'magic'"),
+])
+def test_schema_errors_are_one_sentence(saved, tmp_path, edit, match):
+    _, path = saved
+    tensors, header = read_raw(path)
+    edit(header)
+    bad = write_raw(tmp_path / "bad.safetensors", tensors, header, resign=True)
+    for call in (lambda: read_header(bad), lambda: fourbit.load(TinyNet(), bad)):
+        with pytest.raises(CheckpointError, match=match) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+def test_header_disagreeing_with_tensors_is_refused_at_load(saved, tmp_path):
+    """Edits the schema allows but the tensors contradict (used to fail only at the first forward)."""
+    _, path = saved
+    tensors, header = read_raw(path)
+    for edit, match in [(lambda h: h["layers"]["fc"].update(rank=3), "tensor lr_down has shape"),
+                        (lambda h: h["layers"]["fc"].update(padded_in=576), "tensor weight_packed has shape"),
+                        (lambda h: h["layers"]["odd"]["weight_format"].update(name="int8"), "weight_packed"),
+                        (lambda h: h["layers"]["fc"]["weight_format"].update(group_size=32), "weight_scales")]:
+        h = json.loads(json.dumps(header))
+        edit(h)
+        bad = write_raw(tmp_path / "bad.safetensors", tensors, h, resign=True)
+        read_header(bad)  # the header alone is fine
+        with pytest.raises(CheckpointError, match=match):
+            fourbit.load(TinyNet(), bad)
+
+
+# ---- issue 20 item 3: a refused load leaves the model as it was ----------------------------------
+def test_refused_load_changes_nothing_and_a_retry_works(saved, tmp_path):
+    model, path = saved
+    tensors, header = read_raw(path)
+    tensors["head.bias"] = tensors["head.bias"][:5].clone()  # the LAST layer is inconsistent
+    header["tensor_sha256"] = fourbit.checkpoint._digest(tensors)
+    bad = write_raw(tmp_path / "bad.safetensors", tensors, header, resign=True)
+    fresh = TinyNet()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match="layer head: tensor bias has shape"):
+        fourbit.load(fresh, bad)
+    assert all(type(m) in (nn.Linear, nn.Conv2d) for m in (fresh.conv, fresh.conv2, fresh.fc, fresh.odd, fresh.head))
+    after = fresh.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    fourbit.load(fresh, path)  # not "already quantized"
+    x = tiny_batches(1, seed=5)[0]
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_refused_load_with_siblings_unfuses(tmp_path):
+    from ..test_siblings import Net, _loop
+
+    net = Net()
+    fourbit.fuse_siblings(net, fourbit.find_siblings(net, _loop))
+    fourbit.quantize(net, fourbit.RTNConfig(), forward_loop=_loop, progress=False, verbose=False)
+    path = fourbit.save(net, tmp_path / "q.safetensors")
+    tensors, header = read_raw(path)
+    name = sorted(header["layers"])[-1]
+    tensors[name + ".bias"] = tensors[name + ".bias"][:3].clone()
+    header["tensor_sha256"] = fourbit.checkpoint._digest(tensors)
+    bad = write_raw(tmp_path / "bad.safetensors", tensors, header, resign=True)
+    fresh = Net()
+    names = [n for n, _ in fresh.named_modules()]
+    with pytest.raises(CheckpointError, match="tensor bias has shape"):
+        fourbit.load(fresh, bad)
+    assert [n for n, _ in fresh.named_modules()] == names and not hasattr(fresh, "fourbit_siblings")
+    fourbit.load(fresh, path)

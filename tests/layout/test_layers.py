@@ -12,7 +12,8 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "fourbit"
 
 #: what the core may never import, even lazily: the research harness, bundled models/data/metrics, the CLI
 UPPER = {"harness", "models", "data", "eval", "training", "cli", "sampling", "__main__"}
-CORE = {"config", "formats", "kernels", "nn", "calibration", "methods", "api", "checkpoint", "siblings", "utils"}
+CORE = {"config", "formats", "kernels", "nn", "calibration", "methods", "api", "checkpoint", "checkpoint_header",
+        "siblings", "utils"}
 
 
 def _unit(module: str) -> str:

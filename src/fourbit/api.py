@@ -36,6 +36,11 @@ class QuantizationReport:
         if padded:
             lines.append(f"  zero-padded input dimension of {len(padded)} layer(s): {', '.join(padded[:8])}"
                          + (" ..." if len(padded) > 8 else ""))
+        clipped = [f"{n} ({l['rank_clipped_from']} -> its smaller dimension)" for n, l in self.layers.items()
+                   if "rank_clipped_from" in l]
+        if clipped:
+            lines.append(f"  rank larger than the matrix, cut to min(N, K) in {len(clipped)} layer(s): "
+                         + ", ".join(clipped[:8]) + (" ..." if len(clipped) > 8 else ""))
         for name, reason in self.skipped.items():
             lines.append(f"  kept 16-bit: {name}: {reason}")
         return "\n".join(lines)
@@ -70,6 +75,9 @@ def convert_layer(target: Target, stats: Optional[LayerStats], device=None) -> Q
     else:
         new = QuantLinear.from_state(state, module.in_features, module.bias, kernel=cfg.kernel, dtype=dtype)
     new.quant_info = state.info
+    wanted = getattr(cfg, "rank", 0) or 0
+    if 0 < state.rank < wanted:  # a rank beyond min(N, K) is cut to it: reported, not silent
+        new.quant_info = {**state.info, "rank_clipped_from": wanted}
     return new.to(module.weight.device)
 
 

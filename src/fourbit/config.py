@@ -55,7 +55,10 @@ class QuantConfig:
             self.include = (self.include,)
         if isinstance(self.exclude, str):
             self.exclude = (self.exclude,)
+        if not isinstance(self.include, (list, tuple)) or not isinstance(self.exclude, (list, tuple)):
+            raise ValueError("include and exclude must be a pattern or a list of fnmatch patterns (strings)")
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+        _check_types(self)
         if self.activations in _SIXTEEN_BIT:
             self.activations = None
         if self.pad not in _PAD_POLICIES:
@@ -72,6 +75,8 @@ class QuantConfig:
             raise TypeError("overrides must be a dict {pattern: {field: value}}")
         known = {f.name for f in dataclasses.fields(self)} | {"keep"}
         for pattern, changes in self.overrides.items():
+            if not isinstance(pattern, str) or not isinstance(changes, dict):
+                raise ValueError(f"override {pattern!r}: overrides map a pattern (str) to a dict of field values")
             bad = set(changes) - known
             if bad:
                 raise ValueError(
@@ -81,6 +86,21 @@ class QuantConfig:
         # building the formats validates names and group sizes early, with a clear message
         self.weight_format()
         self.activation_format()
+        if self.group_size is not None and not any(_takes_group_size(n) for n in (self.weights, self.activations)):
+            raise ValueError(f"group_size={self.group_size} would be ignored: {self.weights}"
+                             f"{'' if self.activations is None else ' and ' + self.activations} keep their own "
+                             f"grouping (fixed groups or one scale per row); leave group_size unset")
+        from .kernels import available_kernels
+
+        if self.kernel not in available_kernels():
+            raise ValueError(f"unknown kernel {self.kernel!r}; known kernels: {', '.join(available_kernels())}")
+        for pattern, changes in self.overrides.items():  # each override must make a valid config too
+            fields = {k: v for k, v in changes.items() if k != "keep"}
+            if fields and changes.get("keep") is not True:
+                try:
+                    dataclasses.replace(self, **fields, overrides={})
+                except ValueError as err:
+                    raise ValueError(f"override for {pattern!r}: {err}") from None
 
     def needs_calibration_data(self) -> bool:
         """Whether quantizing with this (per-layer) config needs calibration rows: the method's own need,
@@ -136,11 +156,18 @@ class QuantConfig:
         d = dict(d)
         method = d.pop("method", None)
         version = d.pop("version", CONFIG_VERSION)
+        if type(version) is not int or version < 1:
+            raise ValueError(f"config version must be a positive integer, got {version!r}")
         if version > CONFIG_VERSION:
             raise ValueError(f"config version {version} is newer than this fourbit understands ({CONFIG_VERSION})")
-        cls = CONFIGS.get(method)
+        cls = CONFIGS.get(method) if isinstance(method, str) else None
         if cls is None:
             raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(CONFIGS))}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {', '.join(map(repr, unknown))}; "
+                             f"its fields are {', '.join(sorted(fields))}")
         for key in ("alpha_grid",):
             if key in d and isinstance(d[key], list):
                 d[key] = tuple(d[key])
@@ -299,16 +326,60 @@ def _quartz_activation_format(cfg, fmt):
     return fmt if cfg.act_signed else format_from_spec({**fmt.spec(), "signed": False})
 
 
+def _takes_group_size(fmt_name: Optional[str]) -> bool:
+    from .formats import FORMATS
+
+    cls = FORMATS.get(fmt_name)
+    return cls is not None and not cls.fixed_group_size and cls.default_group_size is not None
+
+
 def _check_rank(rank: int) -> None:
-    if not isinstance(rank, int) or rank < 0:
+    if type(rank) is not int or rank < 0:
         raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_alpha(alpha, grid) -> None:
-    if alpha is not None and not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1] or None (searched), got {alpha}")
+    if alpha is not None and not (_is_number(alpha) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1] or None (searched), got {alpha!r}")
+    if not isinstance(grid, (tuple, list)) or not all(_is_number(a) and 0.0 <= a <= 1.0 for a in grid):
+        raise ValueError(f"alpha_grid must be a tuple of alphas in [0, 1], got {grid!r}")
     if alpha is None and not grid:
         raise ValueError("alpha=None needs a non-empty alpha_grid to search")
+
+
+def _int(v) -> bool:
+    return type(v) is int
+
+
+#: the type of each common field: name -> (check, what it must be)
+_FIELD_TYPES = {
+    "weights": (lambda v: isinstance(v, str), "a format name"),
+    "activations": (lambda v: v is None or isinstance(v, str), "a format name or None"),
+    "group_size": (lambda v: v is None or _int(v), "a positive integer or None"),
+    "pad": (lambda v: isinstance(v, str), "'pad' or 'skip'"),
+    "calib_rows": (_int, "a positive integer"),
+    "seed": (_int, "an integer"),
+    "kernel": (lambda v: isinstance(v, str), "a kernel name"),
+    "weight_rounding": (lambda v: isinstance(v, str), "'rtn', 'gptq' or 'gptq_static'"),
+    "gptq_damp": (_is_number, "a number > 0"),
+    "include": (lambda v: all(isinstance(p, str) for p in v), "fnmatch patterns (strings)"),
+    "exclude": (lambda v: all(isinstance(p, str) for p in v), "fnmatch patterns (strings)"),
+    "overrides": (lambda v: isinstance(v, dict), "a dict {pattern: {field: value}}"),
+    "refine_iters": (_int, "an integer >= 0"),
+    "smooth": (lambda v: isinstance(v, bool), "True or False"),
+    "act_signed": (lambda v: isinstance(v, bool), "True or False"),
+}
+
+
+def _check_types(cfg: "QuantConfig") -> None:
+    for f in dataclasses.fields(cfg):
+        check = _FIELD_TYPES.get(f.name)
+        if check is not None and not check[0](getattr(cfg, f.name)):
+            raise ValueError(f"{f.name} must be {check[1]}, got {getattr(cfg, f.name)!r}")
 
 
 CONFIGS: dict[str, type[QuantConfig]] = {}

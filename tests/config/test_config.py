@@ -47,3 +47,46 @@ def test_svdquant_rank_follows_weight_bits():
     assert fourbit.SVDQuantConfig().rank == 32
     assert fourbit.SVDQuantConfig(weights="int8", activations="int8").rank == 16
     assert fourbit.SVDQuantConfig(weights="int8", rank=8).rank == 8
+
+
+# ---- issue 20 items 5 and 6: nothing silently ignored, everything checked before any work ----------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(alpha_grid=(2.0,)), r"alpha_grid must be a tuple of alphas in \[0, 1\]"),
+    (dict(alpha="0.5"), "alpha must be in"),
+    (dict(group_size=True), "group_size must be a positive integer or None"),
+    (dict(seed="1"), "seed must be an integer"),
+    (dict(rank=2.0), "rank must be a non-negative integer"),
+    (dict(kernel="bogus"), "unknown kernel 'bogus'"),
+    (dict(weights="int8", activations="int8", group_size=32), "group_size=32 would be ignored"),
+    (dict(overrides={"fc*": {"rank": -1}}), "override for 'fc\\*': rank must be"),
+    (dict(overrides={"fc*": {"activations": "int3"}}), "override for 'fc\\*': unknown format 'int3'"),
+    (dict(overrides={"fc*": 3}), "overrides map a pattern"),
+])
+def test_bad_values_are_refused_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fourbit.SVDQuantConfig(**kwargs)
+
+
+def test_from_dict_names_unknown_fields():
+    d = fourbit.RTNConfig().to_dict()
+    with pytest.raises(ValueError, match="RTNConfig has no field\\(s\\) 'rank'"):
+        QuantConfig.from_dict({**d, "rank": 8})
+    with pytest.raises(ValueError, match="unknown method"):
+        QuantConfig.from_dict({**d, "method": ["rtn"]})
+
+
+def test_huge_group_size_refused_before_any_allocation():
+    from fourbit.calibration import select_targets
+
+    from ..helpers import TinyNet
+
+    with pytest.raises(ValueError, match="layer conv: padding in_features 27 to a multiple of 1000000000"):
+        select_targets(TinyNet(), fourbit.RTNConfig(group_size=10**9))
+
+
+def test_rank_beyond_the_matrix_is_reported(capsys):
+    from ..helpers import TinyNet
+
+    model = fourbit.quantize(TinyNet(), fourbit.SVDConfig(rank=32), verbose=True, progress=False)
+    assert model.fourbit_report.layers["head"]["rank_clipped_from"] == 32  # head is 40 -> 10
+    assert "rank larger than the matrix, cut to min(N, K)" in capsys.readouterr().err

@@ -10,6 +10,9 @@ from torch import nn
 from ..config import QuantConfig
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
+#: zero-padding of a layer's input dimension is allowed up to max(K, MAX_PAD) columns: a group size far beyond K
+#: (a typo, group_size=10**9) would otherwise allocate a (N, group_size) weight
+MAX_PAD = 1024
 
 
 @dataclass
@@ -73,6 +76,9 @@ def select_targets(model: nn.Module, cfg: QuantConfig) -> tuple[list[Target], li
         k = layer_in_features(module)
         mult = _required_multiple(layer_cfg, k)
         kp = -(-k // mult) * mult
+        if kp - k > max(k, MAX_PAD):
+            raise ValueError(f"layer {name}: padding in_features {k} to a multiple of {mult} (the group size) would "
+                             f"add {kp - k} zero columns, more than the layer has; choose a group size <= {k}")
         if kp != k and layer_cfg.pad == "skip":
             skipped.append(Skipped(name, f"in_features {k} not a multiple of {mult}: kept 16-bit (pad='skip')"))
             continue

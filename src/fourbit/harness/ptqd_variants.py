@@ -100,6 +100,6 @@ class PTQDPost:
             BOPCounter(info=ctx.info["bops"], compare_bits=bits)]
 
 
-register_post("ptqd", PTQDPost())
+register_post("ptqd", PTQDPost(), options=("ptqd_samples", "ptqd_bias", "ptqd_components"))
 
 __all__ = ["PTQDPost", "candidate_formats", "stats_info"]

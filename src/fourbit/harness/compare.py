@@ -18,6 +18,7 @@ import torch
 
 from .. import __version__
 from ..api import quantize
+from ..calibration import select_targets
 from .footprint import model_bytes, weight_bits_per_element
 from .variants import Variant, get_post, parse_variant
 
@@ -42,6 +43,26 @@ class CompareSettings:
     n_boot: int = 1000
     fd_n_boot: int = 100
     weights: Optional[str] = None  # a weights file to use instead of the bundled one (any config of the arch)
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, before any model is loaded (one sentence, the setting named)."""
+        for name, low in (("samples", 2), ("steps", 1), ("calib_samples", 1), ("batch_size", 1),
+                          ("grid_columns", 1), ("n_boot", 1), ("fd_n_boot", 1)):
+            value = getattr(self, name)
+            if type(value) is not int or value < low:
+                why = " (the Frechet distance needs two or more)" if name == "samples" else ""
+                raise ValueError(f"{name} must be an integer >= {low}{why}, got {value!r}")
+        if self.calib_steps is not None and (type(self.calib_steps) is not int or self.calib_steps < 1):
+            raise ValueError(f"calib_steps must be an integer >= 1 or None, got {self.calib_steps!r}")
+        if type(self.data_samples) is not int or self.data_samples < 0 or self.data_samples == 1:
+            raise ValueError(f"data_samples must be 0 (skip) or an integer >= 2, got {self.data_samples!r}")
+        if self.sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
 
     def resolved_device(self) -> str:
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,13 +99,16 @@ def run_compare(settings: CompareSettings, out_dir: str | Path) -> dict:
     from ..sampling import calibration_forward_loop, sample, sample_plan
     from .report import write_grid, write_html
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    settings.check()
     variants = [parse_variant(v) for v in settings.variants]  # fail on a bad name before any work
     if not any(v.is_baseline for v in variants):
         variants.insert(0, parse_variant("fp16"))
     device = settings.resolved_device()
     spec = get_spec(settings.model)
+    configs = {v.name: v.config(exclude=spec.quant_exclude, policies=spec.quant_policies)
+               for v in variants if not v.is_baseline}  # every config's checks, before any work
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     guidance = spec.default_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
     calib_steps = settings.calib_steps or settings.steps
     classes, seeds = sample_plan(settings.samples, settings.seed, spec.num_classes)
@@ -92,6 +116,8 @@ def run_compare(settings: CompareSettings, out_dir: str | Path) -> dict:
         fp_model = load_weights(settings.weights, device=device)[0]
     else:
         fp_model = load_pretrained(settings.model, device=device).eval()
+    for cfg in configs.values():  # per-layer geometry (group sizes against this model's layers), no work yet
+        select_targets(fp_model, cfg)
 
     data = reference_images(settings.data_samples, settings.seed)  # None without the dataset
 
@@ -113,7 +139,7 @@ def run_compare(settings: CompareSettings, out_dir: str | Path) -> dict:
             row.update(calibration_seconds=0.0, weight_bits_per_element=16.0, model_bytes=model_bytes(fp_model))
         else:
             model = copy.deepcopy(fp_model)
-            cfg = v.config(exclude=spec.quant_exclude, policies=spec.quant_policies)
+            cfg = configs[v.name]
             loop = calibration_forward_loop(settings.calib_samples, calib_steps, sampler=settings.sampler,
                                             guidance_scale=guidance, seed=settings.calib_seed,
                                             num_classes=spec.num_classes, eta=settings.eta,

@@ -33,6 +33,7 @@ from .checkpoint_header import HeaderError, check_header, header_digest
 from .config import QuantConfig
 from .formats import format_from_spec
 from .kernels import available_kernels
+from .utils.files import check_readable_file, error_text
 
 FORMAT_VERSION = 2
 HEADER_KEY = "fourbit"
@@ -91,8 +92,10 @@ def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None)
 def read_header(path: Union[str, Path]) -> dict:
     """The JSON header of a fourbit checkpoint (no tensors are read)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    try:
+        check_readable_file(path)
+    except (ValueError, OSError) as err:  # absent, a directory, a FIFO, unreadable: said as what it is
+        raise CheckpointError(error_text(err)) from None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -148,6 +151,16 @@ def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def read_checkpoint(path: Union[str, Path]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The header and every tensor of a checkpoint, both checked against their checksums (nothing is built)."""
+    path = Path(path)
+    header = read_header(path)
+    tensors = _read_tensors(path)
+    if _digest(tensors) != header["tensor_sha256"]:
+        raise CheckpointError(f"{path}: tensor data does not match its checksum: the file is damaged")
+    return header, tensors
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -165,13 +178,10 @@ def load(model: nn.Module, path: Union[str, Path], strict: bool = True, device=N
     layer is rebuilt and every check done before the first one is swapped in: a refused load leaves the
     model as it was.
     """
-    path = Path(path)
-    header = read_header(path)
     if getattr(model, "fourbit_header", None) is not None:
         raise CheckpointError("model is already quantized; load onto a freshly built 16-bit model")
-    tensors = _read_tensors(path)
-    if _digest(tensors) != header["tensor_sha256"]:
-        raise CheckpointError(f"{path}: tensor data does not match its checksum: the file is damaged")
+    path = Path(path)
+    header, tensors = read_checkpoint(path)
     undo = _fuse_for_load(model, path, header.get("siblings"))
     fused = bool(undo)
     try:

@@ -3,7 +3,22 @@ from __future__ import annotations
 
 import argparse
 
-from . import command
+from . import command, nonnegative_int, positive_int, resolve_device
+
+
+def _at_least_two(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (the Frechet distance needs two or more samples), got {value}")
+    return value
+
+
+def _model_name(text: str) -> str:
+    from ..models import available_models
+
+    if text not in available_models():
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}; bundled: {', '.join(available_models())}")
+    return text
 
 
 # ---- compare / demo ---------------------------------------------------------------------------
@@ -12,32 +27,35 @@ DEMO_VARIANTS = "fp16,rtn:w4a4,smoothquant:w4a4,svdquant:w4a4:r32,svdquant:w8a8:
 
 def _add_compare_args(p: argparse.ArgumentParser, demo: bool) -> None:
     if not demo:
-        p.add_argument("--model", default="fashion-dit", help="bundled model (fashion-dit, fashion-unet)")
+        p.add_argument("--model", default="fashion-dit", type=_model_name,
+                       help="bundled model (fashion-dit, fashion-unet)")
         p.add_argument("--variants", default="fp16,rtn:w4a4,svdquant:w4a4:r32",
                        help="comma-separated METHOD:wXaY[:rN] names, e.g. " + DEMO_VARIANTS)
-    p.add_argument("--samples", type=int, default=20 if demo else 64, help="samples per variant")
-    p.add_argument("--steps", type=int, default=10 if demo else 20, help="sampling steps")
+    p.add_argument("--samples", type=_at_least_two, default=20 if demo else 64, help="samples per variant")
+    p.add_argument("--steps", type=positive_int, default=10 if demo else 20, help="sampling steps")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (model default)")
     p.add_argument("--seed", type=int, default=0, help="first evaluation seed")
-    p.add_argument("--calib-samples", type=int, default=10 if demo else 20, help="calibration trajectories")
-    p.add_argument("--calib-steps", type=int, default=None, help="calibration steps (default: --steps)")
-    p.add_argument("--data-samples", type=int, default=500 if demo else 1000,
+    p.add_argument("--calib-samples", type=positive_int, default=10 if demo else 20, help="calibration trajectories")
+    p.add_argument("--calib-steps", type=positive_int, default=None, help="calibration steps (default: --steps)")
+    p.add_argument("--data-samples", type=nonnegative_int, default=500 if demo else 1000,
                    help="Fashion-MNIST test images for FD vs data (0 to skip)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default="out/demo" if demo else "out/compare", help="output directory")
 
 
 def _run_compare(args, model: str, variants: str) -> int:
     from ..harness.compare import CompareSettings, format_table, run_compare
+    from ..utils.files import check_output_dir
 
     settings = CompareSettings(
         model=model, variants=tuple(v for v in variants.split(",") if v.strip()), samples=args.samples,
         steps=args.steps, sampler=args.sampler, eta=args.eta, guidance_scale=args.guidance, seed=args.seed,
         calib_samples=args.calib_samples, calib_steps=args.calib_steps, data_samples=args.data_samples,
-        batch_size=args.batch_size, device=args.device)
+        batch_size=args.batch_size, device=resolve_device(args.device))
+    check_output_dir(args.out)
     report = run_compare(settings, args.out)
     print(format_table(report))
     print(f"\nreport: {args.out}/report.json  {args.out}/report.html  grid: {args.out}/grid.png")
@@ -63,31 +81,35 @@ _demo.run = lambda args: _run_compare(args, "fashion-dit", DEMO_VARIANTS)
 # ---- quantize -----------------------------------------------------------------------------------
 @command("quantize", "quantize a bundled model (calibrated on its own sampler) and write a checkpoint")
 def _quantize(p):
-    p.add_argument("--model", default="fashion-dit", help="bundled model (fashion-dit, fashion-unet)")
+    p.add_argument("--model", default="fashion-dit", type=_model_name, help="bundled model (fashion-dit, fashion-unet)")
     p.add_argument("--variant", default="svdquant:w4a4:r32", help="METHOD:wXaY[:rN][:key=value], as in compare")
-    p.add_argument("--calib-samples", type=int, default=20, help="calibration trajectories (classes spread evenly)")
-    p.add_argument("--calib-steps", type=int, default=20, help="sampler steps per calibration trajectory")
+    p.add_argument("--calib-samples", type=positive_int, default=20,
+                   help="calibration trajectories (classes spread evenly)")
+    p.add_argument("--calib-steps", type=positive_int, default=20, help="sampler steps per calibration trajectory")
     p.add_argument("--seed", type=int, default=10_000, help="first calibration seed")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors), written atomically")
 
 
 def _run_quantize(args) -> int:
-    import torch
-
     from ..api import quantize
     from ..checkpoint import save
     from ..harness.variants import parse_variant
     from ..models import get_spec, load_pretrained
     from ..sampling import calibration_forward_loop
 
+    from ..calibration import select_targets
+    from ..utils.files import check_output_file
+
     variant = parse_variant(args.variant)
     if variant.is_baseline or variant.posts:
         raise ValueError(f"{args.variant!r}: give a quantization variant without +suffixes (e.g. svdquant:w4a4:r32)")
     spec = get_spec(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     cfg = variant.config(exclude=spec.quant_exclude, policies=spec.quant_policies)
+    check_output_file(args.out)  # before the work, not after it
     model = load_pretrained(args.model, device=device)
+    select_targets(model, cfg)  # the config against this model's layers
     loop = calibration_forward_loop(args.calib_samples, args.calib_steps, guidance_scale=spec.default_guidance_scale,
                                     seed=args.seed, num_classes=spec.num_classes)
     quantize(model, cfg, forward_loop=loop)

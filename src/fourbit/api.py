@@ -5,6 +5,7 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -110,6 +111,7 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Calla
         stats = calibrate(model, [t for t in targets if t.config.needs_calibration_data()], forward_loop,
                           max_rows=config.calib_rows, seed=config.seed)
         report.calibration_seconds = time.perf_counter() - t0
+        _warn_zero_channels(stats, {t.name: t.config for t in targets})
 
     t0 = time.perf_counter()
     new_modules = {}
@@ -133,6 +135,18 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Calla
     if verbose:
         print(report.summary(), file=sys.stderr)
     return model
+
+
+def _warn_zero_channels(stats: dict, configs: dict) -> None:
+    """Warn about smoothed layers with input channels that calibration never saw non-zero (lambda set to 1)."""
+    zero = {n: (s.zero_channels, s.absmax.numel()) for n, s in stats.items()
+            if s.zero_channels and getattr(configs[n], "alpha_grid", None) is not None
+            and getattr(configs[n], "smooth", True)}
+    if zero:
+        shown = ", ".join(f"{n} ({z} of {k})" for n, (z, k) in list(zero.items())[:5])
+        warnings.warn(f"fourbit: {len(zero)} layer(s) have input channels that were zero in every calibration row: "
+                      f"{shown}{' ...' if len(zero) > 5 else ''}; they are not smoothed (factor 1). If they carry "
+                      f"signal at inference, calibrate on more representative inputs", stacklevel=3)
 
 
 def _jsonable(info: dict) -> dict:

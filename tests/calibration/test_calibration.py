@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -59,3 +61,46 @@ def test_layer_never_called_is_reported():
     targets, _ = select_targets(model, fourbit.SVDQuantConfig())
     with pytest.raises(CalibrationError, match="never called"):
         calibrate(model, targets, lambda m: m.fc(torch.randn(2, 512)))
+
+
+# ---- issue 20 item 7: zero-row batches, and channels that are zero in every calibration row --------
+def test_zero_row_batches_are_skipped():
+    torch.manual_seed(0)
+    model = TinyNet()
+    batches = [torch.zeros(0, 3, 8, 8)] + tiny_batches(2)
+    fourbit.quantize(model, fourbit.SVDQuantConfig(rank=4), forward_loop=loop_over(batches), verbose=False,
+                     progress=False)
+    assert model.fourbit_report.layers["fc"]["calib_rel_error"] < 0.5
+
+
+def test_only_zero_row_batches_are_refused():
+    with pytest.raises(CalibrationError, match="only with empty .zero-row. inputs"):
+        fourbit.quantize(TinyNet(), fourbit.SVDQuantConfig(rank=4),
+                         forward_loop=loop_over([torch.zeros(0, 3, 8, 8)]), verbose=False, progress=False)
+
+
+def test_always_zero_channel_is_not_smoothed_and_warned():
+    """A channel that calibration never saw non-zero used to get lambda ~ EPS^alpha: at inference, where it is
+    non-zero, x / lambda blew up the activation range and SVDQuant's error doubled."""
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Sequential(nn.Linear(128, 64))
+    with torch.no_grad():
+        layer[0].weight.copy_(torch.randn(64, 128, generator=g) / 128**0.5)
+    calib = torch.randn(256, 128, generator=g)
+    calib[:, 5] = 0.0
+    test = torch.randn(256, 128, generator=g)  # channel 5 active
+    with torch.no_grad():
+        ref = layer(test)
+    q = copy.deepcopy(layer)
+    with pytest.warns(UserWarning, match=r"zero in every calibration row: 0 \(1 of 128\)"):
+        fourbit.quantize(q, fourbit.SVDQuantConfig(rank=8), forward_loop=loop_over([calib]), verbose=False,
+                         progress=False)
+    assert q[0].smooth[5] == 1.0
+    # the same layer calibrated on data where channel 5 is active is the yardstick
+    q_seen = copy.deepcopy(layer)
+    fourbit.quantize(q_seen, fourbit.SVDQuantConfig(rank=8), forward_loop=loop_over([test]), verbose=False,
+                     progress=False)
+    with torch.no_grad():
+        err = float((q(test) - ref).norm() / ref.norm())
+        err_seen = float((q_seen(test) - ref).norm() / ref.norm())
+    assert err < 1.3 * err_seen, (err, err_seen)

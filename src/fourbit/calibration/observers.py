@@ -34,6 +34,11 @@ class LayerStats:
     rows_seen: int
     calls: int
 
+    @property
+    def zero_channels(self) -> int:
+        """Input channels that were exactly zero in every row seen (smoothing cannot size them)."""
+        return int((self.absmax == 0).sum())
+
 
 class ActivationObserver:
     """Forward pre-hook recording a layer's input statistics."""
@@ -61,6 +66,8 @@ class ActivationObserver:
         x = args[0]
         self.calls += 1
         rows = self.to_rows(x.detach()).float()  # (M, K)
+        if rows.shape[0] == 0:  # an empty batch: nothing to learn from this call
+            return
         if not torch.isfinite(rows).all():
             bad = int((~torch.isfinite(rows)).sum())
             raise CalibrationError(
@@ -89,6 +96,11 @@ class ActivationObserver:
             raise CalibrationError(
                 f"layer {self.name!r} was never called by the forward loop; exclude it from quantization "
                 f"(config exclude=[...]) or make the loop exercise it"
+            )
+        if self.rows_seen == 0:
+            raise CalibrationError(
+                f"layer {self.name!r} was called {self.calls} time(s) but only with empty (zero-row) inputs; "
+                f"give the forward loop batches with at least one row"
             )
         return LayerStats(self.absmax, self.rows, self.rows_seen, self.calls)
 

@@ -50,11 +50,16 @@ def rounding_kwargs(cfg, stats, weight: Tensor, smooth: Optional[Tensor] = None)
 
 
 def smoothing_factors(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tensor:
-    """lambda_k = max|X[:, k]|^alpha / max|W[:, k]|^(1 - alpha); weight is (N, K). Returns (K,) fp32."""
+    """lambda_k = max|X[:, k]|^alpha / max|W[:, k]|^(1 - alpha); weight is (N, K). Returns (K,) fp32.
+
+    A channel that was zero in every calibration row (and a padding channel) gets lambda = 1, no smoothing:
+    its formula value ~EPS^alpha would divide any non-zero input it sees at inference by ~1e-3 (the
+    quantization error of SVDQuant doubled on such a channel). ``fourbit.quantize`` warns about these layers.
+    """
     a = act_absmax.float().clamp_min(EPS)
     w = weight.abs().amax(dim=0).float().clamp_min(EPS)
-    lam = a.pow(alpha) / w.pow(1.0 - alpha)
-    return lam.clamp_min(EPS)
+    lam = (a.pow(alpha) / w.pow(1.0 - alpha)).clamp_min(EPS)
+    return torch.where(act_absmax.to(lam.device) > 0, lam, torch.ones_like(lam))
 
 
 def low_rank(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -33,7 +31,7 @@ from .checkpoint_header import HeaderError, check_header, header_digest
 from .config import QuantConfig
 from .formats import format_from_spec
 from .kernels import available_kernels
-from .utils.files import check_readable_file, error_text
+from .utils.files import atomic_write, check_output_file, check_readable_file, error_text
 
 FORMAT_VERSION = 2
 HEADER_KEY = "fourbit"
@@ -55,10 +53,14 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
-    """Write ``model`` (quantized by ``fourbit.quantize``) to ``path`` atomically. Returns the path."""
+    """Write ``model`` (quantized by ``fourbit.quantize``) to ``path`` atomically (``utils.files.atomic_write``:
+    a symbolic link's target is written, the mode follows the replaced file or the umask, temporary files of
+    killed saves are removed). Returns the path."""
     base = getattr(model, "fourbit_header", None)
     if base is None:
         raise ValueError("model is not quantized by fourbit (call fourbit.quantize first)")
+    path = Path(path)
+    check_output_file(path)  # a directory, an unwritable folder: said before the tensors are gathered
     tensors = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
     header = {
         "format_version": FORMAT_VERSION,
@@ -73,19 +75,7 @@ def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None)
         header["siblings"] = base["siblings"]  # fused sibling linears (fourbit.siblings): load re-fuses
     header["header_sha256"] = header_digest(header)
     blob = st_save(tensors, metadata={HEADER_KEY: json.dumps(header)})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, blob)
     return path
 
 

@@ -85,3 +85,91 @@ def _check_folder(folder: Path, shown: Path) -> None:
         os.unlink(probe)
     except OSError as err:
         raise OSError(err.errno, f"{shown}: cannot write in {existing} ({err.strerror})") from None
+
+
+# ---- atomic writes -------------------------------------------------------------------------------------
+_TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, rename, fsync the folder.
+
+    A symbolic link is followed (its target is replaced, the link stays). The file gets the mode of the file it
+    replaces, or 0666 minus the umask when new (not mkstemp's 0600). The temporary file is removed on any error,
+    and ones left by killed writers of the same path (their process gone) are removed first. Returns ``path``.
+    """
+    path = Path(path)
+    check_output_file(path)
+    target = Path(os.path.realpath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(target)
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=_TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+    return path
+
+
+def remove_stale_temp_files(target: Path) -> list[Path]:
+    """Remove ``.<name>.<pid>.*.tmp`` files next to ``target`` whose writing process no longer exists (a save
+    that was killed); returns them. Files of a live process (a concurrent save) are left alone."""
+    removed = []
+    prefix = f".{target.name}."
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(_TMP_SUFFIX)):
+            continue
+        pid = name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except OSError:
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -89,3 +89,21 @@ def test_statistics_of_one_setting_are_refused_for_another(tiny_pair):
     other = copy.deepcopy(fp)  # a 16-bit model has no fourbit header: another "quantized model"
     with pytest.raises(PTQDStatsMismatch, match="measured for quantized model"):
         PTQDHook(stats, q_model=other)
+
+
+def test_hooks_without_q_model_check_the_sampled_model(tiny_pair):
+    """issue 20 item 9: ``ptqd_hooks(stats)`` without q_model= used to apply another model's statistics."""
+    import fourbit
+    from fourbit.models import get_spec
+
+    fp, q = tiny_pair
+    stats = collect_stats(fp, q, steps=2, num_samples=2, guidance_scale=1.0, model_name="tiny")
+    other = copy.deepcopy(fp)
+    fourbit.quantize(other, fourbit.RTNConfig(group_size=32, exclude=get_spec("fashion-dit").quant_exclude),
+                     progress=False, verbose=False)
+    classes, seeds = sample_plan(2, 0, 10)
+    with pytest.raises(PTQDStatsMismatch, match="measured for quantized model .* not for this one"):
+        sample(other, classes, seeds, steps=2, guidance_scale=1.0, hooks=ptqd_hooks(stats))
+    with pytest.raises(PTQDStatsMismatch, match="not for this one"):
+        sample(fp, classes, seeds, steps=2, guidance_scale=1.0, hooks=ptqd_hooks(stats))
+    sample(q, classes, seeds, steps=2, guidance_scale=1.0, hooks=ptqd_hooks(stats))  # its own model: fine

@@ -21,6 +21,7 @@ format's statistics.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional, Sequence, Union
 
 import torch
@@ -70,8 +71,9 @@ class PTQDHook:
     correlated / bias / variance: the three corrections (the ablation switches them one by one);
     schedule: None - the model runs its own activation format and the statistics of ``stats.base`` apply;
     "auto" - ``stats.schedule`` (step-aware mixed precision); or a list with one format label per step.
-    q_model: when given, refused unless ``stats`` were measured for it.
-    Each step is checked against the statistics' setting (sampler, steps, guidance, eta, timestep):
+    q_model: when given, refused unless ``stats`` were measured for it. Without it, the model the sampler hands
+    to ``before_step`` is checked the same way at its first step (statistics of another model are never
+    applied unchecked). Each step is checked against the statistics' setting (sampler, steps, guidance, eta, timestep):
     ``PTQDStatsMismatch`` on any difference.
     """
 
@@ -79,9 +81,9 @@ class PTQDHook:
                  schedule: Union[None, str, Sequence[str]] = None, q_model: Optional[nn.Module] = None) -> None:
         self.stats = stats
         self.correlated, self.bias, self.variance = correlated, bias, variance
-        if q_model is not None and quant_digest(q_model) != stats.setting.quant:
-            raise PTQDStatsMismatch(f"these PTQD statistics were measured for quantized model {stats.setting.quant}, "
-                                    f"not for this one ({quant_digest(q_model)}): another config or architecture")
+        self._checked_models = weakref.WeakSet()  # models found to match stats.setting.quant
+        if q_model is not None:
+            self._check_model(q_model)
         if schedule == "auto":
             if stats.schedule is None:
                 raise ValueError("these statistics have no precision schedule (measure two or more activation "
@@ -98,6 +100,16 @@ class PTQDHook:
         self._saved: list = []
 
     # ---- checks -------------------------------------------------------------------------------
+    def _check_model(self, model: nn.Module) -> None:
+        if model in self._checked_models:
+            return
+        digest = quant_digest(model)
+        if digest != self.stats.setting.quant:
+            raise PTQDStatsMismatch(f"these PTQD statistics were measured for quantized model "
+                                    f"{self.stats.setting.quant}, not for this one ({digest}): another config or "
+                                    f"architecture")
+        self._checked_models.add(model)
+
     def _check(self, step: StepInfo) -> None:
         s = self.stats.setting
         check_setting(s, PTQDSetting(s.model, s.quant, step.sampler, step.num_steps, step.guidance_scale, step.eta))
@@ -110,6 +122,7 @@ class PTQDHook:
 
     # ---- hook methods -------------------------------------------------------------------------
     def before_step(self, step: StepInfo, model: nn.Module) -> None:
+        self._check_model(model)
         self._check(step)
         if self.schedule is None:
             if step.index == 0 and format_label(model_act_format(model)) != self.stats.base:

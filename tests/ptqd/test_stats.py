@@ -65,14 +65,34 @@ def test_correction_exactly_inverts_planted_error():
         torch.testing.assert_close(correct_eps(q, k, mu), e, rtol=0, atol=1e-12)
 
 
-def test_streaming_is_independent_of_batching(tiny_pair):
+def test_streaming_moments_are_exactly_independent_of_batching():
+    """The same predictions fed in one batch or split 4 + 1 + 1 give the very same statistics. The values are
+    multiples of 1/8 so that every float64 sum is exact in any order: equality, not a tolerance."""
+    g = torch.Generator().manual_seed(0)
+    e = torch.randint(-16, 17, (6, 3, 5, 5), generator=g).float() / 8
+    q = e + torch.randint(-4, 5, (6, 3, 5, 5), generator=g).float() / 8
+    whole, split = NoiseMoments(), NoiseMoments()
+    whole.update(e, q)
+    for lo, hi in ((0, 4), (4, 5), (5, 6)):
+        split.update(e[lo:hi], q[lo:hi])
+    for bias in ("residual", "total"):
+        assert whole.finalize(bias) == split.finalize(bias)
+
+
+def test_collected_stats_agree_across_batch_sizes(tiny_pair):
+    """End to end, batch sizes agree only as far as floating point lets them: BLAS blocks a GEMM differently
+    for 6 and 4 rows (~1e-7 relative in fp32), the first DDIM step from t=999 multiplies that by ~50, and a
+    4-bit activation code that sits on a rounding boundary then flips, moving eps_q by a whole quantization
+    step. Measured here: up to 1.6e-3 relative (corr at step 1); 2e-2 leaves room for other CPUs, and a real
+    streaming bug still fails it (a dropped batch, 4 of the 6 samples, moves int4 k by 18% and corr by 10-17%).
+    The streaming itself is tested exactly above."""
     fp, q = tiny_pair
     kw = dict(steps=2, num_samples=6, guidance_scale=2.0, act_formats=["int4", "int8"], model_name="tiny")
     a = collect_stats(fp, q, batch_size=6, **kw)
     b = collect_stats(fp, q, batch_size=4, **kw)
     for lb in ("int4", "int8"):
         for key in ("k", "sigma_q", "snr_q", "corr"):
-            assert getattr(a.formats[lb], key) == pytest.approx(getattr(b.formats[lb], key), rel=1e-6, abs=1e-9)
+            assert getattr(a.formats[lb], key) == pytest.approx(getattr(b.formats[lb], key), rel=2e-2, abs=1e-6)
     assert a.timesteps == [999, 0] and a.base == "int4" and a.schedule is not None
     assert all(k >= 0 for k in a.formats["int4"].k)
     # 8-bit activations are much closer to the 16-bit model than 4-bit ones

@@ -109,7 +109,7 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Calla
                              f"fn(model) runs the model on a few representative inputs")
         t0 = time.perf_counter()
         stats = calibrate(model, [t for t in targets if t.config.needs_calibration_data()], forward_loop,
-                          max_rows=config.calib_rows, seed=config.seed)
+                          max_rows=config.calib_rows, seed=config.seed, progress=progress)
         report.calibration_seconds = time.perf_counter() - t0
         _warn_zero_channels(stats, {t.name: t.config for t in targets})
 

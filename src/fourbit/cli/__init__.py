@@ -7,7 +7,7 @@ Errors: every expected failure (a bad argument, variant, config, checkpoint, fil
 GPU; a full disk) ends as one line on stderr, ``fourbit COMMAND: error: ...``, and exit status 2; anything else
 as one line naming the exception and exit status 1; ``--debug`` shows the traceback instead. A closed stdout
 (``fourbit inspect x | head -1``) ends quietly. Argument checks shared by the commands: ``positive_int``,
-``nonnegative_int``, ``resolve_device``.
+``at_least_two``, ``nonnegative_int``, ``resolve_device``.
 """
 from __future__ import annotations
 
@@ -120,6 +120,14 @@ def _silence_stdout() -> None:
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return _int_at_least(text, 1)
+
+
+def at_least_two(text: str) -> int:
+    """argparse type for sample counts that feed a Frechet distance: an integer >= 2."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (the Frechet distance needs two or more samples), got {value}")
+    return value
 
 
 def nonnegative_int(text: str) -> int:

@@ -3,14 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import command, nonnegative_int, positive_int, resolve_device
-
-
-def _at_least_two(text: str) -> int:
-    value = positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be >= 2 (the Frechet distance needs two or more samples), got {value}")
-    return value
+from . import at_least_two, command, nonnegative_int, positive_int, resolve_device
 
 
 def _model_name(text: str) -> str:
@@ -31,7 +24,7 @@ def _add_compare_args(p: argparse.ArgumentParser, demo: bool) -> None:
                        help="bundled model (fashion-dit, fashion-unet)")
         p.add_argument("--variants", default="fp16,rtn:w4a4,svdquant:w4a4:r32",
                        help="comma-separated METHOD:wXaY[:rN] names, e.g. " + DEMO_VARIANTS)
-    p.add_argument("--samples", type=_at_least_two, default=20 if demo else 64, help="samples per variant")
+    p.add_argument("--samples", type=at_least_two, default=20 if demo else 64, help="samples per variant")
     p.add_argument("--steps", type=positive_int, default=10 if demo else 20, help="sampling steps")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")

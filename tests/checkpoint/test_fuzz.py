@@ -1,4 +1,5 @@
-"""Seeded fuzz of checkpoints (issue 20 acceptance): 340 header, text, tensor and truncation mutations.
+"""Seeded fuzz of checkpoints (issue 20 acceptance): 340 header, text, tensor and truncation mutations through
+``fourbit.load``, and 60 more through ``fourbit inspect``.
 
 Every mutated file is either refused with a one-line ``CheckpointError`` (and the model left untouched) or it
 loads to outputs bit-identical to the original. Re-signed header edits (the header checksum recomputed, so the
@@ -146,3 +147,29 @@ def test_tensor_byte_edits_and_truncations(original, tmp_path):
         p = tmp_path / f"cut{i}.safetensors"
         p.write_bytes(data[: rng.randrange(len(data))])
         assert _expect_refused_or_identical(p, x, y0) == "refused"
+
+
+def test_inspect_on_mutated_files(original, tmp_path, capsys):
+    """``fourbit inspect`` on 40 header edits and 20 byte flips: exit 0 (an edit that changes nothing) or exit 2
+    with one error line; never a traceback or exit 1 (an unexpected exception)."""
+    from fourbit.cli import main
+
+    path, _, _ = original
+    tensors, header = read_raw(path)
+    rng = random.Random(SEED + 4)
+    files = []
+    for i in range(40):
+        h = copy.deepcopy(header)
+        mutate_header(h, rng)
+        files.append(write_raw(tmp_path / f"i{i}.safetensors", tensors, h, resign=i % 2 == 0))
+    data = path.read_bytes()
+    for i in range(20):
+        blob = bytearray(data)
+        blob[rng.randrange(8, len(data))] ^= 0x04
+        files.append(tmp_path / f"j{i}.safetensors")
+        files[-1].write_bytes(bytes(blob))
+    for p in files:
+        code = main(["inspect", str(p)])
+        err = capsys.readouterr().err.strip()
+        assert code in (0, 2) and "Traceback" not in err, err
+        assert (code == 0 and not err) or (code == 2 and len(err.splitlines()) == 1), err

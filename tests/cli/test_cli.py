@@ -199,3 +199,45 @@ def test_inspect_names_what_a_path_is(tmp_path, capsys, make, what):
     make(target)
     assert main(["inspect", str(target)]) == 2
     _one_line_error(capsys, what)
+
+
+def test_seeded_cli_misuse_fuzz(tmp_path, capsys, no_model):
+    """60 seeded command lines, each with one bad value among good ones: every one ends with exit status 2 and
+    one error line, before any model is loaded (a load would fail the test with exit status 1)."""
+    import random
+
+    (tmp_path / "afile").write_text("x")
+    good = {"--model": "fashion-dit", "--calib-samples": "2", "--calib-steps": "2", "--seed": "3",
+            "--device": "cpu", "--samples": "4", "--steps": "2", "--batch-size": "8", "--data-samples": "0"}
+    bad = {"--model": ["bogus", ""], "--calib-samples": ["0", "-1", "x"], "--calib-steps": ["0", "1.5"],
+           "--samples": ["1", "-3", "0"], "--steps": ["0", "-2"], "--batch-size": ["0", "b"],
+           "--data-samples": ["-1"], "--device": ["cuda:7", "tpu", "nonsense"],
+           "--variant": ["rtn:w4a4:gg=32", "nf4:w4a4", "rtn:w3a4", "svdquant:w4a4:alpha=2", "rtn:w4a4:r8",
+                         "magic:w4a4", "rtn", "fp16", "rtn:w4a4+nope", "rtn:w4a4:kernel=bogus"],
+           "--variants": ["fp16,rtn:w4a4:fmt=int3", "fp16,,svdquant:w4a4:g=0", "rtn:w4a4:calib_rows=0"],
+           "--out": ["{tmp}/afile/x", "{out}"]}  # {out}: a directory for quantize, a file for compare
+    allowed = {"quantize": ["--model", "--variant", "--calib-samples", "--calib-steps", "--seed", "--device", "--out"],
+               "compare": ["--model", "--variants", "--samples", "--steps", "--calib-samples", "--calib-steps",
+                           "--data-samples", "--batch-size", "--seed", "--device", "--out"]}
+    rng = random.Random(20)
+    for i in range(60):
+        cmd = rng.choice(sorted(allowed))
+        flags = [f for f in allowed[cmd] if f in good or f == "--out"]
+        wrong = rng.choice([f for f in allowed[cmd] if f in bad])
+        argv = [cmd]
+        for f in rng.sample(flags, k=rng.randrange(len(flags) + 1)):
+            if f != wrong:
+                argv += [f, good.get(f, str(tmp_path / f"ok{i}.safetensors" if cmd == "quantize" else tmp_path / f"o{i}"))]
+        value = rng.choice(bad[wrong]).replace("{out}", str(tmp_path / ("afile" if cmd == "compare" else "")))
+        argv += [wrong, value.replace("{tmp}", str(tmp_path))]
+        if cmd == "quantize" and "--out" not in argv:
+            argv += ["--out", str(tmp_path / f"q{i}.safetensors")]
+        try:
+            code = main(argv)
+        except SystemExit as ex:  # argparse: a usage line and the error line
+            code = ex.code
+            err = capsys.readouterr().err
+            assert code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("fourbit "), argv
+            continue
+        assert code == 2, (" ".join(argv), capsys.readouterr().err)
+        _one_line_error(capsys)

@@ -24,13 +24,12 @@ from torch import nn
 
 from . import __version__
 from .api import architecture_fingerprint
-from .nn import set_module
-from .siblings import fuse_siblings
-from .nn import QuantLinear, build_empty, quantized_layers
 from .checkpoint_header import HeaderError, check_header, header_digest
 from .config import QuantConfig
 from .formats import format_from_spec
 from .kernels import available_kernels
+from .nn import QuantLinear, build_empty, quantized_layers, set_module
+from .siblings import fuse_siblings
 from .utils.files import atomic_write, check_output_file, check_readable_file, error_text
 
 FORMAT_VERSION = 2
@@ -38,7 +37,10 @@ HEADER_KEY = "fourbit"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded onto this model: the message says why and what to do."""
+    """A checkpoint that cannot be loaded onto this model: the message (always one line) says why and what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # causes quoted from other libraries may span lines
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -95,8 +97,8 @@ def read_header(path: Union[str, Path]) -> dict:
         raise CheckpointError(f"{path}: a safetensors file but not a fourbit checkpoint (no '{HEADER_KEY}' header)")
     try:
         header = json.loads(meta[HEADER_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: damaged fourbit header ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: damaged fourbit header ({e or 'nested too deeply'})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: damaged fourbit header (a JSON {type(header).__name__}, not an object)")
     version = header.get("format_version")
@@ -314,10 +316,10 @@ def _check_layer(path: Path, name: str, module: nn.Module, spec: dict) -> None:
         raise CheckpointError(f"{path}: layer {name} of the model is already quantized")
     kind = spec["kind"]
     if kind == "linear":
-        ok = type(module) is nn.Linear and (module.in_features, module.out_features) == (
+        ok = isinstance(module, nn.Linear) and (module.in_features, module.out_features) == (
             spec["in_features"], spec["out_features"])
     else:
-        ok = type(module) is nn.Conv2d and module.out_channels == spec["out_features"] and (
+        ok = isinstance(module, nn.Conv2d) and module.out_channels == spec["out_features"] and (
             module.in_channels * module.kernel_size[0] * module.kernel_size[1] == spec["in_features"]) and all(
             list(getattr(module, f)) == spec[f] for f in ("kernel_size", "stride", "padding", "dilation")
             if not isinstance(getattr(module, f), str))

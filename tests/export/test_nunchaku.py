@@ -155,3 +155,20 @@ def test_unsupported_models_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no fourbit-quantized layers"):
         export_nunchaku(tiny_flux(), tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_exports_a_checkpoint(flux_fp16, tmp_path):
+    from fourbit.cli import main
+
+    q, x = flux_fp16
+    ckpt = fourbit.save(q, tmp_path / "q.fourbit.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **dict(q.config)},
+                                                     default=list))
+    out = tmp_path / "q.nunchaku.safetensors"
+    assert main(["export", "--format", "nunchaku", "--model-config", str(tmp_path / "config.json"), str(ckpt),
+                 str(out)]) == 0
+    decoded = load_decoded(copy.deepcopy(q), out)
+    assert torch.allclose(run(decoded, x).float(), run(q, x).float(), rtol=0, atol=1e-2)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"_class_name": "NoSuchModel"}))
+    assert main(["export", "--format", "nunchaku", "--model-config", str(bad), str(ckpt), str(out)]) == 2

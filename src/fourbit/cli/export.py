@@ -21,7 +21,9 @@ def _run_export(args) -> int:
 
     import fourbit
     from ..export import export_nunchaku
+    from ..utils.files import check_output_file
 
+    check_output_file(args.output)  # before the model is built and loaded
     cfg = json.loads(Path(args.model_config).read_text())
     cls_name = cfg.get("_class_name")
     try:

@@ -241,3 +241,16 @@ def test_seeded_cli_misuse_fuzz(tmp_path, capsys, no_model):
             continue
         assert code == 2, (" ".join(argv), capsys.readouterr().err)
         _one_line_error(capsys)
+
+
+def test_read_only_output_folder_is_refused_before_work(tmp_path, capsys, no_model, monkeypatch):
+    """A read-only mount (simulated: root ignores chmod) is found by creating a probe file, before the work."""
+    import errno
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert main(["quantize", "--out", str(tmp_path / "q.safetensors")]) == 2
+    _one_line_error(capsys, f"cannot write in {tmp_path}", "Read-only file system")

@@ -30,6 +30,8 @@ class Progress:
         self.min_interval = min_interval
         self._last = 0.0
         self._drawn = False
+        self._logged = 0  # the count of the last plain line written
+        self._note = ""
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def __enter__(self):
@@ -61,6 +63,7 @@ class Progress:
                 f"{_fmt(elapsed)} elapsed, {_fmt(left)} left {note}").rstrip()
 
     def _draw(self, note: str) -> None:
+        self._note = note
         line = self.line(note)
         if self._tty:
             columns = shutil.get_terminal_size((80, 24)).columns
@@ -68,6 +71,7 @@ class Progress:
             self._drawn = True
         elif self._log_now():
             self.stream.write(line + "\n")
+            self._logged = self.done
         self.stream.flush()
 
     def _log_now(self) -> bool:
@@ -76,9 +80,13 @@ class Progress:
         return self.done >= self.total or self.done == 1 or self.done % max(1, self.total // 10) == 0
 
     def close(self) -> None:
-        if self.enabled and self._tty and self._drawn:
+        if not self.enabled:
+            return
+        if self._tty and self._drawn:
             self.stream.write("\n")
-            self.stream.flush()
+        elif not self._tty and self.total is None and self.done and self._logged != self.done:
+            self.stream.write(self.line(self._note) + "\n")  # an open-ended count ends with its total
+        self.stream.flush()
 
 
 def _fmt(seconds: float) -> str:

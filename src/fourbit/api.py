@@ -74,12 +74,14 @@ def convert_layer(target: Target, stats: Optional[LayerStats], device=None) -> Q
 
 
 def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Callable[[nn.Module], None]] = None,
-             *, progress: bool = True, verbose: bool = True) -> nn.Module:
+             *, progress: bool = True, verbose: bool = True, collective=None) -> nn.Module:
     """Quantize ``model`` in place with ``config`` and return it.
 
     forward_loop(model) runs the model on calibration inputs (a sampler over timesteps and prompts, a loop
     over batches, ...). Methods that need activation statistics (SmoothQuant, SVDQuant) require it.
     On any error during calibration the model is left unchanged. The report is at ``model.fourbit_report``.
+    ``collective`` (e.g. ``fourbit.distributed.Ranks``): each process runs its own share of the calibration data
+    in ``forward_loop`` and the statistics are merged exactly across processes; every process then converts.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a fourbit config (e.g. fourbit.SVDQuantConfig()), got {type(config).__name__}")
@@ -100,7 +102,7 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Calla
                              f"fn(model) runs the model on a few representative inputs")
         t0 = time.perf_counter()
         stats = calibrate(model, [t for t in targets if t.config.needs_calibration_data()], forward_loop,
-                          max_rows=config.calib_rows, seed=config.seed)
+                          max_rows=config.calib_rows, seed=config.seed, collective=collective)
         report.calibration_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -1,4 +1,8 @@
-"""``fourbit demo``, ``compare``, ``quantize`` and ``train`` on the bundled models (fashion-dit, fashion-unet)."""
+"""``fourbit demo``, ``compare``, ``quantize`` and ``train`` on the bundled models (fashion-dit, fashion-unet).
+
+``compare``, ``demo`` and ``quantize`` also run under torchrun
+(``python -m torch.distributed.run --nproc-per-node N -m fourbit compare ...``): see ``fourbit.distributed``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -25,12 +29,16 @@ def _add_compare_args(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--calib-steps", type=int, default=None, help="calibration steps (default: --steps)")
     p.add_argument("--data-samples", type=int, default=500 if demo else 1000,
                    help="Fashion-MNIST test images for FD vs data (0 to skip)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per batch; under torchrun the batches are spread over the processes, so use at "
+                        "most samples / processes to keep every process busy")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; under torchrun "
+                                                  "cuda:LOCAL_RANK)")
     p.add_argument("--out", default="out/demo" if demo else "out/compare", help="output directory")
 
 
 def _run_compare(args, model: str, variants: str) -> int:
+    from ..distributed import launch
     from ..harness.compare import CompareSettings, format_table, run_compare
 
     settings = CompareSettings(
@@ -38,7 +46,10 @@ def _run_compare(args, model: str, variants: str) -> int:
         steps=args.steps, sampler=args.sampler, eta=args.eta, guidance_scale=args.guidance, seed=args.seed,
         calib_samples=args.calib_samples, calib_steps=args.calib_steps, data_samples=args.data_samples,
         batch_size=args.batch_size, device=args.device)
-    report = run_compare(settings, args.out)
+    with launch(args.device) as ranks:
+        report = run_compare(settings, args.out, ranks)
+    if report is None:  # not rank 0 under torchrun: rank 0 prints and writes
+        return 0
     print(format_table(report))
     print(f"\nreport: {args.out}/report.json  {args.out}/report.html  grid: {args.out}/grid.png")
     return 0
@@ -68,6 +79,8 @@ def _quantize(p):
     p.add_argument("--calib-samples", type=int, default=20, help="calibration trajectories (classes spread evenly)")
     p.add_argument("--calib-steps", type=int, default=20, help="sampler steps per calibration trajectory")
     p.add_argument("--seed", type=int, default=10_000, help="first calibration seed")
+    p.add_argument("--batch-size", type=int, default=64, help="calibration trajectories per batch (under torchrun "
+                   "the batches are spread over the processes; the checkpoint is the same for any number of them)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors), written atomically")
 
@@ -77,21 +90,27 @@ def _run_quantize(args) -> int:
 
     from ..api import quantize
     from ..checkpoint import save
+    from ..distributed import launch
+    from ..harness.sharded import sharded_calibration_loop
     from ..harness.variants import parse_variant
     from ..models import get_spec, load_pretrained
-    from ..sampling import calibration_forward_loop
 
     variant = parse_variant(args.variant)
     if variant.is_baseline or variant.posts:
         raise ValueError(f"{args.variant!r}: give a quantization variant without +suffixes (e.g. svdquant:w4a4:r32)")
     spec = get_spec(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = variant.config(exclude=spec.quant_exclude, policies=spec.quant_policies)
-    model = load_pretrained(args.model, device=device)
-    loop = calibration_forward_loop(args.calib_samples, args.calib_steps, guidance_scale=spec.default_guidance_scale,
-                                    seed=args.seed, num_classes=spec.num_classes)
-    quantize(model, cfg, forward_loop=loop)
-    path = save(model, args.out, extra={"model": args.model, "variant": variant.name})
+    with launch(args.device) as ranks:
+        device = ranks.device if ranks.world_size > 1 else (args.device or ("cuda" if torch.cuda.is_available()
+                                                                             else "cpu"))
+        model = load_pretrained(args.model, device=device)
+        loop = sharded_calibration_loop(ranks, args.calib_samples, args.calib_steps, seed=args.seed,
+                                        guidance_scale=spec.default_guidance_scale, num_classes=spec.num_classes,
+                                        batch_size=args.batch_size)
+        quantize(model, cfg, forward_loop=loop, collective=ranks, progress=ranks.is_root, verbose=ranks.is_root)
+        if not ranks.is_root:  # every rank holds the same quantized model; rank 0 writes it
+            return 0
+        path = save(model, args.out, extra={"model": args.model, "variant": variant.name})
     print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB); load it with "
           f"fourbit.load(fourbit.models.build_model({args.model!r}, device='meta'), {str(path)!r})")
     return 0

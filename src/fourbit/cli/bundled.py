@@ -108,6 +108,7 @@ def _run_quantize(args) -> int:
                                         guidance_scale=spec.default_guidance_scale, num_classes=spec.num_classes,
                                         batch_size=args.batch_size)
         quantize(model, cfg, forward_loop=loop, collective=ranks, progress=ranks.is_root, verbose=ranks.is_root)
+        ranks.barrier("the end of quantization")  # also for methods without calibration data (no collective)
         if not ranks.is_root:  # every rank holds the same quantized model; rank 0 writes it
             return 0
         path = save(model, args.out, extra={"model": args.model, "variant": variant.name})

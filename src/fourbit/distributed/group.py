@@ -16,7 +16,7 @@ import torch
 from .failure import injected_failure, install_signal_report, report_and_exit, short
 from .shard import batch_slices, shard_batches
 
-DEFAULT_TIMEOUT_S = 600.0  # per collective; FOURBIT_DIST_TIMEOUT overrides (seconds)
+DEFAULT_TIMEOUT_S = 1800.0  # per collective, torch's own default for gloo; FOURBIT_DIST_TIMEOUT overrides (s)
 
 
 class RankFailure(RuntimeError):
@@ -136,7 +136,11 @@ def init_from_env(device: Optional[str] = None, timeout_s: Optional[float] = Non
 @contextmanager
 def launch(device: Optional[str] = None, timeout_s: Optional[float] = None) -> Iterator[Ranks]:
     """``with launch(device) as ranks:`` run one command on this rank; in a multi-process run any error (its own
-    or a failed collective) or the launcher's SIGTERM prints one line and ends the process at once."""
+    or a failed collective) or the launcher's SIGTERM prints one line and ends the process at once.
+
+    No barrier on the way out: end the collective work with ``ranks.barrier(...)`` so that a rank that stalls
+    after its last collective is caught by the others' timeout instead of keeping the launcher waiting.
+    """
     ranks = init_from_env(device, timeout_s)
     if ranks.world_size == 1:
         yield ranks

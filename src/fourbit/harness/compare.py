@@ -158,6 +158,7 @@ def run_compare(settings: CompareSettings, out_dir: str | Path, ranks: Optional[
             reference = imgs
         results[v.name] = row
         del model
+    ranks.barrier("the end of sampling")  # a rank that stalled after its last gather is caught here
     if not root:
         return None
 

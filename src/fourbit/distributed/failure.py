@@ -18,21 +18,23 @@ import sys
 import threading
 import time
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a signal handler may interrupt the main thread inside it
 _reported = [False]
 
 
 def _say_once(line: str) -> bool:
+    """Print ``line`` unless this process already reported; a second caller waits until the first has printed
+    (the main thread's signal handler and the watch thread may both be on their way to ``os._exit``)."""
     with _lock:
         if _reported[0]:
             return False
         _reported[0] = True
-    try:
-        sys.stdout.flush()
-    except Exception:  # stdout may be closed by the launcher; the line below still goes to stderr
-        pass
-    print(line, file=sys.stderr, flush=True)
-    return True
+        try:
+            sys.stdout.flush()
+        except Exception:  # stdout may be closed by the launcher; the line below still goes to stderr
+            pass
+        print(line, file=sys.stderr, flush=True)
+        return True
 
 
 def short(exc: BaseException, limit: int = 240) -> str:
@@ -54,7 +56,7 @@ def install_signal_report(prefix: str) -> None:
         return  # signal handlers can only be set from the main thread; the launcher's kill still ends us
 
     def stop(signum: int) -> None:
-        _say_once(f"{prefix}: stopped by the launcher ({signal.Signals(signum).name}), most likely because "
+        _say_once(f"{prefix} stopped by the launcher ({signal.Signals(signum).name}), most likely because "
                   f"another rank failed; see that rank's line")
         os._exit(128 + signum)
 

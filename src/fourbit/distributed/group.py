@@ -128,9 +128,12 @@ def init_from_env(device: Optional[str] = None, timeout_s: Optional[float] = Non
         backend, dev = "nccl", f"cuda:{local_rank}"
     else:
         backend, dev = "gloo", "cpu"
+    ranks = Ranks(rank, world, local_rank, dev, backend, timeout)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout), rank=rank, world_size=world)
-    return Ranks(rank, world, local_rank, dev, backend, timeout)
+        ranks._run("joining the process group", lambda d: d.init_process_group(
+            backend, timeout=timedelta(seconds=timeout), rank=rank, world_size=world))
+    ranks.barrier("the start barrier")  # every rank is up before any work (and before the test hooks fire)
+    return ranks
 
 
 @contextmanager
@@ -141,18 +144,20 @@ def launch(device: Optional[str] = None, timeout_s: Optional[float] = None) -> I
     No barrier on the way out: end the collective work with ``ranks.barrier(...)`` so that a rank that stalls
     after its last collective is caught by the others' timeout instead of keeping the launcher waiting.
     """
-    ranks = init_from_env(device, timeout_s)
-    if ranks.world_size == 1:
-        yield ranks
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield init_from_env(device, timeout_s)
         return
-    install_signal_report(ranks.label)
+    label = Ranks(int(os.environ.get("RANK", "0")), world).label
+    install_signal_report(label)  # before the rendezvous: the launcher may stop us as soon as a peer fails
     try:
+        ranks = init_from_env(device, timeout_s)
         injected_failure(ranks.rank)
         yield ranks
     except BaseException as e:  # noqa: BLE001 - every way out of a rank must end it, with one line
         if isinstance(e, SystemExit) and not e.code:
             raise
-        report_and_exit(f"{ranks.label} stopped" if isinstance(e, RankFailure) else f"{ranks.label} failed", e)
+        report_and_exit(f"{label} stopped" if isinstance(e, RankFailure) else f"{label} failed", e)
     import torch.distributed as dist
 
     dist.destroy_process_group()

@@ -13,6 +13,7 @@ from .targets import Skipped, Target, layer_in_features, select_targets
 class Collective(Protocol):
     """What calibration needs from a group of processes (``fourbit.distributed.Ranks`` is one)."""
 
+    rank: int
     world_size: int
 
     def gather(self, obj: Any, what: str = ...) -> list:

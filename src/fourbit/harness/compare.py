@@ -64,6 +64,7 @@ class PostContext:
     guidance_scale: float
     device: str
     info: dict = field(default_factory=dict)  # the post writes its facts here; they go into the report
+    ranks: Optional[Ranks] = None  # torchrun processes: a post may shard its own sampling passes over them
 
 
 def _sync(device: str) -> None:
@@ -144,7 +145,7 @@ def run_compare(settings: CompareSettings, out_dir: str | Path, ranks: Optional[
             row["config"] = cfg.to_dict()
             hooks = []
             for p in v.posts:
-                ctx = PostContext(fp_model, model, v, settings, guidance, device)
+                ctx = PostContext(fp_model, model, v, settings, guidance, device, ranks=ranks)
                 t0 = time.perf_counter()
                 hooks += list(get_post(p).hooks(ctx))
                 row["calibration_seconds"] += time.perf_counter() - t0

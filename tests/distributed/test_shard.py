@@ -34,6 +34,28 @@ def test_single_process_ranks_are_the_identity():
     assert out.flatten().tolist() == [0, 0, 1, 1, 2]
     with pytest.raises(ValueError, match="result batches"):
         ranks.gather_batches(parts[:2], 5, 2)
+    assert ranks.gather_items([["a", "b"], ["c", "d"], ["e"]], 5, 2) == list("abcde")
+
+
+class _FakeGroup(Ranks):
+    """Rank ``rank`` of a world whose other ranks' payloads are given: exercises the reordering of the gathers."""
+
+    def __init__(self, rank, world_size, others):
+        super().__init__(rank=rank, world_size=world_size)
+        object.__setattr__(self, "others", others)
+
+    def gather_to_root(self, obj, what=""):
+        return [obj if r == self.rank else self.others[r] for r in range(self.world_size)]
+
+
+def test_gathered_batches_come_back_in_item_order():
+    # 7 items, batches of 2 -> 4 batches; 3 ranks: rank 0 has batches 0 and 3, rank 1 batch 1, rank 2 batch 2
+    items = [f"p{i}" for i in range(7)]
+    shares = {r: [items[s] for s in shard_batches(7, 2, r, 3)] for r in range(3)}
+    assert shares[0] == [["p0", "p1"], ["p6"]]
+    assert _FakeGroup(0, 3, shares).gather_items(shares[0], 7, 2) == items
+    tensors = {r: [torch.tensor([float(i) for i in range(7)][s]) for s in shard_batches(7, 2, r, 3)] for r in range(3)}
+    assert _FakeGroup(0, 3, tensors).gather_batches(tensors[0], 7, 2).tolist() == list(range(7))
 
 
 def test_without_torchrun_no_process_group_is_made(monkeypatch):

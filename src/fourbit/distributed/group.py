@@ -80,15 +80,25 @@ class Ranks:
                        to_all: bool = False) -> Optional[torch.Tensor]:
         """Put back together per-batch results: ``parts`` are this rank's outputs for ``self.shard(n, batch_size)``
         in order; returns all ``n`` rows in item order (on rank 0, or on every rank with ``to_all``), else None."""
-        parts = [p.cpu() for p in parts]
+        batches = self._in_batch_order([p.cpu() for p in parts], n, batch_size, to_all)
+        if batches is None:
+            return None
+        return torch.cat(batches) if batches else torch.empty(0)
+
+    def gather_items(self, parts: Sequence[list], n: int, batch_size: int, to_all: bool = False) -> Optional[list]:
+        """Like ``gather_batches`` for lists of any picklable items (PIL images, file names, ...): one flat list
+        of all ``n`` items in order."""
+        batches = self._in_batch_order([list(p) for p in parts], n, batch_size, to_all)
+        return None if batches is None else [item for batch in batches for item in batch]
+
+    def _in_batch_order(self, parts: list, n: int, batch_size: int, to_all: bool) -> Optional[list]:
         if len(parts) != len(self.shard(n, batch_size)):
             raise ValueError(f"rank {self.rank} has {len(parts)} result batches for "
                              f"{len(self.shard(n, batch_size))} assigned batches")
         per_rank = self.gather(parts, "gather results") if to_all else self.gather_to_root(parts, "gather results")
         if per_rank is None:
             return None
-        batches = [per_rank[i % self.world_size][i // self.world_size] for i in range(len(batch_slices(n, batch_size)))]
-        return torch.cat(batches) if batches else torch.empty(0)
+        return [per_rank[i % self.world_size][i // self.world_size] for i in range(len(batch_slices(n, batch_size)))]
 
 
 def _timeout_from_env() -> float:

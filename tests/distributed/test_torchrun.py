@@ -28,6 +28,8 @@ def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FOURBIT_") and k not in ("RANK", "WORLD_SIZE")}
     env.update(PYTHONPATH=os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]), FOURBIT_PROGRESS="0",
                OMP_NUM_THREADS="1", **extra)
+    if sys.platform == "linux":
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no dependence on the host name resolving
     return env
 
 

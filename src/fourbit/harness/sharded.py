@@ -19,6 +19,8 @@ def sample_sharded(ranks: Ranks, model: nn.Module, classes: torch.Tensor, seeds:
                    to_all: bool = False, progress: bool = False, **sample_kwargs: Any) -> Optional[torch.Tensor]:
     """``sample(model, classes, seeds, ...)`` with the batches spread over the ranks: all images in seed order
     on rank 0 (every rank with ``to_all``), None elsewhere."""
+    if ranks.world_size == 1:  # the same batches (sample() cuts them alike), under one progress bar
+        return sample(model, classes, seeds, batch_size=batch_size, progress=progress, **sample_kwargs)
     parts = [sample(model, classes[s], seeds[s], batch_size=batch_size, progress=progress and ranks.is_root,
                     **sample_kwargs) for s in ranks.shard(len(seeds), batch_size)]
     return ranks.gather_batches(parts, len(seeds), batch_size, to_all=to_all)

@@ -96,3 +96,35 @@ def prompts(embeds, n: int, seed: int = 100) -> list[dict]:
     """``n`` prompt argument dicts (random text embeddings standing in for encoded prompts)."""
     g = torch.Generator().manual_seed(seed)
     return [embeds(g) for _ in range(n)]
+
+
+def save_sd_pipeline(directory) -> str:
+    """A tiny Stable Diffusion 1.x-style pipeline with a real (tiny) CLIP text encoder and a tokenizer built from
+    an in-memory vocabulary, saved with ``save_pretrained`` (so the CLI can take prompt strings). Returns the path."""
+    import json
+    from pathlib import Path
+
+    import diffusers as d
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    directory = Path(directory)
+    tok_dir = directory / "_tokenizer_src"
+    tok_dir.mkdir(parents=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz,":
+        vocab[ch], vocab[ch + "</w>"] = len(vocab), len(vocab) + 1
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16))
+    un = d.UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                cross_attention_dim=16, norm_num_groups=4)
+    pipe = d.StableDiffusionPipeline(vae=_vae(), text_encoder=enc, tokenizer=tok, unet=un,
+                                     scheduler=d.DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None,
+                                     feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(directory / "pipe")
+    return str(directory / "pipe")

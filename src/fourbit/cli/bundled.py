@@ -61,19 +61,28 @@ _demo.run = lambda args: _run_compare(args, "fashion-dit", DEMO_VARIANTS)
 
 
 # ---- quantize -----------------------------------------------------------------------------------
-@command("quantize", "quantize a bundled model (calibrated on its own sampler) and write a checkpoint")
+@command("quantize", "quantize a bundled model or a diffusers pipeline's denoiser (--pipeline) and write a checkpoint")
 def _quantize(p):
+    from .pipeline import add_quantize_arguments
+
     p.add_argument("--model", default="fashion-dit", help="bundled model (fashion-dit, fashion-unet)")
     p.add_argument("--variant", default="svdquant:w4a4:r32", help="METHOD:wXaY[:rN][:key=value], as in compare")
-    p.add_argument("--calib-samples", type=int, default=20, help="calibration trajectories (classes spread evenly)")
-    p.add_argument("--calib-steps", type=int, default=20, help="sampler steps per calibration trajectory")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration trajectories (classes spread "
+                   "evenly; default 20)")
+    p.add_argument("--calib-steps", type=int, default=None, help="sampler steps per calibration trajectory (default 20)")
     p.add_argument("--seed", type=int, default=10_000, help="first calibration seed")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors), written atomically")
+    add_quantize_arguments(p)
 
 
 def _run_quantize(args) -> int:
     import torch
+
+    if args.pipeline:
+        from .pipeline import run_quantize
+
+        return run_quantize(args)
 
     from ..api import quantize
     from ..checkpoint import save
@@ -88,7 +97,8 @@ def _run_quantize(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = variant.config(exclude=spec.quant_exclude, policies=spec.quant_policies)
     model = load_pretrained(args.model, device=device)
-    loop = calibration_forward_loop(args.calib_samples, args.calib_steps, guidance_scale=spec.default_guidance_scale,
+    loop = calibration_forward_loop(args.calib_samples or 20, args.calib_steps or 20,
+                                    guidance_scale=spec.default_guidance_scale,
                                     seed=args.seed, num_classes=spec.num_classes)
     quantize(model, cfg, forward_loop=loop)
     path = save(model, args.out, extra={"model": args.model, "variant": variant.name})

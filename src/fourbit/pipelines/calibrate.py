@@ -137,6 +137,9 @@ def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prom
                             "call_kwargs": _digest_prompts([call_kwargs or {}])}})
     quantize(model, full, forward_loop=loop, progress=progress, verbose=verbose, convert_device=convert_device,
              store=store)
+    if store is not None and (store.stats_loaded or store.layers_loaded):
+        say(f"resumed from {work_dir}: " + ("calibration statistics and " if store.stats_loaded else "")
+            + f"{store.layers_loaded} converted layer(s) reused")
     report = model.fourbit_report
     report.preset, report.unmatched_patterns = chosen.name, unmatched
     model.fourbit_header.setdefault("extra", {})["pipeline"] = {

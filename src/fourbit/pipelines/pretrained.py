@@ -87,6 +87,11 @@ def from_pretrained(directory: Union[str, Path], device=None, *, strict: bool = 
     return compat.install(model.eval())
 
 
+def read_folder_header(directory: Union[str, Path]) -> dict:
+    """The fourbit header of a folder written by ``save_pretrained`` (no tensors are read)."""
+    return _checkpoint(Path(directory))[0]
+
+
 # ---- helpers ------------------------------------------------------------------------------------
 def parse_size(size: Union[int, str]) -> int:
     """Bytes from an int or "5GB" / "500MB" / "10KiB" (decimal and binary units)."""

@@ -40,13 +40,14 @@ class WorkFolder:
                                  f"{', '.join(diff)}); delete it or choose another work folder")
         else:
             write_atomic(manifest, json.dumps(key, sort_keys=True, indent=1).encode())
-        self.layers_loaded = 0
+        self.layers_loaded, self.stats_loaded = 0, False
 
     # ---- calibration statistics -------------------------------------------------------------------
     def load_stats(self) -> Optional[dict]:
         path = self.dir / "stats.safetensors"
         if not path.is_file():
             return None
+        self.stats_loaded = True
         with safe_open(str(path), framework="pt") as f:
             counts = json.loads(f.metadata()["counts"])
             return {name: LayerStats(f.get_tensor(f"{name}/absmax"), f.get_tensor(f"{name}/rows"), n, calls)

@@ -101,7 +101,7 @@ def pipeline_forward_loop(pipe, prompts: Sequence[Prompt], *, num_inference_step
 def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prompt]] = None, *,
                       num_inference_steps: int = 4, guidance_scale: Optional[float] = None,
                       component: Optional[str] = None, preset: Optional[str] = None, seed: int = 0,
-                      call_kwargs: Optional[dict] = None, convert_device=None, work_dir=None,
+                      call_kwargs: Optional[dict] = None, convert_device=None, work_dir=None, store=None,
                       progress: bool = True, verbose: bool = True):
     """Quantize ``pipe``'s denoiser in place by running ``pipe`` over ``prompts``; returns ``pipe``.
 
@@ -110,7 +110,8 @@ def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prom
     ``fourbit.pipelines.PRESETS`` ("flux", ..., "generic", "none"; default: by the denoiser's class), merged
     into ``config`` (the config's own patterns win). call_kwargs: more arguments for every pipeline call
     (``height``, ``width``, ...). convert_device: run each layer's conversion there (e.g. "cuda"). work_dir:
-    make the run resumable (see ``fourbit.pipelines.resume``). The report is at ``denoiser.fourbit_report``.
+    make the run resumable (see ``fourbit.pipelines.resume``); store: any other ``fourbit.quantize`` store
+    instead. The report is at ``denoiser.fourbit_report``.
     """
     name, model = find_denoiser(pipe, component)
     chosen: Preset = find_preset(model, preset)
@@ -122,11 +123,12 @@ def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prom
     unmatched = unmatched_patterns((n for n, _ in model.named_modules()), config, chosen)
     for pattern, where in unmatched.items():
         say(f"pattern {pattern!r} ({where}) matches no layer of {type(model).__name__}")
-    prompts = bundled_prompts(32) if prompts is None else list(prompts)
+    prompts = bundled_prompts(32) if prompts is None else prompts if isinstance(prompts, list) else list(prompts)
     loop = pipeline_forward_loop(pipe, prompts, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, seed=seed, call_kwargs=call_kwargs,
                                  progress=progress)
-    store = None
+    if work_dir is not None and store is not None:
+        raise ValueError("pass work_dir or store, not both")
     if work_dir is not None:
         from .resume import WorkFolder
 
@@ -137,7 +139,7 @@ def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prom
                             "call_kwargs": _digest_prompts([call_kwargs or {}])}})
     quantize(model, full, forward_loop=loop, progress=progress, verbose=verbose, convert_device=convert_device,
              store=store)
-    if store is not None and (store.stats_loaded or store.layers_loaded):
+    if work_dir is not None and (store.stats_loaded or store.layers_loaded):
         say(f"resumed from {work_dir}: " + ("calibration statistics and " if store.stats_loaded else "")
             + f"{store.layers_loaded} converted layer(s) reused")
     report = model.fourbit_report

@@ -79,3 +79,23 @@ def test_generate_with_the_quantized_denoiser(sd_path, tmp_path):
     assert not torch.equal(q, fp)  # the 4-bit denoiser was used...
     assert main(args + ["--quantized", str(tmp_path / "q"), "--out", str(tmp_path / "q2.png")]) == 0
     assert (tmp_path / "q2.png").read_bytes() == (tmp_path / "q.png").read_bytes()  # ...deterministically
+
+
+def test_compare_pipeline_writes_the_report(sd_path, tmp_path, capsys):
+    import json
+
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a small house\na red cat\n")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--pipeline", sd_path, "--prompts", str(prompts), "--variants", f"fp16,{VARIANT}",
+                 "--samples", "2", "--steps", "2", "--calib-samples", "2", "--calib-steps", "2", "--height", "16",
+                 "--width", "16", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["variants"]) == ["fp16", VARIANT]
+    fp, q = report["variants"]["fp16"], report["variants"][VARIANT]
+    assert fp["lpips"]["mean"] == 0 and q["lpips"]["mean"] > 0 and q["lpips"]["n"] == 2
+    assert q["preset"] == "unet" and q["weight_bits_per_element"] < 16
+    assert report["settings"]["evaluation_prompts"] == ["a small house", "a red cat"]
+    assert not set(report["settings"]["calibration_prompts"]) & {"a small house", "a red cat"}
+    assert (out / "grid.png").stat().st_size > 0 and (out / "report.html").stat().st_size > 0
+    assert VARIANT in capsys.readouterr().out

@@ -13,21 +13,6 @@ from . import command
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def load_pipeline(path: str, dtype=None, device=None, **components):
-    """``DiffusionPipeline.from_pretrained(path)`` (local folder or a model already in the local cache)."""
-    import torch
-
-    try:
-        from diffusers import DiffusionPipeline
-    except ImportError:
-        raise ImportError("--pipeline needs diffusers: pip install fourbit[diffusers]") from None
-    kw = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
-    pipe = DiffusionPipeline.from_pretrained(path, **kw, **components)
-    if device:
-        pipe.to(device)
-    return pipe
-
-
 def _device(args) -> str:
     import torch
 
@@ -64,6 +49,7 @@ def run_quantize(args) -> int:
     from ..harness.variants import parse_variant
     from ..pipelines import quantize_pipeline, save_pretrained
     from ..pipelines.calibrate import bundled_prompts, read_prompts
+    from ..pipelines.pretrained import load_pipeline
 
     variant = parse_variant(args.variant)
     if variant.is_baseline or variant.posts:
@@ -88,6 +74,34 @@ def run_quantize(args) -> int:
     return 0
 
 
+# ---- compare --pipeline ---------------------------------------------------------------------------
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a diffusers pipeline instead of a bundled model (prompts instead of classes)")
+    g.add_argument("--pipeline", default=None, help="diffusers pipeline folder; --samples counts evaluation prompts "
+                   "(default 8) and --calib-samples calibration prompts (default 16)")
+    g.add_argument("--prompts", default=None, help="evaluation prompt file, one per line (default: bundled prompts)")
+    g.add_argument("--component", default=None, help="the denoiser's component name (default: transformer or unet)")
+    g.add_argument("--dtype", default=None, choices=DTYPES, help="load the pipeline in this dtype")
+    g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
+    g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
+
+
+def run_compare(args, variants: str) -> int:
+    from ..harness.compare import format_table
+    from ..harness.pipeline_compare import PipelineCompareSettings, run_pipeline_compare
+
+    settings = PipelineCompareSettings(
+        pipeline=args.pipeline, variants=tuple(v for v in variants.split(",") if v.strip()), prompts=args.prompts,
+        samples=args.samples if args.samples is not None else 8, steps=args.steps, guidance_scale=args.guidance,
+        seed=args.seed, calib_samples=args.calib_samples if args.calib_samples is not None else 16,
+        calib_steps=args.calib_steps or 4, height=args.height, width=args.width, dtype=args.dtype,
+        component=args.component, device=args.device)
+    report = run_pipeline_compare(settings, args.out)
+    print(format_table(report))
+    print(f"\nreport: {args.out}/report.json  {args.out}/report.html  grid: {args.out}/grid.png")
+    return 0
+
+
 # ---- generate -------------------------------------------------------------------------------------
 @command("generate", "make an image with a diffusers pipeline, its denoiser loaded from a fourbit folder")
 def _generate(p):
@@ -107,7 +121,7 @@ def _run_generate(args) -> int:
     import torch
 
     from ..pipelines import from_pretrained
-    from ..pipelines.pretrained import read_folder_header
+    from ..pipelines.pretrained import load_pipeline, read_folder_header
 
     device = _device(args)
     components = {}

@@ -87,6 +87,20 @@ def from_pretrained(directory: Union[str, Path], device=None, *, strict: bool = 
     return compat.install(model.eval())
 
 
+def load_pipeline(path, dtype: Optional[str] = None, device=None, **components):
+    """``DiffusionPipeline.from_pretrained(path)`` (a local folder, or a model already in the local cache) in
+    ``dtype`` ("bfloat16", ...), with ``components`` given instead of loaded (e.g. a quantized transformer)."""
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        raise ImportError("loading a pipeline needs diffusers: pip install fourbit[diffusers]") from None
+    kw = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
+    pipe = DiffusionPipeline.from_pretrained(path, **kw, **components)
+    if device:
+        pipe.to(device)
+    return pipe
+
+
 def read_folder_header(directory: Union[str, Path]) -> dict:
     """The fourbit header of a folder written by ``save_pretrained`` (no tensors are read)."""
     return _checkpoint(Path(directory))[0]

@@ -14,6 +14,7 @@ a projection.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -158,9 +159,12 @@ def run_one(name: str, args, device: str) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t_start = time.perf_counter()
     budget = args.budget.get(name, 300.0)
+    gc.collect()  # the previous model's reference cycles (a run cut by its budget leaves some) must go first
+    resident = 0.0
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated() / 2**30
     pipe, spec, n_params = build_pipeline(name, args.scale, device, dtype)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -176,7 +180,7 @@ def run_one(name: str, args, device: str) -> dict:
     row = dict(model=name, scale=args.scale, denoiser=spec["cls"], parameters=n_params, dtype=str(dtype)[6:],
                variant=args.variant, resolution=size, prompts_planned=args.prompts, steps=args.steps,
                guidance_scale=spec["guidance"], cfg_batch=2 if spec["cfg"] else 1, layers_total=len(targets),
-               budget_s=budget, build_s=round(build_s, 2))
+               budget_s=budget, build_s=round(build_s, 2), gpu_resident_before_gib=round(resident, 2))
     t0 = time.perf_counter()
     try:
         fourbit.quantize_pipeline(pipe, config, prompts, num_inference_steps=args.steps,
@@ -199,7 +203,8 @@ def run_one(name: str, args, device: str) -> dict:
     row["wall_s"] = round(time.perf_counter() - t_start, 2)
     if device == "cuda":
         row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    del pipe, model
+    del pipe, model, targets
+    gc.collect()
     return row
 
 

@@ -19,10 +19,11 @@ _PIPELINES = ("quantize_pipeline", "save_pretrained", "from_pretrained")
 
 
 def __getattr__(name):  # the diffusers entry points load on first use: `import fourbit` stays light
-    if name in _PIPELINES:
-        from . import pipelines
+    if name in _PIPELINES or name == "pipelines":
+        import importlib
 
-        return getattr(pipelines, name)
+        pipelines = importlib.import_module(f"{__name__}.pipelines")
+        return pipelines if name == "pipelines" else getattr(pipelines, name)
     raise AttributeError(f"module 'fourbit' has no attribute {name!r}")
 
 

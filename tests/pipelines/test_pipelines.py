@@ -114,6 +114,25 @@ def test_diffusers_save_pretrained_reloads_or_fails_loudly(tmp_path):
     assert torch.equal(_latents(reloaded, ps, kw), ref)
 
 
+def test_save_pretrained_follows_a_deepcopy_and_holds_no_cycle(tmp_path):
+    import copy
+    import gc
+    import weakref
+
+    pipe, comp, ps, kw = _quantized("sd3")
+    twin = copy.deepcopy(pipe.transformer)
+    twin.proj_out.bias.data.add_(1.0)
+    twin.save_pretrained(tmp_path)  # saves the copy, not the original
+    assert torch.equal(fourbit.from_pretrained(tmp_path).proj_out.bias, twin.proj_out.bias)
+    gc.disable()
+    try:
+        ref = weakref.ref(twin)
+        del twin
+        assert ref() is None  # freed by reference counting alone
+    finally:
+        gc.enable()
+
+
 def test_core_quantize_guards_the_models_own_save(tmp_path):
     pipe, comp, embeds, kw = build("sd3")
     model = pipe.transformer

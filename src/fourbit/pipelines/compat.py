@@ -3,23 +3,30 @@
 one sentence (it would read 16-bit ``.weight`` that 4-bit layers do not have)."""
 from __future__ import annotations
 
+import weakref
+
 from torch import nn
 
 
 class _SavePretrained:
-    """``component.save_pretrained(dir, ...)`` -> ``fourbit.save_pretrained(component, dir)``. An object, not a
-    closure, so that ``copy.deepcopy(component)`` saves the copy."""
+    """``component.save_pretrained(dir, ...)`` -> ``fourbit.save_pretrained(component, dir)``. It holds the
+    component weakly (no reference cycle keeping GPU memory alive) and ``copy.deepcopy(component)`` gives the copy
+    its own."""
 
     fourbit_guard = True
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self.model = weakref.ref(model)
+
+    def __deepcopy__(self, memo):
+        original = self.model()
+        return _SavePretrained(memo.get(id(original), original))  # the model's copy is in memo before its dict
 
     def __call__(self, save_directory, is_main_process: bool = True, max_shard_size="5GB", **_diffusers_kwargs):
         from .pretrained import save_pretrained
 
         if is_main_process:
-            save_pretrained(self.model, save_directory, max_shard_size=max_shard_size)
+            save_pretrained(self.model(), save_directory, max_shard_size=max_shard_size)
 
 
 def _refuse_fuse(*_args, **_kwargs):

@@ -187,3 +187,26 @@ def test_from_pretrained_of_a_diffusers_folder_says_so(tmp_path):
     pipe.transformer.save_pretrained(tmp_path)  # 16-bit: diffusers' own folder
     with pytest.raises(fourbit.CheckpointError, match="not a fourbit folder"):
         fourbit.from_pretrained(tmp_path)
+
+
+def _qwen_image():
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                       attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                       axes_dims_rope=(2, 2, 4))
+
+
+@pytest.mark.parametrize("family", FAMILIES + ("qwen-image",))
+def test_every_family_pattern_matches_a_layer(family):
+    """The table is written against diffusers' module names: a rename in a diffusers release fails here."""
+    from fourbit.pipelines.presets import find_preset, unmatched_patterns
+
+    if family == "qwen-image":
+        model = _qwen_image()
+    else:
+        pipe, comp = build(family)[:2]
+        model = getattr(pipe, comp)
+    preset = find_preset(model)
+    assert preset.name == {"sdxl": "unet"}.get(family, family)
+    assert unmatched_patterns([n for n, _ in model.named_modules()], _config(), preset) == {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -31,9 +31,11 @@ from .kernels import available_kernels
 from .nn import QuantLinear, build_empty, quantized_layers, set_module
 from .siblings import fuse_siblings
 from .utils.files import atomic_write, check_output_file, check_readable_file, error_text
+from .utils.foreign import guard_foreign_save
 
 FORMAT_VERSION = 2
 HEADER_KEY = "fourbit"
+BUFFER_PREFIX = "@buffer."  # non-persistent buffers (no module name starts with "@")
 
 
 class CheckpointError(ValueError):
@@ -55,15 +57,29 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
-    """Write ``model`` (quantized by ``fourbit.quantize``) to ``path`` atomically (``utils.files.atomic_write``:
-    a symbolic link's target is written, the mode follows the replaced file or the umask, temporary files of
-    killed saves are removed). Returns the path."""
-    base = getattr(model, "fourbit_header", None)
-    if base is None:
+    """Write ``model`` (quantized by ``fourbit.quantize``) to ``path`` atomically (``write_atomic``). Returns the
+    path."""
+    if getattr(model, "fourbit_header", None) is None:
         raise ValueError("model is not quantized by fourbit (call fourbit.quantize first)")
-    path = Path(path)
     check_output_file(path)  # a directory, an unwritable folder: said before the tensors are gathered
+    tensors = checkpoint_tensors(model)
+    header = checkpoint_header(model, tensors, extra)
+    return write_atomic(path, st_save(tensors, metadata={HEADER_KEY: json.dumps(header)}))
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint holds: the state dict plus the non-persistent buffers (under ``BUFFER_PREFIX``),
+    which a model built on the meta device cannot compute again."""
+    if getattr(model, "fourbit_header", None) is None:
+        raise ValueError("model is not quantized by fourbit (call fourbit.quantize first)")
     tensors = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+    tensors.update({BUFFER_PREFIX + n: t.detach().contiguous().cpu() for n, t in _nonpersistent_buffers(model)})
+    return tensors
+
+
+def checkpoint_header(model: nn.Module, tensors: dict[str, torch.Tensor], extra: Optional[dict] = None) -> dict:
+    """The JSON header describing ``model``'s checkpoint of ``tensors``, its own checksum last."""
+    base = model.fourbit_header
     header = {
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
@@ -76,9 +92,23 @@ def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None)
     if base.get("siblings"):
         header["siblings"] = base["siblings"]  # fused sibling linears (fourbit.siblings): load re-fuses
     header["header_sha256"] = header_digest(header)
-    blob = st_save(tensors, metadata={HEADER_KEY: json.dumps(header)})
-    atomic_write(path, blob)
-    return path
+    return header
+
+
+def write_atomic(path: Union[str, Path], blob: bytes) -> Path:
+    """Write ``blob`` to ``path`` atomically (``fourbit.utils.files.atomic_write``: temporary file + fsync +
+    rename; a symbolic link's target is written, the mode follows the replaced file or the umask, temporary
+    files of killed saves are removed). Returns the path."""
+    return atomic_write(path, blob)
+
+
+def _nonpersistent_buffers(model: nn.Module):
+    """(name, tensor) of buffers registered with persistent=False (not in the state dict)."""
+    for mod_name, mod in model.named_modules():
+        for b in getattr(mod, "_non_persistent_buffers_set", ()):
+            t = mod._buffers.get(b)
+            if t is not None:
+                yield (f"{mod_name}.{b}" if mod_name else b), t
 
 
 def read_header(path: Union[str, Path]) -> dict:
@@ -99,6 +129,13 @@ def read_header(path: Union[str, Path]) -> dict:
         header = json.loads(meta[HEADER_KEY])
     except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: damaged fourbit header ({e or 'nested too deeply'})") from None
+    return validate_header(header, path)
+
+
+def validate_header(header, source) -> dict:
+    """Check a parsed header (from a file or a sharded folder's index; ``source`` names it in messages): its
+    format version, its checksum, its schema, and that its config, formats and kernels exist here. Returns it."""
+    path = source
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: damaged fourbit header (a JSON {type(header).__name__}, not an object)")
     version = header.get("format_version")
@@ -143,16 +180,6 @@ def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def read_checkpoint(path: Union[str, Path]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The header and every tensor of a checkpoint, both checked against their checksums (nothing is built)."""
-    path = Path(path)
-    header = read_header(path)
-    tensors = _read_tensors(path)
-    if _digest(tensors) != header["tensor_sha256"]:
-        raise CheckpointError(f"{path}: tensor data does not match its checksum: the file is damaged")
-    return header, tensors
-
-
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -173,15 +200,33 @@ def load(model: nn.Module, path: Union[str, Path], strict: bool = True, device=N
     if getattr(model, "fourbit_header", None) is not None:
         raise CheckpointError("model is already quantized; load onto a freshly built 16-bit model")
     path = Path(path)
-    header, tensors = read_checkpoint(path)
+    return load_tensors(model, read_header(path), lambda: _read_tensors(path), path, strict=strict, device=device)
+
+
+def load_tensors(model: nn.Module, header: dict, read: Callable[[], dict], source, strict: bool = True,
+                 device=None) -> nn.Module:
+    """``load`` from a header and a function reading the tensors (one file, or the shards of a folder);
+    ``source`` names the checkpoint in messages. The header is validated here (whatever its origin) and the
+    tensors checked against its checksum before anything is built."""
+    path = source
+    if getattr(model, "fourbit_header", None) is not None:
+        raise CheckpointError("model is already quantized; load onto a freshly built 16-bit model")
+    header = validate_header(header, path)
+    tensors = read()
+    if _digest(tensors) != header["tensor_sha256"]:
+        raise CheckpointError(f"{path}: tensor data does not match its checksum: the file is damaged")
+    buffers = {k[len(BUFFER_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(BUFFER_PREFIX)]}
     undo = _fuse_for_load(model, path, header.get("siblings"))
     fused = bool(undo)
     try:
         new_modules, rest = _build(model, path, header, tensors, strict)
+        buffer_plan = _plan_buffers(model, buffers, path)
         for name, new in new_modules.items():
             undo.append((name, model.get_submodule(name)))
             set_module(model, name, new)
         model.load_state_dict(rest, strict=False, assign=True)
+        for owner, b, t in buffer_plan:
+            owner._buffers[b] = t
     except BaseException:
         for name, old in reversed(undo):  # put every replaced module back
             set_module(model, name, old)
@@ -194,7 +239,33 @@ def load(model: nn.Module, path: Union[str, Path], strict: bool = True, device=N
                             "extra": header["extra"]}
     if header.get("siblings"):
         model.fourbit_header["siblings"] = header["siblings"]
+    guard_foreign_save(model)
     return model
+
+
+def read_checkpoint(path: Union[str, Path]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The header and every tensor of a checkpoint file, both checked against their checksums (nothing built)."""
+    path = Path(path)
+    header = read_header(path)
+    tensors = _read_tensors(path)
+    if _digest(tensors) != header["tensor_sha256"]:
+        raise CheckpointError(f"{path}: tensor data does not match its checksum: the file is damaged")
+    return header, tensors
+
+
+def _plan_buffers(model: nn.Module, saved: dict, path) -> list:
+    """[(module, buffer name, tensor)] giving non-persistent buffers left on the meta device (PixArt's
+    ``pos_embed.pos_embed``) the checkpoint's values; refuses, before anything changes, if one is not saved."""
+    plan = []
+    for name, t in list(_nonpersistent_buffers(model)):
+        if not t.is_meta:
+            continue
+        if name not in saved:
+            raise CheckpointError(f"{path}: buffer {name} is on the meta device and the checkpoint does not hold "
+                                  f"it; build the model on a real device (not meta) before loading")
+        mod_name, _, b = name.rpartition(".")
+        plan.append((model.get_submodule(mod_name) if mod_name else model, b, saved[name]))
+    return plan
 
 
 def _fuse_for_load(model: nn.Module, path: Path, groups: Optional[list]) -> list:

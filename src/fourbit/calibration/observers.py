@@ -1,9 +1,10 @@
 """Observers attached to layers during calibration: per-channel statistics and a bounded row sample.
 
 Memory per layer is O(K) for the statistics plus O(max_rows * K) for the sample, however long the
-user's forward loop runs. The sample is a uniform random subset of all rows seen (priority sampling
-with seeded keys), so it does not depend on how the forward loop batches its inputs... given the same
-sequence of calls.
+user's forward loop runs. The sample is a uniform random subset of all rows seen (priority sampling): each
+row's key is a seeded hash of the row's own bits, so the sample depends only on the set of rows seen, never
+on the order of the calls, how the loop batches them, or how they are split across processes. Partial
+statistics (one per process) merge exactly with ``merge_partials``: max of maxima, top keys of the samples.
 """
 from __future__ import annotations
 
@@ -40,6 +41,71 @@ class LayerStats:
         return int((self.absmax == 0).sum())
 
 
+@dataclass
+class PartialStats:
+    """One process's share of a layer's statistics, before the merge (absmax None: no call seen)."""
+
+    absmax: Optional[Tensor]  # (K,) fp32
+    rows: Optional[Tensor]  # (n, K) fp32, sorted by key, largest first
+    keys: Optional[Tensor]  # (n,) int64 row keys
+    rows_seen: int
+    calls: int
+
+
+_MIX1, _MIX2 = -4658895280553007687, -7723592293110705685  # splitmix64 finaliser constants as signed int64
+
+
+def row_keys(rows: Tensor, coeffs: Tensor, chunk: int = 4096) -> Tensor:
+    """A seeded 64-bit hash of each row's fp32 bits: ``(M, K) -> (M,)`` int64, exact on any device.
+
+    Linear hash ``sum_k bits_k * coeffs_k`` (int64 arithmetic wraps, so the sum is exact in any order) followed
+    by the splitmix64 finaliser so that every bit of the key is mixed.
+    """
+    coeffs = coeffs.to(rows.device)
+    out = []
+    for i in range(0, rows.shape[0], chunk):
+        bits = rows[i:i + chunk].contiguous().view(torch.int32).to(torch.int64)  # (m, K)
+        h = (bits * coeffs).sum(1)  # (m,)
+        h = (h ^ _logical_shr(h, 30)) * _MIX1
+        h = (h ^ _logical_shr(h, 27)) * _MIX2
+        out.append(h ^ _logical_shr(h, 31))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=rows.device)
+
+
+def _logical_shr(h: Tensor, n: int) -> Tensor:
+    return (h >> n) & ((1 << (64 - n)) - 1)
+
+
+def _top_rows(rows: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` rows with the largest keys, largest first (ties are identical rows, so their order is moot)."""
+    top = torch.topk(keys, min(k, keys.numel())).indices
+    return rows[top.to(rows.device)], keys[top]
+
+
+def merge_partials(name: str, parts: list[PartialStats], max_rows: int) -> LayerStats:
+    """One layer's statistics from every process's share: exact, and the same for any split of the rows."""
+    calls = sum(p.calls for p in parts)
+    if calls == 0:
+        raise CalibrationError(
+            f"layer {name!r} was never called by the forward loop; exclude it from quantization "
+            f"(config exclude=[...]) or make the loop exercise it"
+        )
+    seen = [p for p in parts if p.absmax is not None]
+    if not seen:
+        raise CalibrationError(
+            f"layer {name!r} was called {calls} time(s) but only with empty (zero-row) inputs; "
+            f"give the forward loop batches with at least one row"
+        )
+    absmax = seen[0].absmax
+    for p in seen[1:]:
+        absmax = torch.maximum(absmax, p.absmax)
+    if len(seen) == 1:
+        rows = seen[0].rows
+    else:
+        rows, _ = _top_rows(torch.cat([p.rows for p in seen]), torch.cat([p.keys for p in seen]), max_rows)
+    return LayerStats(absmax, rows, sum(p.rows_seen for p in parts), calls)
+
+
 class ActivationObserver:
     """Forward pre-hook recording a layer's input statistics."""
 
@@ -47,7 +113,8 @@ class ActivationObserver:
         self.name = name
         self.module = module
         self.max_rows = max_rows
-        self.generator = torch.Generator().manual_seed(seed)
+        self.coeffs: Optional[Tensor] = None  # (K,) int64 hash coefficients, drawn on first call
+        self.seed = seed
         self.step_counter = step_counter  # shared [int]: model-level forward calls so far
         self.absmax: Optional[Tensor] = None
         self.rows: Optional[Tensor] = None
@@ -78,31 +145,25 @@ class ActivationObserver:
         amax = rows.abs().amax(dim=0).cpu()
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
         self.rows_seen += rows.shape[0]
-        keys = torch.rand(rows.shape[0], generator=self.generator)
-        take = min(self.max_rows, rows.shape[0])
-        top = torch.topk(keys, take).indices  # best new rows first, so the merge stays small
-        new_rows, new_keys = rows[top.to(rows.device)].cpu(), keys[top]
+        if self.coeffs is None:
+            g = torch.Generator().manual_seed(self.seed)
+            self.coeffs = torch.randint(0, 2**62, (rows.shape[1],), generator=g, dtype=torch.int64) * 2 + 1
+        new_rows, new_keys = _top_rows(rows, row_keys(rows, self.coeffs), self.max_rows)  # small before the merge
+        new_rows, new_keys = new_rows.cpu(), new_keys.cpu()
         if self.rows is None:
             self.rows, self.keys = new_rows, new_keys
         else:
-            all_rows = torch.cat([self.rows, new_rows])
-            all_keys = torch.cat([self.keys, new_keys])
-            keep = torch.topk(all_keys, min(self.max_rows, all_keys.numel())).indices
-            self.rows, self.keys = all_rows[keep], all_keys[keep]
+            self.rows, self.keys = _top_rows(torch.cat([self.rows, new_rows]), torch.cat([self.keys, new_keys]),
+                                             self.max_rows)
+
+    def partial(self) -> PartialStats:
+        """This process's share (no check: a layer may be called on another rank only)."""
+        self.handle.remove()
+        return PartialStats(self.absmax, self.rows, self.keys, self.rows_seen, self.calls)
 
     def finish(self) -> LayerStats:
-        self.handle.remove()
-        if self.calls == 0:
-            raise CalibrationError(
-                f"layer {self.name!r} was never called by the forward loop; exclude it from quantization "
-                f"(config exclude=[...]) or make the loop exercise it"
-            )
-        if self.rows_seen == 0:
-            raise CalibrationError(
-                f"layer {self.name!r} was called {self.calls} time(s) but only with empty (zero-row) inputs; "
-                f"give the forward loop batches with at least one row"
-            )
-        return LayerStats(self.absmax, self.rows, self.rows_seen, self.calls)
+        """The statistics of a single-process run (CalibrationError if the layer was never called)."""
+        return merge_partials(self.name, [self.partial()], self.max_rows)
 
     def remove(self) -> None:
         self.handle.remove()

@@ -1,7 +1,8 @@
 """The ``fourbit`` command line (``fourbit ...`` and ``python -m fourbit ...`` are the same).
 
 Subcommands register themselves in ``COMMANDS``: each has an ``add_arguments(parser)`` and a ``run(args)``; one
-module per group of commands (``bundled``, ``inspect``, ``ptqd``), imported by ``_load_commands``.
+module per group of commands (``bundled``, ``inspect``, ``ptqd``, ``export``, ``pipeline``), imported by
+``_load_commands``.
 
 Errors: every expected failure (a bad argument, variant, config, checkpoint, file, calibration data; a missing
 GPU; a full disk) ends as one line on stderr, ``fourbit COMMAND: error: ...``, and exit status 2; anything else
@@ -17,7 +18,7 @@ import sys
 from typing import Callable, Optional
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
-COMMAND_MODULES = ("bundled", "inspect", "ptqd", "export")
+COMMAND_MODULES = ("bundled", "inspect", "ptqd", "export", "pipeline")
 
 
 def command(name: str, help: str):

@@ -3,6 +3,10 @@
 For every variant: calibrate on the model's own sampling trajectories (classes spread evenly, several
 timesteps, cond + uncond), generate the same seeded samples as the 16-bit model, and compare them with
 the 16-bit samples (LPIPS, PSNR, SSIM, FD) and with Fashion-MNIST test images when present.
+
+Under torchrun (``ranks`` of several processes) the calibration and evaluation batches are spread across the
+ranks and gathered in seed order, so the report's numbers equal those of one process with the same
+``batch_size``; rank 0 computes the metrics and writes the files.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ import torch
 from .. import __version__
 from ..api import quantize
 from ..calibration import select_targets
+from ..distributed import Ranks
 from .footprint import model_bytes, weight_bits_per_element
+from .sharded import sample_sharded, sharded_calibration_loop
 from .variants import Variant, get_post, parse_variant
 
 
@@ -79,6 +85,7 @@ class PostContext:
     guidance_scale: float
     device: str
     info: dict = field(default_factory=dict)  # the post writes its facts here; they go into the report
+    ranks: Optional[Ranks] = None  # torchrun processes: a post may shard its own sampling passes over them
 
 
 def _sync(device: str) -> None:
@@ -90,25 +97,32 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_compare(settings: CompareSettings, out_dir: str | Path) -> dict:
-    """Run the comparison and write report.json, grid.png and report.html under ``out_dir``."""
+def run_compare(settings: CompareSettings, out_dir: str | Path, ranks: Optional[Ranks] = None) -> Optional[dict]:
+    """Run the comparison and write report.json, grid.png and report.html under ``out_dir``.
+
+    ``ranks``: this process's place in a torchrun group (``fourbit.distributed.launch``); the report is returned
+    on rank 0 only (None on the others).
+    """
     from ..data.fashion_mnist import reference_images
     from ..eval import compare_images
     from ..models import get_spec, load_pretrained
     from ..models.io import load_weights
-    from ..sampling import calibration_forward_loop, sample, sample_plan
+    from ..sampling import sample, sample_plan
     from .report import write_grid, write_html
 
     settings.check()
+    ranks = ranks or Ranks(device=settings.resolved_device())
+    root = ranks.is_root
     variants = [parse_variant(v) for v in settings.variants]  # fail on a bad name before any work
     if not any(v.is_baseline for v in variants):
         variants.insert(0, parse_variant("fp16"))
-    device = settings.resolved_device()
+    device = ranks.device if ranks.world_size > 1 else settings.resolved_device()
     spec = get_spec(settings.model)
     configs = {v.name: v.config(exclude=spec.quant_exclude, policies=spec.quant_policies)
                for v in variants if not v.is_baseline}  # every config's checks, before any work
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if root:
+        out_dir.mkdir(parents=True, exist_ok=True)
     guidance = spec.default_guidance_scale if settings.guidance_scale is None else settings.guidance_scale
     calib_steps = settings.calib_steps or settings.steps
     classes, seeds = sample_plan(settings.samples, settings.seed, spec.num_classes)
@@ -119,20 +133,25 @@ def run_compare(settings: CompareSettings, out_dir: str | Path) -> dict:
     for cfg in configs.values():  # per-layer geometry (group sizes against this model's layers), no work yet
         select_targets(fp_model, cfg)
 
-    data = reference_images(settings.data_samples, settings.seed)  # None without the dataset
+    data = reference_images(settings.data_samples, settings.seed) if root else None  # None without the dataset
+    log = _log if root else (lambda msg: None)
 
-    def generate(model, hooks=()):
+    def generate(model, hooks=(), sharded=True):
         _sync(device)
         t0 = time.perf_counter()
-        imgs = sample(model, classes, seeds, steps=settings.steps, sampler=settings.sampler, eta=settings.eta,
-                      guidance_scale=guidance, hooks=hooks, batch_size=settings.batch_size, progress=True)
+        kwargs = dict(steps=settings.steps, sampler=settings.sampler, eta=settings.eta, guidance_scale=guidance,
+                      hooks=hooks)
+        if sharded:
+            imgs = sample_sharded(ranks, model, classes, seeds, settings.batch_size, progress=True, **kwargs)
+        else:  # every rank samples everything (hooks that keep counts across batches); rank 0's images count
+            imgs = sample(model, classes, seeds, batch_size=settings.batch_size, progress=root, **kwargs)
         _sync(device)
         return imgs, time.perf_counter() - t0
 
     results, images = {}, {}
     reference = None
     for v in variants:
-        _log(f"== {v.name}")
+        log(f"== {v.name}")
         row: dict = {"variant": v.name}
         if v.is_baseline:
             model, hooks = fp_model, ()
@@ -140,31 +159,35 @@ def run_compare(settings: CompareSettings, out_dir: str | Path) -> dict:
         else:
             model = copy.deepcopy(fp_model)
             cfg = configs[v.name]
-            loop = calibration_forward_loop(settings.calib_samples, calib_steps, sampler=settings.sampler,
+            loop = sharded_calibration_loop(ranks, settings.calib_samples, calib_steps, sampler=settings.sampler,
                                             guidance_scale=guidance, seed=settings.calib_seed,
                                             num_classes=spec.num_classes, eta=settings.eta,
                                             batch_size=settings.batch_size)
             _sync(device)
             t0 = time.perf_counter()
-            quantize(model, cfg, forward_loop=loop)
+            quantize(model, cfg, forward_loop=loop, collective=ranks, progress=root, verbose=root)
             _sync(device)
             row["calibration_seconds"] = time.perf_counter() - t0
             row["config"] = cfg.to_dict()
             hooks = []
             for p in v.posts:
-                ctx = PostContext(fp_model, model, v, settings, guidance, device)
+                ctx = PostContext(fp_model, model, v, settings, guidance, device, ranks=ranks)
                 t0 = time.perf_counter()
                 hooks += list(get_post(p).hooks(ctx))
                 row["calibration_seconds"] += time.perf_counter() - t0
                 row[p] = ctx.info
             row.update(weight_bits_per_element=weight_bits_per_element(model), model_bytes=model_bytes(model))
-        imgs, secs = generate(model, hooks)
+        # +post hooks (PTQD) keep counts over every batch they see: those variants are not sharded
+        imgs, secs = generate(model, hooks, sharded=not v.posts)
         row["sampling_seconds"] = secs
         images[v.name] = imgs
         if v.is_baseline:
             reference = imgs
         results[v.name] = row
         del model
+    ranks.barrier("the end of sampling")  # a rank that stalled after its last gather is caught here
+    if not root:
+        return None
 
     for name, imgs in images.items():
         _log(f"== metrics: {name}")
@@ -183,11 +206,14 @@ def run_compare(settings: CompareSettings, out_dir: str | Path) -> dict:
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "settings": {**asdict(settings), "variants": [v.name for v in variants], "guidance_scale": guidance,
                      "calib_steps": calib_steps},
+        "processes": ranks.world_size,
         "notes": [
             "fp16 = the bundled model's 16-bit weights (computed in fp32 on CPU); every other variant is compared "
             "with its samples: same classes (i % 10), same seeds.",
             "FD-Alex is a Frechet distance over LPIPS-AlexNet features, not FID.",
             f"{settings.samples} samples per variant; intervals are 95% bootstrap percentile intervals.",
+            f"{ranks.world_size} process(es); calibration and sampling in batches of {settings.batch_size}, "
+            f"the same batches in any number of processes; seconds are rank 0's wall time.",
         ],
         "variants": results,
     }

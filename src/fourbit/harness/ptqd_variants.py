@@ -77,7 +77,7 @@ class PTQDPost:
                               guidance_scale=ctx.guidance_scale, num_samples=n, seed=seed,
                               num_classes=spec.num_classes, act_formats=formats,
                               bias=v.options.get("ptqd_bias", "residual"), model_name=st.model,
-                              batch_size=st.batch_size, device=ctx.device)
+                              batch_size=st.batch_size, device=ctx.device, collective=ctx.ranks)
         components = v.options.get("ptqd_components", "validated")
         if components not in ("validated", "paper"):
             raise ValueError(f"{v.name}: ptqd_components must be 'validated' or 'paper', got {components!r}")

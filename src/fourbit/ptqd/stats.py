@@ -71,6 +71,7 @@ class NoiseMoments:
     def __init__(self) -> None:
         self.channel: Optional[torch.Tensor] = None  # (C, 6) float64: n, S_e, S_d, S_ee, S_ed, S_dd
         self.per_sample: list[torch.Tensor] = []  # (B, C, 6) float64 per batch: the same sums per sample
+        self.per_batch: list[torch.Tensor] = []  # (C, 6) float64 per batch: what ``channel`` added, in order
 
     @staticmethod
     def _sums(e: torch.Tensor, d: torch.Tensor, dims: tuple) -> torch.Tensor:
@@ -86,9 +87,22 @@ class NoiseMoments:
         d = eps_q.detach().double() - e
         spatial = tuple(range(2, e.dim()))
         per_bc = self._sums(e, d, spatial) if spatial else self._sums(e[..., None], d[..., None], (2,))  # (B, C, 6)
-        ch = per_bc.sum(0).cpu()  # (C, 6)
-        self.channel = ch if self.channel is None else self.channel + ch
-        self.per_sample.append(per_bc.cpu())  # (B, C, 6)
+        self.add_batch(per_bc.cpu(), per_bc.sum(0).cpu())
+
+    def add_batch(self, per_sample: torch.Tensor, channel: torch.Tensor) -> None:
+        """Add one batch's sums: ``per_sample`` (B, C, 6) and their sum over the batch ``channel`` (C, 6)."""
+        self.channel = channel if self.channel is None else self.channel + channel
+        self.per_sample.append(per_sample)
+        self.per_batch.append(channel)
+
+    @classmethod
+    def from_batches(cls, batches: list) -> "NoiseMoments":
+        """The moments of ``[(per_sample, channel), ...]`` in batch order: the same float64 sums, in the same
+        order, as one ``update`` per batch (how moments measured on several processes are put together)."""
+        out = cls()
+        for per_sample, channel in batches:
+            out.add_batch(per_sample, channel)
+        return out
 
     def finalize(self, bias: str = "residual") -> dict:
         """{"k", "k_raw", "mu" (per channel), "sigma_q", "snr_q", "corr", "samples"} as Python floats."""
@@ -256,6 +270,15 @@ def _as_format(f: Any) -> Optional[Format]:
 
 
 @torch.no_grad()
+def _merge_ranks(collective: Any, moments: dict, num_batches: int) -> dict:
+    """Every rank's per-batch sums, back in batch order (batch b was sampled on rank b % world_size)."""
+    mine = {label: [list(zip(m.per_sample, m.per_batch)) for m in ms] for label, ms in moments.items()}
+    every = collective.gather(mine, "PTQD statistics")
+    world = len(every)
+    return {label: [NoiseMoments.from_batches([every[b % world][label][step][b // world] for b in range(num_batches)])
+                    for step in range(len(ms))] for label, ms in moments.items()}
+
+
 def collect_stats(
     fp_model: nn.Module,
     q_model: nn.Module,
@@ -274,6 +297,7 @@ def collect_stats(
     device: Any = None,
     schedule: Any = None,
     progress: bool = False,
+    collective: Any = None,
 ) -> PTQDStats:
     """Measure PTQD's per-step statistics of ``q_model`` against ``fp_model`` for one sampler setting.
 
@@ -284,6 +308,9 @@ def collect_stats(
     more, the step-aware precision schedule is computed too (``PTQDStats.schedule``). ``bias``: "residual"
     (the paper) or "total" (the authors' code), see the module docstring. ``schedule``: a ``NoiseSchedule``
     (default: the library's). Returns ``PTQDStats``; attach them to the model with ``attach_stats``.
+    ``collective`` (e.g. ``fourbit.distributed.Ranks``): each process samples its share of the batches (batch
+    ``b`` on rank ``b % world_size``) and every process gets the statistics of one process sampling them all,
+    bit for bit (the sums are added in batch order).
     """
     from ..sampling import NoiseSchedule, sample, sample_plan
 
@@ -313,11 +340,15 @@ def collect_stats(
     classes, seeds = sample_plan(num_samples, seed, num_classes)
     fp_model.eval()
     q_model.eval()
-    for i in range(0, num_samples, batch_size):
+    rank, world = (0, 1) if collective is None else (collective.rank, collective.world_size)
+    starts = list(range(0, num_samples, batch_size))
+    for i in starts[rank::world]:
         c, s = classes[i : i + batch_size], seeds[i : i + batch_size]
         rec = _Recorder(q_model, c, formats, moments, num_classes)
         sample(fp_model, c, s, steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale, hooks=[rec],
                batch_size=len(s), device=device, progress=progress, schedule=schedule, null_class=num_classes)
+    if world > 1:
+        moments = _merge_ranks(collective, moments, len(starts))
 
     per_format = {}
     for label, ms in moments.items():

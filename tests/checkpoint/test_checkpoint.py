@@ -283,3 +283,14 @@ def test_load_on_meta_refuses_a_checkpoint_without_the_buffer(tmp_path):
     with pytest.raises(fourbit.CheckpointError, match="buffer table is on the meta device"):
         fourbit.load(fresh, tmp_path / "old.safetensors")
     fourbit.load(_WithTable(), tmp_path / "old.safetensors")  # a model built on a real device has it
+
+
+def test_load_tensors_validates_a_header_from_anywhere(saved):
+    """A sharded folder's header comes from its index, not read_header: load_tensors checks it itself."""
+    from fourbit.checkpoint import load_tensors
+
+    _, path = saved
+    tensors, header = read_raw(path)
+    header["layers"]["fc"]["act_format"] = None  # an edit without a new checksum
+    with pytest.raises(CheckpointError, match="index.json: the header does not match its checksum"):
+        load_tensors(TinyNet(), header, lambda: dict(tensors), "index.json")

@@ -1,4 +1,4 @@
-"""Seeded fuzz of checkpoints (issue 20 acceptance): 340 header, text, tensor and truncation mutations through
+"""Seeded fuzz of checkpoints (issue 20 acceptance): 360 header, text, byte and truncation mutations through
 ``fourbit.load``, and 60 more through ``fourbit inspect``.
 
 Every mutated file is either refused with a one-line ``CheckpointError`` (and the model left untouched) or it

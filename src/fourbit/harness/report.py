@@ -36,29 +36,36 @@ def variant_rows(images: dict[str, torch.Tensor], scale: int = _SCALE) -> dict[s
 
 def labelled_grid(images: dict[str, torch.Tensor], column_labels: Optional[Sequence[str]] = None,
                   corner: str = "") -> torch.Tensor:
-    """uint8 (H, W) picture: one row per variant with its name on the left, ``column_labels`` above the columns."""
+    """uint8 (H, W) picture (or (H, W, 3) for colour strips): one row per variant with its name on the left,
+    ``column_labels`` above the columns."""
     strips = variant_rows(images)
     names = list(strips)
     label_w = max(text_width(n, _ROW_FONT) for n in names) + 12
     strip_w = max(s.shape[1] for s in strips.values())
     header_h = GLYPH_H * _COL_FONT + 8 if column_labels or corner else 0
     rows_h = sum(s.shape[0] for s in strips.values())
-    canvas = torch.full((header_h + rows_h, label_w + strip_w), 255, dtype=torch.uint8)
-    n_img = next(iter(images.values())).shape[0]
+    colour = next(iter(strips.values())).ndim == 3  # (H, W, 3) strips
+    canvas = torch.full((header_h + rows_h, label_w + strip_w) + ((3,) if colour else ()), 255, dtype=torch.uint8)
+
+    def text(s: str, scale: int) -> torch.Tensor:  # (h, w) or (h, w, 3), as the canvas
+        t = render_text(s, scale)
+        return t.unsqueeze(-1).expand(*t.shape, 3) if colour else t
+
+    n_img = next(iter(images.values())).shape[0]  # images: (N, C, H, W) per variant
     img_w = next(iter(images.values())).shape[-1]
     cell = (img_w + 2) * _SCALE  # one image plus its padding, upscaled
     if corner:
-        t = render_text(fit(corner, label_w - 6, _COL_FONT), _COL_FONT)
+        t = text(fit(corner, label_w - 6, _COL_FONT), _COL_FONT)
         canvas[4:4 + t.shape[0], label_w - 6 - t.shape[1]:label_w - 6] = t
     for k, lab in enumerate((column_labels or [])[:n_img]):
-        t = render_text(fit(str(lab), cell - 2, _COL_FONT), _COL_FONT)
+        t = text(fit(str(lab), cell - 2, _COL_FONT), _COL_FONT)
         x = label_w + 2 * _SCALE + k * cell + max(0, (cell - 2 * _SCALE - t.shape[1]) // 2)
         canvas[4:4 + t.shape[0], x:x + t.shape[1]] = t
     y = header_h
     for name in names:
         s = strips[name]
         canvas[y:y + s.shape[0], label_w:label_w + s.shape[1]] = s
-        t = render_text(name, _ROW_FONT)
+        t = text(name, _ROW_FONT)
         ty = y + (s.shape[0] - t.shape[0]) // 2
         canvas[ty:ty + t.shape[0], label_w - 6 - t.shape[1]:label_w - 6] = t
         y += s.shape[0]
@@ -199,14 +206,14 @@ td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right}}td
 </head><body>
 <h1>fourbit compare: {html.escape(s['model'])}</h1>
 <p>{s['samples']} samples per variant, {s['sampler']} {s['steps']} steps, eta {s['eta']}, guidance {s['guidance_scale']},
-seeds {s['seed']}..{s['seed'] + s['samples'] - 1} (class = i mod 10). Calibration: {s['calib_samples']} trajectories x
+seeds {s['seed']}..{s['seed'] + s['samples'] - 1} ({html.escape(s.get('plan', 'class = i mod 10'))}). Calibration: {s['calib_samples']} trajectories x
 {s['calib_steps']} steps, seeds from {s['calib_seed']}. Device: {dev}, torch {report['torch']},
 fourbit {report['fourbit_version']}, {report['date']}.</p>
 <ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
 <table><tr>{''.join(f'<th>{h}</th>' for h in th)}</tr>{''.join(body)}</table>
 <p>{_bar_svg('LPIPS-Alex vs fp16, 95% interval (lower is better)', lp)}</p>
 <p>{fd_plot}</p>
-<h2>Same seeds: one row per variant, one column per seed (its class above)</h2>
+<h2>Same seeds: one row per variant, one column per seed</h2>
 <img src="data:image/png;base64,{grid}" alt="same-seed grid, rows labelled with the variant"/>
 </body></html>"""
     tmp = path.with_name(f".{path.name}.tmp")

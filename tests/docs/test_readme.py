@@ -160,3 +160,19 @@ def test_shell_example_runs(block, tmp_path):
         argv = [sys.executable, "-m", "fourbit", *shlex.split(line)[1:]]
         res = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"README `{line}` failed:\n{res.stderr[-2000:]}"
+
+
+def _relative_links(md: Path) -> list[str]:
+    text = _FENCE.sub("", md.read_text())  # links inside code blocks are not links
+    return [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", t) and t[0] != "#"]
+
+
+DOCS = [README, *sorted((README.parent / "docs").rglob("*.md")), README.parent / "benchmarks" / "README.md",
+        README.parent / "benchmarks" / "results" / "README.md"]
+
+
+@pytest.mark.parametrize("md", DOCS, ids=[str(p.relative_to(README.parent)) for p in DOCS])
+def test_relative_links_resolve(md):
+    pending = set() if hasattr(fourbit, "quantize_pipeline") else {"pipelines.md"}  # lands with the pipelines
+    broken = [t for t in _relative_links(md) if not (md.parent / t).exists() and Path(t).name not in pending]
+    assert not broken, f"{md.name}: links to missing files {broken}"

@@ -180,7 +180,8 @@ def class_labels(spec, classes) -> list[str]:
     from ..data import CLASS_NAMES
 
     names = CLASS_NAMES if spec.dataset == "fashion-mnist" else ()
-    return [names[int(c)].split("/")[0] if int(c) < len(names) else str(int(c)) for c in classes]
+    short = [n.split("/")[0] if len(n.split("/")[0]) <= 9 else n.split()[-1] for n in names]  # fits a 56 px column
+    return [short[int(c)] if int(c) < len(short) else str(int(c)) for c in classes]
 
 
 def _json_default(o):

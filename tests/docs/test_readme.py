@@ -5,7 +5,10 @@ A block may be preceded by a directive comment, ``<!-- readme-test: KEY[=VALUE];
 - ``needs=fourbit.NAME`` (comma-separated): skipped until that attribute exists (a feature on its way to main);
 - ``skip=REASON``: never executed (e.g. it downloads a model); its `fourbit` lines are still parsed;
 - ``run``: a shell block whose lines are run (each `fourbit ...` as `python -m fourbit ...`), in order, in one
-  temporary directory.
+  temporary directory;
+- ``fixture=NAME``: the block runs against a tiny local stand-in (``FIXTURES``) after the listed substitutions
+  (model folder, device, image size); each substituted text must be in the block, so an edit of the README
+  cannot silently skip them.
 Python blocks run in a temporary directory, each in a fresh namespace.
 """
 from __future__ import annotations
@@ -108,11 +111,29 @@ def test_readme_has_the_expected_examples():
     assert BLOCKS[0].lang == "bash" and BLOCKS[0].code.split()[:2] == ["make", "demo"]  # the two commands first
 
 
+def _tiny_flux(tmp_path: Path) -> list[tuple[str, str]]:
+    pytest.importorskip("diffusers")
+    from .tiny_flux import build_tiny_flux
+
+    folder = build_tiny_flux(tmp_path / "tiny-flux")
+    return [('"black-forest-labs/FLUX.1-dev"', repr(str(folder))), ('"cuda"', '"cpu"'),
+            ("guidance_scale=3.5)", "guidance_scale=3.5, call_kwargs=dict(height=32, width=32))"),
+            ("num_inference_steps=28)", "num_inference_steps=2, height=32, width=32)")]
+
+
+FIXTURES = {"tiny_flux": _tiny_flux}
+
+
 @pytest.mark.parametrize("block", PYTHON, ids=[b.id for b in PYTHON])
 def test_python_example_runs(block, tmp_path, monkeypatch):
     _skip_unless_runnable(block)
     monkeypatch.chdir(tmp_path)
-    code = compile(block.code, f"README.md:{block.line}", "exec")
+    source = block.code
+    if "fixture" in block.options:
+        for old, new in FIXTURES[block.options["fixture"]](tmp_path):
+            assert old in source, f"README line {block.line}: the test substitutes {old!r}, which is gone; update FIXTURES"
+            source = source.replace(old, new)
+    code = compile(source, f"README.md:{block.line}", "exec")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         exec(code, {"__name__": "__readme__"})
 

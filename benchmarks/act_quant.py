@@ -1,7 +1,7 @@
 """act_quant alone at FLUX.1 activation shapes: the single-pass kernel's tile sweep vs the two-launch path and
 the memory floor.
 
-    python benchmarks/act_quant.py              # sweep, prints a table, writes results/act_quant.<device>.<date>.*
+    python benchmarks/act_quant.py              # sweep, prints a table, appends a row to results/act_quant.jsonl
     python benchmarks/act_quant.py --quick      # fewer configs
 
 Floor: reading X once (bf16) and writing the FP8/int8 operand once, at the copy bandwidth measured in the
@@ -73,7 +73,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--tag", default="", help="suffix of the results' file names")
+    p.add_argument("--tag", default="", help="the row's variant, after a dash (e.g. -lrmm)")
     p.add_argument("--formats", default="int4p2,fp4p2,int8")
     args = p.parse_args(argv)
     env = environment()

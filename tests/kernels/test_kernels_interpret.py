@@ -29,10 +29,10 @@ from .conftest import bits
 pytestmark = pytest.mark.usefixtures("interpret")
 
 ACT_FORMATS = [
-    ("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("int4", {}), ("int4", {"scale_dtype": "bfloat16"}),
+    ("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("fp8", {}), ("int4", {}), ("int4", {"scale_dtype": "bfloat16"}),
     ("fp4", {}), ("fp4", {"outer_scale": "row"}), ("fp4", {"outer_scale": "tensor"}), ("nvfp4", {}), ("mxfp4", {}),
 ]
-WEIGHT_FORMATS = [("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("int4", {}), ("fp4", {}), ("fp4", {"outer_scale": "row"}),
+WEIGHT_FORMATS = [("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("fp8", {}), ("int4", {}), ("fp4", {}), ("fp4", {"outer_scale": "row"}),
                   ("nvfp4", {}), ("mxfp4", {})]
 
 
@@ -92,8 +92,8 @@ def test_act_quant_bit_exact(name, kw, cfg):
 
 
 @pytest.mark.parametrize("rank", [0, 20], ids=["no-branch", "branch"])
-@pytest.mark.parametrize("name,kw", [("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("int4", {})],
-                         ids=["int4p2", "fp4p2", "int8", "int4"])
+@pytest.mark.parametrize("name,kw", [("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("fp8", {}), ("int4", {})],
+                         ids=["int4p2", "fp4p2", "int8", "fp8", "int4"])
 def test_act_quant_two_column_blocks_bit_exact(name, kw, rank):
     """X given as two column blocks (the second a strided view of a wider tensor, the split not on a chunk or
     group boundary): the single pass reads both in place, other paths concatenate; either way the result is
@@ -121,7 +121,7 @@ def test_act_quant_two_column_blocks_bit_exact(name, kw, rank):
         act_quant([x[:, :k1], wide[:-1, :k - k1]], fmt, smooth, down, kp, cfg)
 
 
-SPLIT_FORMATS = [("int4p2", {}), ("fp4p2", {}), ("int8", {})]
+SPLIT_FORMATS = [("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("fp8", {})]
 
 
 @pytest.mark.parametrize("slices", [None, 2, 3], ids=["planned", "2-slices", "3-slices"])
@@ -445,7 +445,8 @@ def test_few_row_layer_takes_the_gemv(kernel, monkeypatch):
 
 
 # ---- layers through fourbit.quantize ---------------------------------------------------------
-PAIRS = [("int4p2", "int4p2"), ("fp4p2", "fp4p2"), ("fp4p2", "int4p2"), ("int8", "int8"), ("int4", "int4"),
+PAIRS = [("int4p2", "int4p2"), ("fp4p2", "fp4p2"), ("fp4p2", "int4p2"), ("int8", "int8"), ("fp8", "fp8"),
+         ("int4p2", "fp8"), ("int4", "int4"),
          ("fp4", "fp4"), ("nvfp4", "nvfp4"), ("mxfp4", "mxfp4"), ("int4p2", None)]
 
 

@@ -4,6 +4,7 @@ One kernel reads each token's row of X (M, K) and emits what the GEMM needs:
   q      (M, Kp) the GEMM operand:
            int4p2 / fp4p2    float8_e4m3fn  value(code) * 2^e          (exact; row scale r in ``row_scale``)
            int8 (per token)  int8 codes                                (scale in ``row_scale``)
+           fp8 (per token)   float8_e4m3fn  e4m3(X^ / s)               (s = max|X^_row| / 448 in ``row_scale``)
            int4 (groups)     float8_e4m3fn codes -8..7                 (fp32 group scales in ``group_scale``)
            fp4 / nvfp4       bfloat16      e2m1 value * e4m3 scale     (exact; outer fp32 scale separate)
            mxfp4             bfloat16      e2m1 value * 2^e            (exact)
@@ -46,7 +47,7 @@ except ImportError:  # pragma: no cover
     from triton.language.extra.cuda import libdevice
 
 # kernel modes (one per family of format numerics)
-P2_INT, P2_E2M1, INT8_ROW, INT4_GROUP, E2M1_E4M3, MX = range(6)
+P2_INT, P2_E2M1, INT8_ROW, INT4_GROUP, E2M1_E4M3, MX, FP8_ROW = range(7)
 _TINY = 1.1754943508222875e-38  # smallest normal fp32 (floor of fp4/nvfp4 outer scales)
 _FP32_MAX = 3.4028234663852886e38
 _BF16_MAX = 3.3895313892515355e38
@@ -65,7 +66,7 @@ class ActSpec:
 
     @property
     def row_pass(self) -> bool:
-        return self.mode in (P2_INT, P2_E2M1, INT8_ROW) or self.outer == 2
+        return self.mode in (P2_INT, P2_E2M1, INT8_ROW, FP8_ROW) or self.outer == 2
 
     @property
     def operand_dtype(self) -> torch.dtype:
@@ -89,6 +90,8 @@ def act_spec(fmt) -> Optional[ActSpec]:
         return ActSpec(P2_E2M1, g, 6.0, int(fmt.EMIN))
     if name == "int8" and g is None and fmt.scale_dtype == torch.float32:
         return ActSpec(INT8_ROW, 0, 127.0)
+    if name == "fp8" and g is None:
+        return ActSpec(FP8_ROW, 0, 448.0)
     if name == "int4" and pow2_group and g >= 32:
         return ActSpec(INT4_GROUP, g, 7.0, scale16=str(fmt.scale_dtype).replace("torch.", ""))
     if name == "fp4" and pow2_group:
@@ -352,7 +355,7 @@ def _row_scale(amax, MODE: tl.constexpr, QMAX: tl.constexpr, OUTER: tl.constexpr
     """Per-row scale (what ``row_scale`` stores) and the divisor the quantizer uses, from max|X^_row|."""
     rsc = amax
     div = amax
-    if MODE == 0 or MODE == 1:  # r = max|x_row| / qmax
+    if MODE == 0 or MODE == 1 or MODE == 6:  # r = max|x_row| / qmax
         rsc = tl.math.div_rn(amax, QMAX)
         div = tl.where(rsc != 0, rsc, 1.0)
     if MODE == 2:  # int8: s = max / 127 (next fp32 up where it would clip by > half a step)
@@ -430,6 +433,10 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
         eff = tl.where(eff != 0, eff, 1.0)
         v = e2m1_round(tl.math.div_rn(xs, eff[:, :, None]))
         out = (v * s[:, :, None]).to(tl.bfloat16)  # exact: <= 6 significant bits
+    if MODE == 6:  # fp8 per row: e4m3(X^ * RN(1 / s)), saturating; exact cast of a value already on the grid
+        y = xs * tl.math.div_rn(tl.full(div.shape, 1.0, tl.float32), div)[:, None, None]
+        mag = round_to_mantissa(tl.minimum(tl.abs(y), 448.0), 20, 0.001953125, 0.015625)
+        out = tl.where(y < 0, -mag, mag).to(tl.float8e4nv)
     if MODE == 5:
         gmax = _amax(tl.abs(xs), 2)
         e = tl.where(gmax > 0, frexp_exponent(gmax) - 3, -127)
@@ -812,7 +819,7 @@ def act_quant(x, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor]
             raise ValueError(f"act_quant: down_folded must be (2, {kp}, {rank}) bfloat16 (fold_down), "
                              f"got {tuple(down_folded.shape)} {down_folded.dtype}")
         down_folded = down_folded.contiguous()
-    if folded and spec.mode in (P2_INT, P2_E2M1, INT8_ROW) and cfg.split_min_k and kp >= cfg.split_min_k:
+    if folded and spec.mode in (P2_INT, P2_E2M1, INT8_ROW, FP8_ROW) and cfg.split_min_k and kp >= cfg.split_min_k:
         return _act_quant_split(_joined(x, tail), spec, smooth, smooth_recip, kp, cfg, down_folded, fast)
     if (folded and spec.outer != 1 and cfg.lr_mm_rows and x.shape[0] >= cfg.lr_mm_rows and x.is_cuda
             and x.dtype == torch.bfloat16 and _MM_FP32_OUT[0]):
@@ -910,7 +917,7 @@ def _act_quant_single(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_fold
     large = cfg.large_k and kp >= cfg.large_k
     bk = (cfg.large_chunk if large else cfg.chunk) or next_pow2(kp)
     bk = max(bk, spec.group, 16)
-    g = bk if spec.mode == INT8_ROW else spec.group
+    g = bk if spec.mode in (INT8_ROW, FP8_ROW) else spec.group
     q = aligned_empty(m, kp, spec.operand_dtype, dev)  # row stride 16-byte aligned for the GEMM's TMA
     lr = torch.empty((m, rank), device=dev, dtype=torch.float32) if rank else None
     rs = torch.empty((m,), device=dev, dtype=torch.float32) if spec.row_pass else None
@@ -973,7 +980,7 @@ def _act_quant_split(x, spec, smooth, smooth_recip, kp, cfg, down_folded, fast) 
         raise ValueError(f"act_quant: split_warps x split_ctas = {cfg.split_warps * cfg.split_ctas} > 8")
     ns, slice_cols, progs = _split_plan(m, kp, cfg, num_sms(dev) * (1 if interpreting() else cfg.split_ctas))
     qbk = cfg.split_qbk
-    g = qbk if spec.mode == INT8_ROW else spec.group
+    g = qbk if spec.mode in (INT8_ROW, FP8_ROW) else spec.group
     q = aligned_empty(m, kp, spec.operand_dtype, dev)  # row stride 16-byte aligned for the GEMM's TMA
     rs = torch.empty((m,), device=dev, dtype=torch.float32)
     lr = torch.empty((m, rank), device=dev, dtype=torch.float32)
@@ -997,7 +1004,7 @@ def _act_quant_two(x, spec, smooth, smooth_recip, lr_down, kp, cfg, down_folded,
     m, k = x.shape
     dev = x.device
     bk = max(cfg.BK, spec.group)
-    g = bk if spec.mode == INT8_ROW else spec.group
+    g = bk if spec.mode in (INT8_ROW, FP8_ROW) else spec.group
     q = aligned_empty(m, kp, spec.operand_dtype, dev)  # row stride 16-byte aligned for the GEMM's TMA
     rs = gs = lr = t = None
     dummy = q
@@ -1059,7 +1066,7 @@ def act_quant_torch(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Op
     qt = fmt.quantize(xs)
     m = xs.shape[0]
     rs = gs = None
-    if spec.mode in (P2_INT, P2_E2M1):
+    if spec.mode in (P2_INT, P2_E2M1, FP8_ROW):
         q, r = fmt.to_fp8_operand(qt)
         rs = r.reshape(m)
     elif spec.mode == INT8_ROW:

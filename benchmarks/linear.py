@@ -530,7 +530,7 @@ def _tune_act(log, sweep):
     cfg = best.get(RANK) or best[0]
     if 0 in best:  # the no-branch path's choice; tiles of the two-launch path stay the rank-32 winner's
         n = best[0]
-        cfg = dataclasses.replace(cfg, single_pass=n.single_pass, rows=n.rows, chunk=n.chunk, warps=n.warps)
+        cfg = dataclasses.replace(cfg, rows=n.rows, chunk=n.chunk, warps=n.warps)
     return cfg
 
 

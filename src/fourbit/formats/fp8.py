@@ -3,8 +3,8 @@
 Per row (default; ``group_size=g``: per group of g, a reference-only option, the kernels take rows):
 s = max|x_row| / 448 (fp32, the largest e4m3 value is 448);
 y = x * RN(1 / s) (one correctly rounded reciprocal per row, then one multiply per element, as a fast kernel does it);
-code = the bit pattern of e4m3(clamp(y, -448, 448)) (round to nearest even; -0 only for negatives that round to
-zero), stored as uint8; x^ = e4m3 value * s. An all-zero row has s = 0 and codes 0.
+code = the bit pattern of e4m3(y) (``floats.e4m3_round``: nearest, ties to even, saturating at +-448; -0 only for
+negatives that round to zero), stored as uint8; x^ = e4m3 value * s. An all-zero row has s = 0 and codes 0.
 Scales live in ``QuantizedTensor.scales`` (R, 1) as with int8 (``row_scale`` is None).
 Bits per element: 8 + 32 / K.
 Exactness: the codes *are* the GEMM operand (``to_fp8_operand``): a row/column-scaled FP8 GEMM (cuBLAS
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .base import Format, QuantizedTensor, div_scalar, grouped, reciprocal, safe_divisor
-from .floats import E4M3_MAX
+from .floats import E4M3_MAX, e4m3_round
 
 #: the two e4m3fn bit patterns that are NaN (0x7F and 0xFF); quantize never produces them
 NAN_CODES = (0x7F, 0xFF)
@@ -44,8 +44,7 @@ class Fp8(Format):
         r, k = xf.shape
         xg = grouped(xf, self.group_for(k))  # (R, G, g)
         s = div_scalar(xg.abs().amax(dim=-1, keepdim=True), E4M3_MAX)  # (R, G, 1) fp32
-        y = xg * reciprocal(safe_divisor(s))
-        y = y.clamp(-E4M3_MAX, E4M3_MAX) + 0.0  # (+ 0.0: a -0.0 input becomes +0, as the kernels store it)
+        y = e4m3_round(xg * reciprocal(safe_divisor(s)))  # on the grid: the cast below is exact on every device
         return QuantizedTensor(y.to(torch.float8_e4m3fn).view(torch.uint8).reshape(r, k), s.squeeze(-1))
 
     def to_fp8_operand(self, q: QuantizedTensor) -> tuple[Tensor, Tensor]:

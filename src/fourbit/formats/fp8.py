@@ -3,8 +3,8 @@
 Per row (default; ``group_size=g``: per group of g, a reference-only option, the kernels take rows):
 s = max|x_row| / 448 (fp32, the largest e4m3 value is 448);
 y = x * RN(1 / s) (one correctly rounded reciprocal per row, then one multiply per element, as a fast kernel does it);
-code = the bit pattern of e4m3(y) (``floats.e4m3_round``: nearest, ties to even, saturating at +-448; -0 only for
-negatives that round to zero), stored as uint8; x^ = e4m3 value * s. An all-zero row has s = 0 and codes 0.
+code = the bit pattern of e4m3(y) (``floats.e4m3_round``: nearest, ties to even, saturating at +-448; zeros are +0),
+stored as uint8; x^ = e4m3 value * s. An all-zero row has s = 0 and codes 0.
 Scales live in ``QuantizedTensor.scales`` (R, 1) as with int8 (``row_scale`` is None).
 Bits per element: 8 + 32 / K.
 Exactness: the codes *are* the GEMM operand (``to_fp8_operand``): a row/column-scaled FP8 GEMM (cuBLAS

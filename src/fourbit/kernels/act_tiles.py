@@ -148,7 +148,7 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
     if MODE == 6:  # fp8 per row: e4m3(X^ * RN(1 / s)), saturating; exact cast of a value already on the grid
         y = xs * tl.math.div_rn(tl.full(div.shape, 1.0, tl.float32), div)[:, None, None]
         mag = round_to_mantissa(tl.minimum(tl.abs(y), 448.0), 20, 0.001953125, 0.015625)
-        out = tl.where(y < 0, -mag, mag).to(tl.float8e4nv)
+        out = tl.where((y < 0) & (mag > 0), -mag, mag).to(tl.float8e4nv)  # zeros +0, as ``floats.e4m3_round``
     if MODE == 5:
         gmax = _amax(tl.abs(xs), 2)
         e = tl.where(gmax > 0, frexp_exponent(gmax) - 3, -127)

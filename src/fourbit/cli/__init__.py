@@ -10,7 +10,7 @@ import sys
 from typing import Callable, Optional
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
-COMMAND_MODULES = ("bundled", "inspect", "ptqd")
+COMMAND_MODULES = ("bundled", "inspect", "ptqd", "export")
 
 
 def command(name: str, help: str):

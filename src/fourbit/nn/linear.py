@@ -111,6 +111,20 @@ class QuantLinear(nn.Module):
             self._cache[key] = w
         return w
 
+    def set_branch(self, lr_down: Optional[Tensor], lr_up: Optional[Tensor]) -> None:
+        """Replace the low-rank branch, (r, Kp) and (N, r) (both None: no branch), e.g. grown by a LoRA.
+
+        Drops the kernels' cached per-layer state (it folds the branch and cannot tell a new tensor at a
+        reused address from the old one); the dequantized residual weight stays cached."""
+        if (lr_down is None) != (lr_up is None):
+            raise ValueError("set_branch needs both lr_down and lr_up, or neither")
+        if lr_down is not None and (lr_down.shape[1] != self.padded_in or lr_up.shape[0] != self.out_features
+                                    or lr_down.shape[0] != lr_up.shape[1]):
+            raise ValueError(f"set_branch: lr_down must be (r, {self.padded_in}) and lr_up ({self.out_features}, r), "
+                             f"got {tuple(lr_down.shape)} and {tuple(lr_up.shape)}")
+        self.lr_down, self.lr_up = lr_down, lr_up
+        self._cache = {k: v for k, v in self._cache.items() if isinstance(k, tuple)}  # keep dequantized_weight's
+
     def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() invalidate the cache
         self._cache = {}
         return super()._apply(fn, *args, **kwargs)

@@ -175,23 +175,23 @@ def in_blocks(fqn: str, blocks: list[str]) -> bool:
     return any(fqn.startswith(b + ".") for b in blocks)
 
 
+def _plain_tensors(t: torch.Tensor) -> list:
+    """The plain tensors under a tensor subclass (torchao's quantized weights: ``__tensor_flatten__``), or [t]."""
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [p for n in names for p in _plain_tensors(getattr(t, n))]
+    return [t]
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Parameters + buffers + fourbit's cached kernel operands (speed mode), each storage counted once."""
-    seen, total = set(), 0
     tensors = list(model.parameters()) + list(model.buffers())
     for m in model.modules():
         st = getattr(m, "_cache", {}).get("fourbit.kernels.linear") if hasattr(m, "_cache") else None
         if st is not None and st.weight is not None:
             tensors += [t for t in (st.weight.w, st.weight.col_scale, st.weight.group_scale) if t is not None]
-    for t in tensors:
-        inner = getattr(t, "tensor_impl", None) or getattr(t, "original_weight_tensor", None)
-        if inner is not None:  # torchao tensor subclasses: count their plain tensors
-            parts = [v for v in vars(inner).values() if isinstance(v, torch.Tensor)] if hasattr(inner, "__dict__") else []
-            for p in parts:
-                if p.data_ptr() not in seen:
-                    seen.add(p.data_ptr())
-                    total += p.numel() * p.element_size()
-            continue
+    seen, total = set(), 0
+    for t in (p for t in tensors for p in _plain_tensors(t)):
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
@@ -295,7 +295,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def prepare(name, model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compile_: bool = True) -> dict:
+def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compile_: bool = True) -> dict:
     """Compile the blocks (fourbit: after ``prepare_kernels``, with ``inductor_options()``) and run the first step:
     {compile_seconds, peak_step_bytes, out}."""
     from fourbit.nn import inductor_options, prepare_kernels
@@ -374,15 +374,14 @@ def run_model(name: str, args, device: str, log) -> dict:
         try:
             m = base if variant == "bf16" else copy.deepcopy(base)
             if variant == "fp8-peer":
-                res["fp8_recipe"] = fp8_peer(m, blocks, prefer_torchao=args.torchao and not tiny) if not tiny \
-                    else fp8_peer(m, blocks, prefer_torchao=False)
+                res["fp8_recipe"] = fp8_peer(m, blocks, prefer_torchao=args.torchao and not tiny)
             elif variant == "fourbit-w4a4":
                 res.update(fourbit_variant(m, blocks, inputs, "int4p2", args.rank, kernel), format="int4p2",
                            rank=args.rank)
             elif variant == "fourbit-fp8":
                 res.update(fourbit_variant(m, blocks, inputs, "fp8", 0, kernel), format="fp8", rank=0)
             res["weight_bytes"] = weight_bytes(m)
-            p = prepare(name, m, fam, inputs, device, variant.startswith("fourbit"), tiny, not args.no_compile)
+            p = prepare(m, fam, inputs, device, variant.startswith("fourbit"), tiny, not args.no_compile)
             out = p.pop("out")
             res.update(p)
             if ref is None:

@@ -15,6 +15,18 @@ from .api import quantize  # noqa: E402
 from .checkpoint import CheckpointError, load, read_header, save  # noqa: E402
 from .siblings import find_siblings, fuse_siblings  # noqa: E402
 
-__all__ = ["quantize", "save", "load", "read_header", "CheckpointError", "find_siblings", "fuse_siblings", "QuantConfig", "RTNConfig",
+_PIPELINES = ("quantize_pipeline", "save_pretrained", "from_pretrained")
+
+
+def __getattr__(name):  # the diffusers entry points load on first use: `import fourbit` stays light
+    if name in _PIPELINES or name == "pipelines":
+        import importlib
+
+        pipelines = importlib.import_module(f"{__name__}.pipelines")
+        return pipelines if name == "pipelines" else getattr(pipelines, name)
+    raise AttributeError(f"module 'fourbit' has no attribute {name!r}")
+
+
+__all__ = ["quantize", "quantize_pipeline", "save_pretrained", "from_pretrained", "save", "load", "read_header", "CheckpointError", "find_siblings", "fuse_siblings", "QuantConfig", "RTNConfig",
            "SmoothQuantConfig", "SVDConfig", "LoRCConfig", "SVDQuantConfig", "NF4Config", "QuaRTZConfig",
            "SVDQuantQuaRTZConfig", "__version__"]

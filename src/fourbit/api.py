@@ -16,6 +16,7 @@ from .calibration.targets import Target
 from .config import QuantConfig
 from .methods import get_transform
 from .nn import QuantConv2d, QuantLinear, set_module
+from .utils.foreign import guard_foreign_save
 from .utils.progress import Progress
 
 
@@ -74,12 +75,18 @@ def convert_layer(target: Target, stats: Optional[LayerStats], device=None) -> Q
 
 
 def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Callable[[nn.Module], None]] = None,
-             *, progress: bool = True, verbose: bool = True) -> nn.Module:
+             *, progress: bool = True, verbose: bool = True, convert_device=None, store=None) -> nn.Module:
     """Quantize ``model`` in place with ``config`` and return it.
 
     forward_loop(model) runs the model on calibration inputs (a sampler over timesteps and prompts, a loop
     over batches, ...). Methods that need activation statistics (SmoothQuant, SVDQuant) require it.
     On any error during calibration the model is left unchanged. The report is at ``model.fourbit_report``.
+
+    convert_device: where each layer's conversion runs (e.g. "cuda" while the model stays in CPU memory); the
+    converted layer returns to the layer's own device. store (optional, makes a run resumable): an object with
+    ``load_stats() -> dict | None``, ``save_stats(stats)``, ``load_layer(name) -> module | None`` and
+    ``save_layer(name, module)``; cached statistics and layers are used instead of being computed again
+    (``fourbit.pipelines.resume.WorkFolder`` is one).
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a fourbit config (e.g. fourbit.SVDQuantConfig()), got {type(config).__name__}")
@@ -99,15 +106,28 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Calla
             raise ValueError(f"{type(config).__name__} needs calibration data: pass forward_loop=fn where "
                              f"fn(model) runs the model on a few representative inputs")
         t0 = time.perf_counter()
-        stats = calibrate(model, [t for t in targets if t.config.needs_calibration_data()], forward_loop,
-                          max_rows=config.calib_rows, seed=config.seed)
+        cached = store.load_stats() if store is not None else None
+        if cached is not None:
+            stats = cached
+        else:
+            stats = calibrate(model, [t for t in targets if t.config.needs_calibration_data()], forward_loop,
+                              max_rows=config.calib_rows, seed=config.seed)
+            if store is not None:
+                store.save_stats(stats)
         report.calibration_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     new_modules = {}
     with Progress(len(targets), f"fourbit {config.method}", enabled=progress) as bar:
         for target in targets:
-            new_modules[target.name] = convert_layer(target, stats.get(target.name))
+            new = store.load_layer(target.name) if store is not None else None
+            if new is not None:
+                new = new.to(target.module.weight.device)
+            else:
+                new = convert_layer(target, stats.get(target.name), device=convert_device)
+                if store is not None:
+                    store.save_layer(target.name, new)
+            new_modules[target.name] = new
             info = dict(new_modules[target.name].quant_info)
             if target.padded_in != target.in_features:
                 info["padded_from"] = target.in_features
@@ -122,6 +142,7 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Calla
     if getattr(model, "fourbit_siblings", None):
         model.fourbit_header["siblings"] = [list(g) for g in model.fourbit_siblings]
     model.fourbit_report = report
+    guard_foreign_save(model)
     if verbose:
         print(report.summary(), file=sys.stderr)
     return model

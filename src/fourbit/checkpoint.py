@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -24,9 +24,11 @@ from .api import architecture_fingerprint
 from .nn import set_module
 from .siblings import fuse_siblings
 from .nn import QuantLinear, build_empty, quantized_layers
+from .utils.foreign import guard_foreign_save
 
 FORMAT_VERSION = 1
 HEADER_KEY = "fourbit"
+BUFFER_PREFIX = "@buffer."  # non-persistent buffers (no module name starts with "@")
 
 
 class CheckpointError(ValueError):
@@ -46,10 +48,24 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
     """Write ``model`` (quantized by ``fourbit.quantize``) to ``path`` atomically. Returns the path."""
-    base = getattr(model, "fourbit_header", None)
-    if base is None:
+    tensors = checkpoint_tensors(model)
+    header = checkpoint_header(model, tensors, extra)
+    return write_atomic(path, st_save(tensors, metadata={HEADER_KEY: json.dumps(header)}))
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint holds: the state dict plus the non-persistent buffers (under ``BUFFER_PREFIX``),
+    which a model built on the meta device cannot compute again."""
+    if getattr(model, "fourbit_header", None) is None:
         raise ValueError("model is not quantized by fourbit (call fourbit.quantize first)")
     tensors = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+    tensors.update({BUFFER_PREFIX + n: t.detach().contiguous().cpu() for n, t in _nonpersistent_buffers(model)})
+    return tensors
+
+
+def checkpoint_header(model: nn.Module, tensors: dict[str, torch.Tensor], extra: Optional[dict] = None) -> dict:
+    """The JSON header describing ``model``'s checkpoint of ``tensors``."""
+    base = model.fourbit_header
     header = {
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
@@ -61,7 +77,11 @@ def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None)
     }
     if base.get("siblings"):
         header["siblings"] = base["siblings"]  # fused sibling linears (fourbit.siblings): load re-fuses
-    blob = st_save(tensors, metadata={HEADER_KEY: json.dumps(header)})
+    return header
+
+
+def write_atomic(path: Union[str, Path], blob: bytes) -> Path:
+    """Write ``blob`` to ``path`` through a temporary file + fsync + rename. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -76,6 +96,15 @@ def save(model: nn.Module, path: Union[str, Path], extra: Optional[dict] = None)
             os.unlink(tmp)
         raise
     return path
+
+
+def _nonpersistent_buffers(model: nn.Module):
+    """(name, tensor) of buffers registered with persistent=False (not in the state dict)."""
+    for mod_name, mod in model.named_modules():
+        for b in getattr(mod, "_non_persistent_buffers_set", ()):
+            t = mod._buffers.get(b)
+            if t is not None:
+                yield (f"{mod_name}.{b}" if mod_name else b), t
 
 
 def read_header(path: Union[str, Path]) -> dict:
@@ -117,7 +146,14 @@ def load(model: nn.Module, path: Union[str, Path], strict: bool = True, device=N
     format version, a damaged file.
     """
     path = Path(path)
-    header = read_header(path)
+    return load_tensors(model, read_header(path), lambda: _read_tensors(path), path, strict=strict, device=device)
+
+
+def load_tensors(model: nn.Module, header: dict, read: Callable[[], dict], source, strict: bool = True,
+                 device=None) -> nn.Module:
+    """``load`` from a header and a function reading the tensors (one file, or the shards of a folder);
+    ``source`` names the checkpoint in messages."""
+    path = source
     if getattr(model, "fourbit_header", None) is not None:
         raise CheckpointError("model is already quantized; load onto a freshly built 16-bit model")
     if header.get("siblings") and getattr(model, "fourbit_siblings", None) != header["siblings"]:
@@ -141,7 +177,7 @@ def load(model: nn.Module, path: Union[str, Path], strict: bool = True, device=N
         raise CheckpointError(f"{path}: architecture fingerprint {header['architecture']} differs from this "
                               f"model's {fingerprint}: the checkpoint was made from a different architecture "
                               f"or configuration")
-    tensors = _read_tensors(path)
+    tensors = read()
     if _digest(tensors) != header.get("tensor_sha256"):
         raise CheckpointError(f"{path}: tensor data does not match its checksum: the file is damaged")
 
@@ -149,6 +185,7 @@ def load(model: nn.Module, path: Union[str, Path], strict: bool = True, device=N
         prefix = name + "."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
         set_module(model, name, build_empty(spec, _layer_tensors(own)))
+    buffers = {k[len(BUFFER_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(BUFFER_PREFIX)]}
     state_keys = set(model.state_dict().keys())
     extra = sorted(set(tensors) - state_keys)
     lacking = sorted(state_keys - set(tensors))
@@ -157,13 +194,28 @@ def load(model: nn.Module, path: Union[str, Path], strict: bool = True, device=N
                               + (f"missing from file: {', '.join(lacking[:5])}; " if lacking else "")
                               + (f"not in model: {', '.join(extra[:5])}" if extra else ""))
     model.load_state_dict({k: v for k, v in tensors.items() if k in state_keys}, strict=strict, assign=True)
+    _materialise_buffers(model, buffers, path)
     if device is not None:
         model.to(device)
     model.fourbit_header = {"config": header["config"], "architecture": header["architecture"],
                             "extra": header.get("extra", {})}
     if header.get("siblings"):
         model.fourbit_header["siblings"] = header["siblings"]
+    guard_foreign_save(model)
     return model
+
+
+def _materialise_buffers(model: nn.Module, saved: dict, path) -> None:
+    """Give non-persistent buffers left on the meta device (PixArt's ``pos_embed.pos_embed``) the checkpoint's
+    values; refuse if the checkpoint does not hold one."""
+    for name, t in list(_nonpersistent_buffers(model)):
+        if not t.is_meta:
+            continue
+        if name not in saved:
+            raise CheckpointError(f"{path}: buffer {name} is on the meta device and the checkpoint does not hold "
+                                  f"it; build the model on a real device (not meta) before loading")
+        mod_name, _, b = name.rpartition(".")
+        (model.get_submodule(mod_name) if mod_name else model)._buffers[b] = saved[name]
 
 
 _LAYER_TENSORS = ("weight_packed", "weight_scales", "weight_row_scale", "smooth", "lr_down", "lr_up", "bias")

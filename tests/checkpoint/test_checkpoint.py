@@ -122,3 +122,50 @@ def test_save_is_atomic(saved, tmp_path, monkeypatch):
 def test_unquantized_model_cannot_be_saved(tmp_path):
     with pytest.raises(ValueError, match="not quantized"):
         fourbit.save(TinyNet(), tmp_path / "x.safetensors")
+
+
+class _WithTable(torch.nn.Module):
+    """A layer plus a non-persistent buffer computed at construction (like diffusers' PatchEmbed.pos_embed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 32)
+        self.register_buffer("table", torch.arange(32.0).sin(), persistent=False)
+
+    def forward(self, x):
+        return self.fc(x) + self.table
+
+
+def test_load_on_meta_materialises_non_persistent_buffers(tmp_path):
+    torch.manual_seed(0)
+    model = _WithTable()
+    fourbit.quantize(model, fourbit.RTNConfig(), progress=False, verbose=False)
+    path = fourbit.save(model, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        fresh = _WithTable()
+    assert fresh.table.is_meta
+    fourbit.load(fresh, path)
+    assert not fresh.table.is_meta and torch.equal(fresh.table, model.table)
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_load_on_meta_refuses_a_checkpoint_without_the_buffer(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    from fourbit.checkpoint import BUFFER_PREFIX, _digest
+
+    model = _WithTable()
+    fourbit.quantize(model, fourbit.RTNConfig(), progress=False, verbose=False)
+    path = fourbit.save(model, tmp_path / "m.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["fourbit"])
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith(BUFFER_PREFIX)}
+    header["tensor_sha256"] = _digest(tensors)  # as a checkpoint written before buffers were stored
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"fourbit": json.dumps(header)})
+    with torch.device("meta"):
+        fresh = _WithTable()
+    with pytest.raises(fourbit.CheckpointError, match="buffer table is on the meta device"):
+        fourbit.load(fresh, tmp_path / "old.safetensors")
+    fourbit.load(_WithTable(), tmp_path / "old.safetensors")  # a model built on a real device has it

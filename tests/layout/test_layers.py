@@ -11,7 +11,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src" / "fourbit"
 
 #: what the core may never import, even lazily: the research harness, bundled models/data/metrics, the CLI
-UPPER = {"harness", "models", "data", "eval", "training", "cli", "sampling", "__main__"}
+UPPER = {"harness", "models", "data", "eval", "training", "cli", "sampling", "pipelines", "__main__"}
 CORE = {"config", "formats", "kernels", "nn", "calibration", "methods", "api", "checkpoint", "siblings", "utils"}
 
 

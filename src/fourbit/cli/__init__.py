@@ -1,7 +1,7 @@
 """The ``fourbit`` command line (``fourbit ...`` and ``python -m fourbit ...`` are the same).
 
 Subcommands register themselves in ``COMMANDS``: each has an ``add_arguments(parser)`` and a ``run(args)``; one
-module per group of commands (``bundled``, ``inspect``, ``ptqd``), imported by ``_load_commands``.
+module per group of commands (``bundled``, ``inspect``, ``ptqd``, ``export``, ``pipeline``), imported by ``_load_commands``.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from typing import Callable, Optional
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
-COMMAND_MODULES = ("bundled", "inspect", "ptqd", "export")
+COMMAND_MODULES = ("bundled", "inspect", "ptqd", "export", "pipeline")
 
 
 def command(name: str, help: str):

@@ -15,24 +15,35 @@ def _add_compare_args(p: argparse.ArgumentParser, demo: bool) -> None:
         p.add_argument("--model", default="fashion-dit", help="bundled model (fashion-dit, fashion-unet)")
         p.add_argument("--variants", default="fp16,rtn:w4a4,svdquant:w4a4:r32",
                        help="comma-separated METHOD:wXaY[:rN] names, e.g. " + DEMO_VARIANTS)
-    p.add_argument("--samples", type=int, default=20 if demo else 64, help="samples per variant")
+    p.add_argument("--samples", type=int, default=20 if demo else None, help="samples per variant (default 64)")
     p.add_argument("--steps", type=int, default=10 if demo else 20, help="sampling steps")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (model default)")
     p.add_argument("--seed", type=int, default=0, help="first evaluation seed")
-    p.add_argument("--calib-samples", type=int, default=10 if demo else 20, help="calibration trajectories")
+    p.add_argument("--calib-samples", type=int, default=10 if demo else None,
+                   help="calibration trajectories (default 20)")
     p.add_argument("--calib-steps", type=int, default=None, help="calibration steps (default: --steps)")
     p.add_argument("--data-samples", type=int, default=500 if demo else 1000,
                    help="Fashion-MNIST test images for FD vs data (0 to skip)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default="out/demo" if demo else "out/compare", help="output directory")
+    if not demo:
+        from .pipeline import add_compare_arguments
+
+        add_compare_arguments(p)
 
 
 def _run_compare(args, model: str, variants: str) -> int:
     from ..harness.compare import CompareSettings, format_table, run_compare
 
+    if getattr(args, "pipeline", None):
+        from .pipeline import run_compare as run_pipeline_compare
+
+        return run_pipeline_compare(args, variants)
+    args.samples = 64 if args.samples is None else args.samples
+    args.calib_samples = 20 if args.calib_samples is None else args.calib_samples
     settings = CompareSettings(
         model=model, variants=tuple(v for v in variants.split(",") if v.strip()), samples=args.samples,
         steps=args.steps, sampler=args.sampler, eta=args.eta, guidance_scale=args.guidance, seed=args.seed,
@@ -61,19 +72,28 @@ _demo.run = lambda args: _run_compare(args, "fashion-dit", DEMO_VARIANTS)
 
 
 # ---- quantize -----------------------------------------------------------------------------------
-@command("quantize", "quantize a bundled model (calibrated on its own sampler) and write a checkpoint")
+@command("quantize", "quantize a bundled model or a diffusers pipeline's denoiser (--pipeline) and write a checkpoint")
 def _quantize(p):
+    from .pipeline import add_quantize_arguments
+
     p.add_argument("--model", default="fashion-dit", help="bundled model (fashion-dit, fashion-unet)")
     p.add_argument("--variant", default="svdquant:w4a4:r32", help="METHOD:wXaY[:rN][:key=value], as in compare")
-    p.add_argument("--calib-samples", type=int, default=20, help="calibration trajectories (classes spread evenly)")
-    p.add_argument("--calib-steps", type=int, default=20, help="sampler steps per calibration trajectory")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration trajectories (classes spread "
+                   "evenly; default 20)")
+    p.add_argument("--calib-steps", type=int, default=None, help="sampler steps per calibration trajectory (default 20)")
     p.add_argument("--seed", type=int, default=10_000, help="first calibration seed")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", required=True, help="checkpoint path (.safetensors), written atomically")
+    add_quantize_arguments(p)
 
 
 def _run_quantize(args) -> int:
     import torch
+
+    if args.pipeline:
+        from .pipeline import run_quantize
+
+        return run_quantize(args)
 
     from ..api import quantize
     from ..checkpoint import save
@@ -88,7 +108,8 @@ def _run_quantize(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = variant.config(exclude=spec.quant_exclude, policies=spec.quant_policies)
     model = load_pretrained(args.model, device=device)
-    loop = calibration_forward_loop(args.calib_samples, args.calib_steps, guidance_scale=spec.default_guidance_scale,
+    loop = calibration_forward_loop(args.calib_samples or 20, args.calib_steps or 20,
+                                    guidance_scale=spec.default_guidance_scale,
                                     seed=args.seed, num_classes=spec.num_classes)
     quantize(model, cfg, forward_loop=loop)
     path = save(model, args.out, extra={"model": args.model, "variant": variant.name})

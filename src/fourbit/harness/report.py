@@ -62,7 +62,7 @@ def write_html(path: Path, report: dict, grid_png: Path) -> None:
     lp = [(n, r["lpips"]["mean"], r["lpips"]["lo"], r["lpips"]["hi"]) for n, r in rows.items()]
     fd = [(n, r["fd_vs_fp16"]["value"], r["fd_vs_fp16"]["lo"], r["fd_vs_fp16"]["hi"]) for n, r in rows.items()]
     grid = base64.b64encode(Path(grid_png).read_bytes()).decode()
-    row_px = 2 * (28 + 4)  # write_grid: 28-pixel images, 2-pixel padding, upscaled 2x
+    row_px = 2 * (s.get("image_px", 28) + 4)  # write_grid: 28-pixel images (default), padding, upscaled 2x
     labels = "".join(f"<div style='height:{row_px}px;line-height:{row_px}px'>{html.escape(n)}</div>" for n in rows)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fourbit compare: {html.escape(s['model'])}</title>
 <style>body{{font-family:sans-serif;margin:24px;max-width:1100px}}table{{border-collapse:collapse}}
@@ -70,7 +70,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right}}td
 .grid{{display:flex;gap:8px;align-items:flex-start}}.labels{{font-size:13px;text-align:right}}</style></head><body>
 <h1>fourbit compare: {html.escape(s['model'])}</h1>
 <p>{s['samples']} samples per variant, {s['sampler']} {s['steps']} steps, eta {s['eta']}, guidance {s['guidance_scale']},
-seeds {s['seed']}..{s['seed'] + s['samples'] - 1} (class = i mod 10). Calibration: {s['calib_samples']} trajectories x
+seeds {s['seed']}..{s['seed'] + s['samples'] - 1} ({html.escape(s.get('plan', 'class = i mod 10'))}). Calibration: {s['calib_samples']} trajectories x
 {s['calib_steps']} steps, seeds from {s['calib_seed']}. Device: {html.escape(str(report['device']))}, torch {report['torch']},
 fourbit {report['fourbit_version']}, {report['date']}.</p>
 <ul>{''.join(f'<li>{html.escape(n)}</li>' for n in report['notes'])}</ul>

@@ -96,6 +96,14 @@ class QuantLinear(nn.Module):
         return 0 if self.lr_down is None else int(self.lr_down.shape[0])
 
     # ---- weights -------------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        if name == "weight":  # code written for nn.Linear (diffusers' fuse_qkv_projections, PEFT) reads .weight
+            raise AttributeError(
+                f"{type(self).__name__} has no 16-bit .weight: its weight is stored in 4/8 bits (weight_packed); "
+                f"read it with .dequantized_weight(), and fuse projections or attach adapters before quantizing "
+                f"(fourbit.fuse_siblings fuses q/k/v)")
+        return super().__getattr__(name)
+
     def quantized_weight(self) -> QuantizedTensor:
         """The residual weight as codes + scales, (N, Kp)."""
         codes = self.weight_format.unpack(self.weight_packed, self.padded_in)
@@ -153,6 +161,9 @@ class QuantConv2d(QuantLinear):
         if padding_mode != "zeros":
             raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
         self.padding_mode = padding_mode
+        self.out_channels = self.out_features
+        self.in_channels = self.in_features // (self.kernel_size[0] * self.kernel_size[1])
+        self.groups = 1
 
     @classmethod
     def from_conv_state(cls, state: QuantizedLinearState, conv: nn.Conv2d, kernel: str = "reference",

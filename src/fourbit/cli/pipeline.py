@@ -1,0 +1,148 @@
+"""Any diffusers pipeline from the command line: ``fourbit quantize --pipeline`` (resumable), ``fourbit generate``
+and ``fourbit compare --pipeline``. The ``--pipeline`` options of quantize and compare are added to those commands
+(``cli/bundled.py``) by ``add_quantize_arguments``/``add_compare_arguments`` and run here."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from . import command
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _call_kwargs(args) -> dict:
+    return {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+
+
+def _add_common(g) -> None:
+    g.add_argument("--component", default=None, help="the denoiser's component name (default: transformer or unet)")
+    g.add_argument("--dtype", default=None, choices=DTYPES, help="load the pipeline in this dtype")
+    g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
+    g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+
+
+# ---- quantize --pipeline --------------------------------------------------------------------------
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a diffusers pipeline instead of a bundled model")
+    g.add_argument("--pipeline", default=None, help="diffusers pipeline folder; --out is then a folder for "
+                   "fourbit.from_pretrained, and --calib-samples/--calib-steps count prompts/steps (default 32/4)")
+    g.add_argument("--prompts", default=None, help="calibration prompt file, one per line (default: bundled prompts)")
+    g.add_argument("--preset", default=None, help="layer preset (default: by the denoiser's class; 'none' for none)")
+    g.add_argument("--convert-device", default=None, help="convert layers there (e.g. cuda), model stays on --device")
+    g.add_argument("--work", default=None, help="work folder for a resumable run (default: OUT.work); converted "
+                   "layers are saved there as they finish and a rerun continues; removed once OUT is written")
+    g.add_argument("--max-shard-size", default="5GB", help="shard the checkpoint above this size")
+    _add_common(g)
+
+
+def run_quantize(args) -> int:
+    from ..harness.variants import parse_variant
+    from ..pipelines import quantize_pipeline, save_pretrained
+    from ..pipelines.calibrate import bundled_prompts, read_prompts
+    from ..pipelines.pretrained import load_pipeline
+
+    variant = parse_variant(args.variant)
+    if variant.is_baseline or variant.posts:
+        raise ValueError(f"{args.variant!r}: give a quantization variant without +suffixes (e.g. svdquant:w4a4:r32)")
+    config = variant.config()
+    prompts = read_prompts(args.prompts) if args.prompts else bundled_prompts()
+    prompts = prompts[:args.calib_samples or 32]
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out.with_name(out.name + ".work")
+    pipe = load_pipeline(args.pipeline, args.dtype, _device(args))
+    quantize_pipeline(pipe, config, prompts, num_inference_steps=args.calib_steps or 4, guidance_scale=args.guidance,
+                      component=args.component, preset=args.preset, seed=args.seed, call_kwargs=_call_kwargs(args),
+                      convert_device=args.convert_device, work_dir=work)
+    from ..pipelines.calibrate import find_denoiser
+
+    name, model = find_denoiser(pipe, args.component)
+    save_pretrained(model, out, max_shard_size=args.max_shard_size,
+                    extra={"variant": variant.name, "pipeline_path": str(args.pipeline)})
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {out}; use it with: fourbit generate --pipeline {args.pipeline} --quantized {out} --prompt ... "
+          f"(Python: fourbit.from_pretrained({str(out)!r}) as the pipeline's {name})")
+    return 0
+
+
+# ---- compare --pipeline ---------------------------------------------------------------------------
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a diffusers pipeline instead of a bundled model (prompts instead of classes)")
+    g.add_argument("--pipeline", default=None, help="diffusers pipeline folder; --samples counts evaluation prompts "
+                   "(default 8) and --calib-samples calibration prompts (default 16)")
+    g.add_argument("--prompts", default=None, help="evaluation prompt file, one per line (default: bundled prompts)")
+    g.add_argument("--component", default=None, help="the denoiser's component name (default: transformer or unet)")
+    g.add_argument("--dtype", default=None, choices=DTYPES, help="load the pipeline in this dtype")
+    g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
+    g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
+
+
+def run_compare(args, variants: str) -> int:
+    from ..harness.compare import format_table
+    from ..harness.pipeline_compare import PipelineCompareSettings, run_pipeline_compare
+
+    settings = PipelineCompareSettings(
+        pipeline=args.pipeline, variants=tuple(v for v in variants.split(",") if v.strip()), prompts=args.prompts,
+        samples=args.samples if args.samples is not None else 8, steps=args.steps, guidance_scale=args.guidance,
+        seed=args.seed, calib_samples=args.calib_samples if args.calib_samples is not None else 16,
+        calib_steps=args.calib_steps or 4, height=args.height, width=args.width, dtype=args.dtype,
+        component=args.component, device=args.device)
+    report = run_pipeline_compare(settings, args.out)
+    print(format_table(report))
+    print(f"\nreport: {args.out}/report.json  {args.out}/report.html  grid: {args.out}/grid.png")
+    return 0
+
+
+# ---- generate -------------------------------------------------------------------------------------
+@command("generate", "make an image with a diffusers pipeline, its denoiser loaded from a fourbit folder")
+def _generate(p):
+    p.add_argument("--pipeline", required=True, help="diffusers pipeline folder (the 16-bit base)")
+    p.add_argument("--quantized", default=None, help="folder written by `fourbit quantize --pipeline` "
+                   "(omit to generate with the 16-bit denoiser)")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (CPU generator)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the pipeline's)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", required=True, help="image file (.png)")
+    _add_common(p)
+
+
+def _run_generate(args) -> int:
+    import torch
+
+    from ..pipelines import from_pretrained
+    from ..pipelines.pretrained import load_pipeline, read_folder_header
+
+    device = _device(args)
+    components = {}
+    if args.quantized:
+        name = args.component or read_folder_header(args.quantized).get("extra", {}).get("pipeline", {}).get(
+            "component")
+        if not name:
+            raise ValueError(f"{args.quantized}: the folder does not say which component it is; pass --component")
+        components[name] = from_pretrained(args.quantized, device=device)
+    pipe = load_pipeline(args.pipeline, args.dtype, device, **components)
+    kw = {**_call_kwargs(args), "prompt": args.prompt, "generator": torch.Generator().manual_seed(args.seed)}
+    for key, value in (("negative_prompt", args.negative_prompt), ("num_inference_steps", args.steps),
+                       ("guidance_scale", args.guidance)):
+        if value is not None:
+            kw[key] = value
+    image = pipe(**kw).images[0]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out)
+    print(f"wrote {args.out} ({image.size[0]}x{image.size[1]}, seed {args.seed}"
+          f"{', denoiser from ' + args.quantized if args.quantized else ', 16-bit'})", file=sys.stderr)
+    return 0
+
+
+_generate.run = _run_generate

@@ -1,0 +1,101 @@
+"""``fourbit quantize --pipeline`` (resumable: a run killed after N layers continues, bit-identically) and
+``fourbit generate`` on a tiny Stable Diffusion pipeline saved to disk."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+from fourbit.cli import main  # noqa: E402
+from fourbit.pipelines.resume import WorkFolder  # noqa: E402
+
+from .tiny import save_sd_pipeline  # noqa: E402
+
+VARIANT = "svdquant:w4a4:r4:g=8:alpha=0.5"
+
+
+@pytest.fixture(scope="module")
+def sd_path(tmp_path_factory):
+    return save_sd_pipeline(tmp_path_factory.mktemp("sd"))
+
+
+def _quantize(sd_path, prompts, out, *extra):
+    return main(["quantize", "--pipeline", sd_path, "--variant", VARIANT, "--prompts", str(prompts), "--out",
+                 str(out), "--calib-steps", "2", "--height", "16", "--width", "16", "--device", "cpu", *extra])
+
+
+def test_killed_quantize_resumes_bit_identical(sd_path, tmp_path, monkeypatch, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in snow\n# a comment\n\na lighthouse at night, waves\n")
+    assert _quantize(sd_path, prompts, tmp_path / "straight") == 0
+    assert not (tmp_path / "straight.work").exists()  # removed once the folder is written
+
+    saved = []
+    original = WorkFolder.save_layer
+
+    def dies_after_five(self, name, layer):
+        if len(saved) == 5:
+            raise KeyboardInterrupt("killed")  # what Ctrl-C or a kill looks like to the loop
+        original(self, name, layer)
+        saved.append(name)
+
+    monkeypatch.setattr(WorkFolder, "save_layer", dies_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(sd_path, prompts, tmp_path / "resumed")
+    assert len(list((tmp_path / "resumed.work" / "layers").iterdir())) == 5
+    assert not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(WorkFolder, "save_layer", original)
+    capsys.readouterr()
+    assert _quantize(sd_path, prompts, tmp_path / "resumed") == 0
+    assert "calibration statistics and 5 converted layer(s) reused" in capsys.readouterr().err
+    a = (tmp_path / "straight" / "fourbit_model.safetensors").read_bytes()
+    b = (tmp_path / "resumed" / "fourbit_model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_work_folder_of_another_run_is_refused(sd_path, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in snow\n")
+    work = tmp_path / "w"
+    WorkFolder(work, {"something": "else"})
+    assert _quantize(sd_path, prompts, tmp_path / "out", "--work", str(work)) == 2
+    assert "was started for a different run" in capsys.readouterr().err
+
+
+def test_generate_with_the_quantized_denoiser(sd_path, tmp_path):
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat on a tree\n")
+    assert _quantize(sd_path, prompts, tmp_path / "q") == 0
+    args = ["generate", "--pipeline", sd_path, "--prompt", "a small house", "--seed", "3", "--steps", "2",
+            "--height", "16", "--width", "16", "--device", "cpu"]
+    assert main(args + ["--quantized", str(tmp_path / "q"), "--out", str(tmp_path / "q.png")]) == 0
+    assert main(args + ["--out", str(tmp_path / "fp.png")]) == 0
+    q = torch.tensor(list(Image.open(tmp_path / "q.png").convert("RGB").tobytes()), dtype=torch.float32)
+    fp = torch.tensor(list(Image.open(tmp_path / "fp.png").convert("RGB").tobytes()), dtype=torch.float32)
+    assert q.shape == fp.shape == (16 * 16 * 3,)
+    assert not torch.equal(q, fp)  # the 4-bit denoiser was used...
+    assert main(args + ["--quantized", str(tmp_path / "q"), "--out", str(tmp_path / "q2.png")]) == 0
+    assert (tmp_path / "q2.png").read_bytes() == (tmp_path / "q.png").read_bytes()  # ...deterministically
+
+
+def test_compare_pipeline_writes_the_report(sd_path, tmp_path, capsys):
+    import json
+
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a small house\na red cat\n")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--pipeline", sd_path, "--prompts", str(prompts), "--variants", f"fp16,{VARIANT}",
+                 "--samples", "2", "--steps", "2", "--calib-samples", "2", "--calib-steps", "2", "--height", "16",
+                 "--width", "16", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["variants"]) == ["fp16", VARIANT]
+    fp, q = report["variants"]["fp16"], report["variants"][VARIANT]
+    assert fp["lpips"]["mean"] == 0 and q["lpips"]["mean"] > 0 and q["lpips"]["n"] == 2
+    assert q["preset"] == "unet" and q["weight_bits_per_element"] < 16
+    assert report["settings"]["evaluation_prompts"] == ["a small house", "a red cat"]
+    assert not set(report["settings"]["calibration_prompts"]) & {"a small house", "a red cat"}
+    assert (out / "grid.png").stat().st_size > 0 and (out / "report.html").stat().st_size > 0
+    assert VARIANT in capsys.readouterr().out

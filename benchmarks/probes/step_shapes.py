@@ -46,17 +46,7 @@ STEP_SHAPES = [
     ("single adaLN", 1, 3072, 9216, 38),
 ]
 RANK = 32
-#: split-pass tiles tried at K >= 8192 (ActConfig fields): rows x first-walk chunk / quantize tile, warps, stages
-SPLIT_CANDIDATES = {
-    "64x32/16x128 w4 s3 x2": dict(split_rows=64, split_bk=32, split_qrows=16, split_qbk=128, split_warps=4,
-                                  split_stages=3, split_ctas=2),
-    "64x64/8x128 w4 s3 x2": dict(split_rows=64, split_bk=64, split_qrows=8, split_qbk=128, split_warps=4,
-                                 split_stages=3, split_ctas=2),
-    "64x64/8x128 w4 s4 x2": dict(split_rows=64, split_bk=64, split_qrows=8, split_qbk=128, split_warps=4,
-                                 split_stages=4, split_ctas=2),
-    "64x256/16x256 w8 s2 x1": dict(split_rows=64, split_bk=256, split_qrows=16, split_qbk=256, split_warps=8,
-                                   split_stages=2, split_ctas=1),
-}
+#: (the split pass's tile candidates went with the split pass: removed from the library, see docs/kernels.md)
 
 
 def gemm_candidates(m):
@@ -101,13 +91,6 @@ def with_defaults(module, attr, fn, *args, **overrides):
         setattr(module, attr, old)
 
 
-def with_act_config(fn, *args, **overrides):
-    """fn(*args) with act_quant's default config changed by ``overrides``."""
-    import fourbit.kernels.act_quant as aq
-
-    return with_defaults(aq, "DEFAULT_CONFIG", fn, *args, **overrides)
-
-
 def bench(name, m, k, n, count, log):
     from fourbit.kernels.act_quant import act_quant
     from fourbit.kernels.linear import layer_state, linear_forward
@@ -139,13 +122,6 @@ def bench(name, m, k, n, count, log):
         "W4A4 r32 (default tiles)": lambda li, xi: linear_forward(layers[li], xs[xi]),
         "W4A4 no branch": lambda li, xi: linear_forward(layers[li], xs[xi], lowrank="none"),
     }
-    if k >= 8192:  # the split pass (X read once with the branch) instead of the single pass + cuBLAS down-projection
-        for label, kw in SPLIT_CANDIDATES.items():
-            kw = dict(kw, split_min_k=8192)
-            variants[f"act_quant split {label}"] = lambda li, xi, kw=kw: with_act_config(
-                variants["act_quant only"], li, xi, **kw)
-            variants[f"W4A4 r32, split act_quant {label}"] = lambda li, xi, kw=kw: with_act_config(
-                variants["W4A4 r32 (default tiles)"], li, xi, **kw)
     from fourbit.kernels import gemv as gv
 
     if m <= 16:  # few rows: the GEMV (the default up to max_m) and act_quant + GEMM, each forced

@@ -878,3 +878,33 @@ def test_cublas_down_projection_falls_back_where_torch_lacks_it():
         assert aq._MM_FP32_OUT[0] is False
     finally:
         aq._MM_FP32_OUT[0] = saved
+
+
+def test_gemm_launch_falls_back_to_fewer_stages_when_shared_memory_does_not_fit():
+    """A branch grown by a LoRA (rank 32 + 64, padded to 128) needed 256 KiB of shared memory at 3 stages on an H200
+    (227 KiB): the launch retries with fewer stages and remembers the depth that fit; other errors pass through."""
+    from triton.runtime.errors import OutOfResources
+
+    from fourbit.kernels import gemm
+
+    tried = []
+
+    def launch(stages):
+        tried.append(stages)
+        if stages > 1:
+            raise OutOfResources(262144 if stages == 3 else 245760, 232448, "shared memory")
+
+    key = ("test-cfg", 128, "fp8", True, "cuda:0")
+    gemm._FITTING_STAGES.pop(key, None)
+    gemm.launch_with_fewer_stages(launch, 3, key)
+    assert tried == [3, 2, 1] and gemm._FITTING_STAGES[key] == 1
+    tried.clear()
+    gemm.launch_with_fewer_stages(launch, 3, key)  # remembered: one launch
+    assert tried == [1]
+
+    def never_fits(stages):
+        raise OutOfResources(1 << 20, 232448, "shared memory")
+
+    with pytest.raises(OutOfResources):
+        gemm.launch_with_fewer_stages(never_fits, 2, ("other",))
+    gemm._FITTING_STAGES.pop(key, None)

@@ -1,4 +1,8 @@
-"""Shared by the benchmark scripts: timing with device events, environment facts, result files."""
+"""Shared by the benchmark scripts: timing with device events, environment facts, result rows.
+
+Results are rows appended to ``benchmarks/results/<benchmark>.jsonl`` (``append_row`` / ``write_results``), each with
+``meta`` = device, date, versions, git commit (``FOURBIT_GIT_COMMIT`` where git is absent) and the command line.
+"""
 from __future__ import annotations
 
 import datetime as _dt
@@ -33,21 +37,82 @@ def device_slug(name: str) -> str:
     return (m.group(1) if m else re.sub(r"\W+", "-", name)).replace(" ", "").lower()
 
 
-def result_paths(out_dir: str, stem: str, env: dict) -> tuple[str, str]:
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def git_commit() -> str:
+    """Short commit of this checkout: $FOURBIT_GIT_COMMIT if set (machines without git), else git, else "unknown"."""
+    if os.environ.get("FOURBIT_GIT_COMMIT"):
+        return os.environ["FOURBIT_GIT_COMMIT"]
+    import subprocess
+
+    try:
+        res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_meta(env: dict | None = None, command: str | None = None) -> dict:
+    """A row's ``meta``: device, date, versions (``environment()``), git commit and the command line."""
+    import sys
+
+    cmd = command or "python " + " ".join([os.path.relpath(os.path.abspath(sys.argv[0]))] + sys.argv[1:])
+    return {**(env or environment()), "git_commit": git_commit(), "command": cmd}
+
+
+def _next_run(path: str, date: str) -> str:
+    """Run id for a new row: the date, then date + b, c, ... for later runs of that day (as the docs cite them)."""
+    taken = set()
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    taken.add(json.loads(line).get("run"))
+    if date not in taken:
+        return date
+    return next(f"{date}{c}" for c in "bcdefghijklmnopqrstuvwxyz" if f"{date}{c}" not in taken)
+
+
+def append_row(out_dir: str, benchmark: str, row: dict, meta: dict | None = None) -> tuple[str, str]:
+    """Append one JSON row to ``<out_dir>/<benchmark>.jsonl`` with ``benchmark``, ``run`` and ``meta`` filled in.
+
+    Returns (the file, the run id). One write of one line: an interrupted run leaves the earlier rows intact."""
     os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, f"{stem}.{device_slug(env['device'])}.{env['date']}")
-    return base + ".json", base + ".md"
+    path = os.path.join(out_dir, f"{benchmark}.jsonl")
+    meta = meta or run_meta()
+    row = {"benchmark": benchmark, "run": row.get("run") or _next_run(path, meta["date"]), **row, "meta": meta}
+    line = json.dumps(row) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    return path, row["run"]
+
+
+def benchmark_of(stem: str) -> tuple[str, str | None]:
+    """(benchmark, variant) of a result stem: the script whose name the stem starts with ("act_quant-lrmm" ->
+    ("act_quant", "lrmm")); the stem itself when no script matches."""
+    import glob
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    scripts = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(here, "*.py"))
+               + glob.glob(os.path.join(here, "probes", "*.py"))}
+    norm = stem.replace("-", "_").replace(".", "_")
+    for name in sorted(scripts, key=len, reverse=True):
+        if norm == name or norm.startswith(name + "_"):
+            return name, (stem[len(name) + 1:] or None)
+    return norm, None
 
 
 def write_results(out_dir: str, stem: str, env: dict, payload: dict, markdown: str) -> tuple[str, str]:
-    jp, mp = result_paths(out_dir, stem, env)
-    with open(jp, "w") as f:
-        json.dump({"environment": env, **payload}, f, indent=1)
-    head = (f"device: {env['device']} | date: {env['date']} | torch {env['torch']} | triton {env['triton']} | "
-            f"CUDA {env['cuda']}\n\n")
-    with open(mp, "w") as f:
-        f.write(head + markdown)
-    return jp, mp
+    """Append the run as one row (payload under ``result``, the printed table under ``markdown``) to the benchmark's
+    JSONL file; returns (the file, "run <id>")."""
+    benchmark, variant = benchmark_of(stem)
+    path, run = append_row(out_dir, benchmark, {"variant": variant, "result": payload, "markdown": markdown},
+                           run_meta(env))
+    return path, f"run {run}"
 
 
 def gpu_probe_args(doc: str, script: str, argv=None, rounds: int = 30):
@@ -56,7 +121,7 @@ def gpu_probe_args(doc: str, script: str, argv=None, rounds: int = 30):
     import sys
 
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", default=RESULTS_DIR, help="folder of the <benchmark>.jsonl files")
     p.add_argument("--rounds", type=int, default=rounds, help="interleaved timing rounds")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -67,9 +132,9 @@ def gpu_probe_args(doc: str, script: str, argv=None, rounds: int = 30):
 
 def finish(out_dir: str, stem: str, env: dict, payload: dict, markdown: str, log=print) -> int:
     """Write the result files, print the table and where it went; the script's exit status."""
-    jp, mp = write_results(out_dir, stem, env, payload, markdown)
+    path, run = write_results(out_dir, stem, env, payload, markdown)
     log(markdown)
-    log(f"wrote {jp} and {mp}")
+    log(f"appended {run} to {path}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """act_quant alone at FLUX.1 activation shapes: the single-pass kernel's tile sweep vs the two-launch path and
 the memory floor.
 
-    python benchmarks/act_quant.py              # sweep, prints a table, writes results/act_quant.<device>.<date>.*
+    python benchmarks/act_quant.py              # sweep, prints a table, appends a row to results/act_quant.jsonl
     python benchmarks/act_quant.py --quick      # fewer configs
 
 Floor: reading X once (bf16) and writing the FP8/int8 operand once, at the copy bandwidth measured in the
@@ -35,19 +35,17 @@ def configs(quick):
     """(label, ActConfig) candidates with and without the rank-32 branch; the first is the library default."""
     from fourbit.kernels.act_quant import DEFAULT_CONFIG as base
 
-    two = dataclasses.replace(base, single_pass=False, single_pass_lr=False)
-    one = dataclasses.replace(base, single_pass=True, single_pass_lr=True)
-    old = dataclasses.replace(two, lr_dot="tf32", BM=16, BK=256, num_warps=4)
+    def tiles(bm, bk, w=4):  # the two-launch path's quantize tiles (taken with the branch below lr_mm_rows)
+        return (f"two-launch, quantize tile {bm}x{bk} w{w}", dataclasses.replace(base, BM=bm, BK=bk, num_warps=w,
+                                                                                 lr_mm_rows=0))
 
-    def tiles(bm, bk, w=4):
-        return (f"two-launch, quantize tile {bm}x{bk} w{w}", dataclasses.replace(two, BM=bm, BK=bk, num_warps=w))
-
-    common = [("default", base), ("old: two-launch, tf32 X^, tile 16x256", old)]
-    lr = common + [("single pass + split-K down-projection", one),
-                   ("single pass + split-K down-projection, never cuBLAS", dataclasses.replace(one, lr_mm_rows=0)),
+    common = [("default", base)]
+    lr = common + [("two launches, never cuBLAS", dataclasses.replace(base, lr_mm_rows=0)),
+                   ("cuBLAS down-projection, one stream", dataclasses.replace(base, lr_mm_stream_max_k=0)),
                    tiles(2, 1024), tiles(1, 1024), tiles(8, 256)]
-    nolr = common + [tiles(4, 512), tiles(2, 1024), ("single pass, rows=2", dataclasses.replace(one, rows=2)),
-                     ("single pass, chunk=512", dataclasses.replace(one, chunk=512))]
+    nolr = common + [("single pass, rows=2", dataclasses.replace(base, rows=2)),
+                     ("single pass, chunk=512", dataclasses.replace(base, chunk=512)),
+                     ("single pass, chunk=2048", dataclasses.replace(base, chunk=2048))]
     if quick:
         lr, nolr = lr[:3], nolr[:3]
     return lr, nolr
@@ -56,12 +54,10 @@ def configs(quick):
 def _name(label, cfg, rank):
     if label:
         return label
-    keys = ("rows", "chunk", "warps", "stages", "lr_split", "stats_BM", "stats_BK", "stats_warps", "fast_div")
+    keys = ("rows", "chunk", "warps", "stages", "lr_mm_rows", "stats_BM", "stats_BK", "stats_warps")
     from fourbit.kernels.act_quant import DEFAULT_CONFIG as base
 
     diff = [f"{k}={getattr(cfg, k)}" for k in keys if getattr(cfg, k) != getattr(base, k)]
-    if rank and not cfg.lr_split:
-        diff += [f"rows_lr={cfg.rows_lr}"]
     return "default + " + " ".join(diff)
 
 
@@ -73,7 +69,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--tag", default="", help="suffix of the results' file names")
+    p.add_argument("--tag", default="", help="the row's variant, after a dash (e.g. -lrmm)")
     p.add_argument("--formats", default="int4p2,fp4p2,int8")
     args = p.parse_args(argv)
     env = environment()

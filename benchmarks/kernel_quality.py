@@ -1,6 +1,6 @@
 """Do the GPU kernels change the images? One quantized model, sampled through each kernel with the same seeds.
 
-    python benchmarks/kernel_quality.py --out benchmarks/results      # on a CUDA GPU; ~2 min on an H100
+    python benchmarks/kernel_quality.py                             # on a CUDA GPU; ~2 min on an H100
 
 For each bundled model: quantize once (SVDQuant W4A4 r32, the Hopper-native int4p2 format, calibrated on the
 model's own trajectories through the plain-torch reference), then sample the same classes and seeds with kernel
@@ -9,7 +9,7 @@ whose tensor cores accumulate with reduced precision), the same with the accumul
 "triton-memory", and "triton" with the model under ``torch.compile`` and the fusion pass (GELU in the GEMM
 epilogue); and, as a control, the reference with its fp32 GEMMs in TF32 (a perturbation of the same size). Reports
 each against the reference kernel's images (LPIPS-Alex, PSNR) and against the 16-bit model's.
-Writes kernel-quality.<device>.<date>.{json,md}.
+Appends a row to benchmarks/results/kernel_quality.jsonl.
 """
 from __future__ import annotations
 

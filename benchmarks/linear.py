@@ -49,6 +49,21 @@ QUARTZ_FORMATS = [
     ("int4p2 W4A4", "int4p2", "int4p2", ("fused", "none", "cublas", "cublas-none")),
     ("QuaRTZ tok x int4p2 W4A4", "int4p2", "quartz_tok", ("quartz-cublas", "quartz-cublas-none")),
 ]
+#: each model family's own layer shapes (M, K, N) at 1024x1024 and its batch (``benchmarks/models.py``), sibling
+#: linears fused (Q/K/V as one layer); M: image tokens x batch, or text tokens x batch for the context layers
+FAMILY_SHAPES = {
+    "pixart-sigma": [(8192, 1152, 3456), (8192, 1152, 1152), (600, 1152, 2304), (8192, 1152, 4608),
+                     (8192, 4608, 1152)],
+    "sd3-medium": [(8192, 1536, 4608), (8192, 1536, 1536), (8192, 1536, 6144), (8192, 6144, 1536),
+                   (666, 1536, 4608), (666, 1536, 6144), (666, 6144, 1536)],
+    "sana-1.6b": [(2048, 2240, 6720), (2048, 2240, 2240), (600, 2240, 4480), (2048, 2240, 11200),
+                  (2048, 5600, 2240)],
+    "sdxl-unet": [(8192, 640, 1920), (8192, 640, 640), (8192, 640, 5120), (8192, 2560, 640), (154, 2048, 1280),
+                  (2048, 1280, 3840), (2048, 1280, 1280), (2048, 1280, 10240), (2048, 5120, 1280),
+                  (154, 2048, 2560)],
+}
+#: what ``--family`` times at those shapes (beside bf16, the FP8 GEMM alone and the separate-pass bound)
+FAMILY_FORMATS = [("int4p2 W4A4", "int4p2", "int4p2", ("fused", "none")), ("fp8 W8A8", "fp8", "fp8", ("none",))]
 L2_BYTES = 50 << 20
 
 
@@ -292,9 +307,10 @@ def summarize(rows):
             summary["per_shape"].append(dict(M=m, K=k, N=n, format=key[0], variant=key[1],
                                              speedup_graph=base["graph_ms"] / r["graph_ms"],
                                              speedup_eager=base["eager_ms"] / r["eager_ms"]))
+    ms = sorted({s[0] for s in by}, reverse=True)  # TOKENS, or a family's several M
     for mode in ("graph", "eager"):
-        for m in TOKENS:
-            shapes = [s for s in by if s[0] == m]
+        for m in ms + (["all"] if len(ms) > 1 else []):
+            shapes = [s for s in by if m == "all" or s[0] == m]
             if not shapes:
                 continue
 
@@ -307,6 +323,8 @@ def summarize(rows):
                 "int4p2_fused_vs_bf16": ratio("int4p2 W4A4", "fused"),
                 "int4p2_memory_vs_bf16": ratio("int4p2 W4A4", "memory"),
                 "fp8_ceiling_vs_bf16": ratio("fp8 rowwise _scaled_mm", "GEMM only"),
+                "fp8_w8a8_vs_bf16": ratio("fp8 W8A8", "none"),
+                "shapes": len(shapes),
                 "separate_pass_bound_vs_bf16": ratio("separate-pass bound", "cast + GEMM"),
                 "lowrank_overhead_fused": 1 / ratio("int4p2 W4A4", "fused", ("int4p2 W4A4", "none")) - 1,
                 "lowrank_overhead_unfused": 1 / ratio("int4p2 W4A4", "unfused", ("int4p2 W4A4", "none")) - 1,
@@ -316,17 +334,19 @@ def summarize(rows):
 
 
 def markdown(rows, summary):
-    out = ["## Acceptance (geometric means over the six FLUX.1 shapes)\n"]
-    hdr = ["M / timing", "int4p2 fused vs bf16", "int4p2 memory vs bf16", "fp8 cuBLAS GEMM-only vs bf16",
-           "separate-pass bound vs bf16", "low-rank overhead fused", "low-rank overhead unfused"]
-    out.append(md_table(hdr, [[k, v["int4p2_fused_vs_bf16"], v["int4p2_memory_vs_bf16"], v["fp8_ceiling_vs_bf16"],
+    out = ["## Acceptance (geometric means over the shapes of each M)\n"]
+    hdr = ["M / timing", "shapes", "int4p2 fused vs bf16", "int4p2 memory vs bf16", "fourbit fp8 W8A8 vs bf16",
+           "fp8 cuBLAS GEMM-only vs bf16", "separate-pass bound vs bf16", "low-rank overhead fused",
+           "low-rank overhead unfused"]
+    out.append(md_table(hdr, [[k, v["shapes"], v["int4p2_fused_vs_bf16"], v["int4p2_memory_vs_bf16"],
+                               v["fp8_w8a8_vs_bf16"], v["fp8_ceiling_vs_bf16"],
                                v["separate_pass_bound_vs_bf16"], f"{100 * v['lowrank_overhead_fused']:.1f}%",
                                f"{100 * v['lowrank_overhead_unfused']:.1f}%"]
                               for k, v in summary["acceptance"].items()]))
     out.append("\nseparate-pass bound: X cast to FP8 (one read of X, one byte written per element, no quantization "
                "arithmetic) + the cuBLAS FP8 GEMM, no low-rank branch - what any layer that quantizes X in its own "
                "pass could at best reach.")
-    for m in TOKENS:
+    for m in sorted({r["M"] for r in rows}, reverse=True):
         sel = [r for r in rows if r["M"] == m]
         if not sel:
             continue
@@ -510,7 +530,7 @@ def _tune_act(log, sweep):
     cfg = best.get(RANK) or best[0]
     if 0 in best:  # the no-branch path's choice; tiles of the two-launch path stay the rank-32 winner's
         n = best[0]
-        cfg = dataclasses.replace(cfg, single_pass=n.single_pass, rows=n.rows, chunk=n.chunk, warps=n.warps)
+        cfg = dataclasses.replace(cfg, rows=n.rows, chunk=n.chunk, warps=n.warps)
     return cfg
 
 
@@ -525,6 +545,8 @@ def main(argv=None):
     p.add_argument("--formats", default=None, help="comma list: only the formats whose label contains one")
     p.add_argument("--shapes", default=None, help="comma list of KxN: only these shapes")
     p.add_argument("--tokens", default=None, help="comma list of M (default: 4608,1024)")
+    p.add_argument("--family", default=None, help="comma list of model families (FAMILY_SHAPES): their own "
+                   "(M, K, N) shapes, int4p2 W4A4 and fp8 W8A8 (writes linear-<family>.*)")
     p.add_argument("--quartz", action="store_true", help="only the QuaRTZ activation path beside int4p2 "
                    "(writes linear-quartz.*)")
     args = p.parse_args(argv)
@@ -555,12 +577,17 @@ def main(argv=None):
     tokens = tuple(int(v) for v in args.tokens.split(",")) if args.tokens else TOKENS
     if args.formats or args.shapes or args.tokens:
         stem += "-subset"  # a partial run never overwrites the full table
+    cases = [(m, k, n) for m in tokens for k, n in shapes]
+    if args.family:
+        fams = args.family.split(",")
+        cases = [c for f in fams for c in FAMILY_SHAPES[f]]
+        formats, stem = FAMILY_FORMATS, "linear-" + "-".join(fams)
     rows = []
     t0 = time.time()
     import fourbit.kernels.act_quant as aq
 
-    for m in tokens:
-        for k, n in shapes:
+    if True:
+        for m, k, n in cases:
             log(f"M={m} K={k} N={n}")
             rows += bench_shape(m, k, n, formats, graph=not args.no_graph, log=log)
             summary = summarize(rows)  # written after every shape: a run cut short keeps what it measured

@@ -118,12 +118,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--tiny", action="store_true", help="tiny shapes, no timing (CPU smoke test; set TRITON_INTERPRET=1)")
+    p.add_argument("--lora-ranks", default=",".join(map(str, LORA_RANKS)), help="comma-separated LoRA ranks")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
         print("lora_branch.py needs a CUDA GPU (or --tiny with TRITON_INTERPRET=1 for a smoke test)", file=sys.stderr)
         return 2
-    cfg = TINY if args.tiny else dict(shapes=SHAPES, tokens=TOKENS, lora_ranks=LORA_RANKS, formats=FORMATS)
+    ranks = tuple(int(r) for r in args.lora_ranks.split(",") if r)
+    cfg = TINY if args.tiny else dict(shapes=SHAPES, tokens=TOKENS, lora_ranks=ranks, formats=FORMATS)
     env = environment()
     meta = {k: env[k] for k in ("device", "date", "torch", "triton", "cuda")}
     meta.update(git_commit=git_commit(), command="python benchmarks/lora_branch.py " + " ".join(argv or sys.argv[1:]))

@@ -350,7 +350,7 @@ def main(argv=None):
                    "compiled with fourbit.nn.inductor_options() (GELU into the GEMM epilogue, concatenations read "
                    "in place)")
     p.add_argument("--blocks", default=None, help="D,S: only D double and S single blocks (a quick check; "
-                   "results go to transformer-<D>x<S>.*)")
+                   "its rows carry variant <D>x<S>)")
     args = p.parse_args(argv)
     env = environment()
     print(json.dumps(env), flush=True)

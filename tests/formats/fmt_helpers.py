@@ -36,11 +36,8 @@ def make_input(seed: int, r: int, k: int, kind: str, log10_scale: float, g: int 
 
 
 def code_range(fmt: Format) -> torch.Tensor:
-    """Every code value the format's code dtype can hold at its bit width (e.g. -8..7 or 0..15)."""
-    n = 1 << fmt.code_bits
-    if fmt.code_dtype == torch.int8:
-        return torch.arange(-(n // 2), n // 2, dtype=torch.int8)
-    return torch.arange(0, n, dtype=torch.int16).to(torch.uint8)
+    """Every code the format may produce (``Format.all_codes``: e.g. -8..7, 0..15, fp8 without its NaN codes)."""
+    return fmt.all_codes()
 
 
 def candidates(fmt: Format, q: QuantizedTensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ import torch
 pytest.importorskip("triton")
 
 # definition order: helpers first, then the modules that import them
-_KERNEL_MODULES = ("_common", "activation", "gemm", "gemm_grouped", "act_quant", "weights", "gemv", "linear")
+_KERNEL_MODULES = ("_common", "activation", "gemm", "gemm_grouped", "act_spec", "act_tiles", "act_single", "act_two",
+                   "act_lowrank", "act_quant", "weights", "gemv", "linear")
 
 
 def _reload_kernels() -> None:

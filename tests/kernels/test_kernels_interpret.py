@@ -29,10 +29,10 @@ from .conftest import bits
 pytestmark = pytest.mark.usefixtures("interpret")
 
 ACT_FORMATS = [
-    ("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("int4", {}), ("int4", {"scale_dtype": "bfloat16"}),
+    ("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("fp8", {}), ("int4", {}), ("int4", {"scale_dtype": "bfloat16"}),
     ("fp4", {}), ("fp4", {"outer_scale": "row"}), ("fp4", {"outer_scale": "tensor"}), ("nvfp4", {}), ("mxfp4", {}),
 ]
-WEIGHT_FORMATS = [("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("int4", {}), ("fp4", {}), ("fp4", {"outer_scale": "row"}),
+WEIGHT_FORMATS = [("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("fp8", {}), ("int4", {}), ("fp4", {}), ("fp4", {"outer_scale": "row"}),
                   ("nvfp4", {}), ("mxfp4", {})]
 
 
@@ -56,27 +56,26 @@ def hard_rows(m: int, k: int, seed: int = 0) -> torch.Tensor:
 
 
 # ---- act_quant -------------------------------------------------------------------------------
-#: the single-pass path in chunks (ragged last chunk; down-projection inside, IEEE divisions) and in one
-#: whole-row chunk (down-projection in a split-K stats launch, divisions from reciprocals), and the two-launch
-#: path with the folded factor (reciprocals) and with tf32 X^ (IEEE divisions)
-ACT_CONFIGS = [dict(single_pass_lr=True, rows=4, rows_lr=16, chunk=128, lr_split=False, fast_div=False),
-               dict(single_pass_lr=True, rows=1, chunk=0, split=3, fast_div=True),
-               dict(single_pass=False, BM=16, BK=128, num_warps=4, stats_BK=64, split=3, fast_div=True),
-               dict(single_pass=False, BM=16, BK=128, num_warps=4, stats_BK=64, split=3, lr_dot="tf32",
-                    fast_div=False)]
+#: tiles of both paths (on CPU the branch takes the two launches, no branch the single pass; nvfp4 always two):
+#: chunks of 128 columns / quantize tiles of 16 x 128 over 3 stats slices, and whole rows / the planned split
+ACT_CONFIGS = [dict(rows=4, chunk=128, BM=16, BK=128, stats_BK=64, split=3),
+               dict(rows=1, chunk=0, BM=4, BK=256, stats_BK=32)]
 
 
-@pytest.mark.parametrize("cfg", ACT_CONFIGS, ids=["chunks", "whole-rows", "two-launch", "two-launch-tf32"])
+@pytest.mark.parametrize("rank", [0, 20], ids=["no-branch", "branch"])
+@pytest.mark.parametrize("cfg", ACT_CONFIGS, ids=["chunks", "whole-rows"])
 @pytest.mark.parametrize("name,kw", ACT_FORMATS, ids=_ids(ACT_FORMATS))
-def test_act_quant_bit_exact(name, kw, cfg):
-    from fourbit.kernels.act_quant import ActConfig, act_quant, act_quant_torch
+def test_act_quant_bit_exact(name, kw, cfg, rank):
+    from fourbit.kernels.act_quant import ActConfig, act_quant, act_path, act_quant_torch, act_spec
 
     fmt = make_format(name, **kw)
     m, k, kp = 37, 200, 256  # ragged rows, K padded to the group multiple
     x = hard_rows(m, k)
     smooth = 2.0 ** torch.randint(-2, 3, (kp,)).float()  # powers of two keep the tie rows exact
     smooth[k // 3] = 0.7  # and one ordinary factor (IEEE division must match torch's)
-    down = torch.randn(20, kp).bfloat16()
+    down = torch.randn(rank, kp).bfloat16() if rank else None
+    path = act_path(act_spec(fmt), m, kp, bool(rank), False, ActConfig(**cfg))
+    assert path == ("two" if rank or act_spec(fmt).outer == 1 else "single")
     for xin in (x, x.bfloat16()):
         got = act_quant(xin, fmt, smooth, down, kp, ActConfig(**cfg))
         ref = act_quant_torch(xin, fmt, smooth, down, kp)
@@ -86,14 +85,16 @@ def test_act_quant_bit_exact(name, kw, cfg):
             assert (a is None) == (b is None)
             if a is not None:
                 assert torch.equal(bits(a), bits(b))
-        # single pass: X @ (lr_down / smooth) with the factor in bf16 hi + lo (2^-16 relative per product);
-        # two-launch: fp32 products here (the interpreter's tf32 dot is fp32); both: fp32 sums in another order
-        assert torch.allclose(got.lr, ref.lr, rtol=1e-5, atol=1e-5 * ref.lr.abs().max().item())
+        # X @ (lr_down / smooth) with the factor in bf16 hi + lo (2^-16 relative per product), fp32 sums in
+        # another order
+        assert (got.lr is None) == (rank == 0)
+        if rank:
+            assert torch.allclose(got.lr, ref.lr, rtol=1e-5, atol=1e-5 * ref.lr.abs().max().item())
 
 
 @pytest.mark.parametrize("rank", [0, 20], ids=["no-branch", "branch"])
-@pytest.mark.parametrize("name,kw", [("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("int4", {})],
-                         ids=["int4p2", "fp4p2", "int8", "int4"])
+@pytest.mark.parametrize("name,kw", [("int4p2", {}), ("fp4p2", {}), ("int8", {}), ("fp8", {}), ("int4", {})],
+                         ids=["int4p2", "fp4p2", "int8", "fp8", "int4"])
 def test_act_quant_two_column_blocks_bit_exact(name, kw, rank):
     """X given as two column blocks (the second a strided view of a wider tensor, the split not on a chunk or
     group boundary): the single pass reads both in place, other paths concatenate; either way the result is
@@ -121,44 +122,6 @@ def test_act_quant_two_column_blocks_bit_exact(name, kw, rank):
         act_quant([x[:, :k1], wide[:-1, :k - k1]], fmt, smooth, down, kp, cfg)
 
 
-SPLIT_FORMATS = [("int4p2", {}), ("fp4p2", {}), ("int8", {})]
-
-
-@pytest.mark.parametrize("slices", [None, 2, 3], ids=["planned", "2-slices", "3-slices"])
-@pytest.mark.parametrize("name,kw", SPLIT_FORMATS, ids=_ids(SPLIT_FORMATS))
-def test_act_quant_split_pass_bit_exact(name, kw, slices):
-    """The split pass (row blocks x slices of K; partial row maxima and down-projections merged across slices)
-    gives the single pass's codes and row scales bit for bit; ragged rows, a ragged last slice, padded K."""
-    from fourbit.kernels.act_quant import ActConfig, _split_plan, act_quant, act_quant_torch
-
-    fmt = make_format(name, **kw)
-    m, k, kp = 37, 330, 384
-    x = hard_rows(m, k)
-    smooth = 2.0 ** torch.randint(-2, 3, (kp,)).float()
-    smooth[k // 3] = 0.7
-    down = torch.randn(20, kp).bfloat16()
-    cfg = ActConfig(split_min_k=256, split_rows=16, split_bk=64, split_qrows=4, split_qbk=64, split_slices=slices)
-    ns, cols, progs = _split_plan(m, kp, cfg, 4)
-    assert progs % ns == 0 and ns * cols >= kp and (slices is None or ns == slices)
-    for xin in (x, x.bfloat16()):
-        got = act_quant(xin, fmt, smooth, down, kp, cfg)
-        ref = act_quant_torch(xin, fmt, smooth, down, kp)
-        assert torch.equal(bits(got.q), bits(ref.q))
-        assert torch.equal(bits(got.row_scale), bits(ref.row_scale))
-        assert torch.allclose(got.lr, ref.lr, rtol=1e-5, atol=1e-5 * ref.lr.abs().max().item())
-
-
-def test_split_plan_fills_the_gpu_with_whole_blocks():
-    from fourbit.kernels.act_quant import ActConfig, _split_plan
-
-    cfg = ActConfig(split_min_k=8192)
-    for m, kp in ((4608, 15360), (4096, 12288), (512, 12288), (4608, 8192)):
-        ns, cols, progs = _split_plan(m, kp, cfg, 132)
-        assert progs % ns == 0 and progs <= 132 and ns * cols >= kp > (ns - 1) * cols
-        assert progs * cfg.split_rows * cols * 2 <= cfg.split_l2_bytes  # a round's X stays in L2
-    assert _split_plan(4608, 15360, cfg, 132)[:2] == (12, 1280)  # 11 blocks of 12 slices per round
-
-
 def test_fold_down_is_the_smoothed_factor():
     from fourbit.kernels.act_quant import fold_down
 
@@ -172,27 +135,13 @@ def test_fold_down_is_the_smoothed_factor():
     assert ((got[:, :20] - ref).abs() <= 2.0 ** -16 * ref.abs()).all()
 
 
-def test_act_quant_bf16x2_down_projection():
-    from fourbit.kernels.act_quant import ActConfig, act_quant, act_quant_torch
-
-    fmt = make_format("int4p2")
-    x = hard_rows(20, 256)
-    down = torch.randn(32, 256).bfloat16()
-    got = act_quant(x, fmt, None, down, config=ActConfig(single_pass_lr=False, stats_BK=64, lr_dot="bf16x2"))
-    ref = act_quant_torch(x, fmt, None, down)
-    assert torch.equal(bits(got.q), bits(ref.q))
-    assert ((got.lr - ref.lr).norm() / ref.lr.norm()).item() < 1e-4  # X^ kept to ~16 bits
-
-
-@pytest.mark.parametrize("single", [True, False], ids=["single-pass", "two-launch"])
 @pytest.mark.parametrize("name", ["int4p2", "int4"])
-def test_act_quant_bf16_input_no_smooth_no_rank(name, single):
+def test_act_quant_bf16_input_no_smooth_no_rank(name):
     from fourbit.kernels.act_quant import ActConfig, act_quant, act_quant_torch
 
     fmt = make_format(name)
     x = hard_rows(20, 128).bfloat16()
-    got = act_quant(x, fmt, config=ActConfig(single_pass=single, rows=8, chunk=64, BM=16, BK=64, num_warps=4,
-                                             stats_BK=32, split=2))
+    got = act_quant(x, fmt, config=ActConfig(rows=8, chunk=64))
     ref = act_quant_torch(x, fmt)
     assert got.lr is None
     assert torch.equal(bits(got.q), bits(ref.q))
@@ -445,7 +394,8 @@ def test_few_row_layer_takes_the_gemv(kernel, monkeypatch):
 
 
 # ---- layers through fourbit.quantize ---------------------------------------------------------
-PAIRS = [("int4p2", "int4p2"), ("fp4p2", "fp4p2"), ("fp4p2", "int4p2"), ("int8", "int8"), ("int4", "int4"),
+PAIRS = [("int4p2", "int4p2"), ("fp4p2", "fp4p2"), ("fp4p2", "int4p2"), ("int8", "int8"), ("fp8", "fp8"),
+         ("int4p2", "fp8"), ("int4", "int4"),
          ("fp4", "fp4"), ("nvfp4", "nvfp4"), ("mxfp4", "mxfp4"), ("int4p2", None)]
 
 
@@ -546,31 +496,6 @@ def test_import_fourbit_does_not_import_triton():
     code = "import sys, fourbit, fourbit.kernels; assert 'triton' not in sys.modules; " \
            "assert {'triton', 'triton-memory'} <= set(fourbit.kernels.available_kernels())"
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def _division_cases(n, seed=0, device="cpu"):
-    """(a, b) fp32 pairs over the whole exponent range, plus zeros, subnormals and the guard's edges."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    a = torch.randn(n, generator=g) * torch.exp2(torch.randint(-140, 120, (n,), generator=g).float())
-    b = (torch.rand(n, generator=g) + 0.5) * torch.exp2(torch.randint(-120, 120, (n,), generator=g).float())
-    b[: n // 2] = torch.rand(n // 2, generator=g) * 4 + 0.05  # typical smoothing factors / row scales
-    a[::17] = 0.0
-    a[1::17] = -0.0
-    a[2::17] = 2.0 ** -100
-    a[3::17] = 1e-40  # subnormal
-    b[4::17] = 2.0 ** 100
-    b[5::17] = 2.0 ** -100
-    return a.to(device), b.to(device)
-
-
-def test_fast_division_is_ieee():
-    from fourbit.kernels.act_quant import div_elementwise
-
-    a, b = _division_cases(1 << 16)
-    got = div_elementwise(a, b)
-    ref = a / b
-    same = (bits(got) == bits(ref)) | (torch.isnan(got) & torch.isnan(ref))
-    assert same.all(), (a[~same][:5], b[~same][:5], got[~same][:5], ref[~same][:5])
 
 
 @pytest.mark.parametrize("kernel", ["triton", "triton-memory"])
@@ -953,3 +878,33 @@ def test_cublas_down_projection_falls_back_where_torch_lacks_it():
         assert aq._MM_FP32_OUT[0] is False
     finally:
         aq._MM_FP32_OUT[0] = saved
+
+
+def test_gemm_launch_falls_back_to_fewer_stages_when_shared_memory_does_not_fit():
+    """A branch grown by a LoRA (rank 32 + 64, padded to 128) needed 256 KiB of shared memory at 3 stages on an H200
+    (227 KiB): the launch retries with fewer stages and remembers the depth that fit; other errors pass through."""
+    from triton.runtime.errors import OutOfResources
+
+    from fourbit.kernels import gemm
+
+    tried = []
+
+    def launch(stages):
+        tried.append(stages)
+        if stages > 1:
+            raise OutOfResources(262144 if stages == 3 else 245760, 232448, "shared memory")
+
+    key = ("test-cfg", 128, "fp8", True, "cuda:0")
+    gemm._FITTING_STAGES.pop(key, None)
+    gemm.launch_with_fewer_stages(launch, 3, key)
+    assert tried == [3, 2, 1] and gemm._FITTING_STAGES[key] == 1
+    tried.clear()
+    gemm.launch_with_fewer_stages(launch, 3, key)  # remembered: one launch
+    assert tried == [1]
+
+    def never_fits(stages):
+        raise OutOfResources(1 << 20, 232448, "shared memory")
+
+    with pytest.raises(OutOfResources):
+        gemm.launch_with_fewer_stages(never_fits, 2, ("other",))
+    gemm._FITTING_STAGES.pop(key, None)

@@ -10,7 +10,7 @@ from fourbit.methods.common import low_rank, output_error, smoothing_factors
 
 
 @pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
 def test_proposition_4_1(seed, fmt):
     """||XW - Q(X)Q(W)|| <= ||X|| ||W - Q(W)|| + ||X - Q(X)|| (||W|| + ||W - Q(W)||)  (Frobenius)."""
     g = torch.Generator().manual_seed(seed)

@@ -56,3 +56,22 @@ def test_ablation_order_svd_lorc_smoothing(layer, errors):
     lorc = err(layer, fourbit.LoRCConfig(rank=32))
     assert errors["svdquant"] < no_smooth
     assert errors["svdquant"] < lorc
+
+
+@pytest.mark.parametrize("make_cfg", [
+    lambda: fourbit.RTNConfig(weights="fp8", activations="fp8"),
+    lambda: fourbit.SmoothQuantConfig(weights="fp8", activations="fp8", alpha=0.5),
+    lambda: fourbit.SVDQuantConfig(weights="fp8", activations="fp8", rank=16, alpha_grid=(0.3, 0.5, 0.7)),
+], ids=["rtn", "smoothquant", "svdquant"])
+def test_fp8_w8a8_every_method(layer, errors, make_cfg):
+    """fp8 (e4m3, per-row / per-token scales) is a format of every method: below 5% relative output error on this
+    outlier layer (measured 3.5% RTN, 3.2% SmoothQuant, 0.6% SVDQuant r16; W4A4 RTN 23%)."""
+    e = err(layer, make_cfg())
+    assert e < 0.05 and e < errors["rtn"] / 4, e
+
+
+def test_fp8_rtn_beats_int8_rtn_with_outliers(layer):
+    """Per-token fp8 keeps a relative error per value; per-token int8's step follows the outlier channels."""
+    fp8 = err(layer, fourbit.RTNConfig(weights="fp8", activations="fp8"))
+    int8 = err(layer, fourbit.RTNConfig(weights="int8", activations="int8"))
+    assert fp8 < 0.75 * int8, (fp8, int8)

@@ -10,6 +10,7 @@ docs/formats.md compares them (bits per element, where they run fast, which pape
   int4p2  int4 codes, group 64, 2^e scales + fp32/row     (exact in FP8 e4m3: Hopper)
   fp4p2   e2m1 codes, group 32, 2^e scales + fp32/row     (exact in FP8 e4m3: Hopper)
   int8    int8 codes, per row, fp32 scales                (W8A8)
+  fp8     e4m3 values, per row, fp32 scales               (W8A8 on FP8 hardware: Hopper, Ada, Blackwell)
   nf4     NormalFloat4 code book, group 64, fp32 absmax   (QLoRA; weight-only baseline)
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .base import Format, QuantizedTensor, pack_nibbles, unpack_nibbles
 from .floats import E2M1_MAX, E2M1_VALUES, E4M3_MAX, e2m1_decode, e2m1_encode, e2m1_round, to_e4m3
 from .fp4 import Fp4
 from .fp4p2 import Fp4P2
+from .fp8 import Fp8
 from .int4 import Int4
 from .int4p2 import Int4P2
 from .int8 import Int8
@@ -60,7 +62,7 @@ def format_from_spec(spec: Optional[dict]) -> Optional[Format]:
     return make_format(spec.pop("name"), **spec)
 
 
-for _cls in (Int4, Fp4, NvFp4, MxFp4, Int4P2, Fp4P2, Int8, Nf4):
+for _cls in (Int4, Fp4, NvFp4, MxFp4, Int4P2, Fp4P2, Int8, Fp8, Nf4):
     register_format(_cls)
 for _cls in QUARTZ_VARIANTS.values():  # "quartz" and its named variants (quartz_s32, quartz_tok_round, ...)
     register_format(_cls)
@@ -68,6 +70,6 @@ for _cls in QUARTZ_VARIANTS.values():  # "quartz" and its named variants (quartz
 __all__ = [
     "Format", "QuantizedTensor", "FORMATS", "make_format", "format_from_spec", "register_format",
     "pack_nibbles", "unpack_nibbles",
-    "Int4", "Fp4", "NvFp4", "MxFp4", "Int4P2", "Fp4P2", "Int8", "Nf4", "Pow2Format",
+    "Int4", "Fp4", "NvFp4", "MxFp4", "Int4P2", "Fp4P2", "Int8", "Fp8", "Nf4", "Pow2Format",
     "E2M1_VALUES", "E2M1_MAX", "E4M3_MAX", "NF4_VALUES", "e2m1_round", "e2m1_encode", "e2m1_decode", "to_e4m3",
 ]

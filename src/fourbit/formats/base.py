@@ -186,6 +186,13 @@ class Format(ABC):
             return packed.contiguous().view(self.code_dtype)[:, :k]
         return unpack_nibbles(packed, k, signed=self.code_dtype == torch.int8)
 
+    def all_codes(self) -> Tensor:
+        """Every code ``quantize`` may produce, 1-D in ``code_dtype`` (the whole code width; fp8 leaves out NaN)."""
+        n = 1 << self.code_bits
+        if self.code_dtype == torch.int8:
+            return torch.arange(-(n // 2), n // 2, dtype=torch.int8)
+        return torch.arange(0, n, dtype=torch.int16).to(torch.uint8)
+
     @abstractmethod
     def scale_bits(self) -> float:
         """Bits of scale storage per group (the row/tensor scale is amortised separately)."""

@@ -54,6 +54,20 @@ def e2m1_round(x: Tensor) -> Tensor:
     return torch.where(torch.isnan(x), x, y)
 
 
+def e4m3_round(x: Tensor) -> Tensor:
+    """x (fp32, finite) rounded to the e4m3 grid: nearest, ties to even, saturating at +-448, as fp32; whatever rounds
+    to zero is +0.0 (as the e2m1 codes here: the GPU's fp8 conversion does not keep the sign of a zero, the
+    interpreter's does). Integer arithmetic on the fp32 bits (identical on every device; the kernels do the same),
+    so the cast of the result to float8_e4m3fn is exact."""
+    a = x.float().abs().clamp(max=E4M3_MAX)
+    bits = a.view(torch.int32)
+    lsb = (bits >> 20) & 1  # keep 3 of the 23 mantissa bits
+    normal = ((bits + 0x7FFFF + lsb) & ~0xFFFFF).view(torch.float32)
+    sub = torch.round(a * 512.0) / 512.0  # below 2^-6: multiples of 2^-9 (both scalings exact; round: half to even)
+    mag = torch.where(a < 2.0 ** -6, sub, normal)
+    return torch.where((x < 0) & (mag > 0), -mag, mag)
+
+
 def to_e4m3(x: Tensor) -> Tensor:
     """x -> torch.float8_e4m3fn: round to nearest even (via fp32), saturating at +-448; NaN stays NaN."""
     return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)

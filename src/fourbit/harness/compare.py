@@ -108,7 +108,7 @@ def run_compare(settings: CompareSettings, out_dir: str | Path, ranks: Optional[
     from ..models import get_spec, load_pretrained
     from ..models.io import load_weights
     from ..sampling import sample, sample_plan
-    from .report import write_grid, write_html
+    from .report import report_notes, write_grid, write_html
 
     settings.check()
     ranks = ranks or Ranks(device=settings.resolved_device())
@@ -169,6 +169,7 @@ def run_compare(settings: CompareSettings, out_dir: str | Path, ranks: Optional[
             _sync(device)
             row["calibration_seconds"] = time.perf_counter() - t0
             row["config"] = cfg.to_dict()
+            row["kernel"] = cfg.kernel  # "reference": a plain-torch emulation, its sampling time is not a speed
             hooks = []
             for p in v.posts:
                 ctx = PostContext(fp_model, model, v, settings, guidance, device, ranks=ranks)
@@ -218,10 +219,21 @@ def run_compare(settings: CompareSettings, out_dir: str | Path, ranks: Optional[
         "variants": results,
     }
     ncol = min(settings.grid_columns, settings.samples)
-    write_grid(out_dir / "grid.png", {n: im[:ncol] for n, im in images.items()})
+    report["notes"] += report_notes(report)
+    write_grid(out_dir / "grid.png", {n: im[:ncol] for n, im in images.items()},
+               column_labels=class_labels(spec, classes[:ncol]), corner="class")
     _atomic_write(out_dir / "report.json", json.dumps(report, indent=2, default=_json_default))
     write_html(out_dir / "report.html", report, out_dir / "grid.png")
     return report
+
+
+def class_labels(spec, classes) -> list[str]:
+    """Column labels for the grid: the dataset's class names (short form) or class indices."""
+    from ..data import CLASS_NAMES
+
+    names = CLASS_NAMES if spec.dataset == "fashion-mnist" else ()
+    short = [n.split("/")[0] if len(n.split("/")[0]) <= 9 else n.split()[-1] for n in names]  # fits a 56 px column
+    return [short[int(c)] if int(c) < len(short) else str(int(c)) for c in classes]
 
 
 def _json_default(o):
@@ -239,18 +251,44 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def format_table(report: dict) -> str:
-    """A plain-text table of the report (what the CLI prints)."""
-    head = f"{'variant':<28} {'LPIPS':>14} {'PSNR dB':>8} {'SSIM':>6} {'FD-fp16':>8} {'FD-data':>8} {'bits/w':>6} {'MB':>6} {'calib s':>7} {'sample s':>8}"
+    """A plain-text table of the report (what the CLI prints), with the report's caveats below it."""
+    from .report import FD_MIN_SAMPLES, fd_reliable, is_emulated, report_notes
+
+    dev = str(report.get("device", "?"))[:12]
+    head = (f"{'variant':<28} {'LPIPS':>14} {'PSNR dB':>9} {'SSIM':>6} {'FD-fp16':>9} {'FD-data':>9} {'bits/w':>6} "
+            f"{'MB':>6} {'calib s':>7} {'sample s':>10}  (times on {dev})")
     lines = [head, "-" * len(head)]
     for name, r in report["variants"].items():
         lp = r["lpips"]
-        fdd = r.get("fd_vs_data")
+        fd, fdd = r.get("fd_vs_fp16"), r.get("fd_vs_data")
         lines.append(
-            f"{name:<28} {lp['mean']:>6.3f}±{(lp['hi'] - lp['lo']) / 2:<7.3f} {_num(r['psnr']['mean']):>8} "
-            f"{r['ssim']['mean']:>6.3f} {r['fd_vs_fp16']['value']:>8.2f} "
-            f"{(fdd['value'] if fdd else float('nan')):>8.2f} {r['weight_bits_per_element']:>6.2f} "
-            f"{r['model_bytes'] / 2**20:>6.2f} {r['calibration_seconds']:>7.1f} {r['sampling_seconds']:>8.1f}")
-    return "\n".join(lines)
+            f"{name:<28} {lp['mean']:>6.3f}±{(lp['hi'] - lp['lo']) / 2:<7.3f} {_psnr(r.get('psnr')):>9} "
+            f"{r['ssim']['mean']:>6.3f} {_fd(fd):>9} {_fd(fdd):>9} {r['weight_bits_per_element']:>6.2f} "
+            f"{r['model_bytes'] / 2**20:>6.2f} {r['calibration_seconds']:>7.1f} "
+            f"{r['sampling_seconds']:>8.1f}{' e' if is_emulated(r) else '  '}")
+    notes = report_notes(report)
+    if any(r.get("fd_vs_fp16") and not fd_reliable(r["fd_vs_fp16"]) for r in report["variants"].values()):
+        notes.append(f"FD values marked '?' come from fewer than {FD_MIN_SAMPLES} samples per set.")
+    if any(is_emulated(r) for r in report["variants"].values()):
+        notes.append("'e': emulated on the reference kernel, not a speed.")
+    return "\n".join(lines + [f"note: {n}" for n in notes])
+
+
+def _fd(m) -> str:
+    from .report import fd_reliable
+
+    if not m or m.get("value") is None:
+        return "n/a"
+    return f"{m['value']:.2f}" + ("" if fd_reliable(m) else "?")
+
+
+def _psnr(m) -> str:
+    """Mean PSNR; 'identical' when every pair is, a '*' when some identical pairs were averaged at the cap."""
+    if not m:
+        return "n/a"
+    if m.get("n") and m.get("n_inf") == m["n"]:
+        return "identical"
+    return _num(m["mean"]) + ("*" if m.get("n_inf") else "")
 
 
 def _num(x) -> str:

@@ -82,6 +82,7 @@ def run_ablation(settings: AblationSettings, out_dir) -> dict:
     from .. import __version__, quantize, save
     from ..data.fashion_mnist import reference_images
     from ..eval import compare_images
+    from .compare import class_labels
     from .report import write_grid
     from .variants import parse_variant
     from ..models import get_spec, load_pretrained
@@ -229,7 +230,9 @@ def run_ablation(settings: AblationSettings, out_dir) -> dict:
                              "schedule": stats.schedule if which == "auto" else None})
         ref_m = compare_images(reference, reference, data, n_boot=st.n_boot, fd_n_boot=st.fd_n_boot, seed=st.seed,
                                device=device) if data is not None else None
-        write_grid(out_dir / f"grid_eta{eta:g}.png", {n: im[: min(10, st.samples)] for n, im in images.items()})
+        ncol = min(10, st.samples)
+        write_grid(out_dir / f"grid_eta{eta:g}.png", {n: im[:ncol] for n, im in images.items()},
+                   column_labels=class_labels(spec, classes[:ncol]), corner="class")
         results.append({"eta": eta, "stochastic": stochastic, "stats": stats_info(stats),
                         "stats_summary": stats.summary(), "stats_seconds": stats_secs,
                         "reference": {"bops": ref_counter.result(), "sampling_seconds": ref_secs,

@@ -356,7 +356,7 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     dummy = c  # never read when the matching flag is off
     is_fp8 = a.dtype == torch.float8_e4m3fn
     dp_tiles, sk_iters, sk_per, ws, flags = _stream_k_split(tiles, progs, ceil_div(k, cfg.BK), cfg, a)
-    _scaled_gemm_kernel[(progs,)](
+    launch = lambda stages: _scaled_gemm_kernel[(progs,)](  # noqa: E731
         a_desc, b_desc, c_desc, c,
         dummy if a_scale is None else a_scale, dummy if b_scale is None else b_scale,
         dummy if lr is None else lr, dummy if up is None else up,
@@ -369,9 +369,33 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, NUM_PROGS=progs,
         MAX_IMPRECISE=cfg.BK if (cfg.precise and is_fp8 and not interpreting()) else None,
         FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, TMA_STORE=tma_store,
-        STREAM_K=sk_iters > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STREAM_K=sk_iters > 0, num_warps=cfg.num_warps, num_stages=stages,
     )
+    launch_with_fewer_stages(launch, cfg.num_stages, (cfg.key(), rank, a.dtype, tma_store, str(a.device)))
     return c
+
+
+#: (config key, branch rank, operand dtype, TMA store, device) -> the pipeline depth that fits in shared memory
+_FITTING_STAGES: dict[tuple, int] = {}
+
+
+def launch_with_fewer_stages(launch: Callable[[int], object], stages: int, key: tuple) -> None:
+    """``launch(num_stages)``, retried with one stage fewer while Triton reports that the kernel's shared memory
+    does not fit (a large low-rank branch, e.g. rank 32 + a rank-64 LoRA padded to 128, stages its fp32 operands
+    beside the pipeline: 256 KiB at 3 stages on an H200 with 227 KiB); the depth that fits is remembered."""
+    from triton.runtime.errors import OutOfResources
+
+    stages = _FITTING_STAGES.get(key, stages)
+    while True:
+        try:
+            launch(stages)
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            continue
+        _FITTING_STAGES[key] = stages
+        return
 
 
 def scaled_gemm_torch(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale: Optional[Tensor] = None,

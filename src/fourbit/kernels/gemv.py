@@ -31,7 +31,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import amax as _amax, ceil_div, check_device, interpreting, next_pow2, pow2, total as _total
-from .act_quant import P2_E2M1, P2_INT, _down_dot, _load_smoothed, _row_scale, _scale_consts, act_spec, p2_values
+from .act_spec import P2_E2M1, P2_INT, act_spec
+from .act_tiles import _down_dot, _load_smoothed, _row_scale, _scale_consts, p2_values
 from .weights import nibble_value
 
 

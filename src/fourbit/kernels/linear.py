@@ -9,6 +9,7 @@ operand, just in time), and the GEMM (``scaled_gemm`` for formats whose scales f
 
     activations x weights           operands        GEMM
     int4p2/fp4p2 x int4p2/fp4p2     fp8 x fp8       scaled_gemm, per-token x per-channel fp32 scales
+    fp8 (per row) x fp8 / int4p2    fp8 x fp8       scaled_gemm, per-token x per-channel fp32 scales
     int8 x int8 (per row)           int8 x int8     scaled_gemm, int32 accumulation
     fp4/nvfp4/mxfp4 x same family   bf16 x bf16     scaled_gemm (exact dequantized operands), outer scales
     int4 x int4 (same group >= 32)  fp8 codes       grouped_gemm (group scales on CUDA cores)
@@ -32,7 +33,7 @@ from torch import Tensor
 from .reference import low_rank_branch, prepare_activation, quant_linear_reference, smooth_reciprocal
 from . import register_linear_kernel
 from ._common import next_pow2
-from .act_quant import E2M1_E4M3, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, cat_down, fold_down
+from .act_quant import E2M1_E4M3, FP8_ROW, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, cat_down, fold_down
 from .gemm import GemmConfig, scaled_gemm
 from .gemm_grouped import grouped_gemm
 from . import gemv as _gemv
@@ -51,7 +52,7 @@ def plan_for(layer) -> str:
     w = weight_kind(layer.weight_format)
     if a is None or w is None:
         return "reference"
-    if a.mode in (P2_INT, P2_E2M1) and w == "fp8":
+    if a.mode in (P2_INT, P2_E2M1, FP8_ROW) and w == "fp8":
         return "scaled"
     if a.mode == INT8_ROW and w == "int8":
         return "scaled"

@@ -5,6 +5,7 @@
     fp4 / nvfp4      bfloat16       e2m1 value * e4m3 scale    (exact; outer fp32 scale applied in the epilogue)
     mxfp4            bfloat16       e2m1 value * 2^e           (exact)
     int8             int8 codes as stored (no expansion)        (per-channel scale)
+    fp8              float8_e4m3fn codes as stored (no expansion) (per-channel scale)
 
 Speed mode caches the result per layer; memory mode calls ``expand_weight`` before each GEMM (one read
 of the 4-bit weight, one write of the operand: ~1.5 bytes per parameter of extra traffic per call).
@@ -34,6 +35,7 @@ _KINDS = {  # format name -> (operand kind, code kind, scale kind)
     "nvfp4": ("bf16", "e2m1", S_E4M3),
     "mxfp4": ("bf16", "e2m1", S_E8M0),
     "int8": ("int8", "int8", S_NONE),
+    "fp8": ("fp8", "e4m3", S_NONE),  # 8-bit: the stored codes are the operand
 }
 
 
@@ -44,8 +46,8 @@ def weight_kind(fmt) -> Optional[str]:
     if entry is None:
         return None
     g = fmt.group_size
-    if entry[0] == "int8":
-        return "int8" if g is None else None
+    if fmt.code_bits == 8:  # per-row scales only
+        return entry[0] if g is None else None
     if g is None or g < 2 or g % 2:
         return None
     return entry[0]
@@ -150,7 +152,7 @@ def _operand_dtype(kind: str) -> torch.dtype:
 def _scales(fmt, scales: Tensor, row_scale: Optional[Tensor], kind: str) -> tuple:
     """(col_scale, group_scale) for the epilogue / grouped GEMM."""
     col = None if row_scale is None else row_scale.float().reshape(-1).contiguous()
-    if kind == "int8":
+    if fmt.code_bits == 8:  # int8 / fp8: the per-row scale is the group scale
         return scales.float().reshape(-1).contiguous(), None
     if kind == "codes":
         return col, scales.float().t().contiguous()
@@ -164,8 +166,9 @@ def expand_weight(packed: Tensor, scales: Tensor, row_scale: Optional[Tensor], f
     if kind is None:
         raise NotImplementedError(f"expand_weight: no kernel for weight format {fmt!r}")
     col, grp = _scales(fmt, scales, row_scale, kind)
-    if kind == "int8":
-        return WeightOperand(tma_aligned(packed.view(torch.int8)[:, :kp]), col, grp)
+    if fmt.code_bits == 8:  # int8 / fp8 codes are the operand as stored
+        view = torch.int8 if kind == "int8" else torch.float8_e4m3fn
+        return WeightOperand(tma_aligned(packed.view(view)[:, :kp]), col, grp)
     check_device(packed, scales)
     n = packed.shape[0]
     if packed.shape[1] * 2 != kp:
@@ -194,8 +197,8 @@ def expand_weight_torch(packed: Tensor, scales: Tensor, row_scale: Optional[Tens
         raise NotImplementedError(f"expand_weight: no kernel for weight format {fmt!r}")
     col, grp = _scales(fmt, scales, row_scale, kind)
     codes = fmt.unpack(packed, kp)
-    if kind == "int8":
-        return WeightOperand(codes.view(torch.int8), col, grp)
+    if fmt.code_bits == 8:
+        return WeightOperand(codes.view(torch.int8 if kind == "int8" else torch.float8_e4m3fn), col, grp)
     n = codes.shape[0]
     if kind == "fp8":
         w = fmt.fp8_values(QuantizedTensor(codes, scales, row_scale)).to(torch.float8_e4m3fn)

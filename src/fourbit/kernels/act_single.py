@@ -1,0 +1,86 @@
+"""act_quant's single pass: one program per ``rows`` rows reads whole rows of X, without the low-rank branch.
+
+Row formats walk each row twice in chunks: the row maximum of |X^|, then quantize and store (the second walk hits
+L1/L2, so X is read from memory once); formats without a row scale walk once. X may be two column blocks read in
+place (a concatenation that was never written). Launcher: ``act_quant_single``; twin: ``act_quant.act_quant_torch``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import aligned_empty, amax as _amax, ceil_div, interpreting, next_pow2
+from .act_spec import FP8_ROW, INT4_GROUP, INT8_ROW, ActOperand
+from .act_tiles import _load_blocks, _quant_tile, _row_scale, _scale_consts, _smooth
+
+
+@triton.jit
+def _act_fused_kernel(
+    x_ptr, x2_ptr, rsmooth_ptr, q_ptr, rs_ptr, gs_ptr, t_ptr,
+    M, K1, K, Kp, stride_xm, stride_x2m, stride_qm, stride_gs,
+    MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
+    MANT_T: tl.constexpr, S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,
+    OUTER: tl.constexpr, ROW_PASS: tl.constexpr, HAS_SMOOTH: tl.constexpr, HW_ROUND: tl.constexpr,
+    TWO: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    """One program per BM whole rows; TWO: X is two column blocks (``_load_blocks``). Row formats: loop 1 over K
+    (row maxima of |X^|), loop 2 over K (quantize and store). Other formats: loop 2 only."""
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < M
+    xrow = rows.to(tl.int64) * stride_xm
+    x2row = rows.to(tl.int64) * stride_x2m
+    div = tl.full((BM,), 1.0, tl.float32)
+    if ROW_PASS:
+        amax = tl.full((BM,), 0, tl.float32)
+        for k0 in range(0, Kp, BK):
+            cols = k0 + tl.arange(0, BK)
+            x = _load_blocks(x_ptr, x2_ptr, xrow[:, None], x2row[:, None], cols[None, :], rmask[:, None], K1, K, TWO)
+            xs = x.to(tl.float32)
+            if HAS_SMOOTH:
+                xs = _smooth(xs, rsmooth_ptr, cols[None, :], Kp)
+            amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
+        rsc, div = _row_scale(amax, MODE, QMAX, OUTER)
+        tl.store(rs_ptr + rows, rsc, mask=rmask)
+    t_one = 1.0
+    if OUTER == 1:
+        t_one = tl.load(t_ptr)
+    grp = tl.arange(0, NG)
+    el = tl.arange(0, G)
+    for k0 in range(0, Kp, BK):
+        cols3 = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
+        xs3 = _load_blocks(x_ptr, x2_ptr, xrow[:, None, None], x2row[:, None, None], cols3, rmask[:, None, None],
+                           K1, K, TWO).to(tl.float32)
+        if HAS_SMOOTH:
+            xs3 = _smooth(xs3, rsmooth_ptr, cols3, Kp)
+        out = _quant_tile(xs3, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp, MODE, G, NG, QMAX, EMIN,
+                          MANT_T, S_DROP, S_MAX, S_SUBQ, S_MINN, OUTER, HW_ROUND)
+        tl.store(q_ptr + rows[:, None, None].to(tl.int64) * stride_qm + cols3, out,
+                 mask=rmask[:, None, None] & (cols3 < Kp))
+
+
+def act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail=None) -> ActOperand:
+    """Launch the single pass over x (M, K1) [and ``tail`` (M, K - K1), X's second column block, read in place]."""
+    m, k1 = x.shape
+    k = k1 + (0 if tail is None else tail.shape[1])
+    dev = x.device
+    large = cfg.large_k and kp >= cfg.large_k
+    bk = (cfg.large_chunk if large else cfg.chunk) or next_pow2(kp)
+    bk = max(bk, spec.group, 16)
+    g = bk if spec.mode in (INT8_ROW, FP8_ROW) else spec.group  # per-row modes: one "group" per chunk
+    q = aligned_empty(m, kp, spec.operand_dtype, dev)  # row stride 16-byte aligned for the GEMM's TMA
+    rs = torch.empty((m,), device=dev, dtype=torch.float32) if spec.row_pass else None
+    gs = torch.empty((kp // g, m), device=dev, dtype=torch.float32) if spec.mode == INT4_GROUP else None
+    dummy = q
+    _act_fused_kernel[(ceil_div(m, cfg.rows),)](
+        x, x if tail is None else tail, dummy if smooth is None else smooth_recip, q,
+        dummy if rs is None else rs, dummy if gs is None else gs, dummy,
+        m, k1, k, kp, x.stride(0), x.stride(0) if tail is None else tail.stride(0), q.stride(0),
+        0 if gs is None else gs.stride(0),
+        MODE=spec.mode, G=g, NG=bk // g, QMAX=float(spec.qmax), EMIN=spec.emin, **_scale_consts(spec),
+        OUTER=spec.outer, ROW_PASS=spec.row_pass, HAS_SMOOTH=smooth is not None,
+        HW_ROUND=cfg.hw_round and not interpreting(), TWO=tail is not None, BM=cfg.rows, BK=bk,
+        num_warps=cfg.large_warps if large else cfg.warps, num_stages=cfg.stages,
+    )
+    return ActOperand(q, rs, gs, None)

@@ -1,0 +1,28 @@
+"""benchmarks/models.py on tiny configs of the five families (CPU, reference kernel, no compile): every variant
+builds, quantizes and runs, and the quantized outputs stay near bf16."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("diffusers")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+
+
+def test_models_tiny_every_family_and_variant():
+    import models
+
+    rows = models.main(["--tiny", "--no-compile"])
+    assert [r["model"] for r in rows] == list(models.FAMILIES)
+    for r in rows:
+        assert r["blocks"] > 0
+        for name in models.VARIANTS:
+            v = r["variants"][name]
+            assert "error" not in v, (r["model"], name, v)
+            assert v["finite"] and v["weight_bytes"] > 0
+            # random weights: fp8 stays within a few %, W4A4 with a random branch within 50% of bf16's output
+            assert v["rel_diff_vs_bf16"] < (0.5 if name == "fourbit-w4a4" else 0.06), (r["model"], name, v)
+        assert r["variants"]["fourbit-fp8"]["quantized_layers"] > 0
+        assert r["variants"]["fourbit-w4a4"]["quantized_layers"] == r["variants"]["fourbit-fp8"]["quantized_layers"]

@@ -62,7 +62,7 @@ def run_meta(env: dict | None = None, command: str | None = None) -> dict:
     return {**(env or environment()), "git_commit": git_commit(), "command": cmd}
 
 
-def _next_run(path: str, date: str) -> str:
+def next_run(path: str, date: str) -> str:
     """Run id for a new row: the date, then date + b, c, ... for later runs of that day (as the docs cite them)."""
     taken = set()
     if os.path.exists(path):
@@ -82,7 +82,7 @@ def append_row(out_dir: str, benchmark: str, row: dict, meta: dict | None = None
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{benchmark}.jsonl")
     meta = meta or run_meta()
-    row = {"benchmark": benchmark, "run": row.get("run") or _next_run(path, meta["date"]), **row, "meta": meta}
+    row = {"benchmark": benchmark, "run": row.get("run") or next_run(path, meta["date"]), **row, "meta": meta}
     line = json.dumps(row) + "\n"
     with open(path, "a") as f:
         f.write(line)

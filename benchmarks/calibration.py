@@ -223,7 +223,7 @@ def main(argv=None) -> int:
                                                  "calibration.jsonl"))
     args = p.parse_args(argv)
     args.budget = {k: float(v) for k, v in (kv.split("=") for kv in args.budget.split(","))}
-    from _util import environment
+    from _util import environment, next_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = environment()
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for name in args.models.split(","):
         row = run_one(name.strip(), args, device)
-        row = {"benchmark": "calibration", **row, "meta": meta}
+        row = {"benchmark": "calibration", "run": next_run(args.out, meta["date"]), **row, "meta": meta}
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")

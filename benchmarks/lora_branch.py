@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import InterleavedGraphs, environment  # noqa: E402
+from _util import InterleavedGraphs, environment, next_run  # noqa: E402
 
 SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]  # (K, N)
 TOKENS = (4608, 1024)

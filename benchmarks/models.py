@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import environment, md_table  # noqa: E402
+from _util import environment, md_table, next_run  # noqa: E402
 
 # ---- the model families (published configs; tiny ones for the CPU smoke test) -------------------------------
 # inputs: name -> ("randn", shape) | ("timestep", shape, value) | ("ids", side, text tokens) for FLUX's position

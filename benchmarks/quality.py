@@ -20,7 +20,7 @@ from fourbit.harness.compare import CompareSettings, run_compare
 from fourbit.harness.report import report_notes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import RESULTS_DIR, _next_run, append_row, run_meta  # noqa: E402
+from _util import RESULTS_DIR, next_run, append_row, run_meta  # noqa: E402
 
 
 def _env(report: dict) -> dict:
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     sections = []
     import datetime  # one run id for all models of this invocation
-    run = _next_run(str(Path(args.results) / "quality.jsonl"), datetime.date.today().isoformat()) if args.results else None
+    run = next_run(str(Path(args.results) / "quality.jsonl"), datetime.date.today().isoformat()) if args.results else None
     for model in args.models.split(","):
         t0 = time.perf_counter()
         settings = CompareSettings(model=model, variants=tuple(args.variants.split(",")), samples=args.samples,

@@ -1,12 +1,19 @@
-"""Fixtures for the kernel tests.
+"""Fixtures for the kernel tests (one test file per module of ``fourbit/kernels/``).
 
-``interpret``: run fourbit's Triton kernels in Triton's CPU interpreter for the tests of one module.
-Triton decides interpreter-or-compiler when a kernel is *defined*, so the fixture sets TRITON_INTERPRET=1 and
-re-executes fourbit's kernel modules, then restores the variable and re-executes them again afterwards:
-other test modules (and GPU tests in the same session) see ordinary compiled kernels.
+``device``: a test that takes it runs on "cpu" (fourbit's Triton kernels in Triton's CPU interpreter) and, when a
+GPU is present, again on "cuda" (compiled kernels): the same body in both modes.
+``interpret``: the CPU interpreter only, for checks whose point is the interpreter (its bf16 truncation, its SM
+count) or a CPU fallback. GPU-only checks (large shapes, CUDA graphs, inductor) are ``@pytest.mark.gpu`` tests in
+the op's file.
+
+Triton decides interpreter-or-compiler when a kernel is *defined*, so switching modes sets TRITON_INTERPRET and
+re-executes fourbit's kernel modules (only when the mode changes); after each test module the mode the session
+started in is restored, so other test modules see the kernels as imported.
+The checklist of kernel entry points and their twin tests is ``TWINS`` in ``test_twins.py``.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -17,13 +24,36 @@ pytest.importorskip("triton")
 
 # definition order: helpers first, then the modules that import them
 _KERNEL_MODULES = ("_common", "activation", "gemm", "gemm_grouped", "act_spec", "act_tiles", "act_single", "act_two",
-                   "act_lowrank", "act_quant", "weights", "gemv", "linear")
+                   "act_lowrank", "act_quant", "weights", "gemv", "quartz_quant", "linear")
+
+_STARTED_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_MODE = {"interpret": _STARTED_INTERPRETING}  # what the kernel modules were last defined under
 
 
-def _reload_kernels() -> None:
+def _set_mode(interpret: bool) -> None:
+    """Define fourbit's kernels for the interpreter (True) or the compiler (False), if they are not already."""
+    if _MODE["interpret"] == interpret:
+        return
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
     for name in _KERNEL_MODULES:
-        mod = importlib.import_module(f"fourbit.kernels.{name}")
-        importlib.reload(mod)
+        importlib.reload(importlib.import_module(f"fourbit.kernels.{name}"))
+    _MODE["interpret"] = interpret
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_kernel_mode():
+    yield
+    _set_mode(_STARTED_INTERPRETING)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_tests_compiled(request):
+    """``@pytest.mark.gpu`` tests run compiled kernels, also after a "cpu" test of the same module."""
+    if request.node.get_closest_marker("gpu") is not None and has_cuda():
+        _set_mode(False)
 
 
 _PROBE = """
@@ -42,6 +72,7 @@ assert out.item() == 3
 """
 
 
+@functools.cache
 def _interpreter_works() -> str:
     """'' if Triton's interpreter runs a loop with a runtime bound here, else why not. (Triton 3.6's
     interpreter converts loop bounds with int() of a 1-element array, which NumPy 2.4 refuses.)"""
@@ -53,29 +84,37 @@ def _interpreter_works() -> str:
     return "" if r.returncode == 0 else (r.stderr.strip().splitlines() or ["?"])[-1][:200]
 
 
-@pytest.fixture(scope="module")
-def interpret():
+def _use_interpreter() -> None:
     broken = _interpreter_works()
     if broken:
         import triton
 
         pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run fourbit's kernels with this NumPy "
                     f"({broken}); the CI machines' Triton runs them")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    _reload_kernels()
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-        _reload_kernels()
+    _set_mode(True)
 
 
 def has_cuda() -> bool:
     return torch.cuda.is_available()
+
+
+DEVICES = ["cpu"] + (["cuda"] if has_cuda() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """"cpu" (the interpreter) always; "cuda" (compiled kernels) when a GPU is present."""
+    if request.param == "cpu":
+        _use_interpreter()
+    else:
+        _set_mode(False)
+    return request.param
+
+
+@pytest.fixture
+def interpret():
+    """The kernels in Triton's CPU interpreter."""
+    _use_interpreter()
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -1,57 +1,27 @@
-"""The QuaRTZ quantize kernel against its torch twin (the format reference): bit for bit, under Triton's
-CPU interpreter (and compiled on a GPU when one is present)."""
+"""``kernels/quartz_quant``: the QuaRTZ quantize kernel against ``quartz_quant_torch`` (the format reference): bit for
+bit, under Triton's CPU interpreter (and compiled on a GPU when one is present)."""
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from fourbit.formats import make_format
 
-from fourbit.formats import make_format  # noqa: E402
-
-_MODULES = ("fourbit.kernels._common", "fourbit.kernels.quartz_quant")
-
-
-def _reload():
-    for name in _MODULES:  # helpers first: Triton fixes interpreter-or-compiled when a kernel is defined
-        importlib.reload(importlib.import_module(name))
+from .conftest import bits
+from .kernel_helpers import SQNR_TF32_DOWN_DB, sqnr_db
 
 
-def _interpreter_runs_it() -> bool:
-    """Triton's interpreter before 3.9 cannot take scalar kernel arguments in range() (seen with 3.6)."""
+@pytest.fixture
+def env(device):
+    """(kernel module, device). Triton's interpreter before 3.9 cannot take scalar kernel arguments in range()
+    (seen with 3.6): there only the compiled kernel runs."""
     import triton
 
-    return tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 9)
-
-
-_INTERPRET = pytest.param("interpret", marks=pytest.mark.skipif(not _interpreter_runs_it(),
-                                                                reason="Triton's interpreter < 3.9"))
-
-
-@pytest.fixture(scope="module", params=[_INTERPRET] + (["cuda"] if torch.cuda.is_available() else []))
-def env(request):
-    """(kernel module, device): the interpreter on CPU; compiled kernels on CUDA when there is a GPU."""
-    if request.param == "cuda":
-        yield importlib.import_module("fourbit.kernels.quartz_quant"), "cuda"
-        return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    _reload()
-    try:
-        yield importlib.import_module("fourbit.kernels.quartz_quant"), "cpu"
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-        _reload()
-
-
-def bits(t):
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+    if device == "cpu" and tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip("Triton's interpreter < 3.9")
+    return importlib.import_module("fourbit.kernels.quartz_quant"), device
 
 
 def activations(m, k, seed, dtype=torch.float32, kind="outliers"):
@@ -107,7 +77,7 @@ def test_smoothing_padding_and_low_rank(env, dtype):
     assert torch.equal(bits(got.row_scale), bits(ref.row_scale))
     assert got.lr.shape == (m, 16) and (got.lr[:, 5:] == 0).all()
     # the down-projection is a tf32 dot on a GPU (10-bit mantissa): relative Frobenius error ~1e-3 there
-    assert float((got.lr - ref.lr).norm() / ref.lr.norm()) < 3e-3
+    assert sqnr_db(ref.lr, got.lr) > SQNR_TF32_DOWN_DB
 
 
 def test_argument_checks(env):

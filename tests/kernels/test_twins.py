@@ -53,7 +53,8 @@ TWINS = {
         "test_layer_fp32_matches_reference",), calls=("set_kernel", '"triton-memory"')),
     # the custom op torch.compile sees, against the eager layer
     "compiled.quant_linear": Twin("linear.linear_forward_uncompiled", "test_compiled.py", (
-        "test_compiled_model_runs_layers_as_custom_ops", "test_loaded_checkpoint_with_siblings_compiles_without_graph_breaks",
+        "test_compiled_model_runs_layers_as_custom_ops",
+        "test_loaded_checkpoint_with_siblings_compiles_without_graph_breaks",
         "test_prepare_kernels_skips_operands_of_single_row_layers", "test_compiled_layers_gpu"),
         calls=("torch.compile", "eager")),
     # a graph pass, not a kernel: its twin is the unfused eager model

@@ -296,3 +296,18 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def add_synthetic_branch(model, rank, seed=0):
+    """Give every quantized layer random rank-r factors and smoothing factors (what SVDQuant would store),
+    so the timed step runs the branch; the numerics are not those of a calibrated model."""
+    from fourbit.nn import quantized_layers
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for _, layer in quantized_layers(model):
+        kp, n = layer.padded_in, layer.out_features
+        dev, dt = layer.weight_packed.device, layer.compute_dtype
+        layer.smooth = (torch.rand(kp, generator=g) + 0.5).to(dev)
+        layer.lr_down = (torch.randn(rank, kp, generator=g) / kp ** 0.5).to(dev, dt)
+        layer.lr_up = (torch.randn(n, rank, generator=g) * 0.01).to(dev, dt)
+        layer._cache = {}

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fnmatch
 import json
 import os
 import statistics
@@ -44,7 +43,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import environment, md_table, next_run  # noqa: E402
+from _util import add_synthetic_branch, environment, md_table, next_run  # noqa: E402
 
 # ---- the model families (published configs; tiny ones for the CPU smoke test) -------------------------------
 # inputs: name -> ("randn", shape) | ("timestep", shape, value) | ("ids", side, text tokens) for FLUX's position
@@ -246,20 +245,6 @@ def fp8_peer(model: nn.Module, blocks: list[str], prefer_torchao: bool = True) -
 
 
 # ---- fourbit -------------------------------------------------------------------------------------------------
-def add_synthetic_branch(model: nn.Module, rank: int, seed: int = 0) -> None:
-    """Random rank-r factors and smoothing on every quantized layer: the kernels an SVDQuant checkpoint runs."""
-    from fourbit.nn import quantized_layers
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    for _, layer in quantized_layers(model):
-        kp, n = layer.padded_in, layer.out_features
-        dev, dt = layer.weight_packed.device, layer.compute_dtype
-        layer.smooth = (torch.rand(kp, generator=g) + 0.5).to(dev)
-        layer.lr_down = (torch.randn(rank, kp, generator=g) / kp ** 0.5).to(dev, dt)
-        layer.lr_up = (torch.randn(n, rank, generator=g) * 0.01).to(dev, dt)
-        layer._cache = {}
-
-
 def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str) -> dict:
     import fourbit
 
@@ -459,8 +444,9 @@ def main(argv=None):
         rows.append(row)
         if not args.tiny:  # the smoke test writes nothing
             os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "models.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+            path = os.path.join(args.out, "models.jsonl")
+            with open(path, "a") as f:
+                f.write(json.dumps({"benchmark": "models", "run": next_run(path, meta["date"]), **row}) + "\n")
     log(table(rows))
     return rows
 

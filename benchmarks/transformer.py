@@ -35,7 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import (ClockSampler, InterleavedGraphs, capture_graph, environment, md_table, replay_median,  # noqa: E402
+from _util import (ClockSampler, InterleavedGraphs, add_synthetic_branch, capture_graph, environment, md_table, replay_median,  # noqa: E402
                    time_graph, write_results)
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
@@ -222,21 +222,6 @@ def profile_step(model, inputs, top=None):
     if top is not None:
         top.extend(sorted(kernels, key=lambda t: -t[1])[:20])
     return out
-
-
-def add_synthetic_branch(model, rank, seed=0):
-    """Give every quantized layer random rank-r factors and smoothing factors (what SVDQuant would store),
-    so the timed step runs the branch; the numerics are not those of a calibrated model."""
-    from fourbit.nn import quantized_layers
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    for _, layer in quantized_layers(model):
-        kp, n = layer.padded_in, layer.out_features
-        dev, dt = layer.weight_packed.device, layer.compute_dtype
-        layer.smooth = (torch.rand(kp, generator=g) + 0.5).to(dev)
-        layer.lr_down = (torch.randn(rank, kp, generator=g) / kp ** 0.5).to(dev, dt)
-        layer.lr_up = (torch.randn(n, rank, generator=g) * 0.01).to(dev, dt)
-        layer._cache = {}
 
 
 def compiled(model, inputs, args, device, log, name, options=None):

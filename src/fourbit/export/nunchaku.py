@@ -23,8 +23,6 @@ not come back exactly.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -34,6 +32,7 @@ from torch import Tensor, nn
 
 from ..formats import format_from_spec
 from ..nn import QuantConv2d, QuantLinear, quantized_layers, set_module
+from ..utils.files import atomic_write
 from .packing import (K_UNIT, WARP_N, pack_lowrank, pack_scale, pack_weight, unpack_lowrank, unpack_scale,
                       unpack_weight)
 
@@ -151,19 +150,7 @@ def export(model: nn.Module, path: Union[str, Path]) -> dict:
         "fourbit_export": json.dumps({"format": "nunchaku", "version": 1, "layers": records}),
     }
     blob = st_save(tensors, metadata=metadata)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    path = atomic_write(Path(path), blob)  # temp file + fsync + rename; mode follows umask / the replaced file
     return {"path": str(path), "layers": len(layers), "tensors": len(tensors), "dtype": str(dtype),
             "smooth_values_rounded": inexact, "down_values_rounded": down_inexact}
 

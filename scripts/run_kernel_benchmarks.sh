@@ -14,7 +14,7 @@ fi
 export PYTHONPATH=src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 for stage in $STAGES; do
   case $stage in
-    tests) timeout 240 python -m pytest -q -x tests/kernels/test_kernels_gpu.py > "$OUT/gpu_tests.log" 2>&1
+    tests) timeout 240 python -m pytest -q -x tests/kernels > "$OUT/gpu_tests.log" 2>&1
            echo "gpu tests rc $?"; tail -2 "$OUT/gpu_tests.log" ;;
     linear) timeout 300 python benchmarks/linear.py --out "$OUT" > "$OUT/linear.log" 2>&1
             echo "linear rc $?"; grep -A6 "## Acceptance" "$OUT"/linear.*.md; grep -A3 diagnosis "$OUT/linear.log" ;;

@@ -104,7 +104,6 @@ def run_compare(settings: CompareSettings, out_dir: str | Path, ranks: Optional[
     on rank 0 only (None on the others).
     """
     from ..data.fashion_mnist import reference_images
-    from ..eval import compare_images
     from ..models import get_spec, load_pretrained
     from ..models.io import load_weights
     from ..sampling import sample, sample_plan
@@ -190,15 +189,7 @@ def run_compare(settings: CompareSettings, out_dir: str | Path, ranks: Optional[
     if not root:
         return None
 
-    for name, imgs in images.items():
-        _log(f"== metrics: {name}")
-        m = compare_images(imgs, reference, data, n_boot=settings.n_boot, fd_n_boot=settings.fd_n_boot,
-                           seed=settings.seed, device=device)
-        row = results[name]
-        row["lpips"], row["psnr"], row["ssim"] = m["lpips"], m["psnr"], m["ssim"]
-        row["fd_vs_fp16"], row["fd_vs_data"] = m["fd_vs_reference"], m["fd_vs_data"]
-        row["fid_vs_data"] = m.get("fid_vs_data")
-        row["metric_settings"] = m["settings"]
+    add_metrics(results, images, reference, data, settings, device)
 
     report = {
         "fourbit_version": __version__,
@@ -293,3 +284,19 @@ def _psnr(m) -> str:
 
 def _num(x) -> str:
     return "inf" if x is None or x == float("inf") else f"{x:.2f}"
+
+
+def add_metrics(results: dict, images: dict, reference, data, settings, device) -> None:
+    """Fill each variant's row with LPIPS / PSNR / SSIM / FD against the 16-bit images (and FD/FID against ``data``
+    images when given), with the bootstrap settings of ``settings``."""
+    from ..eval import compare_images
+
+    for name, imgs in images.items():
+        _log(f"== metrics: {name}")
+        m = compare_images(imgs, reference, data, n_boot=settings.n_boot, fd_n_boot=settings.fd_n_boot,
+                           seed=settings.seed, device=device)
+        row = results[name]
+        row["lpips"], row["psnr"], row["ssim"] = m["lpips"], m["psnr"], m["ssim"]
+        row["fd_vs_fp16"], row["fd_vs_data"] = m["fd_vs_reference"], m.get("fd_vs_data")
+        row["fid_vs_data"] = m.get("fid_vs_data")
+        row["metric_settings"] = m["settings"]

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .. import __version__
-from .compare import _atomic_write, _json_default, _log, _sync
+from .compare import _atomic_write, _json_default, _log, _sync, add_metrics
 from .footprint import model_bytes, weight_bits_per_element
 from .variants import parse_variant
 
@@ -64,7 +64,6 @@ def _prompt_sets(s: PipelineCompareSettings) -> tuple[list[str], list[str]]:
 
 def run_pipeline_compare(settings: PipelineCompareSettings, out_dir) -> dict:
     """Run the comparison and write report.json, grid.png and report.html under ``out_dir``."""
-    from ..eval import compare_images
     from ..pipelines import quantize_pipeline
     from ..pipelines.calibrate import find_denoiser
     from ..pipelines.pretrained import load_pipeline
@@ -117,13 +116,7 @@ def run_pipeline_compare(settings: PipelineCompareSettings, out_dir) -> dict:
         del model
 
     reference = images[next(v.name for v in variants if v.is_baseline)]
-    for vname, imgs in images.items():
-        _log(f"== metrics: {vname}")
-        m = compare_images(imgs, reference, None, n_boot=settings.n_boot, fd_n_boot=settings.fd_n_boot,
-                           seed=settings.seed, device=device)
-        row = results[vname]
-        row["lpips"], row["psnr"], row["ssim"] = m["lpips"], m["psnr"], m["ssim"]
-        row["fd_vs_fp16"], row["fd_vs_data"], row["metric_settings"] = m["fd_vs_reference"], None, m["settings"]
+    add_metrics(results, images, reference, None, settings, device)
 
     report = {
         "fourbit_version": __version__,

@@ -1,9 +1,13 @@
 """Any diffusers pipeline from the command line: ``fourbit quantize --pipeline`` (resumable), ``fourbit generate``
 and ``fourbit compare --pipeline``. The ``--pipeline`` options of quantize and compare are added to those commands
-(``cli/bundled.py``) by ``add_quantize_arguments``/``add_compare_arguments`` and run here."""
+(``cli/bundled.py``) by ``add_quantize_arguments``/``add_compare_arguments`` and run here.
+
+``quantize --pipeline`` and ``compare --pipeline`` also run under torchrun (``python -m torch.distributed.run
+--nproc-per-node N -m fourbit ...``): the prompts are spread over the processes and rank 0 writes."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -40,12 +44,18 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default=None, help="layer preset (default: by the denoiser's class; 'none' for none)")
     g.add_argument("--convert-device", default=None, help="convert layers there (e.g. cuda), model stays on --device")
     g.add_argument("--work", default=None, help="work folder for a resumable run (default: OUT.work); converted "
-                   "layers are saved there as they finish and a rerun continues; removed once OUT is written")
+                   "layers are saved there as they finish and a rerun continues; removed once OUT is written "
+                   "(one process only: under torchrun the run is not resumable)")
     g.add_argument("--max-shard-size", default="5GB", help="shard the checkpoint above this size")
     _add_common(g)
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def run_quantize(args) -> int:
+    from ..distributed import launch
     from ..harness.variants import parse_variant
     from ..pipelines import quantize_pipeline, save_pretrained
     from ..pipelines.calibrate import bundled_prompts, read_prompts
@@ -58,17 +68,29 @@ def run_quantize(args) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else bundled_prompts()
     prompts = prompts[:args.calib_samples or 32]
     out = Path(args.out)
-    work = Path(args.work) if args.work else out.with_name(out.name + ".work")
-    pipe = load_pipeline(args.pipeline, args.dtype, _device(args))
-    quantize_pipeline(pipe, config, prompts, num_inference_steps=args.calib_steps or 4, guidance_scale=args.guidance,
-                      component=args.component, preset=args.preset, seed=args.seed, call_kwargs=_call_kwargs(args),
-                      convert_device=args.convert_device, work_dir=work)
-    from ..pipelines.calibrate import find_denoiser
+    several = _world_size() > 1
+    if several and args.work:
+        raise ValueError("--work makes a run resumable in one process only; drop --work under torchrun, or run "
+                         "the resumable quantization without torchrun")
+    # under torchrun no work folder: resuming would need every rank to reload the same state (not done yet)
+    work = None if several else Path(args.work) if args.work else out.with_name(out.name + ".work")
+    with launch(args.device) as ranks:
+        device = ranks.device if several else _device(args)
+        pipe = load_pipeline(args.pipeline, args.dtype, device)
+        quantize_pipeline(pipe, config, prompts, num_inference_steps=args.calib_steps or 4,
+                          guidance_scale=args.guidance, component=args.component, preset=args.preset, seed=args.seed,
+                          call_kwargs=_call_kwargs(args), convert_device=args.convert_device, work_dir=work,
+                          collective=ranks)
+        ranks.barrier("the end of quantization")  # also for methods without calibration data (no collective)
+        if not ranks.is_root:  # every rank holds the same quantized denoiser; rank 0 writes it
+            return 0
+        from ..pipelines.calibrate import find_denoiser
 
-    name, model = find_denoiser(pipe, args.component)
-    save_pretrained(model, out, max_shard_size=args.max_shard_size,
-                    extra={"variant": variant.name, "pipeline_path": str(args.pipeline)})
-    shutil.rmtree(work, ignore_errors=True)
+        name, model = find_denoiser(pipe, args.component)
+        save_pretrained(model, out, max_shard_size=args.max_shard_size,
+                        extra={"variant": variant.name, "pipeline_path": str(args.pipeline)})
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out}; use it with: fourbit generate --pipeline {args.pipeline} --quantized {out} --prompt ... "
           f"(Python: fourbit.from_pretrained({str(out)!r}) as the pipeline's {name})")
     return 0
@@ -87,6 +109,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args, variants: str) -> int:
+    from ..distributed import launch
     from ..harness.compare import format_table
     from ..harness.pipeline_compare import PipelineCompareSettings, run_pipeline_compare
 
@@ -96,7 +119,10 @@ def run_compare(args, variants: str) -> int:
         seed=args.seed, calib_samples=args.calib_samples if args.calib_samples is not None else 16,
         calib_steps=args.calib_steps or 4, height=args.height, width=args.width, dtype=args.dtype,
         component=args.component, device=args.device)
-    report = run_pipeline_compare(settings, args.out)
+    with launch(args.device) as ranks:
+        report = run_pipeline_compare(settings, args.out, ranks)
+    if report is None:  # not rank 0 under torchrun: rank 0 prints and writes
+        return 0
     print(format_table(report))
     print(f"\nreport: {args.out}/report.json  {args.out}/report.html  grid: {args.out}/grid.png")
     return 0

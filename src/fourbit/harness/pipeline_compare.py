@@ -5,6 +5,10 @@ denoiser is a copy of the 16-bit one quantized by ``quantize_pipeline`` on calib
 prompts, or other lines of the prompt file than the evaluation ones), then makes the same images. Metrics and
 files are those of ``fourbit compare``: LPIPS/PSNR/SSIM/FD-Alex against the 16-bit images, report.json,
 grid.png, report.html.
+
+Under torchrun (``ranks`` of several processes) the calibration prompts and the evaluation prompts are spread
+over the processes (prompt i on rank i mod N, still with seed ``seed + i``, one pipeline call per prompt as in one
+process); the images are gathered in prompt order on rank 0, which computes the metrics and writes.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Optional
 import torch
 
 from .. import __version__
+from ..distributed import Ranks
 from .compare import _atomic_write, _json_default, _log, _sync, add_metrics
 from .footprint import model_bytes, weight_bits_per_element
 from .variants import parse_variant
@@ -62,19 +67,28 @@ def _prompt_sets(s: PipelineCompareSettings) -> tuple[list[str], list[str]]:
     return evaluation, calibration
 
 
-def run_pipeline_compare(settings: PipelineCompareSettings, out_dir) -> dict:
-    """Run the comparison and write report.json, grid.png and report.html under ``out_dir``."""
+def run_pipeline_compare(settings: PipelineCompareSettings, out_dir, ranks: Optional[Ranks] = None) -> Optional[dict]:
+    """Run the comparison and write report.json, grid.png and report.html under ``out_dir``.
+
+    ``ranks``: this process's place in a torchrun group (``fourbit.distributed.launch``); the report is returned
+    on rank 0 only (None on the others).
+    """
     from ..pipelines import quantize_pipeline
-    from ..pipelines.calibrate import find_denoiser
+    from ..pipelines.calibrate import find_denoiser, prompt_indices
     from ..pipelines.pretrained import load_pipeline
     from .report import write_grid, write_html
 
+    ranks = ranks or Ranks()
+    root = ranks.is_root
+    log = _log if root else (lambda msg: None)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if root:
+        out_dir.mkdir(parents=True, exist_ok=True)
     variants = [parse_variant(v) for v in settings.variants]
     if not any(v.is_baseline for v in variants):
         variants.insert(0, parse_variant("fp16"))
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = ranks.device if ranks.world_size > 1 else (
+        settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     evaluation, calibration = _prompt_sets(settings)
     pipe = load_pipeline(settings.pipeline, settings.dtype, device)
     pipe.set_progress_bar_config(disable=True)
@@ -85,15 +99,16 @@ def run_pipeline_compare(settings: PipelineCompareSettings, out_dir) -> dict:
     def generate():
         _sync(device)
         t0 = time.perf_counter()
-        imgs = [pipe(prompt=p, num_inference_steps=settings.steps, output_type="pt", **size, **guidance,
+        imgs = [pipe(prompt=evaluation[i], num_inference_steps=settings.steps, output_type="pt", **size, **guidance,
                      generator=torch.Generator().manual_seed(settings.seed + i)).images.float().cpu()
-                for i, p in enumerate(evaluation)]
+                for i in prompt_indices(len(evaluation), ranks)]  # each (1, 3, H, W)
+        imgs = ranks.gather_batches(imgs, len(evaluation), 1)  # (N, 3, H, W) in prompt order on rank 0, else None
         _sync(device)
-        return torch.cat(imgs) * 2 - 1, time.perf_counter() - t0  # (N, 3, H, W) in [-1, 1]
+        return None if imgs is None else imgs * 2 - 1, time.perf_counter() - t0  # in [-1, 1]
 
     results, images = {}, {}
     for v in variants:
-        _log(f"== {v.name}")
+        log(f"== {v.name}")
         row: dict = {"variant": v.name}
         if v.is_baseline:
             model = fp_model
@@ -105,7 +120,8 @@ def run_pipeline_compare(settings: PipelineCompareSettings, out_dir) -> dict:
             _sync(device)
             t0 = time.perf_counter()
             quantize_pipeline(pipe, cfg, calibration, num_inference_steps=settings.calib_steps, call_kwargs=size,
-                              seed=settings.calib_seed, component=name, **guidance)
+                              seed=settings.calib_seed, component=name, collective=ranks, progress=root,
+                              verbose=root, **guidance)
             _sync(device)
             row.update(calibration_seconds=time.perf_counter() - t0, config=cfg.to_dict(),
                        preset=model.fourbit_report.preset, weight_bits_per_element=weight_bits_per_element(model),
@@ -114,6 +130,9 @@ def run_pipeline_compare(settings: PipelineCompareSettings, out_dir) -> dict:
         results[v.name] = row
         pipe.register_modules(**{name: fp_model})
         del model
+    ranks.barrier("the end of sampling")  # a rank that stalled after its last gather is caught here
+    if not root:
+        return None
 
     reference = images[next(v.name for v in variants if v.is_baseline)]
     add_metrics(results, images, reference, None, settings, device)
@@ -127,11 +146,14 @@ def run_pipeline_compare(settings: PipelineCompareSettings, out_dir) -> dict:
                      "sampler": type(pipe.scheduler).__name__, "eta": 0.0,
                      "plan": "prompt i of the evaluation prompts, seed + i", "image_px": GRID_PX,
                      "evaluation_prompts": evaluation, "calibration_prompts": calibration},
+        "processes": ranks.world_size,
         "notes": [
             "fp16 = the pipeline's own 16-bit denoiser; every other variant is compared with its images: same "
             "prompts, same seeds.",
             "FD-Alex is a Frechet distance over LPIPS-AlexNet features, not FID.",
             f"{settings.samples} images per variant; intervals are 95% bootstrap percentile intervals.",
+            f"{ranks.world_size} process(es); one pipeline call per prompt, the same calls in any number of "
+            f"processes; seconds are rank 0's wall time.",
         ],
         "variants": results,
     }

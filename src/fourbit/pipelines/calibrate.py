@@ -3,6 +3,10 @@
 The calibration loop calls the pipeline over the prompts (``output_type="latent"``, a seeded CPU generator per
 prompt), so the denoiser sees exactly what it sees in use: with classifier-free guidance both branches (the
 pipelines batch them), every timestep of the schedule. Then ``fourbit.quantize`` converts layer by layer.
+
+Under torchrun (``collective=ranks``) each process runs its share of the prompts, prompt i always with seed
+``seed + i`` and always in its own pipeline call, so every call is the same as in one process; the statistics are
+merged exactly by ``fourbit.quantize`` and every process ends with the same quantized denoiser.
 """
 from __future__ import annotations
 
@@ -69,21 +73,32 @@ def memory_note() -> str:
     return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
 
 
+def prompt_indices(n: int, ranks=None) -> list[int]:
+    """The prompts (of ``n``) this process runs: all of them, or under torchrun its share of single-prompt
+    batches (``Ranks.shard(n, 1)``: prompt i on rank i mod N)."""
+    if ranks is None or ranks.world_size == 1:
+        return list(range(n))
+    return [s.start for s in ranks.shard(n, 1)]
+
+
 def pipeline_forward_loop(pipe, prompts: Sequence[Prompt], *, num_inference_steps: int = 4,
                           guidance_scale: Optional[float] = None, seed: int = 0, call_kwargs: Optional[dict] = None,
-                          progress: bool = True):
+                          progress: bool = True, ranks=None):
     """A ``forward_loop`` for ``fourbit.quantize`` that runs ``pipe`` once per prompt. A prompt is a string or a
-    dict of pipeline arguments (``prompt_embeds=...``, ``negative_prompt_embeds=...``, ...)."""
+    dict of pipeline arguments (``prompt_embeds=...``, ``negative_prompt_embeds=...``, ...). ``ranks``
+    (``fourbit.distributed.Ranks``): run only this process's prompts, each still with its global seed."""
     if not prompts:
         raise ValueError("no calibration prompts; pass prompts=[...] (strings or dicts of pipeline arguments)")
+    mine = prompt_indices(len(prompts), ranks)
 
     def loop(_model):
         saved = dict(getattr(pipe, "_progress_bar_config", {}))
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         try:
-            with Progress(len(prompts), "fourbit calibration prompts", enabled=progress) as bar:
-                for i, p in enumerate(prompts):
+            with Progress(len(mine), "fourbit calibration prompts", enabled=progress) as bar:
+                for i in mine:
+                    p = prompts[i]
                     kw = {**(call_kwargs or {}), **(p if isinstance(p, dict) else {"prompt": p})}
                     kw.setdefault("num_inference_steps", num_inference_steps)
                     if guidance_scale is not None:
@@ -102,7 +117,7 @@ def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prom
                       num_inference_steps: int = 4, guidance_scale: Optional[float] = None,
                       component: Optional[str] = None, preset: Optional[str] = None, seed: int = 0,
                       call_kwargs: Optional[dict] = None, convert_device=None, work_dir=None, store=None,
-                      progress: bool = True, verbose: bool = True):
+                      progress: bool = True, verbose: bool = True, collective=None):
     """Quantize ``pipe``'s denoiser in place by running ``pipe`` over ``prompts``; returns ``pipe``.
 
     prompts: strings, or dicts of pipeline arguments (precomputed ``prompt_embeds`` ...); None = 32 bundled
@@ -111,8 +126,16 @@ def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prom
     into ``config`` (the config's own patterns win). call_kwargs: more arguments for every pipeline call
     (``height``, ``width``, ...). convert_device: run each layer's conversion there (e.g. "cuda"). work_dir:
     make the run resumable (see ``fourbit.pipelines.resume``); store: any other ``fourbit.quantize`` store
-    instead. The report is at ``denoiser.fourbit_report``.
+    instead. collective: ``fourbit.distributed.Ranks`` under torchrun: each process calibrates on its share of
+    the prompts, the statistics are merged exactly and every process gets the same denoiser (only rank 0 reports;
+    the caller lets rank 0 write). The report is at ``denoiser.fourbit_report``.
     """
+    several = collective is not None and collective.world_size > 1
+    if several and (work_dir is not None or store is not None):
+        raise ValueError("a resumable work folder cannot be shared by several processes; run the resumable "
+                         "quantization in one process, or drop work_dir/store under torchrun")
+    if several and not collective.is_root:
+        progress = verbose = False
     name, model = find_denoiser(pipe, component)
     chosen: Preset = find_preset(model, preset)
     full = apply_preset(config, chosen)
@@ -126,7 +149,7 @@ def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prom
     prompts = bundled_prompts(32) if prompts is None else prompts if isinstance(prompts, list) else list(prompts)
     loop = pipeline_forward_loop(pipe, prompts, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, seed=seed, call_kwargs=call_kwargs,
-                                 progress=progress)
+                                 progress=progress, ranks=collective)
     if work_dir is not None and store is not None:
         raise ValueError("pass work_dir or store, not both")
     if work_dir is not None:
@@ -138,7 +161,7 @@ def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prom
                             "guidance_scale": guidance_scale, "seed": seed,
                             "call_kwargs": _digest_prompts([call_kwargs or {}])}})
     quantize(model, full, forward_loop=loop, progress=progress, verbose=verbose, convert_device=convert_device,
-             store=store)
+             store=store, collective=collective)
     if work_dir is not None and (store.stats_loaded or store.layers_loaded):
         say(f"resumed from {work_dir}: " + ("calibration statistics and " if store.stats_loaded else "")
             + f"{store.layers_loaded} converted layer(s) reused")

@@ -52,8 +52,7 @@ def _add_compare_args(p: argparse.ArgumentParser, demo: bool) -> None:
 
 
 def _run_compare(args, model: str, variants: str) -> int:
-    from ..distributed import launch
-    from ..harness.compare import CompareSettings, format_table, run_compare
+    from ..harness.compare import CompareSettings, run_compare
     from ..utils.files import check_output_dir
 
     if args.device is not None:
@@ -70,8 +69,16 @@ def _run_compare(args, model: str, variants: str) -> int:
         steps=args.steps, sampler=args.sampler, eta=args.eta, guidance_scale=args.guidance, seed=args.seed,
         calib_samples=args.calib_samples, calib_steps=args.calib_steps, data_samples=args.data_samples,
         batch_size=args.batch_size, device=args.device)
+    return run_and_print(run_compare, settings, args)
+
+
+def run_and_print(run, settings, args) -> int:
+    """``run(settings, out, ranks)`` under the torchrun launcher (one process: plain); rank 0 prints the table."""
+    from ..distributed import launch
+    from ..harness.compare import format_table
+
     with launch(args.device) as ranks:
-        report = run_compare(settings, args.out, ranks)
+        report = run(settings, args.out, ranks)
     if report is None:  # not rank 0 under torchrun: rank 0 prints and writes
         return 0
     print(format_table(report))

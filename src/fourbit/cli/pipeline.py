@@ -109,8 +109,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args, variants: str) -> int:
-    from ..distributed import launch
-    from ..harness.compare import format_table
+    from .bundled import run_and_print
     from ..harness.pipeline_compare import PipelineCompareSettings, run_pipeline_compare
 
     settings = PipelineCompareSettings(
@@ -119,13 +118,7 @@ def run_compare(args, variants: str) -> int:
         seed=args.seed, calib_samples=args.calib_samples if args.calib_samples is not None else 16,
         calib_steps=args.calib_steps or 4, height=args.height, width=args.width, dtype=args.dtype,
         component=args.component, device=args.device)
-    with launch(args.device) as ranks:
-        report = run_pipeline_compare(settings, args.out, ranks)
-    if report is None:  # not rank 0 under torchrun: rank 0 prints and writes
-        return 0
-    print(format_table(report))
-    print(f"\nreport: {args.out}/report.json  {args.out}/report.html  grid: {args.out}/grid.png")
-    return 0
+    return run_and_print(run_pipeline_compare, settings, args)
 
 
 # ---- generate -------------------------------------------------------------------------------------

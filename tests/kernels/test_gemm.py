@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from .conftest import bits
-from .kernel_helpers import SQNR_FP32_REORDER_DB, SQNR_GPU_ACCUMULATE_DB, gemm_operands, sqnr_db
+from .kernel_helpers import SQNR_BF16_OUTPUT_DB, SQNR_FP32_REORDER_DB, SQNR_GPU_ACCUMULATE_DB, gemm_operands, sqnr_db
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -68,6 +68,66 @@ def test_scaled_gemm_stream_k_matches_twin(dtype, k, n, rem):
     ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
     assert sqnr_db(ref, got) > SQNR_FP32_REORDER_DB
     assert torch.equal(gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg), got)
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("n,k,plan", [
+    (16, 64, (4, 0, 4, 1)),  # 2 tiles x 2 K tiles: one iteration per program, every tile split in two
+    (16, 320, (4, 0, 20, 5)),  # 2 x 10: runs of 5, each tile over 2 programs
+    (16, 96, (3, 0, 6, 2)),  # 2 x 3: runs of 2 cross the tile boundary (one program holds a tail and a head)
+    (24, 96, (4, 4, 0, 0)),  # 4 tiles, not fewer than the SMs: data-parallel
+], ids=["runs-of-1", "runs-of-5", "runs-cross-tiles", "no-split"])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16, torch.int8], ids=["fp8", "bf16", "int8"])
+def test_scaled_gemm_split_k_matches_twin(dtype, n, k, plan):
+    """Split-K: a launch of fewer tiles (32 x 16) than the interpreter's 4 SMs deals all K iterations out in runs
+    to up to 4 programs (the tile's last run adds the others' partials in order): the twin's result and the same
+    bits on a second launch. int8 operands run data-parallel (one program per tile)."""
+    from fourbit.kernels import gemm as gm
+
+    m = 40  # 2 row tiles, the last ragged
+    a, b = gemm_operands(dtype, m, n, k)
+    cfg = gm.GemmConfig(32, 16, 32, 2, 4, 2, persistent=True, split_k=True)
+    tiles = 2 * -(-n // 16)
+    got_plan = gm._schedule(tiles, 4, k // 32, cfg, a)
+    assert got_plan[:4] == (plan if dtype != torch.int8 else (tiles, tiles, 0, 0))
+    sa, sb = torch.rand(m) + 0.5, torch.rand(n) + 0.5
+    lr, up, bias = torch.randn(m, 20), torch.randn(n, 20).bfloat16().float(), torch.randn(n)
+    got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
+    ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
+    assert sqnr_db(ref, got) > SQNR_FP32_REORDER_DB
+    assert torch.equal(gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg), got)
+
+
+def _table_configs():
+    """Every config a row of ``gemm_table`` may name (the sweep's candidates and their stream-K / split-K
+    variants), one per distinct schedule (the interpreter ignores warps and stages)."""
+    from fourbit.kernels import gemm_table as gt
+
+    seen = {}
+    for cfg in gt.candidates():
+        for c in [cfg] + gt.schedules(cfg):
+            seen.setdefault((c.BM, c.BN, c.BK, c.persistent, c.stream_k, c.split_k), c)
+    return list(seen.values())
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("cfg", _table_configs(), ids=lambda c: c.key())
+def test_every_config_the_table_can_name_matches_twin(cfg):
+    """Each config the shape table can name, at a small shape where its schedule takes effect (split-K: 2 tiles on
+    the interpreter's 4 SMs; stream-K: 6 tiles, 2 in the tail; else 4), ragged edges, the rank-20 branch and bias:
+    the twin's result."""
+    from fourbit.kernels import gemm as gm
+
+    rows, cols = (3, 2) if cfg.stream_k else (2, 1) if cfg.split_k else (2, 2)
+    m, n, k = (rows - 1) * cfg.BM + 8, cols * cfg.BN - 16, 3 * cfg.BK
+    a, b = gemm_operands(torch.float8_e4m3fn, m, n, k)
+    plan = gm._schedule(rows * cols, 4, 3, cfg, a)
+    assert (plan[2] > 0) == (cfg.stream_k or cfg.split_k) and (plan[1] == 0) == cfg.split_k
+    sa, sb = torch.rand(m) + 0.5, torch.rand(n) + 0.5
+    lr, up, bias = torch.randn(m, 20), torch.randn(n, 20).bfloat16().float(), torch.randn(n)
+    got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
+    ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
+    assert sqnr_db(ref, got) > SQNR_FP32_REORDER_DB
 
 
 @pytest.mark.usefixtures("interpret")
@@ -239,3 +299,51 @@ def test_scaled_gemm_few_tiles_default_gpu(m):
     ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
     assert sqnr_db(ref, got) > SQNR_GPU_ACCUMULATE_DB
 
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m,n,k", [(2, 9216, 1536), (154, 1280, 2048), (666, 1536, 6144)])
+def test_scaled_gemm_split_k_gpu(m, n, k):
+    """Split-K at conditioning-layer shapes (few tiles of 64 x 128, long K): the twin's result, the same bits on a
+    second launch and under CUDA-graph replay."""
+    from fourbit.kernels import gemm as gm
+
+    cfg = gm.GemmConfig(64, 128, 128, 8, 4, 4, True, tma_store=True, split_k=True)
+    a = torch.randint(-8, 8, (m, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
+    b = torch.randint(-8, 8, (n, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
+    sa, sb = torch.rand(m, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5
+    lr, up, bias = torch.randn(m, 32, device="cuda"), torch.randn(n, 32, device="cuda"), torch.randn(n, device="cuda")
+    tiles = -(-m // 64) * -(-n // 128)
+    if tiles < gm.num_sms(a.device):
+        assert gm._schedule(tiles, gm.num_sms(a.device), -(-k // 128), cfg, a)[1] == 0  # no data-parallel tile
+    got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
+    ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
+    assert sqnr_db(ref, got) > SQNR_GPU_ACCUMULATE_DB
+    assert torch.equal(gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg), got)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, got)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_table_configs_gpu():
+    """Every config the shape table may name (all warps and stages), compiled, at a shape with ragged edges where
+    split-K (64 x * tiles) or the stream-K tail (128 x * tiles) takes effect on 132 SMs: the twin's result, bf16 out."""
+    from fourbit.kernels import gemm as gm
+    from fourbit.kernels import gemm_table as gt
+
+    m, n, k = 250, 3000, 1536
+    a = torch.randint(-8, 8, (m, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
+    b = torch.randint(-8, 8, (n, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
+    sa, sb = torch.rand(m, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5
+    lr, up, bias = torch.randn(m, 32, device="cuda"), torch.randn(n, 32, device="cuda"), torch.randn(n, device="cuda")
+    ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
+    for cfg in gt.candidates():
+        for c in [cfg] + gt.schedules(cfg):
+            got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, config=c)
+            assert sqnr_db(ref, got.float()) > SQNR_BF16_OUTPUT_DB, c.key()

@@ -35,7 +35,9 @@ TWINS = {
     "gemm.scaled_gemm": Twin("gemm.scaled_gemm_torch", "test_gemm.py", (
         "test_scaled_gemm_matches_twin", "test_scaled_gemm_non_persistent_and_unaligned_k",
         "test_scaled_gemm_stream_k_matches_twin", "test_scaled_gemm_writes_into_out_rows", "test_scaled_gemm_gpu",
-        "test_scaled_gemm_stream_k_gpu", "test_scaled_gemm_few_tiles_default_gpu")),
+        "test_scaled_gemm_stream_k_gpu", "test_scaled_gemm_few_tiles_default_gpu", "test_scaled_gemm_split_k_matches_twin",
+        "test_every_config_the_table_can_name_matches_twin", "test_scaled_gemm_split_k_gpu",
+        "test_table_configs_gpu")),
     "gemm_grouped.grouped_gemm": Twin("gemm_grouped.grouped_gemm_torch", "test_gemm_grouped.py", (
         "test_grouped_gemm_matches_twin", "test_grouped_gemm_gpu")),
     "gemv.gemv": Twin("gemv.gemv_torch", "test_gemv.py", ("test_gemv_matches_twin", "test_gemv_gpu")),
@@ -68,6 +70,7 @@ TWINS = {
 INTERNAL = {
     "_common": "Triton helpers (rounding, e2m1, amax) inside every kernel: tested through them",
     "reference": "the twins of the layer kernels (quant_linear_reference)",
+    "gemm_table": "the GEMM's configs by shape (data and lookup): test_gemm_table; its configs in test_gemm",
     "act_spec": "act_quant's format table and operand type (test_act_quant: act_spec, bit-exact operands)",
     "act_tiles": "act_quant's shared tile code: every act_quant test",
     "act_single": "act_quant's single pass: act_path 'single' in test_act_quant",

@@ -49,6 +49,20 @@ def num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm{major}{minor}"
+
+
+def device_class(device: torch.device) -> str:
+    """The rows of ``gemm_table.TABLE`` that apply to ``device``: "sm90" for compute capability 9.0 (H100, H200),
+    "cpu" off CUDA (the interpreter; no row names it)."""
+    if device.type != "cuda":
+        return "cpu"
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def aligned_empty(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
     """(rows, cols) view of a buffer whose row stride is a multiple of 16 bytes (what TMA descriptors need)."""
     per = 16 // torch.empty((), dtype=dtype).element_size()

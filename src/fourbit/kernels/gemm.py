@@ -9,12 +9,15 @@ up-projection (fp32, rank padded to a power of two >= 16): the branch costs one 
 never re-reads or re-writes y.
 
 Kernel: persistent over output tiles (grouped ordering for L2 reuse), operands through TMA descriptors, a
-software-pipelined K loop. ``scaled_gemm_torch`` is the plain-torch twin (same signature, fp32 math).
+software-pipelined K loop; a partial last wave shared out by K iterations (stream-K), or, for launches of fewer
+tiles than SMs, all of them (split-K). Tiles and schedule by shape: ``gemm_table.py`` (measured rows), else
+``rule_config``. ``scaled_gemm_torch`` is the plain-torch twin (same signature, fp32 math).
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+import functools
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -22,8 +25,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import ceil_div, cdiv, check_device, interpreting, next_pow2, num_sms, tma_aligned
+from . import gemm_table
+from ._common import ceil_div, cdiv, check_device, device_class, interpreting, next_pow2, num_sms, tma_aligned
 from .activation import OutputActivation, activate_columns, activation_torch
+from .gemm_table import GemmConfig  # noqa: F401 (the launcher's config type, re-exported)
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -159,29 +164,6 @@ def _scaled_gemm_kernel(
             it = seg_lo
 
 
-@dataclass(frozen=True)
-class GemmConfig:
-    """Tile shape and schedule. ``persistent``: one program per SM looping over tiles (else one per tile).
-    ``precise``: fp8 only: promote the tensor-core accumulator to fp32 every BK (max_num_imprecise_acc)."""
-
-    BM: int = 128
-    BN: int = 256
-    BK: int = 128
-    GROUP_M: int = 8
-    num_warps: int = 8
-    num_stages: int = 3
-    persistent: bool = True
-    flatten: bool = False
-    precise: bool = False
-    tma_store: bool = False
-    stream_k: bool = False  # the last, partial wave of tiles shared out by K iterations (fp8 / 16-bit operands)
-
-    def key(self) -> str:
-        return (f"{self.BM}x{self.BN}x{self.BK}-g{self.GROUP_M}-w{self.num_warps}-s{self.num_stages}"
-                f"{'-p' if self.persistent else ''}{'-f' if self.flatten else ''}{'-acc' if self.precise else ''}"
-                f"{'-tma' if self.tma_store else ''}{'-sk' if self.stream_k else ''}")
-
-
 #: Per-(operand dtype, size class) defaults. Chosen by ``benchmarks/linear.py --tune`` on an H100 (2026-11-22,
 #: Triton 3.6): 128x256x128, 3 stages, persistent, TMA store was best or within 2% of best at all nine
 #: FLUX shapes (M = 4608 and 1024) for fp8; 128x128 tiles were 10-45% slower; promoting the fp8 accumulator
@@ -221,20 +203,36 @@ FEW_TILES_MAX_M = 512
 FEW_TILES = GemmConfig(64, 128, 128, 8, 4, 4, False, tma_store=True)
 
 
-def default_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int = 132) -> GemmConfig:
-    """The tile config ``scaled_gemm`` uses for an (m, n, k) problem on a GPU with ``sms`` SMs."""
+def _size(m: int, n: int) -> str:
+    return "large" if m * n >= 4096 * 4096 else "small"
+
+
+def rule_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int = 132) -> GemmConfig:
+    """The rule for a problem no row of ``gemm_table.TABLE`` holds (FLUX.1 shapes, H100, 2026-11-22): the
+    per-dtype default, ``FEW_TILES`` for few tiles of few rows, the stream-K tail for fp8 from ``STREAM_K_MIN_K``."""
     kind = _operand_kind(dtype)
-    size = "large" if m * n >= 4096 * 4096 else "small"
-    override = _OVERRIDES.get((kind, size))
-    if override is not None:
-        return override
-    cfg = _DEFAULTS[(kind, size)]
+    cfg = _DEFAULTS[(kind, _size(m, n))]
     if (kind in ("fp8", "int8") and m <= FEW_TILES_MAX_M
             and ceil_div(m, cfg.BM) * ceil_div(n, cfg.BN) < FEW_TILES_WAVES * sms):
         return FEW_TILES
     if kind == "fp8" and k >= STREAM_K_MIN_K:
         cfg = replace(cfg, stream_k=True)
     return cfg
+
+
+_from_key = functools.lru_cache(maxsize=None)(GemmConfig.from_key)
+
+
+def default_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int = 132, device: str = "sm90") -> GemmConfig:
+    """The tile config ``scaled_gemm`` uses for an (m, n, k) problem on a GPU of class ``device``
+    (``_common.device_class``) with ``sms`` SMs: an override (``set_default_config`` / ``default_configs``), else
+    the first row of ``gemm_table.TABLE`` that holds the problem, else ``rule_config``."""
+    kind = _operand_kind(dtype)
+    override = _OVERRIDES.get((kind, _size(m, n)))
+    if override is not None:
+        return override
+    key = gemm_table.lookup(m, n, k, kind, device)
+    return rule_config(m, n, k, dtype, sms) if key is None else _from_key(key)
 
 
 def set_default_config(dtype: torch.dtype, size: str, config: GemmConfig) -> None:
@@ -315,9 +313,32 @@ def _stream_k_split(tiles: int, progs: int, k_tiles: int, cfg: "GemmConfig", a: 
     if not (cfg.stream_k and cfg.persistent and rem and tiles > progs and k_tiles > 1 and a.dtype != torch.int8):
         return tiles, 0, 0, None, None
     sk_iters = rem * k_tiles
-    ws = torch.empty((progs, cfg.BM * cfg.BN), device=a.device, dtype=torch.float32)
-    flags = torch.zeros((progs,), device=a.device, dtype=torch.int32)
+    ws, flags = _workspace(progs, cfg, a)
     return tiles - rem, sk_iters, ceil_div(sk_iters, progs), ws, flags
+
+
+def _workspace(progs: int, cfg: "GemmConfig", a: Tensor) -> tuple[Tensor, Tensor]:
+    """One fp32 (BM, BN) partial-sum slot and one zeroed flag per program."""
+    ws = torch.empty((progs, cfg.BM * cfg.BN), device=a.device, dtype=torch.float32)
+    return ws, torch.zeros((progs,), device=a.device, dtype=torch.int32)
+
+
+def _schedule(tiles: int, sms: int, k_tiles: int, cfg: "GemmConfig", a: Tensor):
+    """(programs, data-parallel tiles, stream-K iterations, iterations per program, workspace, flags).
+
+    Split-K (``cfg.split_k``): a launch of fewer tiles than SMs (few rows, e.g. conditioning layers) would leave
+    SMs idle; instead all its tiles' K iterations are dealt out in equal runs to as many programs as there are SMs,
+    with stream-K's fix-up (the kernel's stream-K loop with no data-parallel tiles). Only where a run is shorter
+    than a tile's K loop (else no tile would be split). Otherwise data-parallel with the stream-K tail
+    (``_stream_k_split``)."""
+    if cfg.split_k and tiles < sms and k_tiles > 1 and a.dtype != torch.int8:
+        sk_iters = tiles * k_tiles
+        per = ceil_div(sk_iters, sms)
+        if per < k_tiles:
+            progs = ceil_div(sk_iters, per)  # (M, N) tiles x K tiles in runs of ``per``
+            return (progs, 0, sk_iters, per) + _workspace(progs, cfg, a)
+    progs = min(tiles, sms) if cfg.persistent else tiles
+    return (progs,) + _stream_k_split(tiles, progs, k_tiles, cfg, a)
 
 
 def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale: Optional[Tensor] = None,
@@ -340,7 +361,8 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     if TensorDescriptor is None:
         raise RuntimeError("scaled_gemm needs Triton >= 3.4 (tensor descriptors)")
     a, b = tma_aligned(a), tma_aligned(b)  # no copy for operands from act_quant / expand_weight
-    cfg = config or default_config(m, n, k, a.dtype, num_sms(a.device))
+    sms = num_sms(a.device)
+    cfg = config or default_config(m, n, k, a.dtype, sms, device_class(a.device))
     rank = 0
     if lr is not None:
         rank = next_pow2(lr.shape[1], 16)
@@ -352,10 +374,9 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     tma_store = cfg.tma_store and c.element_size() == 2 and (n * 2) % 16 == 0 and not interpreting()
     c_desc = TensorDescriptor.from_tensor(c, [cfg.BM, cfg.BN]) if tma_store else a_desc
     tiles = ceil_div(m, cfg.BM) * ceil_div(n, cfg.BN)
-    progs = min(tiles, num_sms(a.device)) if cfg.persistent else tiles
+    progs, dp_tiles, sk_iters, sk_per, ws, flags = _schedule(tiles, sms, ceil_div(k, cfg.BK), cfg, a)
     dummy = c  # never read when the matching flag is off
     is_fp8 = a.dtype == torch.float8_e4m3fn
-    dp_tiles, sk_iters, sk_per, ws, flags = _stream_k_split(tiles, progs, ceil_div(k, cfg.BK), cfg, a)
     launch = lambda stages: _scaled_gemm_kernel[(progs,)](  # noqa: E731
         a_desc, b_desc, c_desc, c,
         dummy if a_scale is None else a_scale, dummy if b_scale is None else b_scale,

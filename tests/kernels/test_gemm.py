@@ -60,8 +60,8 @@ def test_scaled_gemm_stream_k_matches_twin(dtype, k, n, rem):
     a, b = gemm_operands(dtype, m, n, k)
     cfg = gm.GemmConfig(32, 16, 32, 2, 4, 2, persistent=True, stream_k=True)
     k_tiles = -(-k // 32)
-    dp, sk_iters, per, ws, flags = gm._stream_k_split(3 * (n // 16), 4, k_tiles, cfg, a)
-    assert (dp, sk_iters) == (3 * (n // 16) - rem, rem * k_tiles) and flags is not None
+    progs, dp, sk_iters, per = gm.launch_plan(m, n, k, cfg, dtype, 4)
+    assert (progs, dp, sk_iters) == (4, 3 * (n // 16) - rem, rem * k_tiles)
     sa, sb = torch.rand(m) + 0.5, torch.rand(n) + 0.5
     lr, up, bias = torch.randn(m, 20), torch.randn(n, 20).bfloat16().float(), torch.randn(n)
     got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
@@ -88,8 +88,7 @@ def test_scaled_gemm_split_k_matches_twin(dtype, n, k, plan):
     a, b = gemm_operands(dtype, m, n, k)
     cfg = gm.GemmConfig(32, 16, 32, 2, 4, 2, persistent=True, split_k=True)
     tiles = 2 * -(-n // 16)
-    got_plan = gm._schedule(tiles, 4, k // 32, cfg, a)
-    assert got_plan[:4] == (plan if dtype != torch.int8 else (tiles, tiles, 0, 0))
+    assert gm.launch_plan(m, n, k, cfg, dtype, 4) == (plan if dtype != torch.int8 else (tiles, tiles, 0, 0))
     sa, sb = torch.rand(m) + 0.5, torch.rand(n) + 0.5
     lr, up, bias = torch.randn(m, 20), torch.randn(n, 20).bfloat16().float(), torch.randn(n)
     got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
@@ -121,7 +120,7 @@ def test_every_config_the_table_can_name_matches_twin(cfg):
     rows, cols = (3, 2) if cfg.stream_k else (2, 1) if cfg.split_k else (2, 2)
     m, n, k = (rows - 1) * cfg.BM + 8, cols * cfg.BN - 16, 3 * cfg.BK
     a, b = gemm_operands(torch.float8_e4m3fn, m, n, k)
-    plan = gm._schedule(rows * cols, 4, 3, cfg, a)
+    plan = gm.launch_plan(m, n, k, cfg, torch.float8_e4m3fn, 4)
     assert (plan[2] > 0) == (cfg.stream_k or cfg.split_k) and (plan[1] == 0) == cfg.split_k
     sa, sb = torch.rand(m) + 0.5, torch.rand(n) + 0.5
     lr, up, bias = torch.randn(m, 20), torch.randn(n, 20).bfloat16().float(), torch.randn(n)
@@ -314,9 +313,8 @@ def test_scaled_gemm_split_k_gpu(m, n, k):
     b = torch.randint(-8, 8, (n, k), device="cuda").to(torch.float16).to(torch.float8_e4m3fn)
     sa, sb = torch.rand(m, device="cuda") + 0.5, torch.rand(n, device="cuda") + 0.5
     lr, up, bias = torch.randn(m, 32, device="cuda"), torch.randn(n, 32, device="cuda"), torch.randn(n, device="cuda")
-    tiles = -(-m // 64) * -(-n // 128)
-    if tiles < gm.num_sms(a.device):
-        assert gm._schedule(tiles, gm.num_sms(a.device), -(-k // 128), cfg, a)[1] == 0  # no data-parallel tile
+    if -(-m // 64) * -(-n // 128) < gm.num_sms(a.device):
+        assert gm.launch_plan(m, n, k, cfg, a.dtype, gm.num_sms(a.device))[1] == 0  # no data-parallel tile
     got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
     ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
     assert sqnr_db(ref, got) > SQNR_GPU_ACCUMULATE_DB

@@ -301,44 +301,42 @@ def _pad_rank(t: Tensor, r: int) -> Tensor:
     return t.contiguous()
 
 
-def _stream_k_split(tiles: int, progs: int, k_tiles: int, cfg: "GemmConfig", a: Tensor):
-    """(data-parallel tiles, stream-K iterations, iterations per program, workspace, flags) for one launch.
+def _stream_k_split(tiles: int, progs: int, k_tiles: int, cfg: "GemmConfig", dtype: torch.dtype):
+    """(data-parallel tiles, stream-K iterations, iterations per program) for one launch.
 
     Stream-K only where it can help: a persistent fp8 / 16-bit launch whose tiles leave the last wave partly
-    empty (e.g. 432 tiles of 128 x 256 on 132 SMs: 3.27 waves run as 4 without it). The workspace (one fp32
-    (BM, BN) slot and one zeroed flag per program) comes from the caching allocator at every call, so it is
-    ordered on the caller's stream and safe under CUDA-graph capture (a cached workspace shared between
-    streams or graph pools is not); its cost is one small memset."""
+    empty (e.g. 432 tiles of 128 x 256 on 132 SMs: 3.27 waves run as 4 without it)."""
     rem = tiles % progs
-    if not (cfg.stream_k and cfg.persistent and rem and tiles > progs and k_tiles > 1 and a.dtype != torch.int8):
-        return tiles, 0, 0, None, None
+    if not (cfg.stream_k and cfg.persistent and rem and tiles > progs and k_tiles > 1 and dtype != torch.int8):
+        return tiles, 0, 0
     sk_iters = rem * k_tiles
-    ws, flags = _workspace(progs, cfg, a)
-    return tiles - rem, sk_iters, ceil_div(sk_iters, progs), ws, flags
+    return tiles - rem, sk_iters, ceil_div(sk_iters, progs)
 
 
 def _workspace(progs: int, cfg: "GemmConfig", a: Tensor) -> tuple[Tensor, Tensor]:
-    """One fp32 (BM, BN) partial-sum slot and one zeroed flag per program."""
+    """One fp32 (BM, BN) partial-sum slot and one zeroed flag per program of a stream-K / split-K launch. From the
+    caching allocator at every call, so it is ordered on the caller's stream and safe under CUDA-graph capture (a
+    cached workspace shared between streams or graph pools is not); its cost is one small memset."""
     ws = torch.empty((progs, cfg.BM * cfg.BN), device=a.device, dtype=torch.float32)
     return ws, torch.zeros((progs,), device=a.device, dtype=torch.int32)
 
 
-def _schedule(tiles: int, sms: int, k_tiles: int, cfg: "GemmConfig", a: Tensor):
-    """(programs, data-parallel tiles, stream-K iterations, iterations per program, workspace, flags).
+def launch_plan(m: int, n: int, k: int, cfg: "GemmConfig", dtype: torch.dtype, sms: int) -> tuple[int, int, int, int]:
+    """(programs, data-parallel tiles, stream-K iterations, iterations per program) of a launch.
 
     Split-K (``cfg.split_k``): a launch of fewer tiles than SMs (few rows, e.g. conditioning layers) would leave
     SMs idle; instead all its tiles' K iterations are dealt out in equal runs to as many programs as there are SMs,
     with stream-K's fix-up (the kernel's stream-K loop with no data-parallel tiles). Only where a run is shorter
-    than a tile's K loop (else no tile would be split). Otherwise data-parallel with the stream-K tail
-    (``_stream_k_split``)."""
-    if cfg.split_k and tiles < sms and k_tiles > 1 and a.dtype != torch.int8:
+    than a tile's K loop (else no tile would be split). Otherwise data-parallel, with the stream-K tail
+    (``_stream_k_split``) where ``cfg.stream_k``."""
+    tiles, k_tiles = ceil_div(m, cfg.BM) * ceil_div(n, cfg.BN), ceil_div(k, cfg.BK)
+    if cfg.split_k and tiles < sms and k_tiles > 1 and dtype != torch.int8:
         sk_iters = tiles * k_tiles
         per = ceil_div(sk_iters, sms)
         if per < k_tiles:
-            progs = ceil_div(sk_iters, per)  # (M, N) tiles x K tiles in runs of ``per``
-            return (progs, 0, sk_iters, per) + _workspace(progs, cfg, a)
+            return ceil_div(sk_iters, per), 0, sk_iters, per  # (M, N) tiles x K tiles in runs of ``per``
     progs = min(tiles, sms) if cfg.persistent else tiles
-    return (progs,) + _stream_k_split(tiles, progs, k_tiles, cfg, a)
+    return (progs,) + _stream_k_split(tiles, progs, k_tiles, cfg, dtype)
 
 
 def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale: Optional[Tensor] = None,
@@ -373,8 +371,8 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     # TMA store stages the whole tile in shared memory: 16-bit outputs only (an fp32 tile does not fit)
     tma_store = cfg.tma_store and c.element_size() == 2 and (n * 2) % 16 == 0 and not interpreting()
     c_desc = TensorDescriptor.from_tensor(c, [cfg.BM, cfg.BN]) if tma_store else a_desc
-    tiles = ceil_div(m, cfg.BM) * ceil_div(n, cfg.BN)
-    progs, dp_tiles, sk_iters, sk_per, ws, flags = _schedule(tiles, sms, ceil_div(k, cfg.BK), cfg, a)
+    progs, dp_tiles, sk_iters, sk_per = launch_plan(m, n, k, cfg, a.dtype, sms)
+    ws, flags = _workspace(progs, cfg, a) if sk_iters else (None, None)
     dummy = c  # never read when the matching flag is off
     is_fp8 = a.dtype == torch.float8_e4m3fn
     launch = lambda stages: _scaled_gemm_kernel[(progs,)](  # noqa: E731

@@ -61,6 +61,18 @@ FAMILY_SHAPES = {
     "sdxl-unet": [(8192, 640, 1920), (8192, 640, 640), (8192, 640, 5120), (8192, 2560, 640), (154, 2048, 1280),
                   (2048, 1280, 3840), (2048, 1280, 1280), (2048, 1280, 10240), (2048, 5120, 1280),
                   (154, 2048, 2560)],
+    "flux": [(4096, 3072, 9216), (4096, 3072, 3072), (4096, 3072, 12288), (4096, 12288, 3072), (512, 3072, 9216),
+             (512, 3072, 3072), (512, 3072, 12288), (512, 12288, 3072), (4608, 3072, 21504), (4608, 15360, 3072)],
+}
+#: each family's conditioning linears at the batch (M = 2 with classifier-free guidance, 1 for FLUX.1-dev): the
+#: adaLN modulations (SD3 and FLUX per block; PixArt and SANA once per step), the timestep / pooled-text embedders
+#: and the SDXL resnets' time projections
+FAMILY_FEW_ROWS = {
+    "pixart-sigma": [(2, 1152, 6912), (2, 1152, 1152)],
+    "sd3-medium": [(2, 1536, 9216), (2, 1536, 3072), (2, 2048, 1536)],
+    "sana-1.6b": [(2, 2240, 13440), (2, 2240, 2240)],
+    "sdxl-unet": [(2, 1280, 1280), (2, 1280, 640), (2, 2816, 1280)],
+    "flux": [(1, 3072, 18432), (1, 3072, 9216), (1, 3072, 3072)],
 }
 #: what ``--family`` times at those shapes (beside bf16, the FP8 GEMM alone and the separate-pass bound)
 FAMILY_FORMATS = [("int4p2 W4A4", "int4p2", "int4p2", ("fused", "none")), ("fp8 W8A8", "fp8", "fp8", ("none",))]

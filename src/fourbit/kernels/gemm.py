@@ -112,7 +112,7 @@ def _scaled_gemm_kernel(
     ACT: tl.constexpr,  # output activation (``activation.CODES``) on columns [act_lo, act_hi); 0 = none
     ACC_INT: tl.constexpr,  # int8 operands: int32 accumulator
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGS: tl.constexpr, MAX_IMPRECISE: tl.constexpr, FLATTEN: tl.constexpr,
+    MAX_IMPRECISE: tl.constexpr, FLATTEN: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong, so 16-bit operands go through fp32
     TMA_STORE: tl.constexpr,  # store the output tile through a TMA descriptor (else masked pointer stores)
     STREAM_K: tl.constexpr,  # SK_ITERS > 0 (compiled in only then; never with ACC_INT)
@@ -126,7 +126,8 @@ def _scaled_gemm_kernel(
     num_pid_m = cdiv(M, BM)
     num_pid_n = cdiv(N, BN)
     k_tiles = cdiv(K, BK)
-    for tile in tl.range(pid, DP_TILES, NUM_PROGS, flatten=FLATTEN):
+    # the grid's size, not a constexpr: one compiled kernel for every grid (few-tile and split-K launches vary it)
+    for tile in tl.range(pid, DP_TILES, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         if ACC_INT:
             acc = tl.full((BM, BN), 0, tl.int32)
@@ -385,7 +386,7 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
         A_SCALE=_scale_mode(a_scale, m, "a_scale"), B_SCALE=_scale_mode(b_scale, n, "b_scale"),
         RANK=rank, HAS_BIAS=bias is not None, ACT=0 if act_hi <= act_lo else act.code,
         ACC_INT=a.dtype == torch.int8,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, NUM_PROGS=progs,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
         MAX_IMPRECISE=cfg.BK if (cfg.precise and is_fp8 and not interpreting()) else None,
         FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, TMA_STORE=tma_store,
         STREAM_K=sk_iters > 0, num_warps=cfg.num_warps, num_stages=stages,

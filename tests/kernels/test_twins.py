@@ -35,9 +35,9 @@ TWINS = {
     "gemm.scaled_gemm": Twin("gemm.scaled_gemm_torch", "test_gemm.py", (
         "test_scaled_gemm_matches_twin", "test_scaled_gemm_non_persistent_and_unaligned_k",
         "test_scaled_gemm_stream_k_matches_twin", "test_scaled_gemm_writes_into_out_rows", "test_scaled_gemm_gpu",
-        "test_scaled_gemm_stream_k_gpu", "test_scaled_gemm_few_tiles_default_gpu", "test_scaled_gemm_split_k_matches_twin",
-        "test_every_config_the_table_can_name_matches_twin", "test_scaled_gemm_split_k_gpu",
-        "test_table_configs_gpu")),
+        "test_scaled_gemm_stream_k_gpu", "test_scaled_gemm_few_tiles_default_gpu",
+        "test_scaled_gemm_split_k_matches_twin", "test_every_config_the_table_can_name_matches_twin",
+        "test_scaled_gemm_split_k_gpu", "test_table_configs_gpu")),
     "gemm_grouped.grouped_gemm": Twin("gemm_grouped.grouped_gemm_torch", "test_gemm_grouped.py", (
         "test_grouped_gemm_matches_twin", "test_grouped_gemm_gpu")),
     "gemv.gemv": Twin("gemv.gemv_torch", "test_gemv.py", ("test_gemv_matches_twin", "test_gemv_gpu")),

@@ -2,10 +2,12 @@
 
     python benchmarks/gemm_tune.py                        # five families, all three sweeps; H100/H200, < 4 min
     python benchmarks/gemm_tune.py --families pixart-sigma,flux --what gemm
+    python benchmarks/gemm_tune.py --what gemm --operands int8    # the int8 (W8A8) GEMM's rows
     python benchmarks/gemm_tune.py --quick                # 4 shapes, 6 candidates: a smoke test of the script
 
 Sweeps (``--what``):
-  gemm  the fp8 ``scaled_gemm`` (rank-32 epilogue + bias, bf16 out, as a W4A4 layer runs it) at each family's shapes
+  gemm  the fp8 (``--operands``: or int8) ``scaled_gemm`` (rank-32 epilogue + bias, bf16 out, as a W4A4 layer runs
+        it) at each family's shapes
         (``linear.FAMILY_SHAPES`` and the conditioning layers ``FAMILY_FEW_ROWS``) with every candidate of
         ``gemm_table.candidates()`` and its stream-K / split-K variants (128-row tiles left out for M <= 64), beside
         bf16 ``F.linear`` and the current default; a candidate whose output is further than ``MAX_REL_ERR`` from the
@@ -41,6 +43,8 @@ from _util import RESULTS_DIR, InterleavedGraphs, append_row, environment, geome
 from linear import FAMILY_FEW_ROWS, FAMILY_SHAPES, L2_BYTES, RANK, inputs, make_layer  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
+#: ``--operands`` -> operand dtype (the table's operand kinds)
+OPERANDS = {"fp8": FP8, "int8": torch.int8}
 #: a candidate further than this from the fp32 twin is left out: the bf16 rounding of the output (tests'
 #: SQNR_BF16_OUTPUT_DB)
 MAX_REL_ERR = 4e-3
@@ -49,7 +53,7 @@ MAX_SETS = 48
 
 
 # ---- which configs at which shape (pure: tested on CPU) ------------------------------------------------------------
-def shape_configs(m: int, n: int, k: int, sms: int, device: str, quick: bool = False):
+def shape_configs(m: int, n: int, k: int, sms: int, device: str, quick: bool = False, dtype=FP8):
     """(configs to time, aliases) at one shape: each candidate and its stream-K / split-K variants, no 128-row tiles
     for M <= 64, the current default and the rule always. A variant whose launch is its plain config's here is not
     timed: ``aliases`` maps its key to the plain key."""
@@ -65,11 +69,11 @@ def shape_configs(m: int, n: int, k: int, sms: int, device: str, quick: bool = F
             continue
         timed[cfg.key()] = cfg
         for var in gt.schedules(cfg):
-            if gm.launch_plan(m, n, k, var, FP8, sms) == gm.launch_plan(m, n, k, cfg, FP8, sms):
+            if gm.launch_plan(m, n, k, var, dtype, sms) == gm.launch_plan(m, n, k, cfg, dtype, sms):
                 aliases[var.key()] = cfg.key()
             else:
                 timed[var.key()] = var
-    for cfg in (gm.default_config(m, n, k, FP8, sms, device), gm.rule_config(m, n, k, FP8, sms)):
+    for cfg in (gm.default_config(m, n, k, dtype, sms, device), gm.rule_config(m, n, k, dtype, sms)):
         timed.setdefault(cfg.key(), cfg)
         aliases.pop(cfg.key(), None)
     return list(timed.values()), aliases
@@ -88,10 +92,11 @@ def derive_rows(results: list[dict], device: str, run: str, min_gain: float) -> 
 
     cells: dict = {}
     for r in results:
-        key = (gt.cell(r["M"], gt.M_EDGES), gt.cell(r["N"], gt.N_EDGES), gt.cell(r["K"], gt.K_EDGES))
+        key = (r.get("operands", "fp8"), gt.cell(r["M"], gt.M_EDGES), gt.cell(r["N"], gt.N_EDGES),
+               gt.cell(r["K"], gt.K_EDGES))
         cells.setdefault(key, []).append(r)
     rows = []
-    for (mc, nc, kc), res in sorted(cells.items()):
+    for (ops, mc, nc, kc), res in sorted(cells.items()):
         keys = set.intersection(*({k for k in set(r["ms"]) | set(r["alias"]) if ms_of(r, k)} for r in res))
         keys = {k for k in keys if any(k in r["ms"] for r in res)}
         rule = [ms_of(r, r["rule"]) for r in res]
@@ -102,7 +107,7 @@ def derive_rows(results: list[dict], device: str, run: str, min_gain: float) -> 
         gain = geomean(rule) / geo[best]
         if gain >= 1 + min_gain:
             shapes = ", ".join(f"{r['M']}x{r['K']}x{r['N']}" for r in res)
-            rows.append(dict(device=device, operands="fp8", m=mc, n=nc, k=kc, config=best, gain=gain,
+            rows.append(dict(device=device, operands=ops, m=mc, n=nc, k=kc, config=best, gain=gain,
                              source=f"linear_tune {run}: {shapes} (MxKxN), {gain:.2f}x the rule"))
     return rows
 
@@ -150,26 +155,29 @@ def recommend_act(act_rows: list[dict]) -> dict:
 
 
 # ---- compilation in worker processes --------------------------------------------------------------------------------
-def gemm_sets(m: int, n: int, k: int, count: int, rank: int = RANK):
-    """``count`` operand sets for ``scaled_gemm``: a (m, k) and b (n, k) fp8 with exact small-integer values, row and
-    column scales, the rank-r branch (lr (m, r), up (n, r) fp32) and a bias (n,)."""
+def gemm_sets(m: int, n: int, k: int, count: int, dtype=FP8, rank: int = RANK):
+    """``count`` operand sets for ``scaled_gemm``: a (m, k) and b (n, k) of ``dtype`` (fp8: small integers; int8: the
+    full range), row and column scales, the rank-r branch (lr (m, r), up (n, r) fp32) and a bias (n,)."""
+    lim, b_scale = (8, 1e-2) if dtype == FP8 else (127, 1e-4)
+
     def one():
-        a = torch.randint(-8, 8, (m, k), device="cuda").to(torch.float16).to(FP8)
-        b = torch.randint(-8, 8, (n, k), device="cuda").to(torch.float16).to(FP8)
-        return (a, b, torch.rand(m, device="cuda") + 0.5, torch.rand(n, device="cuda") * 1e-2,
+        a = torch.randint(-lim, lim, (m, k), device="cuda").to(torch.float16).to(dtype)
+        b = torch.randint(-lim, lim, (n, k), device="cuda").to(torch.float16).to(dtype)
+        return (a, b, torch.rand(m, device="cuda") + 0.5, torch.rand(n, device="cuda") * b_scale,
                 torch.randn(m, rank, device="cuda"), torch.randn(n, rank, device="cuda") * 1e-2,
                 torch.randn(n, device="cuda"))
     return [one() for _ in range(count)]
 
 
 def compile_groups(plans: dict) -> list[list]:
-    """The (config key, (m, n, k)) launches of the sweep, grouped by the kernel they compile (tiles, warps, stages:
-    persistence and split-K change only the grid), largest group first: one task per worker process."""
+    """The (operands, config key, (m, n, k)) launches of the sweep (``plans``: {(operands, family, (m, k, n)):
+    (configs, aliases)}), grouped by the kernel they compile (operands, tiles, warps, stages: persistence and split-K
+    change only the grid), largest group first: one task per worker process."""
     groups: dict = {}
-    for (_, (m, k, n)), (configs, _) in plans.items():
+    for (ops, _, (m, k, n)), (configs, _) in plans.items():
         for cfg in configs:
-            ident = (cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages)
-            groups.setdefault(ident, []).append((cfg.key(), (m, n, k)))
+            ident = (ops, cfg.BM, cfg.BN, cfg.BK, cfg.num_warps, cfg.num_stages)
+            groups.setdefault(ident, []).append((ops, cfg.key(), (m, n, k)))
     return sorted(groups.values(), key=len, reverse=True)
 
 
@@ -178,12 +186,12 @@ def _compile_task(launches):
     from fourbit.kernels import gemm as gm
 
     failed = []
-    for key, (m, n, k) in launches:
+    for ops, key, (m, n, k) in launches:
         try:
-            gm.scaled_gemm(*gemm_sets(m, n, k, 1)[0], config=gm.GemmConfig.from_key(key))
+            gm.scaled_gemm(*gemm_sets(m, n, k, 1, OPERANDS[ops])[0], config=gm.GemmConfig.from_key(key))
             torch.cuda.synchronize()
         except Exception as e:  # reported by the timing process too
-            failed.append([key, m, n, k, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"])
+            failed.append([ops, key, m, n, k, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"])
     return failed
 
 
@@ -210,12 +218,13 @@ def rel_err(y, ref) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
 
-def time_gemm_shape(family, m, n, k, configs, aliases, rounds, sms, device) -> dict:
+def time_gemm_shape(ops, family, m, n, k, configs, aliases, rounds, sms, device) -> dict:
     """One shape of the gemm sweep: bf16 and every config side by side; configs that fail, are inexact or needed
     fewer stages are in ``errors``."""
     from fourbit.kernels import gemm as gm
 
-    sets = gemm_sets(m, n, k, _count(m * k + n * k + 2 * m * n))
+    dtype = OPERANDS[ops]
+    sets = gemm_sets(m, n, k, _count(m * k + n * k + 2 * m * n), dtype)
     ref = gm.scaled_gemm_torch(*sets[0], out_dtype=torch.float32)
     xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(_count(2 * (m * k + n * k + m * n)))]
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in xs]
@@ -226,7 +235,8 @@ def time_gemm_shape(family, m, n, k, configs, aliases, rounds, sms, device) -> d
         fns = [lambda s=s, c=cfg: gm.scaled_gemm(*s, config=c) for s in sets]
         try:
             err = rel_err(fns[0](), ref)
-            fit = gm._FITTING_STAGES.get((cfg.key(), RANK, FP8, cfg.tma_store, str(sets[0][0].device)), cfg.num_stages)
+            fit = gm._FITTING_STAGES.get((cfg.key(), RANK, dtype, cfg.tma_store, str(sets[0][0].device)),
+                                         cfg.num_stages)
             if err > MAX_REL_ERR or fit < cfg.num_stages:
                 errors[cfg.key()] = f"rel err {err:.1e}" if err > MAX_REL_ERR else f"fits {fit} stages only"
                 continue
@@ -236,9 +246,9 @@ def time_gemm_shape(family, m, n, k, configs, aliases, rounds, sms, device) -> d
             errors[cfg.key()] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     times = dict(zip(names, graphs.run(rounds)))
     del sets, xs, ws
-    default, rule = gm.default_config(m, n, k, FP8, sms, device), gm.rule_config(m, n, k, FP8, sms)
-    return dict(family=family, M=m, K=k, N=n, bf16_ms=times.pop("bf16"), ms=times, alias=aliases, errors=errors,
-                default=default.key(), rule=rule.key())
+    default, rule = gm.default_config(m, n, k, dtype, sms, device), gm.rule_config(m, n, k, dtype, sms)
+    return dict(operands=ops, family=family, M=m, K=k, N=n, bf16_ms=times.pop("bf16"), ms=times, alias=aliases,
+                errors=errors, default=default.key(), rule=rule.key())
 
 
 class _MaxM:
@@ -305,22 +315,22 @@ def time_act_paths(family, m, k, rounds) -> dict:
 def markdown(gemm_rows, table_rows, gemv_rows, act_rows, rec) -> str:
     out = []
     if gemm_rows:
-        out.append("## fp8 scaled_gemm (rank-32 epilogue + bias), ms per call (CUDA graphs, interleaved medians)\n")
+        out.append("## scaled_gemm (rank-32 epilogue + bias), ms per call (CUDA graphs, interleaved medians)\n")
         body = []
         for r in gemm_rows:
             best = min(r["ms"], key=r["ms"].get)
             d = ms_of(r, r["default"]) or float("nan")
-            body.append([r["family"], f"{r['M']}x{r['K']}x{r['N']}", r["bf16_ms"], d, r["default"], r["ms"][best], best,
-                         d / r["ms"][best], r["bf16_ms"] / r["ms"][best]])
-        out.append(md_table(["family", "MxKxN", "bf16", "default", "default config", "best", "best config",
+            body.append([r["operands"], r["family"], f"{r['M']}x{r['K']}x{r['N']}", r["bf16_ms"], d, r["default"],
+                         r["ms"][best], best, d / r["ms"][best], r["bf16_ms"] / r["ms"][best]])
+        out.append(md_table(["operands", "family", "MxKxN", "bf16", "default", "default config", "best", "best config",
                              "best vs default", "best vs bf16"], body))
         fam = []
-        for f in dict.fromkeys(r["family"] for r in gemm_rows):
-            sel = [r for r in gemm_rows if r["family"] == f]
-            fam.append([f, len(sel), geomean([r["bf16_ms"] / ms_of(r, r["default"]) for r in sel]),
+        for ops, f in dict.fromkeys((r["operands"], r["family"]) for r in gemm_rows):
+            sel = [r for r in gemm_rows if (r["operands"], r["family"]) == (ops, f)]
+            fam.append([ops, f, len(sel), geomean([r["bf16_ms"] / ms_of(r, r["default"]) for r in sel]),
                         geomean([r["bf16_ms"] / min(r["ms"].values()) for r in sel])])
         out.append("\nGEMM alone vs bf16 F.linear, geometric mean per family:\n")
-        out.append(md_table(["family", "shapes", "default vs bf16", "best vs bf16"], fam))
+        out.append(md_table(["operands", "family", "shapes", "default vs bf16", "best vs bf16"], fam))
         out.append("\nRows for fourbit/kernels/gemm_table.py (TABLE):\n\n```python\nTABLE: tuple[Row, ...] = (\n"
                    + "\n".join(row_code(r) for r in table_rows) + "\n)\n```\n")
     if gemv_rows:
@@ -342,6 +352,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default=",".join(FAMILY_SHAPES))
     p.add_argument("--what", default="gemm,gemv,act", help="comma list of sweeps: gemm, gemv, act")
+    p.add_argument("--operands", default="fp8", help="comma list of GEMM operand kinds: fp8, int8 (W8A8)")
     p.add_argument("--rounds", type=int, default=10, help="interleaved replay rounds per shape")
     p.add_argument("--jobs", type=int, default=min(15, (os.cpu_count() or 2) - 1), help="compile processes")
     p.add_argument("--min-gain", type=float, default=0.03, help="a row where a config beats the rule by this")
@@ -365,22 +376,23 @@ def main(argv=None):
     few = [(f, s) for f in fams for s in FAMILY_FEW_ROWS[f]]
     if args.quick:
         shapes, few = shapes[:2] + shapes[-2:], few[:1]
-    plans = {(f, (m, k, n)): shape_configs(m, n, k, sms, device, quick=args.quick)
-             for f, (m, k, n) in shapes} if "gemm" in what else {}
+    operands = args.operands.split(",")
+    plans = {(ops, f, (m, k, n)): shape_configs(m, n, k, sms, device, quick=args.quick, dtype=OPERANDS[ops])
+             for ops in operands for f, (m, k, n) in shapes} if "gemm" in what else {}
     groups = compile_groups(plans)
     log(f"{env['device']}, {sms} SMs ({device}); {len(plans)} GEMM shapes, {sum(len(g) for g in groups)} "
         f"timings of {len(groups)} kernels; compiling in {min(args.jobs, len(groups))} processes")
     compile_s = compile_all(groups, args.jobs, log) if groups else 0.0
     gemm_rows, gemv_rows, act_rows, skipped = [], [], [], []
-    for (fam, (m, k, n)), (configs, aliases) in plans.items():
+    for (ops, fam, (m, k, n)), (configs, aliases) in plans.items():
         if time.time() - t0 > args.budget_s:
-            skipped.append(["gemm", fam, m, k, n])
+            skipped.append([f"gemm {ops}", fam, m, k, n])
             continue
-        r = time_gemm_shape(fam, m, n, k, configs, aliases, args.rounds, sms, device)
+        r = time_gemm_shape(ops, fam, m, n, k, configs, aliases, args.rounds, sms, device)
         gemm_rows.append(r)
         best = min(r["ms"], key=r["ms"].get)
         default_ms = ms_of(r, r["default"]) or float("nan")
-        log(f"gemm {fam} {m}x{k}x{n}: bf16 {r['bf16_ms']:.4f}, default {default_ms:.4f} ms, "
+        log(f"gemm {ops} {fam} {m}x{k}x{n}: bf16 {r['bf16_ms']:.4f}, default {default_ms:.4f} ms, "
             f"best {r['ms'][best]:.4f} ({best}); {len(r['errors'])} left out")
     if "gemv" in what:
         for fam, (m, k, n) in few:

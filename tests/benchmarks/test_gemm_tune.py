@@ -39,7 +39,7 @@ def test_shape_configs_alias_variants_that_do_not_take_effect(tune):
 
 
 def _result(m, k, n, ms, rule, alias=None):
-    return dict(family="f", M=m, K=k, N=n, bf16_ms=1.0, ms=ms, alias=alias or {}, errors={}, default=rule, rule=rule)
+    return dict(operands="fp8", family="f", M=m, K=k, N=n, bf16_ms=1.0, ms=ms, alias=alias or {}, errors={}, default=rule, rule=rule)
 
 
 def test_derive_rows_per_cell_against_the_rule(tune):
@@ -99,10 +99,12 @@ def test_recommendations(tune):
 def test_compile_groups_one_per_kernel(tune):
     """Launches are grouped by the kernel they compile (tiles, warps, stages): persistence and split-K only change
     the grid, so a config and its variants share a worker (no kernel compiled twice in parallel)."""
-    plans = {("f", (m, k, n)): tune.shape_configs(m, n, k, FP8_SMS, "sm90") for m, k, n in ((2, 1152, 6912),
-                                                                                           (8192, 640, 640))}
+    shapes = ((2, 1152, 6912), (8192, 640, 640))
+    plans = {(ops, "f", (m, k, n)): tune.shape_configs(m, n, k, FP8_SMS, "sm90", dtype=tune.OPERANDS[ops])
+             for ops in ("fp8", "int8") for m, k, n in shapes}
     groups = tune.compile_groups(plans)
     for g in groups:
-        assert len({key.split("-p")[0].split("-tma")[0] for key, _ in g}) == 1, g
+        assert len({(ops, key.split("-p")[0].split("-tma")[0]) for ops, key, _ in g}) == 1, g
     assert sum(len(g) for g in groups) == sum(len(c) for c, _ in plans.values())
-    assert len(groups) == 15  # TILES x STAGES that fit: 8 x 2 - 1
+    assert not any(c.split_k or c.stream_k for c in plans["int8", "f", shapes[0]][0])  # int8: data-parallel only
+    assert len(groups) == 2 * 15  # operands x (TILES x STAGES that fit: 8 x 2 - 1)

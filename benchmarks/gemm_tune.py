@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import RESULTS_DIR, InterleavedGraphs, append_row, environment, geomean, md_table, run_meta  # noqa: E402
+from _util import (RESULTS_DIR, InterleavedGraphs, append_row, environment, geomean, md_table, next_run,  # noqa: E402
+                   run_meta)
 from linear import FAMILY_FEW_ROWS, FAMILY_SHAPES, L2_BYTES, RANK, inputs, make_layer  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -415,8 +416,6 @@ def main(argv=None):
             r = act_rows[-1]
             log(f"act {fam} {m}x{k}: two {r['two_ms']:.4f}, mm {r['single+mm_ms']:.4f}, "
                 f"side {r['single+mm-side_ms']:.4f}")
-    from _util import next_run
-
     run = next_run(os.path.join(args.out, "linear_tune.jsonl"), env["date"])
     table_rows = derive_rows(gemm_rows, device, run, args.min_gain)
     rec = {}

@@ -39,7 +39,8 @@ def test_shape_configs_alias_variants_that_do_not_take_effect(tune):
 
 
 def _result(m, k, n, ms, rule, alias=None):
-    return dict(operands="fp8", family="f", M=m, K=k, N=n, bf16_ms=1.0, ms=ms, alias=alias or {}, errors={}, default=rule, rule=rule)
+    return dict(operands="fp8", family="f", M=m, K=k, N=n, bf16_ms=1.0, ms=ms, alias=alias or {}, errors={},
+                default=rule, rule=rule)
 
 
 def test_derive_rows_per_cell_against_the_rule(tune):
@@ -108,3 +109,15 @@ def test_compile_groups_one_per_kernel(tune):
     assert sum(len(g) for g in groups) == sum(len(c) for c, _ in plans.values())
     assert not any(c.split_k or c.stream_k for c in plans["int8", "f", shapes[0]][0])  # int8: data-parallel only
     assert len(groups) == 2 * 15  # operands x (TILES x STAGES that fit: 8 x 2 - 1)
+
+
+def test_report_renders(tune):
+    rule, a = "128x256x128-g8-w8-s3-p-tma", "128x128x128-g8-w8-s4-p-tma"
+    results = [_result(2048, 1280, 3840, {rule: 1.1, a: 1.0}, rule),
+               _result(2048, 2048, 3000, {rule: 2.2, a: 2.0}, rule)]
+    rows = tune.derive_rows(results, "sm90", "r", 0.03)
+    gemv = [dict(family="f", M=1, K=3072, N=9216, gemv_ms=1.0, gemm_ms=2.0, bf16_ms=1.5)]
+    act = [{"family": "f", "M": 8192, "K": 1152, "two_ms": 2.0, "single+mm_ms": 1.0, "single+mm-side_ms": 0.9}]
+    md = tune.markdown(results, rows, gemv, act, {"GemvConfig.max_m": 1})
+    assert "| fp8 | f | 2048x1280x3840 | 1 | 1.1 | 128x256x128-g8-w8-s3-p-tma | 1 | 128x128x128-g8-w8-s4-p-tma" in md
+    assert tune.row_code(rows[0]) in md and "GemvConfig.max_m" in md and "| f | 8192x1152 | 2 | 1 | 0.9 |" in md

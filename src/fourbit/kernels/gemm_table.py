@@ -96,6 +96,7 @@ TABLE: tuple[Row, ...] = ()
 
 _CACHE: dict = {}
 _CACHED_TABLE: list = [None]
+_MISS = object()
 
 
 def lookup(m: int, n: int, k: int, operands: str, device: str) -> Optional[str]:
@@ -106,8 +107,8 @@ def lookup(m: int, n: int, k: int, operands: str, device: str) -> Optional[str]:
         _CACHE.clear()
         _CACHED_TABLE[0] = table
     key = (m, n, k, operands, device)
-    hit = _CACHE.get(key, _CACHE)
-    if hit is _CACHE:
+    hit = _CACHE.get(key, _MISS)
+    if hit is _MISS:
         hit = next((row.config for row in table if row.holds(m, n, k, operands, device)), None)
         _CACHE[key] = hit
     return hit

@@ -297,10 +297,11 @@ def time_act_paths(family, m, k, rounds) -> dict:
     from fourbit.kernels.reference import smooth_reciprocal
 
     fmt, base = make_format("int4p2"), aq.DEFAULT_CONFIG
-    smooth = torch.rand(k, device="cuda") + 0.5
-    down = (torch.randn(RANK, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
+    kp = -(-k // fmt.group_size) * fmt.group_size  # K zero-padded to the group, as quantize does (SANA: 5600)
+    smooth = torch.rand(kp, device="cuda") + 0.5
+    down = (torch.randn(RANK, kp, device="cuda") / k ** 0.5).to(torch.bfloat16)
     folded = aq.fold_down(down, smooth)
-    kw = dict(padded_in=k, down_folded=folded, smooth_recip=smooth_reciprocal(smooth), down_cat=aq.cat_down(folded))
+    kw = dict(padded_in=kp, down_folded=folded, smooth_recip=smooth_reciprocal(smooth), down_cat=aq.cat_down(folded))
     paths = {"two": replace(base, lr_mm_rows=0), "single+mm": replace(base, lr_mm_rows=1, lr_mm_stream_max_k=0),
              "single+mm-side": replace(base, lr_mm_rows=1, lr_mm_stream_max_k=1 << 30)}
     xs = inputs(m, k)

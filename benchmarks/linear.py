@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -75,9 +76,11 @@ def make_layer(k, n, wname, aname, rank=RANK, device="cuda", dtype=torch.bfloat1
 
     g = torch.Generator(device=device).manual_seed(seed)
     wf, af = make_format(wname), make_format(aname)
-    w = torch.randn(n, k, device=device, generator=g) / k ** 0.5
-    smooth = torch.rand(k, device=device, generator=g) * 1.5 + 0.5
-    down = (torch.randn(rank, k, device=device, generator=g) / k ** 0.5).to(dtype)
+    mult = math.lcm(*(f.group_size or 1 for f in (wf, af)))
+    kp = -(-k // mult) * mult  # K zero-padded to the formats' group size, as fourbit.quantize does (SANA: 5600)
+    w = torch.nn.functional.pad(torch.randn(n, k, device=device, generator=g) / k ** 0.5, (0, kp - k))
+    smooth = torch.rand(kp, device=device, generator=g) * 1.5 + 0.5
+    down = (torch.randn(rank, kp, device=device, generator=g) / k ** 0.5).to(dtype)
     up = (torch.randn(n, rank, device=device, generator=g) * 0.1).to(dtype)
     state = QuantizedLinearState(wf.quantize(w), wf, af, smooth=smooth, lr_down=down, lr_up=up)
     bias = (torch.randn(n, device=device, generator=g) * 0.1).to(dtype)

@@ -37,6 +37,21 @@ def test_scaled_gemm_matches_twin(device, dtype):
         assert sqnr_db(ref, got) > (SQNR_FP32_REORDER_DB if device == "cpu" else SQNR_GPU_ACCUMULATE_DB)
 
 
+def test_scaled_gemm_branch_of_large_rank_in_chunks(device):
+    """A LoRA-grown branch (rank 100, padded to 128: four epilogue dots of BRANCH_CHUNK columns) matches the twin."""
+    from fourbit.kernels.gemm import BRANCH_CHUNK, GemmConfig, scaled_gemm, scaled_gemm_torch
+
+    m, n, k, r = 40, 72, 128, 100
+    assert r > BRANCH_CHUNK
+    a, b = (t.to(device) for t in gemm_operands(torch.float8_e4m3fn, m, n, k))
+    lr, up = torch.randn(m, r, device=device), torch.randn(n, r, device=device).bfloat16().float()
+    sa, sb = torch.rand(m, device=device) + 0.5, torch.rand(n, device=device) + 0.5
+    cfg = GemmConfig(32, 32, 64, 2, 4, 2, persistent=True)
+    got = scaled_gemm(a, b, sa, sb, lr, up, out_dtype=torch.float32, config=cfg)
+    ref = scaled_gemm_torch(a, b, sa, sb, lr, up, out_dtype=torch.float32)
+    assert sqnr_db(ref, got) > (SQNR_FP32_REORDER_DB if device == "cpu" else SQNR_GPU_ACCUMULATE_DB)
+
+
 def test_scaled_gemm_non_persistent_and_unaligned_k(device):
     from fourbit.kernels.gemm import GemmConfig, scaled_gemm, scaled_gemm_torch
 

@@ -10,14 +10,15 @@ from .kernel_helpers import SQNR_FP32_REORDER_DB, SQNR_GPU_ACCUMULATE_DB, gemm_o
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_grouped_gemm_matches_twin(device):
+@pytest.mark.parametrize("rank", [24, 100], ids=["rank24", "rank100-chunked"])
+def test_grouped_gemm_matches_twin(device, rank):
     from fourbit.kernels.gemm import GemmConfig
     from fourbit.kernels.gemm_grouped import grouped_gemm, grouped_gemm_torch
 
     m, n, k, g = 40, 72, 256, 64
     a, b = gemm_operands(torch.float8_e4m3fn, m, n, k)
     sa, sb = torch.rand(k // g, m) + 0.1, torch.rand(k // g, n) + 0.1
-    lr, up, bias = torch.randn(m, 24), torch.randn(n, 24), torch.randn(n)
+    lr, up, bias = torch.randn(m, rank), torch.randn(n, rank), torch.randn(n)
     a, b, sa, sb, lr, up, bias = (t.to(device) for t in (a, b, sa, sb, lr, up, bias))
     cfg = GemmConfig(32, 32, g, 2, 4, 2, persistent=True)
     got = grouped_gemm(a, b, sa, sb, g, lr, up, bias, out_dtype=torch.float32, config=cfg)

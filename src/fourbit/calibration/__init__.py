@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..utils.progress import Progress
-from .observers import ActivationObserver, CalibrationError, LayerStats, PartialStats, merge_partials
+from .observers import ActivationObserver, CalibrationError, InputHealth, LayerStats, PartialStats, merge_partials
 from .targets import Skipped, Target, layer_in_features, select_targets
 
 
@@ -32,16 +32,21 @@ def calibrate(model: nn.Module, targets: list[Target], forward_loop: Callable[[n
     """
     step = [0]
     bar = Progress(None, f"fourbit calibration ({len(targets)} layers)", enabled=progress, unit="forward calls")
+    health = InputHealth()
+    observers: list = []
 
-    def count_step(_module, _args):
+    def count_step(_module, _args):  # NaN/Inf of the previous forward call: one device sync per model call
+        health.check(observers)
         step[0] += 1
         bar.update(1)
 
     top_handle = model.register_forward_pre_hook(count_step)
-    observers = [ActivationObserver(t.name, t.module, max_rows, seed + i, step) for i, t in enumerate(targets)]
+    observers += [ActivationObserver(t.name, t.module, max_rows, seed + i, step, health)
+                  for i, t in enumerate(targets)]
     try:
         with torch.no_grad():
             forward_loop(model)
+        health.check(observers)
         partials = {o.name: o.partial() for o in observers}
     finally:
         bar.close()
@@ -57,4 +62,4 @@ def calibrate(model: nn.Module, targets: list[Target], forward_loop: Callable[[n
 
 
 __all__ = ["calibrate", "select_targets", "Target", "Skipped", "LayerStats", "PartialStats", "CalibrationError",
-           "ActivationObserver", "Collective", "merge_partials", "layer_in_features"]
+           "ActivationObserver", "InputHealth", "Collective", "merge_partials", "layer_in_features"]

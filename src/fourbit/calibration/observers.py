@@ -106,16 +106,57 @@ def merge_partials(name: str, parts: list[PartialStats], max_rows: int) -> Layer
     return LayerStats(absmax, rows, sum(p.rows_seen for p in parts), calls)
 
 
-class ActivationObserver:
-    """Forward pre-hook recording a layer's input statistics."""
+class InputHealth:
+    """NaN/Inf bookkeeping shared by a model's observers, kept on the device: no host sync per layer call.
 
-    def __init__(self, name: str, module: nn.Module, max_rows: int, seed: int, step_counter: list):
+    Each observer adds its call's count of non-finite inputs to one flag per device and remembers its own first
+    bad call (global call order, step, count); ``check`` syncs once (once per model forward in ``calibrate``) and
+    raises for the earliest bad call.
+    """
+
+    def __init__(self):
+        self.flags: dict[torch.device, Tensor] = {}
+        self.calls = 0  # layer calls so far, all observers together (host counter: the global call order)
+
+    def record(self, observer: "ActivationObserver", bad: Tensor, step: int) -> None:
+        flag = self.flags.get(bad.device)
+        self.flags[bad.device] = bad if flag is None else flag + bad
+        here = torch.tensor([self.calls, step, observer.calls], dtype=torch.int64, device=bad.device)
+        first = observer.first_bad  # (4,) int64: [order, step, call, count]; order -1 = none yet
+        hit = (bad > 0) & (first[0] < 0)
+        observer.first_bad = torch.where(hit, torch.cat([here, bad.reshape(1)]), first)
+        self.calls += 1
+
+    def check(self, observers: list) -> None:
+        """Raise ``CalibrationError`` for the earliest call that saw NaN/Inf inputs, if any (one sync per device)."""
+        if not any(int(f) for f in self.flags.values()):
+            return
+        firsts = [(o, o.first_bad.tolist()) for o in observers if o.first_bad is not None]
+        obs, (_, step, call, count) = min(((o, f) for o, f in firsts if f[0] >= 0), key=lambda of: of[1][0])
+        raise CalibrationError(
+            f"layer {obs.name!r} received {count} NaN/Inf input values at calibration step {step} (call {call} "
+            f"of this layer). Check the forward loop's inputs and the model in 16-bit before quantizing."
+        )
+
+
+class ActivationObserver:
+    """Forward pre-hook recording a layer's input statistics.
+
+    Everything stays on the device of the layer's inputs while the loop runs (per-channel maxima, the row sample
+    and its keys, the NaN/Inf count): a call launches a few kernels and never waits for them. ``partial``
+    moves the result to the CPU once at the end.
+    """
+
+    def __init__(self, name: str, module: nn.Module, max_rows: int, seed: int, step_counter: list,
+                 health: Optional[InputHealth] = None):
         self.name = name
         self.module = module
         self.max_rows = max_rows
         self.coeffs: Optional[Tensor] = None  # (K,) int64 hash coefficients, drawn on first call
         self.seed = seed
         self.step_counter = step_counter  # shared [int]: model-level forward calls so far
+        self.health = health if health is not None else InputHealth()
+        self.first_bad: Optional[Tensor] = None  # (4,) int64 on the inputs' device, see InputHealth.record
         self.absmax: Optional[Tensor] = None
         self.rows: Optional[Tensor] = None
         self.keys: Optional[Tensor] = None
@@ -135,21 +176,17 @@ class ActivationObserver:
         rows = self.to_rows(x.detach()).float()  # (M, K)
         if rows.shape[0] == 0:  # an empty batch: nothing to learn from this call
             return
-        if not torch.isfinite(rows).all():
-            bad = int((~torch.isfinite(rows)).sum())
-            raise CalibrationError(
-                f"layer {self.name!r} received {bad} NaN/Inf input values at calibration step "
-                f"{self.step_counter[0]} (call {self.calls} of this layer). Check the forward loop's inputs "
-                f"and the model in 16-bit before quantizing."
-            )
-        amax = rows.abs().amax(dim=0).cpu()
+        if self.first_bad is None:
+            self.first_bad = torch.tensor([-1, 0, 0, 0], dtype=torch.int64, device=rows.device)
+        self.health.record(self, (~torch.isfinite(rows)).sum(), self.step_counter[0])
+        amax = rows.abs().amax(dim=0)  # (K,)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
         self.rows_seen += rows.shape[0]
         if self.coeffs is None:
             g = torch.Generator().manual_seed(self.seed)
-            self.coeffs = torch.randint(0, 2**62, (rows.shape[1],), generator=g, dtype=torch.int64) * 2 + 1
+            self.coeffs = (torch.randint(0, 2**62, (rows.shape[1],), generator=g, dtype=torch.int64) * 2 + 1
+                           ).to(rows.device)
         new_rows, new_keys = _top_rows(rows, row_keys(rows, self.coeffs), self.max_rows)  # small before the merge
-        new_rows, new_keys = new_rows.cpu(), new_keys.cpu()
         if self.rows is None:
             self.rows, self.keys = new_rows, new_keys
         else:
@@ -157,9 +194,11 @@ class ActivationObserver:
                                              self.max_rows)
 
     def partial(self) -> PartialStats:
-        """This process's share (no check: a layer may be called on another rank only)."""
+        """This process's share, on the CPU (no check: a layer may be called on another rank only)."""
         self.handle.remove()
-        return PartialStats(self.absmax, self.rows, self.keys, self.rows_seen, self.calls)
+        self.health.check([self])
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        return PartialStats(cpu(self.absmax), cpu(self.rows), cpu(self.keys), self.rows_seen, self.calls)
 
     def finish(self) -> LayerStats:
         """The statistics of a single-process run (CalibrationError if the layer was never called)."""

@@ -64,9 +64,11 @@ def _mainloop(a_desc, b_desc, off_m, off_n, kt_lo, kt_hi, acc, BK: tl.constexpr,
 def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
               M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi,
               A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-              ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TMA_STORE: tl.constexpr):
+              ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TMA_STORE: tl.constexpr,
+              RCHUNK: tl.constexpr):
     """Scales, low-rank branch, bias, the output activation on columns [act_lo, act_hi); one rounding to the
-    output type; store the (BM, BN) tile."""
+    output type; store the (BM, BN) tile. The branch is summed over rank chunks of RCHUNK columns, so its shared
+    memory is that of a rank-RCHUNK branch whatever the rank (a LoRA grows it to 48..288)."""
     y = acc.to(tl.float32)
     offs_m = off_m + tl.arange(0, BM)
     offs_n = off_n + tl.arange(0, BN)
@@ -81,10 +83,11 @@ def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr
     if B_SCALE == 2:
         y = y * tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if RANK > 0:
-        offs_r = tl.arange(0, RANK)
-        lr = tl.load(lr_ptr + offs_m[:, None] * stride_lr + offs_r[None, :], mask=mask_m[:, None], other=0.0)
-        up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None], other=0.0)
-        y = tl.dot(lr, up.T, y, input_precision="tf32")  # (BM, R) @ (R, BN), fp32 accumulate into y
+        for r0 in tl.static_range(0, RANK, RCHUNK):
+            offs_r = r0 + tl.arange(0, RCHUNK)
+            lr = tl.load(lr_ptr + offs_m[:, None] * stride_lr + offs_r[None, :], mask=mask_m[:, None], other=0.0)
+            up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None], other=0.0)
+            y = tl.dot(lr, up.T, y, input_precision="tf32")  # (BM, RC) @ (RC, BN), fp32 accumulate into y
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if ACT > 0:
@@ -111,6 +114,7 @@ def _scaled_gemm_kernel(
     UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong, so 16-bit operands go through fp32
     TMA_STORE: tl.constexpr,  # store the output tile through a TMA descriptor (else masked pointer stores)
     STREAM_K: tl.constexpr,  # SK_ITERS > 0 (compiled in only then; never with ACC_INT)
+    RCHUNK: tl.constexpr,  # rank columns per branch dot in the epilogue (min(RANK, 32))
 ):
     """Tiles [0, DP_TILES): one program each, round robin. The remaining tiles (fewer than one wave; SK_ITERS =
     their K tiles in all, 0 = none) are shared out by K iterations, SK_PER per program (stream-K): a program
@@ -131,7 +135,7 @@ def _scaled_gemm_kernel(
                         UPCAST)
         _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
                   M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, A_SCALE, B_SCALE, RANK, HAS_BIAS, ACT,
-                  BM, BN, TMA_STORE)
+                  BM, BN, TMA_STORE, RCHUNK)
     if STREAM_K:
         start = pid * SK_PER
         it = tl.minimum(start + SK_PER, SK_ITERS)
@@ -151,7 +155,7 @@ def _scaled_gemm_kernel(
                     acc += tl.load(ws_ptr + q * (BM * BN) + offs_tile, cache_modifier=".cg")
                 _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr,
                           bias_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, A_SCALE, B_SCALE, RANK,
-                          HAS_BIAS, ACT, BM, BN, TMA_STORE)
+                          HAS_BIAS, ACT, BM, BN, TMA_STORE, RCHUNK)
             else:  # the head of a tile owned by a later program (only ever this program's last segment)
                 tl.store(ws_ptr + pid * (BM * BN) + offs_tile, acc)
                 tl.debug_barrier()  # every thread's part of the slot is written before the flag goes up
@@ -369,11 +373,16 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, NUM_PROGS=progs,
         MAX_IMPRECISE=cfg.BK if (cfg.precise and is_fp8 and not interpreting()) else None,
         FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, TMA_STORE=tma_store,
-        STREAM_K=sk_iters > 0, num_warps=cfg.num_warps, num_stages=stages,
+        STREAM_K=sk_iters > 0, RCHUNK=min(rank, BRANCH_CHUNK) if rank else BRANCH_CHUNK,
+        num_warps=cfg.num_warps, num_stages=stages,
     )
     launch_with_fewer_stages(launch, cfg.num_stages, (cfg.key(), rank, a.dtype, tma_store, str(a.device)))
     return c
 
+
+#: rank columns per epilogue dot of the low-rank branch: rank 32 (SVDQuant's) is one dot; a LoRA-grown branch
+#: takes several, in the shared memory of one (rank 32 + 128 in one dot needed 384 KiB at 1 stage on an H200)
+BRANCH_CHUNK = 32
 
 #: (config key, branch rank, operand dtype, TMA store, device) -> the pipeline depth that fits in shared memory
 _FITTING_STAGES: dict[tuple, int] = {}

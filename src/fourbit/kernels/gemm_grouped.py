@@ -18,14 +18,14 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import ceil_div, cdiv, check_device, next_pow2, num_sms, tma_aligned
-from .gemm import GemmConfig, TensorDescriptor, _pad_rank, _tile_coords
+from .gemm import BRANCH_CHUNK, GemmConfig, TensorDescriptor, _pad_rank, _tile_coords
 
 
 @triton.jit
 def _grouped_gemm_kernel(
     a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, lr_ptr, up_ptr, bias_ptr,
     M, N, K, stride_cm, stride_sa, stride_sb, stride_lr, stride_up,
-    G: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    G: tl.constexpr, RANK: tl.constexpr, RCHUNK: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -50,11 +50,14 @@ def _grouped_gemm_kernel(
             sb = tl.load(sb_ptr + g * stride_sb + offs_n, mask=mask_n, other=0.0)
             acc += d * (sa[:, None] * sb[None, :])
         y = acc
-        if RANK > 0:
-            offs_r = tl.arange(0, RANK)
-            lr = tl.load(lr_ptr + offs_m[:, None] * stride_lr + offs_r[None, :], mask=mask_m[:, None], other=0.0)
-            up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None], other=0.0)
-            y = tl.dot(lr, up.T, y, input_precision="tf32")
+        if RANK > 0:  # over rank chunks: the shared memory of a rank-RCHUNK branch whatever the rank
+            for r0 in tl.static_range(0, RANK, RCHUNK):
+                offs_r = r0 + tl.arange(0, RCHUNK)
+                lr = tl.load(lr_ptr + offs_m[:, None] * stride_lr + offs_r[None, :], mask=mask_m[:, None],
+                             other=0.0)
+                up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None],
+                             other=0.0)
+                y = tl.dot(lr, up.T, y, input_precision="tf32")
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
@@ -109,7 +112,7 @@ def grouped_gemm(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, group: int, lr: O
         c if lr is None else lr, c if up is None else up, c if bias is None else bias,
         m, n, k, c.stride(0), sa.shape[1], sb.shape[1],
         0 if lr is None else lr.stride(0), 0 if up is None else up.stride(0),
-        G=group, RANK=rank, HAS_BIAS=bias is not None, BM=cfg.BM, BN=cfg.BN, GROUP_M=cfg.GROUP_M,
+        G=group, RANK=rank, RCHUNK=min(rank, BRANCH_CHUNK) if rank else BRANCH_CHUNK, HAS_BIAS=bias is not None, BM=cfg.BM, BN=cfg.BN, GROUP_M=cfg.GROUP_M,
         NUM_PROGS=progs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c

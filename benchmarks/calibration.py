@@ -112,19 +112,18 @@ class _Deadline(Exception):
 
 
 class _Prompts(list):
-    """The prompt list, cut short once the calibration deadline passes (``run`` counts what was used; one prompt
-    at least)."""
+    """The prompt list, counting the prompts the pipeline loop reads (``run``); a prompt read after the calibration
+    deadline stops the run (``_Deadline``: calibration cut short, recorded as such)."""
 
     def __init__(self, items, deadline):
         super().__init__(items)
         self.deadline, self.run = deadline, 0
 
-    def __iter__(self):
-        for item in list.__iter__(self):
-            if self.run and time.perf_counter() > self.deadline:  # at least one prompt
-                return
-            self.run += 1
-            yield item
+    def __getitem__(self, i):
+        if self.run and time.perf_counter() > self.deadline:  # at least one prompt
+            raise _Deadline
+        self.run = max(self.run, i + 1)
+        return list.__getitem__(self, i)
 
 
 class _ConvertClock:

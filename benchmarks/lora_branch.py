@@ -132,9 +132,10 @@ def main(argv=None) -> int:
     rows = measure(args, cfg, device)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "lora_branch.jsonl")
+    run = next_run(path, meta["date"])
     with open(path, "a") as f:
         for row in rows:
-            f.write(json.dumps({**row, "meta": meta}) + "\n")
+            f.write(json.dumps({"benchmark": "lora_branch", "run": run, **row, "meta": meta}) + "\n")
     print(f"appended {len(rows)} rows to {path}")
     return 0
 

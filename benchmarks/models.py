@@ -20,6 +20,11 @@ the same blocks are compiled (regional ``torch.compile``, inductor default mode)
                  (the kernels an SVDQuant r32 checkpoint runs; values random), ``kernel="triton"``,
                  ``prepare_kernels``, blocks compiled with ``fourbit.nn.inductor_options()``
   fourbit-fp8    sibling linears fused, ``RTNConfig(fp8, fp8)`` (no branch), same kernels and compile options
+  fourbit-w4a4-inline, fourbit-fp8-inline
+                 the same quantization, compiled with ``inductor_options(act_quant="inline")``: each layer's
+                 activation quantization in torch ops that inductor generates inside the kernel producing X, then
+                 the GEMM alone (``fourbit::scaled_gemm``); the row's ``lowered_layers`` counts the layers lowered
+                 (``--tiny`` runs the reference kernel, which has nothing to lower: these rows equal the plain ones)
 
 Timing: each variant's step is captured in a CUDA graph after compilation and warm-up; the graphs of all variants
 of a model are replayed in alternation (``--rounds`` rounds after 3 warm-up rounds, median ms per variant), so clock
@@ -115,7 +120,7 @@ FAMILIES = {
                   inputs=dict(hidden_states=("randn", ("B", 64, 16)), encoder_hidden_states=("randn", ("B", 8, 32)),
                               pooled_projections=("randn", ("B", 16)), img_ids=("ids", 8, 0), txt_ids=("ids", 0, 8)))),
 }
-VARIANTS = ("bf16", "fp8-peer", "fourbit-w4a4", "fourbit-fp8")
+VARIANTS = ("bf16", "fp8-peer", "fourbit-w4a4", "fourbit-fp8", "fourbit-w4a4-inline", "fourbit-fp8-inline")
 
 
 def family(name: str, tiny: bool) -> dict:
@@ -280,18 +285,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compile_: bool = True) -> dict:
-    """Compile the blocks (fourbit: after ``prepare_kernels``, with ``inductor_options()``) and run the first step:
-    {compile_seconds, peak_step_bytes, out}."""
+def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compile_: bool = True,
+            act_quant: str = "pass") -> dict:
+    """Compile the blocks (fourbit: after ``prepare_kernels``, with ``inductor_options(act_quant)``) and run the first
+    step: {compile_seconds, peak_step_bytes, out} (fourbit: also ``lowered_layers``, the inline lowering's count)."""
+    from fourbit.kernels.fusion import fusion_stats
     from fourbit.nn import inductor_options, prepare_kernels
 
     t0 = time.perf_counter()
+    lowered = fusion_stats().get("inline", 0)
     with torch.inference_mode():
         if fourbit_kernels and not tiny:
             prepare_kernels(model, forward_loop=lambda m: m(**inputs))
         if compile_:
-            compile_blocks(model, fam, inductor_options() if fourbit_kernels and not tiny else None)
+            compile_blocks(model, fam, inductor_options(act_quant) if fourbit_kernels and not tiny else None)
         out = model(**inputs)[0]
+        lowered = fusion_stats().get("inline", 0) - lowered
         sync(device)
         secs = time.perf_counter() - t0
         peak = None
@@ -303,7 +312,8 @@ def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compi
             out = model(**inputs)[0]
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
-    return dict(compile_seconds=secs, peak_step_bytes=peak, out=out.float())
+    info = dict(lowered_layers=lowered) if fourbit_kernels else {}
+    return dict(compile_seconds=secs, peak_step_bytes=peak, out=out.float(), **info)
 
 
 def capture(model, inputs):
@@ -360,13 +370,16 @@ def run_model(name: str, args, device: str, log) -> dict:
             m = base if variant == "bf16" else copy.deepcopy(base)
             if variant == "fp8-peer":
                 res["fp8_recipe"] = fp8_peer(m, blocks, prefer_torchao=args.torchao and not tiny)
-            elif variant == "fourbit-w4a4":
+            elif variant.startswith("fourbit-w4a4"):
                 res.update(fourbit_variant(m, blocks, inputs, "int4p2", args.rank, kernel), format="int4p2",
                            rank=args.rank)
-            elif variant == "fourbit-fp8":
+            elif variant.startswith("fourbit-fp8"):
                 res.update(fourbit_variant(m, blocks, inputs, "fp8", 0, kernel), format="fp8", rank=0)
+            act_quant = "inline" if variant.endswith("-inline") else "pass"
+            if variant.startswith("fourbit"):
+                res["act_quant"] = act_quant
             res["weight_bytes"] = weight_bytes(m)
-            p = prepare(m, fam, inputs, device, variant.startswith("fourbit"), tiny, not args.no_compile)
+            p = prepare(m, fam, inputs, device, variant.startswith("fourbit"), tiny, not args.no_compile, act_quant)
             out = p.pop("out")
             res.update(p)
             if ref is None:

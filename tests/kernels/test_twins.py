@@ -59,6 +59,13 @@ TWINS = {
         "test_loaded_checkpoint_with_siblings_compiles_without_graph_breaks",
         "test_prepare_kernels_skips_operands_of_single_row_layers", "test_compiled_layers_gpu"),
         calls=("torch.compile", "eager")),
+    # the inline lowering: the quantization in torch ops, the GEMM alone as an op, the lowered layer
+    "act_inline.act_quant_inline": Twin("act_quant.act_quant_torch", "test_act_inline.py", (
+        "test_act_quant_inline_bit_exact", "test_act_quant_inline_gpu")),
+    "compiled.scaled_gemm_op": Twin("gemm.scaled_gemm_torch", "test_act_inline.py", (
+        "test_scaled_gemm_op_matches_twin",), calls=("fourbit.scaled_gemm", "scaled_gemm_torch")),
+    "compiled.quant_linear_inline": Twin("linear.linear_forward_uncompiled", "test_act_inline.py", (
+        "test_inline_block_compiled_matches_eager",), calls=("torch.compile", "eager")),
     # a graph pass, not a kernel: its twin is the unfused eager model
     "fusion.FuseAroundQuantLinear": Twin(None, "test_fusion.py", (
         "test_fusion_pass_moves_activations_and_concatenations", "test_fusion_pass_leaves_unsafe_graphs_alone",

@@ -121,10 +121,13 @@ class InputHealth:
     def record(self, observer: "ActivationObserver", bad: Tensor, step: int) -> None:
         flag = self.flags.get(bad.device)
         self.flags[bad.device] = bad if flag is None else flag + bad
-        here = torch.tensor([self.calls, step, observer.calls], dtype=torch.int64, device=bad.device)
-        first = observer.first_bad  # (4,) int64: [order, step, call, count]; order -1 = none yet
-        hit = (bad > 0) & (first[0] < 0)
-        observer.first_bad = torch.where(hit, torch.cat([here, bad.reshape(1)]), first)
+        # [order, step, call, count] of this call, built by fills: no host-to-device copy (a blocking copy would
+        # synchronise the stream at every layer call)
+        here = torch.empty(4, dtype=torch.int64, device=bad.device)
+        here[0], here[1], here[2] = self.calls, step, observer.calls
+        here[3] = bad
+        first = observer.first_bad  # (4,) int64; order -1 = no bad call yet
+        observer.first_bad = torch.where((bad > 0) & (first[0] < 0), here, first)
         self.calls += 1
 
     def check(self, observers: list) -> None:
@@ -177,7 +180,7 @@ class ActivationObserver:
         if rows.shape[0] == 0:  # an empty batch: nothing to learn from this call
             return
         if self.first_bad is None:
-            self.first_bad = torch.tensor([-1, 0, 0, 0], dtype=torch.int64, device=rows.device)
+            self.first_bad = torch.full((4,), -1, dtype=torch.int64, device=rows.device)
         self.health.record(self, (~torch.isfinite(rows)).sum(), self.step_counter[0])
         amax = rows.abs().amax(dim=0)  # (K,)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)

@@ -16,6 +16,12 @@ a layer without it falls back to the graph-breaking path and says so once.
 The last four arguments are what the graph rewrites of ``fusion.py`` fill in (traced layers pass None, "", 0, 0):
 ``x_tail``, a second column block of X (the layer's input was ``cat([x2, x_tail], -1)``, now never written), and
 ``act`` on output columns [act_lo, act_hi) (an activation that followed the layer, now in the GEMM's epilogue).
+
+The inline lowering (``fusion.py`` with ``act_quant="inline"``) replaces a quant_linear node by
+``quant_linear_inline`` (the same arguments): the activation quantization in plain torch ops
+(``act_inline.act_quant_inline``), which inductor generates inside the kernel that produces X, then the GEMM alone:
+
+    fourbit::scaled_gemm(a, b, a_scale, b_scale, lr, up, bias, out_dtype, act, act_lo, act_hi) -> (M, N)
 """
 import warnings  # no ``from __future__ import annotations``: custom_op reads the annotations as types
 from typing import Optional
@@ -103,3 +109,50 @@ def compiled_forward(layer, x2: Tensor, memory: bool) -> Tensor:
     weights = packed if memory else [st.weight.w, st.weight.col_scale, st.weight.group_scale] + packed
     return torch.ops.fourbit.quant_linear(x2, weights, st.smooth_recip, st.down_folded, st.down_cat, st.up,
                                           st.bias, st.op_key + ("|memory" if memory else "|speed"), None, "", 0, 0)
+
+
+# ---- the inline lowering: quantization in torch ops + the GEMM alone ---------------------------------------------
+@torch.library.custom_op("fourbit::scaled_gemm", mutates_args=())
+def scaled_gemm_op(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optional[Tensor], lr: Optional[Tensor],
+                   up: Optional[Tensor], bias: Optional[Tensor], out_dtype: torch.dtype, act: str, act_lo: int,
+                   act_hi: int) -> Tensor:
+    """``gemm.scaled_gemm`` as an op: a (M, K) x b (N, K) with row / column scales, the low-rank up-projection
+    (lr (M, R) @ up (N, R)^T), bias and ``act`` on output columns [act_lo, act_hi) -> (M, N) ``out_dtype``."""
+    from .activation import OutputActivation
+    from .gemm import scaled_gemm
+
+    a_scale = None if a_scale is None else a_scale.contiguous()
+    return scaled_gemm(a, b, a_scale, b_scale, lr, up, bias, out_dtype=out_dtype,
+                       act=OutputActivation(act, act_lo, act_hi) if act else None)
+
+
+@scaled_gemm_op.register_fake
+def _(a, b, a_scale, b_scale, lr, up, bias, out_dtype, act, act_lo, act_hi):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+def inlinable(key: str, rows) -> bool:
+    """Whether the inline lowering takes a quant_linear node with this key and ``rows`` rows (an int, or symbolic):
+    speed mode, the 'scaled' plan, an activation format of ``act_inline.INLINE_MODES``, and more rows than the GEMV
+    takes (those keep the op, whose GEMV reads the packed weight)."""
+    from .act_inline import inline_supported
+    from .linear import few_rows
+
+    if not key.endswith("|speed"):
+        return False
+    act_format, _, _, _, plan = _lookup(key)
+    return plan == "scaled" and inline_supported(act_format) and not (isinstance(rows, int) and few_rows(rows))
+
+
+def quant_linear_inline(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key, x_tail, act, act_lo,
+                        act_hi):
+    """``quant_linear`` (same arguments, speed mode) as torch ops around ``fourbit::scaled_gemm``: what the inline
+    lowering makes inductor trace. X's concatenation (``x_tail``) is a torch.cat that inductor may fuse."""
+    from .act_inline import act_quant_inline
+
+    act_format, _, padded_in, _, _ = _lookup(key)
+    x = x2 if x_tail is None else torch.cat([x2, x_tail], 1)  # (M, K)
+    a = act_quant_inline(x, act_format, padded_in=padded_in, down_folded=down_folded, smooth_recip=smooth_recip,
+                         down_cat=down_cat)
+    return torch.ops.fourbit.scaled_gemm(a.q, weights[0], a.row_scale, weights[1], a.lr,
+                                         None if a.lr is None else up, bias, x2.dtype, act, act_lo, act_hi)

@@ -14,12 +14,19 @@ runs ``FuseAroundQuantLinear`` on each graph dynamo captures, before its own low
    before ``proj_out``.
 
 Each rewrite checks that it is safe (the values it removes have no other readers; a strided column slice only
-flows into consumers that accept any strides) and otherwise leaves the graph alone. ``fusion_stats()`` counts
-what was rewritten.
+flows into consumers that accept any strides) and otherwise leaves the graph alone.
+
+3. **Inline activation quantization** (opt-in, ``inductor_options(act_quant="inline")``): after 1 and 2, each
+   quant_linear node that ``compiled.inlinable`` accepts (speed mode, FP8-operand formats, more rows than the GEMV)
+   calls ``compiled.quant_linear_inline`` instead: the quantization as torch ops, which inductor generates inside
+   the kernel producing X, then ``fourbit::scaled_gemm`` (with the epilogue activation of rewrite 1).
+
+``fusion_stats()`` counts what was rewritten.
 """
 from __future__ import annotations
 
 import operator
+import os
 from collections import Counter
 from typing import Optional
 
@@ -34,7 +41,7 @@ except ImportError:  # pragma: no cover - older torch: a plain callable (no FX-g
 _STATS: Counter = Counter()
 
 # quant_linear's positional arguments (``compiled.quant_linear``)
-_X, _TAIL, _ACT, _ACT_LO, _ACT_HI = 0, 8, 9, 10, 11
+_X, _KEY, _TAIL, _ACT, _ACT_LO, _ACT_HI = 0, 7, 8, 9, 10, 11
 _N_ARGS = 12
 
 
@@ -241,18 +248,50 @@ def fuse_concatenations(graph: fx.Graph) -> int:
     return done
 
 
+def lower_inline(graph: fx.Graph) -> int:
+    """Rewrite 3 (module docstring). Returns how many layers now quantize their input in torch ops."""
+    from .compiled import inlinable, quant_linear_inline
+
+    done = 0
+    for op in [n for n in graph.nodes if _is_quant_linear(n)]:
+        x2, key = _val(op.args[_X]), op.args[_KEY]
+        if x2 is None or not isinstance(key, str) or not inlinable(key, x2.shape[0]):
+            continue
+        op.target = quant_linear_inline  # same arguments; AOTAutograd traces it into aten ops + scaled_gemm
+        done += 1
+    _STATS["inline"] += done
+    return done
+
+
+#: ``inductor_options(act_quant=...)``: "pass" (``act_quant``'s kernels inside the op) or "inline" (rewrite 3)
+ACT_QUANT_LOWERINGS = ("pass", "inline")
+
+
 class FuseAroundQuantLinear(CustomGraphPass):
-    """The inductor pre-grad pass: ``fuse_activations`` then ``fuse_concatenations``."""
+    """The inductor pre-grad pass: ``fuse_activations``, ``fuse_concatenations``, and with ``act_quant="inline"``
+    ``lower_inline``."""
+
+    def __init__(self, act_quant: str = "pass"):
+        if act_quant not in ACT_QUANT_LOWERINGS:
+            raise ValueError(f"act_quant must be one of {ACT_QUANT_LOWERINGS}, got {act_quant!r}")
+        self.act_quant = act_quant
 
     def __call__(self, graph: fx.Graph) -> None:
         fuse_activations(graph)
         fuse_concatenations(graph)
+        if self.act_quant == "inline":
+            lower_inline(graph)
         graph.lint()
 
     def uuid(self):
-        return get_hash_for_files((__file__,)) if get_hash_for_files is not None else None
+        if get_hash_for_files is None:
+            return None
+        here = os.path.dirname(os.path.abspath(__file__))
+        files = (__file__,) + tuple(os.path.join(here, f) for f in ("compiled.py", "act_inline.py"))
+        return (get_hash_for_files(files), self.act_quant)
 
 
-def inductor_options() -> dict:
-    """``torch.compile(..., options=fourbit.nn.inductor_options())``: inductor settings that install the pass."""
-    return {"pre_grad_custom_pass": FuseAroundQuantLinear()}
+def inductor_options(act_quant: str = "pass") -> dict:
+    """``torch.compile(..., options=fourbit.nn.inductor_options())``: inductor settings that install the pass.
+    ``act_quant="inline"``: quantize each eligible layer's input in torch ops (rewrite 3)."""
+    return {"pre_grad_custom_pass": FuseAroundQuantLinear(act_quant)}

@@ -21,14 +21,18 @@ def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
     return model
 
 
-def inductor_options() -> dict:
+def inductor_options(act_quant: str = "pass") -> dict:
     """Options for ``torch.compile(..., options=fourbit.nn.inductor_options())`` (or ``module.compile(...)``) that
     fuse the code around quantized layers into their kernels: an activation after a layer goes into its GEMM's
     epilogue, and a concatenation that only feeds a layer is read in place (``fourbit/kernels/fusion.py``).
-    Use with the Triton kernels after ``prepare_kernels``; without them the options change nothing."""
+    Use with the Triton kernels after ``prepare_kernels``; without them the options change nothing.
+
+    ``act_quant="inline"`` (opt-in): layers with int4p2 / fp4p2 / fp8 activations in speed mode quantize their input
+    in torch ops that inductor generates inside the kernel producing it (norm, modulation, GELU, residual add), then
+    run the GEMM alone; the default "pass" runs fourbit's own quantization kernel inside each layer's op."""
     from ..kernels.fusion import inductor_options as options
 
-    return options()
+    return options(act_quant)
 
 
 @contextmanager

@@ -121,9 +121,9 @@ def main(argv=None) -> int:
     if not args.tiny and not torch.cuda.is_available():
         print("inline_probe.py needs a CUDA GPU (or --tiny)", file=sys.stderr)
         return 2
-    import torch._dynamo
+    import torch._dynamo as dynamo  # "import torch._dynamo" here would make torch a local name of main()
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
     device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
     dims = TINY if args.tiny else FULL
     env = environment()

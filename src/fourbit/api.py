@@ -112,6 +112,15 @@ def _convert_alone(target: Target, stats: Optional[LayerStats], device) -> nn.Mo
     return new
 
 
+def _load_cuda_linalg(targets: list, device) -> None:
+    """One small eigen-decomposition on the conversion GPU before the threads start: torch loads its CUDA linear
+    algebra library lazily, and two threads loading it at once fail ("lazy wrapper should be called at most
+    once", seen on an H200 with torch 2.11)."""
+    dev = torch.device(device) if device is not None else (targets[0].module.weight.device if targets else None)
+    if dev is not None and dev.type == "cuda":
+        torch.linalg.eigh(torch.eye(2, dtype=torch.float64, device=dev))
+
+
 def converted_in_order(targets: list, stats: dict, device=None, workers: int = 1):
     """Yield (target, quantized module) in the order of ``targets``; with ``workers`` > 1 up to that many layers
     convert concurrently in threads (each layer's conversion is independent: same result as one at a time), and
@@ -120,6 +129,7 @@ def converted_in_order(targets: list, stats: dict, device=None, workers: int = 1
         for t in targets:
             yield t, convert_layer(t, stats.get(t.name), device)
         return
+    _load_cuda_linalg(targets, device)
     todo = iter(targets)
     with ThreadPoolExecutor(workers, thread_name_prefix="fourbit-convert") as pool:
         pending = deque((t, pool.submit(_convert_alone, t, stats.get(t.name), device))

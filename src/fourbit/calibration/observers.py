@@ -55,13 +55,15 @@ class PartialStats:
 _MIX1, _MIX2 = -4658895280553007687, -7723592293110705685  # splitmix64 finaliser constants as signed int64
 
 
-def row_keys(rows: Tensor, coeffs: Tensor, chunk: int = 4096) -> Tensor:
+def row_keys(rows: Tensor, coeffs: Tensor, chunk: Optional[int] = None) -> Tensor:
     """A seeded 64-bit hash of each row's fp32 bits: ``(M, K) -> (M,)`` int64, exact on any device.
 
     Linear hash ``sum_k bits_k * coeffs_k`` (int64 arithmetic wraps, so the sum is exact in any order) followed
-    by the splitmix64 finaliser so that every bit of the key is mixed.
+    by the splitmix64 finaliser so that every bit of the key is mixed. ``chunk`` rows at a time (default: up to
+    2^26 int64 products, 512 MiB, so a layer call is usually one chunk: few launches per call).
     """
     coeffs = coeffs.to(rows.device)
+    chunk = chunk or max(1, (1 << 26) // max(1, rows.shape[1]))
     out = []
     for i in range(0, rows.shape[0], chunk):
         bits = rows[i:i + chunk].contiguous().view(torch.int32).to(torch.int64)  # (m, K)
@@ -69,6 +71,8 @@ def row_keys(rows: Tensor, coeffs: Tensor, chunk: int = 4096) -> Tensor:
         h = (h ^ _logical_shr(h, 30)) * _MIX1
         h = (h ^ _logical_shr(h, 27)) * _MIX2
         out.append(h ^ _logical_shr(h, 31))
+    if len(out) == 1:
+        return out[0]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=rows.device)
 
 
@@ -109,36 +113,35 @@ def merge_partials(name: str, parts: list[PartialStats], max_rows: int) -> Layer
 class InputHealth:
     """NaN/Inf bookkeeping shared by a model's observers, kept on the device: no host sync per layer call.
 
-    Each observer adds its call's count of non-finite inputs to one flag per device and remembers its own first
-    bad call (global call order, step, count); ``check`` syncs once (once per model forward in ``calibrate``) and
-    raises for the earliest bad call.
+    Each layer call is numbered on the host (``order``: its step and the layer's call count); an observer adds
+    its call's count of non-finite input channels to one flag per device and keeps, on the device, the number and
+    count of its first bad call. ``check`` syncs once (once per model forward in ``calibrate``) and raises for the
+    earliest bad call.
     """
 
     def __init__(self):
         self.flags: dict[torch.device, Tensor] = {}
-        self.calls = 0  # layer calls so far, all observers together (host counter: the global call order)
+        self.order: list[tuple[int, int]] = []  # per layer call, all observers together: (step, layer's call)
 
     def record(self, observer: "ActivationObserver", bad: Tensor, step: int) -> None:
         flag = self.flags.get(bad.device)
         self.flags[bad.device] = bad if flag is None else flag + bad
-        # [order, step, call, count] of this call, built by fills: no host-to-device copy (a blocking copy would
-        # synchronise the stream at every layer call)
-        here = torch.empty(4, dtype=torch.int64, device=bad.device)
-        here[0], here[1], here[2] = self.calls, step, observer.calls
-        here[3] = bad
-        first = observer.first_bad  # (4,) int64; order -1 = no bad call yet
-        observer.first_bad = torch.where((bad > 0) & (first[0] < 0), here, first)
-        self.calls += 1
+        hit = (bad > 0) & (observer.first_bad[0] < 0)  # first_bad: (2,) int64 [call number, count]; -1 = none
+        observer.first_bad = torch.where(hit, torch.stack([bad.new_full((), len(self.order)), bad]),
+                                         observer.first_bad)
+        self.order.append((step, observer.calls))
 
     def check(self, observers: list) -> None:
         """Raise ``CalibrationError`` for the earliest call that saw NaN/Inf inputs, if any (one sync per device)."""
         if not any(int(f) for f in self.flags.values()):
             return
         firsts = [(o, o.first_bad.tolist()) for o in observers if o.first_bad is not None]
-        obs, (_, step, call, count) = min(((o, f) for o, f in firsts if f[0] >= 0), key=lambda of: of[1][0])
+        obs, (number, count) = min(((o, f) for o, f in firsts if f[0] >= 0), key=lambda of: of[1][0])
+        step, call = self.order[number]
         raise CalibrationError(
-            f"layer {obs.name!r} received {count} NaN/Inf input values at calibration step {step} (call {call} "
-            f"of this layer). Check the forward loop's inputs and the model in 16-bit before quantizing."
+            f"layer {obs.name!r} received NaN/Inf inputs in {count} input channel(s) at calibration step {step} "
+            f"(call {call} of this layer). Check the forward loop's inputs and the model in 16-bit before "
+            f"quantizing."
         )
 
 
@@ -180,21 +183,19 @@ class ActivationObserver:
         if rows.shape[0] == 0:  # an empty batch: nothing to learn from this call
             return
         if self.first_bad is None:
-            self.first_bad = torch.full((4,), -1, dtype=torch.int64, device=rows.device)
-        self.health.record(self, (~torch.isfinite(rows)).sum(), self.step_counter[0])
-        amax = rows.abs().amax(dim=0)  # (K,)
+            self.first_bad = torch.full((2,), -1, dtype=torch.int64, device=rows.device)
+        amax = rows.abs().amax(dim=0)  # (K,); NaN/Inf where a row had one in that channel
+        self.health.record(self, torch.isfinite(amax).logical_not_().sum(), self.step_counter[0])
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
         self.rows_seen += rows.shape[0]
         if self.coeffs is None:
             g = torch.Generator().manual_seed(self.seed)
             self.coeffs = (torch.randint(0, 2**62, (rows.shape[1],), generator=g, dtype=torch.int64) * 2 + 1
                            ).to(rows.device)
-        new_rows, new_keys = _top_rows(rows, row_keys(rows, self.coeffs), self.max_rows)  # small before the merge
-        if self.rows is None:
-            self.rows, self.keys = new_rows, new_keys
-        else:
-            self.rows, self.keys = _top_rows(torch.cat([self.rows, new_rows]), torch.cat([self.keys, new_keys]),
-                                             self.max_rows)
+        keys = row_keys(rows, self.coeffs)
+        if self.rows is not None:  # one merge of the kept sample with every new row: few launches per call
+            rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
+        self.rows, self.keys = _top_rows(rows, keys, self.max_rows)
 
     def partial(self) -> PartialStats:
         """This process's share, on the CPU (no check: a layer may be called on another rank only)."""

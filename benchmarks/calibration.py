@@ -179,8 +179,7 @@ def run_one(name: str, args, device: str) -> dict:
     row = dict(model=name, scale=args.scale, denoiser=spec["cls"], parameters=n_params, dtype=str(dtype)[6:],
                variant=args.variant, resolution=size, prompts_planned=args.prompts, steps=args.steps,
                guidance_scale=spec["guidance"], cfg_batch=2 if spec["cfg"] else 1, layers_total=len(targets),
-               budget_s=budget, build_s=round(build_s, 2), gpu_resident_before_gib=round(resident, 2),
-               convert_workers=fourbit.api.conversion_workers(targets, None))
+               budget_s=budget, build_s=round(build_s, 2), gpu_resident_before_gib=round(resident, 2))
     t0 = time.perf_counter()
     try:
         fourbit.quantize_pipeline(pipe, config, prompts, num_inference_steps=args.steps,
@@ -221,8 +220,6 @@ def main(argv=None) -> int:
                         "of what the build leaves; a phase cut short is recorded as incomplete")
     p.add_argument("--calibration-share", type=float, default=0.5,
                    help="the part of the budget left after the build that calibration may use (default 0.5)")
-    p.add_argument("--convert-workers", type=int, default=None,
-                   help="layers converted at once on the GPU (default: fourbit.api.CUDA_CONVERT_WORKERS)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                  "calibration.jsonl"))
     args = p.parse_args(argv)
@@ -230,10 +227,6 @@ def main(argv=None) -> int:
     from _util import environment, next_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.convert_workers:
-        import fourbit.api
-
-        fourbit.api.CUDA_CONVERT_WORKERS = args.convert_workers
     meta = environment()
     meta["git_commit"] = os.environ.get("FOURBIT_GIT_COMMIT") or _git_commit()
     meta["command"] = " ".join(["python", "benchmarks/calibration.py"] + (argv if argv is not None else sys.argv[1:]))

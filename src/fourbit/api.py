@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import sys
 import time
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -86,66 +83,9 @@ def convert_layer(target: Target, stats: Optional[LayerStats], device=None) -> Q
     return new.to(module.weight.device)
 
 
-#: concurrent layer conversions when they run on a CUDA GPU (the eigen-solver of each layer's low-rank split
-#: leaves the GPU mostly idle; each layer is converted alone on its own stream, so the result is the same)
-CUDA_CONVERT_WORKERS = 4
-
-
-def conversion_workers(targets: list, convert_device=None) -> int:
-    """How many layers convert at once: ``CUDA_CONVERT_WORKERS`` on a CUDA device, else 1."""
-    if not targets:
-        return 1
-    dev = torch.device(convert_device) if convert_device is not None else targets[0].module.weight.device
-    return CUDA_CONVERT_WORKERS if dev.type == "cuda" else 1
-
-
-def _convert_alone(target: Target, stats: Optional[LayerStats], device) -> nn.Module:
-    """``convert_layer`` on a stream of its own when it runs on a CUDA device (finished before it returns)."""
-    dev = torch.device(device) if device is not None else target.module.weight.device
-    if dev.type != "cuda":
-        return convert_layer(target, stats, device)
-    stream = torch.cuda.Stream(device=dev)
-    stream.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(stream):
-        new = convert_layer(target, stats, device)
-    stream.synchronize()
-    return new
-
-
-def _load_cuda_linalg(targets: list, device) -> None:
-    """One small eigen-decomposition on the conversion GPU before the threads start: torch loads its CUDA linear
-    algebra library lazily, and two threads loading it at once fail ("lazy wrapper should be called at most
-    once", seen on an H200 with torch 2.11)."""
-    dev = torch.device(device) if device is not None else (targets[0].module.weight.device if targets else None)
-    if dev is not None and dev.type == "cuda":
-        torch.linalg.eigh(torch.eye(2, dtype=torch.float64, device=dev))
-
-
-def converted_in_order(targets: list, stats: dict, device=None, workers: int = 1):
-    """Yield (target, quantized module) in the order of ``targets``; with ``workers`` > 1 up to that many layers
-    convert concurrently in threads (each layer's conversion is independent: same result as one at a time), and
-    at most 2 x workers converted layers wait for their turn."""
-    if workers <= 1:
-        for t in targets:
-            yield t, convert_layer(t, stats.get(t.name), device)
-        return
-    _load_cuda_linalg(targets, device)
-    todo = iter(targets)
-    with ThreadPoolExecutor(workers, thread_name_prefix="fourbit-convert") as pool:
-        pending = deque((t, pool.submit(_convert_alone, t, stats.get(t.name), device))
-                        for t in itertools.islice(todo, 2 * workers))
-        while pending:
-            target, future = pending.popleft()
-            new = future.result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(_convert_alone, nxt, stats.get(nxt.name), device)))
-            yield target, new
-
-
 def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Callable[[nn.Module], None]] = None,
              *, progress: bool = True, verbose: bool = True, convert_device=None, store=None,
-             collective=None, convert_workers: Optional[int] = None) -> nn.Module:
+             collective=None) -> nn.Module:
     """Quantize ``model`` in place with ``config`` and return it.
 
     forward_loop(model) runs the model on calibration inputs (a sampler over timesteps and prompts, a loop
@@ -159,8 +99,6 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Calla
     (``fourbit.pipelines.resume.WorkFolder`` is one).
     collective (e.g. ``fourbit.distributed.Ranks``): each process runs its own share of the calibration data in
     ``forward_loop`` and the statistics are merged exactly across processes; every process then converts.
-    convert_workers: layers converted at once (default: ``conversion_workers``: 4 on a CUDA GPU, 1 on the CPU);
-    the result does not depend on it.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a fourbit config (e.g. fourbit.SVDQuantConfig()), got {type(config).__name__}")
@@ -197,27 +135,20 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Calla
     t0 = time.perf_counter()
     new_modules = {}
     with Progress(len(targets), f"fourbit {config.method}", enabled=progress) as bar:
-        for target in targets:  # layers a resumable run already converted
+        for target in targets:
             new = store.load_layer(target.name) if store is not None else None
             if new is not None:
-                new_modules[target.name] = new.to(target.module.weight.device)
-        todo = [t for t in targets if t.name not in new_modules]
-        workers = convert_workers or conversion_workers(todo, convert_device)
-        converted = converted_in_order(todo, stats, convert_device, workers)
-        try:
-            for target in targets:
-                if target.name not in new_modules:
-                    _, new = next(converted)
-                    if store is not None:
-                        store.save_layer(target.name, new)
-                    new_modules[target.name] = new
-                info = dict(new_modules[target.name].quant_info)
-                if target.padded_in != target.in_features:
-                    info["padded_from"] = target.in_features
-                report.layers[target.name] = _jsonable(info)
-                bar.update(1, note=target.name)
-        finally:
-            converted.close()  # on an error: the conversions in flight finish, none starts
+                new = new.to(target.module.weight.device)
+            else:
+                new = convert_layer(target, stats.get(target.name), device=convert_device)
+                if store is not None:
+                    store.save_layer(target.name, new)
+            new_modules[target.name] = new
+            info = dict(new_modules[target.name].quant_info)
+            if target.padded_in != target.in_features:
+                info["padded_from"] = target.in_features
+            report.layers[target.name] = _jsonable(info)
+            bar.update(1, note=target.name)
     # swap only once every layer converted: a failure above leaves the model untouched
     for name, new in new_modules.items():
         set_module(model, name, new)

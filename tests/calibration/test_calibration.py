@@ -106,22 +106,7 @@ def test_always_zero_channel_is_not_smoothed_and_warned():
     assert err < 1.3 * err_seen, (err, err_seen)
 
 
-def test_concurrent_conversion_gives_the_same_model():
-    """Layers converted by several threads (as on a CUDA GPU) equal those converted one at a time, in order."""
-    torch.manual_seed(0)
-    batches = tiny_batches(3)
-    one, three = TinyNet(), TinyNet()
-    three.load_state_dict(one.state_dict())
-    cfg = fourbit.SVDQuantConfig(rank=4)
-    for model, workers in ((one, 1), (three, 3)):
-        fourbit.quantize(model, cfg, forward_loop=loop_over(batches), verbose=False, progress=False,
-                         convert_workers=workers)
-    a, b = one.state_dict(), three.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert list(one.fourbit_report.layers) == list(three.fourbit_report.layers)
-
-
-def test_failed_concurrent_conversion_leaves_the_model_untouched(monkeypatch):
+def test_failed_conversion_leaves_the_model_untouched(monkeypatch):
     import fourbit.api as api
 
     model = TinyNet()
@@ -136,6 +121,6 @@ def test_failed_concurrent_conversion_leaves_the_model_untouched(monkeypatch):
     monkeypatch.setattr(api, "convert_layer", failing)
     with pytest.raises(RuntimeError, match="conversion failed"):
         fourbit.quantize(model, fourbit.SVDQuantConfig(rank=4), forward_loop=loop_over(tiny_batches(2)),
-                         verbose=False, progress=False, convert_workers=2)
+                         verbose=False, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert isinstance(model.fc, nn.Linear)

@@ -92,7 +92,30 @@ K_EDGES = (0, 2048, 4096, 8192, 1 << 30)
 
 #: the measured rows, first match wins; a problem no row holds takes ``gemm.rule_config``. Paste the rows
 #: ``benchmarks/gemm_tune.py`` prints (it prints a row only where a config beat the rule in that cell).
-TABLE: tuple[Row, ...] = ()
+TABLE: tuple[Row, ...] = (
+    Row("sm90", "fp8", (0, 16), (0, 1024), (0, 2048), "64x128x128-g8-w4-s4-p-tma",
+        "linear_tune 2026-12-04 (H200): 2x1280x640 (MxKxN), 1.05x the rule"),
+    Row("sm90", "fp8", (16, 256), (1024, 2048), (0, 2048), "128x64x128-g8-w4-s4-p-tma",
+        "linear_tune 2026-12-04 (H200): 154x2048x1280 (MxKxN), 1.06x the rule"),
+    Row("sm90", "fp8", (256, 1024), (1024, 2048), (4096, 8192), "64x128x128-g8-w4-s4-p-tma",
+        "linear_tune 2026-12-04 (H200): 666x6144x1536 (MxKxN), 1.83x the rule"),
+    Row("sm90", "fp8", (256, 1024), (2048, 4096), (0, 2048), "128x64x128-g8-w4-s4-tma",
+        "linear_tune 2026-12-04 (H200): 600x1152x2304 (MxKxN), 1.46x the rule"),
+    Row("sm90", "fp8", (256, 1024), (4096, 8192), (0, 2048), "64x256x128-g8-w8-s4-p-tma",
+        "linear_tune 2026-12-04 (H200): 666x1536x4608, 666x1536x6144 (MxKxN), 1.08x the rule"),
+    Row("sm90", "fp8", (256, 1024), (8192, 1 << 30), (2048, 4096), "128x64x128-g8-w4-s4-tma",
+        "linear_tune 2026-12-04 (H200): 512x3072x9216, 512x3072x12288 (MxKxN), 1.06x the rule"),
+    Row("sm90", "fp8", (1024, 2048), (2048, 4096), (2048, 4096), "128x128x128-g8-w4-s4-tma",
+        "linear_tune 2026-12-04 (H200): 2048x2240x2240 (MxKxN), 1.08x the rule"),
+    Row("sm90", "fp8", (1024, 2048), (2048, 4096), (4096, 8192), "128x128x128-g8-w4-s4-tma",
+        "linear_tune 2026-12-04 (H200): 2048x5632x2240 (MxKxN), 1.15x the rule"),
+    Row("sm90", "fp8", (2048, 4096), (2048, 4096), (8192, 1 << 30), "128x256x128-g8-w8-s3-p-tma",
+        "linear_tune 2026-12-04 (H200): 4096x12288x3072 (MxKxN), 1.04x the rule"),
+    Row("sm90", "fp8", (4096, 8192), (0, 1024), (0, 2048), "128x64x128-g8-w4-s3-tma",
+        "linear_tune 2026-12-04 (H200): 8192x640x640 (MxKxN), 1.05x the rule"),
+    Row("sm90", "fp8", (4096, 8192), (0, 1024), (2048, 4096), "128x128x128-g8-w4-s4-p-tma",
+        "linear_tune 2026-12-04 (H200): 8192x2560x640 (MxKxN), 1.10x the rule"),
+)
 
 _CACHE: dict = {}
 _CACHED_TABLE: list = [None]

@@ -237,6 +237,11 @@ class SVDQuantConfig(QuantConfig):
     refine_iters: extra iterations re-decomposing W^ - Q(R) and re-quantizing R, keeping the best.
     smooth: False gives "SVDQuant without smoothing" (the paper's ablation).
     rank: None picks the paper's setting: 32 for 4-bit weights, 16 for 8-bit weights.
+    search_split: how the alpha search splits each candidate W^ into branch + residual: "exact" (default) or
+           "randomized" (a seeded randomized range finder, rank + 16 columns, two power iterations: one small
+           eigen-decomposition per alpha instead of a full one). Either way the chosen alpha's split is exact.
+           Measured (CPU): a 3072 x 3072 layer 246 s -> 30 s; on the bundled models it picked another alpha in 18 of
+           35 (DiT) and 45 of 56 (UNet) layers, per-layer calibration error up to 7% higher: opt-in.
     """
 
     method: ClassVar[str] = "svdquant"
@@ -245,9 +250,12 @@ class SVDQuantConfig(QuantConfig):
     alpha_grid: tuple = field(default_factory=_alpha_grid)
     refine_iters: int = 0
     smooth: bool = True
+    search_split: str = "exact"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.search_split not in ("randomized", "exact"):
+            raise ValueError(f"search_split must be 'randomized' or 'exact', got {self.search_split!r}")
         if self.rank is None:
             self.rank = 16 if self.weight_format().code_bits == 8 else 32
         _check_rank(self.rank)

@@ -6,7 +6,9 @@ import fourbit
 from fourbit.calibration import LayerStats
 from fourbit.formats import make_format
 from fourbit.methods import get_transform
-from fourbit.methods.common import low_rank, output_error, smoothing_factors
+from fourbit.methods.common import low_rank, low_rank_randomized, output_error, smoothing_factors
+
+from ..helpers import outlier_layer
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -33,6 +35,38 @@ def test_low_rank_is_eckart_young_optimal(shape):
     s = torch.linalg.svdvals(w)
     residual = (w - up.double() @ down.double()).norm()
     assert residual == pytest.approx(s[8:].pow(2).sum().sqrt().item(), rel=1e-5)
+
+
+def test_randomized_split_is_near_optimal_on_a_decaying_spectrum_and_seeded():
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    s = 0.9 ** torch.arange(200, dtype=torch.float64)  # a decaying spectrum, as trained weights have
+    w = (u[:, :200] * s) @ v.t()  # (300, 200)
+    down, up = low_rank_randomized(w, 8)
+    assert down.shape == (8, 200) and up.shape == (300, 8)
+    optimal = s[8:].pow(2).sum().sqrt().item()
+    assert (w - up.double() @ down.double()).norm().item() == pytest.approx(optimal, rel=1e-3)
+    again = low_rank_randomized(w, 8)
+    assert torch.equal(down, again[0]) and torch.equal(up, again[1])
+    exact = low_rank(w.float()[:20], 8)  # rank + oversample >= min(N, K): the exact split
+    assert all(torch.equal(a, b) for a, b in zip(low_rank_randomized(w.float()[:20], 8), exact))
+
+
+def test_randomized_alpha_search_picks_the_exact_searchs_alpha_and_splits_exactly():
+    x, w = outlier_layer()
+    stats = LayerStats(x.abs().amax(0), x[:512], x.shape[0], 1)
+    states = {}
+    for split in ("randomized", "exact"):
+        cfg = fourbit.SVDQuantConfig(weights="int4", activations="int4", rank=16, search_split=split,
+                                     alpha_grid=(0.2, 0.4, 0.6, 0.8))
+        states[split] = get_transform(cfg)(w, stats, cfg)
+    fast, exact = states["randomized"], states["exact"]
+    assert fast.info["alpha"] == exact.info["alpha"]
+    assert torch.equal(fast.lr_down, exact.lr_down) and torch.equal(fast.lr_up, exact.lr_up)
+    assert fast.info["calib_rel_error"] == exact.info["calib_rel_error"]
+    with pytest.raises(ValueError, match="search_split"):
+        fourbit.SVDQuantConfig(search_split="approximate")
 
 
 def test_smoothing_is_exact_in_float():

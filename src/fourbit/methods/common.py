@@ -86,6 +86,37 @@ def low_rank(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return lr_down.float(), lr_up.float()
 
 
+def low_rank_randomized(weight: Tensor, rank: int, oversample: int = 16, power_iters: int = 2,
+                        seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A rank-r approximation of weight (N, K) = lr_up (N, r) @ lr_down (r, K) by a seeded randomized range finder
+    (Halko, Martinsson and Tropp 2011): a basis of W's range from W @ Omega (Omega (K, r + oversample) Gaussian,
+    drawn on the CPU from ``seed``: the same on any device) sharpened by ``power_iters`` rounds of W W^T, then
+    the exact top-r split of W projected on it. Close to ``low_rank`` when W's spectrum decays (real weights), and
+    it costs GEMMs with r + oversample columns and one small eigen-decomposition instead of a min(N, K) one.
+    Same factor convention as ``low_rank`` (float64 inside, fp32 out)."""
+    w = weight.double()
+    n, k = w.shape
+    r = min(rank, n, k)
+    q = r + oversample
+    if q >= min(n, k):  # nothing to gain: the exact split
+        return low_rank(weight, rank)
+    g = torch.Generator().manual_seed(seed)
+    y = w @ torch.randn(k, q, generator=g, dtype=torch.float64).to(w.device)  # (N, q)
+    for _ in range(power_iters):  # re-orthonormalised each half step (keeps the small directions)
+        z = w.t() @ torch.linalg.qr(y).Q  # (K, q)
+        y = w @ torch.linalg.qr(z).Q  # (N, q)
+    basis = torch.linalg.qr(y).Q  # (N, q) orthonormal
+    b = basis.t() @ w  # (q, K): W projected on the basis
+    evals, evecs = torch.linalg.eigh(b @ b.t())  # (q,), (q, q) ascending
+    u = basis @ evecs[:, -r:].flip(-1)  # (N, r) left singular vectors of the projection
+    sigma = evals[-r:].flip(-1).clamp_min(0).sqrt()
+    root = sigma.sqrt()
+    inv_root = torch.where(root > 0, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
+    lr_up = u * root
+    lr_down = inv_root[:, None] * (u.t() @ w)  # sqrt(S) V^T
+    return lr_down.float(), lr_up.float()
+
+
 def state_output(state: QuantizedLinearState, x: Tensor) -> Tensor:
     """What the quantized layer computes for rows x (n, Kp) (no bias): the reference numerics."""
     xs = x if state.smooth is None else x * smooth_reciprocal(state.smooth)

@@ -3,9 +3,10 @@
 For each alpha (fixed or searched over ``cfg.alpha_grid``):
     lambda = smoothing_factors(max|X|, W, alpha);  W^ = W diag(lambda)  (columns = input channels)
     W^ ~= lr_up @ lr_down (rank r, by SVD);  R = W^ - lr_up @ lr_down;  quantize R
-and keep the alpha whose layer output error on the calibration rows is smallest (searched with RTN rounding;
-with weight_rounding="gptq" the chosen residual is then GPTQ-rounded on x / lambda). ``refine_iters``
-re-decomposes W^ - deq(Q(R)) and re-quantizes the new residual, keeping the best iterate.
+and keep the alpha whose layer output error on the calibration rows is smallest (searched with RTN rounding and,
+with ``search_split="randomized"``, a randomized rank-r split per candidate, the chosen alpha then split exactly; with
+weight_rounding="gptq" the chosen residual is GPTQ-rounded on x / lambda). ``refine_iters`` re-decomposes
+W^ - deq(Q(R)) and re-quantizes the new residual, keeping the best iterate.
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import torch
 
 from ..config import SVDQuantConfig
 from . import register_method
-from .common import (best_of, calibration_rows, low_rank, output_error, padded_absmax, quantize_state,
-                     rounding_kwargs, smoothing_factors)
+from .common import (best_of, calibration_rows, low_rank, low_rank_randomized, output_error, padded_absmax,
+                     quantize_state, rounding_kwargs, smoothing_factors)
 
 
-def _decompose(w_hat, lam, cfg, wf, af, rounding, **info):
-    lr_down, lr_up = low_rank(w_hat, cfg.rank) if cfg.rank > 0 else (None, None)
+def _decompose(w_hat, lam, cfg, wf, af, rounding, split=low_rank, **info):
+    lr_down, lr_up = split(w_hat, cfg.rank) if cfg.rank > 0 else (None, None)
     residual = w_hat if lr_down is None else w_hat - lr_up @ lr_down
     return quantize_state(residual, wf, af, smooth=lam, lr_down=lr_down, lr_up=lr_up, **rounding, **info)
 
@@ -46,13 +47,17 @@ def svdquant(weight, stats, cfg):
     else:
         alphas = [cfg.alpha] if cfg.alpha is not None else list(cfg.alpha_grid)
     absmax = padded_absmax(stats, weight)
+    search_split = low_rank_randomized if cfg.search_split == "randomized" and len(alphas) > 1 else low_rank
     candidates = []
     for alpha in alphas:
         lam = None if alpha is None else smoothing_factors(absmax, weight, alpha)
         w_hat = weight if lam is None else weight * lam
-        state = _decompose(w_hat, lam, cfg, wf, af, {}, alpha=alpha)  # alpha is searched with RTN rounding
+        state = _decompose(w_hat, lam, cfg, wf, af, {}, split=search_split, alpha=alpha)  # searched with RTN
         candidates.append((output_error(state, x, y_ref), state, w_hat))
     err, state, w_hat = min(candidates, key=lambda c: c[0])
+    if search_split is not low_rank and cfg.rank > 0:  # the chosen alpha's exact split
+        state = _decompose(w_hat, state.smooth, cfg, wf, af, {}, **state.info)
+        err = output_error(state, x, y_ref)
     rounding = rounding_kwargs(cfg, stats, weight, state.smooth)  # GPTQ sees the smoothed rows x / lambda
     if rounding:  # GPTQ: re-round the chosen alpha's residual (one GPTQ per layer, not one per alpha)
         state = _decompose(w_hat, state.smooth, cfg, wf, af, rounding, **state.info)

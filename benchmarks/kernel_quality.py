@@ -7,7 +7,7 @@ model's own trajectories through the plain-torch reference), then sample the sam
 "reference" (the emulation every quality number in the README was measured with), "triton" (speed mode: FP8 GEMMs
 whose tensor cores accumulate with reduced precision), the same with the accumulator promoted to fp32,
 "triton-memory", and "triton" with the model under ``torch.compile`` and the fusion pass (GELU in the GEMM
-epilogue); and, as a control, the reference with its fp32 GEMMs in TF32 (a perturbation of the same size). Reports
+epilogue), also with the activation quantization generated inside X's producer (``act_quant="inline"``); and, as a control, the reference with its fp32 GEMMs in TF32 (a perturbation of the same size). Reports
 each against the reference kernel's images (LPIPS-Alex, PSNR) and against the 16-bit model's.
 Appends a row to benchmarks/results/kernel_quality.jsonl.
 """
@@ -62,13 +62,14 @@ def _precise_fp8_gemm():
     return gemm.default_configs(torch.float8_e4m3fn, lambda cfg: dataclasses.replace(cfg, precise=True))
 
 
-#: (label, kernel, compiled with the fusion pass, setting while sampling)
-VARIANTS = [("reference", "reference", False, contextlib.nullcontext),
-            ("reference, TF32 matmuls (control)", "reference", False, _tf32_matmuls),
-            ("triton", "triton", False, contextlib.nullcontext),
-            ("triton, FP8 accumulator promoted", "triton", False, _precise_fp8_gemm),
-            ("triton-memory", "triton-memory", False, contextlib.nullcontext),
-            ("triton, compiled + fusion pass", "triton", True, contextlib.nullcontext)]
+#: (label, kernel, compiled with the fusion pass: None or its act_quant mode, setting while sampling)
+VARIANTS = [("reference", "reference", None, contextlib.nullcontext),
+            ("reference, TF32 matmuls (control)", "reference", None, _tf32_matmuls),
+            ("triton", "triton", None, contextlib.nullcontext),
+            ("triton, FP8 accumulator promoted", "triton", None, _precise_fp8_gemm),
+            ("triton-memory", "triton-memory", None, contextlib.nullcontext),
+            ("triton, compiled + fusion pass", "triton", "pass", contextlib.nullcontext),
+            ("triton, compiled + inline quantization", "triton", "inline", contextlib.nullcontext)]
 
 
 def run_model(name: str, args, log) -> dict:
@@ -96,13 +97,15 @@ def run_model(name: str, args, log) -> dict:
     out = {"model": name, "samples": args.samples, "steps": args.steps, "variants": {}}
     images = {}
     for label, kernel, compiled, setting in VARIANTS:
+        if label != "reference" and args.variants and not any(v in label for v in args.variants.split(",")):
+            continue
         set_kernel(model, kernel)
         run = model
         try:
             if compiled:
                 prepare_kernels(model)
                 torch._dynamo.reset()
-                run = torch.compile(model, options=inductor_options())
+                run = torch.compile(model, options=inductor_options(act_quant=compiled))
             with setting():
                 imgs, secs = _sample_all(run, spec, args, classes, seeds)
         except Exception as e:  # one failing variant must not lose the others
@@ -134,6 +137,8 @@ def _ci(m, nd=4) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="fashion-dit,fashion-unet")
+    p.add_argument("--variants", default=None, help="comma list of label parts, e.g. 'inline,fusion' (the reference "
+                   "kernel always runs): only the variants whose label contains one")
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--calib-samples", type=int, default=32)

@@ -61,20 +61,6 @@ def test_scaled_gemm_non_persistent_and_unaligned_k(device):
     assert torch.equal(got, scaled_gemm_torch(a, b, out_dtype=torch.float32))
 
 
-def _assert_twin_and_repeatable(a, b, cfg):
-    """scaled_gemm with row/column scales, a rank-20 branch and bias: the twin's result in the interpreter, and
-    the same bits on a second launch."""
-    from fourbit.kernels import gemm as gm
-
-    m, n = a.shape[0], b.shape[0]
-    sa, sb = torch.rand(m) + 0.5, torch.rand(n) + 0.5
-    lr, up, bias = torch.randn(m, 20), torch.randn(n, 20).bfloat16().float(), torch.randn(n)
-    got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
-    ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
-    assert sqnr_db(ref, got) > SQNR_FP32_REORDER_DB
-    assert torch.equal(gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg), got)
-
-
 @pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("n,rem", [(80, 3), (112, 1)], ids=["3-tail-tiles", "1-tail-tile"])
 @pytest.mark.parametrize("k", [64, 320, 1024], ids=["k-tiles-2", "k-tiles-10", "k-tiles-32"])
@@ -91,7 +77,12 @@ def test_scaled_gemm_stream_k_matches_twin(dtype, k, n, rem):
     k_tiles = -(-k // 32)
     progs, dp, sk_iters, per = gm.launch_plan(m, n, k, cfg, dtype, 4)
     assert (progs, dp, sk_iters) == (4, 3 * (n // 16) - rem, rem * k_tiles)
-    _assert_twin_and_repeatable(a, b, cfg)
+    sa, sb = torch.rand(m) + 0.5, torch.rand(n) + 0.5
+    lr, up, bias = torch.randn(m, 20), torch.randn(n, 20).bfloat16().float(), torch.randn(n)
+    got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
+    ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
+    assert sqnr_db(ref, got) > SQNR_FP32_REORDER_DB
+    assert torch.equal(gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg), got)
 
 
 @pytest.mark.usefixtures("interpret")
@@ -113,7 +104,12 @@ def test_scaled_gemm_split_k_matches_twin(dtype, n, k, plan):
     cfg = gm.GemmConfig(32, 16, 32, 2, 4, 2, persistent=True, split_k=True)
     tiles = 2 * -(-n // 16)
     assert gm.launch_plan(m, n, k, cfg, dtype, 4) == (plan if dtype != torch.int8 else (tiles, tiles, 0, 0))
-    _assert_twin_and_repeatable(a, b, cfg)
+    sa, sb = torch.rand(m) + 0.5, torch.rand(n) + 0.5
+    lr, up, bias = torch.randn(m, 20), torch.randn(n, 20).bfloat16().float(), torch.randn(n)
+    got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
+    ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
+    assert sqnr_db(ref, got) > SQNR_FP32_REORDER_DB
+    assert torch.equal(gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg), got)
 
 
 def _table_configs():

@@ -51,8 +51,6 @@ OPERANDS = {"fp8": FP8, "int8": torch.int8}
 MAX_REL_ERR = 4e-3
 #: operand sets per shape at most (small layers would need hundreds to exceed the L2)
 MAX_SETS = 48
-#: a layer's K is zero-padded to its formats' group (int4p2: 64) before the GEMM (SANA's 5600 -> 5632)
-GROUP = 64
 
 
 # ---- which configs at which shape (pure: tested on CPU) ------------------------------------------------------------
@@ -294,12 +292,13 @@ def time_few_rows(family, k, n, ms, rounds) -> list[dict]:
 
 def time_act_paths(family, m, k, rounds) -> dict:
     """act_quant int4p2 with smoothing and the rank-32 branch (factors cached as a layer caches them) on each path."""
+    from fourbit.calibration.targets import padded_in_features
     from fourbit.formats import make_format
     from fourbit.kernels import act_quant as aq
     from fourbit.kernels.reference import smooth_reciprocal
 
     fmt, base = make_format("int4p2"), aq.DEFAULT_CONFIG
-    kp = -(-k // fmt.group_size) * fmt.group_size  # K zero-padded to the group, as quantize does (SANA: 5600)
+    kp = padded_in_features(k, fmt, fmt)  # K zero-padded as quantize pads it (SANA: 5600 -> 5632)
     smooth = torch.rand(kp, device="cuda") + 0.5
     down = (torch.randn(RANK, kp, device="cuda") / k ** 0.5).to(torch.bfloat16)
     folded = aq.fold_down(down, smooth)
@@ -367,6 +366,8 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("gemm_tune.py needs a CUDA GPU", file=sys.stderr)
         return 1
+    from fourbit.calibration.targets import padded_in_features
+    from fourbit.formats import make_format
     from fourbit.kernels import gemm as gm
     from fourbit.kernels._common import device_class
 
@@ -381,7 +382,8 @@ def main(argv=None):
     if args.quick:
         shapes, few = shapes[:2] + shapes[-2:], few[:1]
     operands = args.operands.split(",")
-    gemm_shapes = [(f, (m, -(-k // GROUP) * GROUP, n)) for f, (m, k, n) in shapes]  # the K a layer's GEMM sees
+    int4p2 = make_format("int4p2")
+    gemm_shapes = [(f, (m, padded_in_features(k, int4p2, int4p2), n)) for f, (m, k, n) in shapes]  # the K it sees
     plans = {(ops, f, (m, k, n)): shape_configs(m, n, k, sms, device, quick=args.quick, dtype=OPERANDS[ops])
              for ops in operands for f, (m, k, n) in gemm_shapes} if "gemm" in what else {}
     groups = compile_groups(plans)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -83,13 +82,13 @@ L2_BYTES = 50 << 20
 def make_layer(k, n, wname, aname, rank=RANK, device="cuda", dtype=torch.bfloat16, seed=0):
     """A QuantLinear with random weight, smoothing factors, rank-r branch and bias (speed only: values are
     random, the numerics are those of a real layer)."""
+    from fourbit.calibration.targets import padded_in_features
     from fourbit.formats import make_format
     from fourbit.nn import QuantizedLinearState, QuantLinear
 
     g = torch.Generator(device=device).manual_seed(seed)
     wf, af = make_format(wname), make_format(aname)
-    mult = math.lcm(*(f.group_size or 1 for f in (wf, af)))
-    kp = -(-k // mult) * mult  # K zero-padded to the formats' group size, as fourbit.quantize does (SANA: 5600)
+    kp = padded_in_features(k, wf, af)  # K zero-padded as fourbit.quantize pads it (SANA: 5600 -> 5632)
     w = torch.nn.functional.pad(torch.randn(n, k, device=device, generator=g) / k ** 0.5, (0, kp - k))
     smooth = torch.rand(kp, device=device, generator=g) * 1.5 + 0.5
     down = (torch.randn(rank, kp, device=device, generator=g) / k ** 0.5).to(dtype)

@@ -162,7 +162,7 @@ class ActivationObserver:
         self.seed = seed
         self.step_counter = step_counter  # shared [int]: model-level forward calls so far
         self.health = health if health is not None else InputHealth()
-        self.first_bad: Optional[Tensor] = None  # (4,) int64 on the inputs' device, see InputHealth.record
+        self.first_bad: Optional[Tensor] = None  # (2,) int64 on the inputs' device, see InputHealth.record
         self.absmax: Optional[Tensor] = None
         self.rows: Optional[Tensor] = None
         self.keys: Optional[Tensor] = None

@@ -43,17 +43,23 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatchcase(name, p) for p in patterns)
 
 
-def _required_multiple(cfg: QuantConfig, k: int) -> int:
-    """The K multiple both formats need (lcm of the weight and activation group sizes)."""
+def required_multiple(weight_format, act_format=None) -> int:
+    """The multiple of K a layer with these formats needs (lcm of their group sizes; 4-bit codes pack in pairs)."""
     from math import lcm
 
     m = 1
-    for fmt in (cfg.weight_format(), cfg.activation_format()):
+    for fmt in (weight_format, act_format):
         if fmt is not None and fmt.group_size is not None:
             m = lcm(m, fmt.group_size)
-    if cfg.weight_format().code_bits == 4:
+    if weight_format.code_bits == 4:
         m = lcm(m, 2)  # two codes per byte
     return m
+
+
+def padded_in_features(k: int, weight_format, act_format=None) -> int:
+    """K zero-padded to ``required_multiple`` (SANA's 5600 -> 5632 for int4p2 W4A4), as ``fourbit.quantize`` pads."""
+    mult = required_multiple(weight_format, act_format)
+    return -(-k // mult) * mult
 
 
 def select_targets(model: nn.Module, cfg: QuantConfig) -> tuple[list[Target], list[Skipped]]:
@@ -74,7 +80,7 @@ def select_targets(model: nn.Module, cfg: QuantConfig) -> tuple[list[Target], li
             skipped.append(Skipped(name, "conv with groups>1, non-zero padding mode or string padding: kept 16-bit"))
             continue
         k = layer_in_features(module)
-        mult = _required_multiple(layer_cfg, k)
+        mult = required_multiple(layer_cfg.weight_format(), layer_cfg.activation_format())
         kp = -(-k // mult) * mult
         if kp - k > max(k, MAX_PAD):
             raise ValueError(f"layer {name}: padding in_features {k} to a multiple of {mult} (the group size) would "

@@ -393,7 +393,7 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
         MAX_IMPRECISE=cfg.BK if (cfg.precise and is_fp8 and not interpreting()) else None,
         FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, TMA_STORE=tma_store,
-        STREAM_K=sk_iters > 0, RCHUNK=min(rank, BRANCH_CHUNK) if rank else BRANCH_CHUNK,
+        STREAM_K=sk_iters > 0, RCHUNK=branch_chunk(rank),
         num_warps=cfg.num_warps, num_stages=stages,
     )
     launch_with_fewer_stages(launch, cfg.num_stages, (cfg.key(), rank, a.dtype, tma_store, str(a.device)))
@@ -403,6 +403,11 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
 #: rank columns per epilogue dot of the low-rank branch: rank 32 (SVDQuant's) is one dot; a LoRA-grown branch
 #: takes several, in the shared memory of one (rank 32 + 128 in one dot needed 384 KiB at 1 stage on an H200)
 BRANCH_CHUNK = 32
+
+
+def branch_chunk(rank: int) -> int:
+    """The epilogue's rank columns per dot for a (padded) branch rank (any power of two >= 16 when there is none)."""
+    return min(rank, BRANCH_CHUNK) if rank else BRANCH_CHUNK
 
 #: (config key, branch rank, operand dtype, TMA store, device) -> the pipeline depth that fits in shared memory
 _FITTING_STAGES: dict[tuple, int] = {}

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import ceil_div, cdiv, check_device, next_pow2, num_sms, tma_aligned
-from .gemm import BRANCH_CHUNK, GemmConfig, TensorDescriptor, _pad_rank, _tile_coords
+from .gemm import GemmConfig, TensorDescriptor, _pad_rank, _tile_coords, branch_chunk
 
 
 @triton.jit
@@ -112,7 +112,8 @@ def grouped_gemm(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, group: int, lr: O
         c if lr is None else lr, c if up is None else up, c if bias is None else bias,
         m, n, k, c.stride(0), sa.shape[1], sb.shape[1],
         0 if lr is None else lr.stride(0), 0 if up is None else up.stride(0),
-        G=group, RANK=rank, RCHUNK=min(rank, BRANCH_CHUNK) if rank else BRANCH_CHUNK, HAS_BIAS=bias is not None, BM=cfg.BM, BN=cfg.BN, GROUP_M=cfg.GROUP_M,
+        G=group, RANK=rank, RCHUNK=branch_chunk(rank), HAS_BIAS=bias is not None, BM=cfg.BM, BN=cfg.BN,
+        GROUP_M=cfg.GROUP_M,
         NUM_PROGS=progs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c

@@ -61,6 +61,12 @@ def test_scaled_gemm_non_persistent_and_unaligned_k(device):
     assert torch.equal(got, scaled_gemm_torch(a, b, out_dtype=torch.float32))
 
 
+def _scales_branch_bias(m, n):
+    """(a_scale, b_scale, lr, up, bias) for an (m, n) output: row/column scales, a rank-20 branch and a bias."""
+    return (torch.rand(m) + 0.5, torch.rand(n) + 0.5, torch.randn(m, 20), torch.randn(n, 20).bfloat16().float(),
+            torch.randn(n))
+
+
 @pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("n,rem", [(80, 3), (112, 1)], ids=["3-tail-tiles", "1-tail-tile"])
 @pytest.mark.parametrize("k", [64, 320, 1024], ids=["k-tiles-2", "k-tiles-10", "k-tiles-32"])
@@ -77,12 +83,10 @@ def test_scaled_gemm_stream_k_matches_twin(dtype, k, n, rem):
     k_tiles = -(-k // 32)
     progs, dp, sk_iters, per = gm.launch_plan(m, n, k, cfg, dtype, 4)
     assert (progs, dp, sk_iters) == (4, 3 * (n // 16) - rem, rem * k_tiles)
-    sa, sb = torch.rand(m) + 0.5, torch.rand(n) + 0.5
-    lr, up, bias = torch.randn(m, 20), torch.randn(n, 20).bfloat16().float(), torch.randn(n)
-    got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
-    ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
-    assert sqnr_db(ref, got) > SQNR_FP32_REORDER_DB
-    assert torch.equal(gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg), got)
+    args = _scales_branch_bias(m, n)
+    got = gm.scaled_gemm(a, b, *args, out_dtype=torch.float32, config=cfg)
+    assert sqnr_db(gm.scaled_gemm_torch(a, b, *args, out_dtype=torch.float32), got) > SQNR_FP32_REORDER_DB
+    assert torch.equal(gm.scaled_gemm(a, b, *args, out_dtype=torch.float32, config=cfg), got)  # same bits again
 
 
 @pytest.mark.usefixtures("interpret")
@@ -104,12 +108,10 @@ def test_scaled_gemm_split_k_matches_twin(dtype, n, k, plan):
     cfg = gm.GemmConfig(32, 16, 32, 2, 4, 2, persistent=True, split_k=True)
     tiles = 2 * -(-n // 16)
     assert gm.launch_plan(m, n, k, cfg, dtype, 4) == (plan if dtype != torch.int8 else (tiles, tiles, 0, 0))
-    sa, sb = torch.rand(m) + 0.5, torch.rand(n) + 0.5
-    lr, up, bias = torch.randn(m, 20), torch.randn(n, 20).bfloat16().float(), torch.randn(n)
-    got = gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg)
-    ref = gm.scaled_gemm_torch(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32)
-    assert sqnr_db(ref, got) > SQNR_FP32_REORDER_DB
-    assert torch.equal(gm.scaled_gemm(a, b, sa, sb, lr, up, bias, out_dtype=torch.float32, config=cfg), got)
+    args = _scales_branch_bias(m, n)
+    got = gm.scaled_gemm(a, b, *args, out_dtype=torch.float32, config=cfg)
+    assert sqnr_db(gm.scaled_gemm_torch(a, b, *args, out_dtype=torch.float32), got) > SQNR_FP32_REORDER_DB
+    assert torch.equal(gm.scaled_gemm(a, b, *args, out_dtype=torch.float32, config=cfg), got)  # same bits again
 
 
 def _table_configs():

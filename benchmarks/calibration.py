@@ -220,8 +220,8 @@ def main(argv=None) -> int:
                         "of what the build leaves; a phase cut short is recorded as incomplete")
     p.add_argument("--calibration-share", type=float, default=0.5,
                    help="the part of the budget left after the build that calibration may use (default 0.5)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                 "calibration.jsonl"))
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="folder of calibration.jsonl (or a .jsonl file)")
     args = p.parse_args(argv)
     args.budget = {k: float(v) for k, v in (kv.split("=") for kv in args.budget.split(","))}
     from _util import environment, next_run
@@ -230,12 +230,13 @@ def main(argv=None) -> int:
     meta = environment()
     meta["git_commit"] = os.environ.get("FOURBIT_GIT_COMMIT") or _git_commit()
     meta["command"] = " ".join(["python", "benchmarks/calibration.py"] + (argv if argv is not None else sys.argv[1:]))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    out = args.out if args.out.endswith(".jsonl") else os.path.join(args.out, "calibration.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for name in args.models.split(","):
         row = run_one(name.strip(), args, device)
-        row = {"benchmark": "calibration", "run": next_run(args.out, meta["date"]), **row, "meta": meta}
-        print(json.dumps(row), flush=True)
-        with open(args.out, "a") as f:
+        print(json.dumps({**row, "meta": meta}), flush=True)  # on stdout first: nothing measured is lost
+        row = {"benchmark": "calibration", "run": next_run(out, meta["date"]), **row, "meta": meta}
+        with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
     return 0
 

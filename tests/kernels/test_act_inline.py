@@ -30,7 +30,7 @@ _LRU_WARNING = "ignore:Dynamo detected a call to a `functools.lru_cache`"
 def _operands(name, device, rank, smooth_on, m=37, k=200):
     """(x fp32 (m, k), format, Kp, smooth, lr_down): K padded to the group (int4p2/fp4p2) or by 8 columns (fp8)."""
     fmt = make_format(name)
-    kp = 256 if fmt.group_size else k + 8
+    kp = -(-k // 256) * 256 if fmt.group_size else k + 8  # 200 -> 256, 1152 -> 1280
     smooth = None
     if smooth_on:
         smooth = 2.0 ** torch.randint(-2, 3, (kp,)).float()  # powers of two keep the tie rows exact

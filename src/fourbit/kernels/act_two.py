@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..formats.base import div_scalar
 from ._common import aligned_empty, amax as _amax, ceil_div, interpreting, num_sms
 from .act_spec import _TINY, FP8_ROW, INT4_GROUP, INT8_ROW, ActOperand
 from .act_tiles import _down_dot, _load_smoothed, _quant_tile, _row_scale, _scale_consts, _smooth
@@ -135,7 +136,8 @@ def act_quant_two(x, spec, smooth_recip, kp, cfg, down_folded=None) -> ActOperan
     if spec.mode == INT4_GROUP:
         gs = torch.empty((kp // g, m), device=dev, dtype=torch.float32)
     if spec.outer == 1:  # nvfp4: t = max(max|X^| / (6 * 448), 2^-126) over the whole tensor
-        t = rs = torch.clamp(pmax.amax().reshape(1) / (6.0 * 448.0), min=_TINY)
+        # div_scalar: CUDA torch divides by a Python float as a product with its reciprocal (last bit differs)
+        t = rs = torch.clamp(div_scalar(pmax.amax().reshape(1), 6.0 * 448.0), min=_TINY)
     _act_quant_kernel[(ceil_div(m, cfg.BM), ceil_div(kp, bk))](
         x, dummy if smooth_recip is None else smooth_recip, q,
         dummy if rs is None else rs, dummy if gs is None else gs,

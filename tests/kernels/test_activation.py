@@ -48,7 +48,7 @@ def test_scaled_gemm_output_activation_gpu(kind):
     from fourbit.kernels.activation import OutputActivation
     from fourbit.kernels.gemm import scaled_gemm, scaled_gemm_torch
 
-    for m, n, k in ((1000, 1536, 512), (77, 640, 256)):
+    for m, n, k in ((1000, 1536, 512), (77, 640, 256), (2200, 1280, 256)):  # the last: test_fusion's sibling group
         g = torch.Generator().manual_seed(m)
         a = torch.randint(-8, 8, (m, k), generator=g).float().to(torch.float8_e4m3fn).cuda()
         b = torch.randint(-8, 8, (n, k), generator=g).float().to(torch.float8_e4m3fn).cuda()
@@ -60,6 +60,11 @@ def test_scaled_gemm_output_activation_gpu(kind):
         ref = scaled_gemm_torch(a, b, sa, sb, lr, up, None, out_dtype=torch.float32, act=act)
         got = scaled_gemm(a, b, sa, sb, lr, up, None, out_dtype=torch.float32, act=act)
         assert sqnr_db(ref, got) > SQNR_FP32_REORDER_DB
+        # the activation changes nothing else: the columns outside its range are the plain GEMM's, bit for bit (the
+        # same tiles and accumulation order with and without the epilogue activation)
+        plain = scaled_gemm(a, b, sa, sb, lr, up, None, out_dtype=torch.float32)
+        lo, hi = act.bounds(n)
+        assert torch.equal(got[:, :lo], plain[:, :lo]) and torch.equal(got[:, hi:], plain[:, hi:])
         got16 = scaled_gemm(a, b, sa, sb, lr, up, None, out_dtype=torch.bfloat16, act=act).float()
         assert ((got16 - ref).abs() <= ref.abs() * 2 ** -8 * 1.01 + 1e-6).all()
 

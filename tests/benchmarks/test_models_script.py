@@ -29,3 +29,13 @@ def test_models_tiny_every_family_and_variant():
             assert r["variants"][name]["quantized_layers"] == r["variants"]["fourbit-fp8"]["quantized_layers"]
         assert r["variants"]["fourbit-w4a4-inline"]["act_quant"] == "inline"
         assert r["variants"]["fourbit-w4a4"]["act_quant"] == "pass"
+
+
+def test_models_budget_skips_later_variants_and_keeps_the_first():
+    import models
+
+    rows = models.main(["--tiny", "--no-compile", "--models", "pixart-sigma", "--variants", "bf16,fourbit-fp8",
+                        "--budget", "0"])
+    v = rows[0]["variants"]
+    assert v["bf16"]["finite"] and "skipped" not in v["bf16"]
+    assert v["fourbit-fp8"]["skipped"].startswith("budget:") and "weight_bytes" not in v["fourbit-fp8"]

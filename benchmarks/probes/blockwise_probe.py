@@ -38,8 +38,8 @@ from _util import RESULTS_DIR, geomean, md_table  # noqa: E402
 BLOCK = 128
 E4M3_MAX = 448.0
 RANK = 32
-VARIANTS = ("bf16", "rowwise GEMM", "blockwise GEMM", "blockwise GEMM +128", "rowwise bound", "blockwise layer",
-            "fourbit W4A4 r32", "fourbit W4A4 no branch")
+VARIANTS = ("bf16", "rowwise GEMM", "blockwise GEMM", "blockwise GEMM +128", "blockwise GEMM W1x128 +128",
+            "rowwise bound", "blockwise layer", "blockwise layer W1x128", "fourbit W4A4 r32", "fourbit W4A4 no branch")
 
 
 def ceil_to(x: int, m: int) -> int:
@@ -65,6 +65,11 @@ def quant_128x128(w: torch.Tensor):
     return q, s
 
 
+def quant_w_1x128(w: torch.Tensor):
+    """w (N, K), K a multiple of 128 -> (FP8 (N, K), fp32 scales (N, K / 128)): per output row and 128 columns."""
+    return quant_1x128(w)
+
+
 def split_fp8(t: torch.Tensor):
     """t (R, r) fp32 -> (hi, lo) FP8 values of one 1x128 block each row, sharing that row's scale: hi = e4m3(t / s),
     lo = e4m3(t / s - hi). Returns (hi, lo, s (R, 1))."""
@@ -85,10 +90,12 @@ def fold_branch_a(q, s, lr):
 
 
 def fold_branch_b(wq, ws, up):
-    """[Wq | U_hi U_lo U_hi 0...] (N, K + 128) and scales (N/128, K/128 + 1); U's scale per 128 output rows."""
+    """[Wq | U_hi U_lo U_hi 0...] (N, K + 128) and its scales: 128x128 scales (N/128, K/128 + 1), U's scale per 128
+    output rows; or 1x128 scales (N, K/128 + 1), U's scale per output row."""
     n, r = up.shape
-    ub = up.float().reshape(n // BLOCK, BLOCK * r)
-    s = (ub.abs().amax(-1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)  # (N/128, 1)
+    rows_per_scale = BLOCK if ws.shape[0] * BLOCK == n else 1
+    ub = up.float().reshape(n // rows_per_scale, rows_per_scale * r)
+    s = (ub.abs().amax(-1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)  # (N / rows_per_scale, 1)
     y = (ub / s).reshape(n, r)
     hi = y.to(torch.float8_e4m3fn)
     lo = (y - hi.float()).to(torch.float8_e4m3fn)
@@ -98,24 +105,70 @@ def fold_branch_b(wq, ws, up):
 
 
 def blockwise_mm_torch(a, sa, b, sb, out_dtype=torch.float32):
-    """Plain-torch twin of the block-scaled GEMM: (a * sa per 1x128) @ (b * sb per 128x128)^T; a (M, K), b (N, K)."""
-    af = a.float().reshape(a.shape[0], -1, BLOCK) * sa.unsqueeze(-1)
-    n, k = b.shape
-    bf = b.float().reshape(n // BLOCK, BLOCK, k // BLOCK, BLOCK) * sb[:, None, :, None]
-    return (af.reshape(a.shape[0], -1) @ bf.reshape(n, k).t()).to(out_dtype)
+    """Plain-torch twin of the block-scaled GEMM: a (M, K) with sa (M, K/128); b (N, K) with sb (N/128, K/128)
+    (128x128 blocks) or (N, K/128) (1x128 blocks)."""
+    m, k = a.shape
+    n = b.shape[0]
+    af = (a.float().reshape(m, k // BLOCK, BLOCK) * sa.unsqueeze(-1)).reshape(m, k)
+    if sb.shape[0] == n:  # 1x128
+        bf = (b.float().reshape(n, k // BLOCK, BLOCK) * sb.unsqueeze(-1)).reshape(n, k)
+    else:
+        bf = (b.float().reshape(n // BLOCK, BLOCK, k // BLOCK, BLOCK) * sb[:, None, :, None]).reshape(n, k)
+    return (af @ bf.t()).to(out_dtype)
+
+
+#: how ``torch._scaled_mm`` wants each weight scale mode's tensor (found by ``find_layouts`` against the twin)
+_B_LAYOUT: dict = {}
+_B_CANDIDATES = {
+    "128x128": (lambda sb: sb.t(), lambda sb: sb.t().contiguous()),
+    "1x128": (lambda sb: sb.t(), lambda sb: sb.t().contiguous(), lambda sb: sb.contiguous().t().contiguous().t()),
+}
+
+
+def b_mode(sb, n) -> str:
+    return "1x128" if sb.shape[0] == n else "128x128"
 
 
 def blockwise_mm(a, sa, b, sb, out_dtype=torch.bfloat16):
     """cuBLAS's block-scaled FP8 GEMM: a (M, K) row-major, b (N, K) row-major (passed as b.t()); sa (M, K/128) is
-    handed over outer-dim-major, sb (N/128, K/128) as its transpose (the (K, N) view's blocks)."""
-    return torch._scaled_mm(a, b.t(), scale_a=sa.t().contiguous().t(), scale_b=sb.t(), out_dtype=out_dtype)
+    handed over outer-dim-major; sb as ``find_layouts`` found this torch wants it."""
+    layout = _B_LAYOUT[b_mode(sb, b.shape[0])]
+    return torch._scaled_mm(a, b.t(), scale_a=sa.t().contiguous().t(), scale_b=layout(sb), out_dtype=out_dtype)
+
+
+def find_layouts(log=print) -> dict:
+    """For each weight scale mode, the first scale layout whose cuBLAS result matches the twin (rel. < 1e-2)."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    m, k, n = 256, 512, 384
+    a, sa = quant_1x128(torch.randn(m, k, generator=g).cuda())
+    w = torch.randn(n, k, generator=g).cuda()
+    found = {}
+    for mode, quant in (("128x128", quant_128x128), ("1x128", quant_w_1x128)):
+        b, sb = quant(w)
+        ref = blockwise_mm_torch(a, sa, b, sb)
+        errs = []
+        for i, layout in enumerate(_B_CANDIDATES[mode]):
+            try:
+                got = torch._scaled_mm(a, b.t(), scale_a=sa.t().contiguous().t(), scale_b=layout(sb),
+                                       out_dtype=torch.float32)
+                errs.append(rel(got, ref))
+                if errs[-1] < 1e-2:
+                    _B_LAYOUT[mode] = layout
+                    found[mode] = {"layout": i, "rel_err_vs_twin": errs[-1]}
+                    break
+            except Exception as e:  # noqa: BLE001 - recorded
+                errs.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        if mode not in found:
+            found[mode] = {"unsupported": errs}
+        log(f"W {mode} scales: {found[mode]}")
+    return found
 
 
 def rel(y, ref) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm())
 
 
-def check_math(m, k, n, device, gemm=None):
+def check_math(m, k, n, device, gemm=None, w_mode="128x128"):
     """Relative errors of the folded branch and of the GEMM vs plain torch: the fold is exact up to FP8 rounding."""
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(m, k, generator=g).to(device, torch.bfloat16)
@@ -123,7 +176,7 @@ def check_math(m, k, n, device, gemm=None):
     lr = torch.randn(m, RANK, generator=g).to(device)
     up = (torch.randn(n, RANK, generator=g) * 0.05).to(device, torch.bfloat16)
     q, s = quant_1x128(x)
-    wq, ws = quant_128x128(w)
+    wq, ws = (quant_128x128 if w_mode == "128x128" else quant_w_1x128)(w)
     a, sa = fold_branch_a(q, s, lr)
     b, sb = fold_branch_b(wq, ws, up)
     want = blockwise_mm_torch(q, s, wq, ws) + lr @ up.float().t()
@@ -151,15 +204,17 @@ def bench_shape(m, k, n, rounds, log):
     l1t = torch.randn(kp, RANK, device="cuda", dtype=torch.bfloat16) / kp ** 0.5  # the down-projection (K, R)
     up = torch.randn(np_, RANK, device="cuda", dtype=torch.bfloat16) * 0.05
     b_ext, sb_ext = fold_branch_b(wq, ws, up)
+    wq1, ws1 = quant_w_1x128(w)
+    b1_ext, sb1_ext = fold_branch_b(wq1, ws1, up)
     pre = [quant_1x128(x) for x in xs]
     pre_ext = [fold_branch_a(q, s, (x @ l1t).float()) for x, (q, s) in zip(xs, pre)]
     quant = torch.compile(quant_1x128, dynamic=False)
 
-    def layer(x):
+    def layer(x, b, sb):
         q, s = quant(x)
         lr = torch.mm(x, l1t, out_dtype=torch.float32) if _MM_FP32[0] else (x @ l1t).float()
         a, sa = fold_branch_a(q, s, lr)
-        return blockwise_mm(a, sa, b_ext, sb_ext)
+        return blockwise_mm(a, sa, b, sb)
 
     fourbit_layer = make_layer(k, n, "int4p2", "int4p2")
     xs_f = [x[:m, :k].contiguous() for x in xs]
@@ -169,9 +224,11 @@ def bench_shape(m, k, n, rounds, log):
                                                        out_dtype=torch.bfloat16) for q, _ in pre],
         "blockwise GEMM": [lambda q=q, s=s: blockwise_mm(q, s, wq, ws) for q, s in pre],
         "blockwise GEMM +128": [lambda a=a, sa=sa: blockwise_mm(a, sa, b_ext, sb_ext) for a, sa in pre_ext],
+        "blockwise GEMM W1x128 +128": [lambda a=a, sa=sa: blockwise_mm(a, sa, b1_ext, sb1_ext) for a, sa in pre_ext],
         "rowwise bound": [lambda x=x: torch._scaled_mm(x.to(torch.float8_e4m3fn), wt_row, scale_a=ones,
                                                         scale_b=ws_row, out_dtype=torch.bfloat16) for x in xs],
-        "blockwise layer": [lambda x=x: layer(x) for x in xs],
+        "blockwise layer": [lambda x=x: layer(x, b_ext, sb_ext) for x in xs],
+        "blockwise layer W1x128": [lambda x=x: layer(x, b1_ext, sb1_ext) for x in xs],
         "fourbit W4A4 r32": [lambda x=x: linear_forward(fourbit_layer, x) for x in xs_f],
         "fourbit W4A4 no branch": [lambda x=x: linear_forward(fourbit_layer, x, lowrank="none") for x in xs_f],
     }
@@ -204,7 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU: check the fold and the twin only (no timing)")
     args = p.parse_args(argv)
     if args.tiny or not torch.cuda.is_available():
-        print("check (CPU, plain torch):", check_math(64, 256, 256, "cpu"))
+        for mode in ("128x128", "1x128"):
+            print(f"check W {mode} (CPU, plain torch):", check_math(64, 256, 256, "cpu", w_mode=mode))
         return 0
     from _util import append_row, environment, run_meta
 
@@ -214,11 +272,12 @@ def main(argv=None) -> int:
     except (TypeError, RuntimeError):
         _MM_FP32[0] = False
     env = environment()
-    checks = {}
-    try:
-        checks = check_math(256, 1152, 1152, "cuda", gemm=blockwise_mm)
-    except Exception as e:  # noqa: BLE001
-        checks = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    checks = {"layouts": find_layouts()}
+    for mode in ("128x128", "1x128"):
+        try:
+            checks[mode] = check_math(256, 1152, 1152, "cuda", gemm=blockwise_mm, w_mode=mode)
+        except Exception as e:  # noqa: BLE001
+            checks[mode] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     print("check:", checks, flush=True)
     results, rows, ratios = [], [], {v: [] for v in VARIANTS}
     for fam in args.family.split(","):

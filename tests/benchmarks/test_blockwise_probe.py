@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "probes"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
 
-def test_branch_fold_reproduces_the_branch_at_bf16_precision():
+@pytest.mark.parametrize("w_mode", ["128x128", "1x128"])
+def test_branch_fold_reproduces_the_branch_at_bf16_precision(w_mode):
     import blockwise_probe as bp
 
     g = torch.Generator().manual_seed(0)
@@ -21,11 +23,12 @@ def test_branch_fold_reproduces_the_branch_at_bf16_precision():
     lr = torch.randn(m, bp.RANK, generator=g) * torch.logspace(-2, 1, m).unsqueeze(1)  # rows of unequal size
     up = (torch.randn(n, bp.RANK, generator=g) * 0.05).bfloat16()
     q, s = bp.quant_1x128(x)
-    wq, ws = bp.quant_128x128(w)
+    wq, ws = (bp.quant_128x128 if w_mode == "128x128" else bp.quant_w_1x128)(w)
     a, sa = bp.fold_branch_a(q, s, lr)
     b, sb = bp.fold_branch_b(wq, ws, up)
     assert a.shape == (m, k + bp.BLOCK) and sa.shape == (m, k // bp.BLOCK + 1)
-    assert b.shape == (n, k + bp.BLOCK) and sb.shape == (n // bp.BLOCK, k // bp.BLOCK + 1)
+    scale_rows = n // bp.BLOCK if w_mode == "128x128" else n
+    assert b.shape == (n, k + bp.BLOCK) and sb.shape == (scale_rows, k // bp.BLOCK + 1)
     branch = bp.blockwise_mm_torch(a, sa, b, sb) - bp.blockwise_mm_torch(q, s, wq, ws)
     want = lr @ up.float().t()
     err = bp.rel(branch, want)

@@ -1,26 +1,46 @@
 #!/usr/bin/env bash
-# The kernel checks and benchmarks of issue 4 in one call on a lent GPU machine (no internet):
-#   run: bash scripts/run_kernel_benchmarks.sh      (carry .whl-kernels: the diffusers + importlib_metadata wheels)
-# Writes logs and results under $OUT (default out/kernels). Each stage has its own time limit, so one slow stage
-# does not lose the others. Set STAGES to a subset of "tests linear transformer" to run less.
+# GPU checks and benchmarks in one call on a lent GPU machine (no internet):
+#   run: STAGES="tests fusion blockwise" bash scripts/run_kernel_benchmarks.sh    (carry .whl: the diffusers wheel)
+# Writes logs and result rows under $OUT (default out/kernels). Each stage has its own time limit, so one slow
+# stage does not lose the others; a device call is 10 minutes, so pick stages that fit (minutes in brackets).
+#   tests [4]       the GPU kernel tests (pytest -k "cuda or gpu")
+#   fusion [1]      probes/fusion_error_probe.py: where the fused fp32 graph's error comes from
+#   blockwise [5]   probes/blockwise_probe.py: cuBLAS block-scaled FP8 GEMM vs bf16 and today's layer, every family
+#   linear [5]      linear.py --family: every family's layer shapes
+#   models [9]      models.py, four variants, SANA-1.6B and the SDXL UNet (MODELS to change), 200 s per model
+#   calibration [9] calibration.py: full-size SD3-medium and SDXL UNet, complete runs
+#   transformer [9] transformer.py: the FLUX.1 step
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/kernels}
-STAGES=${STAGES:-"tests linear transformer"}
+STAGES=${STAGES:-"tests fusion blockwise"}
+MODELS=${MODELS:-"sana-1.6b,sdxl-unet"}
 mkdir -p "$OUT"
-if ls .whl-kernels/*.whl >/dev/null 2>&1; then
-  pip install --no-index --no-deps --target /tmp/site .whl-kernels/*.whl -q 2>&1 | grep -v WARN
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 \
+    | grep -v WARN
 fi
-export PYTHONPATH=src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 for stage in $STAGES; do
   case $stage in
-    tests) timeout 240 python -m pytest -q -x tests/kernels > "$OUT/gpu_tests.log" 2>&1
-           echo "gpu tests rc $?"; tail -2 "$OUT/gpu_tests.log" ;;
-    linear) timeout 300 python benchmarks/linear.py --out "$OUT" > "$OUT/linear.log" 2>&1
-            echo "linear rc $?"; grep -A6 "## Acceptance" "$OUT"/linear.*.md; grep -A3 diagnosis "$OUT/linear.log" ;;
+    tests) timeout 240 python -m pytest -q -rf -p no:cacheprovider tests/kernels -k "cuda or gpu" \
+             > "$OUT/gpu_tests.log" 2>&1
+           echo "gpu tests rc $?"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests.log" | tail -12 ;;
+    fusion) timeout 90 python benchmarks/probes/fusion_error_probe.py 2>&1 | grep -v Warning | tail -5 ;;
+    blockwise) timeout 330 python benchmarks/probes/blockwise_probe.py --out "$OUT" > "$OUT/blockwise.log" 2>&1
+               echo "blockwise rc $?"; grep -E "^check|W 1x128|W 128x128|geomean" "$OUT/blockwise.log" | tail -8 ;;
+    linear) timeout 300 python benchmarks/linear.py --family sana-1.6b,sdxl-unet --out "$OUT" \
+              > "$OUT/linear.log" 2>&1
+            echo "linear rc $?"; tail -5 "$OUT/linear.log" ;;
+    models) timeout 540 python benchmarks/models.py --models "$MODELS" --budget 200 \
+              --variants bf16,fp8-peer,fourbit-w4a4,fourbit-fp8 --out "$OUT" > "$OUT/models.log" 2>&1
+            echo "models rc $?"; grep -v "it/s" "$OUT/models.log" | tail -14 ;;
+    calibration) timeout 560 python benchmarks/calibration.py --models sd3,sdxl --budget sd3=240,sdxl=300 \
+                   --out "$OUT" > "$OUT/calibration.log" 2>&1
+                 echo "calibration rc $?"; grep -E "^fourbit: |^\{" "$OUT/calibration.log" | cut -c1-400 ;;
     transformer) timeout 520 python benchmarks/transformer.py --compile --fuse-siblings --profile --out "$OUT" \
                    > "$OUT/transformer.log" 2>&1
                  echo "transformer rc $?"; tail -22 "$OUT/transformer.log" ;;
-    *) echo "unknown stage $stage (known: tests linear transformer)"; exit 2 ;;
+    *) echo "unknown stage $stage (known: tests fusion blockwise linear models calibration transformer)"; exit 2 ;;
   esac
 done

@@ -30,6 +30,7 @@ import os
 import sys
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/_util.py
@@ -195,8 +196,10 @@ def bench_shape(m, k, n, rounds, log):
     from fourbit.kernels.linear import linear_forward
 
     kp, np_, mp = ceil_to(k, BLOCK), ceil_to(n, BLOCK), ceil_to(m, 4)  # block multiples; cuBLAS: M % 4 == 0
+    torch._dynamo.reset()  # a fresh compile of the quantizer per shape (dynamo's recompile limit is 8)
     xs = inputs(mp, kp)
     w = torch.randn(np_, kp, device="cuda", dtype=torch.bfloat16) / kp ** 0.5
+    w16 = w[:n, :k].contiguous()  # bf16 and today's layer at the model's own shape; the block paths padded
     wq, ws = quant_128x128(w)
     wt_row = wq.t()  # (K, N) view for the rowwise GEMM
     ws_row = torch.rand(1, np_, device="cuda") + 0.5
@@ -219,7 +222,7 @@ def bench_shape(m, k, n, rounds, log):
     fourbit_layer = make_layer(k, n, "int4p2", "int4p2")
     xs_f = [x[:m, :k].contiguous() for x in xs]
     fns = {
-        "bf16": [lambda x=x: F.linear(x, w) for x in xs],
+        "bf16": [lambda x=x: F.linear(x, w16) for x in xs_f],
         "rowwise GEMM": [lambda q=q: torch._scaled_mm(q, wt_row, scale_a=ones, scale_b=ws_row,
                                                        out_dtype=torch.bfloat16) for q, _ in pre],
         "blockwise GEMM": [lambda q=q, s=s: blockwise_mm(q, s, wq, ws) for q, s in pre],
@@ -279,25 +282,26 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001
             checks[mode] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     print("check:", checks, flush=True)
-    results, rows, ratios = [], [], {v: [] for v in VARIANTS}
-    for fam in args.family.split(","):
+    for fam in args.family.split(","):  # one row per family: a run cut by its time limit keeps what it finished
+        results, rows, ratios = [], [], {v: [] for v in VARIANTS}
         for m, k, n in FAMILY_SHAPES[fam]:
             times, errors = bench_shape(m, k, n, args.rounds, print)
             base = times.get("bf16")
             results.append(dict(family=fam, M=m, K=k, N=n, ms=times, errors=errors))
-            rows.append([fam, f"{m}x{k}x{n}"] + [("-" if v not in times else f"{base / times[v]:.2f}x")
-                                                 for v in VARIANTS])
+            rows.append([f"{m}x{k}x{n}"] + [("-" if v not in times or not base else f"{base / times[v]:.2f}x")
+                                            for v in VARIANTS])
             for v, t in times.items():
-                ratios[v].append(base / t)
+                if base:
+                    ratios[v].append(base / t)
             print(fam, m, k, n, {v: round(t * 1000, 1) for v, t in times.items()}, "us", flush=True)
             torch.cuda.empty_cache()
-    md = (f"vs bf16 (median of {args.rounds} interleaved CUDA-graph rounds; K, N padded to 128, M to 4)\n\n"
-          + md_table(["family", "M x K x N"] + list(VARIANTS), rows) + "\n\ngeomean vs bf16: "
-          + ", ".join(f"{v} {geomean(r):.3f}" for v, r in ratios.items() if r))
-    print(md)
-    path, run = append_row(args.out, "blockwise_probe", {"variant": args.family, "result": {
-        "check": checks, "shapes": results, "rounds": args.rounds}, "markdown": md}, run_meta(env))
-    print(f"appended {run} to {path}")
+        md = (f"{fam}, vs bf16 at the model's shape (median of {args.rounds} interleaved CUDA-graph rounds; the block "
+              "paths with K, N padded to 128, M to 4)\n\n" + md_table(["M x K x N"] + list(VARIANTS), rows)
+              + "\n\ngeomean vs bf16: " + ", ".join(f"{v} {geomean(r):.3f}" for v, r in ratios.items() if r))
+        print(md)
+        path, run = append_row(args.out, "blockwise_probe", {"variant": fam, "result": {
+            "check": checks, "shapes": results, "rounds": args.rounds}, "markdown": md}, run_meta(env))
+        print(f"appended {run} to {path}", flush=True)
     return 0
 
 

@@ -21,7 +21,7 @@ Variants timed side by side per shape (CUDA graphs, interleaved rounds, median m
                         X @ L (cuBLAS) and its FP8 split + the blockwise GEMM with K + 128: a whole W4A4-style
                         layer with its branch, written in torch
   fourbit W4A4 r32      today's layer (int4p2, Triton GEMM, fused branch); "no branch" without it
-Writes blockwise_probe.jsonl (one row per run) under --out.
+Writes blockwise_probe.jsonl (one row per family) under --out.
 """
 from __future__ import annotations
 

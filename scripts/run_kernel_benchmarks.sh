@@ -8,13 +8,14 @@
 #   blockwise [5]   probes/blockwise_probe.py: cuBLAS block-scaled FP8 GEMM vs bf16 and today's layer, every family
 #   linear [5]      linear.py --family: every family's layer shapes
 #   models [9]      models.py, four variants, SANA-1.6B and the SDXL UNet (MODELS to change), 200 s per model
-#   calibration [9] calibration.py: full-size SD3-medium and SDXL UNet, complete runs
+#   calibration [6-9] calibration.py, complete full-size runs: CAL=sd3 (~5 min) or CAL=sdxl (~9 min), one per call
 #   transformer [9] transformer.py: the FLUX.1 step
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/kernels}
 STAGES=${STAGES:-"tests fusion blockwise"}
 MODELS=${MODELS:-"sana-1.6b,sdxl-unet"}
+CAL=${CAL:-sd3}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>&1 \
@@ -35,7 +36,7 @@ for stage in $STAGES; do
     models) timeout 540 python benchmarks/models.py --models "$MODELS" --budget 200 \
               --variants bf16,fp8-peer,fourbit-w4a4,fourbit-fp8 --out "$OUT" > "$OUT/models.log" 2>&1
             echo "models rc $?"; grep -v "it/s" "$OUT/models.log" | tail -14 ;;
-    calibration) timeout 560 python benchmarks/calibration.py --models sd3,sdxl --budget sd3=240,sdxl=300 \
+    calibration) timeout 570 python benchmarks/calibration.py --models "$CAL" --budget "$CAL=540" --calibration-share 0.7 \
                    --out "$OUT" > "$OUT/calibration.log" 2>&1
                  echo "calibration rc $?"; grep -E "^fourbit: |^\{" "$OUT/calibration.log" | cut -c1-400 ;;
     transformer) timeout 520 python benchmarks/transformer.py --compile --fuse-siblings --profile --out "$OUT" \

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/_util.py
 from _util import RESULTS_DIR, geomean, md_table  # noqa: E402
+from linear import rel_err as rel  # noqa: E402
 
 BLOCK = 128
 E4M3_MAX = 448.0
@@ -72,8 +73,8 @@ def quant_w_1x128(w: torch.Tensor):
 
 
 def split_fp8(t: torch.Tensor):
-    """t (R, r) fp32 -> (hi, lo) FP8 values of one 1x128 block each row, sharing that row's scale: hi = e4m3(t / s),
-    lo = e4m3(t / s - hi). Returns (hi, lo, s (R, 1))."""
+    """t (R, c) fp32 -> FP8 hi + lo parts sharing one scale per row: hi = e4m3(t / s), lo = e4m3(t / s - hi),
+    s = max|row| / 448. Returns (hi, lo, s (R, 1))."""
     s = (t.abs().amax(-1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)
     y = t / s
     hi = y.to(torch.float8_e4m3fn)
@@ -95,13 +96,9 @@ def fold_branch_b(wq, ws, up):
     output rows; or 1x128 scales (N, K/128 + 1), U's scale per output row."""
     n, r = up.shape
     rows_per_scale = BLOCK if ws.shape[0] * BLOCK == n else 1
-    ub = up.float().reshape(n // rows_per_scale, rows_per_scale * r)
-    s = (ub.abs().amax(-1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)  # (N / rows_per_scale, 1)
-    y = (ub / s).reshape(n, r)
-    hi = y.to(torch.float8_e4m3fn)
-    lo = (y - hi.float()).to(torch.float8_e4m3fn)
+    hi, lo, s = split_fp8(up.float().reshape(n // rows_per_scale, rows_per_scale * r))  # s (N / rows_per_scale, 1)
     ext = torch.zeros(n, BLOCK, dtype=torch.float8_e4m3fn, device=wq.device)
-    ext[:, :r], ext[:, r:2 * r], ext[:, 2 * r:3 * r] = hi, lo, hi
+    ext[:, :r], ext[:, r:2 * r], ext[:, 2 * r:3 * r] = hi.reshape(n, r), lo.reshape(n, r), hi.reshape(n, r)
     return torch.cat([wq, ext], 1), torch.cat([ws, s], 1)
 
 
@@ -163,10 +160,6 @@ def find_layouts(log=print) -> dict:
             found[mode] = {"unsupported": errs}
         log(f"W {mode} scales: {found[mode]}")
     return found
-
-
-def rel(y, ref) -> float:
-    return float((y.float() - ref.float()).norm() / ref.float().norm())
 
 
 def check_math(m, k, n, device, gemm=None, w_mode="128x128"):

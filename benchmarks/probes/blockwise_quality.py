@@ -36,8 +36,7 @@ def pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def int4p2_fake(x: torch.Tensor) -> torch.Tensor:
     from fourbit.formats import make_format
 
-    fmt = make_format("int4p2")
-    return fmt.dequantize(fmt.quantize(x))
+    return make_format("int4p2").fake_quantize(x.float())
 
 
 def rows_of_blocks_x(x: torch.Tensor) -> torch.Tensor:

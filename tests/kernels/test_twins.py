@@ -38,6 +38,10 @@ TWINS = {
         "test_scaled_gemm_stream_k_gpu", "test_scaled_gemm_few_tiles_default_gpu",
         "test_scaled_gemm_split_k_matches_twin", "test_every_config_the_table_can_name_matches_twin",
         "test_scaled_gemm_split_k_gpu", "test_table_configs_gpu")),
+    "gemm_cublas.fold_lr": Twin("gemm_cublas.fold_lr_torch", "test_gemm_cublas.py", (
+        "test_fold_lr_bit_exact", "test_fold_lr_and_cublas_gemm_gpu")),
+    "gemm_cublas.cublas_gemm": Twin("gemm_cublas.cublas_gemm_torch", "test_gemm_cublas.py", (
+        "test_cublas_gemm_matches_twin", "test_fold_lr_and_cublas_gemm_gpu")),
     "gemm_grouped.grouped_gemm": Twin("gemm_grouped.grouped_gemm_torch", "test_gemm_grouped.py", (
         "test_grouped_gemm_matches_twin", "test_grouped_gemm_gpu")),
     "gemv.gemv": Twin("gemv.gemv_torch", "test_gemv.py", ("test_gemv_matches_twin", "test_gemv_gpu")),

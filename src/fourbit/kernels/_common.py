@@ -69,6 +69,15 @@ def aligned_empty(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Ten
     return torch.empty((rows, -(-cols // per) * per), dtype=dtype, device=device)[:, :cols]
 
 
+def operand_buffer(rows: int, cols: int, extra: int, dtype: torch.dtype, device) -> tuple:
+    """(q (rows, cols), q_ext (rows, cols + extra) or None): q is the first ``cols`` columns of q_ext, whose last
+    ``extra`` columns are left for the caller (``gemm_cublas``'s folded branch)."""
+    if not extra:
+        return aligned_empty(rows, cols, dtype, device), None
+    full = aligned_empty(rows, cols + extra, dtype, device)
+    return full[:, :cols], full
+
+
 def tma_aligned(t: torch.Tensor) -> torch.Tensor:
     """t itself if its rows are contiguous and 16-byte aligned, else an aligned copy."""
     if t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0:

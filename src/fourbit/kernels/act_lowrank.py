@@ -64,15 +64,16 @@ def cat_down(down_folded: Tensor) -> Tensor:
     return down_folded.permute(1, 0, 2).reshape(down_folded.shape[1], -1).contiguous()
 
 
-def act_quant_mm(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, tail=None) -> Optional[ActOperand]:
+def act_quant_mm(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, tail=None,
+                 extra=0) -> Optional[ActOperand]:
     """The single pass beside the down-projection as one cuBLAS GEMM (concurrent on a side stream up to
     ``lr_mm_stream_max_k``). None where torch lacks the GEMM. ``tail``: X's second column block."""
     if kp <= cfg.lr_mm_stream_max_k:
-        return _act_quant_mm_concurrent(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, tail)
+        return _act_quant_mm_concurrent(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, tail, extra)
     lr = _down_projection_mm(x, down_folded, down_cat, tail=tail)
     if lr is None:
         return None
-    out = act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail)
+    out = act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail, extra)
     out.lr = lr
     return out
 
@@ -81,7 +82,7 @@ _SIDE_STREAMS: dict = {}
 
 
 def _act_quant_mm_concurrent(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat,
-                             tail=None) -> Optional[ActOperand]:
+                             tail=None, extra=0) -> Optional[ActOperand]:
     """The cuBLAS down-projection on a side stream while the single pass runs on the current one (both stream
     X; together they use more of the memory bandwidth than either alone). Every buffer the side stream writes
     is allocated on the current stream before the fork, and the current stream waits for the side one before
@@ -96,7 +97,7 @@ def _act_quant_mm_concurrent(x, spec, smooth, smooth_recip, kp, cfg, down_folded
     side.wait_stream(cur)
     with torch.cuda.stream(side):  # its (M, 2 Rp) temporary is freed there, reused only by later side work
         ok = _down_projection_mm(x, down_folded, down_cat, out=lr, tail=tail) is not None
-    out = act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail)
+    out = act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail, extra)
     cur.wait_stream(side)
     if not ok:
         return None

@@ -148,7 +148,7 @@ def _check(x, smooth, lr_down, padded_in, k=None):
 def act_quant(x, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
               padded_in: Optional[int] = None, config: Optional[ActConfig] = None,
               down_folded: Optional[Tensor] = None, smooth_recip: Optional[Tensor] = None,
-              down_cat: Optional[Tensor] = None) -> ActOperand:
+              down_cat: Optional[Tensor] = None, extra_cols: int = 0) -> ActOperand:
     """Quantize activations x (M, K) with format ``fmt`` for the GEMM, fused with smoothing and X^ @ lr_down^T.
 
     smooth: (Kp,) fp32 or None; lr_down: (R, Kp) 16-bit or fp32 (R padded to a power of two >= 16 inside);
@@ -158,7 +158,8 @@ def act_quant(x, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor]
     concatenates them first.
     Layers pass what they cache: down_folded = ``fold_down(lr_down, smooth)``, smooth_recip = ``smooth_reciprocal(smooth)``,
     down_cat = ``cat_down(down_folded)``; computed here when None. The kernels read only these, so either may be
-    given without its source (``smooth`` / ``lr_down`` None).
+    given without its source (``smooth`` / ``lr_down`` None). ``extra_cols``: the operand is the first Kp columns of
+    a wider buffer (``ActOperand.q_ext``, (M, Kp + extra_cols)) whose last columns the caller fills.
     """
     spec = act_spec(fmt)
     if spec is None:
@@ -188,12 +189,12 @@ def act_quant(x, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor]
     bf16_cuda = x.is_cuda and x.dtype == torch.bfloat16 and _MM_FP32_OUT[0]
     path = act_path(spec, x.shape[0], kp, lr_down is not None, bf16_cuda, cfg)
     if path == "single":
-        return act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail)
+        return act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail, extra_cols)
     if path.startswith("single+mm"):  # (its stream choice is lr_mm_stream_max_k's, as in the table)
-        out = act_quant_mm(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, tail)
+        out = act_quant_mm(x, spec, smooth, smooth_recip, kp, cfg, down_folded, down_cat, tail, extra_cols)
         if out is not None:
             return out  # else torch lacks the fp32-output GEMM: the two launches from now on
-    return act_quant_two(_joined(x, tail), spec, smooth_recip, kp, cfg, down_folded)
+    return act_quant_two(_joined(x, tail), spec, smooth_recip, kp, cfg, down_folded, extra_cols)
 
 
 # ---- the plain-torch twin ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import aligned_empty, amax as _amax, ceil_div, interpreting, next_pow2
+from ._common import amax as _amax, ceil_div, interpreting, next_pow2, operand_buffer
 from .act_spec import FP8_ROW, INT4_GROUP, INT8_ROW, ActOperand
 from .act_tiles import _load_blocks, _quant_tile, _row_scale, _scale_consts, _smooth
 
@@ -60,8 +60,9 @@ def _act_fused_kernel(
                  mask=rmask[:, None, None] & (cols3 < Kp))
 
 
-def act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail=None) -> ActOperand:
-    """Launch the single pass over x (M, K1) [and ``tail`` (M, K - K1), X's second column block, read in place]."""
+def act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail=None, extra=0) -> ActOperand:
+    """Launch the single pass over x (M, K1) [and ``tail`` (M, K - K1), X's second column block, read in place];
+    ``extra``: columns left free after the operand's Kp (``ActOperand.q_ext``)."""
     m, k1 = x.shape
     k = k1 + (0 if tail is None else tail.shape[1])
     dev = x.device
@@ -69,7 +70,7 @@ def act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail=None) -> ActOp
     bk = (cfg.large_chunk if large else cfg.chunk) or next_pow2(kp)
     bk = max(bk, spec.group, 16)
     g = bk if spec.mode in (INT8_ROW, FP8_ROW) else spec.group  # per-row modes: one "group" per chunk
-    q = aligned_empty(m, kp, spec.operand_dtype, dev)  # row stride 16-byte aligned for the GEMM's TMA
+    q, q_ext = operand_buffer(m, kp, extra, spec.operand_dtype, dev)  # 16-byte-aligned rows for the GEMM's TMA
     rs = torch.empty((m,), device=dev, dtype=torch.float32) if spec.row_pass else None
     gs = torch.empty((kp // g, m), device=dev, dtype=torch.float32) if spec.mode == INT4_GROUP else None
     dummy = q
@@ -83,4 +84,4 @@ def act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail=None) -> ActOp
         HW_ROUND=cfg.hw_round and not interpreting(), TWO=tail is not None, BM=cfg.rows, BK=bk,
         num_warps=cfg.large_warps if large else cfg.warps, num_stages=cfg.stages,
     )
-    return ActOperand(q, rs, gs, None)
+    return ActOperand(q, rs, gs, None, q_ext)

@@ -83,3 +83,4 @@ class ActOperand:
     row_scale: Optional[Tensor] = None
     group_scale: Optional[Tensor] = None
     lr: Optional[Tensor] = None
+    q_ext: Optional[Tensor] = None  # (M, Kp + extra): the buffer q is the first Kp columns of (``extra_cols``)

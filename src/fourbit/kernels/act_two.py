@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..formats.base import div_scalar
-from ._common import aligned_empty, amax as _amax, ceil_div, interpreting, num_sms
+from ._common import amax as _amax, ceil_div, interpreting, num_sms, operand_buffer
 from .act_spec import _TINY, FP8_ROW, INT4_GROUP, INT8_ROW, ActOperand
 from .act_tiles import _down_dot, _load_smoothed, _quant_tile, _row_scale, _scale_consts, _smooth
 
@@ -115,13 +115,14 @@ def _stats(x, smooth_recip, down_folded, kp, rank, need_amax, cfg, dummy):
     return split, pmax, plr
 
 
-def act_quant_two(x, spec, smooth_recip, kp, cfg, down_folded=None) -> ActOperand:
-    """Launch the two kernels over x (M, K); ``down_folded`` (2, Kp, Rp) bf16 (``fold_down``) or None."""
+def act_quant_two(x, spec, smooth_recip, kp, cfg, down_folded=None, extra=0) -> ActOperand:
+    """Launch the two kernels over x (M, K); ``down_folded`` (2, Kp, Rp) bf16 (``fold_down``) or None; ``extra``:
+    columns left free after the operand's Kp (``ActOperand.q_ext``)."""
     m, k = x.shape
     dev = x.device
     bk = max(cfg.BK, spec.group)
     g = bk if spec.mode in (INT8_ROW, FP8_ROW) else spec.group  # per-row modes: one "group" per tile
-    q = aligned_empty(m, kp, spec.operand_dtype, dev)  # row stride 16-byte aligned for the GEMM's TMA
+    q, q_ext = operand_buffer(m, kp, extra, spec.operand_dtype, dev)  # 16-byte-aligned rows for the GEMM's TMA
     rs = gs = lr = t = None
     dummy = q
     rank = 0 if down_folded is None else down_folded.shape[2]
@@ -148,4 +149,4 @@ def act_quant_two(x, spec, smooth_recip, kp, cfg, down_folded=None) -> ActOperan
         OUTER=spec.outer, ROW_PASS=spec.row_pass, HAS_SMOOTH=smooth_recip is not None, RANK=rank,
         HW_ROUND=cfg.hw_round and not interpreting(), BM=cfg.BM, BK=bk, num_warps=cfg.num_warps,
     )
-    return ActOperand(q, rs, gs, lr)
+    return ActOperand(q, rs, gs, lr, q_ext)

@@ -35,6 +35,8 @@ from . import register_linear_kernel
 from ._common import next_pow2
 from .act_quant import E2M1_E4M3, FP8_ROW, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, cat_down, fold_down
 from .gemm import GemmConfig, scaled_gemm
+from .gemm_cublas import (FOLD_PARTS, FoldedWeight, cublas_gemm, cublas_supported, fold_lr, fold_weight,
+                          gemm_backend)
 from .gemm_grouped import grouped_gemm
 from . import gemv as _gemv
 from .activation import OutputActivation, apply_rounded
@@ -80,6 +82,7 @@ class LayerState:
     w16: Optional[Tensor] = None  # 'a16' plan, speed mode: dequantized weight in the activation dtype
     op_key: str = ""  # the custom op's description of this layer (``compiled.py``): formats, plan, shapes
     gemv: bool = False  # few rows take the GEMV on the packed weight (``gemv.py``)
+    fold_tried: bool = False  # the 'cublas' backend's folded weight was attempted for the cached operand
 
 
 _BUFFERS = ("weight_packed", "weight_scales", "weight_row_scale", "smooth", "lr_down", "lr_up", "bias")
@@ -133,7 +136,33 @@ def weight_operand(layer, st: LayerState, memory: bool) -> WeightOperand:
     if st.weight is None:
         st.weight = expand_weight(layer.weight_packed, layer.weight_scales, layer.weight_row_scale,
                                   layer.weight_format, layer.padded_in)
+        st.fold_tried = False
+    if gemm_backend() == "cublas" and not st.fold_tried:
+        st.fold_tried = True
+        _fold(layer, st, st.weight)
     return st.weight
+
+
+def _fold(layer, st: LayerState, w: WeightOperand) -> None:
+    """Attach the 'cublas' backend's folded weight (``gemm_cublas``) where the layer can take it: the 'scaled' plan
+    on FP8 operands, N and the folded K multiples of 16, the branch within e4m3's range. The operand then becomes
+    a view of the folded one (no second copy)."""
+    spec = act_spec(layer.act_format)
+    if st.plan != "scaled" or spec is None or w.w.dtype != torch.float8_e4m3fn or spec.operand_dtype != w.w.dtype:
+        return
+    n, kp = w.w.shape
+    rp = 0 if st.up is None else st.up.shape[1]
+    if not cublas_supported(w.w.dtype, n, kp + FOLD_PARTS * rp, w.w.device):
+        return
+    l1 = None
+    if rp:
+        l1 = F.pad(layer.lr_down.float().abs().sum(1), (0, rp - layer.lr_down.shape[0]))  # (Rp,) ||d_j||_1
+    folded = fold_weight(w.w, w.col_scale, st.up, l1, spec.qmax)
+    if folded is None:
+        return
+    if rp:
+        w.w = folded.w_ext[:, :kp]  # the same values, in the folded operand's storage
+    w.folded = folded
 
 
 def _a16(layer, st: LayerState, x2: Tensor, memory: bool) -> Tensor:
@@ -201,6 +230,15 @@ def quantized_gemm(x2, act_format, padded_in: int, plan: str, w: WeightOperand,
     GEMM's epilogue). x2 may be a list of column blocks (``act_quant``); ``act``: an activation on a range of
     output columns (in the epilogue on the 'scaled' plan, after the rounding on the 'grouped' one)."""
     dtype = x2.dtype if isinstance(x2, Tensor) else x2[0].dtype
+    folded = _cublas_weight(plan, w, act, down_folded is not None, padded_in)
+    if folded is not None:  # the 'cublas' backend: torch._scaled_mm, the branch folded into K
+        a = act_quant(x2, act_format, padded_in=padded_in, down_folded=down_folded, smooth_recip=smooth_recip,
+                      down_cat=down_cat, extra_cols=0 if folded.lr_mult is None else FOLD_PARTS * up.shape[1])
+        q = a.q
+        if folded.lr_mult is not None:
+            q = a.q_ext  # (M, Kp + 4 Rp): the operand, then the folded branch's columns
+            fold_lr(a.lr, a.row_scale, folded.lr_mult, q[:, padded_in:])
+        return cublas_gemm(q, folded, a.row_scale, bias, dtype)
     a = act_quant(x2, act_format, padded_in=padded_in, down_folded=down_folded, smooth_recip=smooth_recip,
                   down_cat=down_cat)
     lr = a.lr if down_folded is not None else None
@@ -209,6 +247,18 @@ def quantized_gemm(x2, act_format, padded_in: int, plan: str, w: WeightOperand,
                                           bias, out_dtype=dtype, config=gemm_config), act)
     return scaled_gemm(a.q, w.w, a.row_scale, w.col_scale, lr, up, bias, out_dtype=dtype, config=gemm_config,
                        act=act)
+
+
+def _cublas_weight(plan: str, w: WeightOperand, act: Optional[OutputActivation], branch: bool,
+                   padded_in: int) -> Optional[FoldedWeight]:
+    """The folded weight if this call takes the 'cublas' backend (set, folded, no epilogue activation), else None.
+    A call without the branch (``lowrank="none"``) uses the folded operand's first Kp columns."""
+    folded = w.folded
+    if folded is None or plan != "scaled" or gemm_backend() != "cublas" or (act is not None and act.kind):
+        return None
+    if not branch and folded.lr_mult is not None:
+        return FoldedWeight(folded.w_ext[:, :padded_in], folded.col_scale, None)
+    return folded
 
 
 # torch.compile: layers on the 'scaled' / 'grouped' plans run as one custom op (``compiled.py``), so dynamo traces

@@ -58,9 +58,13 @@ class WeightOperand:
     w: Tensor  # (N, Kp)
     col_scale: Optional[Tensor] = None  # (N,) or (1,) fp32, multiplied per output column in the epilogue
     group_scale: Optional[Tensor] = None  # (Kp/g, N) fp32 (int4 codes only)
+    folded: Optional[object] = None  # ``gemm_cublas.FoldedWeight`` (the 'cublas' GEMM backend); w is then a view of it
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w, self.col_scale, self.group_scale) if t is not None)
+        parts = (self.w, self.col_scale, self.group_scale)
+        if self.folded is not None:  # w shares the folded operand's storage
+            parts = (self.folded.w_ext, self.folded.col_scale, self.folded.lr_mult, self.col_scale)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 @triton.jit

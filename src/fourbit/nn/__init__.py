@@ -21,6 +21,17 @@ def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
     return model
 
 
+def set_gemm_backend(name: str) -> None:
+    """The GEMM of FP8-operand layers on the "triton" kernels (int4p2 / fp4p2 / fp8 activations): "triton" (default;
+    fourbit's GEMM with the low-rank branch and an activation in its epilogue) or "cublas" (``torch._scaled_mm``, the
+    branch folded into K as FP8 hi + lo parts, ~2^-8 relative on the branch; layers with an epilogue activation or
+    a branch outside e4m3's range keep Triton). Process-wide, read at each call; set it before
+    ``prepare_kernels`` (which builds the folded weights) and before compiling. See docs/kernels.md."""
+    from ..kernels.gemm_cublas import set_gemm_backend as set_backend  # imports triton: only when asked
+
+    set_backend(name)
+
+
 def inductor_options(act_quant: str = "pass") -> dict:
     """Options for ``torch.compile(..., options=fourbit.nn.inductor_options())`` (or ``module.compile(...)``) that
     fuse the code around quantized layers into their kernels: an activation after a layer goes into its GEMM's
@@ -52,4 +63,5 @@ def activation_format(model: nn.Module, fmt):
 
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantizedLinearState", "build_empty", "conv_rows",
-           "quantized_layers", "set_kernel", "prepare_kernels", "inductor_options", "activation_format", "set_module"]
+           "quantized_layers", "set_kernel", "prepare_kernels", "set_gemm_backend", "inductor_options",
+           "activation_format", "set_module"]

@@ -1,0 +1,233 @@
+"""``kernels/gemm_cublas``: the 'cublas' GEMM backend (``torch._scaled_mm``, the low-rank branch folded into K).
+
+``fold_lr`` is bit-exact against ``fold_lr_torch`` (integer rounding to e4m3 in both); ``cublas_gemm`` against
+``cublas_gemm_torch`` (fp32 sums in another order: ``SQNR_FP32_REORDER_DB``; on the GPU the FP8 accumulator:
+``SQNR_GPU_ACCUMULATE_DB``); the folded branch against the exact one within ``SQNR_FOLDED_BRANCH_DB``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fourbit
+
+from ..helpers import outlier_layer
+from .conftest import bits
+from .kernel_helpers import SQNR_FP32_REORDER_DB, SQNR_GPU_ACCUMULATE_DB, db, sqnr_db
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+#: the branch through FP8 hi + lo parts on both sides (hi = RN(v), lo = RN(v - hi): 2^-8 relative per factor at
+#: worst, 2^-10 absolute below e4m3's normal range), in a layer whose branch is as large as its output (the
+#: synthetic outlier layer): measured 8.9e-4 relative to the output; bound 2e-3 (bf16's output rounding is 1.7e-3)
+SQNR_FOLDED_BRANCH_DB = db(2e-3)  # 54 dB
+
+
+def _lr_rows(m: int, r: int, seed: int = 0):
+    """lr (m, r) fp32 with zero, tiny and large rows; a_scale (m,) with a zero entry; lr_mult (r,) powers of two."""
+    g = torch.Generator().manual_seed(seed)
+    a_scale = torch.rand(m, generator=g) + 0.01
+    lr = torch.randn(m, r, generator=g) * a_scale[:, None] * torch.exp(torch.randn(m, 1, generator=g) * 2)
+    lr[0] = 0.0
+    a_scale[0] = 0.0  # an all-zero row of X: scale 0, branch 0, no NaN
+    lr[1] = 1e-6 * a_scale[1]  # subnormal e4m3 values
+    lr[2] = 400.0 * a_scale[2]  # near the top of e4m3
+    mult = 2.0 ** torch.randint(-3, 2, (r,), generator=g).float()
+    lr[2] /= mult.clamp(min=1.0)
+    return lr, a_scale, mult
+
+
+def test_fold_lr_bit_exact(device):
+    from fourbit.kernels.gemm_cublas import FOLD_PARTS, fold_lr, fold_lr_torch
+
+    m, r = 70, 32
+    lr, a_scale, mult = _lr_rows(m, r)
+    lr, a_scale, mult = lr.to(device), a_scale.to(device), mult.to(device)
+    buf = torch.zeros((m, 48 + FOLD_PARTS * r), dtype=torch.float8_e4m3fn, device=device)
+    got = fold_lr(lr, a_scale, mult, buf[:, 48:])
+    ref = fold_lr_torch(lr, a_scale, mult, torch.empty_like(buf[:, 48:]))
+    assert torch.equal(bits(got), bits(ref))
+    assert torch.equal(bits(buf[:, :48]), torch.zeros_like(bits(buf[:, :48])))  # the operand's columns untouched
+    hi, lo = ref[:, :r].float(), ref[:, r:2 * r].float()
+    v = torch.where(a_scale[:, None] > 0, lr / torch.where(a_scale > 0, a_scale, 1.0)[:, None], 0.0) * mult
+    assert torch.equal(bits(ref[:, 2 * r:]), bits(ref[:, :2 * r]))  # [hi | lo | hi | lo]
+    assert ((hi + lo - v).abs() <= torch.maximum(v.abs() * 2.0 ** -8, torch.full_like(v, 2.0 ** -10))).all()
+    assert not torch.isnan(ref.float()).any()
+
+
+def test_fold_weight_range_and_zero_scales():
+    from fourbit.kernels.gemm_cublas import fold_weight, lr_bound_mult
+
+    n, kp, r = 32, 64, 16
+    w = torch.randint(-7, 8, (n, kp)).float().to(torch.float8_e4m3fn)
+    cs = torch.rand(n) + 0.5
+    cs[3] = 0.0  # an all-zero weight row: its column scale becomes 1 so that the branch survives
+    w[3] = 0
+    up = torch.randn(n, r) * 0.1
+    l1 = torch.rand(r) * 10
+    f = fold_weight(w, cs, up, l1, 7.0)
+    assert f is not None and f.w_ext.shape == (n, kp + 4 * r) and f.col_scale[3] == 1.0
+    assert torch.equal(bits(f.w_ext[:, :kp]), bits(w))
+    assert torch.equal(f.lr_mult, lr_bound_mult(l1, 7.0))
+    assert (7.0 * l1 * 1.01 * f.lr_mult <= 448.0).all() and (7.0 * l1 * 1.01 * f.lr_mult * 2 > 448.0).all()
+    assert fold_weight(w, cs, up * 1e6, l1, 7.0) is None  # U' beyond e4m3: not folded
+    plain = fold_weight(w, cs, None, None, 7.0)
+    assert plain.lr_mult is None and plain.w_ext.shape == (n, kp)
+
+
+def test_cublas_gemm_matches_twin():
+    """torch._scaled_mm (CPU here) against the fp32 twin, with the bias rounded to the output type in both."""
+    from fourbit.kernels.gemm_cublas import FoldedWeight, cublas_gemm, cublas_gemm_torch
+
+    g = torch.Generator().manual_seed(1)
+    m, n, k = 40, 48, 96
+    a = torch.randint(-8, 8, (m, k), generator=g).float().to(torch.float8_e4m3fn)
+    b = torch.randint(-8, 8, (n, k), generator=g).float().to(torch.float8_e4m3fn)
+    w = FoldedWeight(b, torch.rand(n, generator=g) + 0.5, None)
+    sa, bias = torch.rand(m, generator=g) + 0.5, torch.randn(n, generator=g)
+    got = cublas_gemm(a, w, sa, bias, torch.float32)
+    assert sqnr_db(cublas_gemm_torch(a, w, sa, bias, torch.float32), got) > SQNR_FP32_REORDER_DB
+    got = cublas_gemm(a, w, sa, bias, torch.bfloat16).float()  # one rounding each, at most one bf16 step apart
+    ref = cublas_gemm_torch(a, w, sa, bias, torch.bfloat16).float()
+    assert ((got - ref).abs() <= ref.abs() * 2.0 ** -7).all()
+
+
+def _svdquant_layer(m=512, k=768, n=768, af="int4p2", wf="int4p2", rank=32, dtype=torch.float32):
+    x, w = outlier_layer(m=m, k=k, n=n)
+    lin = nn.Linear(k, n)
+    lin.weight.data = w
+    model = nn.Sequential(lin).to(dtype)
+    cfg = fourbit.SVDQuantConfig(weights=wf, activations=af, rank=rank, alpha=0.5, kernel="reference")
+    fourbit.quantize(model, cfg, forward_loop=lambda mm: mm(x.to(dtype)), progress=False, verbose=False)
+    return model, x.to(dtype)
+
+
+def test_folded_branch_error_twins():
+    """The whole fold in plain torch (twins) against the exact branch, on a layer whose branch is large."""
+    import torch.nn.functional as F
+
+    from fourbit.kernels.act_quant import act_quant_torch, act_spec
+    from fourbit.kernels.gemm import scaled_gemm_torch
+    from fourbit.kernels.gemm_cublas import FOLD_PARTS, cublas_gemm_torch, fold_lr_torch, fold_weight
+    from fourbit.kernels.linear import layer_state
+    from fourbit.kernels.weights import expand_weight_torch
+
+    model, x = _svdquant_layer()
+    layer = model[0]
+    st = layer_state(layer)
+    wo = expand_weight_torch(layer.weight_packed, layer.weight_scales, layer.weight_row_scale, layer.weight_format,
+                             layer.padded_in)
+    a = act_quant_torch(x, layer.act_format, smooth=layer.smooth.float(), lr_down=layer.lr_down,
+                        padded_in=layer.padded_in)
+    exact = scaled_gemm_torch(a.q, wo.w, a.row_scale, wo.col_scale, a.lr, st.up, st.bias, out_dtype=torch.float32)
+    no_branch = scaled_gemm_torch(a.q, wo.w, a.row_scale, wo.col_scale, None, None, st.bias, out_dtype=torch.float32)
+    rp, kp = st.up.shape[1], layer.padded_in
+    l1 = F.pad(layer.lr_down.float().abs().sum(1), (0, rp - layer.lr_down.shape[0]))
+    folded = fold_weight(wo.w, wo.col_scale, st.up, l1, act_spec(layer.act_format).qmax)
+    q = torch.empty((x.shape[0], kp + FOLD_PARTS * rp), dtype=torch.float8_e4m3fn)
+    q[:, :kp] = a.q
+    fold_lr_torch(a.lr, a.row_scale, folded.lr_mult, q[:, kp:])
+    got = cublas_gemm_torch(q, folded, a.row_scale, st.bias, torch.float32)
+    assert (exact - no_branch).norm() > 0.3 * exact.norm()  # the branch matters in this layer
+    assert sqnr_db(exact, got) > SQNR_FOLDED_BRANCH_DB
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("method", ["svdquant", "rtn"])
+def test_layer_cublas_backend(method):
+    """A quantized layer on the 'cublas' backend (interpreter act_quant + fold_lr, CPU torch._scaled_mm) against the
+    "triton" backend: the folded branch's error (SVDQuant), fp32 reordering only (RTN: no branch)."""
+    from fourbit.kernels.gemm_cublas import set_gemm_backend
+    from fourbit.kernels.linear import layer_state
+    from fourbit.nn import set_kernel
+
+    if method == "svdquant":
+        model, x = _svdquant_layer(m=128, k=256, n=256)
+    else:
+        x = torch.randn(128, 256)
+        model = nn.Sequential(nn.Linear(256, 256))
+        cfg = fourbit.RTNConfig(weights="int4p2", activations="int4p2", kernel="reference")
+        fourbit.quantize(model, cfg, forward_loop=lambda mm: mm(x), progress=False, verbose=False)
+    set_kernel(model, "triton")
+    ref = model(x)
+    try:
+        set_gemm_backend("cublas")
+        layer = model[0]
+        layer._cache.clear()
+        got = model(x)
+        st = layer_state(layer)
+        assert st.weight.folded is not None
+        assert st.weight.w.data_ptr() == st.weight.folded.w_ext.data_ptr()  # one copy of the operand
+        bound = SQNR_FOLDED_BRANCH_DB if method == "svdquant" else SQNR_FP32_REORDER_DB
+        assert sqnr_db(ref, got) > bound
+        again = model(x)
+        assert torch.equal(got, again)
+    finally:
+        set_gemm_backend("triton")
+    with pytest.raises(ValueError, match="unknown GEMM backend"):
+        set_gemm_backend("cutlass")
+
+
+@pytest.mark.usefixtures("interpret")
+def test_compiled_op_takes_the_folded_weight():
+    """``fourbit::quant_linear`` with the folded weight in its list gives the eager 'cublas' layer's bits."""
+    from fourbit.kernels.compiled import compiled_forward
+    from fourbit.kernels.gemm_cublas import set_gemm_backend
+    from fourbit.kernels.linear import layer_state, linear_forward, weight_operand
+    from fourbit.nn import set_kernel
+
+    model, x = _svdquant_layer(m=64, k=256, n=256)
+    set_kernel(model, "triton")
+    layer = model[0]
+    try:
+        set_gemm_backend("cublas")
+        layer._cache.clear()
+        st = layer_state(layer)
+        weight_operand(layer, st, memory=False)
+        eager = linear_forward(layer, x)
+        op = compiled_forward(layer, x, memory=False)  # outside dynamo: the op runs its eager implementation
+        assert torch.equal(bits(eager), bits(op))
+    finally:
+        set_gemm_backend("triton")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fold_lr_and_cublas_gemm_gpu():
+    """On the GPU: fold_lr bit-exact, cublas_gemm (cuBLAS / CUTLASS FP8) against its twin."""
+    from fourbit.kernels.gemm_cublas import FoldedWeight, cublas_gemm, cublas_gemm_torch, fold_lr, fold_lr_torch
+
+    lr, a_scale, mult = (t.cuda() for t in _lr_rows(4096, 32))
+    got = fold_lr(lr, a_scale, mult, torch.empty((4096, 128), dtype=torch.float8_e4m3fn, device="cuda"))
+    ref = fold_lr_torch(lr, a_scale, mult, torch.empty_like(got))
+    assert torch.equal(bits(got), bits(ref))
+    m, n, k = 1000, 784, 3072 + 128
+    a = torch.randint(-8, 8, (m, k), device="cuda").float().to(torch.float8_e4m3fn)
+    b = torch.randint(-8, 8, (n, k), device="cuda").float().to(torch.float8_e4m3fn)
+    w = FoldedWeight(b, torch.rand(n, device="cuda") + 0.5, None)
+    sa, bias = torch.rand(m, device="cuda") + 0.5, torch.randn(n, device="cuda")
+    got = cublas_gemm(a, w, sa, bias, torch.float32)
+    assert sqnr_db(cublas_gemm_torch(a, w, sa, bias, torch.float32), got) > SQNR_GPU_ACCUMULATE_DB
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [8192, 600])
+def test_layer_cublas_backend_gpu(m):
+    """A bf16 SVDQuant layer on the GPU, 'cublas' against 'triton' (both round the output to bf16 once)."""
+    from fourbit.kernels.gemm_cublas import set_gemm_backend
+    from fourbit.nn import set_kernel
+
+    model, x = _svdquant_layer(m=m, k=1152, n=3456, dtype=torch.bfloat16)
+    model, x = model.cuda(), x.cuda()
+    set_kernel(model, "triton")
+    ref = model(x).float()
+    try:
+        set_gemm_backend("cublas")
+        model[0]._cache.clear()
+        got = model(x).float()
+        assert model[0]._cache["fourbit.kernels.linear"].weight.folded is not None
+    finally:
+        set_gemm_backend("triton")
+    assert sqnr_db(ref, got) > db(4e-3)  # the two bf16 roundings (1.7e-3 each) and the folded branch (< 2e-3)

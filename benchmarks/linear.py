@@ -75,7 +75,8 @@ FAMILY_FEW_ROWS = {
     "flux": [(1, 3072, 18432), (1, 3072, 9216), (1, 3072, 3072)],
 }
 #: what ``--family`` times at those shapes (beside bf16, the FP8 GEMM alone and the separate-pass bound)
-FAMILY_FORMATS = [("int4p2 W4A4", "int4p2", "int4p2", ("fused", "none")), ("fp8 W8A8", "fp8", "fp8", ("none",))]
+FAMILY_FORMATS = [("int4p2 W4A4", "int4p2", "int4p2", ("fused", "none", "gemm-cublas", "gemm-cublas-none")),
+                  ("fp8 W8A8", "fp8", "fp8", ("none", "gemm-cublas-none"))]
 L2_BYTES = 50 << 20
 
 
@@ -154,7 +155,19 @@ def variant_fn(layer, x, variant):
         memory = variant == "memory"
         lowrank = "fused" if variant == "memory" else variant
         return lambda: linear_forward(layer, x, memory=memory, lowrank=lowrank)
-    if variant in ("cublas", "cublas-none"):
+    if variant in ("gemm-cublas", "gemm-cublas-none"):  # the library's 'cublas' backend (branch folded into K)
+        from fourbit.kernels.gemm_cublas import set_gemm_backend
+
+        lowrank = "fused" if variant == "gemm-cublas" else "none"
+
+        def run():
+            set_gemm_backend("cublas")
+            try:
+                return linear_forward(layer, x, lowrank=lowrank)
+            finally:
+                set_gemm_backend("triton")
+        return run
+    if variant in ("cublas", "cublas-none"):  # probe: cuBLAS GEMM, the branch as a separate addmm
         st = layer_state(layer)
         w = weight_operand(layer, st, memory=False)
         wt = w.w.t()
@@ -338,6 +351,8 @@ def summarize(rows):
                 "int4p2_memory_vs_bf16": ratio("int4p2 W4A4", "memory"),
                 "fp8_ceiling_vs_bf16": ratio("fp8 rowwise _scaled_mm", "GEMM only"),
                 "fp8_w8a8_vs_bf16": ratio("fp8 W8A8", "none"),
+                "int4p2_gemm_cublas_vs_bf16": ratio("int4p2 W4A4", "gemm-cublas"),
+                "fp8_w8a8_gemm_cublas_vs_bf16": ratio("fp8 W8A8", "gemm-cublas-none"),
                 "shapes": len(shapes),
                 "separate_pass_bound_vs_bf16": ratio("separate-pass bound", "cast + GEMM"),
                 "lowrank_overhead_fused": 1 / ratio("int4p2 W4A4", "fused", ("int4p2 W4A4", "none")) - 1,

@@ -26,6 +26,10 @@ the same blocks are compiled (regional ``torch.compile``, inductor default mode)
                  activation quantization in torch ops that inductor generates inside the kernel producing X, then
                  the GEMM alone (``fourbit::scaled_gemm``); the row's ``lowered_layers`` counts the layers lowered
                  (``--tiny`` runs the reference kernel, which has nothing to lower: these rows equal the plain ones)
+  fourbit-w4a4-cublas, fourbit-fp8-cublas
+                 the same quantization on ``fourbit.nn.set_gemm_backend("cublas")``: ``torch._scaled_mm`` with the
+                 branch folded into K (``kernels/gemm_cublas.py``); layers with an epilogue activation keep Triton;
+                 the row's ``folded_layers`` counts the layers on cuBLAS
 
 Timing: each variant's step is captured in a CUDA graph after compilation and warm-up; the graphs of all variants
 of a model are replayed in alternation (``--rounds`` rounds after 3 warm-up rounds, median ms per variant), so clock
@@ -37,6 +41,7 @@ versions, git commit: ``git rev-parse`` or the environment variable FOURBIT_GIT_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -121,7 +126,8 @@ FAMILIES = {
                   inputs=dict(hidden_states=("randn", ("B", 64, 16)), encoder_hidden_states=("randn", ("B", 8, 32)),
                               pooled_projections=("randn", ("B", 16)), img_ids=("ids", 8, 0), txt_ids=("ids", 0, 8)))),
 }
-VARIANTS = ("bf16", "fp8-peer", "fourbit-w4a4", "fourbit-fp8", "fourbit-w4a4-inline", "fourbit-fp8-inline")
+VARIANTS = ("bf16", "fp8-peer", "fourbit-w4a4", "fourbit-fp8", "fourbit-w4a4-cublas", "fourbit-fp8-cublas",
+            "fourbit-w4a4-inline", "fourbit-fp8-inline")
 
 
 def family(name: str, tiny: bool) -> dict:
@@ -194,7 +200,10 @@ def weight_bytes(model: nn.Module) -> int:
     for m in model.modules():
         st = getattr(m, "_cache", {}).get("fourbit.kernels.linear") if hasattr(m, "_cache") else None
         if st is not None and st.weight is not None:
-            tensors += [t for t in (st.weight.w, st.weight.col_scale, st.weight.group_scale) if t is not None]
+            f = st.weight.folded  # first: the operand w is a view of its w_ext (storages are counted once)
+            parts = () if f is None else (f.w_ext, f.col_scale, f.lr_mult)
+            parts += (st.weight.w, st.weight.col_scale, st.weight.group_scale)
+            tensors += [t for t in parts if t is not None]
     seen, total = set(), 0
     for t in (p for t in tensors for p in _plain_tensors(t)):
         if t.data_ptr() not in seen:
@@ -317,6 +326,33 @@ def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compi
     return dict(compile_seconds=secs, peak_step_bytes=peak, out=out.float(), **info)
 
 
+@contextlib.contextmanager
+def gemm_backend(name):
+    """fourbit's GEMM backend while a variant is prepared, compiled and captured (None: leave it alone)."""
+    if name is None:
+        yield
+        return
+    from fourbit.nn import set_gemm_backend
+
+    set_gemm_backend(name)
+    try:
+        yield
+    finally:
+        set_gemm_backend("triton")
+
+
+def folded_layers(model) -> int:
+    """How many quantized layers carry the 'cublas' backend's folded weight."""
+    from fourbit.kernels.linear import _CACHE_KEY
+    from fourbit.nn import quantized_layers
+
+    n = 0
+    for _, layer in quantized_layers(model):
+        st = layer._cache.get(_CACHE_KEY)
+        n += st is not None and st.weight is not None and st.weight.folded is not None
+    return n
+
+
 def capture(model, inputs):
     from _util import capture_graph
 
@@ -382,18 +418,24 @@ def run_model(name: str, args, device: str, log) -> dict:
             elif variant.startswith("fourbit-fp8"):
                 res.update(fourbit_variant(m, blocks, inputs, "fp8", 0, kernel), format="fp8", rank=0)
             act_quant = "inline" if variant.endswith("-inline") else "pass"
+            gemm = "cublas" if variant.endswith("-cublas") else "triton"
             if variant.startswith("fourbit"):
                 res["act_quant"] = act_quant
+                res["gemm"] = gemm
+            with gemm_backend(gemm if variant.startswith("fourbit") and not tiny else None):
+                p = prepare(m, fam, inputs, device, variant.startswith("fourbit"), tiny, not args.no_compile,
+                            act_quant)
+                out = p.pop("out")
+                if device == "cuda":
+                    graphs[variant] = capture(m, inputs)
             res["weight_bytes"] = weight_bytes(m)
-            p = prepare(m, fam, inputs, device, variant.startswith("fourbit"), tiny, not args.no_compile, act_quant)
-            out = p.pop("out")
             res.update(p)
+            if gemm == "cublas":
+                res["folded_layers"] = folded_layers(m)
             if ref is None:
                 ref = out
             res["rel_diff_vs_bf16"] = float((out - ref).norm() / ref.norm())  # random weights: only a sanity check
             res["finite"] = bool(torch.isfinite(out).all())
-            if device == "cuda":
-                graphs[variant] = capture(m, inputs)
             models[variant] = m
             log(f"{name} {variant}: compile+first step {res['compile_seconds']:.1f}s, weights "
                 f"{res['weight_bytes'] / 2**30:.2f} GiB, rel. diff vs bf16 {res['rel_diff_vs_bf16']:.3f}")

@@ -3,11 +3,11 @@
 #   run: STAGES="tests fusion blockwise" bash scripts/run_kernel_benchmarks.sh    (carry .whl: the diffusers wheel)
 # Writes logs and result rows under $OUT (default out/kernels). Each stage has its own time limit, so one slow
 # stage does not lose the others; a device call is 10 minutes, so pick stages that fit (minutes in brackets).
-#   tests [4]       the GPU kernel tests (pytest -k "cuda or gpu")
+#   tests [4]       the GPU kernel tests (pytest -k "$TESTS_K", default "cuda or gpu"; TESTS_K=cublas: ~1)
 #   fusion [1]      probes/fusion_error_probe.py: where the fused fp32 graph's error comes from
 #   blockwise [5]   probes/blockwise_probe.py: cuBLAS block-scaled FP8 GEMM vs bf16 and today's layer, every family
-#   linear [5]      linear.py --family: every family's layer shapes
-#   models [9]      models.py, four variants, SANA-1.6B and the SDXL UNet (MODELS to change), 200 s per model
+#   linear [5]      linear.py --family $FAMILIES (default SANA-1.6B, SDXL UNet): every family's layer shapes
+#   models [9]      models.py, $VARIANTS (default four), $MODELS (default SANA-1.6B, SDXL UNet), $BUDGET s per model
 #   calibration [6-9] calibration.py, complete full-size runs: CAL=sd3 (~5 min) or CAL=sdxl (~9 min), one per call
 #   transformer [9] transformer.py: the FLUX.1 step
 set -uo pipefail
@@ -15,6 +15,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/kernels}
 STAGES=${STAGES:-"tests fusion blockwise"}
 MODELS=${MODELS:-"sana-1.6b,sdxl-unet"}
+VARIANTS=${VARIANTS:-"bf16,fp8-peer,fourbit-w4a4,fourbit-fp8"}
+BUDGET=${BUDGET:-200}
+FAMILIES=${FAMILIES:-"sana-1.6b,sdxl-unet"}
+TESTS_K=${TESTS_K:-"cuda or gpu"}
 CAL=${CAL:-sd3}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -24,17 +28,17 @@ fi
 export PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 for stage in $STAGES; do
   case $stage in
-    tests) timeout 240 python -m pytest -q -rf -p no:cacheprovider tests/kernels -k "cuda or gpu" \
+    tests) timeout 240 python -m pytest -q -rf -p no:cacheprovider tests/kernels -k "$TESTS_K" \
              > "$OUT/gpu_tests.log" 2>&1
            echo "gpu tests rc $?"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests.log" | tail -12 ;;
     fusion) timeout 90 python benchmarks/probes/fusion_error_probe.py 2>&1 | grep -v Warning | tail -5 ;;
     blockwise) timeout 330 python benchmarks/probes/blockwise_probe.py --out "$OUT" > "$OUT/blockwise.log" 2>&1
                echo "blockwise rc $?"; grep -E "^check|W 1x128|W 128x128|geomean" "$OUT/blockwise.log" | tail -8 ;;
-    linear) timeout 300 python benchmarks/linear.py --family sana-1.6b,sdxl-unet --out "$OUT" \
+    linear) timeout ${LINEAR_TIMEOUT:-300} python benchmarks/linear.py --family "$FAMILIES" --out "$OUT" \
               > "$OUT/linear.log" 2>&1
             echo "linear rc $?"; tail -5 "$OUT/linear.log" ;;
-    models) timeout 540 python benchmarks/models.py --models "$MODELS" --budget 200 \
-              --variants bf16,fp8-peer,fourbit-w4a4,fourbit-fp8 --out "$OUT" > "$OUT/models.log" 2>&1
+    models) timeout ${MODELS_TIMEOUT:-540} python benchmarks/models.py --models "$MODELS" --budget "$BUDGET" \
+              --variants "$VARIANTS" --out "$OUT" > "$OUT/models.log" 2>&1
             echo "models rc $?"; grep -v "it/s" "$OUT/models.log" | tail -14 ;;
     calibration) timeout 570 python benchmarks/calibration.py --models "$CAL" --budget "$CAL=540" --calibration-share 0.7 \
                    --out "$OUT" > "$OUT/calibration.log" 2>&1

@@ -29,6 +29,8 @@ def test_models_tiny_every_family_and_variant():
             assert r["variants"][name]["quantized_layers"] == r["variants"]["fourbit-fp8"]["quantized_layers"]
         assert r["variants"]["fourbit-w4a4-inline"]["act_quant"] == "inline"
         assert r["variants"]["fourbit-w4a4"]["act_quant"] == "pass"
+        assert r["variants"]["fourbit-w4a4-cublas"]["gemm"] == "cublas"
+        assert r["variants"]["fourbit-w4a4"]["gemm"] == "triton"
 
 
 def test_models_budget_skips_later_variants_and_keeps_the_first():

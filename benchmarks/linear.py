@@ -161,7 +161,7 @@ def variant_fn(layer, x, variant):
         lowrank = "fused" if variant == "gemm-cublas" else "none"
 
         def run():
-            set_gemm_backend("cublas")
+            set_gemm_backend("cublas", min_rows=0)  # at every M (the library's default starts at 2048 rows)
             try:
                 return linear_forward(layer, x, lowrank=lowrank)
             finally:

@@ -3,14 +3,16 @@ folded into K: the ``gemm="cublas"`` backend of the 'scaled' plan (opt-in, ``set
 
     y = ([A | A_lr] @ [B | B_up]^T) * a_scale[m] * b_scale[n] + bias[n]
 
-    A_lr (M, 4 Rp) = [hi(L') | lo(L') | hi(L') | lo(L')],   L'[m, j] = L[m, j] / a_scale[m] * 2^-p_j
-    B_up (N, 4 Rp) = [hi(U') | hi(U') | lo(U') | lo(U')],   U'[n, j] = U[n, j] / b_scale[n] * 2^p_j
+    A_lr (M, 3 Rp) = [hi(L') | lo(L') | hi(L')],   L'[m, j] = L[m, j] / a_scale[m] * 2^-p_j
+    B_up (N, 3 Rp) = [hi(U') | hi(U') | lo(U')],   U'[n, j] = U[n, j] / b_scale[n] * 2^p_j
 
-so the extra K columns contribute a_scale * b_scale * (hi + lo)(L') (hi + lo)(U') = L U^T up to the hi + lo split
-(e4m3 hi = RN(v), lo = RN(v - hi): ~2^-8 relative per factor, or 2^-10 absolute below e4m3's normal range).
+so the extra K columns contribute a_scale * b_scale * (hi hi + lo hi + hi lo) = L U^T up to the hi + lo split
+(e4m3 hi = RN(v), lo = RN(v - hi): ~2^-8 relative per factor, or 2^-10 absolute below e4m3's normal range) and the
+dropped lo lo product (~2^-16 relative).
 L is act_quant's down-projection (fp32), U the up-projection. Why: on Hopper at the layer sizes of PixArt, SD3,
 SANA and the SDXL UNet (K <= 6144) cuBLAS's FP8 GEMM is 1.35-1.55x bf16 where fourbit's Triton GEMM is ~1.0x
-(docs/kernels.md), and an output-sized second GEMM for the branch would cost more than it saves.
+(docs/kernels.md), and an output-sized second GEMM for the branch would cost more than it saves. Used from
+``CUBLAS_MIN_ROWS`` rows: below, the fold's fixed costs made layers 1.1-1.6x slower than Triton (H200, 600-666 rows).
 
 Range: p_j is chosen once per layer so that |L'| <= 448 for every input: |L[m, j]| <= max|X^_m| ||d_j||_1 and
 max|X^_m| = qmax * a_scale[m] for the row formats (``act_spec.qmax``: 7 int4p2, 6 fp4p2, 448 fp8), so
@@ -35,31 +37,38 @@ from ..formats.floats import e4m3_round
 from ._common import ceil_div, round_to_mantissa
 
 E4M3_MAX = 448.0
-FOLD_PARTS = 4  # extra K columns per rank column
+FOLD_PARTS = 3  # extra K columns per rank column
+CUBLAS_MIN_ROWS = 2048  # fewer rows keep the Triton GEMM (linear.jsonl run 2026-12-04l)
 _BOUND_MARGIN = 1.01  # headroom over qmax ||d_j||_1: L from the bf16 hi + lo folded factor, a_scale's rounding
 
 BACKENDS = ("triton", "cublas")
-_BACKEND = ["triton"]
+_BACKEND = {"name": "triton", "min_rows": CUBLAS_MIN_ROWS}
 
 
-def set_gemm_backend(name: str) -> None:
+def set_gemm_backend(name: str, min_rows: int = CUBLAS_MIN_ROWS) -> None:
     """'triton' (default: fourbit's GEMM, branch and activation in its epilogue) or 'cublas' (``torch._scaled_mm``
-    with the branch folded into K, for FP8-operand layers on CUDA without an epilogue activation; others keep
-    Triton). Read at each call; a layer's folded weight is built on its first call under 'cublas'."""
+    with the branch folded into K, for FP8-operand layers without an epilogue activation, from ``min_rows`` rows;
+    other calls keep Triton). Read at each call; a layer's folded weight is built with its operand under 'cublas'."""
     if name not in BACKENDS:
         raise ValueError(f"fourbit: unknown GEMM backend {name!r}; choose one of {BACKENDS}")
-    _BACKEND[0] = name
+    if min_rows < 0:
+        raise ValueError(f"fourbit: min_rows must be >= 0, got {min_rows}")
+    _BACKEND.update(name=name, min_rows=int(min_rows))
 
 
 def gemm_backend() -> str:
-    return _BACKEND[0]
+    return _BACKEND["name"]
+
+
+def cublas_min_rows() -> int:
+    return _BACKEND["min_rows"]
 
 
 @dataclass
 class FoldedWeight:
     """The weight side of the cuBLAS GEMM (see the module docstring)."""
 
-    w_ext: Tensor  # (N, Kp + 4 Rp) float8_e4m3fn, contiguous: [B | B_up]; (N, Kp) without a branch
+    w_ext: Tensor  # (N, Kp + 3 Rp) float8_e4m3fn, contiguous: [B | B_up]; (N, Kp) without a branch
     col_scale: Tensor  # (N,) fp32: b_scale, zero entries replaced by 1
     lr_mult: Optional[Tensor]  # (Rp,) fp32, 2^-p_j; None without a branch
 
@@ -95,14 +104,14 @@ def fold_weight(w: Tensor, col_scale: Tensor, up: Optional[Tensor], down_l1: Opt
     hi, lo = _split_e4m3(u)
     w_ext = torch.empty((n, kp + FOLD_PARTS * rp), dtype=torch.float8_e4m3fn, device=w.device)
     w_ext[:, :kp] = w
-    w_ext[:, kp:] = torch.cat([hi, hi, lo, lo], 1).to(torch.float8_e4m3fn)  # exact casts
+    w_ext[:, kp:] = torch.cat([hi, hi, lo], 1).to(torch.float8_e4m3fn)  # exact casts
     return FoldedWeight(w_ext, cs, mult)
 
 
 @triton.jit
 def _fold_lr_kernel(lr_ptr, rs_ptr, mult_ptr, out_ptr, M, stride_lr, stride_out,
                     R: tl.constexpr, BM: tl.constexpr):
-    """out[m, 0:4R] = [hi | lo | hi | lo] of L[m] / rs[m] * mult (e4m3 by integer rounding, as the twin)."""
+    """out[m, 0:3R] = [hi | lo | hi] of L[m] / rs[m] * mult (e4m3 by integer rounding, as the twin)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, R)
     rmask = rows < M
@@ -120,20 +129,19 @@ def _fold_lr_kernel(lr_ptr, rs_ptr, mult_ptr, out_ptr, M, stride_lr, stride_out,
     tl.store(base, hi.to(tl.float8e4nv), mask=m2)
     tl.store(base + R, lo.to(tl.float8e4nv), mask=m2)
     tl.store(base + 2 * R, hi.to(tl.float8e4nv), mask=m2)
-    tl.store(base + 3 * R, lo.to(tl.float8e4nv), mask=m2)
 
 
 def _check_fold(lr: Tensor, a_scale: Tensor, lr_mult: Tensor, out: Tensor) -> None:
     m, r = lr.shape
     if a_scale.numel() != m or lr_mult.numel() != r or out.shape != (m, FOLD_PARTS * r):
         raise ValueError(f"fold_lr: lr (M, R) = {tuple(lr.shape)}, a_scale {tuple(a_scale.shape)}, lr_mult "
-                         f"{tuple(lr_mult.shape)} and out {tuple(out.shape)} (M, 4R) do not match")
+                         f"{tuple(lr_mult.shape)} and out {tuple(out.shape)} (M, {FOLD_PARTS}R) do not match")
     if out.dtype != torch.float8_e4m3fn or out.stride(1) != 1:
         raise ValueError("fold_lr: out must be float8_e4m3fn with contiguous rows")
 
 
 def fold_lr(lr: Tensor, a_scale: Tensor, lr_mult: Tensor, out: Tensor) -> Tensor:
-    """Write A_lr (module docstring) into ``out`` (M, 4R) float8_e4m3fn (a column block of act_quant's operand):
+    """Write A_lr (module docstring) into ``out`` (M, 3R) float8_e4m3fn (a column block of act_quant's operand):
     lr (M, R) fp32, a_scale (M,) fp32, lr_mult (R,) fp32 (``FoldedWeight.lr_mult``). R: a power of two."""
     _check_fold(lr, a_scale, lr_mult, out)
     m, r = lr.shape
@@ -149,7 +157,7 @@ def fold_lr_torch(lr: Tensor, a_scale: Tensor, lr_mult: Tensor, out: Tensor) -> 
     rs = a_scale.float().reshape(-1, 1)
     v = torch.where(rs > 0, lr.float() / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(lr.float()))
     hi, lo = _split_e4m3(v * lr_mult.float().reshape(1, -1))
-    out.copy_(torch.cat([hi, lo, hi, lo], 1).to(torch.float8_e4m3fn))
+    out.copy_(torch.cat([hi, lo, hi], 1).to(torch.float8_e4m3fn))
     return out
 
 
@@ -160,12 +168,16 @@ def cublas_supported(a_dtype: torch.dtype, n: int, k: int, device: torch.device)
 
 def cublas_gemm(a: Tensor, w: FoldedWeight, a_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
     """a (M, K') float8_e4m3fn with the folded columns filled (K' = ``w.w_ext.shape[1]``), a_scale (M,) fp32
-    -> (M, N) out_dtype: one ``torch._scaled_mm`` (fast FP8 accumulation, as the Triton GEMM's default)."""
+    -> (M, N) out_dtype: one ``torch._scaled_mm`` (fast FP8 accumulation, as the Triton GEMM's default). An fp32
+    output adds the bias after the GEMM (CUDA's _scaled_mm takes a bias only for 16-bit outputs)."""
     if a.shape[1] != w.w_ext.shape[1] or a.stride(1) != 1:
         raise ValueError(f"cublas_gemm: a {tuple(a.shape)} must have {w.w_ext.shape[1]} contiguous columns")
-    return torch._scaled_mm(a, w.w_ext.t(), scale_a=a_scale.reshape(-1, 1), scale_b=w.col_scale.reshape(1, -1),
-                            bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
-                            use_fast_accum=True)
+    fused_bias = bias is not None and out_dtype != torch.float32
+    y = torch._scaled_mm(a, w.w_ext.t(), scale_a=a_scale.reshape(-1, 1), scale_b=w.col_scale.reshape(1, -1),
+                         bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype, use_fast_accum=True)
+    if bias is not None and not fused_bias:
+        y += bias.float()
+    return y
 
 
 def cublas_gemm_torch(a: Tensor, w: FoldedWeight, a_scale: Tensor, bias: Optional[Tensor],

@@ -35,8 +35,8 @@ from . import register_linear_kernel
 from ._common import next_pow2
 from .act_quant import E2M1_E4M3, FP8_ROW, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, act_quant, act_spec, cat_down, fold_down
 from .gemm import GemmConfig, scaled_gemm
-from .gemm_cublas import (FOLD_PARTS, FoldedWeight, cublas_gemm, cublas_supported, fold_lr, fold_weight,
-                          gemm_backend)
+from .gemm_cublas import (FOLD_PARTS, FoldedWeight, cublas_gemm, cublas_min_rows, cublas_supported, fold_lr,
+                          fold_weight, gemm_backend)
 from .gemm_grouped import grouped_gemm
 from . import gemv as _gemv
 from .activation import OutputActivation, apply_rounded
@@ -230,13 +230,14 @@ def quantized_gemm(x2, act_format, padded_in: int, plan: str, w: WeightOperand,
     GEMM's epilogue). x2 may be a list of column blocks (``act_quant``); ``act``: an activation on a range of
     output columns (in the epilogue on the 'scaled' plan, after the rounding on the 'grouped' one)."""
     dtype = x2.dtype if isinstance(x2, Tensor) else x2[0].dtype
-    folded = _cublas_weight(plan, w, act, down_folded is not None, padded_in)
+    rows = x2.shape[0] if isinstance(x2, Tensor) else x2[0].shape[0]
+    folded = _cublas_weight(plan, w, act, down_folded is not None, padded_in, rows)
     if folded is not None:  # the 'cublas' backend: torch._scaled_mm, the branch folded into K
         a = act_quant(x2, act_format, padded_in=padded_in, down_folded=down_folded, smooth_recip=smooth_recip,
                       down_cat=down_cat, extra_cols=0 if folded.lr_mult is None else FOLD_PARTS * up.shape[1])
         q = a.q
         if folded.lr_mult is not None:
-            q = a.q_ext  # (M, Kp + 4 Rp): the operand, then the folded branch's columns
+            q = a.q_ext  # (M, Kp + 3 Rp): the operand, then the folded branch's columns
             fold_lr(a.lr, a.row_scale, folded.lr_mult, q[:, padded_in:])
         return cublas_gemm(q, folded, a.row_scale, bias, dtype)
     a = act_quant(x2, act_format, padded_in=padded_in, down_folded=down_folded, smooth_recip=smooth_recip,
@@ -250,11 +251,12 @@ def quantized_gemm(x2, act_format, padded_in: int, plan: str, w: WeightOperand,
 
 
 def _cublas_weight(plan: str, w: WeightOperand, act: Optional[OutputActivation], branch: bool,
-                   padded_in: int) -> Optional[FoldedWeight]:
-    """The folded weight if this call takes the 'cublas' backend (set, folded, no epilogue activation), else None.
-    A call without the branch (``lowrank="none"``) uses the folded operand's first Kp columns."""
+                   padded_in: int, rows: int) -> Optional[FoldedWeight]:
+    """The folded weight if this call takes the 'cublas' backend (set, folded, no epilogue activation, at least
+    ``set_gemm_backend``'s min_rows), else None. A call without the branch (``lowrank="none"``) uses the folded operand's
+    first Kp columns."""
     folded = w.folded
-    if folded is None or plan != "scaled" or gemm_backend() != "cublas" or (act is not None and act.kind):
+    if folded is None or plan != "scaled" or gemm_backend() != "cublas" or act is not None or rows < cublas_min_rows():
         return None
     if not branch and folded.lr_mult is not None:
         return FoldedWeight(folded.w_ext[:, :padded_in], folded.col_scale, None)

@@ -21,15 +21,16 @@ def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
     return model
 
 
-def set_gemm_backend(name: str) -> None:
+def set_gemm_backend(name: str, min_rows: Optional[int] = None) -> None:
     """The GEMM of FP8-operand layers on the "triton" kernels (int4p2 / fp4p2 / fp8 activations): "triton" (default;
     fourbit's GEMM with the low-rank branch and an activation in its epilogue) or "cublas" (``torch._scaled_mm``, the
-    branch folded into K as FP8 hi + lo parts, ~2^-8 relative on the branch; layers with an epilogue activation or
-    a branch outside e4m3's range keep Triton). Process-wide, read at each call; set it before
-    ``prepare_kernels`` (which builds the folded weights) and before compiling. See docs/kernels.md."""
-    from ..kernels.gemm_cublas import set_gemm_backend as set_backend  # imports triton: only when asked
+    branch folded into K as FP8 hi + lo parts, ~2^-8 relative on the branch; calls with an epilogue activation,
+    fewer than ``min_rows`` rows (default 2048, where it was measured slower) or a branch outside e4m3's range keep
+    Triton). Process-wide, read at each call; set it before ``prepare_kernels`` (which builds the folded weights)
+    and before compiling. See docs/kernels.md."""
+    from ..kernels import gemm_cublas  # imports triton: only when asked
 
-    set_backend(name)
+    gemm_cublas.set_gemm_backend(name, gemm_cublas.CUBLAS_MIN_ROWS if min_rows is None else min_rows)
 
 
 def inductor_options(act_quant: str = "pass") -> dict:

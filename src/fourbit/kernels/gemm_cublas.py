@@ -161,9 +161,30 @@ def fold_lr_torch(lr: Tensor, a_scale: Tensor, lr_mult: Tensor, out: Tensor) -> 
     return out
 
 
+_ROWWISE: dict = {}
+
+
+def rowwise_scaled_mm(device: torch.device) -> bool:
+    """Whether this torch runs ``_scaled_mm`` with per-row x per-column scales on ``device`` (CUDA: FP8 tensor cores,
+    compute capability >= 8.9; CPU: torch >= 2.13 does, 2.11 only per-tensor scales). Tried once per device."""
+    key = str(device)
+    if key not in _ROWWISE:
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            _ROWWISE[key] = False
+        else:
+            try:
+                a = torch.zeros((16, 16), device=device).to(torch.float8_e4m3fn)
+                torch._scaled_mm(a, a.t(), scale_a=torch.ones((16, 1), device=device),
+                                 scale_b=torch.ones((1, 16), device=device), out_dtype=torch.bfloat16)
+                _ROWWISE[key] = True
+            except (RuntimeError, NotImplementedError, TypeError):
+                _ROWWISE[key] = False
+    return _ROWWISE[key]
+
+
 def cublas_supported(a_dtype: torch.dtype, n: int, k: int, device: torch.device) -> bool:
-    """Whether ``torch._scaled_mm`` takes these operands here (FP8 e4m3, K and N multiples of 16)."""
-    return a_dtype == torch.float8_e4m3fn and k % 16 == 0 and n % 16 == 0 and device.type in ("cuda", "cpu")
+    """Whether ``torch._scaled_mm`` takes these operands here (FP8 e4m3, K and N multiples of 16, row-wise scales)."""
+    return a_dtype == torch.float8_e4m3fn and k % 16 == 0 and n % 16 == 0 and rowwise_scaled_mm(device)
 
 
 def cublas_gemm(a: Tensor, w: FoldedWeight, a_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:

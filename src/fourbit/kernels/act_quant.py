@@ -44,8 +44,8 @@ class ActConfig:
     """Tiles of each path, and the thresholds of ``act_path``.
 
     single pass: one program per ``rows`` rows walking them in chunks of ``chunk`` columns (0: the whole padded
-    row), ``warps`` warps, ``stages`` software-pipeline stages; from padded K ``large_k`` (0: never) chunks of
-    ``large_chunk`` with ``large_warps``. With the branch, from ``lr_mm_rows`` rows (0: never) of bf16 X on CUDA
+    row), ``warps`` warps, ``stages`` software-pipeline stages; padded K in (chunk, ``whole_row_k``]: one chunk of
+    next_pow2(Kp) (0: never); from padded K ``large_k`` (0: never) chunks of ``large_chunk`` with ``large_warps``. With the branch, from ``lr_mm_rows`` rows (0: never) of bf16 X on CUDA
     the down-projection is one cuBLAS GEMM beside the single pass, on a side stream when Kp <= ``lr_mm_stream_max_k``.
     Two launches: stats kernel over slices of K, programs of ``stats_BM`` rows x ``stats_BK`` columns per step,
     ``split`` slices per row block (None: enough programs to fill the GPU ~4 times), then the quantize kernel, one
@@ -54,6 +54,7 @@ class ActConfig:
 
     rows: int = 1
     chunk: int = 1024
+    whole_row_k: int = 0
     warps: int = 4
     stages: int = 1
     large_k: int = 0
@@ -91,7 +92,12 @@ class ActConfig:
 #: at K = 12288, slower at 15360; chunks of 4096 from K = 8192 (no branch) 0.079 -> 0.076 ms at 4608 x 12288 and
 #: 0.112 -> 0.098 at 4608 x 15360. Tried and dropped: the cuBLAS down-projection over row chunks that stay in L2
 #: (1.3-1.6x slower), one wave of 64-row programs with the dot inside (2.4-2.8x slower).
-DEFAULT_CONFIG = ActConfig(stages=2, large_k=8192, large_chunk=4096, large_warps=8, lr_mm_rows=2048,
+#: H200 (results/act_chunk_probe.jsonl, run 2026-12-04; every family's M >= 2048 and K, chunks 256-4096 x 4/8 warps):
+#: the default was best or within 1% everywhere except padded K in (1024, 2048], where one chunk of 2048 columns
+#: beat two of 1024 (the second mostly masked): 8192 x 1152 21.1 -> 19.0 us, 8192 x 1536 21.7 -> 20.9, 2048 x 1280
+#: 7.0 -> 6.7 (``whole_row_k``). Chunks of 256 / 512 were 1.1-3x slower: the pass is bound by its per-chunk work, not
+#: by memory (1.5-2x a plain cast to fp8, 2-3.6x the DRAM floor).
+DEFAULT_CONFIG = ActConfig(stages=2, whole_row_k=2048, large_k=8192, large_chunk=4096, large_warps=8, lr_mm_rows=2048,
                            lr_mm_stream_max_k=4096, BM=4, BK=512, num_warps=4, stats_BM=64, stats_BK=32)
 
 

@@ -68,6 +68,8 @@ def act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail=None, extra=0)
     dev = x.device
     large = cfg.large_k and kp >= cfg.large_k
     bk = (cfg.large_chunk if large else cfg.chunk) or next_pow2(kp)
+    if not large and cfg.whole_row_k and bk < kp <= cfg.whole_row_k:
+        bk = next_pow2(kp)  # one chunk rather than a second, mostly masked one
     bk = max(bk, spec.group, 16)
     g = bk if spec.mode in (INT8_ROW, FP8_ROW) else spec.group  # per-row modes: one "group" per chunk
     q, q_ext = operand_buffer(m, kp, extra, spec.operand_dtype, dev)  # 16-byte-aligned rows for the GEMM's TMA

@@ -31,6 +31,17 @@ def _cpu_rowwise():
 SQNR_FOLDED_BRANCH_DB = db(2e-3)  # 54 dB
 
 
+@pytest.fixture
+def cublas_calls(monkeypatch):
+    """Counts the layer kernels' calls of ``cublas_gemm`` (which path a layer took)."""
+    import fourbit.kernels.linear as linear
+
+    calls = []
+    real = linear.cublas_gemm
+    monkeypatch.setattr(linear, "cublas_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def _lr_rows(m: int, r: int, seed: int = 0):
     """lr (m, r) fp32 with zero, tiny and large rows; a_scale (m,) with a zero entry; lr_mult (r,) powers of two."""
     g = torch.Generator().manual_seed(seed)
@@ -143,7 +154,7 @@ def test_folded_branch_error_twins():
 
 @pytest.mark.usefixtures("interpret")
 @pytest.mark.parametrize("method", ["svdquant", "rtn"])
-def test_layer_cublas_backend(method):
+def test_layer_cublas_backend(method, cublas_calls):
     """A quantized layer on the 'cublas' backend (interpreter act_quant + fold_lr, CPU torch._scaled_mm) against the
     "triton" backend: the folded branch's error (SVDQuant), fp32 reordering only (RTN: no branch)."""
     _cpu_rowwise()
@@ -169,11 +180,11 @@ def test_layer_cublas_backend(method):
         assert st.weight.folded is not None
         assert st.weight.w.data_ptr() == st.weight.folded.w_ext.data_ptr()  # one copy of the operand
         bound = SQNR_FOLDED_BRANCH_DB if method == "svdquant" else SQNR_FP32_REORDER_DB
-        assert sqnr_db(ref, got) > bound
+        assert len(cublas_calls) == 1 and sqnr_db(ref, got) > bound
         again = model(x)
         assert torch.equal(got, again)
         set_gemm_backend("cublas")  # default min_rows (2048): these 128 rows keep the Triton GEMM
-        assert torch.equal(bits(model(x)), bits(ref))
+        assert torch.equal(bits(model(x)), bits(ref)) and len(cublas_calls) == 2
     finally:
         set_gemm_backend("triton")
     with pytest.raises(ValueError, match="unknown GEMM backend"):
@@ -181,7 +192,7 @@ def test_layer_cublas_backend(method):
 
 
 @pytest.mark.usefixtures("interpret")
-def test_compiled_op_takes_the_folded_weight():
+def test_compiled_op_takes_the_folded_weight(cublas_calls):
     """``fourbit::quant_linear`` with the folded weight in its list gives the eager 'cublas' layer's bits."""
     _cpu_rowwise()
     from fourbit.kernels.compiled import compiled_forward
@@ -197,9 +208,10 @@ def test_compiled_op_takes_the_folded_weight():
         layer._cache.clear()
         st = layer_state(layer)
         weight_operand(layer, st, memory=False)
+        assert st.weight.folded is not None
         eager = linear_forward(layer, x)
         op = compiled_forward(layer, x, memory=False)  # outside dynamo: the op runs its eager implementation
-        assert torch.equal(bits(eager), bits(op))
+        assert torch.equal(bits(eager), bits(op)) and len(cublas_calls) == 2  # both took the folded path
     finally:
         set_gemm_backend("triton")
 
@@ -226,7 +238,7 @@ def test_fold_lr_and_cublas_gemm_gpu():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("m", [8192, 600])
-def test_layer_cublas_backend_gpu(m):
+def test_layer_cublas_backend_gpu(m, cublas_calls):
     """A bf16 SVDQuant layer on the GPU, 'cublas' against 'triton' (both round the output to bf16 once)."""
     from fourbit.kernels.gemm_cublas import set_gemm_backend
     from fourbit.nn import set_kernel
@@ -239,7 +251,9 @@ def test_layer_cublas_backend_gpu(m):
         set_gemm_backend("cublas", min_rows=0)
         model[0]._cache.clear()
         got = model(x).float()
-        assert model[0]._cache["fourbit.kernels.linear"].weight.folded is not None
+        folded = model[0]._cache["fourbit.kernels.linear"].weight.folded
+        assert folded is not None and folded.bias16 is model[0].bias  # the bias is read in bf16, not cast per call
     finally:
         set_gemm_backend("triton")
+    assert len(cublas_calls) == 1  # the cuBLAS path ran
     assert sqnr_db(ref, got) > db(4e-3)  # the two bf16 roundings (1.7e-3 each) and the folded branch (< 2e-3)

@@ -191,6 +191,14 @@ def round_to_mantissa(x, DROP: tl.constexpr, SUB_QUANTUM: tl.constexpr, MIN_NORM
 
 
 @triton.jit
+def e4m3_rn(v):
+    """fp32 v -> the nearest e4m3 value (ties to even, saturating at +-448) as fp32, by integer rounding (identical
+    in the interpreter and on GPUs); whatever rounds to zero is +0, as ``floats.e4m3_round``."""
+    mag = round_to_mantissa(tl.minimum(tl.abs(v), 448.0), 20, 0.001953125, 0.015625)
+    return tl.where((v < 0) & (mag > 0), -mag, mag)
+
+
+@triton.jit
 def next_up(s, DROP: tl.constexpr, SUB_QUANTUM: tl.constexpr, MIN_NORMAL: tl.constexpr):
     """The next value above s >= 0 on the grid of ``round_to_mantissa`` (s on that grid)."""
     up = (((s.to(tl.int32, bitcast=True) >> DROP) + 1) << DROP).to(tl.float32, bitcast=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (amax as _amax, as_int_value, e2m1_round, frexp_exponent, mantissa_bits, next_up, pow2,
-                      round_half_even, round_to_mantissa)
+from ._common import (amax as _amax, as_int_value, e2m1_round, e4m3_rn, frexp_exponent, mantissa_bits, next_up,
+                      pow2, round_half_even, round_to_mantissa)
 from .act_spec import _BF16_MAX, P2_E2M1, P2_INT
 
 try:  # the GPU's rint (round half to even); the interpreter path never calls it
@@ -147,8 +147,7 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
         out = (v * s[:, :, None]).to(tl.bfloat16)  # exact: <= 6 significant bits
     if MODE == 6:  # fp8 per row: e4m3(X^ * RN(1 / s)), saturating; exact cast of a value already on the grid
         y = xs * tl.math.div_rn(tl.full(div.shape, 1.0, tl.float32), div)[:, None, None]
-        mag = round_to_mantissa(tl.minimum(tl.abs(y), 448.0), 20, 0.001953125, 0.015625)
-        out = tl.where((y < 0) & (mag > 0), -mag, mag).to(tl.float8e4nv)  # zeros +0, as ``floats.e4m3_round``
+        out = e4m3_rn(y).to(tl.float8e4nv)  # exact cast of a value already on the grid
     if MODE == 5:
         gmax = _amax(tl.abs(xs), 2)
         e = tl.where(gmax > 0, frexp_exponent(gmax) - 3, -127)

@@ -60,14 +60,14 @@ def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Opti
                  act_hi: int) -> Tensor:
     """x2 (M, K) -> (M, N) (with x_tail: [x2 | x_tail] (M, K1 + K2) -> (M, N)). weights: speed mode [operand
     (N, Kp), col_scale, group_scale, packed, scales, row_scale] and, where the 'cublas' GEMM backend folded the
-    layer, [w_ext, its col_scale, lr_mult] (``gemm_cublas.FoldedWeight``); memory mode [packed, scales, row_scale]
-    (expanded here). Few rows of the Hopper-native formats take the GEMV on the packed weight. key:
+    layer, [w_ext, its col_scale, lr_mult, bias16] (``gemm_cublas.FoldedWeight``); memory mode [packed, scales,
+    row_scale] (expanded here). Few rows of the Hopper-native formats take the GEMV on the packed weight. key:
     ``register_layer``'s key + "|speed" or "|memory". act: "" or an ``activation.CODES`` kind for columns
     [act_lo, act_hi)."""
     from . import gemv  # imported here: the test suite re-executes kernel modules (interpreter)
     from .activation import OutputActivation, apply_rounded
-    from .linear import few_rows, quantized_gemm
     from .gemm_cublas import FoldedWeight
+    from .linear import few_rows, quantized_gemm
     from .weights import WeightOperand, expand_weight
 
     act_format, weight_format, padded_in, _, plan = _lookup(key)
@@ -81,7 +81,7 @@ def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Opti
     if memory:
         w = expand_weight(weights[0], weights[1], weights[2], weight_format, padded_in)
     else:
-        folded = FoldedWeight(weights[6], weights[7], weights[8]) if len(weights) > 6 else None
+        folded = FoldedWeight(*weights[6:10]) if len(weights) > 6 else None
         w = WeightOperand(weights[0], weights[1], weights[2], folded=folded)
     x = x2 if x_tail is None else [x2, x_tail]
     return quantized_gemm(x, act_format, padded_in, plan, w, smooth_recip, down_folded, down_cat, up, bias,
@@ -114,7 +114,7 @@ def compiled_forward(layer, x2: Tensor, memory: bool) -> Tensor:
     weights = packed if memory else [st.weight.w, st.weight.col_scale, st.weight.group_scale] + packed
     folded = None if memory else st.weight.folded
     if folded is not None:
-        weights = weights + [folded.w_ext, folded.col_scale, folded.lr_mult]
+        weights = weights + [folded.w_ext, folded.col_scale, folded.lr_mult, folded.bias16]
     return torch.ops.fourbit.quant_linear(x2, weights, st.smooth_recip, st.down_folded, st.down_cat, st.up,
                                           st.bias, st.op_key + ("|memory" if memory else "|speed"), None, "", 0, 0)
 

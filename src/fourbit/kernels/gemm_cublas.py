@@ -34,23 +34,25 @@ import triton.language as tl
 from torch import Tensor
 
 from ..formats.floats import e4m3_round
-from ._common import ceil_div, round_to_mantissa
+from ._common import ceil_div, e4m3_rn
 
 E4M3_MAX = 448.0
 FOLD_PARTS = 3  # extra K columns per rank column
-CUBLAS_MIN_ROWS = 2048  # fewer rows keep the Triton GEMM (linear.jsonl run 2026-12-04l)
+CUBLAS_MIN_ROWS = 2048  # fewer rows keep the Triton GEMM (linear.jsonl run 2026-12-04b: slower at 600-666 rows)
 _BOUND_MARGIN = 1.01  # headroom over qmax ||d_j||_1: L from the bf16 hi + lo folded factor, a_scale's rounding
 
 BACKENDS = ("triton", "cublas")
 _BACKEND = {"name": "triton", "min_rows": CUBLAS_MIN_ROWS}
 
 
-def set_gemm_backend(name: str, min_rows: int = CUBLAS_MIN_ROWS) -> None:
+def set_gemm_backend(name: str, min_rows: Optional[int] = None) -> None:
     """'triton' (default: fourbit's GEMM, branch and activation in its epilogue) or 'cublas' (``torch._scaled_mm``
-    with the branch folded into K, for FP8-operand layers without an epilogue activation, from ``min_rows`` rows;
-    other calls keep Triton). Read at each call; a layer's folded weight is built with its operand under 'cublas'."""
+    with the branch folded into K, for FP8-operand layers without an epilogue activation, from ``min_rows`` rows,
+    default ``CUBLAS_MIN_ROWS``; other calls keep Triton). Read at each call; a layer's folded weight is built with
+    its operand under 'cublas'."""
     if name not in BACKENDS:
         raise ValueError(f"fourbit: unknown GEMM backend {name!r}; choose one of {BACKENDS}")
+    min_rows = CUBLAS_MIN_ROWS if min_rows is None else min_rows
     if min_rows < 0:
         raise ValueError(f"fourbit: min_rows must be >= 0, got {min_rows}")
     _BACKEND.update(name=name, min_rows=int(min_rows))
@@ -71,6 +73,7 @@ class FoldedWeight:
     w_ext: Tensor  # (N, Kp + 3 Rp) float8_e4m3fn, contiguous: [B | B_up]; (N, Kp) without a branch
     col_scale: Tensor  # (N,) fp32: b_scale, zero entries replaced by 1
     lr_mult: Optional[Tensor]  # (Rp,) fp32, 2^-p_j; None without a branch
+    bias16: Optional[Tensor] = None  # (N,) the layer's bias in its 16-bit dtype: read as is, no cast per call
 
 
 def lr_bound_mult(down_l1: Tensor, qmax: float) -> Tensor:
@@ -119,11 +122,8 @@ def _fold_lr_kernel(lr_ptr, rs_ptr, mult_ptr, out_ptr, M, stride_lr, stride_out,
     rs = tl.load(rs_ptr + rows, mask=rmask, other=1.0)
     mult = tl.load(mult_ptr + cols)
     v = tl.where(rs[:, None] > 0, tl.math.div_rn(lr, tl.where(rs > 0, rs, 1.0)[:, None]), 0.0) * mult[None, :]
-    hi_mag = round_to_mantissa(tl.minimum(tl.abs(v), 448.0), 20, 0.001953125, 0.015625)
-    hi = tl.where((v < 0) & (hi_mag > 0), -hi_mag, hi_mag)
-    r = v - hi  # exact
-    lo_mag = round_to_mantissa(tl.minimum(tl.abs(r), 448.0), 20, 0.001953125, 0.015625)
-    lo = tl.where((r < 0) & (lo_mag > 0), -lo_mag, lo_mag)
+    hi = e4m3_rn(v)
+    lo = e4m3_rn(v - hi)  # v - hi is exact
     base = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
     m2 = rmask[:, None]
     tl.store(base, hi.to(tl.float8e4nv), mask=m2)
@@ -194,8 +194,10 @@ def cublas_gemm(a: Tensor, w: FoldedWeight, a_scale: Tensor, bias: Optional[Tens
     if a.shape[1] != w.w_ext.shape[1] or a.stride(1) != 1:
         raise ValueError(f"cublas_gemm: a {tuple(a.shape)} must have {w.w_ext.shape[1]} contiguous columns")
     fused_bias = bias is not None and out_dtype != torch.float32
+    if fused_bias:
+        bias = w.bias16 if w.bias16 is not None and w.bias16.dtype == out_dtype else bias.to(out_dtype)
     y = torch._scaled_mm(a, w.w_ext.t(), scale_a=a_scale.reshape(-1, 1), scale_b=w.col_scale.reshape(1, -1),
-                         bias=bias.to(out_dtype) if fused_bias else None, out_dtype=out_dtype, use_fast_accum=True)
+                         bias=bias if fused_bias else None, out_dtype=out_dtype, use_fast_accum=True)
     if bias is not None and not fused_bias:
         y += bias.float()
     return y

@@ -162,6 +162,8 @@ def _fold(layer, st: LayerState, w: WeightOperand) -> None:
         return
     if rp:
         w.w = folded.w_ext[:, :kp]  # the same values, in the folded operand's storage
+    if layer.bias is not None and layer.bias.dtype in (torch.bfloat16, torch.float16):
+        folded.bias16 = layer.bias  # st.bias is its exact fp32 copy
     w.folded = folded
 
 

@@ -62,7 +62,7 @@ class WeightOperand:
 
     def nbytes(self) -> int:
         parts = (self.w, self.col_scale, self.group_scale)
-        if self.folded is not None:  # w shares the folded operand's storage
+        if self.folded is not None:  # w shares the folded operand's storage (bias16 is the layer's own buffer)
             parts = (self.folded.w_ext, self.folded.col_scale, self.folded.lr_mult, self.col_scale)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 

@@ -28,9 +28,9 @@ def set_gemm_backend(name: str, min_rows: Optional[int] = None) -> None:
     fewer than ``min_rows`` rows (default 2048, where it was measured slower) or a branch outside e4m3's range keep
     Triton). Process-wide, read at each call; set it before ``prepare_kernels`` (which builds the folded weights)
     and before compiling. See docs/kernels.md."""
-    from ..kernels import gemm_cublas  # imports triton: only when asked
+    from ..kernels.gemm_cublas import set_gemm_backend as set_backend  # imports triton: only when asked
 
-    gemm_cublas.set_gemm_backend(name, gemm_cublas.CUBLAS_MIN_ROWS if min_rows is None else min_rows)
+    set_backend(name, min_rows)
 
 
 def inductor_options(act_quant: str = "pass") -> dict:

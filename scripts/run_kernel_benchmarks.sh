@@ -5,6 +5,7 @@
 # stage does not lose the others; a device call is 10 minutes, so pick stages that fit (minutes in brackets).
 #   tests [4]       the GPU kernel tests (pytest -k "$TESTS_K", default "cuda or gpu"; TESTS_K=cublas: ~1)
 #   fusion [1]      probes/fusion_error_probe.py: where the fused fp32 graph's error comes from
+#   act [2]         probes/act_chunk_probe.py: act_quant's single pass, chunks / one_load / 2 rows, every family's M, K
 #   blockwise [5]   probes/blockwise_probe.py: cuBLAS block-scaled FP8 GEMM vs bf16 and today's layer, every family
 #   linear [5]      linear.py --family $FAMILIES (default SANA-1.6B, SDXL UNet): every family's layer shapes
 #   models [9]      models.py, $VARIANTS (default four), $MODELS (default SANA-1.6B, SDXL UNet), $BUDGET s per model
@@ -32,6 +33,8 @@ for stage in $STAGES; do
              > "$OUT/gpu_tests.log" 2>&1
            echo "gpu tests rc $?"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests.log" | tail -12 ;;
     fusion) timeout 90 python benchmarks/probes/fusion_error_probe.py 2>&1 | grep -v Warning | tail -5 ;;
+    act) timeout 200 python benchmarks/probes/act_chunk_probe.py --out "$OUT" > "$OUT/act_chunk.log" 2>&1
+         echo "act rc $?"; grep "^|" "$OUT/act_chunk.log" | tail -16 ;;
     blockwise) timeout 330 python benchmarks/probes/blockwise_probe.py --out "$OUT" > "$OUT/blockwise.log" 2>&1
                echo "blockwise rc $?"; grep -E "^check|W 1x128|W 128x128|geomean" "$OUT/blockwise.log" | tail -8 ;;
     linear) timeout ${LINEAR_TIMEOUT:-300} python benchmarks/linear.py --family "$FAMILIES" --out "$OUT" \
@@ -46,6 +49,6 @@ for stage in $STAGES; do
     transformer) timeout 520 python benchmarks/transformer.py --compile --fuse-siblings --profile --out "$OUT" \
                    > "$OUT/transformer.log" 2>&1
                  echo "transformer rc $?"; tail -22 "$OUT/transformer.log" ;;
-    *) echo "unknown stage $stage (known: tests fusion blockwise linear models calibration transformer)"; exit 2 ;;
+    *) echo "unknown stage $stage (known: tests fusion act blockwise linear models calibration transformer)"; exit 2 ;;
   esac
 done

@@ -16,44 +16,63 @@ from .act_tiles import _load_blocks, _quant_tile, _row_scale, _scale_consts, _sm
 
 
 @triton.jit
+def _load_tile(x_ptr, x2_ptr, rsmooth_ptr, xrow, x2row, cols3, rmask, K1, K, Kp, TWO: tl.constexpr,
+               HAS_SMOOTH: tl.constexpr):
+    """X^ at (BM, NG, G) columns ``cols3`` of the program's rows, fp32 (zeros past K)."""
+    xs3 = _load_blocks(x_ptr, x2_ptr, xrow[:, None, None], x2row[:, None, None], cols3, rmask[:, None, None],
+                       K1, K, TWO).to(tl.float32)
+    if HAS_SMOOTH:
+        xs3 = _smooth(xs3, rsmooth_ptr, cols3, Kp)
+    return xs3
+
+
+@triton.jit
 def _act_fused_kernel(
     x_ptr, x2_ptr, rsmooth_ptr, q_ptr, rs_ptr, gs_ptr, t_ptr,
     M, K1, K, Kp, stride_xm, stride_x2m, stride_qm, stride_gs,
     MODE: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
     MANT_T: tl.constexpr, S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,
     OUTER: tl.constexpr, ROW_PASS: tl.constexpr, HAS_SMOOTH: tl.constexpr, HW_ROUND: tl.constexpr,
-    TWO: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    TWO: tl.constexpr, ONE_LOAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     """One program per BM whole rows; TWO: X is two column blocks (``_load_blocks``). Row formats: loop 1 over K
-    (row maxima of |X^|), loop 2 over K (quantize and store). Other formats: loop 2 only."""
+    (row maxima of |X^|), loop 2 over K (quantize and store). Other formats: loop 2 only. ONE_LOAD (Kp <= BK): the
+    row's one chunk is loaded once, for its maximum and its codes."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
     xrow = rows.to(tl.int64) * stride_xm
     x2row = rows.to(tl.int64) * stride_x2m
+    grp = tl.arange(0, NG)
+    el = tl.arange(0, G)
     div = tl.full((BM,), 1.0, tl.float32)
+    if ONE_LOAD:
+        cols1 = grp[None, :, None] * G + el[None, None, :]  # (1, NG, G): the whole padded row
+        xs1 = _load_tile(x_ptr, x2_ptr, rsmooth_ptr, xrow, x2row, cols1, rmask, K1, K, Kp, TWO, HAS_SMOOTH)
     if ROW_PASS:
-        amax = tl.full((BM,), 0, tl.float32)
-        for k0 in range(0, Kp, BK):
-            cols = k0 + tl.arange(0, BK)
-            x = _load_blocks(x_ptr, x2_ptr, xrow[:, None], x2row[:, None], cols[None, :], rmask[:, None], K1, K, TWO)
-            xs = x.to(tl.float32)
-            if HAS_SMOOTH:
-                xs = _smooth(xs, rsmooth_ptr, cols[None, :], Kp)
-            amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
+        if ONE_LOAD:
+            amax = _amax(_amax(tl.abs(xs1), 2), 1)
+        else:
+            amax = tl.full((BM,), 0, tl.float32)
+            for k0 in range(0, Kp, BK):
+                cols = k0 + tl.arange(0, BK)
+                x = _load_blocks(x_ptr, x2_ptr, xrow[:, None], x2row[:, None], cols[None, :], rmask[:, None], K1, K,
+                                 TWO)
+                xs = x.to(tl.float32)
+                if HAS_SMOOTH:
+                    xs = _smooth(xs, rsmooth_ptr, cols[None, :], Kp)
+                amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
         rsc, div = _row_scale(amax, MODE, QMAX, OUTER)
         tl.store(rs_ptr + rows, rsc, mask=rmask)
     t_one = 1.0
     if OUTER == 1:
         t_one = tl.load(t_ptr)
-    grp = tl.arange(0, NG)
-    el = tl.arange(0, G)
     for k0 in range(0, Kp, BK):
         cols3 = k0 + grp[None, :, None] * G + el[None, None, :]  # (1, NG, G)
-        xs3 = _load_blocks(x_ptr, x2_ptr, xrow[:, None, None], x2row[:, None, None], cols3, rmask[:, None, None],
-                           K1, K, TWO).to(tl.float32)
-        if HAS_SMOOTH:
-            xs3 = _smooth(xs3, rsmooth_ptr, cols3, Kp)
+        if ONE_LOAD:
+            xs3 = xs1
+        else:
+            xs3 = _load_tile(x_ptr, x2_ptr, rsmooth_ptr, xrow, x2row, cols3, rmask, K1, K, Kp, TWO, HAS_SMOOTH)
         out = _quant_tile(xs3, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp, MODE, G, NG, QMAX, EMIN,
                           MANT_T, S_DROP, S_MAX, S_SUBQ, S_MINN, OUTER, HW_ROUND)
         tl.store(q_ptr + rows[:, None, None].to(tl.int64) * stride_qm + cols3, out,
@@ -83,7 +102,8 @@ def act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail=None, extra=0)
         0 if gs is None else gs.stride(0),
         MODE=spec.mode, G=g, NG=bk // g, QMAX=float(spec.qmax), EMIN=spec.emin, **_scale_consts(spec),
         OUTER=spec.outer, ROW_PASS=spec.row_pass, HAS_SMOOTH=smooth is not None,
-        HW_ROUND=cfg.hw_round and not interpreting(), TWO=tail is not None, BM=cfg.rows, BK=bk,
+        HW_ROUND=cfg.hw_round and not interpreting(), TWO=tail is not None, ONE_LOAD=cfg.one_load and kp <= bk,
+        BM=cfg.rows, BK=bk,
         num_warps=cfg.large_warps if large else cfg.warps, num_stages=cfg.stages,
     )
     return ActOperand(q, rs, gs, None, q_ext)

@@ -3,7 +3,7 @@
 #   run: STAGES="tests fusion blockwise" bash scripts/run_kernel_benchmarks.sh    (carry .whl: the diffusers wheel)
 # Writes logs and result rows under $OUT (default out/kernels). Each stage has its own time limit, so one slow
 # stage does not lose the others; a device call is 10 minutes, so pick stages that fit (minutes in brackets).
-#   tests [4]       the GPU kernel tests (pytest -k "$TESTS_K", default "cuda or gpu"; TESTS_K=cublas: ~1)
+#   tests [5-7]     the GPU kernel tests (pytest -k "$TESTS_K", default "cuda or gpu"; TESTS_K=cublas: ~1), one line each
 #   fusion [1]      probes/fusion_error_probe.py: where the fused fp32 graph's error comes from
 #   act [2]         probes/act_chunk_probe.py: act_quant's single pass, chunks / one_load / 2 rows, every family's M, K
 #   blockwise [5]   probes/blockwise_probe.py: cuBLAS block-scaled FP8 GEMM vs bf16 and today's layer, every family
@@ -29,9 +29,9 @@ fi
 export PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 for stage in $STAGES; do
   case $stage in
-    tests) timeout 240 python -m pytest -q -rf -p no:cacheprovider tests/kernels -k "$TESTS_K" \
+    tests) timeout ${TESTS_TIMEOUT:-420} python -m pytest -vv -rf --durations=15 -p no:cacheprovider tests/kernels -k "$TESTS_K" \
              > "$OUT/gpu_tests.log" 2>&1
-           echo "gpu tests rc $?"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests.log" | tail -12 ;;
+           echo "gpu tests rc $?"; grep -E "^FAILED|passed|failed|[0-9.]+s (call|setup)" "$OUT/gpu_tests.log" | tail -30 ;;
     fusion) timeout 90 python benchmarks/probes/fusion_error_probe.py 2>&1 | grep -v Warning | tail -5 ;;
     act) timeout 200 python benchmarks/probes/act_chunk_probe.py --out "$OUT" > "$OUT/act_chunk.log" 2>&1
          echo "act rc $?"; grep "^|" "$OUT/act_chunk.log" | tail -16 ;;

@@ -21,9 +21,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 #: tiles of both paths (on CPU the branch takes the two launches, no branch the single pass; nvfp4 always two):
 #: chunks of 128 columns / quantize tiles of 16 x 128 over 3 stats slices, whole rows / the planned split, and
-#: chunks of 128 that give way to one chunk of next_pow2(Kp) = 256 (``whole_row_k``), loaded once (``one_load``)
+#: chunks of 128 that give way to one chunk of next_pow2(Kp) = 256 (``whole_row_k``), loaded once (``one_load``);
+#: whole rows walked twice (``one_load=False``)
 ACT_CONFIGS = [dict(rows=4, chunk=128, BM=16, BK=128, stats_BK=64, split=3),
-               dict(rows=1, chunk=0, BM=4, BK=256, stats_BK=32),
+               dict(rows=1, chunk=0, one_load=False, BM=4, BK=256, stats_BK=32),
                dict(rows=2, chunk=128, whole_row_k=256, one_load=True, BM=4, BK=256, stats_BK=32)]
 
 

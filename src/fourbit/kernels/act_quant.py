@@ -46,7 +46,9 @@ class ActConfig:
     single pass: one program per ``rows`` rows walking them in chunks of ``chunk`` columns (0: the whole padded
     row), ``warps`` warps, ``stages`` software-pipeline stages; padded K in (chunk, ``whole_row_k``]: one chunk of
     next_pow2(Kp) (0: never); ``one_load``: a row of one chunk is loaded once for its maximum and its codes (else
-    twice; opt-in until measured on a GPU); from padded K ``large_k`` (0: never) chunks of ``large_chunk`` with ``large_warps``. With the branch, from ``lr_mm_rows`` rows (0: never) of bf16 X on CUDA
+    twice; H200: 7-11% faster at 8192 x 640-1536, equal elsewhere, ``act_chunk_probe.jsonl`` 2026-12-04b); from
+    padded K ``large_k`` (0: never) chunks of ``large_chunk`` with ``large_warps``. With the branch, from
+    ``lr_mm_rows`` rows (0: never) of bf16 X on CUDA
     the down-projection is one cuBLAS GEMM beside the single pass, on a side stream when Kp <= ``lr_mm_stream_max_k``.
     Two launches: stats kernel over slices of K, programs of ``stats_BM`` rows x ``stats_BK`` columns per step,
     ``split`` slices per row block (None: enough programs to fill the GPU ~4 times), then the quantize kernel, one
@@ -56,7 +58,7 @@ class ActConfig:
     rows: int = 1
     chunk: int = 1024
     whole_row_k: int = 0
-    one_load: bool = False
+    one_load: bool = True
     warps: int = 4
     stages: int = 1
     large_k: int = 0

@@ -233,3 +233,35 @@ def test_act_quant_two_column_blocks_gpu():
         if rank_down is not None:
             assert sqnr_db(ref.lr, got.lr) > SQNR_FP32_REORDER_DB
 
+
+
+@pytest.fixture
+def compiled():
+    """The kernels defined for Triton's compiler (what a GPU runs), on any machine."""
+    from .conftest import _set_mode
+
+    _set_mode(False)
+
+
+@pytest.mark.parametrize("name", ["int4p2", "fp8"])
+def test_single_pass_compiles_for_hopper_without_per_element_conversions(compiled, name):
+    """The GPU path (inline PTX, the GPU's rounding) compiles for sm_90 here, and its SASS has no rounding or int
+    conversion per element: those issue at 1/8 the rate of fp32 adds on Hopper (the pass measured bound by them)."""
+    import importlib.util
+    import pathlib
+
+    import triton
+
+    bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (bin_dir / "nvdisasm").exists() or not (bin_dir / "ptxas").exists():
+        pytest.skip("this Triton has no bundled ptxas / nvdisasm")
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "probes" / "act_sass_probe.py"
+    spec = importlib.util.spec_from_file_location("act_sass_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    kernel, meta = probe.compile_single_pass(name, 1152)
+    counts = probe.sass_counts(kernel.asm["cubin"])
+    assert meta["ONE_LOAD"] and meta["HW_ROUND"]
+    assert not {"FRND", "F2I", "I2F", "I2FP"} & set(counts["ops"]), counts["top"]
+    per_thread = meta["BK"] // (32 * meta["num_warps"])  # elements each thread quantizes
+    assert counts["ops"].get("F2FP", 0) == per_thread // 2  # one paired fp8 conversion per two elements

@@ -52,7 +52,8 @@ class ActConfig:
     the down-projection is one cuBLAS GEMM beside the single pass, on a side stream when Kp <= ``lr_mm_stream_max_k``.
     Two launches: stats kernel over slices of K, programs of ``stats_BM`` rows x ``stats_BK`` columns per step,
     ``split`` slices per row block (None: enough programs to fill the GPU ~4 times), then the quantize kernel, one
-    program per (``BM`` rows, ``BK`` columns) tile. ``hw_round``: the GPU's round-to-nearest-even instruction.
+    program per (``BM`` rows, ``BK`` columns) tile. ``hw_round``: the GPU's own instructions (round to nearest
+    even, four-at-a-time FP8 conversion) rather than the portable forms the interpreter runs.
     """
 
     rows: int = 1

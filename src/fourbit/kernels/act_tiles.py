@@ -9,8 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import (amax as _amax, as_int_value, e2m1_round, e4m3_rn, frexp_exponent, mantissa_bits, next_up,
-                      pow2, round_half_even, round_to_mantissa)
+from ._common import (amax as _amax, e2m1_round, e4m3_rn, frexp_exponent, mantissa_bits, next_up, pow2,
+                      rint_small, round_half_even, round_to_mantissa, to_e4m3)
 from .act_spec import _BF16_MAX, P2_E2M1, P2_INT
 
 try:  # the GPU's rint (round half to even); the interpreter path never calls it
@@ -54,8 +54,9 @@ def _load_blocks(x_ptr, x2_ptr, row_off, row2_off, cols, row_mask, K1, K, TWO: t
 
 @triton.jit
 def _smooth(x, rsmooth_ptr, cols, Kp):
-    """x * (1 / smooth) (the reference's smoothing: one fp32 multiply by the cached reciprocal)."""
-    return x * tl.load(rsmooth_ptr + cols, mask=cols < Kp, other=1.0)
+    """x * (1 / smooth) (the reference's smoothing: one fp32 multiply by the cached reciprocal). Callers' x is 0 past
+    K, so the masked reciprocal is 0 too (registers zeroed two at a time, not set to 1.0 one by one)."""
+    return x * tl.load(rsmooth_ptr + cols, mask=cols < Kp, other=0.0)
 
 
 @triton.jit
@@ -86,18 +87,32 @@ def _row_scale(amax, MODE: tl.constexpr, QMAX: tl.constexpr, OUTER: tl.constexpr
 
 
 @triton.jit
-def p2_values(xs, div, MODE: tl.constexpr, EMIN: tl.constexpr, MANT_T: tl.constexpr, HW_ROUND: tl.constexpr):
+def p2_values(xs, div, MODE: tl.constexpr, EMIN: tl.constexpr, MANT_T: tl.constexpr):
     """int4p2 (MODE 0) / fp4p2 (MODE 1): a (BM, NG, G) tile of X^ -> code * 2^e as fp32 (exact in FP8 e4m3).
     div: (BM,) the row divisor of ``_row_scale``. y = X^ * RN(1 / r): one IEEE reciprocal per row, as the
-    format's reference."""
-    y = xs * tl.math.div_rn(tl.full(div.shape, 1.0, tl.float32), div)[:, None, None]
-    gmax = _amax(tl.abs(y), 2)  # (BM, NG)
+    format's reference. Codes by ``rint_small`` (full-rate adds, no -0), not the GPU's rounding instruction."""
+    rr = tl.math.div_rn(tl.full(div.shape, 1.0, tl.float32), div)
+    y = xs * rr[:, None, None]
+    return _p2_codes(y, _amax(tl.abs(y), 2), MODE, EMIN, MANT_T)
+
+
+@triton.jit
+def p2_values_given_max(xs, gx, div, MODE: tl.constexpr, EMIN: tl.constexpr, MANT_T: tl.constexpr):
+    """``p2_values`` given gx (BM, NG), each group's max |X^| (already reduced for the row maximum): the groups'
+    max |y| is RN(gx * RN(1 / r)) exactly (rounding is monotone and odd), so |y| is not reduced again."""
+    rr = tl.math.div_rn(tl.full(div.shape, 1.0, tl.float32), div)
+    return _p2_codes(xs * rr[:, None, None], gx * rr[:, None], MODE, EMIN, MANT_T)
+
+
+@triton.jit
+def _p2_codes(y, gmax, MODE: tl.constexpr, EMIN: tl.constexpr, MANT_T: tl.constexpr):
+    """y (BM, NG, G) and its groups' max |y| (BM, NG) -> code * 2^e (the group exponent e of the format)."""
     e = frexp_exponent(gmax) - 3 + (mantissa_bits(gmax) > MANT_T).to(tl.int32)
     e = tl.where(gmax > 0, e, EMIN)
     e = tl.minimum(tl.maximum(e, EMIN), 0)
     v = y * pow2(-e)[:, :, None]
     if MODE == 0:
-        c = as_int_value(tl.minimum(tl.maximum(_rne(v, HW_ROUND), -8.0), 7.0))
+        c = tl.minimum(tl.maximum(rint_small(v), -8.0), 7.0)
     else:
         c = e2m1_round(v)
     return c * pow2(e)[:, :, None]
@@ -112,7 +127,7 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
     div: (BM,) the row divisor of ``_row_scale`` (row formats); t_one: the per-tensor scale (nvfp4)."""
     grp = tl.arange(0, NG)
     if MODE == 0 or MODE == 1:
-        out = p2_values(xs, div, MODE, EMIN, MANT_T, HW_ROUND).to(tl.float8e4nv)  # exact
+        out = to_e4m3(p2_values(xs, div, MODE, EMIN, MANT_T), HW_ROUND)  # exact
     if MODE == 2:
         c = tl.minimum(tl.maximum(_rne(tl.math.div_rn(xs, div[:, None, None]), HW_ROUND), -127.0), 127.0)
         out = c.to(tl.int32).to(tl.int8)
@@ -121,8 +136,8 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
         s = round_to_mantissa(tl.minimum(tl.math.div_rn(gmax, 7.0), S_MAX), S_DROP, S_SUBQ, S_MINN)
         s = tl.where((gmax > 7.5 * s) & (s < S_MAX), next_up(s, S_DROP, S_SUBQ, S_MINN), s)
         s_safe = tl.where(s != 0, s, 1.0)
-        c = tl.minimum(tl.maximum(_rne(tl.math.div_rn(xs, s_safe[:, :, None]), HW_ROUND), -8.0), 7.0)
-        out = as_int_value(c).to(tl.float8e4nv)
+        c = tl.minimum(tl.maximum(rint_small(tl.math.div_rn(xs, s_safe[:, :, None])), -8.0), 7.0)
+        out = to_e4m3(c, HW_ROUND)
         gcol = k0 // G + grp
         tl.store(gs_ptr + gcol[None, :] * stride_gs + rows[:, None], s,
                  mask=rmask[:, None] & (gcol[None, :] < Kp // G))
@@ -147,7 +162,10 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
         out = (v * s[:, :, None]).to(tl.bfloat16)  # exact: <= 6 significant bits
     if MODE == 6:  # fp8 per row: e4m3(X^ * RN(1 / s)), saturating; exact cast of a value already on the grid
         y = xs * tl.math.div_rn(tl.full(div.shape, 1.0, tl.float32), div)[:, None, None]
-        out = e4m3_rn(y).to(tl.float8e4nv)  # exact cast of a value already on the grid
+        if HW_ROUND:  # the GPU's conversion rounds to nearest even and saturates as e4m3_rn; zeros made +0 first
+            out = to_e4m3(tl.where(tl.abs(y) > 0.0009765625, y, 0.0), HW_ROUND)  # |y| <= 2^-10 rounds to 0
+        else:
+            out = to_e4m3(e4m3_rn(y), HW_ROUND)  # exact cast of a value already on the grid
     if MODE == 5:
         gmax = _amax(tl.abs(xs), 2)
         e = tl.where(gmax > 0, frexp_exponent(gmax) - 3, -127)

@@ -73,7 +73,7 @@ def _few_rows_act_kernel(x_ptr, rsmooth_ptr, d_ptr, q_ptr, rs_ptr, plr_ptr,
                          M, K, Kp, stride_xm, stride_qm, cols_per_prog,
                          A_MODE: tl.constexpr, A_G: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
                          MANT_T: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr, XSPLIT: tl.constexpr,
-                         UPCAST: tl.constexpr, HW_ROUND: tl.constexpr, QROWS: tl.constexpr, BM: tl.constexpr,
+                         UPCAST: tl.constexpr, QROWS: tl.constexpr, BM: tl.constexpr,
                          BK: tl.constexpr, ABK: tl.constexpr):
     """act_quant for a few rows in one launch: every program takes the whole rows' maxima (a few KB from L2),
     then quantizes its slice of K (act_quant's codes, as fp32 values in the GEMV's order) and adds up its slice's part of the
@@ -102,7 +102,7 @@ def _few_rows_act_kernel(x_ptr, rsmooth_ptr, d_ptr, q_ptr, rs_ptr, plr_ptr,
         cols = k0 + tl.arange(0, NG)[None, :, None] * A_G + tl.arange(0, A_G)[None, None, :]  # (1, NG, A_G)
         xs = _load_smoothed(x_ptr, rsmooth_ptr, arows.to(tl.int64)[:, None, None] * stride_xm, cols,
                             amask[:, None, None], K, Kp, HAS_SMOOTH)
-        q = p2_values(xs, div, A_MODE, EMIN, MANT_T, HW_ROUND)  # (QROWS, NG, A_G) code * 2^e, fp32
+        q = p2_values(xs, div, A_MODE, EMIN, MANT_T)  # (QROWS, NG, A_G) code * 2^e, fp32
         # stored per group as [even columns | odd columns], the order the GEMV pairs them with the weight's nibbles
         c = tl.arange(0, A_G)[None, None, :]
         pos = cols - c + (c % 2) * (A_G // 2) + c // 2
@@ -249,7 +249,7 @@ def gemv(x: Tensor, act_format, weight_format, padded_in: int, packed: Tensor, s
         q, rs, dummy if plr is None else plr, m, k, kp, x.stride(0), q.stride(0), cols_per_prog,
         A_MODE=spec.mode, A_G=g, QMAX=float(spec.qmax), EMIN=spec.emin, MANT_T=_scale_consts(spec)["MANT_T"],
         HAS_SMOOTH=smooth_recip is not None, RANK=rank, XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(),
-        HW_ROUND=not interpreting(), QROWS=qrows, BM=max(16, qrows), BK=bk_act,
+        QROWS=qrows, BM=max(16, qrows), BK=bk_act,
         ABK=min(next_pow2(kp), max(bk_act, cfg.act_row_elems // qrows)), num_warps=cfg.act_warps)
     bn = max(8, cfg.BN // next_pow2(m))  # the work per step stays about the same
     _gemv_kernel[(ceil_div(n, bn),)](

@@ -70,7 +70,7 @@ def _act_fused_kernel(
             gx1 = _amax(tl.abs(xs1), 2)  # (BM, NG): the groups' max |X^|, reused by the int4p2 / fp4p2 codes
             amax = _amax(gx1, 1)
         else:
-            amax = tl.full((BM,), 0, tl.float32)
+            run = tl.full((BM, BK), 0.0, tl.float32)  # running max |X^| per lane; reduced across the row once
             for k0 in range(0, Kp, BK):
                 cols = k0 + tl.arange(0, BK)
                 x = _load_blocks(x_ptr, x2_ptr, xrow[:, None], x2row[:, None], cols[None, :], rmask[:, None], K1, K,
@@ -78,7 +78,8 @@ def _act_fused_kernel(
                 xs = x.to(tl.float32)
                 if HAS_SMOOTH:
                     xs = _smooth(xs, rsmooth_ptr, cols[None, :], Kp)
-                amax = tl.maximum(amax, _amax(tl.abs(xs), 1))
+                run = tl.maximum(run, tl.abs(xs))
+            amax = _amax(run, 1)
         rsc, div = _row_scale(amax, MODE, QMAX, OUTER)
         tl.store(rs_ptr + rows, rsc, mask=rmask)
     t_one = 1.0

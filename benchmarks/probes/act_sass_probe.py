@@ -10,8 +10,9 @@ arguments specialised as divisible by 16, as Triton does at a launch with these 
 - ``body``: instructions up to the kernel's last EXIT (the out-of-line slow path of IEEE division left out), and
   its ``loops`` (the chunk walks); ``executed``: an estimate per thread and row program, every loop run
   ceil(Kp / chunk) times and every other body instruction once (so ``executed x warps`` is a row's issue cost);
-- ``conv``: instructions of the conversion pipe (F2FP, F2I, I2F(P), FRND, MUFU, F2F), which on sm_90 issues 16
-  results per clock per SM against 128 for fp32 add/multiply (CUDA C programming guide, arithmetic throughput);
+- ``conversions``: executed instructions of the conversion pipe (F2FP, F2I, I2F(P), FRND, MUFU, F2F; estimated as
+  above), which on sm_90 issues 16 results per clock per SM against 128 for fp32 add/multiply (CUDA C programming
+  guide, arithmetic instructions);
 - per element: estimated lane-instructions per valid element, ``executed x 32 x warps / (rows x K)``.
 
 Static counts, not timings: they show where a pass that measures issue-bound spends its instructions (on the H200,
@@ -90,8 +91,10 @@ def sass_counts(cubin: bytes) -> dict:
             ops.append(m.group(1))
     last_exit = max(i for i, op in enumerate(ops) if op == "EXIT")
     body = collections.Counter(ops[:last_exit + 1])
-    loops = [at - labels[t] + 1 for at, t in branches if t in labels and labels[t] <= at <= last_exit]
-    return dict(total=len(ops), body=last_exit + 1, loops=loops, conv=sum(body[o] for o in CONVERSION_OPS),
+    spans = [(labels[t], at + 1) for at, t in branches if t in labels and labels[t] <= at <= last_exit]
+    return dict(total=len(ops), body=last_exit + 1, loops=[b - a for a, b in spans],
+                conv=sum(body[o] for o in CONVERSION_OPS),
+                loop_conv=sum(sum(op in CONVERSION_OPS for op in ops[a:b]) for a, b in spans),
                 shfl=body["SHFL"], bar=body["BAR"], top=body.most_common(12), ops=dict(body))
 
 
@@ -119,12 +122,13 @@ def main(argv=None) -> int:
             lanes = 32 * meta["num_warps"] / (meta["BM"] * kp)  # lane-instructions per valid element, per count
             trips = -(-kp // meta["BK"])  # each loop's iterations per row (one-chunk rows: no loop)
             c["executed"] = c["body"] + (trips - 1) * sum(c["loops"])  # estimate: every other instruction once
+            c["conv_executed"] = c["conv"] + (trips - 1) * c["loop_conv"]
             rows.append(dict(format=name, Kp=kp, meta=meta,
                              **{k: v for k, v in c.items() if k != "ops"}))
             chunk = meta["BK"]
             table.append([name, kp, chunk, meta["num_warps"], "yes" if meta["ONE_LOAD"] else "no", c["body"],
                           "+".join(map(str, c["loops"])) or "-", c["executed"], f"{c['executed'] * lanes:.1f}",
-                          c["conv"], c["shfl"],
+                          c["conv_executed"], f"{c['conv_executed'] * lanes:.2f}", c["shfl"],
                           " ".join(f"{op} {n}" for op, n in c["top"][:6])])
             print(f"{name} Kp {kp} (chunk {chunk}): body {c['body']}, conversions {c['conv']}", flush=True)
     env = dict(environment(), device=f"none (static SASS for sm_{args.arch})")
@@ -132,7 +136,7 @@ def main(argv=None) -> int:
     md = (f"## act_quant single pass, static SASS (sm_{args.arch}, Triton {env['triton']}, source {source}, "
           f"fourbit from {os.path.dirname(fourbit.__file__)})\n\n"
           + md_table(["format", "Kp", "chunk", "warps", "one load", "body instr", "loops", "executed (est.)",
-                      "per element", "conversions (body)", "SHFL (body)", "most frequent"], table))
+                      "per element", "conversions (est.)", "per element", "SHFL (body)", "most frequent"], table))
     return finish(args.out, "act_sass_probe", env, dict(source=source, arch=args.arch, rows=rows), md)
 
 

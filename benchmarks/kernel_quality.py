@@ -6,9 +6,11 @@ For each bundled model: quantize once (SVDQuant W4A4 r32, the Hopper-native int4
 model's own trajectories through the plain-torch reference), then sample the same classes and seeds with kernel
 "reference" (the emulation every quality number in the README was measured with), "triton" (speed mode: FP8 GEMMs
 whose tensor cores accumulate with reduced precision), the same with the accumulator promoted to fp32,
-"triton-memory", and "triton" with the model under ``torch.compile`` and the fusion pass (GELU in the GEMM
-epilogue), also with the activation quantization generated inside X's producer (``act_quant="inline"``); and, as a control, the reference with its fp32 GEMMs in TF32 (a perturbation of the same size). Reports
-each against the reference kernel's images (LPIPS-Alex, PSNR) and against the 16-bit model's.
+"triton-memory", "triton" with the cuBLAS GEMM backend (branch folded into K), "triton" with the model under
+``torch.compile`` and the fusion pass (GELU in the GEMM epilogue), also with the activation quantization generated
+inside X's producer (``act_quant="inline"``); and, as a control, the reference with its fp32 GEMMs in TF32 (a
+perturbation of the same size). Reports each against the reference kernel's images (LPIPS-Alex, PSNR) and against
+the 16-bit model's.
 Appends a row to benchmarks/results/kernel_quality.jsonl.
 """
 from __future__ import annotations
@@ -62,12 +64,26 @@ def _precise_fp8_gemm():
     return gemm.default_configs(torch.float8_e4m3fn, lambda cfg: dataclasses.replace(cfg, precise=True))
 
 
+@contextlib.contextmanager
+def _cublas_gemms():
+    """FP8-operand layers' GEMMs through cuBLAS (``set_gemm_backend("cublas")``), the branch folded into K, at every
+    row count (``min_rows=0``, so the bundled models' small batches take it too)."""
+    from fourbit.nn import set_gemm_backend
+
+    set_gemm_backend("cublas", min_rows=0)
+    try:
+        yield
+    finally:
+        set_gemm_backend("triton")
+
+
 #: (label, kernel, compiled with the fusion pass: None or its act_quant mode, setting while sampling)
 VARIANTS = [("reference", "reference", None, contextlib.nullcontext),
             ("reference, TF32 matmuls (control)", "reference", None, _tf32_matmuls),
             ("triton", "triton", None, contextlib.nullcontext),
             ("triton, FP8 accumulator promoted", "triton", None, _precise_fp8_gemm),
             ("triton-memory", "triton-memory", None, contextlib.nullcontext),
+            ("triton, cuBLAS GEMM backend (every row count)", "triton", None, _cublas_gemms),
             ("triton, compiled + fusion pass", "triton", "pass", contextlib.nullcontext),
             ("triton, compiled + inline quantization", "triton", "inline", contextlib.nullcontext)]
 

@@ -11,6 +11,7 @@
 #   models [9]      models.py, $VARIANTS (default four), $MODELS (default SANA-1.6B, SDXL UNet), $BUDGET s per model
 #   calibration [6-9] calibration.py, complete full-size runs: CAL=sd3 (~5 min) or CAL=sdxl (~9 min), one per call
 #   transformer [9] transformer.py: the FLUX.1 step
+#   quality [3]     kernel_quality.py --variants "$QUALITY_VARIANTS" (default cuBLAS): images vs the reference kernel
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/kernels}
@@ -49,6 +50,10 @@ for stage in $STAGES; do
     transformer) timeout 520 python benchmarks/transformer.py --compile --fuse-siblings --profile --out "$OUT" \
                    > "$OUT/transformer.log" 2>&1
                  echo "transformer rc $?"; tail -22 "$OUT/transformer.log" ;;
-    *) echo "unknown stage $stage (known: tests fusion act blockwise linear models calibration transformer)"; exit 2 ;;
+    quality) timeout 400 python benchmarks/kernel_quality.py --variants "${QUALITY_VARIANTS:-cuBLAS}" --out "$OUT" \
+               > "$OUT/kernel_quality.log" 2>&1
+             echo "quality rc $?"; grep -E "LPIPS|FAILED" "$OUT/kernel_quality.log" | tail -8 ;;
+    *) echo "unknown stage $stage (known: tests fusion act blockwise linear models calibration transformer quality)"
+       exit 2 ;;
   esac
 done

@@ -48,8 +48,8 @@ class ActConfig:
     next_pow2(Kp) (0: never); ``one_load``: a row of one chunk is loaded once for its maximum and its codes (else
     twice; H200: 7-11% faster at 8192 x 640-1536, equal elsewhere, ``act_chunk_probe.jsonl`` 2026-12-04b); from
     padded K ``large_k`` (0: never) chunks of ``large_chunk`` with ``large_warps``. With the branch, from
-    ``lr_mm_rows`` rows (0: never) of bf16 X on CUDA
-    the down-projection is one cuBLAS GEMM beside the single pass, on a side stream when Kp <= ``lr_mm_stream_max_k``.
+    ``lr_mm_rows`` rows (0: never) of bf16 X on CUDA the down-projection is one cuBLAS GEMM beside the single pass,
+    on a side stream when Kp <= ``lr_mm_stream_max_k``.
     Two launches: stats kernel over slices of K, programs of ``stats_BM`` rows x ``stats_BK`` columns per step,
     ``split`` slices per row block (None: enough programs to fill the GPU ~4 times), then the quantize kernel, one
     program per (``BM`` rows, ``BK`` columns) tile. ``hw_round``: the GPU's own instructions (round to nearest

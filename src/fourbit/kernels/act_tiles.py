@@ -160,7 +160,7 @@ def _quant_tile(xs, div, t_one, gs_ptr, rows, rmask, k0, stride_gs, Kp,
         eff = tl.where(eff != 0, eff, 1.0)
         v = e2m1_round(tl.math.div_rn(xs, eff[:, :, None]))
         out = (v * s[:, :, None]).to(tl.bfloat16)  # exact: <= 6 significant bits
-    if MODE == 6:  # fp8 per row: e4m3(X^ * RN(1 / s)), saturating; exact cast of a value already on the grid
+    if MODE == 6:  # fp8 per row: e4m3(X^ * RN(1 / s)), nearest even, saturating, zeros +0 (``e4m3_rn``)
         y = xs * tl.math.div_rn(tl.full(div.shape, 1.0, tl.float32), div)[:, None, None]
         if HW_ROUND:  # the GPU's conversion rounds to nearest even and saturates as e4m3_rn; zeros made +0 first
             out = to_e4m3(tl.where(tl.abs(y) > 0.0009765625, y, 0.0), HW_ROUND)  # |y| <= 2^-10 rounds to 0

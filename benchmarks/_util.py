@@ -311,3 +311,47 @@ def add_synthetic_branch(model, rank, seed=0):
         layer.lr_down = (torch.randn(rank, kp, generator=g) / kp ** 0.5).to(dev, dt)
         layer.lr_up = (torch.randn(n, rank, generator=g) * 0.01).to(dev, dt)
         layer._cache = {}
+
+
+KERNEL_CATEGORIES = [  # (category, regex over CUDA kernel names), first match wins
+    ("fourbit act_quant", r"_act_(stats|quant|fused)_kernel|_few_rows_act_kernel"),
+    ("fourbit GEMM", r"_(scaled|grouped)_gemm_kernel|_gemv_kernel"),
+    ("fourbit fold_lr", r"_fold_lr_kernel"),
+    ("fourbit weight expansion", r"_expand_kernel"),
+    # inductor's generated kernels are named after the ops they fuse, e.g. the RoPE + layout work feeding SDPA is
+    # "triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention_...": elementwise, not attention
+    ("elementwise/norm/other", r"^triton_(poi|red|per)_"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("cuBLAS/other GEMM", r"gemm|sm90_xmma|nvjet|cutlass|cublas"),  # also the FP8 peer's and cuBLAS backend's
+    ("elementwise/norm/other", r"."),
+]
+KERNEL_CATEGORY_NAMES = ("fourbit act_quant", "fourbit GEMM", "fourbit fold_lr", "fourbit weight expansion",
+                         "attention", "cuBLAS/other GEMM", "elementwise/norm/other")  # the tables' column order
+assert set(KERNEL_CATEGORY_NAMES) == {c for c, _ in KERNEL_CATEGORIES}, "a kernel category without a column"
+
+
+def profile_step(model, inputs: dict, top=None) -> dict:
+    """CUDA time of one step ``model(**inputs)`` by kernel category (ms; one warm call first), from
+    torch.profiler. ``top``: a list that receives the 20 kernels with the most CUDA time, as (name, ms, calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(**inputs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(**inputs)
+            torch.cuda.synchronize()
+    out = dict.fromkeys(KERNEL_CATEGORY_NAMES, 0.0)
+    kernels = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if not us or ev.key.startswith(("ProfilerStep", "cudaDeviceSynchronize")):
+            continue
+        kernels.append((ev.key[:90], round(us / 1e3, 3), ev.count))
+        for cat, rx in KERNEL_CATEGORIES:
+            if re.search(rx, ev.key, re.I):
+                out[cat] += us / 1e3
+                break
+    if top is not None:
+        top.extend(sorted(kernels, key=lambda t: -t[1])[:20])
+    return out

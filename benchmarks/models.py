@@ -4,6 +4,7 @@
     python benchmarks/models.py --models pixart-sigma,sd3-medium
     python benchmarks/models.py --models sana-1.6b --budget 240   # variants that would end after 240 s are skipped
     python benchmarks/models.py --tiny                  # tiny configs on CPU, reference kernel (smoke test)
+    python benchmarks/models.py --models pixart-sigma --profile   # also CUDA time by kernel kind per variant
 
 Models (``FAMILIES``): diffusers classes with the published configs written out below, random bf16 weights
 (random weights say nothing about image quality, only about speed and memory), the latent of a 1024x1024 image
@@ -54,7 +55,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import add_synthetic_branch, environment, md_table, next_run  # noqa: E402
+from _util import (KERNEL_CATEGORY_NAMES, add_synthetic_branch, environment, md_table, next_run,  # noqa: E402
+                   profile_step)
 
 # ---- the model families (published configs; tiny ones for the CPU smoke test) -------------------------------
 # inputs: name -> ("randn", shape) | ("timestep", shape, value) | ("ids", side, text tokens) for FLUX's position
@@ -453,6 +455,13 @@ def run_model(name: str, args, device: str, log) -> dict:
         for k, v in ms.items():
             row["variants"][k]["speedup_vs_bf16"] = b / v if b else None
         log(f"{name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
+    if args.profile and device == "cuda":  # after the timing: the profiler does not disturb it
+        for k, m in models.items():
+            gemm = row["variants"][k].get("gemm")
+            with gemm_backend(gemm if k.startswith("fourbit") else None):
+                prof = profile_step(m, inputs)
+            row["variants"][k]["profile_ms"] = {c: round(v, 3) for c, v in prof.items()}
+            log(f"{name} {k} profile (ms): {json.dumps(row['variants'][k]['profile_ms'])}")
     row["rounds"] = args.rounds
     graphs.clear()
     models.clear()
@@ -474,8 +483,13 @@ def table(rows: list[dict]) -> str:
                         f"{v.get('compile_seconds', 0):.0f}", f"{v.get('weight_bytes', 0) / 2**30:.2f}",
                         "-" if v.get("peak_step_bytes") is None else f"{v['peak_step_bytes'] / 2**30:.2f}",
                         (v.get("error") or v.get("skipped") or "")[:80]])
-    return md_table(["model", "variant", "step ms", "vs bf16", "compile s", "weights GiB", "step peak GiB", "error"],
-                    out)
+    md = md_table(["model", "variant", "step ms", "vs bf16", "compile s", "weights GiB", "step peak GiB", "error"], out)
+    prof = [[r["model"], k] + [f"{v['profile_ms'][c]:.2f}" for c in KERNEL_CATEGORY_NAMES]
+            for r in rows for k, v in r["variants"].items() if v.get("profile_ms")]
+    if prof:
+        md += ("\nCUDA time of one compiled step by kernel kind (ms; torch.profiler, not graph-replayed):\n\n"
+               + md_table(["model", "variant"] + list(KERNEL_CATEGORY_NAMES), prof))
+    return md
 
 
 def main(argv=None):
@@ -490,6 +504,9 @@ def main(argv=None):
                    "0.17 on torch 2.11, H200, 2026-12-04: compiling PixArt-Sigma took 397 s against 13.5 s for bf16, "
                    "so the default is the same recipe in plain torch)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (the quick test of this script)")
+    p.add_argument("--profile", action="store_true", help="also one compiled step of each variant under "
+                   "torch.profiler: CUDA time by kernel kind (fourbit act_quant / GEMM / fold_lr, attention, cuBLAS, "
+                   "elementwise)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds per model for building and compiling: a variant is skipped (recorded as such) when "
                         "the time spent plus the longest compile so far exceeds it, and the compiled ones are still "

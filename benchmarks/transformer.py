@@ -35,8 +35,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import (ClockSampler, InterleavedGraphs, add_synthetic_branch, capture_graph, environment, md_table, replay_median,  # noqa: E402
-                   time_graph, write_results)
+from _util import (KERNEL_CATEGORY_NAMES, ClockSampler, InterleavedGraphs, add_synthetic_branch,  # noqa: E402
+                   capture_graph, environment, md_table, profile_step, replay_median, time_graph, write_results)
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
@@ -177,51 +177,6 @@ def timed_compile(model, inputs, device, options=None, reset=True):
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
-
-
-_CATEGORIES = [  # (category, regex over CUDA kernel names), first match wins
-    ("fourbit act_quant", r"_act_(stats|quant|fused)_kernel"),
-    ("fourbit GEMM", r"_(scaled|grouped)_gemm_kernel"),
-    ("fourbit weight expansion", r"_expand_kernel"),
-    # inductor's generated kernels are named after the ops they fuse, e.g. the RoPE + layout work feeding SDPA is
-    # "triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention_...": elementwise, not attention
-    ("elementwise/norm/other", r"^triton_(poi|red|per)_"),
-    ("attention", r"flash|fmha|attention|sdpa"),
-    ("cuBLAS/other GEMM", r"gemm|sm90_xmma|nvjet|cutlass|cublas"),
-    ("elementwise/norm/other", r"."),
-]
-_CATEGORY_NAMES = ("fourbit act_quant", "fourbit GEMM", "fourbit weight expansion", "attention", "cuBLAS/other GEMM",
-                   "elementwise/norm/other")  # the tables' column order
-assert set(_CATEGORY_NAMES) == {c for c, _ in _CATEGORIES}, "a kernel category without a column (or the reverse)"
-
-
-@torch.inference_mode()
-def profile_step(model, inputs, top=None):
-    """CUDA time of one step by kernel category (ms), from torch.profiler. ``top``: a list that receives the
-    20 kernels with the most CUDA time, as (name, ms, calls)."""
-    import re
-
-    from torch.profiler import ProfilerActivity, profile
-
-    model(**inputs)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model(**inputs)
-        torch.cuda.synchronize()
-    out = dict.fromkeys(_CATEGORY_NAMES, 0.0)
-    kernels = []
-    for ev in prof.key_averages():
-        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
-        if not us or ev.key.startswith(("ProfilerStep", "cudaDeviceSynchronize")):
-            continue
-        kernels.append((ev.key[:90], round(us / 1e3, 3), ev.count))
-        for cat, rx in _CATEGORIES:
-            if re.search(rx, ev.key, re.I):
-                out[cat] += us / 1e3
-                break
-    if top is not None:
-        top.extend(sorted(kernels, key=lambda t: -t[1])[:20])
-    return out
 
 
 def compiled(model, inputs, args, device, log, name, options=None):
@@ -479,7 +434,7 @@ def main(argv=None):
     elif il:
         md += f"\nInterleaved timing failed: {il.get('error')}\n"
     if args.profile and not tiny:
-        cats = list(_CATEGORY_NAMES)
+        cats = list(KERNEL_CATEGORY_NAMES)
         prow = [["bf16"] + [f"{res['bf16']['profile_ms'][c]:.1f}" for c in cats]]
         prow += [[mode] + [f"{res[mode]['profile_ms'][c]:.1f}" for c in cats] for mode, _ in modes]
         md += "\nCUDA time of one eager step by kernel kind (ms, torch.profiler):\n\n" + md_table(["model"] + cats, prow)

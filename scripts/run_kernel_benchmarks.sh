@@ -8,7 +8,8 @@
 #   act [2]         probes/act_chunk_probe.py: act_quant's single pass, chunks / one_load / 2 rows, every family's M, K
 #   blockwise [5]   probes/blockwise_probe.py: cuBLAS block-scaled FP8 GEMM vs bf16 and today's layer, every family
 #   linear [5]      linear.py --family $FAMILIES (default SANA-1.6B, SDXL UNet): every family's layer shapes
-#   models [9]      models.py, $VARIANTS (default four), $MODELS (default SANA-1.6B, SDXL UNet), $BUDGET s per model
+#   models [9]      models.py --profile, $VARIANTS (default four), $MODELS (default SANA-1.6B, SDXL UNet), $BUDGET s
+#                   per model
 #   calibration [6-9] calibration.py, complete full-size runs: CAL=sd3 (~5 min) or CAL=sdxl (~9 min), one per call
 #   transformer [9] transformer.py: the FLUX.1 step
 #   quality [3]     kernel_quality.py --variants "$QUALITY_VARIANTS" (default cuBLAS): images vs the reference kernel
@@ -42,7 +43,7 @@ for stage in $STAGES; do
               > "$OUT/linear.log" 2>&1
             echo "linear rc $?"; tail -5 "$OUT/linear.log" ;;
     models) timeout ${MODELS_TIMEOUT:-540} python benchmarks/models.py --models "$MODELS" --budget "$BUDGET" \
-              --variants "$VARIANTS" --out "$OUT" > "$OUT/models.log" 2>&1
+              --variants "$VARIANTS" --profile --out "$OUT" > "$OUT/models.log" 2>&1
             echo "models rc $?"; grep -v "it/s" "$OUT/models.log" | tail -14 ;;
     calibration) timeout 570 python benchmarks/calibration.py --models "$CAL" --budget "$CAL=540" --calibration-share 0.7 \
                    --out "$OUT" > "$OUT/calibration.log" 2>&1

@@ -1,11 +1,12 @@
 """act_quant's single pass as the GPU would run it, read without a GPU: its SASS instruction mix for sm_90.
 
     python benchmarks/probes/act_sass_probe.py                       # any machine with Triton (~1 min on 2 CPUs)
-    python benchmarks/probes/act_sass_probe.py --src /tmp/old/src    # the same for another checkout (before/after)
+    python benchmarks/probes/act_sass_probe.py --src /tmp/old/src    # another checkout's src/ (before / after)
 
 Compiles ``_act_fused_kernel`` with the constexprs ``act_quant_single`` would launch (``single_pass_meta``, the
-default ``ActConfig``, or ``config`` overrides) for each format and padded K, for a Hopper target (Triton's own ptxas and nvdisasm; integer
-arguments specialised as divisible by 16, as Triton does at a launch with these shapes), and counts its SASS:
+default ``ActConfig``, or ``config`` overrides) for each format and padded K, for a Hopper target (Triton's own
+ptxas and nvdisasm; integer arguments specialised as divisible by 16, as Triton does at a launch with these shapes),
+and counts its SASS:
 
 - ``body``: instructions up to the kernel's last EXIT (the out-of-line slow path of IEEE division left out), and
   its ``loops`` (the chunk walks); ``executed``: an estimate per thread and row program, every loop run

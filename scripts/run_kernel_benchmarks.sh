@@ -44,7 +44,7 @@ for stage in $STAGES; do
             echo "linear rc $?"; tail -5 "$OUT/linear.log" ;;
     models) timeout ${MODELS_TIMEOUT:-540} python benchmarks/models.py --models "$MODELS" --budget "$BUDGET" \
               --variants "$VARIANTS" --profile --out "$OUT" > "$OUT/models.log" 2>&1
-            echo "models rc $?"; grep -v "it/s" "$OUT/models.log" | tail -14 ;;
+            echo "models rc $?"; grep -v "it/s" "$OUT/models.log" | grep -v "profile (ms)" | tail -28 ;;
     calibration) timeout 570 python benchmarks/calibration.py --models "$CAL" --budget "$CAL=540" --calibration-share 0.7 \
                    --out "$OUT" > "$OUT/calibration.log" 2>&1
                  echo "calibration rc $?"; grep -E "^fourbit: |^\{" "$OUT/calibration.log" | cut -c1-400 ;;

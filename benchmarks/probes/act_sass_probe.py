@@ -41,9 +41,9 @@ def _sig_type(dtype) -> str:
     return {torch.float8_e4m3fn: "*fp8e4nv", torch.int8: "*i8", torch.bfloat16: "*bf16"}[dtype]
 
 
-def compile_single_pass(fmt_name: str, kp: int, arch: int = 90, **config):
-    """(compiled kernel, meta) of the single pass for activation format ``fmt_name`` at padded K ``kp``; ``config``:
-    ``ActConfig`` fields that differ from the default."""
+def compile_single_pass(fmt_name: str, kp: int, arch: int = 90, fmt_kwargs=None, **config):
+    """(compiled kernel, meta) of the single pass for activation format ``fmt_name`` (``make_format`` keywords
+    ``fmt_kwargs``) at padded K ``kp``; ``config``: ``ActConfig`` fields that differ from the default."""
     from dataclasses import replace
 
     import triton
@@ -54,7 +54,7 @@ def compile_single_pass(fmt_name: str, kp: int, arch: int = 90, **config):
     from fourbit.kernels.act_quant import DEFAULT_CONFIG, act_spec
     from fourbit.kernels.act_single import _act_fused_kernel, single_pass_meta
 
-    spec = act_spec(make_format(fmt_name))
+    spec = act_spec(make_format(fmt_name, **(fmt_kwargs or {})))
     meta = single_pass_meta(spec, kp, replace(DEFAULT_CONFIG, **config), hw=True)
     warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
     fn = _act_fused_kernel

@@ -243,10 +243,8 @@ def compiled():
     _set_mode(False)
 
 
-@pytest.mark.parametrize("name", ["int4p2", "fp8"])
-def test_single_pass_compiles_for_hopper_without_per_element_conversions(compiled, name):
-    """The GPU path (inline PTX, the GPU's rounding) compiles for sm_90 here, and its SASS has no rounding or int
-    conversion per element: those issue at 1/8 the rate of fp32 adds on Hopper (the pass measured bound by them)."""
+def _sass_probe():
+    """benchmarks/probes/act_sass_probe.py (compiles the single pass for sm_90 and counts its SASS), or a skip."""
     import importlib.util
     import pathlib
 
@@ -259,9 +257,40 @@ def test_single_pass_compiles_for_hopper_without_per_element_conversions(compile
     spec = importlib.util.spec_from_file_location("act_sass_probe", path)
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
+    return probe
+
+
+@pytest.mark.parametrize("name", ["int4p2", "fp8"])
+def test_single_pass_compiles_for_hopper_without_per_element_conversions(compiled, name):
+    """The GPU path (inline PTX, the GPU's rounding) compiles for sm_90 here, and its SASS has no rounding or int
+    conversion per element: those issue at 1/8 the rate of fp32 adds on Hopper (the pass measured bound by them)."""
+    probe = _sass_probe()
     kernel, meta = probe.compile_single_pass(name, 1152)
     counts = probe.sass_counts(kernel.asm["cubin"])
     assert meta["ONE_LOAD"] and meta["HW_ROUND"]
     assert not {"FRND", "F2I", "I2F", "I2FP"} & set(counts["ops"]), counts["top"]
     per_thread = meta["BK"] // (32 * meta["num_warps"])  # elements each thread quantizes
     assert counts["ops"].get("F2FP", 0) == per_thread // 2  # one paired fp8 conversion per two elements
+
+
+def _single_pass_formats():
+    """ACT_FORMATS without a per-tensor outer scale (those take the two-launch path)."""
+    from fourbit.formats import make_format
+    from fourbit.kernels.act_quant import act_spec
+
+    return [(name, kw) for name, kw in ACT_FORMATS if act_spec(make_format(name, **kw)).outer != 1]
+
+
+SINGLE_PASS_FORMATS = _single_pass_formats()
+
+
+@pytest.mark.parametrize("kp", [1152, 4608], ids=["one-chunk", "chunks"])
+@pytest.mark.parametrize("name,kw", SINGLE_PASS_FORMATS, ids=ids(SINGLE_PASS_FORMATS))
+def test_single_pass_compiles_for_hopper_in_every_format(compiled, name, kw, kp):
+    """Every format the single pass runs compiles for sm_90 with the GPU's own instructions (the paths the CPU
+    interpreter never takes), for a row of one chunk and a row of several."""
+    probe = _sass_probe()
+    kernel, meta = probe.compile_single_pass(name, kp, fmt_kwargs=kw)
+    assert meta["HW_ROUND"] and meta["ONE_LOAD"] == (kp == 1152)
+    counts = probe.sass_counts(kernel.asm["cubin"])
+    assert counts["body"] > 0 and counts["ops"].get("STG", 0) > 0  # a kernel that stores its operand

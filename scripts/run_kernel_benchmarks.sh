@@ -13,6 +13,7 @@
 #   calibration [6-9] calibration.py, complete full-size runs: CAL=sd3 (~5 min) or CAL=sdxl (~9 min), one per call
 #   transformer [9] transformer.py: the FLUX.1 step
 #   quality [3]     kernel_quality.py --variants "$QUALITY_VARIANTS" (default cuBLAS): images vs the reference kernel
+#   tune [5]        gemm_tune.py: GEMM tiles / GEMV / act_quant paths at every family's shapes (rows for gemm_table.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/kernels}
@@ -54,7 +55,9 @@ for stage in $STAGES; do
     quality) timeout 400 python benchmarks/kernel_quality.py --variants "${QUALITY_VARIANTS:-cuBLAS}" --out "$OUT" \
                > "$OUT/kernel_quality.log" 2>&1
              echo "quality rc $?"; grep -E "LPIPS|FAILED" "$OUT/kernel_quality.log" | tail -8 ;;
-    *) echo "unknown stage $stage (known: tests fusion act blockwise linear models calibration transformer quality)"
+    tune) timeout 420 python benchmarks/gemm_tune.py --budget-s 300 --out "$OUT" > "$OUT/gemm_tune.log" 2>&1
+          echo "tune rc $?"; grep -E "^Row\(|^  Row\(|max_m|lr_mm|geomean" "$OUT/gemm_tune.log" | tail -30 ;;
+    *) echo "unknown stage $stage (known: tests fusion act blockwise linear models calibration transformer quality tune)"
        exit 2 ;;
   esac
 done

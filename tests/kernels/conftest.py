@@ -117,6 +117,28 @@ def interpret():
     _use_interpreter()
 
 
+@pytest.fixture
+def compiled():
+    """The kernels defined for Triton's compiler (what a GPU runs), on any machine: for tests that compile them for a
+    GPU target without launching (``probes/act_sass_probe.py``)."""
+    _set_mode(False)
+
+
+def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int = 4):
+    """``fn`` (a @triton.jit kernel) compiled for sm_90 without a GPU (Triton's bundled ptxas), or a skip."""
+    import pathlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no bundled ptxas")
+    sig = dict(signature, **{k: "constexpr" for k in constexprs})
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bit pattern of t (for bit-for-bit comparisons that also tell -0 from +0)."""
     view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()]

@@ -235,14 +235,6 @@ def test_act_quant_two_column_blocks_gpu():
 
 
 
-@pytest.fixture
-def compiled():
-    """The kernels defined for Triton's compiler (what a GPU runs), on any machine."""
-    from .conftest import _set_mode
-
-    _set_mode(False)
-
-
 def _sass_probe():
     """benchmarks/probes/act_sass_probe.py (compiles the single pass for sm_90 and counts its SASS), or a skip."""
     import importlib.util

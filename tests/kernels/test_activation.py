@@ -68,3 +68,27 @@ def test_scaled_gemm_output_activation_gpu(kind):
         got16 = scaled_gemm(a, b, sa, sb, lr, up, None, out_dtype=torch.bfloat16, act=act).float()
         assert ((got16 - ref).abs() <= ref.abs() * 2 ** -8 * 1.01 + 1e-6).all()
 
+
+
+@pytest.mark.parametrize("kind", ["gelu_tanh", "gelu", "silu"])
+def test_epilogue_activation_compiles_for_hopper(compiled, kind):
+    """The compiled form of each epilogue activation (gelu_tanh: torch's formula with libdevice's tanhf, code the
+    interpreter never runs) compiles for sm_90 on this machine, with a fused multiply-add where torch's CUDA kernel
+    has one (x + 0.044715 x^3)."""
+    import triton
+    import triton.language as tl
+
+    from fourbit.kernels.activation import CODES, activate
+
+    from .conftest import compile_for_hopper
+
+    @triton.jit
+    def apply(x_ptr, y_ptr, CODE: tl.constexpr):
+        offs = tl.arange(0, 128)
+        tl.store(y_ptr + offs, activate(tl.load(x_ptr + offs), CODE))
+
+    kernel = compile_for_hopper(apply, dict(x_ptr="*fp32", y_ptr="*fp32"), dict(CODE=CODES[kind]), num_warps=1)
+    ptx = kernel.asm["ptx"]
+    assert "st.global" in ptx
+    if kind == "gelu_tanh":
+        assert "0f3D372713" in ptx and "fma.rn.f32" in ptx  # 0.044715 as fp32, multiplied and added in one rounding

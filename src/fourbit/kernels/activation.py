@@ -21,6 +21,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import interpreting
+
+try:  # the GPU's tanhf (libdevice; the interpreter never calls it)
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover
+    from triton.language.extra.cuda import libdevice
+
+#: compiled kernels: the tanh-GELU as torch's CUDA kernel computes it (libdevice tanhf, its order of operations),
+#: so the fused fp32 epilogue gives eager's values; the interpreter (no libdevice tanh) keeps the sigmoid form
+_TORCH_GELU_TANH: tl.constexpr = tl.constexpr(not interpreting())
+
 #: kind -> the epilogue's constexpr code (0: none)
 CODES = {"gelu_tanh": 1, "gelu": 2, "silu": 3}
 
@@ -79,11 +90,17 @@ def apply_rounded(y: Tensor, act: Optional[OutputActivation]) -> Tensor:
 
 @triton.jit
 def activate(y, CODE: tl.constexpr):
-    """fp32 y -> act(y). gelu_tanh as y * sigmoid(2u), u = sqrt(2/pi) (y + 0.044715 y^3) (= 0.5 y (1 + tanh u),
-    without tanh's cancellation for negative y)."""
+    """fp32 y -> act(y). gelu_tanh: compiled, 0.5 y (1 + tanh u), u = sqrt(2/pi) (y + 0.044715 y^3), in the order
+    of operations of torch's CUDA kernel with the same tanhf (eager's fp32 values; a fused layer whose GELU differs
+    by an ulp can move a 4-bit code, even a row scale, of the next layer's input); interpreter: y * sigmoid(2u),
+    the same function without libdevice. gelu: 0.5 y (1 + erf(y / sqrt 2)), as torch's."""
     if CODE == 1:
-        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-        return y / (1.0 + tl.exp(-2.0 * u))
+        if _TORCH_GELU_TANH:
+            inner = 0.7978845608028654 * (y + 0.044715 * (y * y * y))
+            return 0.5 * y * (1.0 + libdevice.tanh(inner))
+        else:
+            u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+            return y / (1.0 + tl.exp(-2.0 * u))
     elif CODE == 2:
         return 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
     else:

@@ -176,3 +176,65 @@ def test_fused_model_compiles_without_graph_breaks():
         torch.testing.assert_close(torch.compile(fused, backend="aot_eager")(x), eager, rtol=0, atol=0)
         assert fused.blocks[0].to_q.sibling_group._out is None
     torch._dynamo.reset()
+
+
+class CrossBlock(nn.Module):
+    """Reads the block's input and a context shared by every block (a cross-attention's K and V)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x, ctx):
+        q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
+        return x + torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+
+
+class CrossNet(nn.Module):
+    def __init__(self, n=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([CrossBlock() for _ in range(n)])
+
+    def forward(self, x, ctx):
+        for b in self.blocks:
+            x = b(x, ctx)
+        return x
+
+
+def _cross_loop(model):
+    torch.manual_seed(1)
+    model(torch.randn(2, 8, 32), torch.randn(2, 5, 32))
+
+
+def test_groups_stay_inside_a_block_unless_asked():
+    """Every block's K and V read the same context: by default one group per block, with across_blocks one."""
+    net = CrossNet()
+    assert find_siblings(net, _cross_loop) == [[f"blocks.{i}.to_k", f"blocks.{i}.to_v"] for i in range(3)]
+    assert find_siblings(net, _cross_loop, across_blocks=True) == [
+        [f"blocks.{i}.{n}" for i in range(3) for n in ("to_k", "to_v")]]
+
+
+@pytest.mark.parametrize("across_blocks", [False, True], ids=["per-block", "across-blocks"])
+def test_compiled_blocks_share_one_graph_when_groups_stay_inside(across_blocks):
+    """Each block compiled on its own (as models are): groups inside a block give every block the same code, one
+    graph for all; a group across blocks makes dynamo specialise each block on its sibling index."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    net = CrossNet()
+    fuse_siblings(net, find_siblings(net, _cross_loop, across_blocks=across_blocks))
+    x, ctx = torch.randn(2, 8, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        eager = net(x, ctx)
+        torch._dynamo.reset()
+        counters.clear()
+        for b in net.blocks:
+            b.compile(backend="eager")
+        got = net(x, ctx)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    for b in net.blocks:  # back to eager modules for later tests
+        b._compiled_call_impl = None
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    assert graphs == (3 if across_blocks else 1)

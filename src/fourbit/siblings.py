@@ -124,11 +124,16 @@ def _linears(model: nn.Module, names: Optional[Iterable[str]]) -> dict:
 
 @torch.no_grad()
 def find_siblings(model: nn.Module, forward_loop: Callable[[nn.Module], None], config=None,
-                  names: Optional[Iterable[str]] = None) -> list:
+                  names: Optional[Iterable[str]] = None, across_blocks: bool = False) -> list:
     """Groups (lists of module names, in call order) of ``nn.Linear`` layers that, in every call made by
     ``forward_loop(model)``, read the same input tensor as each other and no other candidate. ``config``
     (a fourbit config): only layers it quantizes, grouped only with layers it quantizes the same way;
-    ``names`` restricts the candidates further."""
+    ``names`` restricts the candidates further.
+
+    A group does not span two repeated blocks (entries of a ``ModuleList``: every block's cross-attention K and V
+    read the same text embeddings): it is split into one group per block, so that each block's code is the same
+    and ``torch.compile`` of one block serves them all (a group across blocks specialises every block's graph on
+    its sibling index: one compile per block). ``across_blocks=True`` keeps such groups (one wider GEMM)."""
     layer_config: dict = {}
     if config is not None:
 
@@ -171,9 +176,23 @@ def find_siblings(model: nn.Module, forward_loop: Callable[[nn.Module], None], c
             continue
         same_config = len({layer_config.get(n) for n in g}) == 1
         if same_config and all(seen[n] == {g} for n in g) and _compatible([linears[n] for n in g]):
-            groups.append(list(g))
+            groups.extend(sub for sub in ([list(g)] if across_blocks else _split_by_block(list(g))) if len(sub) > 1)
             done.update(g)
     return groups
+
+
+def _split_by_block(names: list) -> list:
+    """``names`` split by the repeated block each lies in: the innermost ModuleList entry among its ancestors
+    (``...transformer_blocks.3``; none: the model itself). Members of one block stay together, in call order."""
+    def block(name: str) -> str:
+        parts = name.split(".")[:-1]  # the layer's ancestors
+        last = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+        return ".".join(parts[:last + 1])
+
+    by_block: dict = {}
+    for n in names:
+        by_block.setdefault(block(n), []).append(n)
+    return list(by_block.values())
 
 
 def _compatible(mods: list) -> bool:

@@ -30,9 +30,10 @@ _STARTED_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MODE = {"interpret": _STARTED_INTERPRETING}  # what the kernel modules were last defined under
 
 
-def _set_mode(interpret: bool) -> None:
-    """Define fourbit's kernels for the interpreter (True) or the compiler (False), if they are not already."""
-    if _MODE["interpret"] == interpret:
+def _set_mode(interpret: bool, force: bool = False) -> None:
+    """Define fourbit's kernels for the interpreter (True) or the compiler (False), if they are not already (or
+    again, ``force``: fresh kernel objects, with empty compiled-kernel caches)."""
+    if _MODE["interpret"] == interpret and not force:
         return
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"

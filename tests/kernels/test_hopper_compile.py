@@ -116,3 +116,30 @@ def test_gemm_with_output_activation_compiles_for_hopper(hopper, kind):
     y = scaled_gemm(a, b, torch.ones(m), torch.ones(n), torch.zeros(m, 32), torch.zeros(n, 32),
                     torch.zeros(n, dtype=torch.bfloat16), act=OutputActivation(kind, 256))
     assert y.shape == (m, n)
+
+
+@pytest.mark.parametrize("af", ["int4p2", "fp8"])
+def test_cublas_backend_kernels_compile_for_hopper(hopper, monkeypatch, af):
+    """The cuBLAS backend's own kernels (act_quant writing the folded columns, ``fold_lr``) compile for sm_90; the
+    GEMM itself is torch._scaled_mm (here on the CPU, which takes row-wise scales from torch 2.13)."""
+    import fourbit.kernels.linear as linear_mod
+    from fourbit.kernels import gemm_cublas
+    from fourbit.nn import set_gemm_backend
+
+    if not gemm_cublas.rowwise_scaled_mm(torch.device("cpu")):
+        pytest.skip("this torch's CPU _scaled_mm has no row-wise scales")
+    lin = nn.Linear(1152, 384).bfloat16()
+    x = torch.randn(64, 1152).bfloat16()
+    model = nn.Sequential(lin)
+    fourbit.quantize(model, fourbit.SVDQuantConfig(weights="int4p2", activations=af, rank=32, kernel="reference"),
+                     forward_loop=lambda m: m(x), progress=False, verbose=False)
+    set_kernel(model, "triton")
+    calls = []
+    monkeypatch.setattr(linear_mod, "cublas_gemm", lambda *a, **k: calls.append(1) or gemm_cublas.cublas_gemm(*a, **k))
+    set_gemm_backend("cublas", min_rows=0)
+    try:
+        with torch.no_grad():
+            assert model(x).shape == (64, 384)
+    finally:
+        set_gemm_backend("triton")
+    assert len(calls) == (1 if af == "int4p2" else 0)  # fp8 activations with a branch are not folded: Triton's GEMM

@@ -5,6 +5,7 @@
     python benchmarks/models.py --models sana-1.6b --budget 240   # variants that would end after 240 s are skipped
     python benchmarks/models.py --tiny                  # tiny configs on CPU, reference kernel (smoke test)
     python benchmarks/models.py --models pixart-sigma --profile   # also CUDA time by kernel kind per variant
+    python benchmarks/models.py --models pixart-sigma --siblings-across-blocks   # text K/V of all blocks in one GEMM
 
 Models (``FAMILIES``): diffusers classes with the published configs written out below, random bf16 weights
 (random weights say nothing about image quality, only about speed and memory), the latent of a 1024x1024 image
@@ -262,13 +263,13 @@ def fp8_peer(model: nn.Module, blocks: list[str], prefer_torchao: bool = True) -
 
 
 # ---- fourbit -------------------------------------------------------------------------------------------------
-def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str) -> dict:
+def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, across_blocks: bool = False) -> dict:
     import fourbit
 
     call = lambda m: m(**inputs)  # noqa: E731
     cfg = fourbit.RTNConfig(weights=fmt, activations=fmt, kernel=kernel, include=[b + ".*" for b in blocks])
     with torch.inference_mode():
-        groups = fourbit.find_siblings(model, call, config=cfg)
+        groups = fourbit.find_siblings(model, call, config=cfg, across_blocks=across_blocks)
     fourbit.fuse_siblings(model, groups)
     t0 = time.perf_counter()
     fourbit.quantize(model, cfg, progress=False, verbose=False)
@@ -399,7 +400,8 @@ def run_model(name: str, args, device: str, log) -> dict:
     inputs = make_inputs(fam, device)
     blocks = block_names(base, fam)
     row = dict(model=name, cls=fam["cls"], batch=fam["batch"], blocks=len(blocks),
-               params=sum(p.numel() for p in base.parameters()), variants={})
+               params=sum(p.numel() for p in base.parameters()), siblings_across_blocks=args.siblings_across_blocks,
+               variants={})
     log(f"{name}: built {fam['cls']} ({row['params'] / 1e9:.2f} B params, {len(blocks)} blocks) in "
         f"{time.perf_counter() - t0:.1f}s")
     models, graphs, ref = {}, {}, None
@@ -417,10 +419,11 @@ def run_model(name: str, args, device: str, log) -> dict:
             if variant == "fp8-peer":
                 res["fp8_recipe"] = fp8_peer(m, blocks, prefer_torchao=args.torchao and not tiny)
             elif variant.startswith("fourbit-w4a4"):
-                res.update(fourbit_variant(m, blocks, inputs, "int4p2", args.rank, kernel), format="int4p2",
-                           rank=args.rank)
+                res.update(fourbit_variant(m, blocks, inputs, "int4p2", args.rank, kernel,
+                                           args.siblings_across_blocks), format="int4p2", rank=args.rank)
             elif variant.startswith("fourbit-fp8"):
-                res.update(fourbit_variant(m, blocks, inputs, "fp8", 0, kernel), format="fp8", rank=0)
+                res.update(fourbit_variant(m, blocks, inputs, "fp8", 0, kernel, args.siblings_across_blocks),
+                           format="fp8", rank=0)
             act_quant = "inline" if variant.endswith("-inline") else "pass"
             gemm = "cublas" if variant.endswith("-cublas") else "triton"
             if variant.startswith("fourbit"):
@@ -504,6 +507,8 @@ def main(argv=None):
                    "0.17 on torch 2.11, H200, 2026-12-04: compiling PixArt-Sigma took 397 s against 13.5 s for bf16, "
                    "so the default is the same recipe in plain torch)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (the quick test of this script)")
+    p.add_argument("--siblings-across-blocks", action="store_true", help="fourbit variants: sibling groups may "
+                   "span blocks (every block's text K/V in one wide GEMM; each block then compiles its own graph)")
     p.add_argument("--profile", action="store_true", help="also one compiled step of each variant under "
                    "torch.profiler: CUDA time by kernel kind (fourbit act_quant / GEMM / fold_lr, attention, cuBLAS, "
                    "elementwise)")

@@ -143,3 +143,13 @@ def test_cublas_backend_kernels_compile_for_hopper(hopper, monkeypatch, af):
     finally:
         set_gemm_backend("triton")
     assert len(calls) == (1 if af == "int4p2" else 0)  # fp8 activations with a branch are not folded: Triton's GEMM
+
+
+@pytest.mark.parametrize("name,out", [("quartz_tok", "fp8"), ("quartz_tok_round", "int8")])
+def test_quartz_kernel_compiles_for_hopper(hopper, name, out):
+    """QuaRTZ's activation quantization (8-bit codes, leading-zero suppression to 4 bits) compiles for sm_90."""
+    from fourbit.formats import make_format
+    from fourbit.kernels.quartz_quant import quartz_quant
+
+    got = quartz_quant(torch.randn(300, 1152).bfloat16(), make_format(name), out=out)
+    assert got.q.shape[0] == 300

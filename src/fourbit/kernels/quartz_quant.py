@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .reference import smooth_reciprocal
-from ._common import amax as _amax, check_device, next_pow2, round_half_even
+from ._common import amax as _amax, check_device, next_pow2, rint_small
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _quartz_quant_kernel(
         if not SIGNED:
             xs = tl.maximum(xs, 0.0)  # the unsigned variant clips negative inputs
         y = tl.math.div_rn(xs, s_safe[:, None, None])
-        q = tl.minimum(tl.maximum(round_half_even(y), QMIN), QMAX)
+        q = tl.minimum(tl.maximum(rint_small(y), QMIN), QMAX)  # |y| <= 255: exact
         m = tl.abs(q)  # integer-valued fp32
         big = _amax(m, 2)  # (BM, NG): the highest set bit of the OR is that of the max
         flag = ((big >= (1 << MAG)).to(tl.int32) + (big >= (2 << MAG)).to(tl.int32)
@@ -118,7 +118,7 @@ def _quartz_quant_kernel(
         inv = tl.where(flag == 0, 1.0, tl.where(flag == 1, 0.5, tl.where(flag == 2, 0.25,
                        tl.where(flag == 3, 0.125, 0.0625))))[:, :, None]  # 2^-FLAG, exact
         if ROUND:
-            c = tl.minimum(round_half_even(tl.abs(y) * inv), (1 << MAG) - 1.0)
+            c = tl.minimum(rint_small(tl.abs(y) * inv), (1 << MAG) - 1.0)
         else:
             c = tl.floor(m * inv)
         mag = c.to(tl.int32) << flag[:, :, None]  # integer: no -0 below

@@ -14,7 +14,9 @@ and counts its SASS:
 - ``conversions``: executed instructions of the conversion pipe (F2FP, F2I, I2F(P), FRND, MUFU, F2F; estimated as
   above), which on sm_90 issues 16 results per clock per SM against 128 for fp32 add/multiply (CUDA C programming
   guide, arithmetic instructions);
-- per element: estimated lane-instructions per valid element, ``executed x 32 x warps / (rows x K)``.
+- per element: estimated lane-instructions per valid element, ``executed x 32 x warps / (rows x K)``;
+- registers per thread and spill (local memory) bytes, from cuobjdump; ``--whole-rows`` adds rows of several
+  chunks loaded once (``whole_row_k=8192``, 4 and 8 warps).
 
 Static counts, not timings: they show where a pass that measures issue-bound spends its instructions (on the H200,
 8192 x 1152 int4p2 before rint_small: ~14 us of issue at one warp-instruction per clock per scheduler, 17.6 us
@@ -93,10 +95,24 @@ def sass_counts(cubin: bytes) -> dict:
     last_exit = max(i for i, op in enumerate(ops) if op == "EXIT")
     body = collections.Counter(ops[:last_exit + 1])
     spans = [(labels[t], at + 1) for at, t in branches if t in labels and labels[t] <= at <= last_exit]
+    usage = _resource_usage(cubin)
     return dict(total=len(ops), body=last_exit + 1, loops=[b - a for a, b in spans],
                 conv=sum(body[o] for o in CONVERSION_OPS),
                 loop_conv=sum(sum(op in CONVERSION_OPS for op in ops[a:b]) for a, b in spans),
-                shfl=body["SHFL"], bar=body["BAR"], top=body.most_common(12), ops=dict(body))
+                shfl=body["SHFL"], bar=body["BAR"], top=body.most_common(12), ops=dict(body), **usage)
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and local-memory bytes (spills) of the kernel, from cuobjdump."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL):(\d+)", text)}
+    return dict(registers=found.get("REG"), local_bytes=found.get("LOCAL"))
 
 
 def main(argv=None) -> int:
@@ -106,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--src", default=None, help="another checkout's src/ to compile instead of this one's")
     p.add_argument("--label", default=None, help="name of this source in the row (default: its git commit)")
+    p.add_argument("--whole-rows", action="store_true", help="also rows loaded once up to K 8192 (4 and 8 warps)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "results"))
     args = p.parse_args(argv)
     if args.src:
@@ -114,29 +131,36 @@ def main(argv=None) -> int:
     from _util import environment, finish, git_commit, md_table
 
     import fourbit
+    from fourbit.kernels.act_quant import DEFAULT_CONFIG
 
+    whole_row_k = DEFAULT_CONFIG.whole_row_k
     rows, table = [], []
-    for name in args.formats.split(","):
-        for kp in (int(k) for k in args.k.split(",")):
-            kernel, meta = compile_single_pass(name, kp, args.arch)
-            c = sass_counts(kernel.asm["cubin"])
-            lanes = 32 * meta["num_warps"] / (meta["BM"] * kp)  # lane-instructions per valid element, per count
-            trips = -(-kp // meta["BK"])  # each loop's iterations per row (one-chunk rows: no loop)
-            c["executed"] = c["body"] + (trips - 1) * sum(c["loops"])  # estimate: every other instruction once
-            c["conv_executed"] = c["conv"] + (trips - 1) * c["loop_conv"]
-            rows.append(dict(format=name, Kp=kp, meta=meta,
-                             **{k: v for k, v in c.items() if k != "ops"}))
-            chunk = meta["BK"]
-            table.append([name, kp, chunk, meta["num_warps"], "yes" if meta["ONE_LOAD"] else "no", c["body"],
-                          "+".join(map(str, c["loops"])) or "-", c["executed"], f"{c['executed'] * lanes:.1f}",
-                          c["conv_executed"], f"{c['conv_executed'] * lanes:.2f}", c["shfl"],
-                          " ".join(f"{op} {n}" for op, n in c["top"][:6])])
-            print(f"{name} Kp {kp} (chunk {chunk}): body {c['body']}, conversions {c['conv']}", flush=True)
+    configs = [dict(), dict(whole_row_k=8192), dict(whole_row_k=8192, warps=8)] if args.whole_rows else [dict()]
+    for name, kp, config in ((n, int(k), c) for n in args.formats.split(",") for k in args.k.split(",")
+                             for c in configs):
+        kernel, meta = compile_single_pass(name, kp, args.arch, **config)
+        if config and (kp <= whole_row_k or not meta["ONE_LOAD"]):
+            continue  # the default already loads this row once (or it does not fit): nothing new to count
+        c = sass_counts(kernel.asm["cubin"])
+        lanes = 32 * meta["num_warps"] / (meta["BM"] * kp)  # lane-instructions per valid element, per count
+        trips = -(-kp // meta["BK"])  # each loop's iterations per row (one-chunk rows: no loop)
+        c["executed"] = c["body"] + (trips - 1) * sum(c["loops"])  # estimate: every other instruction once
+        c["conv_executed"] = c["conv"] + (trips - 1) * c["loop_conv"]
+        rows.append(dict(format=name, Kp=kp, config=config, meta=meta,
+                         **{k: v for k, v in c.items() if k != "ops"}))
+        chunk = meta["BK"]
+        table.append([name, kp, chunk, meta["num_warps"], "yes" if meta["ONE_LOAD"] else "no", c["registers"],
+                      c["local_bytes"], c["body"],
+                      "+".join(map(str, c["loops"])) or "-", c["executed"], f"{c['executed'] * lanes:.1f}",
+                      c["conv_executed"], f"{c['conv_executed'] * lanes:.2f}", c["shfl"],
+                      " ".join(f"{op} {n}" for op, n in c["top"][:6])])
+        print(f"{name} Kp {kp} (chunk {chunk}): body {c['body']}, conversions {c['conv']}", flush=True)
     env = dict(environment(), device=f"none (static SASS for sm_{args.arch})")
     source = args.label or (args.src and os.path.abspath(args.src)) or git_commit()
     md = (f"## act_quant single pass, static SASS (sm_{args.arch}, Triton {env['triton']}, source {source}, "
           f"fourbit from {os.path.dirname(fourbit.__file__)})\n\n"
-          + md_table(["format", "Kp", "chunk", "warps", "one load", "body instr", "loops", "executed (est.)",
+          + md_table(["format", "Kp", "chunk", "warps", "one load", "registers", "spill bytes", "body instr", "loops",
+                      "executed (est.)",
                       "per element", "conversions (est.)", "per element", "SHFL (body)", "most frequent"], table))
     return finish(args.out, "act_sass_probe", env, dict(source=source, arch=args.arch, rows=rows), md)
 

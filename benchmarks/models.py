@@ -301,12 +301,16 @@ def sync(device):
 def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compile_: bool = True,
             act_quant: str = "pass") -> dict:
     """Compile the blocks (fourbit: after ``prepare_kernels``, with ``inductor_options(act_quant)``) and run the first
-    step: {compile_seconds, peak_step_bytes, out} (fourbit: also ``lowered_layers``, the inline lowering's count)."""
+    step: {compile_seconds, peak_step_bytes, out, graphs (dynamo graphs compiled)} (fourbit: also ``lowered_layers``,
+    the inline lowering's count)."""
     from fourbit.kernels.fusion import fusion_stats
     from fourbit.nn import inductor_options, prepare_kernels
 
+    from torch._dynamo.utils import counters
+
     t0 = time.perf_counter()
     lowered = fusion_stats().get("inline", 0)
+    graphs = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
         if fourbit_kernels and not tiny:
             prepare_kernels(model, forward_loop=lambda m: m(**inputs))
@@ -326,7 +330,8 @@ def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compi
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
     info = dict(lowered_layers=lowered) if fourbit_kernels else {}
-    return dict(compile_seconds=secs, peak_step_bytes=peak, out=out.float(), **info)
+    return dict(compile_seconds=secs, peak_step_bytes=peak, out=out.float(),
+                graphs=counters["stats"]["unique_graphs"] - graphs, **info)  # dynamo graphs compiled for this variant
 
 
 @contextlib.contextmanager
@@ -483,10 +488,12 @@ def table(rows: list[dict]) -> str:
             ms = v.get("step_ms")
             out.append([r["model"], k, "-" if ms is None else f"{ms:.2f}",
                         "-" if not (ms and b) else f"{b / ms:.2f}x",
-                        f"{v.get('compile_seconds', 0):.0f}", f"{v.get('weight_bytes', 0) / 2**30:.2f}",
+                        f"{v.get('compile_seconds', 0):.0f}", v.get("graphs", "-"),
+                        f"{v.get('weight_bytes', 0) / 2**30:.2f}",
                         "-" if v.get("peak_step_bytes") is None else f"{v['peak_step_bytes'] / 2**30:.2f}",
                         (v.get("error") or v.get("skipped") or "")[:80]])
-    md = md_table(["model", "variant", "step ms", "vs bf16", "compile s", "weights GiB", "step peak GiB", "error"], out)
+    md = md_table(["model", "variant", "step ms", "vs bf16", "compile s", "graphs", "weights GiB", "step peak GiB",
+                   "error"], out)
     prof = [[r["model"], k] + [f"{v['profile_ms'][c]:.2f}" for c in KERNEL_CATEGORY_NAMES]
             for r in rows for k, v in r["variants"].items() if v.get("profile_ms")]
     if prof:

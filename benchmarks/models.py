@@ -515,7 +515,7 @@ def main(argv=None):
                    "so the default is the same recipe in plain torch)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (the quick test of this script)")
     p.add_argument("--siblings-across-blocks", action="store_true", help="fourbit variants: sibling groups may "
-                   "span blocks (every block's text K/V in one wide GEMM; each block then compiles its own graph)")
+                   "span blocks (every block's text K/V in one wide GEMM, run outside the compiled graphs)")
     p.add_argument("--profile", action="store_true", help="also one compiled step of each variant under "
                    "torch.profiler: CUDA time by kernel kind (fourbit act_quant / GEMM / fold_lr, attention, cuBLAS, "
                    "elementwise)")

@@ -40,10 +40,11 @@ def _version(x: torch.Tensor):
 class SiblingGroup(nn.Module):
     """One linear layer (``self.linear``) whose output columns are shared out to ``len(sizes)`` siblings."""
 
-    def __init__(self, linear: nn.Module, sizes: Sequence[int], contiguous: bool = False):
+    def __init__(self, linear: nn.Module, sizes: Sequence[int], contiguous: bool = False, spans_blocks: bool = False):
         super().__init__()
         self.linear = linear
         self.contiguous = contiguous
+        self.spans_blocks = spans_blocks  # members in several repeated blocks: served outside compiled graphs
         self.sizes = [int(s) for s in sizes]
         bounds = [0]
         for s in self.sizes:
@@ -86,6 +87,13 @@ class SiblingGroup(nn.Module):
 
 
 @functools.lru_cache(maxsize=1)
+def _eager_sibling():
+    """A sibling of a group that spans blocks, served outside dynamo's graphs (a graph break): the sibling's index
+    is then never traced, so every block's graph stays the same and one compile serves all blocks."""
+    return torch.compiler.disable(lambda sibling, x: sibling.sibling_group._output(sibling.index, x))
+
+
+@functools.lru_cache(maxsize=1)
 def _uncompiled_output():
     """``SiblingGroup._output`` kept out of dynamo's graphs (its Python-side cache is a graph break), wrapped
     on first use so that ``import fourbit`` does not import torch._dynamo (and with it Triton)."""
@@ -110,6 +118,8 @@ class SiblingOutput(nn.Module):
         return self._modules["group"] if "group" in self._modules else self._shared_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sibling_group.spans_blocks and torch.compiler.is_compiling():
+            return _eager_sibling()(self, x)
         return self.sibling_group.output(self.index, x)
 
     def extra_repr(self) -> str:
@@ -132,8 +142,10 @@ def find_siblings(model: nn.Module, forward_loop: Callable[[nn.Module], None], c
 
     A group does not span two repeated blocks (entries of a ``ModuleList``: every block's cross-attention K and V
     read the same text embeddings): it is split into one group per block, so that each block's code is the same
-    and ``torch.compile`` of one block serves them all (a group across blocks specialises every block's graph on
-    its sibling index: one compile per block). ``across_blocks=True`` keeps such groups (one wider GEMM)."""
+    and ``torch.compile`` of one block serves them all. ``across_blocks=True`` keeps such groups (one wider GEMM);
+    under ``torch.compile`` their members run outside the graphs (a graph break at each, so not with
+    ``fullgraph=True``), which keeps the blocks' graphs shared (traced, a group's sibling index would specialise
+    every block's graph: one compile per block)."""
     layer_config: dict = {}
     if config is not None:
 
@@ -230,7 +242,8 @@ def fuse_siblings(model: nn.Module, groups: Sequence[Sequence[str]], contiguous:
             if fused.bias is not None:
                 fused.bias.copy_(torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features,
                                             device=w0.device, dtype=w0.dtype) for m in mods]))
-        group = SiblingGroup(fused, [m.out_features for m in mods], contiguous)
+        group = SiblingGroup(fused, [m.out_features for m in mods], contiguous,
+                             spans_blocks=len(_split_by_block(list(g))) > 1)
         for i, (name, m) in enumerate(zip(g, mods)):
             set_module(model, name, SiblingOutput(group, i, i == 0, m.in_features, m.out_features))
     model.fourbit_siblings = [list(g) for g in list(getattr(model, "fourbit_siblings", [])) + list(groups)]

@@ -43,14 +43,26 @@ def _sig_type(dtype) -> str:
     return {torch.float8_e4m3fn: "*fp8e4nv", torch.int8: "*i8", torch.bfloat16: "*bf16"}[dtype]
 
 
+def compile_for_target(fn, signature: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
+                       num_stages: int = 3, divisible=()):
+    """``fn`` (a @triton.jit kernel) compiled for ``sm_{arch}`` without a GPU (Triton's bundled ptxas): ``signature``
+    maps its runtime arguments to Triton types, ``divisible`` names those specialised as divisible by 16 (as a launch
+    with such values and 16-byte-aligned pointers would)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    sig = dict(signature, **{k: "constexpr" for k in constexprs})
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
 def compile_single_pass(fmt_name: str, kp: int, arch: int = 90, fmt_kwargs=None, **config):
     """(compiled kernel, meta) of the single pass for activation format ``fmt_name`` (``make_format`` keywords
     ``fmt_kwargs``) at padded K ``kp``; ``config``: ``ActConfig`` fields that differ from the default."""
     from dataclasses import replace
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import ASTSource
 
     from fourbit.formats import make_format
     from fourbit.kernels.act_quant import DEFAULT_CONFIG, act_spec
@@ -59,14 +71,11 @@ def compile_single_pass(fmt_name: str, kp: int, arch: int = 90, fmt_kwargs=None,
     spec = act_spec(make_format(fmt_name, **(fmt_kwargs or {})))
     meta = single_pass_meta(spec, kp, replace(DEFAULT_CONFIG, **config), hw=True)
     warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-    fn = _act_fused_kernel
     sig = dict(x_ptr="*bf16", x2_ptr="*bf16", rsmooth_ptr="*fp32", q_ptr=_sig_type(spec.operand_dtype),
                rs_ptr="*fp32", gs_ptr="*fp32", t_ptr="*fp32", M="i32", K1="i32", K="i32", Kp="i32",
                stride_xm="i32", stride_x2m="i32", stride_qm="i32", stride_gs="i32")
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in sig if n != "stride_gs"}
-    sig.update({k: "constexpr" for k in meta})
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()}, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    kernel = compile_for_target(_act_fused_kernel, sig, meta, arch, warps, stages,
+                                divisible=[n for n in sig if n != "stride_gs"])
     return kernel, dict(meta, num_warps=warps, num_stages=stages)
 
 

@@ -125,19 +125,27 @@ def compiled():
     _set_mode(False)
 
 
-def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int = 4):
-    """``fn`` (a @triton.jit kernel) compiled for sm_90 without a GPU (Triton's bundled ptxas), or a skip."""
+def sass_probe():
+    """benchmarks/probes/act_sass_probe.py (compiles kernels for sm_90 and reads their SASS without a GPU), or a skip
+    where this Triton has no bundled ptxas / nvdisasm / cuobjdump."""
+    import importlib.util
     import pathlib
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import ASTSource
 
-    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this Triton has no bundled ptxas")
-    sig = dict(signature, **{k: "constexpr" for k in constexprs})
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not all((bin_dir / tool).exists() for tool in ("ptxas", "nvdisasm", "cuobjdump")):
+        pytest.skip("this Triton has no bundled ptxas / nvdisasm / cuobjdump")
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "probes" / "act_sass_probe.py"
+    spec = importlib.util.spec_from_file_location("act_sass_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    return probe
+
+
+def compile_for_hopper(fn, signature: dict, constexprs: dict, num_warps: int = 4):
+    """``fn`` (a @triton.jit kernel) compiled for sm_90 without a GPU, or a skip."""
+    return sass_probe().compile_for_target(fn, signature, constexprs, 90, num_warps)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

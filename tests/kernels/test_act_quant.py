@@ -13,7 +13,7 @@ import torch
 
 from fourbit.formats import make_format
 
-from .conftest import bits
+from .conftest import bits, sass_probe
 from .kernel_helpers import ACT_FORMATS, SQNR_FP32_REORDER_DB, SQNR_GPU_ACCUMULATE_DB, hard_rows, ids, sqnr_db
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -235,28 +235,11 @@ def test_act_quant_two_column_blocks_gpu():
 
 
 
-def _sass_probe():
-    """benchmarks/probes/act_sass_probe.py (compiles the single pass for sm_90 and counts its SASS), or a skip."""
-    import importlib.util
-    import pathlib
-
-    import triton
-
-    bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (bin_dir / "nvdisasm").exists() or not (bin_dir / "ptxas").exists():
-        pytest.skip("this Triton has no bundled ptxas / nvdisasm")
-    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "probes" / "act_sass_probe.py"
-    spec = importlib.util.spec_from_file_location("act_sass_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    return probe
-
-
 @pytest.mark.parametrize("name", ["int4p2", "fp8"])
 def test_single_pass_compiles_for_hopper_without_per_element_conversions(compiled, name):
     """The GPU path (inline PTX, the GPU's rounding) compiles for sm_90 here, and its SASS has no rounding or int
     conversion per element: those issue at 1/8 the rate of fp32 adds on Hopper (the pass measured bound by them)."""
-    probe = _sass_probe()
+    probe = sass_probe()
     kernel, meta = probe.compile_single_pass(name, 1152)
     counts = probe.sass_counts(kernel.asm["cubin"])
     assert meta["ONE_LOAD"] and meta["HW_ROUND"]
@@ -281,7 +264,7 @@ SINGLE_PASS_FORMATS = _single_pass_formats()
 def test_single_pass_compiles_for_hopper_in_every_format(compiled, name, kw, kp):
     """Every format the single pass runs compiles for sm_90 with the GPU's own instructions (the paths the CPU
     interpreter never takes), for a row of one chunk and a row of several."""
-    probe = _sass_probe()
+    probe = sass_probe()
     kernel, meta = probe.compile_single_pass(name, kp, fmt_kwargs=kw)
     assert meta["HW_ROUND"] and meta["ONE_LOAD"] == (kp == 1152)
     counts = probe.sass_counts(kernel.asm["cubin"])

@@ -10,7 +10,6 @@ GPU is present (its tests compile for real) or Triton has no ptxas.
 from __future__ import annotations
 
 import importlib
-import pathlib
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 import fourbit
 from fourbit.nn import set_kernel
 
-from .conftest import _KERNEL_MODULES, _set_mode
+from .conftest import _KERNEL_MODULES, _set_mode, sass_probe
 from .kernel_helpers import PAIRS
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: its own tests compile for it")
@@ -72,11 +71,9 @@ def _stand_in_driver():
 @pytest.fixture
 def hopper(monkeypatch):
     """Kernels defined for the compiler, the stand-in driver active, launchers accepting CPU tensors."""
-    import triton
     from triton.runtime.driver import driver
 
-    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this Triton has no bundled ptxas")
+    sass_probe()  # skips where Triton has no bundled ptxas
     _set_mode(False)
     monkeypatch.setattr(driver, "_active", _stand_in_driver())
     for name in _KERNEL_MODULES:

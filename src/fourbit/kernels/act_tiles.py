@@ -91,22 +91,16 @@ def p2_values(xs, div, MODE: tl.constexpr, EMIN: tl.constexpr, MANT_T: tl.conste
     """int4p2 (MODE 0) / fp4p2 (MODE 1): a (BM, NG, G) tile of X^ -> code * 2^e as fp32 (exact in FP8 e4m3).
     div: (BM,) the row divisor of ``_row_scale``. y = X^ * RN(1 / r): one IEEE reciprocal per row, as the
     format's reference. Codes by ``rint_small`` (full-rate adds, no -0), not the GPU's rounding instruction."""
-    rr = tl.math.div_rn(tl.full(div.shape, 1.0, tl.float32), div)
-    y = xs * rr[:, None, None]
-    return _p2_codes(y, _amax(tl.abs(y), 2), MODE, EMIN, MANT_T)
+    return p2_values_given_max(xs, _amax(tl.abs(xs), 2), div, MODE, EMIN, MANT_T)
 
 
 @triton.jit
 def p2_values_given_max(xs, gx, div, MODE: tl.constexpr, EMIN: tl.constexpr, MANT_T: tl.constexpr):
-    """``p2_values`` given gx (BM, NG), each group's max |X^| (already reduced for the row maximum): the groups'
-    max |y| is RN(gx * RN(1 / r)) exactly (rounding is monotone and odd), so |y| is not reduced again."""
+    """``p2_values`` given gx (BM, NG), each group's max |X^| (the single pass has it from the row maximum): the
+    groups' max |y| is RN(gx * RN(1 / r)) exactly (rounding is monotone and odd), so y is not reduced."""
     rr = tl.math.div_rn(tl.full(div.shape, 1.0, tl.float32), div)
-    return _p2_codes(xs * rr[:, None, None], gx * rr[:, None], MODE, EMIN, MANT_T)
-
-
-@triton.jit
-def _p2_codes(y, gmax, MODE: tl.constexpr, EMIN: tl.constexpr, MANT_T: tl.constexpr):
-    """y (BM, NG, G) and its groups' max |y| (BM, NG) -> code * 2^e (the group exponent e of the format)."""
+    y = xs * rr[:, None, None]
+    gmax = gx * rr[:, None]
     e = frexp_exponent(gmax) - 3 + (mantissa_bits(gmax) > MANT_T).to(tl.int32)
     e = tl.where(gmax > 0, e, EMIN)
     e = tl.minimum(tl.maximum(e, EMIN), 0)

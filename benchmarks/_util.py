@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from fourbit.utils.timing import InterleavedGraphs, capture_graph  # noqa: F401  (used by the scripts)
+
 
 def environment() -> dict:
     import triton
@@ -153,28 +155,6 @@ def time_eager(fns: Sequence[Callable[[], object]], warmup_ms: float = 25, rep_m
     return float(do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def capture_graph(fns: Sequence[Callable[[], object]], min_calls: int = 12):
-    """(graph, calls): one CUDA graph of ``calls`` calls rotating over ``fns``, after a warm-up outside it."""
-    calls = max(min_calls, len(fns))
-    for fn in fns:  # warm caches (compilation, layer state) outside the capture
-        fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    return g, calls
-
-
 def replay_median(g, calls: int, replays: int = 20) -> float:
     """Median ms per call over ``replays`` back-to-back replays of a captured graph of ``calls`` calls."""
     times = []
@@ -245,41 +225,6 @@ class ClockSampler:
         if not self.summary:
             self.summary = {"error": self._errors[0] if self._errors else "no samples"}
         return False
-
-
-class InterleavedGraphs:
-    """Time several variants side by side: each is captured once (``capture_graph``), then every round replays
-    all of them in turn, so slow drifts of the GPU's clock or temperature touch every variant alike; the
-    result per variant is the median over rounds of ms per call."""
-
-    def __init__(self, min_calls: int = 12):
-        self.min_calls = min_calls
-        self.items: list = []  # (graph, calls, fns: kept alive, the graph reads their tensors)
-
-    def add(self, fns: Sequence[Callable[[], object]]) -> int:
-        g, calls = capture_graph(fns, self.min_calls)
-        return self.add_captured(g, calls, fns)
-
-    def add_captured(self, g, calls: int, keep: object) -> int:
-        """A graph captured elsewhere (``capture_graph``) of ``calls`` calls; ``keep``: what it reads (kept alive)."""
-        self.items.append((g, calls, keep))
-        return len(self.items) - 1
-
-    def run(self, rounds: int = 20) -> list[float]:
-        times: list[list[float]] = [[] for _ in self.items]
-        for _ in range(rounds):
-            events = []
-            for g, calls, _ in self.items:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                g.replay()
-                b.record()
-                events.append((a, b, calls))
-            torch.cuda.synchronize()
-            for t, (a, b, calls) in zip(times, events):
-                t.append(a.elapsed_time(b) / calls)
-        self.items.clear()
-        return [float(statistics.median(t)) for t in times]
 
 
 def geomean(xs: Sequence[float]) -> float:

@@ -32,6 +32,10 @@ the same blocks are compiled (regional ``torch.compile``, inductor default mode)
                  the same quantization on ``fourbit.nn.set_gemm_backend("cublas")``: ``torch._scaled_mm`` with the
                  branch folded into K (``kernels/gemm_cublas.py``); layers with an epilogue activation keep Triton;
                  the row's ``folded_layers`` counts the layers on cuBLAS
+  fourbit-w4a4-planned, fourbit-w4a4-cublas-planned
+                 W4A4 only where it pays: ``fourbit.plan_precision`` times every block linear's shape at the rows
+                 the step calls it with (bf16 vs SVDQuant int4p2 r32 on this GPU and GEMM backend) and the layers
+                 not faster than bf16 stay 16-bit; the row lists each layer's times and choice (``plan_layers``)
 
 Timing: each variant's step is captured in a CUDA graph after compilation and warm-up; the graphs of all variants
 of a model are replayed in alternation (``--rounds`` rounds after 3 warm-up rounds, median ms per variant), so clock
@@ -45,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -130,7 +135,7 @@ FAMILIES = {
                               pooled_projections=("randn", ("B", 16)), img_ids=("ids", 8, 0), txt_ids=("ids", 0, 8)))),
 }
 VARIANTS = ("bf16", "fp8-peer", "fourbit-w4a4", "fourbit-fp8", "fourbit-w4a4-cublas", "fourbit-fp8-cublas",
-            "fourbit-w4a4-inline", "fourbit-fp8-inline")
+            "fourbit-w4a4-inline", "fourbit-fp8-inline", "fourbit-w4a4-planned", "fourbit-w4a4-cublas-planned")
 
 
 def family(name: str, tiny: bool) -> dict:
@@ -263,7 +268,11 @@ def fp8_peer(model: nn.Module, blocks: list[str], prefer_torchao: bool = True) -
 
 
 # ---- fourbit -------------------------------------------------------------------------------------------------
-def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, across_blocks: bool = False) -> dict:
+def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, across_blocks: bool = False,
+                    plan: bool = False, log=print) -> dict:
+    """Quantize ``model``'s block linears in place (siblings fused); ``plan``: only the layers that
+    ``fourbit.plan_precision`` times faster than bf16 at their rows (SVDQuant with ``rank`` for the timing), the
+    others kept 16-bit."""
     import fourbit
 
     call = lambda m: m(**inputs)  # noqa: E731
@@ -271,10 +280,25 @@ def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, acr
     with torch.inference_mode():
         groups = fourbit.find_siblings(model, call, config=cfg, across_blocks=across_blocks)
     fourbit.fuse_siblings(model, groups)
+    info = dict(sibling_groups=len(groups))
+    if plan:
+        t0 = time.perf_counter()
+        timing = fourbit.SVDQuantConfig(weights=fmt, activations=fmt, rank=rank, kernel=kernel,
+                                        include=cfg.include) if rank else cfg
+        # the tiny CPU smoke test times the reference kernel, slower than bf16 everywhere: keep every layer there
+        chosen = fourbit.plan_precision(model, timing, call, progress=False,
+                                        min_speedup=1.0 if kernel != "reference" else 1e-9,
+                                        rounds=20 if kernel != "reference" else 2)
+        log(chosen.summary())
+        cfg = dataclasses.replace(cfg, overrides=chosen.config.overrides)
+        info.update(plan_seconds=time.perf_counter() - t0, plan_counts=chosen.counts(),
+                    plan_estimated_speedup=chosen.estimated_speedup(),
+                    plan_layers=[dict(name=lp.name, rows=lp.rows, k=lp.in_features, n=lp.out_features,
+                                      ms={k: round(v, 5) for k, v in lp.ms.items()}, choice=lp.choice)
+                                 for lp in chosen.layers])
     t0 = time.perf_counter()
     fourbit.quantize(model, cfg, progress=False, verbose=False)
-    info = dict(sibling_groups=len(groups), quantized_layers=len(model.fourbit_report.layers),
-                quantize_seconds=time.perf_counter() - t0)
+    info.update(quantized_layers=len(model.fourbit_report.layers), quantize_seconds=time.perf_counter() - t0)
     if rank:
         add_synthetic_branch(model, rank)
     return info
@@ -419,18 +443,20 @@ def run_model(name: str, args, device: str, log) -> dict:
                               f"may take {longest:.0f} s as the longest so far did")
             log(f"{name} {variant}: skipped ({res['skipped']})")
             continue
+        act_quant = "inline" if variant.endswith("-inline") else "pass"
+        gemm = "cublas" if "-cublas" in variant else "triton"
         try:
             m = base if variant == "bf16" else copy.deepcopy(base)
             if variant == "fp8-peer":
                 res["fp8_recipe"] = fp8_peer(m, blocks, prefer_torchao=args.torchao and not tiny)
             elif variant.startswith("fourbit-w4a4"):
-                res.update(fourbit_variant(m, blocks, inputs, "int4p2", args.rank, kernel,
-                                           args.siblings_across_blocks), format="int4p2", rank=args.rank)
+                with gemm_backend(gemm if variant.endswith("-planned") and not tiny else None):  # plan as it runs
+                    res.update(fourbit_variant(m, blocks, inputs, "int4p2", args.rank, kernel,
+                                               args.siblings_across_blocks, plan=variant.endswith("-planned"),
+                                               log=log), format="int4p2", rank=args.rank)
             elif variant.startswith("fourbit-fp8"):
                 res.update(fourbit_variant(m, blocks, inputs, "fp8", 0, kernel, args.siblings_across_blocks),
                            format="fp8", rank=0)
-            act_quant = "inline" if variant.endswith("-inline") else "pass"
-            gemm = "cublas" if variant.endswith("-cublas") else "triton"
             if variant.startswith("fourbit"):
                 res["act_quant"] = act_quant
                 res["gemm"] = gemm

@@ -14,6 +14,7 @@ from .config import QuaRTZConfig, SVDQuantQuaRTZConfig  # noqa: E402
 from .api import quantize  # noqa: E402
 from .checkpoint import CheckpointError, load, read_header, save  # noqa: E402
 from .siblings import find_siblings, fuse_siblings  # noqa: E402
+from .precision_plan import PrecisionPlan, plan_precision  # noqa: E402
 
 _PIPELINES = ("quantize_pipeline", "save_pretrained", "from_pretrained")
 
@@ -27,6 +28,6 @@ def __getattr__(name):  # the diffusers entry points load on first use: `import 
     raise AttributeError(f"module 'fourbit' has no attribute {name!r}")
 
 
-__all__ = ["quantize", "quantize_pipeline", "save_pretrained", "from_pretrained", "save", "load", "read_header", "CheckpointError", "find_siblings", "fuse_siblings", "QuantConfig", "RTNConfig",
+__all__ = ["quantize", "quantize_pipeline", "save_pretrained", "from_pretrained", "save", "load", "read_header", "CheckpointError", "find_siblings", "fuse_siblings", "plan_precision", "PrecisionPlan", "QuantConfig", "RTNConfig",
            "SmoothQuantConfig", "SVDConfig", "LoRCConfig", "SVDQuantConfig", "NF4Config", "QuaRTZConfig",
            "SVDQuantQuaRTZConfig", "__version__"]

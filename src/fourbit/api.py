@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .calibration import LayerStats, calibrate, select_targets
-from .calibration.targets import Target
+from .calibration.targets import KEPT_BY_OVERRIDE, Target
 from .config import QuantConfig
 from .methods import get_transform
 from .nn import QuantConv2d, QuantLinear, set_module
@@ -108,6 +108,10 @@ def quantize(model: nn.Module, config: QuantConfig, forward_loop: Optional[Calla
         raise ValueError("a resumable work folder (store) is not shared between processes yet: run the resumable "
                          "quantization in one process, or several processes without store")
     targets, skipped = select_targets(model, config)
+    if not targets and any(s.reason == KEPT_BY_OVERRIDE for s in skipped):
+        raise ValueError(f"every layer the config selects is kept 16-bit by its overrides ({len(skipped)} layers; "
+                         "a precision plan that found no layer faster in low precision does this); nothing to "
+                         "quantize")
     if not targets:
         raise ValueError("no layer matched the config's include/exclude patterns; nothing to quantize "
                          f"(include={list(config.include)}, exclude={list(config.exclude)})")

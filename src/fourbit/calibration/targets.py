@@ -13,6 +13,7 @@ SUPPORTED = (nn.Linear, nn.Conv2d)
 #: zero-padding of a layer's input dimension is allowed up to max(K, MAX_PAD) columns: a group size far beyond K
 #: (a typo, group_size=10**9) would otherwise allocate a (N, group_size) weight
 MAX_PAD = 1024
+KEPT_BY_OVERRIDE = "kept 16-bit by an override"
 
 
 @dataclass
@@ -73,7 +74,7 @@ def select_targets(model: nn.Module, cfg: QuantConfig) -> tuple[list[Target], li
             continue
         layer_cfg: Optional[QuantConfig] = cfg.for_layer(name)
         if layer_cfg is None:
-            skipped.append(Skipped(name, "kept 16-bit by an override"))
+            skipped.append(Skipped(name, KEPT_BY_OVERRIDE))
             continue
         if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
                                               or isinstance(module.padding, str)):

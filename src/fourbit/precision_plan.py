@@ -1,0 +1,324 @@
+"""``plan_precision``: keep 4 bits only where they pay, by timing each layer's shape on this GPU.
+
+On Hopper a W4A4 layer runs its GEMM on the FP8 tensor cores after a separate activation pass; at small layers
+(K, N ~ 1152, PixArt-Sigma's attention projections) that pass costs more than the FP8 GEMM saves and the layer is
+slower than bf16 (``docs/kernels.md``). A plan records the rows every quantizable layer is called with (one run of
+``forward_loop``), times each distinct layer shape in bf16 and in each candidate precision side by side (CUDA
+graphs, interleaved medians, random weights: the kernels' speed does not depend on the values), and keeps, per
+layer, the first candidate that is at least ``min_speedup`` times faster than bf16 at the layer's own row counts, or
+16 bits if none is. The result is a config (``plan.config``) whose per-layer overrides say so; quantize with it::
+
+    plan = fourbit.plan_precision(model, cfg, forward_loop, fallbacks=[{"weights": "fp8", "activations": "fp8"}])
+    print(plan.summary())
+    fourbit.quantize(model, plan.config, forward_loop)
+
+Any model: the plan reads only module types and the rows they are called with. Each layer is timed alone (its
+neighbours in a compiled model, e.g. a GELU fused into the GEMM, are not), so the plan is a per-layer estimate;
+time the whole model to judge the mix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .calibration.targets import select_targets
+from .config import QuantConfig
+from .utils.files import atomic_write, check_output_file, check_readable_file
+
+SIXTEEN_BIT = "16-bit"
+PLAN_VERSION = 1
+
+
+def exact_pattern(name: str) -> str:
+    """An fnmatch pattern matching exactly ``name`` (``*``, ``?`` and ``[`` escaped)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def describe_changes(changes: Optional[dict]) -> str:
+    """A candidate's label: 'config' for the config itself, else its field changes ('weights=fp8, ...')."""
+    if changes is None:
+        return SIXTEEN_BIT
+    return ", ".join(f"{k}={v}" for k, v in changes.items()) or "config"
+
+
+@dataclass
+class LayerPlan:
+    """One layer: its shape, the rows it was called with, the measured times and the choice."""
+
+    name: str
+    in_features: int
+    out_features: int
+    rows: dict  # rows per call -> number of calls seen
+    ms: dict = field(default_factory=dict)  # candidate label -> ms over all recorded calls (16-bit included)
+    errors: dict = field(default_factory=dict)  # candidate label -> why it could not be timed
+    choice: str = SIXTEEN_BIT
+
+    def speedup(self, label: str) -> float:
+        """bf16 time / ``label``'s time over the recorded calls (nan if either is missing)."""
+        base, t = self.ms.get(SIXTEEN_BIT), self.ms.get(label)
+        return base / t if base and t else float("nan")
+
+
+@dataclass
+class PrecisionPlan:
+    """What ``plan_precision`` measured and chose; ``config`` is the input config with the choices as overrides."""
+
+    config: QuantConfig
+    candidates: list  # labels, in order of preference (16-bit last)
+    layers: list  # LayerPlan
+    untimed: dict  # name -> why the layer was not timed (it keeps the config's choice)
+    min_speedup: float
+    environment: dict
+
+    def counts(self) -> dict:
+        """{label: number of layers that chose it}."""
+        out: dict = {}
+        for layer in self.layers:
+            out[layer.choice] = out.get(layer.choice, 0) + 1
+        return out
+
+    def estimated_speedup(self) -> float:
+        """bf16 time of the timed layers / their time with the chosen precisions (per-layer sums)."""
+        base = sum(layer.ms.get(SIXTEEN_BIT, 0.0) for layer in self.layers)
+        chosen = sum(layer.ms.get(layer.choice, 0.0) for layer in self.layers)
+        return base / chosen if chosen else float("nan")
+
+    def summary(self) -> str:
+        env = self.environment
+        lines = [f"fourbit precision plan on {env.get('device')} (torch {env.get('torch')}, {env.get('date')}): "
+                 f"{len(self.layers)} layers timed, min speedup {self.min_speedup:g}x over bf16"]
+        head = ["layer", "rows x K x N"] + [f"{c} ms" for c in [SIXTEEN_BIT] + self.candidates[:-1]] + ["choice"]
+        lines.append(" | ".join(head))
+        for layer in self.layers:
+            rows = " + ".join(f"{m}" if n == 1 else f"{m} ({n} calls)" for m, n in sorted(layer.rows.items()))
+            cells = [layer.name, f"{rows} x {layer.in_features} x {layer.out_features}"]
+            for label in [SIXTEEN_BIT] + self.candidates[:-1]:
+                t = layer.ms.get(label)
+                cells.append("-" if t is None else f"{t:.4f}" + ("" if label == SIXTEEN_BIT
+                                                                 else f" ({layer.speedup(label):.2f}x)"))
+            cells.append(layer.choice)
+            lines.append(" | ".join(cells))
+        counts = ", ".join(f"{label}: {n}" for label, n in self.counts().items())
+        lines.append(f"chosen: {counts}; timed layers together {self.estimated_speedup():.2f}x bf16 (sum of "
+                     f"per-layer times, not a model measurement)")
+        for name, why in self.untimed.items():
+            lines.append(f"not timed (keeps the config's choice): {name}: {why}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"version": PLAN_VERSION, "config": self.config.to_dict(), "candidates": self.candidates,
+                "min_speedup": self.min_speedup, "environment": self.environment, "untimed": self.untimed,
+                "layers": [dict(dataclasses.asdict(layer), rows={str(m): n for m, n in layer.rows.items()})
+                           for layer in self.layers]}
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the plan as JSON (atomic)."""
+        path = check_output_file(path)
+        return atomic_write(path, (json.dumps(self.to_dict(), indent=1) + "\n").encode())
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "PrecisionPlan":
+        path = check_readable_file(path)
+        try:
+            d = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a fourbit precision plan (not JSON: {err})") from None
+        if not isinstance(d, dict) or d.get("version") != PLAN_VERSION or "layers" not in d:
+            raise ValueError(f"{path}: not a fourbit precision plan of version {PLAN_VERSION} "
+                             f"(write one with fourbit.plan_precision(...).save(path))")
+        layers = [LayerPlan(**dict(layer, rows={int(m): n for m, n in layer["rows"].items()}))
+                  for layer in d["layers"]]
+        return cls(QuantConfig.from_dict(d["config"]), list(d["candidates"]), layers, dict(d["untimed"]),
+                   float(d["min_speedup"]), dict(d["environment"]))
+
+
+def record_rows(model: nn.Module, modules: dict, forward_loop: Callable[[nn.Module], None]) -> dict:
+    """{name: {rows per call: calls}} for ``modules`` ({name: Linear or Conv2d}) over one run of ``forward_loop``
+    (a conv's rows: batch x output positions)."""
+    seen: dict = {name: {} for name in modules}
+
+    def hook(name):
+        def record(mod, args, out):
+            rows = out.numel() // mod.out_features if isinstance(mod, nn.Linear) else out.numel() // out.shape[1]
+            seen[name][rows] = seen[name].get(rows, 0) + 1
+        return record
+
+    handles = [mod.register_forward_hook(hook(name)) for name, mod in modules.items()]
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _environment(device) -> dict:
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": name, "date": _dt.date.today().isoformat(), "torch": torch.__version__,
+            "triton": triton_version, "cuda": torch.version.cuda}
+
+
+class _ShapeTimer:
+    """Times one (K, N, bias, dtype) shape in bf16 and in each candidate config, at each row count asked, by
+    quantizing a random layer of that shape once per candidate."""
+
+    def __init__(self, k: int, n: int, bias: bool, device, dtype, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        self.linear = nn.Linear(k, n, bias=bias).to(dtype)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.randn(n, k, generator=gen) / math.sqrt(k))
+            if bias:
+                self.linear.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+        self.linear.to(device)
+        self.k, self.device, self.dtype, self.gen = k, device, dtype, gen
+        self.layers: dict = {}
+
+    def inputs(self, rows: int, count: int) -> list:
+        return [torch.randn(rows, self.k, generator=self.gen).to(self.dtype).to(self.device) for _ in range(count)]
+
+    def layer(self, label: str, cfg: QuantConfig, rows_seen: Sequence[int]) -> nn.Module:
+        """The quantized twin of ``self.linear`` for ``cfg`` (built once), kernels prepared for ``rows_seen``."""
+        if label not in self.layers:
+            from .api import quantize
+            from .nn.prepare import prepare_kernels
+
+            holder = nn.Sequential(_copy_linear(self.linear))
+            calib = self.inputs(min(256, max(rows_seen)), 1)[0]
+            single = dataclasses.replace(cfg, include=("*",), exclude=(), overrides={})
+            quantize(holder, single, forward_loop=lambda m: m(calib), progress=False, verbose=False)
+            widest = self.inputs(max(rows_seen), 1)[0]
+            prepare_kernels(holder, forward_loop=lambda m: m(widest))
+            self.layers[label] = holder[0]
+        return self.layers[label]
+
+
+def _copy_linear(lin: nn.Linear) -> nn.Linear:
+    new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                    device=lin.weight.device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight)
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias)
+    return new
+
+
+def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable[[nn.Module], None], *,
+                   fallbacks: Sequence[dict] = (), min_speedup: float = 1.0, device=None,
+                   rounds: int = 20, inputs_per_shape: int = 3, timer: Optional[Callable[[dict], dict]] = None,
+                   progress: bool = True) -> PrecisionPlan:
+    """Time every layer ``config`` would quantize, at the rows ``forward_loop`` calls it with, in bf16, in
+    ``config`` and in each of ``fallbacks`` (field changes, e.g. ``{"weights": "fp8", "activations": "fp8"}``);
+    keep per layer the first of config, fallbacks... that is ``min_speedup`` x faster than bf16, else 16 bits.
+
+    Set the kernel (``config.kernel``, e.g. "triton") and the GEMM backend (``fourbit.nn.set_gemm_backend``) as the
+    model will run. device: where to time (default: the model's). timer: {label: [closures]} -> {label: ms per
+    call} (default: CUDA graphs replayed in alternation, medians of ``rounds``; wall clock on a CPU). The model is
+    not changed; the layers are timed as plain linears of their shape (1x1 convolutions as the linear they
+    compute; other convolutions are not timed and keep the config's choice)."""
+    from .utils.progress import Progress
+    from .utils.timing import time_side_by_side
+
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a fourbit config (e.g. fourbit.SVDQuantConfig()), got {type(config).__name__}")
+    if getattr(model, "fourbit_header", None) is not None:
+        raise ValueError("this model is already quantized by fourbit; plan on the 16-bit model, then quantize it")
+    if not min_speedup > 0:
+        raise ValueError(f"min_speedup must be > 0 (1.0: at least as fast as bf16), got {min_speedup}")
+    candidates = [{}] + [dict(f) for f in fallbacks]
+    for changes in candidates[1:]:
+        if not changes or "keep" in changes:
+            raise ValueError(f"a fallback is a dict of config field changes (e.g. {{'weights': 'fp8', "
+                             f"'activations': 'fp8'}}); 16 bits is always the last resort; got {changes!r}")
+        dataclasses.replace(config, **changes)  # an invalid fallback fails here, with the config's message
+    labels = [describe_changes(c) for c in candidates]
+    targets, _ = select_targets(model, config)
+    if not targets:
+        raise ValueError("no layer matched the config's include/exclude patterns; nothing to plan")
+    timed, untimed = {}, {}
+    for t in targets:
+        m = t.module
+        if isinstance(m, nn.Conv2d) and (m.kernel_size != (1, 1) or m.stride != (1, 1)):
+            untimed[t.name] = f"{m.kernel_size[0]}x{m.kernel_size[1]} convolution (only linears and 1x1 convs)"
+        else:
+            timed[t.name] = t
+    rows = record_rows(model, {n: t.module for n, t in timed.items()}, forward_loop)
+    for name in [n for n, r in rows.items() if not r]:
+        untimed[name] = "not called by forward_loop"
+        del timed[name]
+    param = next(iter(model.parameters()))
+    device = torch.device(device) if device is not None else param.device
+    timer = timer or (lambda variants: time_side_by_side(variants, rounds=rounds))
+
+    # one timer per distinct (K, N, bias, dtype, per-layer config): layers of one shape share the measurements
+    def shape_key(t):
+        m = t.module
+        k, n = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels, m.out_channels)
+        return k, n, m.bias is not None, m.weight.dtype, json.dumps(t.config.to_dict(), sort_keys=True, default=str)
+
+    groups: dict = {}
+    for name, t in timed.items():
+        groups.setdefault(shape_key(t), []).append(name)
+    results: dict = {}  # (shape key, rows) -> {label: ms per call}
+    errors: dict = {}  # shape key -> {label: why}
+    work = sum(len({r for n in names for r in rows[n]}) for names in groups.values())
+    with Progress(work, "fourbit precision plan", enabled=progress) as bar:
+        for i, (key, names) in enumerate(groups.items()):
+            k, n, bias, dtype, _ = key
+            layer_cfg = timed[names[0]].config
+            rows_seen = sorted({r for name in names for r in rows[name]})
+            st = _ShapeTimer(k, n, bias, device, dtype, seed=layer_cfg.seed + i)
+            layers, errors[key] = {}, {}
+            for label, changes in zip(labels, candidates):
+                try:
+                    cand = dataclasses.replace(layer_cfg, **changes)
+                    layers[label] = st.layer(label, cand, rows_seen)
+                except (ValueError, RuntimeError, NotImplementedError) as err:
+                    errors[key][label] = f"{type(err).__name__}: {err}"[:300]
+            for r in rows_seen:
+                xs = st.inputs(r, inputs_per_shape)
+                variants = {SIXTEEN_BIT: [_call(st.linear, x) for x in xs]}
+                variants.update({label: [_call(layer, x) for x in xs] for label, layer in layers.items()})
+                with torch.no_grad():
+                    results[key, r] = timer(variants)
+                bar.update(1, note=f"{r} x {k} x {n}")
+            del st, layers
+
+    plan_layers = []
+    overrides = {}
+    for key, names in groups.items():
+        for name in names:
+            lp = LayerPlan(name, key[0], key[1], dict(sorted(rows[name].items())), errors=dict(errors[key]))
+            for label in [SIXTEEN_BIT] + labels:
+                per_call = [results[key, r].get(label) for r in lp.rows]
+                if all(t is not None for t in per_call):
+                    lp.ms[label] = sum(t * c for t, c in zip(per_call, lp.rows.values()))
+            lp.choice = next((label for label in labels if lp.speedup(label) >= min_speedup), SIXTEEN_BIT)
+            if lp.choice == SIXTEEN_BIT:
+                overrides[exact_pattern(name)] = {"keep": True}
+            elif lp.choice != labels[0]:
+                overrides[exact_pattern(name)] = dict(candidates[labels.index(lp.choice)])
+            plan_layers.append(lp)
+    order = {name: i for i, name in enumerate(timed)}
+    plan_layers.sort(key=lambda lp: order[lp.name])
+    planned = dataclasses.replace(config, overrides={**config.overrides, **overrides})
+    return PrecisionPlan(planned, labels + [SIXTEEN_BIT], plan_layers, untimed, float(min_speedup),
+                         _environment(device))
+
+
+def _call(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    return lambda: layer(x)

@@ -1,0 +1,162 @@
+"""fourbit.plan_precision: rows recorded per layer, per-shape timing, the choice per layer, the planned config."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fourbit
+from fourbit.precision_plan import SIXTEEN_BIT, exact_pattern, record_rows
+from fourbit.utils.timing import time_side_by_side
+
+FP8 = {"weights": "fp8", "activations": "fp8"}
+FP8_LABEL = "weights=fp8, activations=fp8"
+
+
+class TwoWidths(nn.Module):
+    """A wide layer called on 32 rows and a narrow one called twice on 8 rows, a 3x3 conv, an unused linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Linear(64, 128)
+        self.narrow = nn.Linear(128, 64, bias=False)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.unused = nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = self.wide(x)
+        y = self.narrow(h[:8]) + self.narrow(h[8:16])
+        return y, self.conv(x[:4].reshape(1, 4, 4, 16))
+
+
+def loop(model):
+    gen = torch.Generator().manual_seed(0)
+    model(torch.randn(32, 64, generator=gen))
+
+
+def cfg(**kw):
+    return fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=8, **kw)
+
+
+def timer_from(table):
+    """A timer returning ``table[label]`` ms per call for each variant it is given (and recording what it got)."""
+    calls = []
+
+    def timer(variants):
+        calls.append(sorted(variants))
+        return {label: table[label] for label in variants}
+    timer.calls = calls
+    return timer
+
+
+def test_rows_are_recorded_per_call():
+    model = TwoWidths()
+    rows = record_rows(model, {"wide": model.wide, "narrow": model.narrow, "conv": model.conv}, loop)
+    assert rows == {"wide": {32: 1}, "narrow": {8: 2}, "conv": {64: 1}}
+
+
+def test_first_candidate_that_pays_is_chosen_in_order():
+    model = TwoWidths()
+    timer = timer_from({SIXTEEN_BIT: 1.0, "config": 0.8, FP8_LABEL: 0.5})
+    plan = fourbit.plan_precision(model, cfg(), loop, fallbacks=[FP8], timer=timer, progress=False)
+    assert [lp.choice for lp in plan.layers] == ["config", "config"]  # config first, although fp8 is faster
+    assert plan.config.overrides == {}
+    assert plan.untimed == {"conv": "3x3 convolution (only linears and 1x1 convs)",
+                            "unused": "not called by forward_loop"}
+    narrow = next(lp for lp in plan.layers if lp.name == "narrow")
+    assert narrow.rows == {8: 2} and narrow.ms[SIXTEEN_BIT] == pytest.approx(2.0)  # two calls of 8 rows
+    assert plan.estimated_speedup() == pytest.approx(1 / 0.8)
+    assert all(sorted(c) == sorted([SIXTEEN_BIT, "config", FP8_LABEL]) for c in timer.calls)
+
+
+def test_slow_config_falls_back_then_keeps_16_bit():
+    model = TwoWidths()
+    plan = fourbit.plan_precision(model, cfg(), loop, fallbacks=[FP8], progress=False,
+                                  timer=timer_from({SIXTEEN_BIT: 1.0, "config": 1.3, FP8_LABEL: 0.9}))
+    assert {lp.choice for lp in plan.layers} == {FP8_LABEL}
+    assert plan.config.overrides == {"wide": FP8, "narrow": FP8}
+    plan = fourbit.plan_precision(model, cfg(), loop, fallbacks=[FP8], progress=False, min_speedup=1.2,
+                                  timer=timer_from({SIXTEEN_BIT: 1.0, "config": 1.3, FP8_LABEL: 0.9}))
+    assert {lp.choice for lp in plan.layers} == {SIXTEEN_BIT}
+    assert plan.config.overrides == {"wide": {"keep": True}, "narrow": {"keep": True}}
+    assert plan.counts() == {SIXTEEN_BIT: 2}
+
+
+def test_planned_config_quantizes_the_mix_and_round_trips(tmp_path):
+    model = TwoWidths()
+    times = iter([{SIXTEEN_BIT: 1.0, "config": 1.5, FP8_LABEL: 0.9},   # wide: fp8
+                  {SIXTEEN_BIT: 1.0, "config": 1.5, FP8_LABEL: 1.1}])  # narrow: 16-bit
+    plan = fourbit.plan_precision(model, cfg(exclude=("conv", "unused")), loop, fallbacks=[FP8], progress=False,
+                                  timer=lambda variants: next(times))
+    assert [(lp.name, lp.choice) for lp in plan.layers] == [("wide", FP8_LABEL), ("narrow", SIXTEEN_BIT)]
+    path = plan.save(tmp_path / "plan.json")
+    again = fourbit.PrecisionPlan.load(path)
+    assert again.summary() == plan.summary() and again.config == plan.config
+    fourbit.quantize(model, again.config, loop, progress=False, verbose=False)
+    assert model.wide.weight_format.name == "fp8" and isinstance(model.narrow, nn.Linear)
+    assert model.fourbit_report.skipped["narrow"] == "kept 16-bit by an override"
+
+
+def test_everything_kept_16_bit_says_so():
+    model = TwoWidths()
+    plan = fourbit.plan_precision(model, cfg(exclude=("unused", "conv")), loop, progress=False,
+                                  timer=timer_from({SIXTEEN_BIT: 1.0, "config": 2.0}))
+    with pytest.raises(ValueError, match="kept 16-bit by its overrides"):
+        fourbit.quantize(model, plan.config, loop, progress=False, verbose=False)
+
+
+def test_a_candidate_that_cannot_build_is_reported_not_chosen(monkeypatch):
+    from fourbit import precision_plan
+
+    build = precision_plan._ShapeTimer.layer
+
+    def failing(self, label, cand, rows_seen):
+        if label == FP8_LABEL:
+            raise RuntimeError("no kernel for this pair")
+        return build(self, label, cand, rows_seen)
+
+    monkeypatch.setattr(precision_plan._ShapeTimer, "layer", failing)
+    plan = fourbit.plan_precision(TwoWidths(), cfg(), loop, fallbacks=[FP8], progress=False,
+                                  timer=timer_from({SIXTEEN_BIT: 1.0, "config": 2.0, FP8_LABEL: 0.1}))
+    assert {lp.choice for lp in plan.layers} == {SIXTEEN_BIT}
+    assert all(lp.errors == {FP8_LABEL: "RuntimeError: no kernel for this pair"} for lp in plan.layers)
+    assert all(FP8_LABEL not in lp.ms for lp in plan.layers)
+
+
+def test_wall_clock_timing_on_the_cpu_runs_the_real_layers():
+    model = nn.Sequential(nn.Linear(64, 64))
+    plan = fourbit.plan_precision(model, fourbit.RTNConfig(weights="int8", activations="int8"),
+                                  lambda m: m(torch.randn(16, 64)), rounds=2, progress=False)
+    (layer,) = plan.layers
+    assert layer.ms[SIXTEEN_BIT] > 0 and layer.ms["config"] > 0
+    assert "cpu" in plan.summary() and json.loads(json.dumps(plan.to_dict()))["layers"][0]["name"] == "0"
+
+
+def test_bad_input_is_refused_with_a_reason(tmp_path):
+    model = TwoWidths()
+    with pytest.raises(ValueError, match="a fallback is a dict of config field changes"):
+        fourbit.plan_precision(model, cfg(), loop, fallbacks=[{"keep": True}])
+    with pytest.raises(ValueError, match="min_speedup must be > 0"):
+        fourbit.plan_precision(model, cfg(), loop, min_speedup=0)
+    with pytest.raises(ValueError, match="unknown"):
+        fourbit.plan_precision(model, cfg(), loop, fallbacks=[{"weights": "int3"}])
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="not a fourbit precision plan"):
+        fourbit.PrecisionPlan.load(bad)
+    fourbit.quantize(model, cfg(exclude=("conv", "unused")), loop, progress=False, verbose=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        fourbit.plan_precision(model, cfg(), loop)
+
+
+def test_exact_pattern_matches_only_the_name():
+    from fnmatch import fnmatchcase
+
+    name = "blocks[0].attn*q?"
+    assert fnmatchcase(name, exact_pattern(name))
+    assert not fnmatchcase("blocks0.attnXqY", exact_pattern(name))
+
+
+def test_side_by_side_timer_on_the_cpu():
+    out = time_side_by_side({"a": [lambda: sum(range(1000))], "b": [lambda: None]}, rounds=3)
+    assert set(out) == {"a", "b"} and out["a"] > 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -218,18 +219,20 @@ def _copy_linear(lin: nn.Linear) -> nn.Linear:
 
 
 def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable[[nn.Module], None], *,
-                   fallbacks: Sequence[dict] = (), min_speedup: float = 1.0, device=None,
+                   fallbacks: Sequence[dict] = (), min_speedup: float = 1.0, kernel: Optional[str] = None, device=None,
                    rounds: int = 20, inputs_per_shape: int = 3, timer: Optional[Callable[[dict], dict]] = None,
                    progress: bool = True) -> PrecisionPlan:
     """Time every layer ``config`` would quantize, at the rows ``forward_loop`` calls it with, in bf16, in
     ``config`` and in each of ``fallbacks`` (field changes, e.g. ``{"weights": "fp8", "activations": "fp8"}``);
     keep per layer the first of config, fallbacks... that is ``min_speedup`` x faster than bf16, else 16 bits.
 
-    Set the kernel (``config.kernel``, e.g. "triton") and the GEMM backend (``fourbit.nn.set_gemm_backend``) as the
-    model will run. device: where to time (default: the model's). timer: {label: [closures]} -> {label: ms per
-    call} (default: CUDA graphs replayed in alternation, medians of ``rounds``; wall clock on a CPU). The model is
-    not changed; the layers are timed as plain linears of their shape (1x1 convolutions as the linear they
-    compute; other convolutions are not timed and keep the config's choice)."""
+    kernel: the kernel timed (default ``config.kernel``; "triton" for the GPU kernels); the planned config keeps
+    ``config.kernel``. Set the GEMM backend (``fourbit.nn.set_gemm_backend``) as the model will run. device: where
+    to time (default: the model's). timer: {label: [calls]} -> {label: ms per call}, each call a
+    ``functools.partial(layer, x)`` (default: CUDA graphs replayed in alternation, medians of ``rounds``; wall
+    clock on a CPU, where the reference kernels are timed). The model is not changed; the layers are timed as
+    plain linears of their shape (1x1 convolutions as the linear they compute; other convolutions are not timed and
+    keep the config's choice)."""
     from .utils.progress import Progress
     from .utils.timing import time_side_by_side
 
@@ -280,6 +283,8 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
         for i, (key, names) in enumerate(groups.items()):
             k, n, bias, dtype, _ = key
             layer_cfg = timed[names[0]].config
+            if kernel is not None:
+                layer_cfg = dataclasses.replace(layer_cfg, kernel=kernel)
             rows_seen = sorted({r for name in names for r in rows[name]})
             st = _ShapeTimer(k, n, bias, device, dtype, seed=layer_cfg.seed + i)
             layers, errors[key] = {}, {}
@@ -291,8 +296,8 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
                     errors[key][label] = f"{type(err).__name__}: {err}"[:300]
             for r in rows_seen:
                 xs = st.inputs(r, inputs_per_shape)
-                variants = {SIXTEEN_BIT: [_call(st.linear, x) for x in xs]}
-                variants.update({label: [_call(layer, x) for x in xs] for label, layer in layers.items()})
+                variants = {SIXTEEN_BIT: [functools.partial(st.linear, x) for x in xs]}  # .args: (x,)
+                variants.update({label: [functools.partial(layer, x) for x in xs] for label, layer in layers.items()})
                 with torch.no_grad():
                     results[key, r] = timer(variants)
                 bar.update(1, note=f"{r} x {k} x {n}")
@@ -319,6 +324,3 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
     return PrecisionPlan(planned, labels + [SIXTEEN_BIT], plan_layers, untimed, float(min_speedup),
                          _environment(device))
 
-
-def _call(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    return lambda: layer(x)

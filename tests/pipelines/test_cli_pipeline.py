@@ -99,3 +99,40 @@ def test_compare_pipeline_writes_the_report(sd_path, tmp_path, capsys):
     assert not set(report["settings"]["calibration_prompts"]) & {"a small house", "a red cat"}
     assert (out / "grid.png").stat().st_size > 0 and (out / "report.html").stat().st_size > 0
     assert VARIANT in capsys.readouterr().out
+
+
+def test_quantize_with_a_saved_plan_keeps_its_16_bit_layers(sd_path, tmp_path, capsys):
+    """A plan made in Python (timings given) drives `quantize --pipeline --plan`; a plan of another variant and
+    --speed-plan without a GPU are refused with the reason."""
+    import json
+
+    import fourbit
+    from fourbit.harness.variants import parse_variant
+    from fourbit.nn import QuantLinear
+    from fourbit.pipelines.pretrained import load_pipeline
+
+    pipe = load_pipeline(sd_path, None, "cpu")
+    config = parse_variant(VARIANT).config()
+
+    def timer(variants):  # the attention projections pay in 4 bits, nothing else does
+        x = variants["16-bit"][0].args[0]
+        return {"16-bit": 1.0, "config": 0.5 if x.shape[-1] == 8 else 2.0}
+
+    plan = fourbit.plan_pipeline(pipe, config, "a red fox", call_kwargs=dict(height=16, width=16), timer=timer,
+                                 progress=False, verbose=False)
+    kept = {lp.name for lp in plan.layers if lp.choice == "16-bit"}
+    assert kept and len(kept) < len(plan.layers)
+    plan.save(tmp_path / "plan.json")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in snow\n")
+    assert _quantize(sd_path, prompts, tmp_path / "out", "--plan", str(tmp_path / "plan.json")) == 0
+    assert json.loads((tmp_path / "out" / "fourbit_plan.json").read_text())["layers"] == plan.to_dict()["layers"]
+    unet = fourbit.from_pretrained(tmp_path / "out")
+    for lp in plan.layers:
+        assert isinstance(unet.get_submodule(lp.name), QuantLinear) == (lp.name not in kept), lp.name
+    capsys.readouterr()
+    other = main(["quantize", "--pipeline", sd_path, "--variant", "rtn:w4a4", "--prompts", str(prompts), "--out",
+                  str(tmp_path / "o2"), "--device", "cpu", "--plan", str(tmp_path / "plan.json")])
+    assert other == 2 and "this plan was made for another quantization (method" in capsys.readouterr().err
+    assert _quantize(sd_path, prompts, tmp_path / "o3", "--speed-plan") == 2
+    assert "--speed-plan times the GPU kernels" in capsys.readouterr().err

@@ -210,3 +210,33 @@ def test_every_family_pattern_matches_a_layer(family):
     preset = find_preset(model)
     assert preset.name == {"sdxl": "unet"}.get(family, family)
     assert unmatched_patterns([n for n, _ in model.named_modules()], _config(), preset) == {}
+
+
+def test_plan_pipeline_then_quantize_keeps_the_slow_layers_16_bit(tmp_path):
+    """plan_pipeline records the rows of one pipeline call; layers timed slower in 4 bits stay nn.Linear through
+    quantize_pipeline, save_pretrained and from_pretrained (the plan's overrides are part of the saved config)."""
+    pipe, comp, embeds, call_kwargs = build("pixart")
+    ps = prompts(embeds, 2)
+    model = getattr(pipe, comp)
+
+    def timer(variants):  # layers whose closures get wide inputs pay in 4 bits, the others do not
+        x = variants["16-bit"][0].args[0]
+        return {"16-bit": 1.0, "config": 0.5 if x.shape[-1] > 32 else 2.0}
+
+    plan = fourbit.plan_pipeline(pipe, _config(), ps[0], call_kwargs=call_kwargs, progress=False, verbose=False,
+                                 timer=timer)
+    choice = {lp.name: lp.choice for lp in plan.layers}
+    assert set(choice.values()) == {"config", "16-bit"}
+    assert all(sum(lp.rows.values()) == 1 for lp in plan.layers)  # one step, classifier-free guidance batched
+    fourbit.quantize_pipeline(pipe, plan.config, ps, num_inference_steps=STEPS, call_kwargs=call_kwargs,
+                              progress=False, verbose=False)
+    for name, chosen in choice.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, QuantLinear) == (chosen == "config"), name
+    ref = _latents(pipe, ps, call_kwargs)
+    fourbit.save_pretrained(model, tmp_path)
+    loaded = fourbit.from_pretrained(tmp_path)
+    for name, chosen in choice.items():
+        assert isinstance(loaded.get_submodule(name), QuantLinear) == (chosen == "config"), name
+    _swap(pipe, comp, loaded)
+    assert torch.equal(_latents(pipe, ps, call_kwargs), ref)

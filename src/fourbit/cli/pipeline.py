@@ -47,6 +47,12 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    "layers are saved there as they finish and a rerun continues; removed once OUT is written "
                    "(one process only: under torchrun the run is not resumable)")
     g.add_argument("--max-shard-size", default="5GB", help="shard the checkpoint above this size")
+    g.add_argument("--speed-plan", action="store_true", help="first time every layer on this GPU at the rows of one "
+                   "pipeline call at --height/--width (bf16 vs the variant, Triton kernels) and keep 16-bit the layers "
+                   "that are not faster in low precision (fourbit.plan_pipeline); the plan is printed and written to "
+                   "OUT/fourbit_plan.json")
+    g.add_argument("--plan", default=None, help="use a saved plan (OUT/fourbit_plan.json of an earlier run, or "
+                   "PrecisionPlan.save) instead of timing; its variant must be --variant")
     _add_common(g)
 
 
@@ -65,6 +71,14 @@ def run_quantize(args) -> int:
     if variant.is_baseline or variant.posts:
         raise ValueError(f"{args.variant!r}: give a quantization variant without +suffixes (e.g. svdquant:w4a4:r32)")
     config = variant.config()
+    plan = None
+    if args.speed_plan and args.plan:
+        raise ValueError("give --speed-plan (time the layers now) or --plan FILE (a saved plan), not both")
+    if args.plan:
+        plan = _saved_plan(args.plan, config)
+        config = plan.config
+    if args.speed_plan and not _device(args).startswith("cuda"):
+        raise ValueError("--speed-plan times the GPU kernels against bf16: run it with a CUDA device (--device cuda)")
     prompts = read_prompts(args.prompts) if args.prompts else bundled_prompts()
     prompts = prompts[:args.calib_samples or 32]
     out = Path(args.out)
@@ -77,6 +91,13 @@ def run_quantize(args) -> int:
     with launch(args.device) as ranks:
         device = ranks.device if several else _device(args)
         pipe = load_pipeline(args.pipeline, args.dtype, device)
+        if args.speed_plan:
+            from ..pipelines import plan_pipeline
+
+            plan = plan_pipeline(pipe, config, prompts[0], guidance_scale=args.guidance, component=args.component,
+                                 preset=args.preset, call_kwargs=_call_kwargs(args), kernel="triton",
+                                 progress=ranks.is_root, verbose=ranks.is_root)
+            config = plan.config
         quantize_pipeline(pipe, config, prompts, num_inference_steps=args.calib_steps or 4,
                           guidance_scale=args.guidance, component=args.component, preset=args.preset, seed=args.seed,
                           call_kwargs=_call_kwargs(args), convert_device=args.convert_device, work_dir=work,
@@ -87,13 +108,40 @@ def run_quantize(args) -> int:
         from ..pipelines.calibrate import find_denoiser
 
         name, model = find_denoiser(pipe, args.component)
-        save_pretrained(model, out, max_shard_size=args.max_shard_size,
-                        extra={"variant": variant.name, "pipeline_path": str(args.pipeline)})
+        extra = {"variant": variant.name, "pipeline_path": str(args.pipeline)}
+        if plan is not None:
+            extra["precision_plan"] = {"counts": plan.counts(), "environment": plan.environment,
+                                       "min_speedup": plan.min_speedup}
+        save_pretrained(model, out, max_shard_size=args.max_shard_size, extra=extra)
+        if plan is not None:
+            plan.save(out / PLAN_FILE)
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out}; use it with: fourbit generate --pipeline {args.pipeline} --quantized {out} --prompt ... "
           f"(Python: fourbit.from_pretrained({str(out)!r}) as the pipeline's {name})")
     return 0
+
+
+PLAN_FILE = "fourbit_plan.json"
+
+
+def _saved_plan(path, config):
+    """The plan at ``path``, refused unless it was made for ``config`` (same method and formats)."""
+    from ..precision_plan import PrecisionPlan
+
+    plan = PrecisionPlan.load(path)
+    ignore = ("overrides", "exclude", "include", "kernel")
+    mine = {k: v for k, v in config.to_dict().items() if k not in ignore}
+    theirs = {k: v for k, v in plan.config.to_dict().items() if k not in ignore}
+    if mine != theirs:
+        keys = [k for k in sorted(set(mine) | set(theirs), key=lambda k: (k not in ("method", "weights",
+                                                                                   "activations"), k))
+                if mine.get(k) != theirs.get(k)]
+        diff = ", ".join(f"{k}: plan {theirs.get(k)!r} vs --variant {mine.get(k)!r}" for k in keys[:3])
+        raise ValueError(f"{path}: this plan was made for another quantization ({diff}"
+                         f"{', ...' if len(keys) > 3 else ''}); plan again with --speed-plan or pass the --variant "
+                         f"it was made for")
+    return plan
 
 
 # ---- compare --pipeline ---------------------------------------------------------------------------

@@ -114,9 +114,9 @@ def test_quantize_with_a_saved_plan_keeps_its_16_bit_layers(sd_path, tmp_path, c
     pipe = load_pipeline(sd_path, None, "cpu")
     config = parse_variant(VARIANT).config()
 
-    def timer(variants):  # the attention projections pay in 4 bits, nothing else does
+    def timer(variants):  # the layers reading 16 channels (Q/K/V among them) pay in 4 bits, the others do not
         x = variants["16-bit"][0].args[0]
-        return {"16-bit": 1.0, "config": 0.5 if x.shape[-1] == 8 else 2.0}
+        return {"16-bit": 1.0, "config": 0.5 if x.shape[-1] == 16 else 2.0}
 
     plan = fourbit.plan_pipeline(pipe, config, "a red fox", call_kwargs=dict(height=16, width=16), timer=timer,
                                  progress=False, verbose=False)
@@ -136,3 +136,16 @@ def test_quantize_with_a_saved_plan_keeps_its_16_bit_layers(sd_path, tmp_path, c
     assert other == 2 and "this plan was made for another quantization (method" in capsys.readouterr().err
     assert _quantize(sd_path, prompts, tmp_path / "o3", "--speed-plan") == 2
     assert "--speed-plan times the GPU kernels" in capsys.readouterr().err
+    # a plan made for the unfused denoiser names Q/K/V one by one: with --fuse-siblings they are gone
+    assert _quantize(sd_path, prompts, tmp_path / "o4", "--plan", str(tmp_path / "plan.json"), "--fuse-siblings") == 2
+    assert "the plan names" in capsys.readouterr().err and not (tmp_path / "o4").exists()
+
+
+def test_quantize_fuse_siblings_from_the_shell(sd_path, tmp_path):
+    import fourbit
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in snow\n")
+    assert _quantize(sd_path, prompts, tmp_path / "out", "--fuse-siblings") == 0
+    unet = fourbit.from_pretrained(tmp_path / "out")
+    assert unet.fourbit_siblings and any(n.endswith(".group.linear") for n, _ in unet.named_modules())

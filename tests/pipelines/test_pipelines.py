@@ -240,3 +240,35 @@ def test_plan_pipeline_then_quantize_keeps_the_slow_layers_16_bit(tmp_path):
         assert isinstance(loaded.get_submodule(name), QuantLinear) == (chosen == "config"), name
     _swap(pipe, comp, loaded)
     assert torch.equal(_latents(pipe, ps, call_kwargs), ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_siblings_fused_from_the_pipeline_save_and_reload(family, tmp_path):
+    """quantize_pipeline(siblings=True) fuses the layers reading one input (one call of the pipeline finds them),
+    quantizes the fused layers, and the checkpoint reloads into the same fused structure, bit for bit."""
+    pipe, comp, ps, kw = _quantized(family, siblings=True)
+    model = getattr(pipe, comp)
+    groups = model.fourbit_siblings
+    assert groups and all(len(g) >= 2 for g in groups)
+    fused = [n for n, m in model.named_modules() if n.endswith(".group.linear")]
+    assert len(fused) == len(groups) and all(isinstance(model.get_submodule(n), QuantLinear) for n in fused)
+    ref = _latents(pipe, ps, kw)
+    fourbit.save_pretrained(model, tmp_path)
+    loaded = fourbit.from_pretrained(tmp_path)
+    assert loaded.fourbit_siblings == groups
+    _swap(pipe, comp, loaded)
+    assert torch.equal(_latents(pipe, ps, kw), ref)
+
+
+def test_plan_with_siblings_times_the_fused_layers_and_quantize_does_not_fuse_again():
+    pipe, comp, embeds, call_kwargs = build("flux")
+    ps = prompts(embeds, 2)
+    model = getattr(pipe, comp)
+    plan = fourbit.plan_pipeline(pipe, _config(), ps[0], call_kwargs=call_kwargs, progress=False, verbose=False,
+                                 timer=lambda v: {label: 1.0 if label == "16-bit" else 0.5 for label in v},
+                                 siblings=True)
+    groups = [list(g) for g in model.fourbit_siblings]
+    assert groups and any(lp.name.endswith(".group.linear") for lp in plan.layers)
+    fourbit.quantize_pipeline(pipe, plan.config, ps, num_inference_steps=STEPS, call_kwargs=call_kwargs,
+                              progress=False, verbose=False, siblings=True)
+    assert model.fourbit_siblings == groups

@@ -51,6 +51,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    "pipeline call at --height/--width (bf16 vs the variant, Triton kernels) and keep 16-bit the layers "
                    "that are not faster in low precision (fourbit.plan_pipeline); the plan is printed and written to "
                    "OUT/fourbit_plan.json")
+    g.add_argument("--fuse-siblings", action="store_true", help="fuse the layers that read one input (Q/K/V) into "
+                   "one wider layer first: one activation quantization and one GEMM (the checkpoint records the "
+                   "groups; from_pretrained fuses the same way)")
     g.add_argument("--plan", default=None, help="use a saved plan (OUT/fourbit_plan.json of an earlier run, or "
                    "PrecisionPlan.save) instead of timing; its variant must be --variant")
     _add_common(g)
@@ -96,12 +99,14 @@ def run_quantize(args) -> int:
 
             plan = plan_pipeline(pipe, config, prompts[0], guidance_scale=args.guidance, component=args.component,
                                  preset=args.preset, call_kwargs=_call_kwargs(args), kernel="triton",
-                                 progress=ranks.is_root, verbose=ranks.is_root)
+                                 progress=ranks.is_root, verbose=ranks.is_root, siblings=args.fuse_siblings)
             config = plan.config
+        elif plan is not None:
+            _check_plan_layers(pipe, plan, config, prompts, args)
         quantize_pipeline(pipe, config, prompts, num_inference_steps=args.calib_steps or 4,
                           guidance_scale=args.guidance, component=args.component, preset=args.preset, seed=args.seed,
                           call_kwargs=_call_kwargs(args), convert_device=args.convert_device, work_dir=work,
-                          collective=ranks)
+                          collective=ranks, siblings=args.fuse_siblings)
         ranks.barrier("the end of quantization")  # also for methods without calibration data (no collective)
         if not ranks.is_root:  # every rank holds the same quantized denoiser; rank 0 writes it
             return 0
@@ -142,6 +147,26 @@ def _saved_plan(path, config):
                          f"{', ...' if len(keys) > 3 else ''}); plan again with --speed-plan or pass the --variant "
                          f"it was made for")
     return plan
+
+
+def _check_plan_layers(pipe, plan, config, prompts, args) -> None:
+    """Refuse a saved plan whose layers this denoiser lacks (a plan made with --fuse-siblings used without it, or
+    the reverse): its overrides would match nothing and the layers it keeps 16-bit would be quantized."""
+    from ..pipelines.calibrate import find_denoiser, fuse_pipeline_siblings
+
+    if args.fuse_siblings:
+        fuse_pipeline_siblings(pipe, config, prompts[0], component=args.component, guidance_scale=args.guidance,
+                               call_kwargs=_call_kwargs(args), seed=args.seed)
+    from torch import nn
+
+    _, model = find_denoiser(pipe, args.component)
+    names = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}  # what can be quantized
+    missing = [lp.name for lp in plan.layers if lp.name not in names]
+    if missing:
+        hint = ("without --fuse-siblings" if any(n.endswith(".group.linear") for n in missing) and not args.fuse_siblings
+                else "with --fuse-siblings" if args.fuse_siblings else "for another model")
+        raise ValueError(f"{args.plan}: the plan names {len(missing)} layer(s) this denoiser does not have as linears (e.g. "
+                         f"{missing[0]}); run --plan {hint}, or plan again with --speed-plan")
 
 
 # ---- compare --pipeline ---------------------------------------------------------------------------

@@ -10,10 +10,11 @@ Modules: ``presets`` (the per-family layer table), ``calibrate`` (``quantize_pip
 quantized component), ``resume`` (the work folder that makes a long run resumable). diffusers itself is imported
 only where a class must be found by name (``from_pretrained``).
 """
-from .calibrate import bundled_prompts, find_denoiser, pipeline_forward_loop, quantize_pipeline
+from .calibrate import (bundled_prompts, find_denoiser, fuse_pipeline_siblings, pipeline_forward_loop,
+                        quantize_pipeline)
 from .plan import plan_pipeline
 from .presets import GENERIC, PRESETS, Preset, apply_preset, find_preset
 from .pretrained import from_pretrained, save_pretrained
 
 __all__ = ["quantize_pipeline", "plan_pipeline", "save_pretrained", "from_pretrained", "bundled_prompts", "find_denoiser",
-           "pipeline_forward_loop", "Preset", "PRESETS", "GENERIC", "find_preset", "apply_preset"]
+           "pipeline_forward_loop", "fuse_pipeline_siblings", "Preset", "PRESETS", "GENERIC", "find_preset", "apply_preset"]

@@ -117,7 +117,7 @@ def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prom
                       num_inference_steps: int = 4, guidance_scale: Optional[float] = None,
                       component: Optional[str] = None, preset: Optional[str] = None, seed: int = 0,
                       call_kwargs: Optional[dict] = None, convert_device=None, work_dir=None, store=None,
-                      progress: bool = True, verbose: bool = True, collective=None):
+                      progress: bool = True, verbose: bool = True, collective=None, siblings: bool = False):
     """Quantize ``pipe``'s denoiser in place by running ``pipe`` over ``prompts``; returns ``pipe``.
 
     prompts: strings, or dicts of pipeline arguments (precomputed ``prompt_embeds`` ...); None = 32 bundled
@@ -128,7 +128,9 @@ def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prom
     make the run resumable (see ``fourbit.pipelines.resume``); store: any other ``fourbit.quantize`` store
     instead. collective: ``fourbit.distributed.Ranks`` under torchrun: each process calibrates on its share of
     the prompts, the statistics are merged exactly and every process gets the same denoiser (only rank 0 reports;
-    the caller lets rank 0 write). The report is at ``denoiser.fourbit_report``.
+    the caller lets rank 0 write). siblings: first fuse the layers that read one input (Q/K/V: one activation
+    quantization and one wider GEMM; ``fuse_pipeline_siblings``), unless the denoiser is fused already. The
+    report is at ``denoiser.fourbit_report``.
     """
     several = collective is not None and collective.world_size > 1
     if several and (work_dir is not None or store is not None):
@@ -147,6 +149,9 @@ def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prom
     for pattern, where in unmatched.items():
         say(f"pattern {pattern!r} ({where}) matches no layer of {type(model).__name__}")
     prompts = bundled_prompts(32) if prompts is None else prompts if isinstance(prompts, list) else list(prompts)
+    if siblings:
+        fuse_pipeline_siblings(pipe, full, prompts[0] if prompts else None, component=name,
+                               guidance_scale=guidance_scale, call_kwargs=call_kwargs, seed=seed, say=say)
     loop = pipeline_forward_loop(pipe, prompts, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, seed=seed, call_kwargs=call_kwargs,
                                  progress=progress, ranks=collective)
@@ -173,6 +178,27 @@ def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prom
     say(f"calibration {report.calibration_seconds:.1f}s, conversion {report.convert_seconds:.1f}s, {memory_note()}")
     compat.install(model)
     return pipe
+
+
+def fuse_pipeline_siblings(pipe, config: Optional[QuantConfig] = None, prompt: Optional[Prompt] = None, *,
+                           component: Optional[str] = None, guidance_scale: Optional[float] = None,
+                           call_kwargs: Optional[dict] = None, seed: int = 0, say=None) -> list:
+    """Fuse the denoiser's sibling linears (``fourbit.find_siblings`` over one one-step pipeline call, then
+    ``fuse_siblings``; exact in 16 bits) and return the groups; nothing if it is fused already. ``config``: only
+    layers it quantizes, grouped with layers it quantizes the same way."""
+    from ..siblings import find_siblings, fuse_siblings
+
+    name, model = find_denoiser(pipe, component)
+    if getattr(model, "fourbit_siblings", None):
+        return []
+    loop = pipeline_forward_loop(pipe, [bundled_prompts(1)[0] if prompt is None else prompt], num_inference_steps=1,
+                                 guidance_scale=guidance_scale, seed=seed, call_kwargs=call_kwargs, progress=False)
+    with torch.no_grad():
+        groups = find_siblings(model, loop, config=config)
+    fuse_siblings(model, groups)
+    if say is not None:
+        say(f"{name}: fused {len(groups)} sibling groups ({sum(len(g) for g in groups)} layers)")
+    return groups
 
 
 def _digest_prompts(prompts: Sequence) -> str:

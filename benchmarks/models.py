@@ -32,8 +32,8 @@ the same blocks are compiled (regional ``torch.compile``, inductor default mode)
                  the same quantization on ``fourbit.nn.set_gemm_backend("cublas")``: ``torch._scaled_mm`` with the
                  branch folded into K (``kernels/gemm_cublas.py``); layers with an epilogue activation keep Triton;
                  the row's ``folded_layers`` counts the layers on cuBLAS
-  fourbit-w4a4-planned, fourbit-w4a4-cublas-planned
-                 W4A4 only where it pays: ``fourbit.plan_precision`` times every block linear's shape at the rows
+  fourbit-w4a4-planned, fourbit-w4a4-cublas-planned, fourbit-fp8-planned
+                 W4A4 (fp8) only where it pays: ``fourbit.plan_precision`` times every block linear's shape at the rows
                  the step calls it with (bf16 vs SVDQuant int4p2 r32 on this GPU and GEMM backend) and the layers
                  not faster than bf16 stay 16-bit; the row lists each layer's times and choice (``plan_layers``)
 
@@ -135,7 +135,7 @@ FAMILIES = {
                               pooled_projections=("randn", ("B", 16)), img_ids=("ids", 8, 0), txt_ids=("ids", 0, 8)))),
 }
 VARIANTS = ("bf16", "fp8-peer", "fourbit-w4a4", "fourbit-fp8", "fourbit-w4a4-cublas", "fourbit-fp8-cublas",
-            "fourbit-w4a4-inline", "fourbit-fp8-inline", "fourbit-w4a4-planned", "fourbit-w4a4-cublas-planned")
+            "fourbit-w4a4-inline", "fourbit-fp8-inline", "fourbit-w4a4-planned", "fourbit-w4a4-cublas-planned", "fourbit-fp8-planned")
 
 
 def family(name: str, tiny: bool) -> dict:
@@ -455,8 +455,9 @@ def run_model(name: str, args, device: str, log) -> dict:
                                                args.siblings_across_blocks, plan=variant.endswith("-planned"),
                                                log=log), format="int4p2", rank=args.rank)
             elif variant.startswith("fourbit-fp8"):
-                res.update(fourbit_variant(m, blocks, inputs, "fp8", 0, kernel, args.siblings_across_blocks),
-                           format="fp8", rank=0)
+                with gemm_backend(gemm if variant.endswith("-planned") and not tiny else None):
+                    res.update(fourbit_variant(m, blocks, inputs, "fp8", 0, kernel, args.siblings_across_blocks,
+                                               plan=variant.endswith("-planned"), log=log), format="fp8", rank=0)
             if variant.startswith("fourbit"):
                 res["act_quant"] = act_quant
                 res["gemm"] = gemm

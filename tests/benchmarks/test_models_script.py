@@ -36,6 +36,7 @@ def test_models_tiny_every_family_and_variant():
         # the smoke test keeps every timed layer in 4 bits (the reference kernel is slower than bf16 on a CPU)
         assert planned["plan_counts"] == {"config": len(planned["plan_layers"])}
         assert planned["quantized_layers"] == r["variants"]["fourbit-fp8"]["quantized_layers"]
+        assert r["variants"]["fourbit-fp8-planned"]["plan_counts"] == planned["plan_counts"]
         assert all(lay["ms"]["16-bit"] > 0 and lay["ms"]["config"] > 0 for lay in planned["plan_layers"])
 
 

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import fourbit
-from fourbit.precision_plan import SIXTEEN_BIT, exact_pattern, record_rows
+from fourbit.nn.rows import record_rows
+from fourbit.precision_plan import SIXTEEN_BIT, exact_pattern
 from fourbit.utils.timing import time_side_by_side
 
 FP8 = {"weights": "fp8", "activations": "fp8"}

@@ -32,6 +32,7 @@ from torch import nn
 
 from .calibration.targets import select_targets
 from .config import QuantConfig
+from .nn.rows import record_rows
 from .utils.files import atomic_write, check_output_file, check_readable_file
 
 SIXTEEN_BIT = "16-bit"
@@ -139,27 +140,6 @@ class PrecisionPlan:
                   for layer in d["layers"]]
         return cls(QuantConfig.from_dict(d["config"]), list(d["candidates"]), layers, dict(d["untimed"]),
                    float(d["min_speedup"]), dict(d["environment"]))
-
-
-def record_rows(model: nn.Module, modules: dict, forward_loop: Callable[[nn.Module], None]) -> dict:
-    """{name: {rows per call: calls}} for ``modules`` ({name: Linear or Conv2d}) over one run of ``forward_loop``
-    (a conv's rows: batch x output positions)."""
-    seen: dict = {name: {} for name in modules}
-
-    def hook(name):
-        def record(mod, args, out):
-            rows = out.numel() // mod.out_features if isinstance(mod, nn.Linear) else out.numel() // out.shape[1]
-            seen[name][rows] = seen[name].get(rows, 0) + 1
-        return record
-
-    handles = [mod.register_forward_hook(hook(name)) for name, mod in modules.items()]
-    try:
-        with torch.no_grad():
-            forward_loop(model)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
 
 
 def _environment(device) -> dict:

@@ -1,10 +1,10 @@
 """``prepare_kernels``: build the Triton kernels' per-layer state before ``torch.compile``."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .linear import QuantLinear
+from .rows import record_rows
 
 
 def quantized_layers(model: nn.Module):
@@ -28,22 +28,12 @@ def prepare_kernels(model: nn.Module, forward_loop=None) -> nn.Module:
     layers = [layer for _, layer in quantized_layers(model) if layer.kernel in ("triton", "triton-memory")]
     rows: dict = {}
     if forward_loop is not None:
-        def record(layer, args):
-            x = args[0]
-            rows[layer] = max(rows.get(layer, 0), x.numel() // max(1, x.shape[-1]))
-
-        handles = [layer.register_forward_pre_hook(record) for layer in layers]
-        try:
-            with torch.no_grad():
-                forward_loop(model)
-        finally:
-            for h in handles:
-                h.remove()
-    for layer in layers:
+        rows = record_rows(model, dict(enumerate(layers)), forward_loop)  # {index: {rows: calls}}
+    for i, layer in enumerate(layers):
         st = layer_state(layer)
         if layer.kernel != "triton" or st.plan not in ("scaled", "grouped"):
             continue
-        seen = rows.get(layer)
+        seen = max(rows[i]) if rows.get(i) else None
         if st.gemv and seen is not None and few_rows(seen):
             st.weight = None  # the GEMV reads the packed weight
         else:

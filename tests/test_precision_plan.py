@@ -122,6 +122,8 @@ def test_a_candidate_that_cannot_build_is_reported_not_chosen(monkeypatch):
     assert {lp.choice for lp in plan.layers} == {SIXTEEN_BIT}
     assert all(lp.errors == {FP8_LABEL: "RuntimeError: no kernel for this pair"} for lp in plan.layers)
     assert all(FP8_LABEL not in lp.ms for lp in plan.layers)
+    assert (f"{FP8_LABEL} could not be timed on 2 layer(s) (e.g. wide): RuntimeError: no kernel for this pair"
+            in plan.summary())
 
 
 def test_wall_clock_timing_on_the_cpu_runs_the_real_layers():

@@ -111,6 +111,12 @@ class PrecisionPlan:
         counts = ", ".join(f"{label}: {n}" for label, n in self.counts().items())
         lines.append(f"chosen: {counts}; timed layers together {self.estimated_speedup():.2f}x bf16 (sum of "
                      f"per-layer times, not a model measurement)")
+        failed: dict = {}  # (candidate, reason) -> layers
+        for layer in self.layers:
+            for label, why in layer.errors.items():
+                failed.setdefault((label, why), []).append(layer.name)
+        for (label, why), names in failed.items():
+            lines.append(f"{label} could not be timed on {len(names)} layer(s) (e.g. {names[0]}): {why}")
         for name, why in self.untimed.items():
             lines.append(f"not timed (keeps the config's choice): {name}: {why}")
         return "\n".join(lines)

@@ -35,7 +35,7 @@ the same blocks are compiled (regional ``torch.compile``, inductor default mode)
   fourbit-w4a4-planned, fourbit-w4a4-cublas-planned, fourbit-fp8-planned
                  W4A4 (fp8) only where it pays: ``fourbit.plan_precision`` times every block linear's shape at the rows
                  the step calls it with (bf16 vs SVDQuant int4p2 r32 on this GPU and GEMM backend) and the layers
-                 not faster than bf16 stay 16-bit; the row lists each layer's times and choice (``plan_layers``)
+                 not faster than bf16 stay 16-bit; the row lists the times and choice per layer shape (``plan_shapes``)
 
 Timing: each variant's step is captured in a CUDA graph after compilation and warm-up; the graphs of all variants
 of a model are replayed in alternation (``--rounds`` rounds after 3 warm-up rounds, median ms per variant), so clock
@@ -293,15 +293,25 @@ def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, acr
         cfg = dataclasses.replace(cfg, overrides=chosen.config.overrides)
         info.update(plan_seconds=time.perf_counter() - t0, plan_counts=chosen.counts(),
                     plan_estimated_speedup=chosen.estimated_speedup(),
-                    plan_layers=[dict(name=lp.name, rows=lp.rows, k=lp.in_features, n=lp.out_features,
-                                      ms={k: round(v, 5) for k, v in lp.ms.items()}, choice=lp.choice)
-                                 for lp in chosen.layers])
+                    plan_shapes=plan_shapes(chosen))
     t0 = time.perf_counter()
     fourbit.quantize(model, cfg, progress=False, verbose=False)
     info.update(quantized_layers=len(model.fourbit_report.layers), quantize_seconds=time.perf_counter() - t0)
     if rank:
         add_synthetic_branch(model, rank)
     return info
+
+
+def plan_shapes(plan) -> list[dict]:
+    """The plan per distinct (rows, K, N): how many layers, the ms per layer of each candidate, the choice."""
+    shapes: dict = {}
+    for lp in plan.layers:
+        key = (json.dumps(lp.rows), lp.in_features, lp.out_features, lp.choice)
+        if key not in shapes:
+            shapes[key] = dict(rows=lp.rows, k=lp.in_features, n=lp.out_features, layers=0,
+                               ms={c: round(v, 5) for c, v in lp.ms.items()}, choice=lp.choice)
+        shapes[key]["layers"] += 1
+    return list(shapes.values())
 
 
 # ---- compile, capture, time ------------------------------------------------------------------------------------

@@ -34,10 +34,10 @@ def test_models_tiny_every_family_and_variant():
         planned = r["variants"]["fourbit-w4a4-cublas-planned"]
         assert planned["gemm"] == "cublas" and r["variants"]["fourbit-w4a4-planned"]["gemm"] == "triton"
         # the smoke test keeps every timed layer in 4 bits (the reference kernel is slower than bf16 on a CPU)
-        assert planned["plan_counts"] == {"config": len(planned["plan_layers"])}
+        assert planned["plan_counts"] == {"config": sum(sh["layers"] for sh in planned["plan_shapes"])}
         assert planned["quantized_layers"] == r["variants"]["fourbit-fp8"]["quantized_layers"]
         assert r["variants"]["fourbit-fp8-planned"]["plan_counts"] == planned["plan_counts"]
-        assert all(lay["ms"]["16-bit"] > 0 and lay["ms"]["config"] > 0 for lay in planned["plan_layers"])
+        assert all(sh["ms"]["16-bit"] > 0 and sh["ms"]["config"] > 0 for sh in planned["plan_shapes"])
 
 
 def test_models_budget_skips_later_variants_and_keeps_the_first():

@@ -161,5 +161,5 @@ def test_exact_pattern_matches_only_the_name():
 
 
 def test_side_by_side_timer_on_the_cpu():
-    out = time_side_by_side({"a": [lambda: sum(range(1000))], "b": [lambda: None]}, rounds=3)
+    out = time_side_by_side({"a": [lambda: sum(range(1000))], "b": [lambda: None]}, rounds=3, device="cpu")
     assert set(out) == {"a", "b"} and out["a"] > 0

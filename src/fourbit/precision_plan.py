@@ -251,7 +251,7 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
         del timed[name]
     param = next(iter(model.parameters()))
     device = torch.device(device) if device is not None else param.device
-    timer = timer or (lambda variants: time_side_by_side(variants, rounds=rounds))
+    timer = timer or (lambda variants: time_side_by_side(variants, rounds=rounds, device=device))
 
     # one timer per distinct (K, N, bias, dtype, per-layer config): layers of one shape share the measurements
     def shape_key(t):

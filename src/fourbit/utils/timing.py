@@ -68,11 +68,11 @@ class InterleavedGraphs:
         return [float(statistics.median(t)) for t in times]
 
 
-def time_side_by_side(variants: dict, rounds: int = 20, min_calls: int = 12) -> dict:
+def time_side_by_side(variants: dict, rounds: int = 20, min_calls: int = 12, device="cuda") -> dict:
     """{name: median ms per call} for ``variants`` = {name: [closures]} (each list rotates over its inputs):
-    CUDA graphs replayed in alternation when CUDA is available, else wall-clock rounds in alternation (CPU: the
-    numbers rank the reference kernels, not the GPU kernels)."""
-    if torch.cuda.is_available():
+    CUDA graphs replayed in alternation when ``device`` is a CUDA device, else wall-clock rounds in alternation
+    (CPU: the numbers rank the reference kernels, not the GPU kernels)."""
+    if torch.device(device).type == "cuda":
         bench = InterleavedGraphs(min_calls)
         names = list(variants)
         for name in names:

@@ -1,0 +1,31 @@
+"""fourbit.plan_precision on the GPU: the Triton kernels timed against bf16 in CUDA graphs, then the planned mix
+quantized and run (the CPU tests, tests/test_precision_plan.py, cover the choice with given timings)."""
+import pytest
+import torch
+from torch import nn
+
+import fourbit
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FP8 = {"weights": "fp8", "activations": "fp8"}
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_plan_precision_times_the_triton_kernels_gpu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1152, 3456), nn.GELU(), nn.Linear(3456, 1152)).cuda().bfloat16()
+    x = torch.randn(4096, 1152, device="cuda", dtype=torch.bfloat16)
+    cfg = fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=32, kernel="triton")
+    plan = fourbit.plan_precision(model, cfg, lambda m: m(x), fallbacks=[FP8], rounds=5, progress=False)
+    assert [lp.name for lp in plan.layers] == ["0", "2"]
+    for lp in plan.layers:
+        assert lp.rows == {4096: 1} and not lp.errors, lp.errors
+        assert set(lp.ms) == {"16-bit", "config", "weights=fp8, activations=fp8"}
+        assert all(0 < t < 10 for t in lp.ms.values()), lp.ms  # ms for one call of a 4096-row layer
+    assert plan.environment["device"] == torch.cuda.get_device_name()
+    if plan.counts().get("16-bit", 0) < len(plan.layers):
+        ref = model(x).float()
+        fourbit.quantize(model, plan.config, lambda m: m(x[:512]), progress=False, verbose=False)
+        out = model(x).float()
+        assert torch.isfinite(out).all() and (out - ref).norm() / ref.norm() < 0.2

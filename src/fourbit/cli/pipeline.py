@@ -51,6 +51,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    "pipeline call at --height/--width (bf16 vs the variant, Triton kernels) and keep 16-bit the layers "
                    "that are not faster in low precision (fourbit.plan_pipeline); the plan is printed and written to "
                    "OUT/fourbit_plan.json")
+    g.add_argument("--min-speedup", type=float, default=1.0, help="with --speed-plan: keep a layer in low precision "
+                   "only if it is at least this many times faster than bf16 (default 1.0)")
     g.add_argument("--fuse-siblings", action="store_true", help="fuse the layers that read one input (Q/K/V) into "
                    "one wider layer first: one activation quantization and one GEMM (the checkpoint records the "
                    "groups; from_pretrained fuses the same way)")
@@ -80,6 +82,10 @@ def run_quantize(args) -> int:
     if args.plan:
         plan = _saved_plan(args.plan, config)
         config = plan.config
+    if not args.min_speedup > 0:
+        raise ValueError(f"--min-speedup must be > 0 (1.0: at least as fast as bf16), got {args.min_speedup}")
+    if args.min_speedup != 1.0 and not args.speed_plan:
+        raise ValueError("--min-speedup applies to --speed-plan only")
     if args.speed_plan and not _device(args).startswith("cuda"):
         raise ValueError("--speed-plan times the GPU kernels against bf16: run it with a CUDA device (--device cuda)")
     prompts = read_prompts(args.prompts) if args.prompts else bundled_prompts()
@@ -99,7 +105,8 @@ def run_quantize(args) -> int:
 
             plan = plan_pipeline(pipe, config, prompts[0], guidance_scale=args.guidance, component=args.component,
                                  preset=args.preset, call_kwargs=_call_kwargs(args), kernel="triton",
-                                 progress=ranks.is_root, verbose=ranks.is_root, siblings=args.fuse_siblings)
+                                 progress=ranks.is_root, verbose=ranks.is_root, siblings=args.fuse_siblings,
+                                 min_speedup=args.min_speedup)
             config = plan.config
         elif plan is not None:
             _check_plan_layers(pipe, plan, config, prompts, args)

@@ -126,6 +126,19 @@ def test_a_candidate_that_cannot_build_is_reported_not_chosen(monkeypatch):
             in plan.summary())
 
 
+def test_a_candidate_that_cannot_be_timed_is_reported_and_the_others_are_kept():
+    def timer(variants):  # fp8 cannot be captured (say); the others time fine
+        if FP8_LABEL in variants:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return {label: {SIXTEEN_BIT: 1.0, "config": 0.8}[label] for label in variants}
+
+    plan = fourbit.plan_precision(TwoWidths(), cfg(), loop, fallbacks=[FP8], timer=timer, progress=False)
+    assert {lp.choice for lp in plan.layers} == {"config"}
+    assert all(lp.ms == {SIXTEEN_BIT: lp.ms[SIXTEEN_BIT], "config": 0.8 * sum(lp.rows.values())} for lp in plan.layers)
+    assert all(lp.errors == {FP8_LABEL: "RuntimeError: operation not permitted when stream is capturing"}
+               for lp in plan.layers)
+
+
 def test_wall_clock_timing_on_the_cpu_runs_the_real_layers():
     model = nn.Sequential(nn.Linear(64, 64))
     plan = fourbit.plan_precision(model, fourbit.RTNConfig(weights="int8", activations="int8"),

@@ -194,6 +194,52 @@ class _ShapeTimer:
         return self.layers[label]
 
 
+def _timed_targets(model: nn.Module, config: QuantConfig) -> tuple[dict, dict]:
+    """({name: Target} to time, {name: why not timed}) for the layers ``config`` quantizes."""
+    targets, _ = select_targets(model, config)
+    if not targets:
+        raise ValueError("no layer matched the config's include/exclude patterns; nothing to plan")
+    timed, untimed = {}, {}
+    for t in targets:
+        m = t.module
+        if isinstance(m, nn.Conv2d) and (m.kernel_size != (1, 1) or m.stride != (1, 1)):
+            untimed[t.name] = f"{m.kernel_size[0]}x{m.kernel_size[1]} convolution (only linears and 1x1 convs)"
+        else:
+            timed[t.name] = t
+    return timed, untimed
+
+
+def _shape_key(t) -> tuple:
+    """(K, N, bias, weight dtype, per-layer config as JSON): what a layer's timings depend on."""
+    m = t.module
+    k, n = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels, m.out_channels)
+    return k, n, m.bias is not None, m.weight.dtype, json.dumps(t.config.to_dict(), sort_keys=True, default=str)
+
+
+def _reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:300]
+
+
+def _time(timer, variants: dict, errors: dict) -> dict:
+    """``timer(variants)`` without gradients; if it fails, bf16 alone, then each candidate beside bf16, so that one
+    candidate that cannot be timed (e.g. not capturable in a CUDA graph) is recorded in ``errors`` instead of ending
+    the plan (bf16 itself failing does end it: there is nothing to compare with)."""
+    errs = (RuntimeError, ValueError, NotImplementedError)
+    with torch.no_grad():
+        try:
+            return timer(variants)
+        except errs:
+            pass
+        out = timer({SIXTEEN_BIT: variants[SIXTEEN_BIT]})
+        for label, calls in variants.items():
+            if label != SIXTEEN_BIT:
+                try:
+                    out[label] = timer({SIXTEEN_BIT: variants[SIXTEEN_BIT], label: calls})[label]
+                except errs as err:
+                    errors[label] = _reason(err)
+        return out
+
+
 def _copy_linear(lin: nn.Linear) -> nn.Linear:
     new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
                     device=lin.weight.device, dtype=lin.weight.dtype)
@@ -235,33 +281,18 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
                              f"'activations': 'fp8'}}); 16 bits is always the last resort; got {changes!r}")
         dataclasses.replace(config, **changes)  # an invalid fallback fails here, with the config's message
     labels = [describe_changes(c) for c in candidates]
-    targets, _ = select_targets(model, config)
-    if not targets:
-        raise ValueError("no layer matched the config's include/exclude patterns; nothing to plan")
-    timed, untimed = {}, {}
-    for t in targets:
-        m = t.module
-        if isinstance(m, nn.Conv2d) and (m.kernel_size != (1, 1) or m.stride != (1, 1)):
-            untimed[t.name] = f"{m.kernel_size[0]}x{m.kernel_size[1]} convolution (only linears and 1x1 convs)"
-        else:
-            timed[t.name] = t
+    timed, untimed = _timed_targets(model, config)
     rows = record_rows(model, {n: t.module for n, t in timed.items()}, forward_loop)
     for name in [n for n, r in rows.items() if not r]:
         untimed[name] = "not called by forward_loop"
         del timed[name]
-    param = next(iter(model.parameters()))
-    device = torch.device(device) if device is not None else param.device
+    device = torch.device(device) if device is not None else next(iter(model.parameters())).device
     timer = timer or (lambda variants: time_side_by_side(variants, rounds=rounds, device=device))
 
-    # one timer per distinct (K, N, bias, dtype, per-layer config): layers of one shape share the measurements
-    def shape_key(t):
-        m = t.module
-        k, n = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels, m.out_channels)
-        return k, n, m.bias is not None, m.weight.dtype, json.dumps(t.config.to_dict(), sort_keys=True, default=str)
-
+    # layers of one (K, N, bias, dtype, per-layer config) share one quantized twin and its measurements
     groups: dict = {}
     for name, t in timed.items():
-        groups.setdefault(shape_key(t), []).append(name)
+        groups.setdefault(_shape_key(t), []).append(name)
     results: dict = {}  # (shape key, rows) -> {label: ms per call}
     errors: dict = {}  # shape key -> {label: why}
     work = sum(len({r for n in names for r in rows[n]}) for names in groups.values())
@@ -276,16 +307,14 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
             layers, errors[key] = {}, {}
             for label, changes in zip(labels, candidates):
                 try:
-                    cand = dataclasses.replace(layer_cfg, **changes)
-                    layers[label] = st.layer(label, cand, rows_seen)
+                    layers[label] = st.layer(label, dataclasses.replace(layer_cfg, **changes), rows_seen)
                 except (ValueError, RuntimeError, NotImplementedError) as err:
-                    errors[key][label] = f"{type(err).__name__}: {err}"[:300]
+                    errors[key][label] = _reason(err)
             for r in rows_seen:
                 xs = st.inputs(r, inputs_per_shape)
                 variants = {SIXTEEN_BIT: [functools.partial(st.linear, x) for x in xs]}  # .args: (x,)
                 variants.update({label: [functools.partial(layer, x) for x in xs] for label, layer in layers.items()})
-                with torch.no_grad():
-                    results[key, r] = timer(variants)
+                results[key, r] = _time(timer, variants, errors[key])
                 bar.update(1, note=f"{r} x {k} x {n}")
             del st, layers
 

@@ -335,7 +335,10 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
             plan_layers.append(lp)
     order = {name: i for i, name in enumerate(timed)}
     plan_layers.sort(key=lambda lp: order[lp.name])
-    planned = dataclasses.replace(config, overrides={**config.overrides, **overrides})
+    merged = dict(config.overrides)
+    for pattern, changes in overrides.items():  # after the config's own (later overrides win), merged with an equal key
+        merged[pattern] = {**merged.get(pattern, {}), **changes}
+    planned = dataclasses.replace(config, overrides=merged)
     return PrecisionPlan(planned, labels + [SIXTEEN_BIT], plan_layers, untimed, float(min_speedup),
                          _environment(device))
 

@@ -168,7 +168,10 @@ def to_e4m3(v, GPU: tl.constexpr):
 def rint_small(x):
     """fp32 -> nearest integer value (ties to even) as fp32, +0.0 (never -0.0) where it rounds to zero; exact for
     |x| < 2^22 (x + 1.5 * 2^23 lies where fp32's spacing is 1), larger |x| stay above 2^21 (callers clamp to a few
-    units). Two full-rate adds: on Hopper the rounding and int conversions it replaces issue at 1/8 of that rate."""
+    units). Two full-rate adds: on Hopper the rounding and int conversions it replaces issue at 1/8 of that rate.
+    x must be exact as computed (a product by a power of two, a ``div_rn``): Triton's FP fusion (on by default)
+    contracts a multiply that produces x into the first add, which then rounds the unrounded product; the single
+    pass's int4p2 codes are y * 2^-e (checked in its PTX: the FMAs' multiplier is built from exponent bits)."""
     return (x + 12582912.0) - 12582912.0
 
 

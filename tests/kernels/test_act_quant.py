@@ -248,6 +248,30 @@ def test_single_pass_compiles_for_hopper_without_per_element_conversions(compile
     assert counts["ops"].get("F2FP", 0) == per_thread // 2  # one paired fp8 conversion per two elements
 
 
+@pytest.mark.parametrize("kp", [1152, 4608], ids=["one-chunk", "chunks"])
+def test_rounding_adds_stay_exact_under_fp_fusion(compiled, kp):
+    """``rint_small`` rounds by x + 1.5 * 2^23; Triton's FP fusion contracts a multiply producing x into that add, so
+    the product is then rounded only once, with the add: codes differ from the reference's where RN(product) sits on
+    a tie. The int4p2 pass may only fuse multiplies by exact powers of two (2^-e built from exponent bits): every
+    such FMA in its sm_90 PTX must have an operand made by integer instructions."""
+    import re
+
+    probe = sass_probe()
+    kernel, _ = probe.compile_single_pass("int4p2", kp)
+    ptx = [line.strip() for line in kernel.asm["ptx"].splitlines()]
+    define = {}
+    for line in ptx:
+        m = re.match(r"^([a-z][\w.]*)\s+(%\w+),", line)
+        if m:
+            define[m.group(2)] = m.group(1)
+    fmas = [line for line in ptx if line.startswith("fma") and "0f4B400000" in line]
+    assert fmas  # the add-based rounding is there (fused or not, it must be checked)
+    for line in fmas:
+        operands = re.findall(r"%\w+", line)[1:3]
+        ops = [define.get(r, "?") for r in operands]
+        assert any(re.search(r"\.(s32|u32|b32)$", op) for op in ops), (line, ops)
+
+
 def _single_pass_formats():
     """ACT_FORMATS without a per-tensor outer scale (those take the two-launch path)."""
     from fourbit.formats import make_format

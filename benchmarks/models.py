@@ -32,6 +32,8 @@ the same blocks are compiled (regional ``torch.compile``, inductor default mode)
                  the same quantization on ``fourbit.nn.set_gemm_backend("cublas")``: ``torch._scaled_mm`` with the
                  branch folded into K (``kernels/gemm_cublas.py``); layers with an epilogue activation keep Triton;
                  the row's ``folded_layers`` counts the layers on cuBLAS
+  bf16-siblings  the bf16 model with the block linears that read one input fused (one wider GEMM), the control for
+                 the planned variants, whose 16-bit layers keep their fusion
   fourbit-w4a4-planned, fourbit-w4a4-cublas-planned, fourbit-fp8-planned
                  W4A4 (fp8) only where it pays: ``fourbit.plan_precision`` times every block linear's shape at the rows
                  the step calls it with (bf16 vs SVDQuant int4p2 r32 on this GPU and GEMM backend) and the layers
@@ -135,7 +137,7 @@ FAMILIES = {
                               pooled_projections=("randn", ("B", 16)), img_ids=("ids", 8, 0), txt_ids=("ids", 0, 8)))),
 }
 VARIANTS = ("bf16", "fp8-peer", "fourbit-w4a4", "fourbit-fp8", "fourbit-w4a4-cublas", "fourbit-fp8-cublas",
-            "fourbit-w4a4-inline", "fourbit-fp8-inline", "fourbit-w4a4-planned", "fourbit-w4a4-cublas-planned", "fourbit-fp8-planned")
+            "fourbit-w4a4-inline", "fourbit-fp8-inline", "fourbit-w4a4-planned", "fourbit-w4a4-cublas-planned", "fourbit-fp8-planned", "bf16-siblings")
 
 
 def family(name: str, tiny: bool) -> dict:
@@ -277,10 +279,7 @@ def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, acr
 
     call = lambda m: m(**inputs)  # noqa: E731
     cfg = fourbit.RTNConfig(weights=fmt, activations=fmt, kernel=kernel, include=[b + ".*" for b in blocks])
-    with torch.inference_mode():
-        groups = fourbit.find_siblings(model, call, config=cfg, across_blocks=across_blocks)
-    fourbit.fuse_siblings(model, groups)
-    info = dict(sibling_groups=len(groups))
+    info = fuse_block_siblings(model, blocks, inputs, across_blocks, cfg)
     if plan:
         t0 = time.perf_counter()
         timing = fourbit.SVDQuantConfig(weights=fmt, activations=fmt, rank=rank, kernel=kernel,
@@ -312,6 +311,19 @@ def plan_shapes(plan) -> list[dict]:
                                ms={c: round(v, 5) for c, v in lp.ms.items()}, choice=lp.choice)
         shapes[key]["layers"] += 1
     return list(shapes.values())
+
+
+def fuse_block_siblings(model, blocks, inputs, across_blocks: bool = False, cfg=None) -> dict:
+    """Fuse the block linears that read one input (``fourbit.find_siblings`` over one step; ``cfg``: only layers it
+    quantizes the same way). Alone, on the bf16 model, it is the control for what fusion gives bf16 (the planned
+    variants keep some fused groups in bf16)."""
+    import fourbit
+
+    cfg = cfg or fourbit.RTNConfig(include=[b + ".*" for b in blocks])
+    with torch.inference_mode():
+        groups = fourbit.find_siblings(model, lambda m: m(**inputs), config=cfg, across_blocks=across_blocks)
+    fourbit.fuse_siblings(model, groups)
+    return dict(sibling_groups=len(groups))
 
 
 # ---- compile, capture, time ------------------------------------------------------------------------------------
@@ -459,6 +471,8 @@ def run_model(name: str, args, device: str, log) -> dict:
             m = base if variant == "bf16" else copy.deepcopy(base)
             if variant == "fp8-peer":
                 res["fp8_recipe"] = fp8_peer(m, blocks, prefer_torchao=args.torchao and not tiny)
+            elif variant == "bf16-siblings":
+                res.update(fuse_block_siblings(m, blocks, inputs, args.siblings_across_blocks))
             elif variant.startswith("fourbit-w4a4"):
                 with gemm_backend(gemm if variant.endswith("-planned") and not tiny else None):  # plan as it runs
                     res.update(fourbit_variant(m, blocks, inputs, "int4p2", args.rank, kernel,

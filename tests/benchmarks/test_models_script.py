@@ -37,6 +37,8 @@ def test_models_tiny_every_family_and_variant():
         assert planned["plan_counts"] == {"config": sum(sh["layers"] for sh in planned["plan_shapes"])}
         assert planned["quantized_layers"] == r["variants"]["fourbit-fp8"]["quantized_layers"]
         assert r["variants"]["fourbit-fp8-planned"]["plan_counts"] == planned["plan_counts"]
+        assert r["variants"]["bf16-siblings"]["sibling_groups"] == r["variants"]["fourbit-fp8"]["sibling_groups"]
+        assert r["variants"]["bf16-siblings"]["rel_diff_vs_bf16"] < 1e-2  # fusion is exact up to GEMM rounding
         assert all(sh["ms"]["16-bit"] > 0 and sh["ms"]["config"] > 0 for sh in planned["plan_shapes"])
 
 

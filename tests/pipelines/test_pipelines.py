@@ -272,3 +272,29 @@ def test_plan_with_siblings_times_the_fused_layers_and_quantize_does_not_fuse_ag
     fourbit.quantize_pipeline(pipe, plan.config, ps, num_inference_steps=STEPS, call_kwargs=call_kwargs,
                               progress=False, verbose=False, siblings=True)
     assert model.fourbit_siblings == groups
+    assert model.fourbit_report.unmatched_patterns == {}
+
+
+def test_a_plan_made_on_the_fused_denoiser_applies_to_a_fresh_one():
+    """A plan made with siblings=True names the fused layers (here the fused groups are the ones kept 16-bit);
+    quantize_pipeline(siblings=True) on a fresh pipeline fuses before it checks the patterns, so every override of
+    the plan matches (none reported unmatched) and its 16-bit layers stay so."""
+    pipe, comp, embeds, call_kwargs = build("flux")
+    ps = prompts(embeds, 2)
+
+    def timer(variants):  # the fused groups (wide N) are slower in 4 bits, the others pay
+        layer = variants["config"][0].func
+        return {"16-bit": 1.0, "config": 2.0 if layer.out_features > 64 else 0.5}
+
+    plan = fourbit.plan_pipeline(pipe, _config(), ps[0], call_kwargs=call_kwargs, progress=False, verbose=False,
+                                 timer=timer, siblings=True)
+    assert {lp.choice for lp in plan.layers} == {"config", "16-bit"}
+    assert any(lp.name.endswith(".group.linear") and lp.choice == "16-bit" for lp in plan.layers)
+    fresh, comp2, _, _ = build("flux")
+    assert not getattr(getattr(fresh, comp2), "fourbit_siblings", None)
+    fourbit.quantize_pipeline(fresh, plan.config, ps, num_inference_steps=STEPS, call_kwargs=call_kwargs,
+                              progress=False, verbose=False, siblings=True)
+    model = getattr(fresh, comp2)
+    assert model.fourbit_report.unmatched_patterns == {}
+    for lp in plan.layers:
+        assert isinstance(model.get_submodule(lp.name), QuantLinear) == (lp.choice == "config"), lp.name

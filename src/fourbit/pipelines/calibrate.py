@@ -145,13 +145,13 @@ def quantize_pipeline(pipe, config: QuantConfig, prompts: Optional[Sequence[Prom
     say(f"{name} ({type(model).__name__}): preset '{chosen.name}'"
         + ("" if chosen.classes or chosen.name == "none" else " (class not in the preset table: the safe default)")
         + f"; 16-bit: {', '.join(chosen.keep) or 'none'}; W4A16: {', '.join(chosen.w4a16) or 'none'}")
+    prompts = bundled_prompts(32) if prompts is None else prompts if isinstance(prompts, list) else list(prompts)
+    if siblings:  # first: a plan made on the fused denoiser names the fused layers
+        fuse_pipeline_siblings(pipe, full, prompts[0] if prompts else None, component=name,
+                               guidance_scale=guidance_scale, call_kwargs=call_kwargs, seed=seed, say=say)
     unmatched = unmatched_patterns((n for n, _ in model.named_modules()), config, chosen)
     for pattern, where in unmatched.items():
         say(f"pattern {pattern!r} ({where}) matches no layer of {type(model).__name__}")
-    prompts = bundled_prompts(32) if prompts is None else prompts if isinstance(prompts, list) else list(prompts)
-    if siblings:
-        fuse_pipeline_siblings(pipe, full, prompts[0] if prompts else None, component=name,
-                               guidance_scale=guidance_scale, call_kwargs=call_kwargs, seed=seed, say=say)
     loop = pipeline_forward_loop(pipe, prompts, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, seed=seed, call_kwargs=call_kwargs,
                                  progress=progress, ranks=collective)

@@ -293,6 +293,10 @@ def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, acr
         info.update(plan_seconds=time.perf_counter() - t0, plan_counts=chosen.counts(),
                     plan_estimated_speedup=chosen.estimated_speedup(),
                     plan_shapes=plan_shapes(chosen))
+        from fourbit.calibration import select_targets
+
+        if not select_targets(model, cfg)[0]:
+            return dict(info, quantized_layers=0)  # nothing pays in low precision: the bf16-siblings model
     t0 = time.perf_counter()
     fourbit.quantize(model, cfg, progress=False, verbose=False)
     info.update(quantized_layers=len(model.fourbit_report.layers), quantize_seconds=time.perf_counter() - t0)
@@ -485,6 +489,10 @@ def run_model(name: str, args, device: str, log) -> dict:
             if variant.startswith("fourbit"):
                 res["act_quant"] = act_quant
                 res["gemm"] = gemm
+            if variant.endswith("-planned") and res.get("quantized_layers") == 0:
+                res["skipped"] = "the plan kept every layer 16-bit: this model is the bf16-siblings variant"
+                log(f"{name} {variant}: {res['skipped']}")
+                continue
             with gemm_backend(gemm if variant.startswith("fourbit") and not tiny else None):
                 p = prepare(m, fam, inputs, device, variant.startswith("fourbit"), tiny, not args.no_compile,
                             act_quant)

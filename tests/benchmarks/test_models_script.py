@@ -50,3 +50,25 @@ def test_models_budget_skips_later_variants_and_keeps_the_first():
     v = rows[0]["variants"]
     assert v["bf16"]["finite"] and "skipped" not in v["bf16"]
     assert v["fourbit-fp8"]["skipped"].startswith("budget:") and "weight_bytes" not in v["fourbit-fp8"]
+
+
+def test_a_plan_that_keeps_every_layer_is_reported_not_timed_twice(monkeypatch):
+    """Where no layer pays in 4 bits the planned model is the bf16-siblings one: the variant says so and is not
+    compiled or timed again."""
+    import models
+
+    import fourbit
+
+    real = fourbit.plan_precision
+
+    def bf16_always_faster(model, config, loop, **kw):
+        kw["timer"] = lambda variants: {label: 1.0 if label == "16-bit" else 2.0 for label in variants}
+        kw["min_speedup"] = 1.0  # (the smoke test's own is ~0: it keeps every layer in 4 bits)
+        return real(model, config, loop, **kw)
+
+    monkeypatch.setattr(fourbit, "plan_precision", bf16_always_faster)
+    rows = models.main(["--tiny", "--no-compile", "--models", "pixart-sigma", "--variants",
+                        "bf16,fourbit-w4a4-planned"])
+    v = rows[0]["variants"]["fourbit-w4a4-planned"]
+    assert v["quantized_layers"] == 0 and v["skipped"].startswith("the plan kept every layer 16-bit")
+    assert set(v["plan_counts"]) == {"16-bit"} and "weight_bytes" not in v

@@ -18,9 +18,11 @@ time the whole model to judge the mix.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import functools
+import glob
 import json
 import math
 from dataclasses import dataclass, field
@@ -40,14 +42,12 @@ PLAN_VERSION = 1
 
 
 def exact_pattern(name: str) -> str:
-    """An fnmatch pattern matching exactly ``name`` (``*``, ``?`` and ``[`` escaped)."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+    """An fnmatch pattern matching exactly ``name`` (``*``, ``?`` and ``[`` escaped; fnmatch's syntax is glob's)."""
+    return glob.escape(name)
 
 
-def describe_changes(changes: Optional[dict]) -> str:
+def describe_changes(changes: dict) -> str:
     """A candidate's label: 'config' for the config itself, else its field changes ('weights=fp8, ...')."""
-    if changes is None:
-        return SIXTEEN_BIT
     return ", ".join(f"{k}={v}" for k, v in changes.items()) or "config"
 
 
@@ -184,7 +184,7 @@ class _ShapeTimer:
             from .api import quantize
             from .nn.prepare import prepare_kernels
 
-            holder = nn.Sequential(_copy_linear(self.linear))
+            holder = nn.Sequential(copy.deepcopy(self.linear))
             calib = self.inputs(min(256, max(rows_seen)), 1)[0]
             single = dataclasses.replace(cfg, include=("*",), exclude=(), overrides={})
             quantize(holder, single, forward_loop=lambda m: m(calib), progress=False, verbose=False)
@@ -238,16 +238,6 @@ def _time(timer, variants: dict, errors: dict) -> dict:
                 except errs as err:
                     errors[label] = _reason(err)
         return out
-
-
-def _copy_linear(lin: nn.Linear) -> nn.Linear:
-    new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                    device=lin.weight.device, dtype=lin.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(lin.weight)
-        if lin.bias is not None:
-            new.bias.copy_(lin.bias)
-    return new
 
 
 def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable[[nn.Module], None], *,

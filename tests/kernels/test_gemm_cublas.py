@@ -216,6 +216,49 @@ def test_compiled_op_takes_the_folded_weight(cublas_calls):
         set_gemm_backend("triton")
 
 
+@pytest.mark.usefixtures("interpret")
+def test_triton_cublas_kernel_takes_cublas_for_its_layer_alone(cublas_calls):
+    """The "triton-cublas" kernel: that layer's GEMM on cuBLAS (bit-identical to "triton" under the process-wide
+    'cublas' backend), its neighbour on "triton" stays on Triton; ``prepare_kernels`` folds only that layer; the
+    compiled op (key "|cublas") gives eager's bits; an unknown backend name is refused."""
+    import copy
+
+    import torch._dynamo
+
+    from fourbit.kernels.gemm_cublas import gemm_backend, set_gemm_backend
+    from fourbit.kernels.linear import layer_state
+    from fourbit.nn import prepare_kernels, set_kernel
+
+    _cpu_rowwise()
+    model, x = _svdquant_layer(m=64, k=256, n=256)
+    model.append(copy.deepcopy(model[0]))  # a second quantized layer (256 -> 256)
+    set_kernel(model, "triton")
+    model[0].kernel = "triton-cublas"
+    try:
+        set_gemm_backend("triton", min_rows=0)  # the process-wide backend stays Triton; cuBLAS from any row count
+        prepare_kernels(model)
+        assert layer_state(model[0]).weight.folded is not None and layer_state(model[1]).weight.folded is None
+        with torch.no_grad():
+            first = model[0](x)
+            assert len(cublas_calls) == 1
+            out = model(x)
+            assert len(cublas_calls) == 2  # the first layer only
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+            assert torch.equal(bits(compiled(x)), bits(out)) and len(cublas_calls) == 3
+            torch._dynamo.reset()
+            set_kernel(model, "triton")
+            triton_gemm = model[0](x)
+            assert len(cublas_calls) == 3
+            set_gemm_backend("cublas", min_rows=0)  # the same layer on cuBLAS through the process-wide switch
+            assert torch.equal(bits(model[0](x)), bits(first)) and len(cublas_calls) == 4
+        assert not torch.equal(bits(first), bits(triton_gemm))  # two GEMMs (and the folded branch), not one path
+    finally:
+        set_gemm_backend("triton")
+    with pytest.raises(ValueError, match="unknown GEMM backend"):
+        gemm_backend("cutlass")
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_fold_lr_and_cublas_gemm_gpu():

@@ -57,6 +57,10 @@ TWINS = {
         calls=("set_kernel", '"triton"')),
     "linear.triton_memory": Twin("reference.quant_linear_reference", "test_linear.py", (
         "test_layer_fp32_matches_reference",), calls=("set_kernel", '"triton-memory"')),
+    # "triton" with this layer's GEMM on cuBLAS: against "triton" under the process-wide 'cublas' backend (which
+    # test_layer_cublas_backend checks against the "triton" GEMM within the folded branch's error)
+    "linear.triton_cublas": Twin("linear.linear_forward", "test_gemm_cublas.py", (
+        "test_triton_cublas_kernel_takes_cublas_for_its_layer_alone",), calls=('"triton-cublas"', "set_gemm_backend")),
     # the custom op torch.compile sees, against the eager layer
     "compiled.quant_linear": Twin("linear.linear_forward_uncompiled", "test_compiled.py", (
         "test_compiled_model_runs_layers_as_custom_ops",

@@ -43,6 +43,9 @@ def available_kernels() -> list[str]:
 
 # Triton kernels (GPU; imported on first use so that ``import fourbit`` never imports triton):
 #   "triton"         speed mode: weight operands expanded once and cached on the layer
+#   "triton-cublas"  speed mode with the GEMM through cuBLAS (torch._scaled_mm, the low-rank branch folded into K)
 #   "triton-memory"  memory mode: 4-bit weights at rest, expanded per layer just before its GEMM
+SPEED_KERNELS = ("triton", "triton-cublas")  # cache a weight operand per layer (``prepare_kernels`` builds it)
 register_lazy_kernel("triton", "fourbit.kernels.linear")
+register_lazy_kernel("triton-cublas", "fourbit.kernels.linear")
 register_lazy_kernel("triton-memory", "fourbit.kernels.linear")

@@ -62,8 +62,8 @@ def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Opti
     (N, Kp), col_scale, group_scale, packed, scales, row_scale] and, where the 'cublas' GEMM backend folded the
     layer, [w_ext, its col_scale, lr_mult, bias16] (``gemm_cublas.FoldedWeight``); memory mode [packed, scales,
     row_scale] (expanded here). Few rows of the Hopper-native formats take the GEMV on the packed weight. key:
-    ``register_layer``'s key + "|speed" or "|memory". act: "" or an ``activation.CODES`` kind for columns
-    [act_lo, act_hi)."""
+    ``register_layer``'s key + "|speed", "|cublas" (speed mode, the layer's GEMM on the 'cublas' backend: the
+    "triton-cublas" kernel) or "|memory". act: "" or an ``activation.CODES`` kind for columns [act_lo, act_hi)."""
     from . import gemv  # imported here: the test suite re-executes kernel modules (interpreter)
     from .activation import OutputActivation, apply_rounded
     from .gemm_cublas import FoldedWeight
@@ -73,6 +73,7 @@ def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Opti
     act_format, weight_format, padded_in, _, plan = _lookup(key)
     out_act = OutputActivation(act, act_lo, act_hi) if act else None
     memory = key.endswith("|memory")
+    gemm = "cublas" if key.endswith("|cublas") else None
     packed = weights[:3] if memory else weights[3:6]
     if plan == "scaled" and few_rows(x2.shape[0]) and gemv.gemv_supported(act_format, weight_format):
         x = x2 if x_tail is None else torch.cat([x2, x_tail], 1)
@@ -85,7 +86,7 @@ def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Opti
         w = WeightOperand(weights[0], weights[1], weights[2], folded=folded)
     x = x2 if x_tail is None else [x2, x_tail]
     return quantized_gemm(x, act_format, padded_in, plan, w, smooth_recip, down_folded, down_cat, up, bias,
-                          act=out_act)
+                          act=out_act, gemm=gemm)
 
 
 @quant_linear.register_fake
@@ -94,29 +95,31 @@ def _(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key, x_tail, a
     return x2.new_empty((x2.shape[0], n))
 
 
-def compiled_forward(layer, x2: Tensor, memory: bool) -> Tensor:
-    """What a quantized layer runs while dynamo traces it: the custom op if its state is ready."""
+def compiled_forward(layer, x2: Tensor, memory: bool, gemm: Optional[str] = None) -> Tensor:
+    """What a quantized layer runs while dynamo traces it: the custom op if its state is ready. gemm: the layer's
+    GEMM backend in speed mode ("cublas" for "triton-cublas"; None: the process-wide one)."""
     from .linear import _CACHE_KEY, few_rows, linear_forward_uncompiled
 
     st = layer._cache.get(_CACHE_KEY)
     if st is not None and not memory and st.weight is None and st.gemv and few_rows(x2.shape[0]):
         memory = True  # a single-row layer that ``prepare_kernels`` gave no operand: the GEMV reads the packed weight
     if st is not None and st.plan not in ("scaled", "grouped"):  # no custom op for 16-bit activations or the
-        return linear_forward_uncompiled(layer, x2, memory)      # reference fallback: a graph break
+        return linear_forward_uncompiled(layer, x2, memory, gemm)  # reference fallback: a graph break
     if st is None or (not memory and st.weight is None):
         if not _WARNED[0]:
             _WARNED[0] = True
             warnings.warn("fourbit: a quantized layer was traced by torch.compile before its kernel state was "
                           "built, so it breaks the graph; call fourbit.nn.prepare_kernels(model) (after moving the "
                           "model to the GPU) before compiling", stacklevel=3)
-        return linear_forward_uncompiled(layer, x2, memory)
+        return linear_forward_uncompiled(layer, x2, memory, gemm)
     packed = [layer.weight_packed, layer.weight_scales, layer.weight_row_scale]
     weights = packed if memory else [st.weight.w, st.weight.col_scale, st.weight.group_scale] + packed
     folded = None if memory else st.weight.folded
     if folded is not None:
         weights = weights + [folded.w_ext, folded.col_scale, folded.lr_mult, folded.bias16]
+    mode = "|memory" if memory else "|cublas" if gemm == "cublas" else "|speed"
     return torch.ops.fourbit.quant_linear(x2, weights, st.smooth_recip, st.down_folded, st.down_cat, st.up,
-                                          st.bias, st.op_key + ("|memory" if memory else "|speed"), None, "", 0, 0)
+                                          st.bias, st.op_key + mode, None, "", 0, 0)
 
 
 # ---- the inline lowering: quantization in torch ops + the GEMM alone ---------------------------------------------

@@ -58,8 +58,12 @@ def set_gemm_backend(name: str, min_rows: Optional[int] = None) -> None:
     _BACKEND.update(name=name, min_rows=int(min_rows))
 
 
-def gemm_backend() -> str:
-    return _BACKEND["name"]
+def gemm_backend(layer_choice: Optional[str] = None) -> str:
+    """The backend a call takes: the layer's own (``layer_choice``: the "triton-cublas" kernel passes "cublas"), else
+    the process-wide one (``set_gemm_backend``)."""
+    if layer_choice is not None and layer_choice not in BACKENDS:
+        raise ValueError(f"fourbit: unknown GEMM backend {layer_choice!r}; choose one of {BACKENDS}")
+    return layer_choice or _BACKEND["name"]
 
 
 def cublas_min_rows() -> int:

@@ -1,4 +1,5 @@
-"""The quantized-linear kernels "triton" (speed mode) and "triton-memory" (memory mode).
+"""The quantized-linear kernels "triton" (speed mode), "triton-cublas" (speed mode, the GEMM through cuBLAS) and
+"triton-memory" (memory mode).
 
     y = GEMM(act_quant(x), weight operand)   with the low-rank branch and the bias in the GEMM epilogue
 
@@ -16,7 +17,10 @@ operand, just in time), and the GEMM (``scaled_gemm`` for formats whose scales f
     16-bit x any weight format      -               dequantized weight (cached in speed mode) + torch GEMM
     anything else                   -               the reference (warns once)
 
-The mode is part of the kernel name, so ``QuantConfig.kernel`` records it in checkpoints.
+The mode is part of the kernel name, so ``QuantConfig.kernel`` records it in checkpoints. "triton-cublas" is "triton"
+with the 'cublas' GEMM backend for this layer alone (``gemm_cublas``: ``torch._scaled_mm``, the branch folded into K,
+from ``set_gemm_backend``'s min_rows rows; an epilogue activation keeps the Triton GEMM): what a precision plan picks
+per layer where cuBLAS's GEMM is faster (``plan_precision(kernels=...)``); "triton" follows ``set_gemm_backend``.
 Speed mode caches the weight operand on the layer (FP8: 1 byte per parameter on top of the 4-bit buffers);
 memory mode keeps only the 4-bit buffers and expands each layer's weight before its GEMM.
 """
@@ -127,8 +131,9 @@ def layer_state(layer) -> LayerState:
     return st
 
 
-def weight_operand(layer, st: LayerState, memory: bool) -> WeightOperand:
-    """The GEMM's weight operand: cached (speed) or expanded now (memory)."""
+def weight_operand(layer, st: LayerState, memory: bool, gemm: Optional[str] = None) -> WeightOperand:
+    """The GEMM's weight operand: cached (speed) or expanded now (memory); folded for cuBLAS where ``gemm`` (the
+    layer's backend, None: the process-wide one) is 'cublas'."""
     if memory:
         st.weight = None  # a layer switched from speed to memory mode gives its cache back
         return expand_weight(layer.weight_packed, layer.weight_scales, layer.weight_row_scale,
@@ -137,7 +142,7 @@ def weight_operand(layer, st: LayerState, memory: bool) -> WeightOperand:
         st.weight = expand_weight(layer.weight_packed, layer.weight_scales, layer.weight_row_scale,
                                   layer.weight_format, layer.padded_in)
         st.fold_tried = False
-    if gemm_backend() == "cublas" and not st.fold_tried:
+    if gemm_backend(gemm) == "cublas" and not st.fold_tried:
         st.fold_tried = True
         _fold(layer, st, st.weight)
     return st.weight
@@ -184,12 +189,13 @@ def _a16(layer, st: LayerState, x2: Tensor, memory: bool) -> Tensor:
 
 
 def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fused",
-                   gemm_config: Optional[GemmConfig] = None) -> Tensor:
+                   gemm_config: Optional[GemmConfig] = None, gemm: Optional[str] = None) -> Tensor:
     """(M, K) -> (M, N) through the Triton kernels.
 
     lowrank: "fused" (down-projection in act_quant, up-projection in the GEMM epilogue), "unfused" (both
     as separate torch GEMMs over x and y, for comparison), or "none" (skip the branch: NOT the layer's
     function, for measuring the branch's cost). ``gemm_config``: the GEMM's tiles (default: ``default_config``).
+    gemm: the layer's GEMM backend ("cublas" for the "triton-cublas" kernel; None: ``set_gemm_backend``'s).
     """
     st = layer_state(layer)
     if st.plan == "a16":
@@ -207,10 +213,10 @@ def linear_forward(layer, x2: Tensor, memory: bool = False, lowrank: str = "fuse
                        layer.weight_scales, layer.weight_row_scale, st.smooth_recip, st.down_folded if fused else None,
                        st.up if fused else None, st.bias)
     else:
-        w = weight_operand(layer, st, memory)
+        w = weight_operand(layer, st, memory, gemm)
         y = quantized_gemm(x2, layer.act_format, layer.padded_in, st.plan, w, st.smooth_recip,
                            st.down_folded if fused else None, st.down_cat if fused else None,
-                           st.up if fused else None, st.bias, gemm_config)
+                           st.up if fused else None, st.bias, gemm_config, gemm=gemm)
     if lowrank == "unfused" and st.down is not None:  # separate GEMMs: x read again, y read and written again
         k = x2.shape[1]
         xs = x2 if st.smooth_recip is None else x2 * st.smooth_recip[:k].to(x2.dtype)
@@ -226,14 +232,15 @@ def few_rows(m: int) -> bool:
 def quantized_gemm(x2, act_format, padded_in: int, plan: str, w: WeightOperand,
                    smooth_recip: Optional[Tensor], down_folded: Optional[Tensor], down_cat: Optional[Tensor],
                    up: Optional[Tensor], bias: Optional[Tensor], gemm_config: Optional[GemmConfig] = None,
-                   act: Optional[OutputActivation] = None) -> Tensor:
+                   act: Optional[OutputActivation] = None, gemm: Optional[str] = None) -> Tensor:
     """act_quant + GEMM for the 'scaled' / 'grouped' plans: (M, K) -> (M, N) in x2's dtype. ``down_folded``,
     ``down_cat`` and ``up`` (all or none): the low-rank branch, fused (down-projection in act_quant, up in the
     GEMM's epilogue). x2 may be a list of column blocks (``act_quant``); ``act``: an activation on a range of
-    output columns (in the epilogue on the 'scaled' plan, after the rounding on the 'grouped' one)."""
+    output columns (in the epilogue on the 'scaled' plan, after the rounding on the 'grouped' one). gemm: the
+    layer's GEMM backend (None: the process-wide one)."""
     dtype = x2.dtype if isinstance(x2, Tensor) else x2[0].dtype
     rows = x2.shape[0] if isinstance(x2, Tensor) else x2[0].shape[0]
-    folded = _cublas_weight(plan, w, act, down_folded is not None, padded_in, rows)
+    folded = _cublas_weight(plan, w, act, down_folded is not None, padded_in, rows, gemm)
     if folded is not None:  # the 'cublas' backend: torch._scaled_mm, the branch folded into K
         a = act_quant(x2, act_format, padded_in=padded_in, down_folded=down_folded, smooth_recip=smooth_recip,
                       down_cat=down_cat, extra_cols=0 if folded.lr_mult is None else FOLD_PARTS * up.shape[1])
@@ -253,12 +260,13 @@ def quantized_gemm(x2, act_format, padded_in: int, plan: str, w: WeightOperand,
 
 
 def _cublas_weight(plan: str, w: WeightOperand, act: Optional[OutputActivation], branch: bool,
-                   padded_in: int, rows: int) -> Optional[FoldedWeight]:
+                   padded_in: int, rows: int, gemm: Optional[str]) -> Optional[FoldedWeight]:
     """The folded weight if this call takes the 'cublas' backend (set, folded, no epilogue activation, at least
     ``set_gemm_backend``'s min_rows), else None. A call without the branch (``lowrank="none"``) uses the folded operand's
     first Kp columns."""
     folded = w.folded
-    if folded is None or plan != "scaled" or gemm_backend() != "cublas" or act is not None or rows < cublas_min_rows():
+    if (folded is None or plan != "scaled" or gemm_backend(gemm) != "cublas" or act is not None
+            or rows < cublas_min_rows()):
         return None
     if not branch and folded.lr_mult is not None:
         return FoldedWeight(folded.w_ext[:, :padded_in], folded.col_scale, None)
@@ -275,6 +283,14 @@ def triton_speed(layer, x2: Tensor) -> Tensor:
     return linear_forward(layer, x2, memory=False)
 
 
+def triton_cublas(layer, x2: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():
+        from .compiled import compiled_forward
+
+        return compiled_forward(layer, x2, memory=False, gemm="cublas")
+    return linear_forward(layer, x2, memory=False, gemm="cublas")
+
+
 def triton_memory(layer, x2: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         from .compiled import compiled_forward
@@ -284,10 +300,11 @@ def triton_memory(layer, x2: Tensor) -> Tensor:
 
 
 @torch.compiler.disable
-def linear_forward_uncompiled(layer, x2: Tensor, memory: bool) -> Tensor:
+def linear_forward_uncompiled(layer, x2: Tensor, memory: bool, gemm: Optional[str] = None) -> Tensor:
     """``linear_forward`` kept out of dynamo's graphs (a graph break)."""
-    return linear_forward(layer, x2, memory=memory)
+    return linear_forward(layer, x2, memory=memory, gemm=gemm)
 
 
 register_linear_kernel("triton", triton_speed)
+register_linear_kernel("triton-cublas", triton_cublas)
 register_linear_kernel("triton-memory", triton_memory)

@@ -23,19 +23,20 @@ def prepare_kernels(model: nn.Module, forward_loop=None) -> nn.Module:
     with rows for the single-row GEMV (FLUX's modulation linears at batch 1) then get no speed-mode operand, as in
     eager use (their GEMV reads the 4-bit weight: ~3 GiB less for FLUX.1). Called later with more rows, such a layer
     expands its weight per call (memory-mode speed) until it is prepared again."""
+    from ..kernels import SPEED_KERNELS
     from ..kernels.linear import few_rows, layer_state, weight_operand  # imports triton: only when asked
 
-    layers = [layer for _, layer in quantized_layers(model) if layer.kernel in ("triton", "triton-memory")]
+    layers = [layer for _, layer in quantized_layers(model) if layer.kernel in SPEED_KERNELS + ("triton-memory",)]
     rows: dict = {}
     if forward_loop is not None:
         rows = record_rows(model, dict(enumerate(layers)), forward_loop)  # {index: {rows: calls}}
     for i, layer in enumerate(layers):
         st = layer_state(layer)
-        if layer.kernel != "triton" or st.plan not in ("scaled", "grouped"):
+        if layer.kernel not in SPEED_KERNELS or st.plan not in ("scaled", "grouped"):
             continue
         seen = max(rows[i]) if rows.get(i) else None
         if st.gemv and seen is not None and few_rows(seen):
             st.weight = None  # the GEMV reads the packed weight
         else:
-            weight_operand(layer, st, memory=False)
+            weight_operand(layer, st, memory=False, gemm="cublas" if layer.kernel == "triton-cublas" else None)
     return model

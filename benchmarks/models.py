@@ -34,10 +34,14 @@ the same blocks are compiled (regional ``torch.compile``, inductor default mode)
                  the row's ``folded_layers`` counts the layers on cuBLAS
   bf16-siblings  the bf16 model with the block linears that read one input fused (one wider GEMM), the control for
                  the planned variants, whose 16-bit layers keep their fusion
-  fourbit-w4a4-planned, fourbit-w4a4-cublas-planned, fourbit-fp8-planned
+  fourbit-w4a4-planned, fourbit-fp8-planned
                  W4A4 (fp8) only where it pays: ``fourbit.plan_precision`` times every block linear's shape at the rows
-                 the step calls it with (bf16 vs SVDQuant int4p2 r32 on this GPU and GEMM backend) and the layers
-                 not faster than bf16 stay 16-bit; the row lists the times and choice per layer shape (``plan_shapes``)
+                 the step calls it with (bf16 vs SVDQuant int4p2 r32 on this GPU, its GEMM on Triton and on cuBLAS:
+                 ``kernels=("triton", "triton-cublas")``); a layer not faster than bf16 stays 16-bit, the others run
+                 the faster kernel; the row lists the times and choice per layer shape (``plan_shapes``) and
+                 ``folded_layers`` (those on cuBLAS)
+  fourbit-w4a4-cublas-planned
+                 the same plan with every layer on the process-wide 'cublas' backend (Triton not a candidate)
 
 Timing: each variant's step is captured in a CUDA graph after compilation and warm-up; the graphs of all variants
 of a model are replayed in alternation (``--rounds`` rounds after 3 warm-up rounds, median ms per variant), so clock
@@ -271,10 +275,10 @@ def fp8_peer(model: nn.Module, blocks: list[str], prefer_torchao: bool = True) -
 
 # ---- fourbit -------------------------------------------------------------------------------------------------
 def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, across_blocks: bool = False,
-                    plan: bool = False, log=print) -> dict:
+                    plan: bool = False, plan_kernels=(), log=print) -> dict:
     """Quantize ``model``'s block linears in place (siblings fused); ``plan``: only the layers that
     ``fourbit.plan_precision`` times faster than bf16 at their rows (SVDQuant with ``rank`` for the timing), the
-    others kept 16-bit."""
+    others kept 16-bit; ``plan_kernels``: the kernels timed per layer (the faster one kept; default ``kernel``)."""
     import fourbit
 
     call = lambda m: m(**inputs)  # noqa: E731
@@ -285,7 +289,7 @@ def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, acr
         timing = fourbit.SVDQuantConfig(weights=fmt, activations=fmt, rank=rank, kernel=kernel,
                                         include=cfg.include) if rank else cfg
         # the tiny CPU smoke test times the reference kernel, slower than bf16 everywhere: keep every layer there
-        chosen = fourbit.plan_precision(model, timing, call, progress=False,
+        chosen = fourbit.plan_precision(model, timing, call, progress=False, kernels=plan_kernels,
                                         min_speedup=1.0 if kernel != "reference" else 1e-9,
                                         rounds=20 if kernel != "reference" else 2)
         log(chosen.summary())
@@ -470,7 +474,10 @@ def run_model(name: str, args, device: str, log) -> dict:
             log(f"{name} {variant}: skipped ({res['skipped']})")
             continue
         act_quant = "inline" if variant.endswith("-inline") else "pass"
-        gemm = "cublas" if "-cublas" in variant else "triton"
+        gemm = "cublas" if "-cublas" in variant else "triton"  # the process-wide GEMM backend
+        # planned on Triton's GEMM: each layer also timed with its GEMM on cuBLAS, the faster kernel kept per layer
+        per_layer = variant.endswith("-planned") and gemm == "triton" and not tiny
+        plan_kernels = ("triton", "triton-cublas") if per_layer else ()
         try:
             m = base if variant == "bf16" else copy.deepcopy(base)
             if variant == "fp8-peer":
@@ -481,14 +488,15 @@ def run_model(name: str, args, device: str, log) -> dict:
                 with gemm_backend(gemm if variant.endswith("-planned") and not tiny else None):  # plan as it runs
                     res.update(fourbit_variant(m, blocks, inputs, "int4p2", args.rank, kernel,
                                                args.siblings_across_blocks, plan=variant.endswith("-planned"),
-                                               log=log), format="int4p2", rank=args.rank)
+                                               plan_kernels=plan_kernels, log=log), format="int4p2", rank=args.rank)
             elif variant.startswith("fourbit-fp8"):
                 with gemm_backend(gemm if variant.endswith("-planned") and not tiny else None):
                     res.update(fourbit_variant(m, blocks, inputs, "fp8", 0, kernel, args.siblings_across_blocks,
-                                               plan=variant.endswith("-planned"), log=log), format="fp8", rank=0)
+                                               plan=variant.endswith("-planned"), plan_kernels=plan_kernels, log=log),
+                               format="fp8", rank=0)
             if variant.startswith("fourbit"):
                 res["act_quant"] = act_quant
-                res["gemm"] = gemm
+                res["gemm"] = "per layer" if per_layer else gemm
             if variant.endswith("-planned") and res.get("quantized_layers") == 0:
                 res["skipped"] = "the plan kept every layer 16-bit: this model is the bf16-siblings variant"
                 log(f"{name} {variant}: {res['skipped']}")
@@ -502,7 +510,7 @@ def run_model(name: str, args, device: str, log) -> dict:
             res["weight_bytes"] = weight_bytes(m)
             res.update(p)
             longest = max(longest, res["compile_seconds"])
-            if gemm == "cublas":
+            if gemm == "cublas" or per_layer:
                 res["folded_layers"] = folded_layers(m)
             if ref is None:
                 ref = out

@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/kernels}
 STAGES=${STAGES:-"tests fusion blockwise"}
 MODELS=${MODELS:-"sana-1.6b,sdxl-unet"}
-VARIANTS=${VARIANTS:-"bf16,bf16-siblings,fp8-peer,fourbit-w4a4-cublas,fourbit-w4a4-cublas-planned,fourbit-fp8"}
+VARIANTS=${VARIANTS:-"bf16,bf16-siblings,fp8-peer,fourbit-w4a4-cublas,fourbit-w4a4-planned,fourbit-fp8"}
 BUDGET=${BUDGET:-200}
 FAMILIES=${FAMILIES:-"sana-1.6b,sdxl-unet"}
 TESTS_K=${TESTS_K:-"cuda or gpu"}

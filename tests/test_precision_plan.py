@@ -139,6 +139,53 @@ def test_a_candidate_that_cannot_be_timed_is_reported_and_the_others_are_kept():
                for lp in plan.layers)
 
 
+@pytest.fixture
+def no_kernel_state(monkeypatch):
+    """The twins are built without ``prepare_kernels`` (no Triton state on the CPU): the timers here are fakes."""
+    import fourbit.nn.prepare
+
+    monkeypatch.setattr(fourbit.nn.prepare, "prepare_kernels", lambda model, forward_loop=None: model)
+
+
+@pytest.mark.usefixtures("no_kernel_state")
+def test_several_kernels_each_precision_takes_its_fastest_and_layers_keep_it(tmp_path):
+    model = TwoWidths()
+    tri, cub = "config @ triton", "config @ triton-cublas"
+    fp8_tri, fp8_cub = f"{FP8_LABEL} @ triton", f"{FP8_LABEL} @ triton-cublas"
+    timer = timer_from({SIXTEEN_BIT: 1.0, tri: 0.9, cub: 0.7, fp8_tri: 0.5, fp8_cub: 0.4})
+    plan = fourbit.plan_precision(model, cfg(), loop, fallbacks=[FP8], kernels=("triton", "triton-cublas"),
+                                  timer=timer, progress=False)
+    assert plan.candidates == [tri, cub, fp8_tri, fp8_cub, SIXTEEN_BIT]
+    assert [lp.choice for lp in plan.layers] == [cub, cub]  # the config's fastest kernel; fp8 only if it does not pay
+    assert plan.config.overrides == {"wide": {"kernel": "triton-cublas"}, "narrow": {"kernel": "triton-cublas"}}
+
+    times = iter([{SIXTEEN_BIT: 1.0, tri: 0.9, cub: 1.2, fp8_tri: 0.5, fp8_cub: 0.5},    # wide: config on Triton
+                  {SIXTEEN_BIT: 1.0, tri: 1.1, cub: 1.1, fp8_tri: 1.2, fp8_cub: 0.95}])  # narrow: fp8 on cuBLAS
+    plan = fourbit.plan_precision(model, cfg(kernel="triton", exclude=("conv", "unused")), loop, fallbacks=[FP8],
+                                  kernels=("triton", "triton-cublas"), timer=lambda v: next(times), progress=False)
+    assert [lp.choice for lp in plan.layers] == [tri, fp8_cub]
+    assert plan.config.overrides == {"narrow": {**FP8, "kernel": "triton-cublas"}}  # wide: the config's own kernel
+    assert "triton-cublas" in plan.summary() and plan.counts() == {tri: 1, fp8_cub: 1}
+    fourbit.quantize(model, fourbit.PrecisionPlan.load(plan.save(tmp_path / "plan.json")).config, loop,
+                     progress=False, verbose=False)
+    assert (model.wide.kernel, model.narrow.kernel, model.narrow.weight_format.name) == ("triton", "triton-cublas", "fp8")
+    fourbit.save(model, str(tmp_path / "ckpt"))
+    fresh = TwoWidths()
+    fourbit.load(fresh, str(tmp_path / "ckpt"))
+    assert (fresh.wide.kernel, fresh.narrow.kernel) == ("triton", "triton-cublas")  # the checkpoint keeps the choice
+
+
+def test_kernels_are_checked():
+    with pytest.raises(ValueError, match="not both"):
+        fourbit.plan_precision(TwoWidths(), cfg(), loop, kernel="triton", kernels=("triton", "triton-cublas"))
+    with pytest.raises(TypeError, match="sequence of kernel names"):
+        fourbit.plan_precision(TwoWidths(), cfg(), loop, kernels="triton")
+    with pytest.raises(ValueError, match="distinct kernel names"):
+        fourbit.plan_precision(TwoWidths(), cfg(), loop, kernels=("triton", "cutlass"))
+    with pytest.raises(ValueError, match="distinct kernel names"):
+        fourbit.plan_precision(TwoWidths(), cfg(), loop, kernels=("triton", "triton"))
+
+
 def test_wall_clock_timing_on_the_cpu_runs_the_real_layers():
     model = nn.Sequential(nn.Linear(64, 64))
     plan = fourbit.plan_precision(model, fourbit.RTNConfig(weights="int8", activations="int8"),

@@ -194,6 +194,32 @@ class _ShapeTimer:
         return self.layers[label]
 
 
+def _check_kernels(kernel: Optional[str], kernels: Sequence[str]) -> list:
+    """``kernels`` as a list of known, distinct kernel names (refused together with ``kernel``)."""
+    from .kernels import available_kernels
+
+    if isinstance(kernels, str):
+        raise TypeError(f"kernels is a sequence of kernel names, e.g. ('triton', 'triton-cublas'); got {kernels!r}")
+    kernels = list(kernels)
+    if kernels and kernel is not None:
+        raise ValueError("give kernel (one kernel timed) or kernels (each timed, the fastest kept per layer), not both")
+    unknown = [k for k in kernels if k not in available_kernels()]
+    if unknown or len(set(kernels)) != len(kernels):
+        raise ValueError(f"kernels must be distinct kernel names ({', '.join(available_kernels())}); got {kernels}")
+    return kernels
+
+
+def _choose(lp: "LayerPlan", options: dict, tiers: list, min_speedup: float) -> str:
+    """The first precision (tier) whose fastest kernel is ``min_speedup`` x faster than bf16: that label; else 16 bits."""
+    for tier in tiers:
+        timed = [label for label, (t, _, _) in options.items() if t == tier and label in lp.ms]
+        if timed:
+            best = min(timed, key=lambda label: lp.ms[label])
+            if lp.speedup(best) >= min_speedup:
+                return best
+    return SIXTEEN_BIT
+
+
 def _timed_targets(model: nn.Module, config: QuantConfig) -> tuple[dict, dict]:
     """({name: Target} to time, {name: why not timed}) for the layers ``config`` quantizes."""
     targets, _ = select_targets(model, config)
@@ -241,15 +267,18 @@ def _time(timer, variants: dict, errors: dict) -> dict:
 
 
 def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable[[nn.Module], None], *,
-                   fallbacks: Sequence[dict] = (), min_speedup: float = 1.0, kernel: Optional[str] = None, device=None,
-                   rounds: int = 20, inputs_per_shape: int = 3, timer: Optional[Callable[[dict], dict]] = None,
-                   progress: bool = True) -> PrecisionPlan:
+                   fallbacks: Sequence[dict] = (), min_speedup: float = 1.0, kernel: Optional[str] = None,
+                   kernels: Sequence[str] = (), device=None, rounds: int = 20, inputs_per_shape: int = 3,
+                   timer: Optional[Callable[[dict], dict]] = None, progress: bool = True) -> PrecisionPlan:
     """Time every layer ``config`` would quantize, at the rows ``forward_loop`` calls it with, in bf16, in
     ``config`` and in each of ``fallbacks`` (field changes, e.g. ``{"weights": "fp8", "activations": "fp8"}``);
     keep per layer the first of config, fallbacks... that is ``min_speedup`` x faster than bf16, else 16 bits.
 
     kernel: the kernel timed (default ``config.kernel``; "triton" for the GPU kernels); the planned config keeps
-    ``config.kernel``. Set the GEMM backend (``fourbit.nn.set_gemm_backend``) as the model will run. device: where
+    ``config.kernel``. Set the GEMM backend (``fourbit.nn.set_gemm_backend``) as the model will run. kernels:
+    instead of one kernel, several (e.g. ``("triton", "triton-cublas")``: the GEMM on Triton or on cuBLAS): each
+    precision is timed under each, a precision pays if its fastest kernel does, and a planned layer gets that
+    kernel (an override where it is not the layer's ``config.kernel``). device: where
     to time (default: the model's). timer: {label: [calls]} -> {label: ms per call}, each call a
     ``functools.partial(layer, x)`` (default: CUDA graphs replayed in alternation, medians of ``rounds``; wall
     clock on a CPU, where the reference kernels are timed). The model is not changed; the layers are timed as
@@ -270,7 +299,12 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
             raise ValueError(f"a fallback is a dict of config field changes (e.g. {{'weights': 'fp8', "
                              f"'activations': 'fp8'}}); 16 bits is always the last resort; got {changes!r}")
         dataclasses.replace(config, **changes)  # an invalid fallback fails here, with the config's message
-    labels = [describe_changes(c) for c in candidates]
+    kernels = _check_kernels(kernel, kernels)
+    tiers = [describe_changes(c) for c in candidates]  # precisions, in order of preference
+    # what is timed: each precision under each kernel (label -> (its tier, field changes, kernel or None))
+    options = {(t if not kernels else f"{t} @ {kern}"): (t, c, kern)
+               for t, c in zip(tiers, candidates) for kern in (kernels or [None])}
+    labels = list(options)
     timed, untimed = _timed_targets(model, config)
     rows = record_rows(model, {n: t.module for n, t in timed.items()}, forward_loop)
     for name in [n for n, r in rows.items() if not r]:
@@ -295,8 +329,9 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
             rows_seen = sorted({r for name in names for r in rows[name]})
             st = _ShapeTimer(k, n, bias, device, dtype, seed=layer_cfg.seed + i)
             layers, errors[key] = {}, {}
-            for label, changes in zip(labels, candidates):
+            for label, (_, changes, kern) in options.items():
                 try:
+                    changes = changes if kern is None else {**changes, "kernel": kern}
                     layers[label] = st.layer(label, dataclasses.replace(layer_cfg, **changes), rows_seen)
                 except (ValueError, RuntimeError, NotImplementedError) as err:
                     errors[key][label] = _reason(err)
@@ -317,11 +352,15 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
                 per_call = [results[key, r].get(label) for r in lp.rows]
                 if all(t is not None for t in per_call):
                     lp.ms[label] = sum(t * c for t, c in zip(per_call, lp.rows.values()))
-            lp.choice = next((label for label in labels if lp.speedup(label) >= min_speedup), SIXTEEN_BIT)
+            lp.choice = _choose(lp, options, tiers, min_speedup)
             if lp.choice == SIXTEEN_BIT:
                 overrides[exact_pattern(name)] = {"keep": True}
-            elif lp.choice != labels[0]:
-                overrides[exact_pattern(name)] = dict(candidates[labels.index(lp.choice)])
+            else:
+                _, changes, kern = options[lp.choice]
+                if kern is not None and kern != timed[name].config.kernel:
+                    changes = {**changes, "kernel": kern}
+                if changes:
+                    overrides[exact_pattern(name)] = dict(changes)
             plan_layers.append(lp)
     order = {name: i for i, name in enumerate(timed)}
     plan_layers.sort(key=lambda lp: order[lp.name])

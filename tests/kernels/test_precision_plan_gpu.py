@@ -32,3 +32,24 @@ def test_plan_precision_times_the_triton_kernels_gpu():
     fourbit.quantize(model, plan.config, lambda m: m(x[:512]), progress=False, verbose=False)
     out = model(x).float()
     assert torch.isfinite(out).all() and (out - ref).norm() / ref.norm() < 0.2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_plan_precision_picks_the_kernel_per_layer_gpu():
+    """kernels=("triton", "triton-cublas"): each layer timed with its GEMM on Triton and on cuBLAS; a planned layer
+    runs the faster one (from the checkpoint's per-layer kernel), and the mix computes what the model computes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1152, 4608), nn.GELU(), nn.Linear(4608, 1152)).cuda().bfloat16()
+    x = torch.randn(4096, 1152, device="cuda", dtype=torch.bfloat16)
+    cfg = fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=32, kernel="triton")
+    plan = fourbit.plan_precision(model, cfg, lambda m: m(x), kernels=("triton", "triton-cublas"), rounds=5,
+                                  progress=False, min_speedup=1e-6)  # keep both layers in 4 bits: test the kernels
+    for lp in plan.layers:
+        assert set(lp.ms) == {"16-bit", "config @ triton", "config @ triton-cublas"} and not lp.errors, lp.errors
+    chosen = [lp.choice.split(" @ ")[1] for lp in plan.layers]
+    ref = model(x).float()
+    fourbit.quantize(model, plan.config, lambda m: m(x[:512]), progress=False, verbose=False)
+    assert [model[0].kernel, model[2].kernel] == chosen
+    out = model(x).float()
+    assert torch.isfinite(out).all() and (out - ref).norm() / ref.norm() < 0.2

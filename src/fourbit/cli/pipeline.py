@@ -48,8 +48,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    "(one process only: under torchrun the run is not resumable)")
     g.add_argument("--max-shard-size", default="5GB", help="shard the checkpoint above this size")
     g.add_argument("--speed-plan", action="store_true", help="first time every layer on this GPU at the rows of one "
-                   "pipeline call at --height/--width (bf16 vs the variant, Triton kernels) and keep 16-bit the layers "
-                   "that are not faster in low precision (fourbit.plan_pipeline); the plan is printed and written to "
+                   "pipeline call at --height/--width (bf16 vs the variant, its GEMM on Triton and on cuBLAS) and keep "
+                   "16-bit the layers that are not faster in low precision (fourbit.plan_pipeline); the others get the "
+                   "faster kernel ('triton' or 'triton-cublas'); the plan is printed and written to "
                    "OUT/fourbit_plan.json")
     g.add_argument("--min-speedup", type=float, default=1.0, help="with --speed-plan: keep a layer in low precision "
                    "only if it is at least this many times faster than bf16 (default 1.0)")
@@ -104,7 +105,8 @@ def run_quantize(args) -> int:
             from ..pipelines import plan_pipeline
 
             plan = plan_pipeline(pipe, config, prompts[0], guidance_scale=args.guidance, component=args.component,
-                                 preset=args.preset, call_kwargs=_call_kwargs(args), kernel="triton",
+                                 preset=args.preset, call_kwargs=_call_kwargs(args),
+                                 kernels=("triton", "triton-cublas"),
                                  progress=ranks.is_root, verbose=ranks.is_root, siblings=args.fuse_siblings,
                                  min_speedup=args.min_speedup)
             config = plan.config

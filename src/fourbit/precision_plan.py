@@ -12,7 +12,9 @@ layer, the first candidate that is at least ``min_speedup`` times faster than bf
     print(plan.summary())
     fourbit.quantize(model, plan.config, forward_loop)
 
-Any model: the plan reads only module types and the rows they are called with. Each layer is timed alone (its
+With ``kernels=("triton", "triton-cublas")`` each precision is timed with its GEMM on Triton and on cuBLAS, and a
+layer that pays keeps the faster kernel (a per-layer ``kernel`` override). Any model: the plan reads only module
+types and the rows they are called with. Each layer is timed alone (its
 neighbours in a compiled model, e.g. a GELU fused into the GEMM, are not), so the plan is a per-layer estimate;
 time the whole model to judge the mix.
 """
@@ -74,7 +76,7 @@ class PrecisionPlan:
     """What ``plan_precision`` measured and chose; ``config`` is the input config with the choices as overrides."""
 
     config: QuantConfig
-    candidates: list  # labels, in order of preference (16-bit last)
+    candidates: list  # labels, in order of preference (16-bit last); with kernels "<precision> @ <kernel>"
     layers: list  # LayerPlan
     untimed: dict  # name -> why the layer was not timed (it keeps the config's choice)
     min_speedup: float

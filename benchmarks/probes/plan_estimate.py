@@ -6,7 +6,8 @@
 For each family, one repeated block's linears (``BLOCK_LAYERS``: how many of each measured (M, K, N) one block calls)
 are summed in bf16, all in W4A4 (int4p2 + rank-32 branch; Triton GEMM, and the cuBLAS backend from 2048 rows as
 ``set_gemm_backend("cublas")`` runs it) and planned as ``fourbit.plan_precision`` would plan them (a shape keeps
-W4A4 where it measured at least as fast as bf16, else bf16). Per-layer sums of isolated CUDA-graph timings: an
+W4A4 where it measured at least as fast as bf16, else bf16), on one backend or, as ``kernels=("triton",
+"triton-cublas")`` plans, on the faster of the two per shape ("planned, per layer"). Per-layer sums of isolated CUDA-graph timings: an
 estimate of the linears' share of a step, not a step measurement (``benchmarks/models.py`` measures steps). Shapes a
 block calls that the run did not measure are listed, not guessed.
 """
@@ -67,8 +68,9 @@ def load_rows(path: str, run: str) -> dict:
 
 def estimate(block: dict, times: dict) -> dict:
     """Per-block microseconds of the measured shapes: bf16, W4A4 (Triton / cuBLAS backend) and planned."""
-    sums = {k: 0.0 for k in ("bf16", "W4A4 Triton", "W4A4 cuBLAS", "planned Triton", "planned cuBLAS")}
-    chosen: dict = {"planned Triton": 0, "planned cuBLAS": 0}
+    sums = {k: 0.0 for k in ("bf16", "W4A4 Triton", "W4A4 cuBLAS", "planned Triton", "planned cuBLAS",
+                             "planned per layer")}
+    chosen: dict = {"planned Triton": 0, "planned cuBLAS": 0, "planned per layer": 0}
     layers, missing = 0, []
     for shape, count in block.items():
         t = times.get(shape, {})
@@ -80,9 +82,12 @@ def estimate(block: dict, times: dict) -> dict:
         layers += count
         sums["bf16"] += count * bf16 * 1e3
         sums["W4A4 Triton"] += count * tri * 1e3
-        for name, w4 in (("Triton", tri), ("cuBLAS", cub)):
+        best = min(tri, cub) if cub is not None else tri
+        for name, w4 in (("Triton", tri), ("cuBLAS", cub), ("per layer", best)):
             if w4 is None:
-                sums[f"W4A4 {name}"] = sums[f"planned {name}"] = float("nan")
+                sums[f"planned {name}"] = float("nan")
+                if name == "cuBLAS":
+                    sums["W4A4 cuBLAS"] = float("nan")
                 continue
             if name == "cuBLAS":
                 sums["W4A4 cuBLAS"] += count * w4 * 1e3
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
             continue
         us = e["us"]
         cells = [family, f"{e['layers']}", f"{us['bf16']:.0f}"]
-        for k in ("W4A4 Triton", "W4A4 cuBLAS", "planned Triton", "planned cuBLAS"):
+        for k in ("W4A4 Triton", "W4A4 cuBLAS", "planned Triton", "planned cuBLAS", "planned per layer"):
             v = us[k]
             extra = f", {e['four_bit'][k]} in 4 bits" if k in e["four_bit"] and v == v else ""
             cells.append("-" if v != v else f"{v:.0f} ({us['bf16'] / v:.2f}x{extra})")
@@ -114,7 +119,8 @@ def main(argv=None) -> int:
         table.append(cells)
     print(f"linear.jsonl run {args.run}: one block's linears, us (speed vs bf16); per-layer sums, not a step\n")
     print(md_table(["family", "layers summed", "bf16", "all W4A4, Triton", "all W4A4, cuBLAS >= 2048 rows",
-                    "planned, Triton", "planned, cuBLAS", "not measured (left out)"], table))
+                    "planned, Triton", "planned, cuBLAS", "planned, faster GEMM per layer",
+                    "not measured (left out)"], table))
     return 0
 
 

@@ -27,6 +27,7 @@ def test_planned_sum_is_the_per_shape_minimum_on_the_committed_rows():
         assert e["layers"] == 7
         for name in ("Triton", "cuBLAS"):
             assert us[f"planned {name}"] <= min(us["bf16"], us[f"W4A4 {name}"]) + 1e-9
+            assert us["planned per layer"] <= us[f"planned {name}"] + 1e-9
     sd3 = probe.estimate(probe.BLOCK_LAYERS["sd3-medium"], times)
     assert sd3["missing"] == [(666, 1536, 1536)]
 
@@ -43,3 +44,4 @@ def test_a_shape_faster_in_4_bits_is_kept_and_a_slower_one_is_not(tmp_path):
     e = probe.estimate({(4096, 64, 64): 2, (4096, 64, 128): 1, (8, 8, 8): 1}, probe.load_rows(str(path), "x"))
     assert e["us"]["planned Triton"] == pytest.approx(2 * 8 + 10) and e["four_bit"]["planned Triton"] == 2
     assert e["us"]["planned cuBLAS"] == pytest.approx(2 * 5 + 10) and e["missing"] == [(8, 8, 8)]
+    assert e["us"]["planned per layer"] == pytest.approx(2 * 5 + 10) and e["four_bit"]["planned per layer"] == 2

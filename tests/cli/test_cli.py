@@ -182,7 +182,8 @@ def test_inspect_verifies_and_reports_size_and_bits(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"({path.stat().st_size} bytes), header and tensor checksums OK" in out
     # fc: 512 -> 64 int4 group 64: 4 bits + one fp16 scale per 64 weights = 4.25 bits per weight
-    assert "W=int4 A=int4 rank=0  4.25 bits/w" in out
+    assert "W=int4 A=int4 rank=0 kernel=reference  4.25 bits/w" in out
+    assert "kernels: reference 5 (layers;" in out
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x10
     path.write_bytes(bytes(data))

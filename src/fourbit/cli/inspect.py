@@ -51,13 +51,18 @@ def _run_inspect(args) -> int:
     for name, spec in layers.items():
         a = spec["act_format"]["name"] if spec["act_format"] else "16-bit"
         line = (f"  {name:<40} {spec['kind']:<7} {spec['in_features']:>6}->{spec['out_features']:<6} "
-                f"W={spec['weight_format']['name']} A={a} rank={spec['rank']}")
+                f"W={spec['weight_format']['name']} A={a} rank={spec['rank']} kernel={spec['kernel']}")
         if tensors is not None:
             w, full = layer_bits(name, spec, tensors)
             n = spec["out_features"] * spec["in_features"]
             total["w"], total["all"], total["n"] = total["w"] + w * n, total["all"] + full * n, total["n"] + n
             line += f"  {w:.2f} bits/w ({full:.2f} with low-rank/smoothing)"
         print(line)
+    kernels: dict = {}
+    for spec in layers.values():
+        kernels[spec["kernel"]] = kernels.get(spec["kernel"], 0) + 1
+    print("kernels: " + ", ".join(f"{k} {n}" for k, n in sorted(kernels.items())) + " (layers; a precision plan's "
+          "choice per layer, or set them all with fourbit.nn.set_kernel)")
     if tensors is not None and total["n"]:
         print(f"bits per weight over the quantized layers: {total['w'] / total['n']:.3f} (codes + scales), "
               f"{total['all'] / total['n']:.3f} with the low-rank branches and smoothing factors as stored")

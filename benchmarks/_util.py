@@ -243,13 +243,15 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_synthetic_branch(model, rank, seed=0):
-    """Give every quantized layer random rank-r factors and smoothing factors (what SVDQuant would store),
-    so the timed step runs the branch; the numerics are not those of a calibrated model."""
+def add_synthetic_branch(model, rank, seed=0, only=None):
+    """Give every quantized layer (``only(layer)`` true, if given) random rank-r factors and smoothing factors (what
+    SVDQuant would store), so the timed step runs the branch; the numerics are not those of a calibrated model."""
     from fourbit.nn import quantized_layers
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     for _, layer in quantized_layers(model):
+        if only is not None and not only(layer):
+            continue
         kp, n = layer.padded_in, layer.out_features
         dev, dt = layer.weight_packed.device, layer.compute_dtype
         layer.smooth = (torch.rand(kp, generator=g) + 0.5).to(dev)

@@ -42,6 +42,10 @@ the same blocks are compiled (regional ``torch.compile``, inductor default mode)
                  ``folded_layers`` (those on cuBLAS)
   fourbit-w4a4-cublas-planned
                  the same plan with every layer on the process-wide 'cublas' backend (Triton not a candidate)
+  fourbit-mixed-planned
+                 the plan with fp8 W8A8 (no branch) as the fallback: per layer W4A4 if it pays, else fp8 if that pays,
+                 else 16 bits, each on its faster GEMM: what a Hopper user would deploy; ``plan_counts`` says how
+                 many layers took each (a mixed-precision model, not a W4A4 one)
 
 Timing: each variant's step is captured in a CUDA graph after compilation and warm-up; the graphs of all variants
 of a model are replayed in alternation (``--rounds`` rounds after 3 warm-up rounds, median ms per variant), so clock
@@ -141,7 +145,8 @@ FAMILIES = {
                               pooled_projections=("randn", ("B", 16)), img_ids=("ids", 8, 0), txt_ids=("ids", 0, 8)))),
 }
 VARIANTS = ("bf16", "fp8-peer", "fourbit-w4a4", "fourbit-fp8", "fourbit-w4a4-cublas", "fourbit-fp8-cublas",
-            "fourbit-w4a4-inline", "fourbit-fp8-inline", "fourbit-w4a4-planned", "fourbit-w4a4-cublas-planned", "fourbit-fp8-planned", "bf16-siblings")
+            "fourbit-w4a4-inline", "fourbit-fp8-inline", "fourbit-w4a4-planned", "fourbit-w4a4-cublas-planned", "fourbit-fp8-planned", "bf16-siblings",
+            "fourbit-mixed-planned")
 
 
 def family(name: str, tiny: bool) -> dict:
@@ -274,11 +279,15 @@ def fp8_peer(model: nn.Module, blocks: list[str], prefer_torchao: bool = True) -
 
 
 # ---- fourbit -------------------------------------------------------------------------------------------------
+FP8_FALLBACK = {"weights": "fp8", "activations": "fp8"}  # W8A8 without a branch (the synthetic one goes to int4p2)
+
+
 def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, across_blocks: bool = False,
-                    plan: bool = False, plan_kernels=(), log=print) -> dict:
+                    plan: bool = False, plan_kernels=(), fallbacks=(), log=print) -> dict:
     """Quantize ``model``'s block linears in place (siblings fused); ``plan``: only the layers that
-    ``fourbit.plan_precision`` times faster than bf16 at their rows (SVDQuant with ``rank`` for the timing), the
-    others kept 16-bit; ``plan_kernels``: the kernels timed per layer (the faster one kept; default ``kernel``)."""
+    ``fourbit.plan_precision`` times faster than bf16 at their rows (SVDQuant with ``rank`` for the timing, then
+    ``fallbacks``: rank-0 config changes such as ``FP8_FALLBACK``), the others kept 16-bit; ``plan_kernels``: the
+    kernels timed per layer (the faster one kept; default ``kernel``)."""
     import fourbit
 
     call = lambda m: m(**inputs)  # noqa: E731
@@ -290,10 +299,13 @@ def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, acr
                                         include=cfg.include) if rank else cfg
         # the tiny CPU smoke test times the reference kernel, slower than bf16 everywhere: keep every layer there
         chosen = fourbit.plan_precision(model, timing, call, progress=False, kernels=plan_kernels,
+                                        fallbacks=[dict(f, rank=0) if rank else f for f in fallbacks],
                                         min_speedup=1.0 if kernel != "reference" else 1e-9,
                                         rounds=20 if kernel != "reference" else 2)
         log(chosen.summary())
-        cfg = dataclasses.replace(cfg, overrides=chosen.config.overrides)
+        overrides = {pattern: {k: v for k, v in changes.items() if k != "rank"}  # RTN has no rank: the synthetic
+                     for pattern, changes in chosen.config.overrides.items()}  # branch goes to `fmt` layers only
+        cfg = dataclasses.replace(cfg, overrides=overrides)
         info.update(plan_seconds=time.perf_counter() - t0, plan_counts=chosen.counts(),
                     plan_estimated_speedup=chosen.estimated_speedup(),
                     plan_shapes=plan_shapes(chosen))
@@ -305,7 +317,7 @@ def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, acr
     fourbit.quantize(model, cfg, progress=False, verbose=False)
     info.update(quantized_layers=len(model.fourbit_report.layers), quantize_seconds=time.perf_counter() - t0)
     if rank:
-        add_synthetic_branch(model, rank)
+        add_synthetic_branch(model, rank, only=lambda layer: layer.weight_format.name == fmt)
     return info
 
 
@@ -489,6 +501,10 @@ def run_model(name: str, args, device: str, log) -> dict:
                     res.update(fourbit_variant(m, blocks, inputs, "int4p2", args.rank, kernel,
                                                args.siblings_across_blocks, plan=variant.endswith("-planned"),
                                                plan_kernels=plan_kernels, log=log), format="int4p2", rank=args.rank)
+            elif variant == "fourbit-mixed-planned":
+                res.update(fourbit_variant(m, blocks, inputs, "int4p2", args.rank, kernel,
+                                           args.siblings_across_blocks, plan=True, plan_kernels=plan_kernels,
+                                           fallbacks=[FP8_FALLBACK], log=log), format="int4p2 / fp8", rank=args.rank)
             elif variant.startswith("fourbit-fp8"):
                 with gemm_backend(gemm if variant.endswith("-planned") and not tiny else None):
                     res.update(fourbit_variant(m, blocks, inputs, "fp8", 0, kernel, args.siblings_across_blocks,

@@ -9,7 +9,7 @@
 #   act [2]         probes/act_chunk_probe.py: act_quant's single pass, chunks / one_load / 2 rows, every family's M, K
 #   blockwise [5]   probes/blockwise_probe.py: cuBLAS block-scaled FP8 GEMM vs bf16 and today's layer, every family
 #   linear [5]      linear.py --family $FAMILIES (default SANA-1.6B, SDXL UNet): every family's layer shapes
-#   models [9]      models.py --profile, $VARIANTS (default six, incl. the planned W4A4 and its bf16 control), $MODELS (default SANA-1.6B, SDXL UNet), $BUDGET s
+#   models [9]      models.py --profile, $VARIANTS (default seven, incl. the planned W4A4, its bf16 control and the W4A4/fp8 mix), $MODELS (default SANA-1.6B, SDXL UNet), $BUDGET s
 #                   per model
 #   calibration [6-9] calibration.py, complete full-size runs: CAL=sd3 (~5 min) or CAL=sdxl (~9 min), one per call
 #   transformer [9] transformer.py: the FLUX.1 step
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/kernels}
 STAGES=${STAGES:-"tests fusion blockwise"}
 MODELS=${MODELS:-"sana-1.6b,sdxl-unet"}
-VARIANTS=${VARIANTS:-"bf16,bf16-siblings,fp8-peer,fourbit-w4a4-cublas,fourbit-w4a4-planned,fourbit-fp8"}
+VARIANTS=${VARIANTS:-"bf16,bf16-siblings,fp8-peer,fourbit-w4a4-cublas,fourbit-w4a4-planned,fourbit-fp8,fourbit-mixed-planned"}
 BUDGET=${BUDGET:-200}
 FAMILIES=${FAMILIES:-"sana-1.6b,sdxl-unet"}
 TESTS_K=${TESTS_K:-"cuda or gpu"}

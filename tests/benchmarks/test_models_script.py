@@ -72,3 +72,34 @@ def test_a_plan_that_keeps_every_layer_is_reported_not_timed_twice(monkeypatch):
     v = rows[0]["variants"]["fourbit-w4a4-planned"]
     assert v["quantized_layers"] == 0 and v["skipped"].startswith("the plan kept every layer 16-bit")
     assert set(v["plan_counts"]) == {"16-bit"} and "weight_bytes" not in v
+
+
+def test_mixed_plan_falls_back_to_fp8_without_a_branch(monkeypatch):
+    """fourbit-mixed-planned: where W4A4 does not pay and fp8 does, the layer is fp8 W8A8 with no (synthetic) branch."""
+    import models
+
+    import fourbit
+
+    real = fourbit.plan_precision
+
+    def fp8_pays(model, config, loop, **kw):
+        kw["timer"] = lambda variants: {label: {"16-bit": 1.0, "config": 2.0}.get(label, 0.5) for label in variants}
+        kw["min_speedup"] = 1.0
+        return real(model, config, loop, **kw)
+
+    branched = []
+    add = models.add_synthetic_branch
+
+    def counting(model, rank, only=None, **kw):
+        from fourbit.nn import quantized_layers
+        branched.extend(name for name, layer in quantized_layers(model) if only is None or only(layer))
+        return add(model, rank, only=only, **kw)
+
+    monkeypatch.setattr(fourbit, "plan_precision", fp8_pays)
+    monkeypatch.setattr(models, "add_synthetic_branch", counting)
+    rows = models.main(["--tiny", "--no-compile", "--models", "pixart-sigma", "--variants",
+                        "bf16,fourbit-mixed-planned"])
+    v = rows[0]["variants"]["fourbit-mixed-planned"]
+    assert "error" not in v and v["finite"], v
+    assert v["plan_counts"] == {"weights=fp8, activations=fp8, rank=0": v["quantized_layers"]} and v["quantized_layers"] > 0
+    assert branched == []  # every layer fell back to fp8: none got the int4p2 branch

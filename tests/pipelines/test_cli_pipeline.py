@@ -138,6 +138,8 @@ def test_quantize_with_a_saved_plan_keeps_its_16_bit_layers(sd_path, tmp_path, c
     assert "--speed-plan times the GPU kernels" in capsys.readouterr().err
     assert _quantize(sd_path, prompts, tmp_path / "o3", "--min-speedup", "1.2") == 2
     assert "--min-speedup applies to --speed-plan only" in capsys.readouterr().err
+    assert _quantize(sd_path, prompts, tmp_path / "o3", "--fallback", "weights=fp8,activations=fp8") == 2
+    assert "--fallback applies to --speed-plan only" in capsys.readouterr().err
     # a plan made for the unfused denoiser names Q/K/V one by one: with --fuse-siblings they are gone
     assert _quantize(sd_path, prompts, tmp_path / "o4", "--plan", str(tmp_path / "plan.json"), "--fuse-siblings") == 2
     assert "the plan names" in capsys.readouterr().err and not (tmp_path / "o4").exists()
@@ -151,3 +153,20 @@ def test_quantize_fuse_siblings_from_the_shell(sd_path, tmp_path):
     assert _quantize(sd_path, prompts, tmp_path / "out", "--fuse-siblings") == 0
     unet = fourbit.from_pretrained(tmp_path / "out")
     assert unet.fourbit_siblings and any(n.endswith(".group.linear") for n, _ in unet.named_modules())
+
+
+def test_fallback_option_parses_config_fields():
+    from fourbit.cli.pipeline import parse_fallback
+    from fourbit.harness.variants import parse_variant
+
+    config = parse_variant(VARIANT).config()
+    assert parse_fallback("weights=fp8, activations=fp8,rank=0,group_size=none", config) == {
+        "weights": "fp8", "activations": "fp8", "rank": 0, "group_size": None}
+    with pytest.raises(ValueError, match="FIELD=VALUE pairs"):
+        parse_fallback("fp8", config)
+    with pytest.raises(ValueError, match="colour is not a field of the variant's config"):
+        parse_fallback("colour=red", config)
+    with pytest.raises(ValueError, match="unknown"):
+        parse_fallback("weights=int3", config)
+    with pytest.raises(ValueError, match="leave group_size unset"):  # the config's own check, with its advice
+        parse_fallback("weights=fp8,activations=fp8", config)

@@ -54,6 +54,10 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    "OUT/fourbit_plan.json")
     g.add_argument("--min-speedup", type=float, default=1.0, help="with --speed-plan: keep a layer in low precision "
                    "only if it is at least this many times faster than bf16 (default 1.0)")
+    g.add_argument("--fallback", action="append", default=[], metavar="FIELD=VALUE,...",
+                   help="with --speed-plan: a precision to try where the variant does not pay, as config field "
+                   "changes, e.g. weights=fp8,activations=fp8,rank=0 (FP8 W8A8 without the low-rank branch); "
+                   "repeat for more, tried in order before 16 bits")
     g.add_argument("--fuse-siblings", action="store_true", help="fuse the layers that read one input (Q/K/V) into "
                    "one wider layer first: one activation quantization and one GEMM (the checkpoint records the "
                    "groups; from_pretrained fuses the same way)")
@@ -87,6 +91,9 @@ def run_quantize(args) -> int:
         raise ValueError(f"--min-speedup must be > 0 (1.0: at least as fast as bf16), got {args.min_speedup}")
     if args.min_speedup != 1.0 and not args.speed_plan:
         raise ValueError("--min-speedup applies to --speed-plan only")
+    if args.fallback and not args.speed_plan:
+        raise ValueError("--fallback applies to --speed-plan only")
+    fallbacks = [parse_fallback(text, config) for text in args.fallback]
     if args.speed_plan and not _device(args).startswith("cuda"):
         raise ValueError("--speed-plan times the GPU kernels against bf16: run it with a CUDA device (--device cuda)")
     prompts = read_prompts(args.prompts) if args.prompts else bundled_prompts()
@@ -108,7 +115,7 @@ def run_quantize(args) -> int:
                                  preset=args.preset, call_kwargs=_call_kwargs(args),
                                  kernels=("triton", "triton-cublas"),
                                  progress=ranks.is_root, verbose=ranks.is_root, siblings=args.fuse_siblings,
-                                 min_speedup=args.min_speedup)
+                                 min_speedup=args.min_speedup, fallbacks=fallbacks)
             config = plan.config
         elif plan is not None:
             _check_plan_layers(pipe, plan, config, prompts, args)
@@ -137,6 +144,38 @@ def run_quantize(args) -> int:
 
 
 PLAN_FILE = "fourbit_plan.json"
+
+
+def parse_fallback(text: str, config) -> dict:
+    """'weights=fp8,activations=fp8,rank=0' -> {"weights": "fp8", "activations": "fp8", "rank": 0}, refused unless
+    it names fields of ``config`` with values it accepts (numbers become int / float; true, false, none)."""
+    import dataclasses
+
+    changes = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        field, sep, value = part.partition("=")
+        if not sep or not field.strip() or not value.strip():
+            raise ValueError(f"--fallback {text!r}: give FIELD=VALUE pairs separated by commas, e.g. "
+                             f"weights=fp8,activations=fp8,rank=0")
+        changes[field.strip()] = _value(value.strip())
+    if not changes:
+        raise ValueError("--fallback needs FIELD=VALUE pairs, e.g. weights=fp8,activations=fp8,rank=0")
+    names = {f.name for f in dataclasses.fields(config)} - {"include", "exclude", "overrides", "kernel"}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise ValueError(f"--fallback {text!r}: {', '.join(unknown)} is not a field of the variant's config "
+                         f"({type(config).__name__}: {', '.join(sorted(names))})")
+    dataclasses.replace(config, **changes)  # a value the config refuses fails here, with its message
+    return changes
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
 def _saved_plan(path, config):

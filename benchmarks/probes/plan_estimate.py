@@ -10,6 +10,10 @@ W4A4 where it measured at least as fast as bf16, else bf16), on one backend or, 
 "triton-cublas")`` plans, on the faster of the two per shape ("planned, per layer"). Per-layer sums of isolated CUDA-graph timings: an
 estimate of the linears' share of a step, not a step measurement (``benchmarks/models.py`` measures steps). Shapes a
 block calls that the run did not measure are listed, not guessed.
+
+Then, from ``models.jsonl``: a whole step estimated as the measured bf16 step with every block's linears replaced by
+a sum (bf16 step + blocks x (sum - bf16 sum)), beside the measured step of the all-W4A4 variants as a check of the
+estimate (run 2026-12-04b against steps d-f: within 0.1-2.3%).
 """
 from __future__ import annotations
 
@@ -97,18 +101,62 @@ def estimate(block: dict, times: dict) -> dict:
     return dict(us=sums, four_bit=chosen, layers=layers, missing=missing)
 
 
+#: the per-block sums that correspond to a measured models.py variant (all layers W4A4 on one backend)
+STEP_VARIANTS = {"W4A4 Triton": "fourbit-w4a4", "W4A4 cuBLAS": "fourbit-w4a4-cublas"}
+
+
+def load_steps(path: str) -> dict:
+    """{family: the newest models.jsonl row of it (variants' step_ms, blocks, run)} for rows with a bf16 step."""
+    out: dict = {}
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            res = r.get("result", r)
+            for row in res.get("rows", [res]):
+                if row.get("variants", {}).get("bf16", {}).get("step_ms"):
+                    out[row["model"]] = dict(row, run=r.get("run"))
+    return out
+
+
+def step_estimate(e: dict, row: dict) -> dict:
+    """A step's ms with one block's linears replaced, per sum of ``estimate``: bf16 step + blocks x (sum - bf16 sum),
+    and beside it the measured step of the variant that sum describes (``STEP_VARIANTS``), where there is one."""
+    us, blocks, variants = e["us"], row["blocks"], row["variants"]
+    bf16 = variants["bf16"]["step_ms"]
+    out = {}
+    for k, v in us.items():
+        if k == "bf16" or v != v:
+            continue
+        measured = variants.get(STEP_VARIANTS.get(k, ""), {}).get("step_ms")
+        out[k] = dict(predicted=bf16 + blocks * (v - us["bf16"]) / 1e3, measured=measured)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=os.path.join(os.path.dirname(HERE), "results", "linear.jsonl"))
+    p.add_argument("--steps", default=os.path.join(os.path.dirname(HERE), "results", "models.jsonl"),
+                   help="models.jsonl: whole steps, to turn per-block sums into step estimates ('' to skip)")
     p.add_argument("--run", default="2026-12-04b")
     args = p.parse_args(argv)
     times = load_rows(args.results, args.run)
-    table = []
+    steps = load_steps(args.steps) if args.steps else {}
+    table, step_table = [], []
     for family, block in BLOCK_LAYERS.items():
         e = estimate(block, times)
         if not e["layers"]:
             print(f"{family}: no shape of its block in run {args.run}")
             continue
+        if family in steps:
+            row = steps[family]
+            bf16, peer = row["variants"]["bf16"]["step_ms"], row["variants"].get("fp8-peer", {}).get("step_ms")
+            for k, v in step_estimate(e, row).items():
+                measured = "-" if v["measured"] is None else f"{v['measured']:.2f} ({bf16 / v['measured']:.2f}x)"
+                step_table.append([family, k, f"{bf16:.2f}", f"{v['predicted']:.2f} ({bf16 / v['predicted']:.2f}x)",
+                                   measured, "-" if peer is None else f"{bf16 / peer:.2f}x",
+                                   f"{row['run']}, {row['blocks']} blocks"])
         us = e["us"]
         cells = [family, f"{e['layers']}", f"{us['bf16']:.0f}"]
         for k in ("W4A4 Triton", "W4A4 cuBLAS", "planned Triton", "planned cuBLAS", "planned per layer"):
@@ -121,6 +169,12 @@ def main(argv=None) -> int:
     print(md_table(["family", "layers summed", "bf16", "all W4A4, Triton", "all W4A4, cuBLAS >= 2048 rows",
                     "planned, Triton", "planned, cuBLAS", "planned, faster GEMM per layer",
                     "not measured (left out)"], table))
+    if step_table:
+        print(f"\nwhole step, estimated: the measured bf16 step with each block's linears replaced by the sums above "
+              f"(models.jsonl; other runs than the per-layer one, same GPU kind); where a measured step of that "
+              f"variant exists it is beside, as a check of the estimate\n")
+        print(md_table(["family", "linears", "bf16 step ms (measured)", "estimated step ms", "measured step ms",
+                        "FP8 peer (measured)", "step run"], step_table))
     return 0
 
 

@@ -45,3 +45,19 @@ def test_a_shape_faster_in_4_bits_is_kept_and_a_slower_one_is_not(tmp_path):
     assert e["us"]["planned Triton"] == pytest.approx(2 * 8 + 10) and e["four_bit"]["planned Triton"] == 2
     assert e["us"]["planned cuBLAS"] == pytest.approx(2 * 5 + 10) and e["missing"] == [(8, 8, 8)]
     assert e["us"]["planned per layer"] == pytest.approx(2 * 5 + 10) and e["four_bit"]["planned per layer"] == 2
+
+
+def test_step_estimate_replaces_each_blocks_linears(tmp_path):
+    probe = _probe()
+    e = dict(us={"bf16": 100.0, "W4A4 cuBLAS": 80.0, "planned cuBLAS": 70.0, "W4A4 Triton": float("nan")})
+    row = dict(blocks=10, variants={"bf16": {"step_ms": 5.0}, "fourbit-w4a4-cublas": {"step_ms": 4.9}})
+    got = probe.step_estimate(e, row)
+    assert got["W4A4 cuBLAS"] == {"predicted": pytest.approx(5.0 - 10 * 20 / 1e3), "measured": 4.9}
+    assert got["planned cuBLAS"] == {"predicted": pytest.approx(4.7), "measured": None}
+    assert "W4A4 Triton" not in got  # a sum that could not be made is not estimated
+    path = tmp_path / "models.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"run": "a", "result": {"rows": [dict(model="m", blocks=1, variants={"bf16": {"step_ms": 2.0}})]}},
+        {"run": "b", "result": {"rows": [dict(model="m", blocks=1, variants={"bf16": {"step_ms": 3.0}})]}},
+        {"run": "c", "result": {"rows": [dict(model="m", blocks=1, variants={"bf16": {"error": "x"}})]}}]) + "\n")
+    assert probe.load_steps(str(path))["m"]["run"] == "b"  # the newest row with a bf16 step

@@ -14,7 +14,9 @@ from .state import QuantizedLinearState
 
 
 def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
-    """Run every quantized layer through the named kernel ("reference", "triton", ...)."""
+    """Run every quantized layer through the named kernel ("reference", "triton", "triton-cublas", "triton-memory").
+    Replaces per-layer choices too (a precision plan's "triton" / "triton-cublas" mix, kept by checkpoints): a
+    planned model loaded with ``from_pretrained`` already runs its kernels."""
     get_linear_kernel(kernel)  # fail early on an unknown name
     for _, layer in quantized_layers(model):
         layer.kernel = kernel

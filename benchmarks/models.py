@@ -415,6 +415,21 @@ def gemm_backend(name):
         set_gemm_backend("triton")
 
 
+COPY_HEADROOM = 1.3  # a variant starts as a bf16 copy of the model; quantizing and compiling need some more
+
+
+def memory_short(base, device: str):
+    """Why a copy of ``base`` would not fit in the GPU's free memory now (None if it fits, or on the CPU)."""
+    if device != "cuda":
+        return None
+    need = COPY_HEADROOM * sum(t.numel() * t.element_size() for t in list(base.parameters()) + list(base.buffers()))
+    free, _ = torch.cuda.mem_get_info()
+    if free >= need:
+        return None
+    return (f"memory: {free / 2**30:.1f} GiB free, a copy of the model needs ~{need / 2**30:.1f} GiB with the variants "
+            f"before it resident; run fewer variants per call (--variants)")
+
+
 def folded_layers(model) -> int:
     """How many quantized layers carry the 'cublas' backend's folded weight."""
     from fourbit.kernels.linear import _CACHE_KEY
@@ -490,6 +505,11 @@ def run_model(name: str, args, device: str, log) -> dict:
         # planned on Triton's GEMM: each layer also timed with its GEMM on cuBLAS, the faster kernel kept per layer
         per_layer = variant.endswith("-planned") and gemm == "triton" and not tiny
         plan_kernels = ("triton", "triton-cublas") if per_layer else ()
+        short = memory_short(base, device) if variant != "bf16" else None
+        if short:  # every model stays resident for the alternated replay: FLUX.1's copies fill an H200
+            res["skipped"] = short
+            log(f"{name} {variant}: skipped ({short})")
+            continue
         try:
             m = base if variant == "bf16" else copy.deepcopy(base)
             if variant == "fp8-peer":

@@ -184,6 +184,10 @@ def test_kernels_are_checked():
         fourbit.plan_precision(TwoWidths(), cfg(), loop, kernels=("triton", "cutlass"))
     with pytest.raises(ValueError, match="distinct kernel names"):
         fourbit.plan_precision(TwoWidths(), cfg(), loop, kernels=("triton", "triton"))
+    with pytest.raises(ValueError, match="run on CUDA GPUs and this plan would time them on cpu"):
+        fourbit.plan_precision(TwoWidths(), cfg(), loop, kernels=("triton", "triton-cublas"))
+    with pytest.raises(ValueError, match="run on CUDA GPUs"):
+        fourbit.plan_precision(TwoWidths(), cfg(kernel="triton"), loop)
 
 
 def test_wall_clock_timing_on_the_cpu_runs_the_real_layers():

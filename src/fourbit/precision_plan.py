@@ -307,12 +307,17 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
     options = {(t if not kernels else f"{t} @ {kern}"): (t, c, kern)
                for t, c in zip(tiers, candidates) for kern in (kernels or [None])}
     labels = list(options)
+    device = torch.device(device) if device is not None else next(iter(model.parameters())).device
+    timed_kernels = kernels or [kernel or config.kernel]
+    if timer is None and device.type != "cuda" and any(k.startswith("triton") for k in timed_kernels):
+        raise ValueError(f"the Triton kernels ({', '.join(timed_kernels)}) run on CUDA GPUs and this plan would time "
+                         f"them on {device}: move the model to the GPU (or pass device='cuda'), or time "
+                         f"kernel='reference' here")
     timed, untimed = _timed_targets(model, config)
     rows = record_rows(model, {n: t.module for n, t in timed.items()}, forward_loop)
     for name in [n for n, r in rows.items() if not r]:
         untimed[name] = "not called by forward_loop"
         del timed[name]
-    device = torch.device(device) if device is not None else next(iter(model.parameters())).device
     timer = timer or (lambda variants: time_side_by_side(variants, rounds=rounds, device=device))
 
     # layers of one (K, N, bias, dtype, per-layer config) share one quantized twin and its measurements

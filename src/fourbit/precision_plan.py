@@ -144,6 +144,11 @@ class PrecisionPlan:
         if not isinstance(d, dict) or d.get("version") != PLAN_VERSION or "layers" not in d:
             raise ValueError(f"{path}: not a fourbit precision plan of version {PLAN_VERSION} "
                              f"(write one with fourbit.plan_precision(...).save(path))")
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PrecisionPlan":
+        """The plan ``to_dict`` describes (e.g. sent from another process)."""
         layers = [LayerPlan(**dict(layer, rows={int(m): n for m, n in layer["rows"].items()}))
                   for layer in d["layers"]]
         return cls(QuantConfig.from_dict(d["config"]), list(d["candidates"]), layers, dict(d["untimed"]),

@@ -170,3 +170,41 @@ def test_fallback_option_parses_config_fields():
         parse_fallback("weights=int3", config)
     with pytest.raises(ValueError, match="leave group_size unset"):  # the config's own check, with its advice
         parse_fallback("weights=fp8,activations=fp8", config)
+
+
+def test_under_several_ranks_every_rank_takes_rank_0s_plan():
+    """--speed-plan under torchrun: rank 0 plans, the others wait and take its plan (timings differ per GPU, and
+    ranks quantizing with different plans would disagree on the layers they calibrate)."""
+    from dataclasses import dataclass
+
+    import fourbit
+    from fourbit.cli.pipeline import shared_plan
+    from fourbit.precision_plan import SIXTEEN_BIT
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 8))
+    config = fourbit.RTNConfig(weights="int4p2", activations="int4p2")
+    made = fourbit.plan_precision(model, config, lambda m: m(torch.randn(4, 16)), progress=False,
+                                  timer=lambda variants: {label: 1.0 if label == SIXTEEN_BIT else 2.0
+                                                          for label in variants})
+    sent = []
+
+    @dataclass
+    class FakeRanks:
+        rank: int
+        world_size: int = 2
+
+        @property
+        def is_root(self):
+            return self.rank == 0
+
+        def gather(self, obj, what):
+            sent.append(obj)
+            return [made.to_dict(), None]
+
+    calls = []
+    root = shared_plan(FakeRanks(0), lambda: calls.append(0) or made)
+    other = shared_plan(FakeRanks(1), lambda: calls.append(1) or made)
+    assert calls == [0] and root is made and sent == [made.to_dict(), None]  # rank 1 did not plan
+    assert other.config == made.config and other.summary() == made.summary()
+    single = shared_plan(FakeRanks(0, world_size=1), lambda: made)
+    assert single is made

@@ -111,11 +111,10 @@ def run_quantize(args) -> int:
         if args.speed_plan:
             from ..pipelines import plan_pipeline
 
-            plan = plan_pipeline(pipe, config, prompts[0], guidance_scale=args.guidance, component=args.component,
-                                 preset=args.preset, call_kwargs=_call_kwargs(args),
-                                 kernels=("triton", "triton-cublas"),
-                                 progress=ranks.is_root, verbose=ranks.is_root, siblings=args.fuse_siblings,
-                                 min_speedup=args.min_speedup, fallbacks=fallbacks)
+            plan = shared_plan(ranks, lambda: plan_pipeline(
+                pipe, config, prompts[0], guidance_scale=args.guidance, component=args.component, preset=args.preset,
+                call_kwargs=_call_kwargs(args), kernels=("triton", "triton-cublas"), progress=True, verbose=True,
+                siblings=args.fuse_siblings, min_speedup=args.min_speedup, fallbacks=fallbacks))
             config = plan.config
         elif plan is not None:
             _check_plan_layers(pipe, plan, config, prompts, args)
@@ -144,6 +143,19 @@ def run_quantize(args) -> int:
 
 
 PLAN_FILE = "fourbit_plan.json"
+
+
+def shared_plan(ranks, make_plan):
+    """Rank 0's precision plan on every rank: timings differ from GPU to GPU, and ranks that quantized with
+    different plans would disagree on which layers they calibrate. Rank 0 plans (``make_plan()``) while the others
+    wait; they fuse siblings, if asked, in ``quantize_pipeline``."""
+    from ..precision_plan import PrecisionPlan
+
+    plan = make_plan() if ranks.is_root else None
+    if ranks.world_size == 1:
+        return plan
+    sent = ranks.gather(plan.to_dict() if ranks.is_root else None, "sharing rank 0's precision plan")[0]
+    return plan if ranks.is_root else PrecisionPlan.from_dict(sent)
 
 
 def parse_fallback(text: str, config) -> dict:

@@ -60,10 +60,11 @@ def test_first_candidate_that_pays_is_chosen_in_order():
     model = TwoWidths()
     timer = timer_from({SIXTEEN_BIT: 1.0, "config": 0.8, FP8_LABEL: 0.5})
     plan = fourbit.plan_precision(model, cfg(), loop, fallbacks=[FP8], timer=timer, progress=False)
-    assert [lp.choice for lp in plan.layers] == ["config", "config"]  # config first, although fp8 is faster
+    assert [lp.choice for lp in plan.layers] == ["config"] * 3  # config first, although fp8 is faster
     assert plan.config.overrides == {}
-    assert plan.untimed == {"conv": "3x3 convolution (only linears and 1x1 convs)",
-                            "unused": "not called by forward_loop"}
+    assert plan.untimed == {"unused": "not called by forward_loop"}
+    conv = plan.layers[2]
+    assert (conv.name, conv.rows, conv.in_features, conv.out_features) == ("conv", {64: 1}, 36, 4)  # 4 x 3 x 3 -> 4
     narrow = next(lp for lp in plan.layers if lp.name == "narrow")
     assert narrow.rows == {8: 2} and narrow.ms[SIXTEEN_BIT] == pytest.approx(2.0)  # two calls of 8 rows
     assert plan.estimated_speedup() == pytest.approx(1 / 0.8)
@@ -75,12 +76,12 @@ def test_slow_config_falls_back_then_keeps_16_bit():
     plan = fourbit.plan_precision(model, cfg(), loop, fallbacks=[FP8], progress=False,
                                   timer=timer_from({SIXTEEN_BIT: 1.0, "config": 1.3, FP8_LABEL: 0.9}))
     assert {lp.choice for lp in plan.layers} == {FP8_LABEL}
-    assert plan.config.overrides == {"wide": FP8, "narrow": FP8}
+    assert plan.config.overrides == {"wide": FP8, "narrow": FP8, "conv": FP8}
     plan = fourbit.plan_precision(model, cfg(), loop, fallbacks=[FP8], progress=False, min_speedup=1.2,
                                   timer=timer_from({SIXTEEN_BIT: 1.0, "config": 1.3, FP8_LABEL: 0.9}))
     assert {lp.choice for lp in plan.layers} == {SIXTEEN_BIT}
-    assert plan.config.overrides == {"wide": {"keep": True}, "narrow": {"keep": True}}
-    assert plan.counts() == {SIXTEEN_BIT: 2}
+    assert plan.config.overrides == {name: {"keep": True} for name in ("wide", "narrow", "conv")}
+    assert plan.counts() == {SIXTEEN_BIT: 3}
 
 
 def test_planned_config_quantizes_the_mix_and_round_trips(tmp_path):
@@ -122,7 +123,7 @@ def test_a_candidate_that_cannot_build_is_reported_not_chosen(monkeypatch):
     assert {lp.choice for lp in plan.layers} == {SIXTEEN_BIT}
     assert all(lp.errors == {FP8_LABEL: "RuntimeError: no kernel for this pair"} for lp in plan.layers)
     assert all(FP8_LABEL not in lp.ms for lp in plan.layers)
-    assert (f"{FP8_LABEL} could not be timed on 2 layer(s) (e.g. wide): RuntimeError: no kernel for this pair"
+    assert (f"{FP8_LABEL} could not be timed on 3 layer(s) (e.g. wide): RuntimeError: no kernel for this pair"
             in plan.summary())
 
 
@@ -156,8 +157,8 @@ def test_several_kernels_each_precision_takes_its_fastest_and_layers_keep_it(tmp
     plan = fourbit.plan_precision(model, cfg(), loop, fallbacks=[FP8], kernels=("triton", "triton-cublas"),
                                   timer=timer, progress=False)
     assert plan.candidates == [tri, cub, fp8_tri, fp8_cub, SIXTEEN_BIT]
-    assert [lp.choice for lp in plan.layers] == [cub, cub]  # the config's fastest kernel; fp8 only if it does not pay
-    assert plan.config.overrides == {"wide": {"kernel": "triton-cublas"}, "narrow": {"kernel": "triton-cublas"}}
+    assert [lp.choice for lp in plan.layers] == [cub] * 3  # the config's fastest kernel; fp8 only if it does not pay
+    assert plan.config.overrides == {name: {"kernel": "triton-cublas"} for name in ("wide", "narrow", "conv")}
 
     times = iter([{SIXTEEN_BIT: 1.0, tri: 0.9, cub: 1.2, fp8_tri: 0.5, fp8_cub: 0.5},    # wide: config on Triton
                   {SIXTEEN_BIT: 1.0, tri: 1.1, cub: 1.1, fp8_tri: 1.2, fp8_cub: 0.95}])  # narrow: fp8 on cuBLAS
@@ -188,6 +189,32 @@ def test_kernels_are_checked():
         fourbit.plan_precision(TwoWidths(), cfg(), loop, kernels=("triton", "triton-cublas"))
     with pytest.raises(ValueError, match="run on CUDA GPUs"):
         fourbit.plan_precision(TwoWidths(), cfg(kernel="triton"), loop)
+
+
+def test_a_spatial_convolution_is_timed_as_one_at_each_input_shape():
+    """A 3x3 convolution is timed at the input shapes it was called with: fourbit's im2col layer against nn.Conv2d
+    (the real modules, their outputs of the conv's shape); its rows are batch x output positions."""
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, stride=2))
+    seen = []
+
+    def timer(variants):
+        for label, fns in variants.items():
+            x = fns[0].args[0]
+            seen.append((label, tuple(x.shape), tuple(fns[0]().shape)))
+        return {label: 1.0 if label == SIXTEEN_BIT else 0.5 for label in variants}
+
+    def two_shapes(m):
+        m(torch.randn(2, 4, 8, 8))
+        m(torch.randn(1, 4, 6, 6))
+        m(torch.randn(2, 4, 8, 8))
+
+    plan = fourbit.plan_precision(model, fourbit.RTNConfig(weights="int8", activations="int8"), two_shapes,
+                                  timer=timer, progress=False)
+    (layer,) = plan.layers
+    assert layer.rows == {9: 1, 32: 2} and (layer.in_features, layer.out_features) == (36, 8)
+    assert layer.ms == {SIXTEEN_BIT: 3.0, "config": 1.5} and layer.choice == "config"
+    assert sorted(set(seen)) == [("16-bit", (1, 4, 6, 6), (1, 8, 3, 3)), ("16-bit", (2, 4, 8, 8), (2, 8, 4, 4)),
+                                 ("config", (1, 4, 6, 6), (1, 8, 3, 3)), ("config", (2, 4, 8, 8), (2, 8, 4, 4))]
 
 
 def test_wall_clock_timing_on_the_cpu_runs_the_real_layers():

@@ -36,7 +36,7 @@ from torch import nn
 
 from .calibration.targets import select_targets
 from .config import QuantConfig
-from .nn.rows import record_rows
+from .nn.rows import output_rows, record_calls
 from .utils.files import atomic_write, check_output_file, check_readable_file
 
 SIXTEEN_BIT = "16-bit"
@@ -168,34 +168,43 @@ def _environment(device) -> dict:
 
 
 class _ShapeTimer:
-    """Times one (K, N, bias, dtype) shape in bf16 and in each candidate config, at each row count asked, by
-    quantizing a random layer of that shape once per candidate."""
+    """Times one layer shape in bf16 and in each candidate config, for each call key asked (a linear's rows, a
+    convolution's input shape), by quantizing a random layer of that shape once per candidate."""
 
-    def __init__(self, k: int, n: int, bias: bool, device, dtype, seed: int):
+    def __init__(self, module: nn.Module, device, dtype, seed: int):
         gen = torch.Generator().manual_seed(seed)
-        self.linear = nn.Linear(k, n, bias=bias).to(dtype)
+        self.module = module.to(dtype)  # nn.Linear or nn.Conv2d, 16-bit, random weights
         with torch.no_grad():
-            self.linear.weight.copy_(torch.randn(n, k, generator=gen) / math.sqrt(k))
-            if bias:
-                self.linear.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-        self.linear.to(device)
-        self.k, self.device, self.dtype, self.gen = k, device, dtype, gen
+            w = self.module.weight
+            w.copy_(torch.randn(w.shape, generator=gen) / math.sqrt(w[0].numel()))
+            if self.module.bias is not None:
+                self.module.bias.copy_(torch.randn(self.module.bias.shape, generator=gen) * 0.1)
+        self.module.to(device)
+        self.conv = isinstance(module, nn.Conv2d)
+        self.device, self.dtype, self.gen = device, dtype, gen
         self.layers: dict = {}
 
-    def inputs(self, rows: int, count: int) -> list:
-        return [torch.randn(rows, self.k, generator=self.gen).to(self.dtype).to(self.device) for _ in range(count)]
+    def inputs(self, call, count: int) -> list:
+        """``count`` random inputs of one call: ``call`` is a linear's rows or a convolution's input shape."""
+        shape = tuple(call) if self.conv else (call, self.module.in_features)
+        return [torch.randn(shape, generator=self.gen).to(self.dtype).to(self.device) for _ in range(count)]
 
-    def layer(self, label: str, cfg: QuantConfig, rows_seen: Sequence[int]) -> nn.Module:
-        """The quantized twin of ``self.linear`` for ``cfg`` (built once), kernels prepared for ``rows_seen``."""
+    def _calibration_call(self, calls: Sequence):
+        if self.conv:
+            return min(calls, key=math.prod)
+        return min(256, max(calls))
+
+    def layer(self, label: str, cfg: QuantConfig, calls: Sequence) -> nn.Module:
+        """The quantized twin of ``self.module`` for ``cfg`` (built once), kernels prepared for ``calls``."""
         if label not in self.layers:
             from .api import quantize
             from .nn.prepare import prepare_kernels
 
-            holder = nn.Sequential(copy.deepcopy(self.linear))
-            calib = self.inputs(min(256, max(rows_seen)), 1)[0]
+            holder = nn.Sequential(copy.deepcopy(self.module))
+            calib = self.inputs(self._calibration_call(calls), 1)[0]
             single = dataclasses.replace(cfg, include=("*",), exclude=(), overrides={})
             quantize(holder, single, forward_loop=lambda m: m(calib), progress=False, verbose=False)
-            widest = self.inputs(max(rows_seen), 1)[0]
+            widest = self.inputs(max(calls, key=lambda c: math.prod(c) if self.conv else c), 1)[0]
             prepare_kernels(holder, forward_loop=lambda m: m(widest))
             self.layers[label] = holder[0]
         return self.layers[label]
@@ -227,26 +236,53 @@ def _choose(lp: "LayerPlan", options: dict, tiers: list, min_speedup: float) -> 
     return SIXTEEN_BIT
 
 
-def _timed_targets(model: nn.Module, config: QuantConfig) -> tuple[dict, dict]:
-    """({name: Target} to time, {name: why not timed}) for the layers ``config`` quantizes."""
+def _timed_targets(model: nn.Module, config: QuantConfig) -> dict:
+    """{name: Target} for the layers ``config`` quantizes."""
     targets, _ = select_targets(model, config)
     if not targets:
         raise ValueError("no layer matched the config's include/exclude patterns; nothing to plan")
-    timed, untimed = {}, {}
-    for t in targets:
-        m = t.module
-        if isinstance(m, nn.Conv2d) and (m.kernel_size != (1, 1) or m.stride != (1, 1)):
-            untimed[t.name] = f"{m.kernel_size[0]}x{m.kernel_size[1]} convolution (only linears and 1x1 convs)"
-        else:
-            timed[t.name] = t
-    return timed, untimed
+    return {t.name: t for t in targets}
+
+
+def _spatial(m: nn.Module) -> bool:
+    """A convolution that is not a plain linear over channels (its timing depends on the input's shape)."""
+    return isinstance(m, nn.Conv2d) and (m.kernel_size != (1, 1) or m.stride != (1, 1) or m.padding != (0, 0))
+
+
+def _call_key(mod: nn.Module, args: tuple, out: torch.Tensor):
+    """What one call's timing depends on: a spatial convolution's input shape, else the rows (``output_rows``)."""
+    return tuple(args[0].shape) if _spatial(mod) else output_rows(mod, args, out)
+
+
+def _rows_of(mod: nn.Module, call) -> int:
+    """The rows (batch x output positions) of a call key."""
+    if not _spatial(mod):
+        return call
+    b, _, h, w = call
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = mod.kernel_size, mod.stride, mod.padding, mod.dilation
+    return b * ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
 
 def _shape_key(t) -> tuple:
-    """(K, N, bias, weight dtype, per-layer config as JSON): what a layer's timings depend on."""
+    """(K, N, geometry, bias, weight dtype, per-layer config as JSON): what a layer's timings depend on (K: the
+    input features a row has, Cin x kh x kw for a convolution)."""
     m = t.module
-    k, n = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels, m.out_channels)
-    return k, n, m.bias is not None, m.weight.dtype, json.dumps(t.config.to_dict(), sort_keys=True, default=str)
+    if isinstance(m, nn.Linear):
+        k, n, geometry = m.in_features, m.out_features, None
+    else:
+        k, n = m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels
+        geometry = (m.in_channels, m.kernel_size, m.stride, m.padding, m.dilation) if _spatial(m) else None
+    return (k, n, geometry, m.bias is not None, m.weight.dtype,
+            json.dumps(t.config.to_dict(), sort_keys=True, default=str))
+
+
+def _twin_module(key: tuple) -> nn.Module:
+    """A 16-bit module of ``_shape_key``'s shape (a 1x1 convolution is timed as the linear it computes)."""
+    k, n, geometry, bias = key[:4]
+    if geometry is None:
+        return nn.Linear(k, n, bias=bias)
+    cin, ks, stride, padding, dilation = geometry
+    return nn.Conv2d(cin, n, ks, stride=stride, padding=padding, dilation=dilation, bias=bias)
 
 
 def _reason(err: BaseException) -> str:
@@ -289,8 +325,8 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
     to time (default: the model's). timer: {label: [calls]} -> {label: ms per call}, each call a
     ``functools.partial(layer, x)`` (default: CUDA graphs replayed in alternation, medians of ``rounds``; wall
     clock on a CPU, where the reference kernels are timed). The model is not changed; the layers are timed as
-    plain linears of their shape (1x1 convolutions as the linear they compute; other convolutions are not timed and
-    keep the config's choice)."""
+    plain linears of their shape (1x1 convolutions as the linear they compute), other convolutions as a convolution
+    of their geometry at each input shape seen (fourbit's im2col layer against the 16-bit ``nn.Conv2d``)."""
     from .utils.progress import Progress
     from .utils.timing import time_side_by_side
 
@@ -318,52 +354,57 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
         raise ValueError(f"the Triton kernels ({', '.join(timed_kernels)}) run on CUDA GPUs and this plan would time "
                          f"them on {device}: move the model to the GPU (or pass device='cuda'), or time "
                          f"kernel='reference' here")
-    timed, untimed = _timed_targets(model, config)
-    rows = record_rows(model, {n: t.module for n, t in timed.items()}, forward_loop)
-    for name in [n for n, r in rows.items() if not r]:
+    timed, untimed = _timed_targets(model, config), {}
+    calls = record_calls(model, {n: t.module for n, t in timed.items()}, forward_loop, _call_key)
+    for name in [n for n, c in calls.items() if not c]:
         untimed[name] = "not called by forward_loop"
         del timed[name]
     timer = timer or (lambda variants: time_side_by_side(variants, rounds=rounds, device=device))
 
-    # layers of one (K, N, bias, dtype, per-layer config) share one quantized twin and its measurements
+    # layers of one shape (``_shape_key``) share one quantized twin and its measurements
     groups: dict = {}
     for name, t in timed.items():
         groups.setdefault(_shape_key(t), []).append(name)
-    results: dict = {}  # (shape key, rows) -> {label: ms per call}
+    results: dict = {}  # (shape key, call key) -> {label: ms per call}
     errors: dict = {}  # shape key -> {label: why}
-    work = sum(len({r for n in names for r in rows[n]}) for names in groups.values())
+    work = sum(len({c for n in names for c in calls[n]}) for names in groups.values())
     with Progress(work, "fourbit precision plan", enabled=progress) as bar:
         for i, (key, names) in enumerate(groups.items()):
-            k, n, bias, dtype, _ = key
+            k, n, dtype = key[0], key[1], key[4]
             layer_cfg = timed[names[0]].config
             if kernel is not None:
                 layer_cfg = dataclasses.replace(layer_cfg, kernel=kernel)
-            rows_seen = sorted({r for name in names for r in rows[name]})
-            st = _ShapeTimer(k, n, bias, device, dtype, seed=layer_cfg.seed + i)
+            seen = sorted({c for name in names for c in calls[name]})
+            st = _ShapeTimer(_twin_module(key), device, dtype, seed=layer_cfg.seed + i)
             layers, errors[key] = {}, {}
             for label, (_, changes, kern) in options.items():
                 try:
                     changes = changes if kern is None else {**changes, "kernel": kern}
-                    layers[label] = st.layer(label, dataclasses.replace(layer_cfg, **changes), rows_seen)
+                    layers[label] = st.layer(label, dataclasses.replace(layer_cfg, **changes), seen)
                 except (ValueError, RuntimeError, NotImplementedError) as err:
                     errors[key][label] = _reason(err)
-            for r in rows_seen:
-                xs = st.inputs(r, inputs_per_shape)
-                variants = {SIXTEEN_BIT: [functools.partial(st.linear, x) for x in xs]}  # .args: (x,)
+            for c in seen:
+                xs = st.inputs(c, inputs_per_shape)
+                variants = {SIXTEEN_BIT: [functools.partial(st.module, x) for x in xs]}  # .args: (x,)
                 variants.update({label: [functools.partial(layer, x) for x in xs] for label, layer in layers.items()})
-                results[key, r] = _time(timer, variants, errors[key])
-                bar.update(1, note=f"{r} x {k} x {n}")
+                results[key, c] = _time(timer, variants, errors[key])
+                bar.update(1, note=f"{'x'.join(map(str, c)) if isinstance(c, tuple) else c} x {k} x {n}")
             del st, layers
 
     plan_layers = []
     overrides = {}
     for key, names in groups.items():
         for name in names:
-            lp = LayerPlan(name, key[0], key[1], dict(sorted(rows[name].items())), errors=dict(errors[key]))
+            module = timed[name].module
+            rows: dict = {}
+            for c, count in calls[name].items():
+                r = _rows_of(module, c)
+                rows[r] = rows.get(r, 0) + count
+            lp = LayerPlan(name, key[0], key[1], dict(sorted(rows.items())), errors=dict(errors[key]))
             for label in [SIXTEEN_BIT] + labels:
-                per_call = [results[key, r].get(label) for r in lp.rows]
+                per_call = [results[key, c].get(label) for c in calls[name]]
                 if all(t is not None for t in per_call):
-                    lp.ms[label] = sum(t * c for t, c in zip(per_call, lp.rows.values()))
+                    lp.ms[label] = sum(t * count for t, count in zip(per_call, calls[name].values()))
             lp.choice = _choose(lp, options, tiers, min_speedup)
             if lp.choice == SIXTEEN_BIT:
                 overrides[exact_pattern(name)] = {"keep": True}

@@ -53,3 +53,18 @@ def test_plan_precision_picks_the_kernel_per_layer_gpu():
     assert [model[0].kernel, model[2].kernel] == chosen
     out = model(x).float()
     assert torch.isfinite(out).all() and (out - ref).norm() / ref.norm() < 0.2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_plan_precision_times_a_3x3_convolution_gpu():
+    """A UNet-like 3x3 convolution timed at its input shape (the im2col W4A4 layer against cuDNN's bf16 conv)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(320, 320, 3, padding=1)).cuda().bfloat16()
+    x = torch.randn(2, 320, 64, 64, device="cuda", dtype=torch.bfloat16)
+    cfg = fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=32, kernel="triton")
+    plan = fourbit.plan_precision(model, cfg, lambda m: m(x), rounds=5, progress=False)
+    (lp,) = plan.layers
+    assert lp.rows == {2 * 64 * 64: 1} and (lp.in_features, lp.out_features) == (320 * 9, 320)
+    assert set(lp.ms) == {"16-bit", "config"} and not lp.errors, lp.errors
+    assert all(0 < t < 10 for t in lp.ms.values()), lp.ms

@@ -259,6 +259,46 @@ def test_triton_cublas_kernel_takes_cublas_for_its_layer_alone(cublas_calls):
         gemm_backend("cutlass")
 
 
+@pytest.mark.usefixtures("interpret")
+def test_triton_cublas_layers_under_the_fusion_pass(cublas_calls):
+    """A FLUX-like block on "triton-cublas" compiled with the fusion pass: the layers whose activation moves into the
+    epilogue run Triton's GEMM (cuBLAS has no such epilogue), the others cuBLAS, the concatenated input (read as two
+    column blocks, the folded branch after them) included; the result is what eager gives with those kernels."""
+    from fourbit.kernels.gemm_cublas import set_gemm_backend
+    from fourbit.nn import set_kernel
+
+    from .test_fusion import _compile_with_pass, _eager_and_compiled, _MlpBlock, _quantized_block
+
+    _cpu_rowwise()
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 64)
+    block = _quantized_block(_MlpBlock(), x)
+    set_kernel(block, "triton-cublas")
+    try:
+        set_gemm_backend("triton", min_rows=0)
+        for layer in (block.proj_out, block.fc2):  # no activation after them: cuBLAS in both runs
+            layer._cache.clear()
+        graphs = []
+        with torch.no_grad():
+            all_cublas = block(x)
+        assert len(cublas_calls) == 4  # eager: every layer (the Q / MLP-in group, proj_out, fc1, fc2)
+        _, got, fused = _eager_and_compiled(block, (x,), lambda m: _compile_with_pass(m, graphs))
+        assert fused == (2, 1) and len(cublas_calls) == 4 + 4 + 2  # eager again, then compiled: proj_out and fc2
+        keys = sorted(n.args[7].rsplit("|", 1)[1] for n in graphs[0].nodes if "quant_linear" in str(n.target))
+        assert keys == ["cublas"] * 4
+        block.fc1.kernel = "triton"  # eager with the kernels the compiled graph ran
+        next(m for n, m in block.named_modules() if n.endswith("group.linear")).kernel = "triton"
+        with torch.no_grad():
+            mixed = block(x)
+        # the epilogue GELU and eager's differ by fp32 ulps (test_fusion: within SQNR_FUSED_FP32_DB); the cuBLAS
+        # layers after them fold their branch into e4m3 hi + lo parts, whose rounding turns such ulps into rare
+        # steps of ~2^-9 of a branch entry (measured 1.3e-6 relative here): fp32 sums in another order, at most
+        assert sqnr_db(mixed, got) > SQNR_FP32_REORDER_DB
+        assert not torch.equal(mixed, all_cublas)
+    finally:
+        set_gemm_backend("triton")
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_fold_lr_and_cublas_gemm_gpu():

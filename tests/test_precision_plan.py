@@ -194,7 +194,7 @@ def test_kernels_are_checked():
 def test_a_spatial_convolution_is_timed_as_one_at_each_input_shape():
     """A 3x3 convolution is timed at the input shapes it was called with: fourbit's im2col layer against nn.Conv2d
     (the real modules, their outputs of the conv's shape); its rows are batch x output positions."""
-    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, stride=2))
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, stride=2), nn.Conv2d(8, 8, 1))  # a 1x1 one runs im2col too
     seen = []
 
     def timer(variants):
@@ -210,11 +210,14 @@ def test_a_spatial_convolution_is_timed_as_one_at_each_input_shape():
 
     plan = fourbit.plan_precision(model, fourbit.RTNConfig(weights="int8", activations="int8"), two_shapes,
                                   timer=timer, progress=False)
-    (layer,) = plan.layers
+    layer, pointwise = plan.layers
     assert layer.rows == {9: 1, 32: 2} and (layer.in_features, layer.out_features) == (36, 8)
     assert layer.ms == {SIXTEEN_BIT: 3.0, "config": 1.5} and layer.choice == "config"
-    assert sorted(set(seen)) == [("16-bit", (1, 4, 6, 6), (1, 8, 3, 3)), ("16-bit", (2, 4, 8, 8), (2, 8, 4, 4)),
-                                 ("config", (1, 4, 6, 6), (1, 8, 3, 3)), ("config", (2, 4, 8, 8), (2, 8, 4, 4))]
+    assert pointwise.rows == {9: 1, 32: 2} and (pointwise.in_features, pointwise.out_features) == (8, 8)
+    assert sorted(set(seen)) == [("16-bit", (1, 4, 6, 6), (1, 8, 3, 3)), ("16-bit", (1, 8, 3, 3), (1, 8, 3, 3)),
+                                 ("16-bit", (2, 4, 8, 8), (2, 8, 4, 4)), ("16-bit", (2, 8, 4, 4), (2, 8, 4, 4)),
+                                 ("config", (1, 4, 6, 6), (1, 8, 3, 3)), ("config", (1, 8, 3, 3), (1, 8, 3, 3)),
+                                 ("config", (2, 4, 8, 8), (2, 8, 4, 4)), ("config", (2, 8, 4, 4), (2, 8, 4, 4))]
 
 
 def test_wall_clock_timing_on_the_cpu_runs_the_real_layers():

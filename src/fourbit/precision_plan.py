@@ -245,12 +245,12 @@ def _timed_targets(model: nn.Module, config: QuantConfig) -> dict:
 
 
 def _spatial(m: nn.Module) -> bool:
-    """A convolution that is not a plain linear over channels (its timing depends on the input's shape)."""
-    return isinstance(m, nn.Conv2d) and (m.kernel_size != (1, 1) or m.stride != (1, 1) or m.padding != (0, 0))
+    """A convolution: timed as one, at its input shapes (fourbit's layer runs im2col on its NCHW input, even at 1x1)."""
+    return isinstance(m, nn.Conv2d)
 
 
 def _call_key(mod: nn.Module, args: tuple, out: torch.Tensor):
-    """What one call's timing depends on: a spatial convolution's input shape, else the rows (``output_rows``)."""
+    """What one call's timing depends on: a convolution's input shape, else the rows (``output_rows``)."""
     return tuple(args[0].shape) if _spatial(mod) else output_rows(mod, args, out)
 
 
@@ -277,7 +277,7 @@ def _shape_key(t) -> tuple:
 
 
 def _twin_module(key: tuple) -> nn.Module:
-    """A 16-bit module of ``_shape_key``'s shape (a 1x1 convolution is timed as the linear it computes)."""
+    """A 16-bit module of ``_shape_key``'s shape: an ``nn.Linear``, or an ``nn.Conv2d`` of its geometry."""
     k, n, geometry, bias = key[:4]
     if geometry is None:
         return nn.Linear(k, n, bias=bias)
@@ -325,8 +325,8 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
     to time (default: the model's). timer: {label: [calls]} -> {label: ms per call}, each call a
     ``functools.partial(layer, x)`` (default: CUDA graphs replayed in alternation, medians of ``rounds``; wall
     clock on a CPU, where the reference kernels are timed). The model is not changed; the layers are timed as
-    plain linears of their shape (1x1 convolutions as the linear they compute), other convolutions as a convolution
-    of their geometry at each input shape seen (fourbit's im2col layer against the 16-bit ``nn.Conv2d``)."""
+    plain linears of their shape, convolutions as a convolution of their geometry at each input shape seen (fourbit's
+    im2col layer against the 16-bit ``nn.Conv2d``)."""
     from .utils.progress import Progress
     from .utils.timing import time_side_by_side
 

@@ -6,6 +6,8 @@ from torch import nn
 
 import fourbit
 
+from .kernel_helpers import db, sqnr_db
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FP8 = {"weights": "fp8", "activations": "fp8"}
 
@@ -48,11 +50,17 @@ def test_plan_precision_picks_the_kernel_per_layer_gpu():
     for lp in plan.layers:
         assert set(lp.ms) == {"16-bit", "config @ triton", "config @ triton-cublas"} and not lp.errors, lp.errors
     chosen = [lp.choice.split(" @ ")[1] for lp in plan.layers]
-    ref = model(x).float()
     fourbit.quantize(model, plan.config, lambda m: m(x[:512]), progress=False, verbose=False)
     assert [model[0].kernel, model[2].kernel] == chosen
-    out = model(x).float()
-    assert torch.isfinite(out).all() and (out - ref).norm() / ref.norm() < 0.2
+    with torch.no_grad():
+        h = model[1](model[0](x))
+        for layer, inp in ((model[0], x), (model[2], h)):  # each layer against the reference kernel, same input
+            got = layer(inp).float()
+            kernel, layer.kernel = layer.kernel, "reference"
+            want = layer(inp).float()
+            layer.kernel = kernel
+            # identical codes; the bf16 output's rounding and, on cuBLAS, the folded branch (< 2e-3 each)
+            assert sqnr_db(want, got) > db(4e-3), (kernel, sqnr_db(want, got))
 
 
 @pytest.mark.gpu

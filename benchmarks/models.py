@@ -449,12 +449,24 @@ def capture(model, inputs):
         return capture_graph([lambda: model(**inputs)], min_calls=1)
 
 
+def rounds_for(rounds: int, variants: int) -> int:
+    """At least ``rounds``, a multiple of ``variants``: with the order rotated each round, every variant then takes
+    every position equally often."""
+    return -(-max(rounds, 1) // variants) * variants
+
+
 def alternate(graphs: dict, rounds: int, warmup: int = 3) -> dict:
-    """Replay the graphs in turn, ``warmup`` + ``rounds`` rounds: median ms per graph over the timed rounds."""
+    """Replay the graphs in turn, ``warmup`` + ``rounds`` rounds: median ms per graph over the timed rounds. The
+    order rotates each round: the first graph after the synchronisation between rounds runs on a GPU that has
+    idled (higher clocks under the power limit; H200, 2026-12-05: in a fixed order the first variant, bf16, ran 3%
+    above its profiled kernel time and the others 7-17%), so no variant may always be first."""
     times = {k: [] for k in graphs}
+    keys = list(graphs)
     for r in range(warmup + rounds):
         events = []
-        for k, (g, calls) in graphs.items():
+        shift = r % len(keys)
+        for k in keys[shift:] + keys[:shift]:
+            g, calls = graphs[k]
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             g.replay()
@@ -559,7 +571,8 @@ def run_model(name: str, args, device: str, log) -> dict:
             res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             log(f"{name} {variant}: FAILED {res['error']}")
     if graphs:
-        ms = alternate(graphs, args.rounds)
+        rounds = rounds_for(args.rounds, len(graphs))
+        ms = alternate(graphs, rounds)
         for k, v in ms.items():
             row["variants"][k]["step_ms"] = v
         b = ms.get("bf16")
@@ -568,12 +581,13 @@ def run_model(name: str, args, device: str, log) -> dict:
         log(f"{name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
     if args.profile and device == "cuda":  # after the timing: the profiler does not disturb it
         for k, m in models.items():
-            gemm = row["variants"][k].get("gemm")
-            with gemm_backend(gemm if k.startswith("fourbit") else None):
+            gemm = row["variants"][k].get("gemm")  # "per layer": the layers' own kernels, Triton process-wide
+            with gemm_backend("cublas" if gemm == "cublas" else None):
                 prof = profile_step(m, inputs)
             row["variants"][k]["profile_ms"] = {c: round(v, 3) for c, v in prof.items()}
             log(f"{name} {k} profile (ms): {json.dumps(row['variants'][k]['profile_ms'])}")
-    row["rounds"] = args.rounds
+    row["rounds"] = rounds_for(args.rounds, len(graphs)) if graphs else args.rounds
+    row["replay_order"] = "rotated each round"
     graphs.clear()
     models.clear()
     del base

@@ -42,6 +42,8 @@ the same blocks are compiled (regional ``torch.compile``, inductor default mode)
                  ``folded_layers`` (those on cuBLAS)
   fourbit-w4a4-cublas-planned
                  the same plan with every layer on the process-wide 'cublas' backend (Triton not a candidate)
+  bf16-copy      a deep copy of the bf16 model, compiled and captured like the others: a control for what being the
+                 first model built, compiled and captured does to a step's time
   fourbit-mixed-planned
                  the plan with fp8 W8A8 (no branch) as the fallback: per layer W4A4 if it pays, else fp8 if that pays,
                  else 16 bits, each on its faster GEMM: what a Hopper user would deploy; ``plan_counts`` says how
@@ -146,7 +148,7 @@ FAMILIES = {
 }
 VARIANTS = ("bf16", "fp8-peer", "fourbit-w4a4", "fourbit-fp8", "fourbit-w4a4-cublas", "fourbit-fp8-cublas",
             "fourbit-w4a4-inline", "fourbit-fp8-inline", "fourbit-w4a4-planned", "fourbit-w4a4-cublas-planned", "fourbit-fp8-planned", "bf16-siblings",
-            "fourbit-mixed-planned")
+            "fourbit-mixed-planned", "bf16-copy")
 
 
 def family(name: str, tiny: bool) -> dict:
@@ -479,6 +481,23 @@ def alternate(graphs: dict, rounds: int, warmup: int = 3) -> dict:
     return {k: float(statistics.median(v)) for k, v in times.items()}
 
 
+def solo(graphs: dict, rounds: int, warmup: int = 3) -> dict:
+    """Each graph replayed ``warmup`` + ``rounds`` times back to back (no other model in between): median ms."""
+    out = {}
+    for k, (g, calls) in graphs.items():
+        times = []
+        for r in range(warmup + rounds):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            torch.cuda.synchronize()
+            if r >= warmup:
+                times.append(a.elapsed_time(b) / calls)
+        out[k] = float(statistics.median(times))
+    return out
+
+
 def git_commit() -> str:
     if os.environ.get("FOURBIT_GIT_COMMIT"):  # a copy of the tree (the GPU machine) inside another checkout
         return os.environ["FOURBIT_GIT_COMMIT"]
@@ -573,6 +592,9 @@ def run_model(name: str, args, device: str, log) -> dict:
     if graphs:
         rounds = rounds_for(args.rounds, len(graphs))
         ms = alternate(graphs, rounds)
+        for k, v in solo(graphs, args.rounds).items():  # each graph alone, back to back: beside the alternated time
+            row["variants"][k]["step_ms_solo"] = v
+        log(f"{name} solo: " + ", ".join(f"{k} {row['variants'][k]['step_ms_solo']:.2f} ms" for k in graphs))
         for k, v in ms.items():
             row["variants"][k]["step_ms"] = v
         b = ms.get("bf16")

@@ -35,9 +35,9 @@ except ImportError:  # pragma: no cover
 #: against 1200 without the activation) and made PixArt-Sigma's fc1 (8192 x 1152 -> 4608) take 0.26 ms in the
 #: compiled step against 0.13 ms without the GELU (H200, 2026-12-05 profile)
 _TORCH_GELU_TANH: tl.constexpr = tl.constexpr(not interpreting())
-#: tanh.approx.f32's absolute error, assumed at most 2^-10 (the GPU test checks the bound it implies): the fast GELU is within
-#: |y| * TANH_APPROX_ERR / 2 = |y| 2^-11 of the exact one, within a bf16 ulp (2^-8 relative) where GELU(y) >= |y| / 8
-#: (y >= -1.15); below, in the tail where GELU(y) is small, at most |y| 2^-11 absolute
+#: tanh.approx.f32's absolute error, assumed at most 2^-10 (the GPU test checks the bound it implies): the fast
+#: GELU is within |y| * TANH_APPROX_ERR / 2 = |y| 2^-11 of the exact one, within a bf16 ulp (2^-8 relative) where
+#: GELU(y) >= |y| / 8 (y >= -1.15); below, in the tail where GELU(y) is small, at most |y| 2^-11 absolute
 TANH_APPROX_ERR = 2.0 ** -10
 
 #: kind -> the epilogue's constexpr code (0: none)

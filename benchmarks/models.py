@@ -147,8 +147,8 @@ FAMILIES = {
                               pooled_projections=("randn", ("B", 16)), img_ids=("ids", 8, 0), txt_ids=("ids", 0, 8)))),
 }
 VARIANTS = ("bf16", "fp8-peer", "fourbit-w4a4", "fourbit-fp8", "fourbit-w4a4-cublas", "fourbit-fp8-cublas",
-            "fourbit-w4a4-inline", "fourbit-fp8-inline", "fourbit-w4a4-planned", "fourbit-w4a4-cublas-planned", "fourbit-fp8-planned", "bf16-siblings",
-            "fourbit-mixed-planned", "bf16-copy")
+            "fourbit-w4a4-inline", "fourbit-fp8-inline", "fourbit-w4a4-planned", "fourbit-w4a4-cublas-planned",
+            "fourbit-fp8-planned", "bf16-siblings", "fourbit-mixed-planned", "bf16-copy")
 
 
 def family(name: str, tiny: bool) -> dict:

@@ -169,7 +169,8 @@ def test_several_kernels_each_precision_takes_its_fastest_and_layers_keep_it(tmp
     assert "triton-cublas" in plan.summary() and plan.counts() == {tri: 1, fp8_cub: 1}
     fourbit.quantize(model, fourbit.PrecisionPlan.load(plan.save(tmp_path / "plan.json")).config, loop,
                      progress=False, verbose=False)
-    assert (model.wide.kernel, model.narrow.kernel, model.narrow.weight_format.name) == ("triton", "triton-cublas", "fp8")
+    kinds = (model.wide.kernel, model.narrow.kernel, model.narrow.weight_format.name)
+    assert kinds == ("triton", "triton-cublas", "fp8")
     fourbit.save(model, str(tmp_path / "ckpt"))
     fresh = TwoWidths()
     fourbit.load(fresh, str(tmp_path / "ckpt"))

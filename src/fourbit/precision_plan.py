@@ -226,7 +226,8 @@ def _check_kernels(kernel: Optional[str], kernels: Sequence[str]) -> list:
 
 
 def _choose(lp: "LayerPlan", options: dict, tiers: list, min_speedup: float) -> str:
-    """The first precision (tier) whose fastest kernel is ``min_speedup`` x faster than bf16: that label; else 16 bits."""
+    """The first precision (tier) whose fastest kernel is ``min_speedup`` x faster than bf16: that label; else 16
+    bits."""
     for tier in tiers:
         timed = [label for label, (t, _, _) in options.items() if t == tier and label in lp.ms]
         if timed:

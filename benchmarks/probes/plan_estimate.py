@@ -105,14 +105,17 @@ def estimate(block: dict, times: dict) -> dict:
 STEP_VARIANTS = {"W4A4 Triton": "fourbit-w4a4", "W4A4 cuBLAS": "fourbit-w4a4-cublas"}
 
 
-def load_steps(path: str) -> dict:
-    """{family: the newest models.jsonl row of it (variants' step_ms, blocks, run)} for rows with a bf16 step."""
+def load_steps(path: str, runs=None) -> dict:
+    """{family: the newest models.jsonl row of it (variants' step_ms, blocks, run)} for rows with a bf16 step, of
+    ``runs`` only if given."""
     out: dict = {}
     with open(path) as f:
         for line in f:
             if not line.strip():
                 continue
             r = json.loads(line)
+            if runs is not None and r.get("run") not in runs:
+                continue
             res = r.get("result", r)
             for row in res.get("rows", [res]):
                 if row.get("variants", {}).get("bf16", {}).get("step_ms"):
@@ -140,9 +143,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default=os.path.join(os.path.dirname(HERE), "results", "models.jsonl"),
                    help="models.jsonl: whole steps, to turn per-block sums into step estimates ('' to skip)")
     p.add_argument("--run", default="2026-12-04b")
+    p.add_argument("--step-runs", default="2026-12-04d,2026-12-04e,2026-12-04f",
+                   help="models.jsonl runs whose steps the estimates start from (the steps of the per-layer run's time)")
     args = p.parse_args(argv)
     times = load_rows(args.results, args.run)
-    steps = load_steps(args.steps) if args.steps else {}
+    steps = load_steps(args.steps, set(args.step_runs.split(","))) if args.steps else {}
     table, step_table = [], []
     for family, block in BLOCK_LAYERS.items():
         e = estimate(block, times)

@@ -459,9 +459,9 @@ def rounds_for(rounds: int, variants: int) -> int:
 
 def alternate(graphs: dict, rounds: int, warmup: int = 3) -> dict:
     """Replay the graphs in turn, ``warmup`` + ``rounds`` rounds: median ms per graph over the timed rounds. The
-    order rotates each round: the first graph after the synchronisation between rounds runs on a GPU that has
-    idled (higher clocks under the power limit; H200, 2026-12-05: in a fixed order the first variant, bf16, ran 3%
-    above its profiled kernel time and the others 7-17%), so no variant may always be first."""
+    order rotates each round, so that no variant is always first after the synchronisation between rounds. (This
+    did not explain what it was added for: on the H200, 2026-12-05, PixArt's first model built replayed 4.5% faster
+    than a deep copy of it in either order; ``solo`` times each graph alone beside this.)"""
     times = {k: [] for k in graphs}
     keys = list(graphs)
     for r in range(warmup + rounds):

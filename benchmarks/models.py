@@ -64,6 +64,7 @@ import copy
 import dataclasses
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -498,6 +499,17 @@ def solo(graphs: dict, rounds: int, warmup: int = 3) -> dict:
     return out
 
 
+class TimeLimit(BaseException):
+    """SIGTERM (the run script's ``timeout``) arrived: the profile stops and the timed row is still written."""
+
+
+def stop_on_sigterm():
+    def handler(signum, frame):
+        raise TimeLimit()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def git_commit() -> str:
     if os.environ.get("FOURBIT_GIT_COMMIT"):  # a copy of the tree (the GPU machine) inside another checkout
         return os.environ["FOURBIT_GIT_COMMIT"]
@@ -602,12 +614,16 @@ def run_model(name: str, args, device: str, log) -> dict:
             row["variants"][k]["speedup_vs_bf16"] = b / v if b else None
         log(f"{name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
     if args.profile and device == "cuda":  # after the timing: the profiler does not disturb it
-        for k, m in models.items():
-            gemm = row["variants"][k].get("gemm")  # "per layer": the layers' own kernels, Triton process-wide
-            with gemm_backend("cublas" if gemm == "cublas" else None):
-                prof = profile_step(m, inputs)
-            row["variants"][k]["profile_ms"] = {c: round(v, 3) for c, v in prof.items()}
-            log(f"{name} {k} profile (ms): {json.dumps(row['variants'][k]['profile_ms'])}")
+        try:
+            for k, m in models.items():
+                gemm = row["variants"][k].get("gemm")  # "per layer": the layers' own kernels, Triton process-wide
+                with gemm_backend("cublas" if gemm == "cublas" else None):
+                    prof = profile_step(m, inputs)
+                row["variants"][k]["profile_ms"] = {c: round(v, 3) for c, v in prof.items()}
+                log(f"{name} {k} profile (ms): {json.dumps(row['variants'][k]['profile_ms'])}")
+        except TimeLimit:  # the time limit came during the profile: keep the timed row, profile what was done
+            row["profile_cut"] = "SIGTERM (time limit) during the profile"
+            log(f"{name}: profile cut by the time limit; the timed row is kept")
     row["rounds"] = rounds_for(args.rounds, len(graphs)) if graphs else args.rounds
     row["replay_order"] = "rotated each round"
     graphs.clear()
@@ -672,6 +688,8 @@ def main(argv=None):
     meta = {**environment(), "git_commit": git_commit(), "command": "python " + " ".join(["benchmarks/models.py"]
                                                                                            + sys.argv[1:])}
     log = lambda s: print(s, flush=True)  # noqa: E731
+    if device == "cuda":
+        stop_on_sigterm()
     log(json.dumps(meta))
     rows = []
     for name in args.models.split(","):

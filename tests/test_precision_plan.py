@@ -258,3 +258,37 @@ def test_exact_pattern_matches_only_the_name():
 def test_side_by_side_timer_on_the_cpu():
     out = time_side_by_side({"a": [lambda: sum(range(1000))], "b": [lambda: None]}, rounds=3, device="cpu")
     assert set(out) == {"a", "b"} and out["a"] > 0
+
+
+class GeluMlp(nn.Module):
+    """Two linears of one shape, only the first followed by a tanh-GELU (timed apart: the activation is part of what
+    is timed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.act = nn.GELU(approximate="tanh")
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.usefixtures("no_kernel_state")
+def test_a_layer_followed_by_an_activation_is_timed_with_it(tmp_path):
+    model = GeluMlp()
+    x = torch.randn(16, 64)
+    seen = []
+
+    def timer(variants):
+        fn = variants[SIXTEEN_BIT][0]
+        seen.append(fn())
+        return {label: 1.0 if label == SIXTEEN_BIT else 0.5 for label in variants}
+
+    plan = fourbit.plan_precision(model, cfg(), lambda m: m(x), timer=timer, progress=False)
+    assert [(lp.name, lp.activation) for lp in plan.layers] == [("fc1", "gelu_tanh"), ("fc2", None)]
+    assert len(seen) == 2  # one shape, two timings: with the GELU and without
+    # the 16-bit twin with the GELU after it: nothing below GELU's minimum (-0.17); without it, a linear's outputs
+    assert (seen[0] >= -0.2).all() and not (seen[1] >= -0.2).all()
+    assert "16 x 64 x 64 + gelu_tanh" in plan.summary()
+    again = fourbit.PrecisionPlan.load(plan.save(tmp_path / "plan.json"))
+    assert [lp.activation for lp in again.layers] == ["gelu_tanh", None]

@@ -14,9 +14,11 @@ layer, the first candidate that is at least ``min_speedup`` times faster than bf
 
 With ``kernels=("triton", "triton-cublas")`` each precision is timed with its GEMM on Triton and on cuBLAS, and a
 layer that pays keeps the faster kernel (a per-layer ``kernel`` override). Any model: the plan reads only module
-types and the rows they are called with. Each layer is timed alone (its
-neighbours in a compiled model, e.g. a GELU fused into the GEMM, are not), so the plan is a per-layer estimate;
-time the whole model to judge the mix.
+types, the rows they are called with and the activation (GELU, SiLU) a linear's output goes straight into
+(``nn/output_activations.py``). Such a layer is timed with its activation as a compiled model runs it: 16-bit and
+"triton-cublas" with the activation after the layer, "triton" with it in the GEMM epilogue (the fusion pass's
+rewrite). Otherwise each layer is timed alone (other neighbours, e.g. a concatenated input, are not), so the plan is
+a per-layer estimate; time the whole model to judge the mix.
 """
 from __future__ import annotations
 
@@ -36,10 +38,13 @@ from torch import nn
 
 from .calibration.targets import select_targets
 from .config import QuantConfig
+from .nn.output_activations import OutputActivationSpy
 from .nn.rows import output_rows, record_calls
 from .utils.files import atomic_write, check_output_file, check_readable_file
 
 SIXTEEN_BIT = "16-bit"
+#: kernels on whose layers the fusion pass moves a following activation into the GEMM epilogue
+_EPILOGUE_KERNELS = ("triton", "triton-memory")
 PLAN_VERSION = 1
 
 
@@ -64,6 +69,7 @@ class LayerPlan:
     ms: dict = field(default_factory=dict)  # candidate label -> ms over all recorded calls (16-bit included)
     errors: dict = field(default_factory=dict)  # candidate label -> why it could not be timed
     choice: str = SIXTEEN_BIT
+    activation: Optional[str] = None  # the activation its output goes into, timed with it ("gelu_tanh", ...)
 
     def speedup(self, label: str) -> float:
         """bf16 time / ``label``'s time over the recorded calls (nan if either is missing)."""
@@ -103,7 +109,8 @@ class PrecisionPlan:
         lines.append(" | ".join(head))
         for layer in self.layers:
             rows = " + ".join(f"{m}" if n == 1 else f"{m} ({n} calls)" for m, n in sorted(layer.rows.items()))
-            cells = [layer.name, f"{rows} x {layer.in_features} x {layer.out_features}"]
+            act = f" + {layer.activation}" if layer.activation else ""
+            cells = [layer.name, f"{rows} x {layer.in_features} x {layer.out_features}{act}"]
             for label in [SIXTEEN_BIT] + self.candidates[:-1]:
                 t = layer.ms.get(label)
                 cells.append("-" if t is None else f"{t:.4f}" + ("" if label == SIXTEEN_BIT
@@ -194,6 +201,20 @@ class _ShapeTimer:
             return min(calls, key=math.prod)
         return min(256, max(calls))
 
+    def run(self, layer: nn.Module, activation: Optional[str]) -> Callable:
+        """What is timed for a module (the 16-bit one or a quantized twin), called as ``fn(x)``: the module, with
+        ``activation`` after it, or in its GEMM epilogue where the fusion pass puts it there (``_EPILOGUE_KERNELS``)."""
+        if activation is None or self.conv:
+            return layer
+        from .kernels.activation import OutputActivation, apply_rounded
+
+        act = OutputActivation(activation)
+        if getattr(layer, "kernel", None) in _EPILOGUE_KERNELS:
+            from .kernels.compiled import forward_with_activation
+
+            return lambda x: forward_with_activation(layer, x, act)
+        return lambda x: apply_rounded(layer(x), act)
+
     def layer(self, label: str, cfg: QuantConfig, calls: Sequence) -> nn.Module:
         """The quantized twin of ``self.module`` for ``cfg`` (built once), kernels prepared for ``calls``."""
         if label not in self.layers:
@@ -264,9 +285,9 @@ def _rows_of(mod: nn.Module, call) -> int:
     return b * ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
 
-def _shape_key(t) -> tuple:
-    """(K, N, geometry, bias, weight dtype, per-layer config as JSON): what a layer's timings depend on (K: the
-    input features a row has, Cin x kh x kw for a convolution)."""
+def _shape_key(t, activation: Optional[str] = None) -> tuple:
+    """(K, N, geometry, bias, weight dtype, per-layer config as JSON, activation after it): what a layer's timings
+    depend on (K: the input features a row has, Cin x kh x kw for a convolution)."""
     m = t.module
     if isinstance(m, nn.Linear):
         k, n, geometry = m.in_features, m.out_features, None
@@ -274,7 +295,7 @@ def _shape_key(t) -> tuple:
         k, n = m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels
         geometry = (m.in_channels, m.kernel_size, m.stride, m.padding, m.dilation) if _spatial(m) else None
     return (k, n, geometry, m.bias is not None, m.weight.dtype,
-            json.dumps(t.config.to_dict(), sort_keys=True, default=str))
+            json.dumps(t.config.to_dict(), sort_keys=True, default=str), activation)
 
 
 def _twin_module(key: tuple) -> nn.Module:
@@ -356,7 +377,13 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
                          f"them on {device}: move the model to the GPU (or pass device='cuda'), or time "
                          f"kernel='reference' here")
     timed, untimed = _timed_targets(model, config), {}
-    calls = record_calls(model, {n: t.module for n, t in timed.items()}, forward_loop, _call_key)
+    spy = OutputActivationSpy({n: t.module for n, t in timed.items() if isinstance(t.module, nn.Linear)})
+
+    def watched(m):
+        with spy:
+            forward_loop(m)
+    calls = record_calls(model, {n: t.module for n, t in timed.items()}, watched, _call_key)
+    activations = spy.kinds()
     for name in [n for n, c in calls.items() if not c]:
         untimed[name] = "not called by forward_loop"
         del timed[name]
@@ -365,7 +392,7 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
     # layers of one shape (``_shape_key``) share one quantized twin and its measurements
     groups: dict = {}
     for name, t in timed.items():
-        groups.setdefault(_shape_key(t), []).append(name)
+        groups.setdefault(_shape_key(t, activations.get(name)), []).append(name)
     results: dict = {}  # (shape key, call key) -> {label: ms per call}
     errors: dict = {}  # shape key -> {label: why}
     work = sum(len({c for n in names for c in calls[n]}) for names in groups.values())
@@ -386,8 +413,9 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
                     errors[key][label] = _reason(err)
             for c in seen:
                 xs = st.inputs(c, inputs_per_shape)
-                variants = {SIXTEEN_BIT: [functools.partial(st.module, x) for x in xs]}  # .args: (x,)
-                variants.update({label: [functools.partial(layer, x) for x in xs] for label, layer in layers.items()})
+                runs = {SIXTEEN_BIT: st.run(st.module, key[-1])}
+                runs.update({label: st.run(layer, key[-1]) for label, layer in layers.items()})
+                variants = {label: [functools.partial(fn, x) for x in xs] for label, fn in runs.items()}  # .args: (x,)
                 results[key, c] = _time(timer, variants, errors[key])
                 bar.update(1, note=f"{'x'.join(map(str, c)) if isinstance(c, tuple) else c} x {k} x {n}")
             del st, layers
@@ -401,7 +429,8 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
             for c, count in calls[name].items():
                 r = _rows_of(module, c)
                 rows[r] = rows.get(r, 0) + count
-            lp = LayerPlan(name, key[0], key[1], dict(sorted(rows.items())), errors=dict(errors[key]))
+            lp = LayerPlan(name, key[0], key[1], dict(sorted(rows.items())), errors=dict(errors[key]),
+                           activation=key[-1])
             for label in [SIXTEEN_BIT] + labels:
                 per_call = [results[key, c].get(label) for c in calls[name]]
                 if all(t is not None for t in per_call):

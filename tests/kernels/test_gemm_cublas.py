@@ -261,9 +261,10 @@ def test_triton_cublas_kernel_takes_cublas_for_its_layer_alone(cublas_calls):
 
 @pytest.mark.usefixtures("interpret")
 def test_triton_cublas_layers_under_the_fusion_pass(cublas_calls):
-    """A FLUX-like block on "triton-cublas" compiled with the fusion pass: the layers whose activation moves into the
-    epilogue run Triton's GEMM (cuBLAS has no such epilogue), the others cuBLAS, the concatenated input (read as two
-    column blocks, the folded branch after them) included; the result is what eager gives with those kernels."""
+    """A FLUX-like block compiled with the fusion pass: a "triton-cublas" layer keeps the activation after it apart
+    (cuBLAS has no epilogue for it; the plan timed it so) and runs cuBLAS, the concatenated input (read as two column
+    blocks, the folded branch after them) included; a "triton" layer beside them gets its GELU in the epilogue. The
+    result is what eager gives with the same kernels."""
     from fourbit.kernels.gemm_cublas import set_gemm_backend
     from fourbit.nn import set_kernel
 
@@ -276,25 +277,28 @@ def test_triton_cublas_layers_under_the_fusion_pass(cublas_calls):
     set_kernel(block, "triton-cublas")
     try:
         set_gemm_backend("triton", min_rows=0)
-        for layer in (block.proj_out, block.fc2):  # no activation after them: cuBLAS in both runs
+        for layer in (block.proj_out, block.fc2):
             layer._cache.clear()
         graphs = []
-        with torch.no_grad():
-            all_cublas = block(x)
-        assert len(cublas_calls) == 4  # eager: every layer (the Q / MLP-in group, proj_out, fc1, fc2)
-        _, got, fused = _eager_and_compiled(block, (x,), lambda m: _compile_with_pass(m, graphs))
-        assert fused == (2, 1) and len(cublas_calls) == 4 + 4 + 2  # eager again, then compiled: proj_out and fc2
+        eager, got, fused = _eager_and_compiled(block, (x,), lambda m: _compile_with_pass(m, graphs))
+        assert fused == (0, 1)  # no activation moved: every layer is on cuBLAS; the concatenation is read in place
+        assert len(cublas_calls) == 4 + 4  # eager, then compiled: every layer (Q / MLP-in group, proj_out, fc1, fc2)
         keys = sorted(n.args[7].rsplit("|", 1)[1] for n in graphs[0].nodes if "quant_linear" in str(n.target))
         assert keys == ["cublas"] * 4
-        block.fc1.kernel = "triton"  # eager with the kernels the compiled graph ran
-        next(m for n, m in block.named_modules() if n.endswith("group.linear")).kernel = "triton"
-        with torch.no_grad():
-            mixed = block(x)
-        # the epilogue GELU and eager's differ by fp32 ulps (test_fusion: within SQNR_FUSED_FP32_DB); the cuBLAS
-        # layers after them fold their branch into e4m3 hi + lo parts, whose rounding turns such ulps into rare
-        # steps of ~2^-9 of a branch entry (measured 1.3e-6 relative here): fp32 sums in another order, at most
-        assert sqnr_db(mixed, got) > SQNR_FP32_REORDER_DB
-        assert not torch.equal(mixed, all_cublas)
+        assert sqnr_db(eager, got) > SQNR_FP32_REORDER_DB  # inductor's GELU against eager's: fp32 ulps at most
+
+        block.fc1.kernel = "triton"  # its GELU into Triton's epilogue; the others stay on cuBLAS
+        cublas_calls.clear()
+        graphs.clear()
+        eager, got, fused = _eager_and_compiled(block, (x,), lambda m: _compile_with_pass(m, graphs))
+        assert fused == (1, 1) and len(cublas_calls) == 3 + 3
+        acts = sorted((n.args[7].rsplit("|", 1)[1], n.args[9]) for n in graphs[0].nodes
+                      if "quant_linear" in str(n.target))
+        assert acts == [("cublas", ""), ("cublas", ""), ("cublas", ""), ("speed", "gelu")]
+        # the epilogue GELU and eager's differ by fp32 ulps (test_fusion: within SQNR_FUSED_FP32_DB); fc2 after it
+        # folds its branch into e4m3 hi + lo parts, whose rounding turns such ulps into rare steps of ~2^-9 of a
+        # branch entry (measured 1.3e-6 relative): fp32 sums in another order, at most
+        assert sqnr_db(eager, got) > SQNR_FP32_REORDER_DB
     finally:
         set_gemm_backend("triton")
 
@@ -340,3 +344,46 @@ def test_layer_cublas_backend_gpu(m, cublas_calls):
         set_gemm_backend("triton")
     assert len(cublas_calls) == 1  # the cuBLAS path ran
     assert sqnr_db(ref, got) > db(4e-3)  # the two bf16 roundings (1.7e-3 each) and the folded branch (< 2e-3)
+
+
+def test_plan_times_a_following_activation_as_the_compiled_model_runs_it(interpret, cublas_calls, monkeypatch):
+    """plan_precision on a linear followed by a tanh-GELU: the "triton" twin is timed with the GELU in its GEMM
+    epilogue (the fusion pass's rewrite), the "triton-cublas" twin on cuBLAS with the GELU after it, the 16-bit one
+    with the GELU after it; all three compute the GELU of the layer (within the 4-bit error)."""
+    import fourbit.kernels.linear as linear
+    from fourbit.kernels.gemm_cublas import set_gemm_backend
+    from fourbit.precision_plan import SIXTEEN_BIT
+
+    _cpu_rowwise()
+    epilogues = []
+    real = linear.scaled_gemm
+    monkeypatch.setattr(linear, "scaled_gemm", lambda *a, **k: epilogues.append(k.get("act")) or real(*a, **k))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(approximate="tanh"), nn.Linear(128, 64))
+    x = torch.randn(48, 64)
+    outputs = {}
+
+    def timer(variants):
+        if not outputs:  # the first shape timed: the linear followed by the GELU
+            for label, fns in variants.items():
+                epilogues.clear()
+                cublas_calls.clear()
+                xin = fns[0].args[0]
+                outputs[label] = (fns[0](), list(epilogues), len(cublas_calls), xin)
+        return {label: 1.0 for label in variants}
+
+    cfg = fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=8, kernel="triton")
+    try:
+        set_gemm_backend("triton", min_rows=0)
+        plan = fourbit.plan_precision(model, cfg, lambda m: m(x), kernels=("triton", "triton-cublas"), timer=timer,
+                                      progress=False)
+    finally:
+        set_gemm_backend("triton")
+    assert [lp.activation for lp in plan.layers] == ["gelu_tanh", None]
+    bf16, tri, cub = (outputs[k] for k in (SIXTEEN_BIT, "config @ triton", "config @ triton-cublas"))
+    assert [str(a) for a in tri[1]] == ["OutputActivation(kind='gelu_tanh', lo=0, hi=128)"] and tri[2] == 0
+    assert cub[1] == [] and cub[2] == 1  # cuBLAS, then the GELU apart
+    for out, *_ in (bf16, tri, cub):
+        assert out.shape == (48, 128) and (out >= -0.2).all()  # GELU's minimum is -0.17
+    # each twin is quantized on its own random calibration rows: 4-bit errors (measured 17 dB), not the same codes
+    assert sqnr_db(bf16[0], tri[0]) > 12 and sqnr_db(bf16[0], cub[0]) > 12

@@ -95,31 +95,45 @@ def _(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key, x_tail, a
     return x2.new_empty((x2.shape[0], n))
 
 
-def compiled_forward(layer, x2: Tensor, memory: bool, gemm: Optional[str] = None) -> Tensor:
+def compiled_forward(layer, x2: Tensor, memory: bool, gemm: Optional[str] = None,
+                     act: Optional["OutputActivation"] = None) -> Tensor:
     """What a quantized layer runs while dynamo traces it: the custom op if its state is ready. gemm: the layer's
-    GEMM backend in speed mode ("cublas" for "triton-cublas"; None: the process-wide one)."""
+    GEMM backend in speed mode ("cublas" for "triton-cublas"; None: the process-wide one). act: an activation in
+    the op's epilogue, as the fusion pass sets it (``forward_with_activation``; the fallbacks apply it after)."""
+    from .activation import apply_rounded
     from .linear import _CACHE_KEY, few_rows, linear_forward_uncompiled
 
     st = layer._cache.get(_CACHE_KEY)
     if st is not None and not memory and st.weight is None and st.gemv and few_rows(x2.shape[0]):
         memory = True  # a single-row layer that ``prepare_kernels`` gave no operand: the GEMV reads the packed weight
     if st is not None and st.plan not in ("scaled", "grouped"):  # no custom op for 16-bit activations or the
-        return linear_forward_uncompiled(layer, x2, memory, gemm)  # reference fallback: a graph break
+        return apply_rounded(linear_forward_uncompiled(layer, x2, memory, gemm), act)  # reference: a graph break
     if st is None or (not memory and st.weight is None):
         if not _WARNED[0]:
             _WARNED[0] = True
             warnings.warn("fourbit: a quantized layer was traced by torch.compile before its kernel state was "
                           "built, so it breaks the graph; call fourbit.nn.prepare_kernels(model) (after moving the "
                           "model to the GPU) before compiling", stacklevel=3)
-        return linear_forward_uncompiled(layer, x2, memory, gemm)
+        return apply_rounded(linear_forward_uncompiled(layer, x2, memory, gemm), act)
     packed = [layer.weight_packed, layer.weight_scales, layer.weight_row_scale]
     weights = packed if memory else [st.weight.w, st.weight.col_scale, st.weight.group_scale] + packed
     folded = None if memory else st.weight.folded
     if folded is not None:
         weights = weights + [folded.w_ext, folded.col_scale, folded.lr_mult, folded.bias16]
     mode = "|memory" if memory else "|cublas" if gemm == "cublas" else "|speed"
+    kind, lo, hi = ("", 0, 0) if act is None else (act.kind, *act.bounds(layer.out_features))
     return torch.ops.fourbit.quant_linear(x2, weights, st.smooth_recip, st.down_folded, st.down_cat, st.up,
-                                          st.bias, st.op_key + mode, None, "", 0, 0)
+                                          st.bias, st.op_key + mode, None, kind, lo, hi)
+
+
+def forward_with_activation(layer, x2: Tensor, act: "OutputActivation") -> Tensor:
+    """(M, K) -> act((M, N)) in eager, as a compiled model runs the layer once the fusion pass moved ``act`` into
+    its GEMM epilogue (kernels "triton" and "triton-memory"; a "triton-cublas" layer keeps the activation apart:
+    ``fusion.fuse_activations``). ``precision_plan`` times a layer followed by an activation so."""
+    if layer.kernel not in ("triton", "triton-memory"):
+        raise ValueError(f"forward_with_activation runs a layer on the 'triton' or 'triton-memory' kernel, not "
+                         f"{layer.kernel!r}")
+    return compiled_forward(layer, x2, memory=layer.kernel == "triton-memory", act=act)
 
 
 # ---- the inline lowering: quantization in torch ops + the GEMM alone ---------------------------------------------

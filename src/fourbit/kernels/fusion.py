@@ -7,7 +7,8 @@ runs ``FuseAroundQuantLinear`` on each graph dynamo captures, before its own low
 1. **Output activation into the GEMM epilogue**: ``gelu(y)``, ``gelu(y, approximate="tanh")`` or ``silu(y)`` where
    y is the layer's output, or a column slice of it that no other consumer reads (a sibling group's MLP columns),
    becomes the op's ``act`` on those columns. Saves a read and a write of those columns (and the activation is
-   applied in fp32 before the output's one rounding).
+   applied in fp32 before the output's one rounding). Not on a layer of the "triton-cublas" kernel: its GEMM is
+   cuBLAS's, which has no such epilogue (``precision_plan`` timed it with the activation apart).
 2. **Concatenated input read in place**: a layer whose input is ``cat([a, b], dim=-1)`` (used by nothing else)
    takes a and b as two column blocks (``x2``, ``x_tail``): ``act_quant`` reads both (``act_quant.py``) and the
    concatenation is never written. FLUX's single blocks concatenate the attention output and the MLP activation
@@ -171,8 +172,8 @@ def fuse_activations(graph: fx.Graph) -> int:
     done = 0
     for op in [n for n in graph.nodes if _is_quant_linear(n)]:
         readers = _readers(op)
-        if op.args[_ACT] or readers is None:
-            continue
+        if op.args[_ACT] or readers is None or str(op.args[_KEY]).endswith("|cublas"):
+            continue  # a "triton-cublas" layer: cuBLAS has no such epilogue, its plan timed the activation apart
         width = _val(op).shape[-1]
         for reader, lo, hi, sliced in readers:
             found = _activation_reader(reader, sliced)

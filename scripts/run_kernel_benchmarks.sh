@@ -54,7 +54,7 @@ for stage in $STAGES; do
     transformer) timeout 520 python benchmarks/transformer.py --compile --fuse-siblings --profile --out "$OUT" \
                    > "$OUT/transformer.log" 2>&1
                  echo "transformer rc $?"; tail -22 "$OUT/transformer.log" ;;
-    quality) timeout 400 python benchmarks/kernel_quality.py --variants "${QUALITY_VARIANTS:-cuBLAS}" --out "$OUT" \
+    quality) timeout ${QUALITY_TIMEOUT:-400} python benchmarks/kernel_quality.py --variants "${QUALITY_VARIANTS:-cuBLAS}" --out "$OUT" \
                > "$OUT/kernel_quality.log" 2>&1
              echo "quality rc $?"; grep -E "LPIPS|FAILED" "$OUT/kernel_quality.log" | tail -8 ;;
     tune) timeout 420 python benchmarks/gemm_tune.py --budget-s 300 --out "$OUT" > "$OUT/gemm_tune.log" 2>&1

@@ -285,10 +285,36 @@ def test_a_layer_followed_by_an_activation_is_timed_with_it(tmp_path):
         return {label: 1.0 if label == SIXTEEN_BIT else 0.5 for label in variants}
 
     plan = fourbit.plan_precision(model, cfg(), lambda m: m(x), timer=timer, progress=False)
-    assert [(lp.name, lp.activation) for lp in plan.layers] == [("fc1", "gelu_tanh"), ("fc2", None)]
+    assert [(lp.name, lp.activation) for lp in plan.layers] == [("fc1", ["gelu_tanh", 0, 64]), ("fc2", None)]
     assert len(seen) == 2  # one shape, two timings: with the GELU and without
     # the 16-bit twin with the GELU after it: nothing below GELU's minimum (-0.17); without it, a linear's outputs
     assert (seen[0] >= -0.2).all() and not (seen[1] >= -0.2).all()
     assert "16 x 64 x 64 + gelu_tanh" in plan.summary()
     again = fourbit.PrecisionPlan.load(plan.save(tmp_path / "plan.json"))
-    assert [lp.activation for lp in again.layers] == ["gelu_tanh", None]
+    assert [lp.activation for lp in again.layers] == [["gelu_tanh", 0, 64], None]
+
+
+@pytest.mark.usefixtures("no_kernel_state")
+def test_an_activation_on_a_sibling_groups_columns_is_timed_on_those_columns():
+    class Block(nn.Module):  # FLUX's single block: Q and the MLP input read one norm; GELU on the MLP's columns
+        def __init__(self):
+            super().__init__()
+            self.to_q, self.proj_mlp = nn.Linear(64, 64), nn.Linear(64, 128)
+            self.act = nn.GELU(approximate="tanh")
+
+        def forward(self, x):
+            return torch.cat([self.to_q(x), self.act(self.proj_mlp(x))], -1)
+
+    block, x = Block(), torch.randn(16, 64)
+    fourbit.fuse_siblings(block, fourbit.find_siblings(block, lambda m: m(x)))
+    seen = []
+
+    def timer(variants):
+        seen.append(variants[SIXTEEN_BIT][0]())
+        return {label: 1.0 if label == SIXTEEN_BIT else 0.5 for label in variants}
+
+    plan = fourbit.plan_precision(block, cfg(), lambda m: m(x), timer=timer, progress=False)
+    (lp,) = plan.layers
+    assert lp.activation == ["gelu_tanh", 64, 192] and "+ gelu_tanh on columns 64:192" in plan.summary()
+    (out,) = seen  # the 16-bit twin: its Q columns as the linear gives them, the MLP's through the GELU
+    assert (out[:, 64:] >= -0.2).all() and not (out[:, :64] >= -0.2).all()

@@ -14,8 +14,8 @@ layer, the first candidate that is at least ``min_speedup`` times faster than bf
 
 With ``kernels=("triton", "triton-cublas")`` each precision is timed with its GEMM on Triton and on cuBLAS, and a
 layer that pays keeps the faster kernel (a per-layer ``kernel`` override). Any model: the plan reads only module
-types, the rows they are called with and the activation (GELU, SiLU) a linear's output goes straight into
-(``nn/output_activations.py``). Such a layer is timed with its activation as a compiled model runs it: 16-bit and
+types, the rows they are called with and the activation (GELU, SiLU) a linear's output, or a column slice of it
+(a sibling group's member), goes straight into (``nn/output_activations.py``). Such a layer is timed with its activation as a compiled model runs it: 16-bit and
 "triton-cublas" with the activation after the layer, "triton" with it in the GEMM epilogue (the fusion pass's
 rewrite). Otherwise each layer is timed alone (other neighbours, e.g. a concatenated input, are not), so the plan is
 a per-layer estimate; time the whole model to judge the mix.
@@ -69,7 +69,7 @@ class LayerPlan:
     ms: dict = field(default_factory=dict)  # candidate label -> ms over all recorded calls (16-bit included)
     errors: dict = field(default_factory=dict)  # candidate label -> why it could not be timed
     choice: str = SIXTEEN_BIT
-    activation: Optional[str] = None  # the activation its output goes into, timed with it ("gelu_tanh", ...)
+    activation: Optional[list] = None  # [kind, lo, hi]: the activation on output columns [lo, hi), timed with it
 
     def speedup(self, label: str) -> float:
         """bf16 time / ``label``'s time over the recorded calls (nan if either is missing)."""
@@ -109,7 +109,10 @@ class PrecisionPlan:
         lines.append(" | ".join(head))
         for layer in self.layers:
             rows = " + ".join(f"{m}" if n == 1 else f"{m} ({n} calls)" for m, n in sorted(layer.rows.items()))
-            act = f" + {layer.activation}" if layer.activation else ""
+            act = ""
+            if layer.activation:
+                kind, lo, hi = layer.activation
+                act = f" + {kind}" + ("" if (lo, hi) == (0, layer.out_features) else f" on columns {lo}:{hi}")
             cells = [layer.name, f"{rows} x {layer.in_features} x {layer.out_features}{act}"]
             for label in [SIXTEEN_BIT] + self.candidates[:-1]:
                 t = layer.ms.get(label)
@@ -201,14 +204,14 @@ class _ShapeTimer:
             return min(calls, key=math.prod)
         return min(256, max(calls))
 
-    def run(self, layer: nn.Module, activation: Optional[str]) -> Callable:
+    def run(self, layer: nn.Module, activation: Optional[tuple]) -> Callable:
         """What is timed for a module (the 16-bit one or a quantized twin), called as ``fn(x)``: the module, with
         ``activation`` after it, or in its GEMM epilogue where the fusion pass puts it there (``_EPILOGUE_KERNELS``)."""
         if activation is None or self.conv:
             return layer
         from .kernels.activation import OutputActivation, apply_rounded
 
-        act = OutputActivation(activation)
+        act = OutputActivation(*activation)
         if getattr(layer, "kernel", None) in _EPILOGUE_KERNELS:
             from .kernels.compiled import forward_with_activation
 
@@ -285,7 +288,7 @@ def _rows_of(mod: nn.Module, call) -> int:
     return b * ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
 
-def _shape_key(t, activation: Optional[str] = None) -> tuple:
+def _shape_key(t, activation: Optional[tuple] = None) -> tuple:
     """(K, N, geometry, bias, weight dtype, per-layer config as JSON, activation after it): what a layer's timings
     depend on (K: the input features a row has, Cin x kh x kw for a convolution)."""
     m = t.module
@@ -430,7 +433,7 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
                 r = _rows_of(module, c)
                 rows[r] = rows.get(r, 0) + count
             lp = LayerPlan(name, key[0], key[1], dict(sorted(rows.items())), errors=dict(errors[key]),
-                           activation=key[-1])
+                           activation=None if key[-1] is None else list(key[-1]))
             for label in [SIXTEEN_BIT] + labels:
                 per_call = [results[key, c].get(label) for c in calls[name]]
                 if all(t is not None for t in per_call):

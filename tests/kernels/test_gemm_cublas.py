@@ -379,7 +379,7 @@ def test_plan_times_a_following_activation_as_the_compiled_model_runs_it(interpr
                                       progress=False)
     finally:
         set_gemm_backend("triton")
-    assert [lp.activation for lp in plan.layers] == ["gelu_tanh", None]
+    assert [lp.activation for lp in plan.layers] == [["gelu_tanh", 0, 128], None]
     bf16, tri, cub = (outputs[k] for k in (SIXTEEN_BIT, "config @ triton", "config @ triton-cublas"))
     assert [str(a) for a in tri[1]] == ["OutputActivation(kind='gelu_tanh', lo=0, hi=128)"] and tri[2] == 0
     assert cub[1] == [] and cub[2] == 1  # cuBLAS, then the GELU apart

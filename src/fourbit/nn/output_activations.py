@@ -1,11 +1,12 @@
-"""``OutputActivationSpy``: which activation (GELU, tanh-GELU, SiLU) each layer's output goes straight into, seen
-over one eager run of a forward loop.
+"""``OutputActivationSpy``: which activation (GELU, tanh-GELU, SiLU) each layer's output, or a column slice of it,
+goes straight into, seen over one eager run of a forward loop.
 
 Under ``torch.compile`` the fusion pass (``kernels/fusion.py``) moves such an activation into the GEMM epilogue of a
 quantized layer on a Triton GEMM; a plan that times layers (``precision_plan``) times them with it. Seen here: an
 activation called on the very tensor a layer returned (``nn.GELU``, ``F.gelu``, ``F.silu``, diffusers' ``GELU``
-module...), the same kind on every call of the layer. Not seen (the layer counts as having none): an activation on
-a slice or a reshape of the output, or a layer whose calls disagree.
+module...) or on a slice of its last dimension (``y[..., lo:hi]``: a sibling group's member, FLUX's MLP columns),
+the same on every call of the layer. Not seen (the layer counts as having none): an activation on a reshape of the
+output, or a layer whose calls disagree. Like the fusion pass's, at most one activation range per call.
 """
 from __future__ import annotations
 
@@ -37,15 +38,31 @@ def activation_kind(func, args: tuple, kwargs: dict) -> Optional[str]:
     return None
 
 
+def _last_dim_slice(index, ndim: int) -> Optional[slice]:
+    """The slice of ``t[index]`` if it only slices the last of ``ndim`` dimensions (``[..., a:b]``), else None."""
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) == 2 and index[0] is Ellipsis:
+        sl = index[1]
+    elif len(index) == ndim and all(isinstance(i, slice) and i == slice(None) for i in index[:-1]):
+        sl = index[-1]
+    else:
+        return None
+    if not isinstance(sl, slice) or sl.step not in (None, 1):
+        return None
+    if not all(b is None or isinstance(b, int) for b in (sl.start, sl.stop)):
+        return None
+    return sl
+
+
 class OutputActivationSpy(TorchFunctionMode):
     """Use as ``with OutputActivationSpy(modules) as spy: forward_loop(model)``; then ``spy.kinds()`` is
-    {key: kind or None} for ``modules`` ({key: module})."""
+    {key: (kind, lo, hi) or None} for ``modules`` ({key: module}): the activation on output columns [lo, hi)."""
 
     def __init__(self, modules: dict):
         super().__init__()
         self._modules = modules
-        self._outputs: dict = {}  # id(output) -> (key, weakref to it): the latest outputs not yet consumed
-        self._seen: dict = {key: [] for key in modules}  # key -> per call: the kind its output met, or None
+        self._tracked: dict = {}  # id(tensor) -> (key, call, lo, hi, weakref): an output or a column slice of one
+        self._seen: dict = {key: [] for key in modules}  # key -> per call: (kind, lo, hi) its output met, or None
         self._handles: list = []
 
     def __enter__(self):
@@ -57,27 +74,39 @@ class OutputActivationSpy(TorchFunctionMode):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._tracked.clear()
         return super().__exit__(*exc)
+
+    def _track(self, t: torch.Tensor, key, call: int, lo: int, hi: int) -> None:
+        self._tracked[id(t)] = (key, call, lo, hi, weakref.ref(t))
 
     def _hook(self, key):
         def record(mod: nn.Module, args, out):
-            if isinstance(out, torch.Tensor):
+            if isinstance(out, torch.Tensor) and out.dim() >= 1:
                 self._seen[key].append(None)
-                self._outputs[id(out)] = (key, len(self._seen[key]) - 1, weakref.ref(out))
+                self._track(out, key, len(self._seen[key]) - 1, 0, out.shape[-1])
         return record
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if args and isinstance(args[0], torch.Tensor):
-            found = self._outputs.get(id(args[0]))
-            if found is not None and found[2]() is args[0]:
-                kind = activation_kind(func, args, kwargs)
-                if kind is not None:
-                    key, call, _ = found
-                    self._seen[key][call] = kind
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        src = args[0] if args else None
+        found = self._tracked.get(id(src)) if isinstance(src, torch.Tensor) else None
+        if found is None or found[4]() is not src:
+            return out
+        key, call, lo, hi, _ = found
+        if func is torch.Tensor.__getitem__ and isinstance(out, torch.Tensor) and len(args) == 2:
+            sl = _last_dim_slice(args[1], src.dim())
+            if sl is not None:
+                a, b, _ = sl.indices(hi - lo)
+                self._track(out, key, call, lo + a, lo + max(a, b))
+            return out
+        kind = activation_kind(func, args, kwargs)
+        if kind is not None and self._seen[key][call] is None and hi > lo:
+            self._seen[key][call] = (kind, lo, hi)
+        return out
 
     def kinds(self) -> dict:
-        """{key: the activation every call's output went into, or None}."""
+        """{key: the (kind, lo, hi) every call's output met, or None}."""
         out = {}
         for key, calls in self._seen.items():
             out[key] = calls[0] if calls and all(c == calls[0] for c in calls) else None

@@ -177,6 +177,22 @@ def _environment(device) -> dict:
             "triton": triton_version, "cuda": torch.version.cuda}
 
 
+class _FollowedBy:
+    """``layer`` then ``act``: in its GEMM epilogue (``fused``, as the fusion pass runs a "triton" layer) or after it."""
+
+    def __init__(self, layer: nn.Module, act, fused: bool):
+        self.layer, self.act, self.fused = layer, act, fused
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from .kernels.compiled import forward_with_activation
+
+            return forward_with_activation(self.layer, x, self.act)
+        from .kernels.activation import apply_rounded
+
+        return apply_rounded(self.layer(x), self.act)
+
+
 class _ShapeTimer:
     """Times one layer shape in bf16 and in each candidate config, for each call key asked (a linear's rows, a
     convolution's input shape), by quantizing a random layer of that shape once per candidate."""
@@ -209,14 +225,9 @@ class _ShapeTimer:
         ``activation`` after it, or in its GEMM epilogue where the fusion pass puts it there (``_EPILOGUE_KERNELS``)."""
         if activation is None or self.conv:
             return layer
-        from .kernels.activation import OutputActivation, apply_rounded
+        from .kernels.activation import OutputActivation
 
-        act = OutputActivation(*activation)
-        if getattr(layer, "kernel", None) in _EPILOGUE_KERNELS:
-            from .kernels.compiled import forward_with_activation
-
-            return lambda x: forward_with_activation(layer, x, act)
-        return lambda x: apply_rounded(layer(x), act)
+        return _FollowedBy(layer, OutputActivation(*activation), getattr(layer, "kernel", None) in _EPILOGUE_KERNELS)
 
     def layer(self, label: str, cfg: QuantConfig, calls: Sequence) -> nn.Module:
         """The quantized twin of ``self.module`` for ``cfg`` (built once), kernels prepared for ``calls``."""

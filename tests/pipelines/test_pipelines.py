@@ -283,7 +283,8 @@ def test_a_plan_made_on_the_fused_denoiser_applies_to_a_fresh_one():
     ps = prompts(embeds, 2)
 
     def timer(variants):  # the fused groups (wide N) are slower in 4 bits, the others pay
-        layer = variants["config"][0].func
+        timed = variants["config"][0].func  # the layer, or the layer followed by its activation (``.layer``)
+        layer = getattr(timed, "layer", timed)
         return {"16-bit": 1.0, "config": 2.0 if layer.out_features > 64 else 0.5}
 
     plan = fourbit.plan_pipeline(pipe, _config(), ps[0], call_kwargs=call_kwargs, progress=False, verbose=False,

@@ -15,10 +15,10 @@ layer, the first candidate that is at least ``min_speedup`` times faster than bf
 With ``kernels=("triton", "triton-cublas")`` each precision is timed with its GEMM on Triton and on cuBLAS, and a
 layer that pays keeps the faster kernel (a per-layer ``kernel`` override). Any model: the plan reads only module
 types, the rows they are called with and the activation (GELU, SiLU) a linear's output, or a column slice of it
-(a sibling group's member), goes straight into (``nn/output_activations.py``). Such a layer is timed with its activation as a compiled model runs it: 16-bit and
-"triton-cublas" with the activation after the layer, "triton" with it in the GEMM epilogue (the fusion pass's
-rewrite). Otherwise each layer is timed alone (other neighbours, e.g. a concatenated input, are not), so the plan is
-a per-layer estimate; time the whole model to judge the mix.
+(a sibling group's member), goes straight into (``nn/output_activations.py``). Such a layer is timed with its
+activation as a compiled model runs it: 16-bit and "triton-cublas" with the activation after the layer, "triton"
+with it in the GEMM epilogue (the fusion pass's rewrite). Otherwise each layer is timed alone (other neighbours,
+e.g. a concatenated input, are not), so the plan is a per-layer estimate; time the whole model to judge the mix.
 """
 from __future__ import annotations
 
@@ -178,7 +178,8 @@ def _environment(device) -> dict:
 
 
 class _FollowedBy:
-    """``layer`` then ``act``: in its GEMM epilogue (``fused``, as the fusion pass runs a "triton" layer) or after it."""
+    """``layer`` then ``act``: in its GEMM epilogue (``fused``: as the fusion pass runs a "triton" layer) or after
+    it."""
 
     def __init__(self, layer: nn.Module, act, fused: bool):
         self.layer, self.act, self.fused = layer, act, fused

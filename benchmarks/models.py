@@ -601,6 +601,11 @@ def run_model(name: str, args, device: str, log) -> dict:
         except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
             res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             log(f"{name} {variant}: FAILED {res['error']}")
+        except TimeLimit:  # SIGTERM while building: time the variants built so far, no profile, write the row
+            res["skipped"] = "time limit (SIGTERM) while building this variant"
+            row["cut"] = f"SIGTERM while building {variant}: later variants not built, no profile"
+            log(f"{name} {variant}: cut by the time limit; timing the {len(graphs)} variants built")
+            break
     if graphs:
         rounds = rounds_for(args.rounds, len(graphs))
         ms = alternate(graphs, rounds)
@@ -613,7 +618,7 @@ def run_model(name: str, args, device: str, log) -> dict:
         for k, v in ms.items():
             row["variants"][k]["speedup_vs_bf16"] = b / v if b else None
         log(f"{name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
-    if args.profile and device == "cuda":  # after the timing: the profiler does not disturb it
+    if args.profile and device == "cuda" and "cut" not in row:  # after the timing: it does not disturb it
         try:
             for k, m in models.items():
                 gemm = row["variants"][k].get("gemm")  # "per layer": the layers' own kernels, Triton process-wide

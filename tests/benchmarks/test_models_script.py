@@ -104,3 +104,19 @@ def test_mixed_plan_falls_back_to_fp8_without_a_branch(monkeypatch):
     assert "error" not in v and v["finite"], v
     assert v["plan_counts"] == {"weights=fp8, activations=fp8, rank=0": v["quantized_layers"]} and v["quantized_layers"] > 0
     assert branched == []  # every layer fell back to fp8: none got the int4p2 branch
+
+
+def test_a_time_limit_while_building_keeps_the_row(monkeypatch):
+    """SIGTERM (the run script's timeout) while a variant builds: the later variants are not built, the row says
+    so and is still returned (on the GPU: the variants built so far are timed and the row written)."""
+    import models
+
+    def cut(*a, **k):
+        raise models.TimeLimit()
+
+    monkeypatch.setattr(models, "fp8_peer", cut)
+    (row,) = models.main(["--tiny", "--no-compile", "--models", "pixart-sigma", "--variants",
+                          "bf16,fp8-peer,fourbit-fp8"])
+    v = row["variants"]
+    assert "finite" in v["bf16"] and v["fp8-peer"]["skipped"].startswith("time limit") and "fourbit-fp8" not in v
+    assert "fp8-peer" in row["cut"]

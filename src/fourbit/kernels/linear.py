@@ -283,12 +283,22 @@ def triton_speed(layer, x2: Tensor) -> Tensor:
     return linear_forward(layer, x2, memory=False)
 
 
+#: the per-layer GEMM backend a kernel name implies (others: the process-wide ``set_gemm_backend``)
+KERNEL_GEMM = {"triton-cublas": "cublas"}
+
+
+def kernel_gemm(kernel: str) -> Optional[str]:
+    """The GEMM backend of layers on ``kernel`` ("cublas" for "triton-cublas"), None for the process-wide one."""
+    return KERNEL_GEMM.get(kernel)
+
+
 def triton_cublas(layer, x2: Tensor) -> Tensor:
+    gemm = kernel_gemm("triton-cublas")
     if torch.compiler.is_compiling():
         from .compiled import compiled_forward
 
-        return compiled_forward(layer, x2, memory=False, gemm="cublas")
-    return linear_forward(layer, x2, memory=False, gemm="cublas")
+        return compiled_forward(layer, x2, memory=False, gemm=gemm)
+    return linear_forward(layer, x2, memory=False, gemm=gemm)
 
 
 def triton_memory(layer, x2: Tensor) -> Tensor:

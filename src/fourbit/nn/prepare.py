@@ -24,7 +24,7 @@ def prepare_kernels(model: nn.Module, forward_loop=None) -> nn.Module:
     eager use (their GEMV reads the 4-bit weight: ~3 GiB less for FLUX.1). Called later with more rows, such a layer
     expands its weight per call (memory-mode speed) until it is prepared again."""
     from ..kernels import SPEED_KERNELS
-    from ..kernels.linear import few_rows, layer_state, weight_operand  # imports triton: only when asked
+    from ..kernels.linear import few_rows, kernel_gemm, layer_state, weight_operand  # imports triton: when asked
 
     layers = [layer for _, layer in quantized_layers(model) if layer.kernel in SPEED_KERNELS + ("triton-memory",)]
     rows: dict = {}
@@ -38,5 +38,5 @@ def prepare_kernels(model: nn.Module, forward_loop=None) -> nn.Module:
         if st.gemv and seen is not None and few_rows(seen):
             st.weight = None  # the GEMV reads the packed weight
         else:
-            weight_operand(layer, st, memory=False, gemm="cublas" if layer.kernel == "triton-cublas" else None)
+            weight_operand(layer, st, memory=False, gemm=kernel_gemm(layer.kernel))
     return model

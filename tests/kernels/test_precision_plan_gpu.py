@@ -49,6 +49,8 @@ def test_plan_precision_picks_the_kernel_per_layer_gpu():
                                   progress=False, min_speedup=1e-6)  # keep both layers in 4 bits: test the kernels
     for lp in plan.layers:
         assert set(lp.ms) == {"16-bit", "config @ triton", "config @ triton-cublas"} and not lp.errors, lp.errors
+    # the first layer timed with its GELU (Triton: in the epilogue; cuBLAS and bf16: after), the second alone
+    assert [lp.activation for lp in plan.layers] == [["gelu", 0, 4608], None]
     chosen = [lp.choice.split(" @ ")[1] for lp in plan.layers]
     fourbit.quantize(model, plan.config, lambda m: m(x[:512]), progress=False, verbose=False)
     assert [model[0].kernel, model[2].kernel] == chosen

@@ -10,11 +10,13 @@ from fourbit.nn.output_activations import OutputActivationSpy, activation_kind
 class Followed(nn.Module):
     """Linears followed by: a tanh-GELU module, exact F.gelu, F.silu, a GELU on a column slice, a GELU on one call
     only (calls disagree), nothing; an in-place SiLU (not an epilogue activation); a GELU on a row slice and one
-    after a reshape (neither is a column range the epilogue has)."""
+    after a reshape (neither is a column range the epilogue has); a GELU whose input is also read by a residual; a
+    GELU on half the columns while other code reads the other half."""
 
     def __init__(self, d=8):
         super().__init__()
-        names = ("tanh", "exact", "silu", "sliced", "once", "plain", "inplace", "rows", "reshaped")
+        names = ("tanh", "exact", "silu", "sliced", "once", "plain", "inplace", "rows", "reshaped", "residual",
+                 "other_half")
         self.lin = nn.ModuleDict({n: nn.Linear(d, d) for n in names})
         self.act = nn.GELU(approximate="tanh")
 
@@ -23,6 +25,10 @@ class Followed(nn.Module):
         y = self.act(lin["tanh"](x)) + F.gelu(lin["exact"](x)) + F.silu(lin["silu"](x))
         y = y + F.gelu(lin["sliced"](x)[:, :4]).sum() + F.gelu(lin["once"](x)) + lin["once"](x) + lin["plain"](x)
         y = y + F.gelu(lin["rows"](x)[:2]).sum() + F.gelu(lin["reshaped"](x).reshape(-1)).sum()
+        r = lin["residual"](x)  # the pre-activation values read again: the epilogue cannot take the GELU
+        y = y + F.gelu(r) + r
+        h = lin["other_half"](x)  # other code reads the other columns only: the GELU's columns stay fusable
+        y = y + torch.cat([F.gelu(h[..., :4]), h[..., 4:] * 2], -1)
         return y + F.silu(lin["inplace"](x), inplace=True)
 
 
@@ -34,7 +40,7 @@ def test_each_layer_gets_the_activation_its_output_goes_into():
         want = model(x)
     assert spy.kinds() == {"tanh": ("gelu_tanh", 0, 8), "exact": ("gelu", 0, 8), "silu": ("silu", 0, 8),
                            "sliced": ("gelu", 0, 4), "once": None, "plain": None, "inplace": None, "rows": None,
-                           "reshaped": None}
+                           "reshaped": None, "residual": None, "other_half": ("gelu", 0, 4)}
     assert torch.equal(model(x), want)  # hooks removed, the model unchanged
     assert not any(m._forward_hooks for m in model.lin.values())
 

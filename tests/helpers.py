@@ -43,3 +43,16 @@ def outlier_layer(m=2048, k=1536, n=1536, seed=0, outlier_frac=0.01):
     idx = torch.randperm(k, generator=g)[: max(1, int(k * outlier_frac))]
     x[:, idx] *= 20 + 30 * torch.rand(len(idx), generator=g)
     return x, w
+
+
+class SingleBlock(nn.Module):
+    """FLUX's single block in small: a query projection and an MLP input read one input (siblings), tanh-GELU on the
+    MLP's output, the two concatenated."""
+
+    def __init__(self, d=8, h=16):
+        super().__init__()
+        self.to_q, self.proj_mlp = nn.Linear(d, d), nn.Linear(d, h)
+        self.act = nn.GELU(approximate="tanh")
+
+    def forward(self, x):
+        return torch.cat([self.to_q(x), self.act(self.proj_mlp(x))], -1)

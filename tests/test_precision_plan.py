@@ -10,6 +10,8 @@ from fourbit.nn.rows import record_rows
 from fourbit.precision_plan import SIXTEEN_BIT, exact_pattern
 from fourbit.utils.timing import time_side_by_side
 
+from .helpers import SingleBlock
+
 FP8 = {"weights": "fp8", "activations": "fp8"}
 FP8_LABEL = "weights=fp8, activations=fp8"
 
@@ -296,16 +298,7 @@ def test_a_layer_followed_by_an_activation_is_timed_with_it(tmp_path):
 
 @pytest.mark.usefixtures("no_kernel_state")
 def test_an_activation_on_a_sibling_groups_columns_is_timed_on_those_columns():
-    class Block(nn.Module):  # FLUX's single block: Q and the MLP input read one norm; GELU on the MLP's columns
-        def __init__(self):
-            super().__init__()
-            self.to_q, self.proj_mlp = nn.Linear(64, 64), nn.Linear(64, 128)
-            self.act = nn.GELU(approximate="tanh")
-
-        def forward(self, x):
-            return torch.cat([self.to_q(x), self.act(self.proj_mlp(x))], -1)
-
-    block, x = Block(), torch.randn(16, 64)
+    block, x = SingleBlock(d=64, h=128), torch.randn(16, 64)
     fourbit.fuse_siblings(block, fourbit.find_siblings(block, lambda m: m(x)))
     seen = []
 

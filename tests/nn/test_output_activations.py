@@ -4,7 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fourbit
 from fourbit.nn.output_activations import OutputActivationSpy, activation_kind
+
+from ..helpers import SingleBlock
 
 
 class Followed(nn.Module):
@@ -64,18 +67,7 @@ def test_activation_kind_reads_the_arguments():
 def test_a_sibling_groups_member_columns():
     """Q and an MLP input fused as siblings (FLUX's single blocks): the GELU on the MLP's columns of the group's
     output is seen as that column range of the group's linear."""
-    import fourbit
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.to_q, self.proj_mlp = nn.Linear(8, 8), nn.Linear(8, 16)
-            self.act = nn.GELU(approximate="tanh")
-
-        def forward(self, x):
-            return torch.cat([self.to_q(x), self.act(self.proj_mlp(x))], -1)
-
-    block, x = Block(), torch.randn(4, 8)
+    block, x = SingleBlock(d=8, h=16), torch.randn(4, 8)
     fourbit.fuse_siblings(block, fourbit.find_siblings(block, lambda m: m(x)))
     group = block.to_q.group.linear
     spy = OutputActivationSpy({"group": group})

@@ -34,6 +34,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..nn.output_activations import activation_kind, last_dim_slice
+
 try:  # the interface inductor's caches read (uuid); torch >= 2.6
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 except ImportError:  # pragma: no cover - older torch: a plain callable (no FX-graph cache for it)
@@ -69,19 +71,7 @@ def _activation_kind(n: fx.Node) -> Optional[str]:
     """The output-activation kind of an activation call on its first argument, or None."""
     if n.op != "call_function" or not n.args:
         return None
-    gelus = (torch._C._nn.gelu, torch.nn.functional.gelu, torch.ops.aten.gelu.default)
-    silus = (torch.nn.functional.silu, torch.ops.aten.silu.default)
-    if n.target in gelus:
-        extra = set(n.kwargs) - {"approximate"}
-        approx = n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none")
-        if extra or len(n.args) > 2 or approx not in ("none", "tanh"):
-            return None
-        return "gelu_tanh" if approx == "tanh" else "gelu"
-    if n.target in silus:
-        if len(n.args) > 1 or n.kwargs.get("inplace", False):
-            return None
-        return "silu"
-    return None
+    return activation_kind(n.target, n.args, n.kwargs)
 
 
 _RESHAPES = {"reshape", "view", "flatten", "unflatten"}
@@ -110,16 +100,8 @@ def _column_range(n: fx.Node, width: int) -> Optional[tuple[int, int]]:
     v = _val(src)
     if v is None:
         return None
-    idx = idx if isinstance(idx, tuple) else (idx,)
-    if len(idx) == 2 and idx[0] is Ellipsis:
-        sl = idx[1]
-    elif len(idx) == v.dim() and all(isinstance(s, slice) and s == slice(None) for s in idx[:-1]):
-        sl = idx[-1]
-    else:
-        return None
-    if not isinstance(sl, slice) or sl.step not in (None, 1):
-        return None
-    if not all(b is None or isinstance(b, int) for b in (sl.start, sl.stop)):
+    sl = last_dim_slice(idx, v.dim())
+    if sl is None:
         return None
     lo, hi, _ = sl.indices(width)
     return lo, max(lo, hi)

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-_GELUS = (F.gelu, torch._C._nn.gelu)
-_SILUS = (F.silu, torch._C._nn.silu)
+# eager functions, and the aten ops a traced graph (``kernels/fusion.py``) holds
+_GELUS = (F.gelu, torch._C._nn.gelu, torch.ops.aten.gelu.default)
+_SILUS = (F.silu, torch._C._nn.silu, torch.ops.aten.silu.default)
 
 
 def activation_kind(func, args: tuple, kwargs: dict) -> Optional[str]:
@@ -39,7 +40,7 @@ def activation_kind(func, args: tuple, kwargs: dict) -> Optional[str]:
     return None
 
 
-def _last_dim_slice(index, ndim: int) -> Optional[slice]:
+def last_dim_slice(index, ndim: int) -> Optional[slice]:
     """The slice of ``t[index]`` if it only slices the last of ``ndim`` dimensions (``[..., a:b]``), else None."""
     index = index if isinstance(index, tuple) else (index,)
     if len(index) == 2 and index[0] is Ellipsis:
@@ -103,7 +104,7 @@ class OutputActivationSpy(TorchFunctionMode):
         if found is not None:
             key, call, lo, hi = found
             if func is torch.Tensor.__getitem__ and isinstance(out, torch.Tensor) and len(args) == 2:
-                sl = _last_dim_slice(args[1], args[0].dim())
+                sl = last_dim_slice(args[1], args[0].dim())
                 if sl is not None:  # a column slice: its readers count, not the slicing
                     a, b, _ = sl.indices(hi - lo)
                     self._track(out, key, call, lo + a, lo + max(a, b))

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fourbit
-from fourbit.nn.output_activations import OutputActivationSpy, activation_kind
+from fourbit.nn.output_activations import OutputActivationSpy
+from fourbit.utils.activation_calls import activation_kind
 
 from ..helpers import SingleBlock
 

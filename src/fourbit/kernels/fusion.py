@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ..nn.output_activations import activation_kind, last_dim_slice
+from ..utils.activation_calls import activation_kind, last_dim_slice
 
 try:  # the interface inductor's caches read (uuid); torch >= 2.6
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files

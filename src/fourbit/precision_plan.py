@@ -43,8 +43,6 @@ from .nn.rows import output_rows, record_calls
 from .utils.files import atomic_write, check_output_file, check_readable_file
 
 SIXTEEN_BIT = "16-bit"
-#: kernels on whose layers the fusion pass moves a following activation into the GEMM epilogue
-_EPILOGUE_KERNELS = ("triton", "triton-memory")
 PLAN_VERSION = 1
 
 
@@ -223,12 +221,13 @@ class _ShapeTimer:
 
     def run(self, layer: nn.Module, activation: Optional[tuple]) -> Callable:
         """What is timed for a module (the 16-bit one or a quantized twin), called as ``fn(x)``: the module, with
-        ``activation`` after it, or in its GEMM epilogue where the fusion pass puts it there (``_EPILOGUE_KERNELS``)."""
+        ``activation`` after it, or in its GEMM epilogue where the fusion pass puts it there (``kernels.EPILOGUE_KERNELS``)."""
         if activation is None or self.conv:
             return layer
+        from .kernels import EPILOGUE_KERNELS
         from .kernels.activation import OutputActivation
 
-        return _FollowedBy(layer, OutputActivation(*activation), getattr(layer, "kernel", None) in _EPILOGUE_KERNELS)
+        return _FollowedBy(layer, OutputActivation(*activation), getattr(layer, "kernel", None) in EPILOGUE_KERNELS)
 
     def layer(self, label: str, cfg: QuantConfig, calls: Sequence) -> nn.Module:
         """The quantized twin of ``self.module`` for ``cfg`` (built once), kernels prepared for ``calls``."""

@@ -387,3 +387,13 @@ def test_plan_times_a_following_activation_as_the_compiled_model_runs_it(interpr
         assert out.shape == (48, 128) and (out >= -0.2).all()  # GELU's minimum is -0.17
     # each twin is quantized on its own random calibration rows: 4-bit errors (measured 17 dB), not the same codes
     assert sqnr_db(bf16[0], tri[0]) > 12 and sqnr_db(bf16[0], cub[0]) > 12
+
+
+def test_forward_with_activation_refuses_a_kernel_without_the_epilogue():
+    from fourbit.kernels.activation import OutputActivation
+    from fourbit.kernels.compiled import forward_with_activation
+
+    layer = _svdquant_layer(m=8, k=64, n=64)[0][0]
+    layer.kernel = "triton-cublas"
+    with pytest.raises(ValueError, match="runs a layer on one of the kernels"):
+        forward_with_activation(layer, torch.randn(8, 64), OutputActivation("gelu"))

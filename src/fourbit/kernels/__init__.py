@@ -46,6 +46,8 @@ def available_kernels() -> list[str]:
 #   "triton-cublas"  speed mode with the GEMM through cuBLAS (torch._scaled_mm, the low-rank branch folded into K)
 #   "triton-memory"  memory mode: 4-bit weights at rest, expanded per layer just before its GEMM
 SPEED_KERNELS = ("triton", "triton-cublas")  # cache a weight operand per layer (``prepare_kernels`` builds it)
+#: the fusion pass moves a following activation into these kernels' GEMM epilogue ("triton-cublas": cuBLAS has none)
+EPILOGUE_KERNELS = ("triton", "triton-memory")
 register_lazy_kernel("triton", "fourbit.kernels.linear")
 register_lazy_kernel("triton-cublas", "fourbit.kernels.linear")
 register_lazy_kernel("triton-memory", "fourbit.kernels.linear")

@@ -130,8 +130,10 @@ def forward_with_activation(layer, x2: Tensor, act: "OutputActivation") -> Tenso
     """(M, K) -> act((M, N)) in eager, as a compiled model runs the layer once the fusion pass moved ``act`` into
     its GEMM epilogue (kernels "triton" and "triton-memory"; a "triton-cublas" layer keeps the activation apart:
     ``fusion.fuse_activations``). ``precision_plan`` times a layer followed by an activation so."""
-    if layer.kernel not in ("triton", "triton-memory"):
-        raise ValueError(f"forward_with_activation runs a layer on the 'triton' or 'triton-memory' kernel, not "
+    from . import EPILOGUE_KERNELS
+
+    if layer.kernel not in EPILOGUE_KERNELS:
+        raise ValueError(f"forward_with_activation runs a layer on one of the kernels {EPILOGUE_KERNELS}, not "
                          f"{layer.kernel!r}")
     return compiled_forward(layer, x2, memory=layer.kernel == "triton-memory", act=act)
 

@@ -16,7 +16,7 @@ from .checkpoint import CheckpointError, load, read_header, save  # noqa: E402
 from .siblings import find_siblings, fuse_siblings  # noqa: E402
 from .precision_plan import PrecisionPlan, plan_precision  # noqa: E402
 
-_PIPELINES = ("quantize_pipeline", "plan_pipeline", "save_pretrained", "from_pretrained")
+_PIPELINES = ("quantize_pipeline", "plan_pipeline", "compile_pipeline", "save_pretrained", "from_pretrained")
 
 
 def __getattr__(name):  # the diffusers entry points load on first use: `import fourbit` stays light
@@ -28,6 +28,6 @@ def __getattr__(name):  # the diffusers entry points load on first use: `import 
     raise AttributeError(f"module 'fourbit' has no attribute {name!r}")
 
 
-__all__ = ["quantize", "quantize_pipeline", "plan_pipeline", "save_pretrained", "from_pretrained", "save", "load", "read_header", "CheckpointError", "find_siblings", "fuse_siblings", "plan_precision", "PrecisionPlan", "QuantConfig", "RTNConfig",
+__all__ = ["quantize", "quantize_pipeline", "plan_pipeline", "compile_pipeline", "save_pretrained", "from_pretrained", "save", "load", "read_header", "CheckpointError", "find_siblings", "fuse_siblings", "plan_precision", "PrecisionPlan", "QuantConfig", "RTNConfig",
            "SmoothQuantConfig", "SVDConfig", "LoRCConfig", "SVDQuantConfig", "NF4Config", "QuaRTZConfig",
            "SVDQuantQuaRTZConfig", "__version__"]

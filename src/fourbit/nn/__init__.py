@@ -9,6 +9,7 @@ from torch import nn
 from .linear import QuantConv2d, QuantLinear, build_empty, conv_rows
 from ..kernels import get_linear_kernel
 from .prepare import prepare_kernels, quantized_layers
+from .compile_model import CompileReport, compile_blocks, compile_model, repeated_blocks
 from .replace import set_module
 from .state import QuantizedLinearState
 
@@ -67,4 +68,4 @@ def activation_format(model: nn.Module, fmt):
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantizedLinearState", "build_empty", "conv_rows",
            "quantized_layers", "set_kernel", "prepare_kernels", "set_gemm_backend", "inductor_options",
-           "activation_format", "set_module"]
+           "activation_format", "set_module", "compile_model", "compile_blocks", "repeated_blocks", "CompileReport"]

@@ -11,7 +11,8 @@ Models (``FAMILIES``): diffusers classes with the published configs written out 
 (random weights say nothing about image quality, only about speed and memory), the latent of a 1024x1024 image
 and the batch each pipeline runs: 2 (classifier-free guidance) except FLUX.1-dev (guidance-distilled, batch 1).
 The layers quantized are the linears (and 1x1 convolutions) inside each family's repeated blocks (``blocks``);
-the same blocks are compiled (regional ``torch.compile``, inductor default mode) in every variant:
+the same blocks are compiled (regional ``torch.compile``, inductor default mode) in every variant, by
+``fourbit.nn.compile_model`` (what ``fourbit.compile_pipeline`` runs for a pipeline's user):
 
   bf16           the model as loaded
   fp8-peer       FP8 rowwise dynamic W8A8, the recipe of torchao's
@@ -350,18 +351,6 @@ def fuse_block_siblings(model, blocks, inputs, across_blocks: bool = False, cfg=
 
 
 # ---- compile, capture, time ------------------------------------------------------------------------------------
-def compile_blocks(model, fam, options=None) -> None:
-    import torch._dynamo
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
-        torch._dynamo.config.accumulated_cache_size_limit = max(
-            torch._dynamo.config.accumulated_cache_size_limit, 8192)
-    for m in model.modules():
-        if type(m).__name__ in fam["blocks"]:
-            m.compile(options=options) if options else m.compile()
-
-
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -373,7 +362,7 @@ def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compi
     step: {compile_seconds, peak_step_bytes, out, graphs (dynamo graphs compiled)} (fourbit: also ``lowered_layers``,
     the inline lowering's count)."""
     from fourbit.kernels.fusion import fusion_stats
-    from fourbit.nn import inductor_options, prepare_kernels
+    from fourbit.nn import compile_model, prepare_kernels
 
     from torch._dynamo.utils import counters
 
@@ -381,10 +370,11 @@ def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compi
     lowered = fusion_stats().get("inline", 0)
     graphs = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
-        if fourbit_kernels and not tiny:
+        if compile_:  # what fourbit.compile_pipeline does: kernels prepared, the blocks compiled with the pass
+            compile_model(model, lambda m: m(**inputs), kernel=None, blocks=fam["blocks"],
+                          fusion=fourbit_kernels and not tiny, act_quant=act_quant)
+        elif fourbit_kernels and not tiny:
             prepare_kernels(model, forward_loop=lambda m: m(**inputs))
-        if compile_:
-            compile_blocks(model, fam, inductor_options(act_quant) if fourbit_kernels and not tiny else None)
         out = model(**inputs)[0]
         lowered = fusion_stats().get("inline", 0) - lowered
         sync(device)

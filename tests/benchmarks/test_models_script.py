@@ -120,3 +120,14 @@ def test_a_time_limit_while_building_keeps_the_row(monkeypatch):
     v = row["variants"]
     assert "finite" in v["bf16"] and v["fp8-peer"]["skipped"].startswith("time limit") and "fourbit-fp8" not in v
     assert "fp8-peer" in row["cut"]
+
+
+def test_models_compiles_through_the_library_call():
+    """The compile path (``fourbit.nn.compile_model``, inductor on the CPU, reference kernel): the blocks compiled,
+    the quantized step still the model's (a tiny model's W4A4 error, not a broken graph)."""
+    import models
+
+    (row,) = models.main(["--tiny", "--models", "pixart-sigma", "--variants", "bf16,fourbit-w4a4"])
+    bf16, w4a4 = row["variants"]["bf16"], row["variants"]["fourbit-w4a4"]
+    assert bf16["graphs"] >= 1 and w4a4["graphs"] >= 1 and bf16["compile_seconds"] > 0
+    assert 0 < w4a4["rel_diff_vs_bf16"] < 0.5

@@ -157,11 +157,11 @@ def exact_casts_option(compile_kwargs: dict) -> bool:
 
 def compile_model(model: nn.Module, forward_loop: Optional[Callable[[nn.Module], None]] = None, *,
                   kernel: Optional[str] = "auto", blocks: Optional[Sequence[str]] = None, fusion: bool = True,
-                  **compile_kwargs) -> CompileReport:
+                  act_quant: str = "pass", **compile_kwargs) -> CompileReport:
     """Put a (quantized or not) model on its fast path, in place: kernels chosen (``choose_kernels``), their state
     built (``prepare_kernels``, with ``forward_loop(model)`` calling the model as it will be used, so single-row layers
     keep the GEMV's 4-bit weight), the repeated blocks compiled (``compile_blocks``) with the fusion pass
-    (``inductor_options``) where GPU kernels run. ``compile_kwargs`` go to ``torch.compile`` (``options`` are merged
+    (``inductor_options(act_quant)``) where GPU kernels run. ``compile_kwargs`` go to ``torch.compile`` (``options`` are merged
     with the fusion pass's). Compilation happens at the first call after this."""
     from ..kernels import EPILOGUE_KERNELS, SPEED_KERNELS
     from . import inductor_options
@@ -178,7 +178,7 @@ def compile_model(model: nn.Module, forward_loop: Optional[Callable[[nn.Module],
                          "(torch.compile takes one or the other): pass the mode's settings as options={...}, "
                          "or fusion=False")
     if fused:
-        compile_kwargs["options"] = {**inductor_options(), **compile_kwargs.get("options", {})}
+        compile_kwargs["options"] = {**inductor_options(act_quant), **compile_kwargs.get("options", {})}
     if "reference" in kernels and exact_casts_option(compile_kwargs):
         notes.append("reference kernel under inductor: its 16-bit scale roundings are kept (emulate_precision_casts)")
     names, count = compile_blocks(model, blocks, **compile_kwargs)

@@ -489,6 +489,28 @@ def solo(graphs: dict, rounds: int, warmup: int = 3) -> dict:
     return out
 
 
+def uncaptured(models: dict, inputs: dict, rounds: int, calls: int = 4, warmup: int = 2) -> dict:
+    """Each compiled model called ``calls`` times in a row without a CUDA graph, as a pipeline calls its denoiser
+    (no synchronisation between the calls: the host may run ahead), the order rotated each round: median ms per
+    call, launch gaps included (the start event is recorded before the first launch)."""
+    times = {k: [] for k in models}
+    keys = list(models)
+    with torch.inference_mode():
+        for r in range(warmup + rounds):
+            shift = r % len(keys)
+            for k in keys[shift:] + keys[:shift]:
+                torch.cuda.synchronize()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(calls):
+                    models[k](**inputs)
+                b.record()
+                torch.cuda.synchronize()
+                if r >= warmup:
+                    times[k].append(a.elapsed_time(b) / calls)
+    return {k: float(statistics.median(v)) for k, v in times.items()}
+
+
 class TimeLimit(BaseException):
     """SIGTERM (the run script's ``timeout``) arrived: the profile stops and the timed row is still written."""
 
@@ -608,6 +630,15 @@ def run_model(name: str, args, device: str, log) -> dict:
         for k, v in ms.items():
             row["variants"][k]["speedup_vs_bf16"] = b / v if b else None
         log(f"{name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
+        if args.uncaptured_rounds:  # what a pipeline's user gets: the compiled blocks, no whole-step CUDA graph
+            try:
+                calls = uncaptured({k: models[k] for k in graphs}, inputs, args.uncaptured_rounds)
+                for k, v in calls.items():
+                    row["variants"][k]["call_ms_uncaptured"] = v
+                    row["variants"][k]["uncaptured_speedup_vs_bf16"] = calls["bf16"] / v if "bf16" in calls else None
+                log(f"{name} uncaptured: " + ", ".join(f"{k} {v:.2f} ms" for k, v in calls.items()))
+            except TimeLimit:
+                row["uncaptured_cut"] = "SIGTERM (time limit) during the uncaptured timing"
     if args.profile and device == "cuda" and "cut" not in row:  # after the timing: it does not disturb it
         try:
             for k, m in models.items():
@@ -635,14 +666,15 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         b = r["variants"].get("bf16", {}).get("step_ms")
         for k, v in r["variants"].items():
-            ms = v.get("step_ms")
+            ms, unc = v.get("step_ms"), v.get("uncaptured_speedup_vs_bf16")
             out.append([r["model"], k, "-" if ms is None else f"{ms:.2f}",
                         "-" if not (ms and b) else f"{b / ms:.2f}x",
+                        "-" if unc is None else f"{v['call_ms_uncaptured']:.2f} ({unc:.2f}x)",
                         f"{v.get('compile_seconds', 0):.0f}", v.get("graphs", "-"),
                         f"{v.get('weight_bytes', 0) / 2**30:.2f}",
                         "-" if v.get("peak_step_bytes") is None else f"{v['peak_step_bytes'] / 2**30:.2f}",
                         (v.get("error") or v.get("skipped") or "")[:80]])
-    md = md_table(["model", "variant", "step ms", "vs bf16", "compile s", "graphs", "weights GiB", "step peak GiB",
+    md = md_table(["model", "variant", "step ms", "vs bf16", "no graph ms (vs bf16)", "compile s", "graphs", "weights GiB", "step peak GiB",
                    "error"], out)
     prof = [[r["model"], k] + [f"{v['profile_ms'][c]:.2f}" for c in KERNEL_CATEGORY_NAMES]
             for r in rows for k, v in r["variants"].items() if v.get("profile_ms")]
@@ -666,6 +698,9 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (the quick test of this script)")
     p.add_argument("--siblings-across-blocks", action="store_true", help="fourbit variants: sibling groups may "
                    "span blocks (every block's text K/V in one wide GEMM, run outside the compiled graphs)")
+    p.add_argument("--uncaptured-rounds", type=int, default=8, help="also time each compiled model called "
+                   "without a CUDA graph, 4 calls in a row (what compile_pipeline gives a pipeline), this many "
+                   "rounds (0: not)")
     p.add_argument("--profile", action="store_true", help="also one compiled step of each variant under "
                    "torch.profiler: CUDA time by kernel kind (fourbit act_quant / GEMM / fold_lr, attention, cuBLAS, "
                    "elementwise)")

@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
@@ -131,3 +132,40 @@ def test_models_compiles_through_the_library_call():
     bf16, w4a4 = row["variants"]["bf16"], row["variants"]["fourbit-w4a4"]
     assert bf16["graphs"] >= 1 and w4a4["graphs"] >= 1 and bf16["compile_seconds"] > 0
     assert 0 < w4a4["rel_diff_vs_bf16"] < 0.5
+
+
+def test_uncaptured_calls_are_timed_in_rotation_per_call(monkeypatch):
+    """``uncaptured``: every model called ``calls`` times between two events, orders rotated, ms per call."""
+    import models
+
+    clock = {"t": 0.0}
+    order = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=True):
+            self.t = None
+
+        def record(self):
+            self.t = clock["t"]
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def model(name, ms):
+        def call(**inputs):
+            order.append(name)
+            clock["t"] += ms
+        return call
+
+    got = models.uncaptured({"bf16": model("bf16", 10.0), "w4a4": model("w4a4", 8.0)}, {}, rounds=3, calls=4,
+                            warmup=1)
+    assert got == {"bf16": 10.0, "w4a4": 8.0}
+    firsts = [order[i] for i in range(0, len(order), 8)]  # each round: 4 calls of one model, then 4 of the other
+    assert firsts == ["bf16", "w4a4", "bf16", "w4a4"]
+    row = dict(model="m", variants={"bf16": dict(step_ms=10.0, call_ms_uncaptured=12.0, uncaptured_speedup_vs_bf16=1.0),
+                                    "w4a4": dict(step_ms=8.0, call_ms_uncaptured=10.0,
+                                                 uncaptured_speedup_vs_bf16=1.2)})
+    assert "| 10.00 (1.20x) |" in models.table([row])

@@ -226,3 +226,11 @@ def test_under_several_ranks_every_rank_takes_rank_0s_plan():
     assert other.config == made.config and other.summary() == made.summary()
     single = shared_plan(FakeRanks(0, world_size=1), lambda: made)
     assert single is made
+
+
+def test_generate_cuda_graphs_needs_compile(sd_path, tmp_path, capsys):
+    args = ["generate", "--pipeline", sd_path, "--prompt", "a small house", "--steps", "1", "--height", "16",
+            "--width", "16", "--device", "cpu", "--cuda-graphs", "--out", str(tmp_path / "x.png")]
+    assert main(args) != 0
+    assert "--cuda-graphs replays the compiled denoiser: add --compile" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -270,6 +270,8 @@ def _generate(p):
     p.add_argument("--compile", action="store_true", help="first put the denoiser on its fast path "
                    "(fourbit.compile_pipeline: GPU kernels on an H100/H200, repeated blocks compiled with the fusion "
                    "pass, one warm-up call); the compile time and the image's time are printed")
+    p.add_argument("--cuda-graphs", action="store_true", help="with --compile: replay each denoiser call from a "
+                   "CUDA graph (fourbit.nn.graph_forward)")
     _add_common(p)
 
 
@@ -279,6 +281,8 @@ def _run_generate(args) -> int:
     from ..pipelines import from_pretrained
     from ..pipelines.pretrained import load_pipeline, read_folder_header
 
+    if args.cuda_graphs and not args.compile:
+        raise ValueError("--cuda-graphs replays the compiled denoiser: add --compile")
     device = _device(args)
     components = {}
     if args.quantized:
@@ -297,7 +301,8 @@ def _run_generate(args) -> int:
         from ..pipelines import compile_pipeline
 
         compile_pipeline(pipe, args.prompt, call_kwargs=_call_kwargs(args), guidance_scale=args.guidance,
-                         component=args.component)
+                         component=args.component, cuda_graphs=args.cuda_graphs)
+
     t0 = time.perf_counter()
     image = pipe(**kw).images[0]
     seconds = time.perf_counter() - t0

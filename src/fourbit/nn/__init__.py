@@ -10,6 +10,7 @@ from .linear import QuantConv2d, QuantLinear, build_empty, conv_rows
 from ..kernels import get_linear_kernel
 from .prepare import prepare_kernels, quantized_layers
 from .compile_model import CompileReport, compile_blocks, compile_model, repeated_blocks
+from .cuda_graph import graph_forward, release_graphs
 from .replace import set_module
 from .state import QuantizedLinearState
 
@@ -68,4 +69,5 @@ def activation_format(model: nn.Module, fmt):
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantizedLinearState", "build_empty", "conv_rows",
            "quantized_layers", "set_kernel", "prepare_kernels", "set_gemm_backend", "inductor_options",
-           "activation_format", "set_module", "compile_model", "compile_blocks", "repeated_blocks", "CompileReport"]
+           "activation_format", "set_module", "compile_model", "compile_blocks", "repeated_blocks", "CompileReport", "graph_forward",
+           "release_graphs"]

@@ -36,11 +36,12 @@ class CompileReport:
     fusion: bool  # whether the fusion pass (``inductor_options``) was installed
     notes: list = field(default_factory=list)  # why the kernels are what they are
     seconds: Optional[float] = None  # compile + first call, where a warm-up call ran
+    cuda_graphs: bool = False  # whether calls replay CUDA graphs (``graph_forward``)
 
     def summary(self) -> str:
         kernels = ", ".join(f"{n} x {k}" for k, n in sorted(self.kernels.items())) or "no quantized layers"
         lines = [f"compiled {self.compiled} modules ({', '.join(self.blocks)}); quantized layers: {kernels}; "
-                 f"fusion pass {'on' if self.fusion else 'off'}"]
+                 f"fusion pass {'on' if self.fusion else 'off'}{'; CUDA graphs' if self.cuda_graphs else ''}"]
         if self.seconds is not None:
             lines.append(f"compile + first call: {self.seconds:.1f} s")
         return "\n".join(lines + self.notes)

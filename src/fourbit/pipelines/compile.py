@@ -14,13 +14,15 @@ import time
 from typing import Optional, Sequence
 
 from ..nn.compile_model import CompileReport, compile_model
+from ..nn.cuda_graph import graph_forward
 from .calibrate import Prompt, bundled_prompts, find_denoiser, pipeline_forward_loop
 
 
 def compile_pipeline(pipe, prompt: Optional[Prompt] = None, *, call_kwargs: Optional[dict] = None,
                      guidance_scale: Optional[float] = None, component: Optional[str] = None,
                      kernel: Optional[str] = "auto", blocks: Optional[Sequence[str]] = None, fusion: bool = True,
-                     warmup: bool = True, seed: int = 0, verbose: bool = True, **compile_kwargs) -> CompileReport:
+                     cuda_graphs: bool = False, warmup: bool = True, seed: int = 0, verbose: bool = True,
+                     **compile_kwargs) -> CompileReport:
     """Compile ``pipe``'s denoiser for speed, in place; returns what was done (``CompileReport``).
 
     kernel: "auto" moves layers on the plain-torch "reference" kernel to the GPU kernels on an H100/H200 (a plan's
@@ -29,11 +31,19 @@ def compile_pipeline(pipe, prompt: Optional[Prompt] = None, *, call_kwargs: Opti
     (``height``, ``width``: the resolution you will generate at) records the rows each layer sees; with ``warmup`` a
     second such call compiles the graphs now (``report.seconds``) instead of inside your first image. blocks: the
     block classes to compile (default: ``fourbit.nn.repeated_blocks``); ``compile_kwargs`` go to ``torch.compile``.
+    cuda_graphs: also replay each denoiser call from a CUDA graph (``fourbit.nn.graph_forward``: one capture per
+    input signature, at the warm-up), so the host launches one graph per step instead of every kernel.
     Add LoRAs before this call (a LoRA added later changes the layers under the compiled graphs: call it again)."""
     name, model = find_denoiser(pipe, component)
     loop = pipeline_forward_loop(pipe, [bundled_prompts(1)[0] if prompt is None else prompt], num_inference_steps=1,
                                  guidance_scale=guidance_scale, seed=seed, call_kwargs=call_kwargs, progress=False)
     report = compile_model(model, loop, kernel=kernel, blocks=blocks, fusion=fusion, **compile_kwargs)
+    if cuda_graphs:
+        if _device_type(model) == "cuda":
+            graph_forward(model)
+            report.cuda_graphs = True
+        else:
+            report.notes.append(f"cuda_graphs: the model is on {_device_type(model)}, not CUDA: no graphs")
     if warmup:
         t0 = time.perf_counter()
         loop(model)
@@ -41,3 +51,7 @@ def compile_pipeline(pipe, prompt: Optional[Prompt] = None, *, call_kwargs: Opti
     if verbose:
         print(f"fourbit: {name} ({type(model).__name__}): {report.summary()}", file=sys.stderr)
     return report
+
+
+def _device_type(model) -> str:
+    return next((t.device.type for t in list(model.parameters()) + list(model.buffers())), "cpu")

@@ -1,0 +1,131 @@
+"""``graph_forward``: a module's forward replayed from CUDA graphs, one per input signature.
+
+A compiled denoiser still launches every kernel from Python: a few microseconds each for inductor's kernels, tens
+for fourbit's (activation quantization, GEMM, per layer), and on some hosts far more. A pipeline calls its denoiser
+once per step with inputs of the same shapes, so the whole call can be captured once and replayed: the host then
+launches one graph per step. ``benchmarks/models.py`` times the same thing (one graph of the whole step).
+
+    graph_forward(pipe.transformer)   # after compiling (fourbit.compile_pipeline(..., cuda_graphs=True) does both)
+
+A call is captured per signature (the shapes, dtypes and devices of its tensors and the values of everything else:
+``return_dict``, ``None``s, ...): ``warmup`` eager calls first (compilation happens there, never inside a capture),
+then the capture; later calls copy their tensors into the captured inputs, replay, and return a copy of the captured
+output (the next replay overwrites it). Calls with a tensor off CUDA, or that record gradients, run as before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+_ATTR = "_fourbit_graph_forward"
+
+
+@dataclass
+class _Captured:
+    replay: Callable[[], None]
+    inputs: list  # the static tensors the graph reads, in leaf order
+    output: Any  # the static output (a pytree of tensors the graph writes)
+
+
+def _signature(leaves: list, spec, device_type: str = "cuda") -> Optional[tuple]:
+    """Hashable key of a call: tensor leaves by (shape, stride, dtype, device), other leaves by value; None if a leaf
+    can't be keyed (unhashable) or a tensor is not on ``device_type``."""
+    key = [str(spec)]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if leaf.device.type != device_type:
+                return None
+            key.append(("T", tuple(leaf.shape), leaf.stride(), leaf.dtype, str(leaf.device)))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            key.append(("V", type(leaf).__name__, leaf))
+    return tuple(key)
+
+
+def cuda_capture(fn: Callable[[], Any], pool) -> tuple:
+    """(replay, output): ``fn`` captured into a CUDA graph on a side stream (the graphs of one module share
+    ``pool``)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph.replay, out
+
+
+class GraphForward:
+    """The replacement ``forward``: replays a captured graph per signature (see the module docstring).
+    ``capture(fn, pool) -> (replay, output)`` is ``cuda_capture``; another capture and ``device_type`` are the seam
+    the CPU tests use."""
+
+    def __init__(self, module: nn.Module, warmup: int = 2, max_graphs: int = 8, capture=cuda_capture,
+                 device_type: str = "cuda"):
+        self.module, self.eager = module, module.forward
+        self.warmup, self.max_graphs, self.capture, self.device_type = warmup, max_graphs, capture, device_type
+        self.graphs: dict = {}
+        self.pool = None
+        self.eager_calls = 0  # calls that ran without a graph (not capturable, or past max_graphs)
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        key = _signature(leaves, spec, self.device_type)
+        if key is None or (torch.is_grad_enabled() and any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)):
+            self.eager_calls += 1
+            return self.eager(*args, **kwargs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.max_graphs:
+                self.eager_calls += 1
+                return self.eager(*args, **kwargs)
+            entry = self._capture(leaves, spec)
+            self.graphs[key] = entry
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        for static, t in zip(entry.inputs, tensors):
+            static.copy_(t)
+        entry.replay()
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, entry.output)
+
+    def _capture(self, leaves: list, spec) -> _Captured:
+        static = [t.clone() if isinstance(t, torch.Tensor) else t for t in leaves]
+        args, kwargs = tree_unflatten(static, spec)
+        call = lambda: self.eager(*args, **kwargs)  # noqa: E731
+        if self.pool is None and self.capture is cuda_capture:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream() if self.capture is cuda_capture else None
+        if side is not None:  # warm-up (and compilation) on a side stream, as CUDA graph capture requires
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    call()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            for _ in range(self.warmup):
+                call()
+        replay, out = self.capture(call, self.pool)
+        return _Captured(replay, [t for t in static if isinstance(t, torch.Tensor)], out)
+
+
+def graph_forward(module: nn.Module, warmup: int = 2, max_graphs: int = 8, capture=cuda_capture,
+                  device_type: str = "cuda") -> GraphForward:
+    """Replace ``module.forward`` by a ``GraphForward`` (in place; ``release_graphs`` undoes it); returns it."""
+    if isinstance(getattr(module, _ATTR, None), GraphForward):
+        return getattr(module, _ATTR)
+    graphed = GraphForward(module, warmup, max_graphs, capture, device_type)
+    module.forward = graphed
+    setattr(module, _ATTR, graphed)
+    return graphed
+
+
+def release_graphs(module: nn.Module) -> None:
+    """Undo ``graph_forward``: the module's own forward again, the graphs and their memory released."""
+    graphed = getattr(module, _ATTR, None)
+    if isinstance(graphed, GraphForward):
+        del module.forward  # the instance attribute: the class's forward shows again
+        delattr(module, _ATTR)
+        graphed.graphs.clear()

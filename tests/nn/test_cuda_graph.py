@@ -1,0 +1,115 @@
+"""``graph_forward``: one capture per signature, inputs copied into the captured buffers, outputs copied out, calls
+that can't be captured run as before. On the CPU through a fake capture (it re-runs the call into the captured
+output's buffers, as a replay does); on a GPU with real CUDA graphs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fourbit.nn.cuda_graph import GraphForward, graph_forward, release_graphs
+
+
+class Denoiser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.calls = 0
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states=None, scale: float = 1.0, return_dict=True):
+        self.calls += 1
+        y = self.lin(hidden_states) * timestep[:, None, None] * scale
+        if encoder_hidden_states is not None:
+            y = y + encoder_hidden_states.mean(1, keepdim=True)
+        return (y,) if not return_dict else {"sample": y}
+
+
+class Unhashable(float):
+    __hash__ = None
+
+
+def fake_capture(fn, pool):
+    """What a CUDA graph does, on the CPU: the captured output's buffers are rewritten by each replay."""
+    out = fn()
+
+    def replay():
+        new = fn()
+        (out[0] if isinstance(out, tuple) else out["sample"]).copy_(
+            new[0] if isinstance(new, tuple) else new["sample"])
+    return replay, out
+
+
+def _inputs(seed, b=2, n=4):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(b, n, 8, generator=g), timestep=torch.rand(b, generator=g),
+                encoder_hidden_states=torch.randn(b, 3, 8, generator=g))
+
+
+@torch.no_grad()
+def test_replays_equal_eager_and_each_signature_is_captured_once():
+    torch.manual_seed(0)
+    m = Denoiser()
+    want = [m(**_inputs(s), return_dict=False)[0] for s in range(3)]
+    g = graph_forward(m, warmup=2, capture=fake_capture, device_type="cpu")
+    m.calls = 0
+    got = [m(**_inputs(s), return_dict=False)[0] for s in range(3)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(g.graphs) == 1 and m.calls == 2 + 1 + 3  # warm-up, capture, one replay per call
+    assert got[0].data_ptr() != got[1].data_ptr()  # copies: the next replay does not overwrite what was returned
+    m(**_inputs(0, b=1), return_dict=False)  # another shape: a second graph
+    m(**_inputs(0), scale=0.5, return_dict=False)  # another value of a plain argument: a third
+    d = m(**_inputs(0))  # return_dict=True: a dict output, a fourth
+    assert len(g.graphs) == 4 and set(d) == {"sample"}
+
+
+@torch.no_grad()
+def test_calls_that_cannot_be_captured_run_eagerly():
+    m = Denoiser()
+    g = graph_forward(m, capture=fake_capture, device_type="cuda")  # CPU tensors: not capturable here
+    x = _inputs(0)
+    torch.testing.assert_close(m(**x, return_dict=False)[0], Denoiser.forward(m, **x, return_dict=False)[0])
+    assert not g.graphs and g.eager_calls == 1
+    g.device_type = "cpu"
+    m(**x, scale=Unhashable(1.0), return_dict=False)  # an argument that can't be a key
+    assert not g.graphs and g.eager_calls == 2
+    g.max_graphs = 0
+    m(**x, return_dict=False)
+    assert not g.graphs and g.eager_calls == 3
+
+
+def test_calls_recording_gradients_run_eagerly():
+    m = Denoiser()
+    g = graph_forward(m, capture=fake_capture, device_type="cpu")
+    x = _inputs(0)
+    x["hidden_states"].requires_grad_(True)
+    m(**x, return_dict=False)[0].sum().backward()
+    assert x["hidden_states"].grad is not None and not g.graphs
+
+
+def test_release_restores_the_modules_forward():
+    m = Denoiser()
+    g = graph_forward(m, capture=fake_capture, device_type="cpu")
+    assert graph_forward(m) is g  # installing twice keeps the first
+    with torch.no_grad():
+        m(**_inputs(0), return_dict=False)
+    release_graphs(m)
+    assert not isinstance(m.forward, GraphForward) and not g.graphs
+    with torch.no_grad():
+        m(**_inputs(0), return_dict=False)
+    assert not g.graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_cuda_graphs_equal_eager_gpu():
+    torch.manual_seed(0)
+    m = Denoiser().cuda()
+    with torch.no_grad():
+        xs = [{k: v.cuda() for k, v in _inputs(s).items()} for s in range(3)]
+        want = [m(**x, return_dict=False)[0] for x in xs]
+        g = graph_forward(m)
+        got = [m(**x, return_dict=False)[0] for x in xs]
+    assert len(g.graphs) == 1
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -3,7 +3,8 @@
 #   run: STAGES="tests fusion blockwise" bash scripts/run_kernel_benchmarks.sh    (carry .whl: the diffusers wheel)
 # Writes logs and result rows under $OUT (default out/kernels). Each stage has its own time limit, so one slow
 # stage does not lose the others; a device call is 10 minutes, so pick stages that fit (minutes in brackets).
-#   tests [2-7]     the GPU kernel tests (pytest -k "$TESTS_K", default "cuda or gpu"; TESTS_K=cublas: ~1), one line each;
+#   tests [2-7]     the GPU tests (pytest $TESTS_PATHS, default tests/kernels tests/nn tests/pipelines, -k "$TESTS_K",
+#                   default "cuda or gpu"; TESTS_K=cublas: ~1), one line each;
 #                   $TESTS_WORKERS (default 8) pytest-xdist processes where it imports (the GPU image has it)
 #   fusion [1]      probes/fusion_error_probe.py: where the fused fp32 graph's error comes from
 #   act [2]         probes/act_chunk_probe.py: act_quant's single pass, chunks / one_load / 2 rows, every family's M, K
@@ -35,7 +36,7 @@ for stage in $STAGES; do
   case $stage in
     tests) workers=$(python -c "import xdist" 2>/dev/null && echo "-n ${TESTS_WORKERS:-8}")  # the image has xdist
            timeout ${TESTS_TIMEOUT:-420} python -m pytest $workers -vv -rf --durations=15 -p no:cacheprovider \
-             tests/kernels -k "$TESTS_K" > "$OUT/gpu_tests.log" 2>&1
+             ${TESTS_PATHS:-tests/kernels tests/nn tests/pipelines} -k "$TESTS_K" > "$OUT/gpu_tests.log" 2>&1
            echo "gpu tests rc $?"; grep -E "^FAILED|passed|failed|[0-9.]+s (call|setup)" "$OUT/gpu_tests.log" | tail -30 ;;
     fusion) timeout 90 python benchmarks/probes/fusion_error_probe.py 2>&1 | grep -v Warning | tail -5 ;;
     act) timeout 200 python benchmarks/probes/act_chunk_probe.py --out "$OUT" > "$OUT/act_chunk.log" 2>&1

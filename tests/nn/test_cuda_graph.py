@@ -113,3 +113,37 @@ def test_real_cuda_graphs_equal_eager_gpu():
     assert len(g.graphs) == 1
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_quantized_layer_changed_drops_the_graphs():
+    """A LoRA-style branch change (``set_branch``) or an activation-format switch after a capture: the next call
+    captures again and gives the new output, not the stale graph's."""
+    import fourbit
+    from fourbit.nn import activation_format, quantized_layers
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16))
+    x = torch.randn(4, 16)
+    fourbit.quantize(m, fourbit.RTNConfig(weights="int8", activations="int8"), lambda mod: mod(x), progress=False,
+                     verbose=False)
+
+    def capture(fn, pool):
+        out = fn()
+        return (lambda: out.copy_(fn())), out
+
+    g = graph_forward(m, capture=capture, device_type="cpu")
+    m(x)
+    assert len(g.graphs) == 1
+    layer = next(layer for _, layer in quantized_layers(m))
+    layer.set_branch(torch.randn(2, layer.padded_in) * 0.1, torch.randn(layer.out_features, 2) * 0.1)
+    got = m(x)
+    torch.testing.assert_close(got, type(m).forward(m, x), rtol=0, atol=0)
+    assert g.dropped == 1 and len(g.graphs) == 1
+    with activation_format(m, None):  # 16-bit activations for a while (PTQD's step-aware switch)
+        torch.testing.assert_close(m(x), type(m).forward(m, x), rtol=0, atol=0)
+    assert g.dropped == 2
+    torch.testing.assert_close(m(x), got, rtol=0, atol=0)  # back: captured again, the same as before the switch
+    assert g.dropped == 3
+    m(x)
+    assert g.dropped == 3  # no change, no new capture

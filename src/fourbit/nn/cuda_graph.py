@@ -11,6 +11,9 @@ A call is captured per signature (the shapes, dtypes and devices of its tensors 
 ``return_dict``, ``None``s, ...): ``warmup`` eager calls first (compilation happens there, never inside a capture),
 then the capture; later calls copy their tensors into the captured inputs, replay, and return a copy of the captured
 output (the next replay overwrites it). Calls with a tensor off CUDA, or that record gradients, run as before.
+Setting an attribute of any quantized layer (a LoRA applied or its strength changed, a kernel or activation format
+switched: ``fourbit.nn.linear.state_generation``) drops the graphs; the next call captures again. Changing a
+tensor's values in place is not seen: call ``release_graphs`` after such a change.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .linear import state_generation
 
 _ATTR = "_fourbit_graph_forward"
 
@@ -70,6 +75,8 @@ class GraphForward:
         self.graphs: dict = {}
         self.pool = None
         self.eager_calls = 0  # calls that ran without a graph (not capturable, or past max_graphs)
+        self.generation = state_generation()  # the quantized layers' state the graphs were captured with
+        self.dropped = 0  # times the graphs were dropped because a quantized layer changed
 
     def __call__(self, *args, **kwargs):
         leaves, spec = tree_flatten((args, kwargs))
@@ -78,6 +85,10 @@ class GraphForward:
                 isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)):
             self.eager_calls += 1
             return self.eager(*args, **kwargs)
+        if state_generation() != self.generation:  # a quantized layer changed since the captures
+            self.dropped += bool(self.graphs)
+            self.graphs.clear()
+            self.generation = state_generation()
         entry = self.graphs.get(key)
         if entry is None:
             if len(self.graphs) >= self.max_graphs:
@@ -108,6 +119,7 @@ class GraphForward:
             for _ in range(self.warmup):
                 call()
         replay, out = self.capture(call, self.pool)
+        self.generation = state_generation()  # the calls above may have built kernel state, never set attributes
         return _Captured(replay, [t for t in static if isinstance(t, torch.Tensor)], out)
 
 

@@ -17,6 +17,16 @@ from ..kernels import get_linear_kernel
 from .state import QuantizedLinearState
 
 
+_GENERATION = [0]  # bumped by every attribute set on a quantized layer (see ``state_generation``)
+
+
+def state_generation() -> int:
+    """A counter that changes whenever an attribute of any quantized layer is set (a LoRA's ``set_branch``, a kernel
+    or activation-format switch, ``.to()``): what was captured before (a CUDA graph) may be stale. In-place
+    changes of a buffer's values are not seen."""
+    return _GENERATION[0]
+
+
 class QuantLinear(nn.Module):
     """A quantized ``nn.Linear``: y = x W^T + b with W stored in ``weight_format``.
 
@@ -118,6 +128,10 @@ class QuantLinear(nn.Module):
             w = self.weight_format.dequantize(self.quantized_weight(), dtype=dtype)
             self._cache[key] = w
         return w
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        _GENERATION[0] += 1
 
     def set_branch(self, lr_down: Optional[Tensor], lr_up: Optional[Tensor]) -> None:
         """Replace the low-rank branch, (r, Kp) and (N, r) (both None: no branch), e.g. grown by a LoRA.

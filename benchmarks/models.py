@@ -49,6 +49,9 @@ the same blocks are compiled (regional ``torch.compile``, inductor default mode)
                  the plan with fp8 W8A8 (no branch) as the fallback: per layer W4A4 if it pays, else fp8 if that pays,
                  else 16 bits, each on its faster GEMM: what a Hopper user would deploy; ``plan_counts`` says how
                  many layers took each (a mixed-precision model, not a W4A4 one)
+  fourbit-mixed-fastest-planned
+                 the same candidates, each layer on the fastest that pays (``prefer="fastest"``): fp8 where it beats
+                 a W4A4 layer that also pays
 
 Timing: each variant's step is captured in a CUDA graph after compilation and warm-up; the graphs of all variants
 of a model are replayed in alternation (``--rounds`` rounds after 3 warm-up rounds, median ms per variant), so clock
@@ -150,7 +153,8 @@ FAMILIES = {
 }
 VARIANTS = ("bf16", "fp8-peer", "fourbit-w4a4", "fourbit-fp8", "fourbit-w4a4-cublas", "fourbit-fp8-cublas",
             "fourbit-w4a4-inline", "fourbit-fp8-inline", "fourbit-w4a4-planned", "fourbit-w4a4-cublas-planned",
-            "fourbit-fp8-planned", "bf16-siblings", "fourbit-mixed-planned", "bf16-copy")
+            "fourbit-fp8-planned", "bf16-siblings", "fourbit-mixed-planned", "fourbit-mixed-fastest-planned",
+            "bf16-copy")
 
 
 def family(name: str, tiny: bool) -> dict:
@@ -287,11 +291,11 @@ FP8_FALLBACK = {"weights": "fp8", "activations": "fp8"}  # W8A8 without a branch
 
 
 def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, across_blocks: bool = False,
-                    plan: bool = False, plan_kernels=(), fallbacks=(), log=print) -> dict:
+                    plan: bool = False, plan_kernels=(), fallbacks=(), log=print, prefer: str = "first") -> dict:
     """Quantize ``model``'s block linears in place (siblings fused); ``plan``: only the layers that
     ``fourbit.plan_precision`` times faster than bf16 at their rows (SVDQuant with ``rank`` for the timing, then
     ``fallbacks``: rank-0 config changes such as ``FP8_FALLBACK``), the others kept 16-bit; ``plan_kernels``: the
-    kernels timed per layer (the faster one kept; default ``kernel``)."""
+    kernels timed per layer (the faster one kept; default ``kernel``); ``prefer``: as for ``plan_precision``."""
     import fourbit
 
     call = lambda m: m(**inputs)  # noqa: E731
@@ -305,7 +309,7 @@ def fourbit_variant(model, blocks, inputs, fmt: str, rank: int, kernel: str, acr
         chosen = fourbit.plan_precision(model, timing, call, progress=False, kernels=plan_kernels,
                                         fallbacks=[dict(f, rank=0) if rank else f for f in fallbacks],
                                         min_speedup=1.0 if kernel != "reference" else 1e-9,
-                                        rounds=20 if kernel != "reference" else 2)
+                                        rounds=20 if kernel != "reference" else 2, prefer=prefer)
         log(chosen.summary())
         overrides = {pattern: {k: v for k, v in changes.items() if k != "rank"}  # RTN has no rank: the synthetic
                      for pattern, changes in chosen.config.overrides.items()}  # branch goes to `fmt` layers only
@@ -576,10 +580,12 @@ def run_model(name: str, args, device: str, log) -> dict:
                     res.update(fourbit_variant(m, blocks, inputs, "int4p2", args.rank, kernel,
                                                args.siblings_across_blocks, plan=variant.endswith("-planned"),
                                                plan_kernels=plan_kernels, log=log), format="int4p2", rank=args.rank)
-            elif variant == "fourbit-mixed-planned":
+            elif variant.startswith("fourbit-mixed"):
                 res.update(fourbit_variant(m, blocks, inputs, "int4p2", args.rank, kernel,
                                            args.siblings_across_blocks, plan=True, plan_kernels=plan_kernels,
-                                           fallbacks=[FP8_FALLBACK], log=log), format="int4p2 / fp8", rank=args.rank)
+                                           fallbacks=[FP8_FALLBACK], log=log,
+                                           prefer="fastest" if "-fastest" in variant else "first"),
+                           format="int4p2 / fp8", rank=args.rank)
             elif variant.startswith("fourbit-fp8"):
                 with gemm_backend(gemm if variant.endswith("-planned") and not tiny else None):
                     res.update(fourbit_variant(m, blocks, inputs, "fp8", 0, kernel, args.siblings_across_blocks,

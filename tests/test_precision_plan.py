@@ -73,6 +73,24 @@ def test_first_candidate_that_pays_is_chosen_in_order():
     assert all(sorted(c) == sorted([SIXTEEN_BIT, "config", FP8_LABEL]) for c in timer.calls)
 
 
+def test_prefer_fastest_keeps_the_fastest_precision_that_pays(tmp_path):
+    model = TwoWidths()
+    table = {SIXTEEN_BIT: 1.0, "config": 0.8, FP8_LABEL: 0.5}
+    plan = fourbit.plan_precision(model, cfg(), loop, fallbacks=[FP8], timer=timer_from(table), progress=False,
+                                  prefer="fastest")
+    assert {lp.choice for lp in plan.layers} == {FP8_LABEL} and plan.prefer == "fastest"
+    assert "the fastest precision that pays kept" in plan.summary()
+    assert fourbit.PrecisionPlan.load(plan.save(tmp_path / "p.json")).prefer == "fastest"
+    plan = fourbit.plan_precision(model, cfg(), loop, fallbacks=[FP8], progress=False, prefer="fastest",
+                                  min_speedup=2.5, timer=timer_from(table))  # none pays 2.5x: 16 bits
+    assert {lp.choice for lp in plan.layers} == {SIXTEEN_BIT}
+    d = plan.to_dict()
+    del d["prefer"]  # a plan saved before the option: the first that pays
+    assert fourbit.PrecisionPlan.from_dict(d).prefer == "first"
+    with pytest.raises(ValueError, match="prefer must be 'first' .* or 'fastest', got 'speed'"):
+        fourbit.plan_precision(model, cfg(), loop, timer=timer_from(table), progress=False, prefer="speed")
+
+
 def test_slow_config_falls_back_then_keeps_16_bit():
     model = TwoWidths()
     plan = fourbit.plan_precision(model, cfg(), loop, fallbacks=[FP8], progress=False,

@@ -85,6 +85,7 @@ class PrecisionPlan:
     untimed: dict  # name -> why the layer was not timed (it keeps the config's choice)
     min_speedup: float
     environment: dict
+    prefer: str = "first"  # "first": the first precision that pays; "fastest": the fastest that pays
 
     def counts(self) -> dict:
         """{label: number of layers that chose it}."""
@@ -102,7 +103,8 @@ class PrecisionPlan:
     def summary(self) -> str:
         env = self.environment
         lines = [f"fourbit precision plan on {env.get('device')} (torch {env.get('torch')}, {env.get('date')}): "
-                 f"{len(self.layers)} layers timed, min speedup {self.min_speedup:g}x over bf16"]
+                 f"{len(self.layers)} layers timed, min speedup {self.min_speedup:g}x over bf16, "
+                 f"{'the fastest' if self.prefer == 'fastest' else 'the first'} precision that pays kept"]
         head = ["layer", "rows x K x N"] + [f"{c} ms" for c in [SIXTEEN_BIT] + self.candidates[:-1]] + ["choice"]
         lines.append(" | ".join(head))
         for layer in self.layers:
@@ -133,7 +135,8 @@ class PrecisionPlan:
 
     def to_dict(self) -> dict:
         return {"version": PLAN_VERSION, "config": self.config.to_dict(), "candidates": self.candidates,
-                "min_speedup": self.min_speedup, "environment": self.environment, "untimed": self.untimed,
+                "min_speedup": self.min_speedup, "prefer": self.prefer, "environment": self.environment,
+                "untimed": self.untimed,
                 "layers": [dict(dataclasses.asdict(layer), rows={str(m): n for m, n in layer.rows.items()})
                            for layer in self.layers]}
 
@@ -160,7 +163,7 @@ class PrecisionPlan:
         layers = [LayerPlan(**dict(layer, rows={int(m): n for m, n in layer["rows"].items()}))
                   for layer in d["layers"]]
         return cls(QuantConfig.from_dict(d["config"]), list(d["candidates"]), layers, dict(d["untimed"]),
-                   float(d["min_speedup"]), dict(d["environment"]))
+                   float(d["min_speedup"]), dict(d["environment"]), d.get("prefer", "first"))
 
 
 def _environment(device) -> dict:
@@ -260,9 +263,12 @@ def _check_kernels(kernel: Optional[str], kernels: Sequence[str]) -> list:
     return kernels
 
 
-def _choose(lp: "LayerPlan", options: dict, tiers: list, min_speedup: float) -> str:
-    """The first precision (tier) whose fastest kernel is ``min_speedup`` x faster than bf16: that label; else 16
-    bits."""
+def _choose(lp: "LayerPlan", options: dict, tiers: list, min_speedup: float, prefer: str = "first") -> str:
+    """The first precision (tier) whose fastest kernel is ``min_speedup`` x faster than bf16 (``prefer="fastest"``:
+    the fastest of all that are): that label; else 16 bits."""
+    if prefer == "fastest":
+        paying = [label for label in options if label in lp.ms and lp.speedup(label) >= min_speedup]
+        return min(paying, key=lambda label: lp.ms[label]) if paying else SIXTEEN_BIT
     for tier in tiers:
         timed = [label for label, (t, _, _) in options.items() if t == tier and label in lp.ms]
         if timed:
@@ -348,10 +354,13 @@ def _time(timer, variants: dict, errors: dict) -> dict:
 def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable[[nn.Module], None], *,
                    fallbacks: Sequence[dict] = (), min_speedup: float = 1.0, kernel: Optional[str] = None,
                    kernels: Sequence[str] = (), device=None, rounds: int = 20, inputs_per_shape: int = 3,
-                   timer: Optional[Callable[[dict], dict]] = None, progress: bool = True) -> PrecisionPlan:
+                   timer: Optional[Callable[[dict], dict]] = None, progress: bool = True,
+                   prefer: str = "first") -> PrecisionPlan:
     """Time every layer ``config`` would quantize, at the rows ``forward_loop`` calls it with, in bf16, in
     ``config`` and in each of ``fallbacks`` (field changes, e.g. ``{"weights": "fp8", "activations": "fp8"}``);
-    keep per layer the first of config, fallbacks... that is ``min_speedup`` x faster than bf16, else 16 bits.
+    keep per layer the first of config, fallbacks... that is ``min_speedup`` x faster than bf16, else 16 bits
+    (``prefer="fastest"``: the fastest of those that are, e.g. fp8 over a slower 4-bit layer; "first" puts bits
+    before speed).
 
     kernel: the kernel timed (default ``config.kernel``; "triton" for the GPU kernels); the planned config keeps
     ``config.kernel``. Set the GEMM backend (``fourbit.nn.set_gemm_backend``) as the model will run. kernels:
@@ -372,6 +381,8 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
         raise ValueError("this model is already quantized by fourbit; plan on the 16-bit model, then quantize it")
     if not min_speedup > 0:
         raise ValueError(f"min_speedup must be > 0 (1.0: at least as fast as bf16), got {min_speedup}")
+    if prefer not in ("first", "fastest"):
+        raise ValueError(f"prefer must be 'first' (the first precision that pays) or 'fastest', got {prefer!r}")
     candidates = [{}] + [dict(f) for f in fallbacks]
     for changes in candidates[1:]:
         if not changes or "keep" in changes:
@@ -449,7 +460,7 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
                 per_call = [results[key, c].get(label) for c in calls[name]]
                 if all(t is not None for t in per_call):
                     lp.ms[label] = sum(t * count for t, count in zip(per_call, calls[name].values()))
-            lp.choice = _choose(lp, options, tiers, min_speedup)
+            lp.choice = _choose(lp, options, tiers, min_speedup, prefer)
             if lp.choice == SIXTEEN_BIT:
                 overrides[exact_pattern(name)] = {"keep": True}
             else:
@@ -466,5 +477,5 @@ def plan_precision(model: nn.Module, config: QuantConfig, forward_loop: Callable
         merged[pattern] = {**merged.get(pattern, {}), **changes}
     planned = dataclasses.replace(config, overrides=merged)
     return PrecisionPlan(planned, labels + [SIXTEEN_BIT], plan_layers, untimed, float(min_speedup),
-                         _environment(device))
+                         _environment(device), prefer)
 

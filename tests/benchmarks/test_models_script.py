@@ -107,6 +107,29 @@ def test_mixed_plan_falls_back_to_fp8_without_a_branch(monkeypatch):
     assert branched == []  # every layer fell back to fp8: none got the int4p2 branch
 
 
+def test_mixed_fastest_plan_takes_fp8_where_it_beats_a_paying_w4a4(monkeypatch):
+    """fourbit-mixed-fastest-planned: W4A4 pays (0.8 ms vs 1.0) but fp8 is faster (0.5): fp8; the first-that-pays
+    variant keeps W4A4 on the same times."""
+    import models
+
+    import fourbit
+
+    real = fourbit.plan_precision
+
+    def both_pay(model, config, loop, **kw):
+        kw["timer"] = lambda variants: {label: {"16-bit": 1.0, "config": 0.8}.get(label, 0.5) for label in variants}
+        kw["min_speedup"] = 1.0
+        return real(model, config, loop, **kw)
+
+    monkeypatch.setattr(fourbit, "plan_precision", both_pay)
+    rows = models.main(["--tiny", "--no-compile", "--models", "pixart-sigma", "--variants",
+                        "bf16,fourbit-mixed-planned,fourbit-mixed-fastest-planned"])
+    first, fastest = (rows[0]["variants"][k] for k in ("fourbit-mixed-planned", "fourbit-mixed-fastest-planned"))
+    n = fastest["quantized_layers"]
+    assert n > 0 and first["plan_counts"] == {"config": n}
+    assert fastest["plan_counts"] == {"weights=fp8, activations=fp8, rank=0": n}
+
+
 def test_a_time_limit_while_building_keeps_the_row(monkeypatch):
     """SIGTERM (the run script's timeout) while a variant builds: the later variants are not built, the row says
     so and is still returned (on the GPU: the variants built so far are timed and the row written)."""

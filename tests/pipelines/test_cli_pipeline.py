@@ -158,6 +158,8 @@ def test_quantize_with_a_saved_plan_keeps_its_16_bit_layers(sd_path, tmp_path, c
     assert "--min-speedup applies to --speed-plan only" in capsys.readouterr().err
     assert _quantize(sd_path, prompts, tmp_path / "o3", "--fallback", "weights=fp8,activations=fp8") == 2
     assert "--fallback applies to --speed-plan only" in capsys.readouterr().err
+    assert _quantize(sd_path, prompts, tmp_path / "o3", "--prefer-fastest") == 2
+    assert "--prefer-fastest applies to --speed-plan only" in capsys.readouterr().err
     # a plan made for the unfused denoiser names Q/K/V one by one: with --fuse-siblings they are gone
     assert _quantize(sd_path, prompts, tmp_path / "o4", "--plan", str(tmp_path / "plan.json"), "--fuse-siblings") == 2
     assert "the plan names" in capsys.readouterr().err and not (tmp_path / "o4").exists()

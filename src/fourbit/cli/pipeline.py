@@ -59,6 +59,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --speed-plan: a precision to try where the variant does not pay, as config field "
                    "changes, e.g. weights=fp8,activations=fp8,rank=0 (FP8 W8A8 without the low-rank branch); "
                    "repeat for more, tried in order before 16 bits")
+    g.add_argument("--prefer-fastest", action="store_true", help="with --speed-plan: keep per layer the fastest "
+                   "precision that pays, not the first (e.g. an fp8 --fallback over a slower 4-bit layer)")
     g.add_argument("--fuse-siblings", action="store_true", help="fuse the layers that read one input (Q/K/V) into "
                    "one wider layer first: one activation quantization and one GEMM (the checkpoint records the "
                    "groups; from_pretrained fuses the same way)")
@@ -94,6 +96,8 @@ def run_quantize(args) -> int:
         raise ValueError("--min-speedup applies to --speed-plan only")
     if args.fallback and not args.speed_plan:
         raise ValueError("--fallback applies to --speed-plan only")
+    if args.prefer_fastest and not args.speed_plan:
+        raise ValueError("--prefer-fastest applies to --speed-plan only")
     fallbacks = [parse_fallback(text, config) for text in args.fallback]
     if args.speed_plan and not _device(args).startswith("cuda"):
         raise ValueError("--speed-plan times the GPU kernels against bf16: run it with a CUDA device (--device cuda)")
@@ -115,7 +119,8 @@ def run_quantize(args) -> int:
             plan = shared_plan(ranks, lambda: plan_pipeline(
                 pipe, config, prompts[0], guidance_scale=args.guidance, component=args.component, preset=args.preset,
                 call_kwargs=_call_kwargs(args), kernels=("triton", "triton-cublas"), progress=True, verbose=True,
-                siblings=args.fuse_siblings, min_speedup=args.min_speedup, fallbacks=fallbacks))
+                siblings=args.fuse_siblings, min_speedup=args.min_speedup, fallbacks=fallbacks,
+                prefer="fastest" if args.prefer_fastest else "first"))
             config = plan.config
         elif plan is not None:
             _check_plan_layers(pipe, plan, config, prompts, args)

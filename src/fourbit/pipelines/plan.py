@@ -20,7 +20,7 @@ def plan_pipeline(pipe, config: QuantConfig, prompt: Optional[Prompt] = None, *,
                   guidance_scale: Optional[float] = None, call_kwargs: Optional[dict] = None,
                   component: Optional[str] = None, preset: Optional[str] = None, kernel: Optional[str] = None,
                   kernels: Sequence[str] = (), fallbacks: Sequence[dict] = (), min_speedup: float = 1.0, seed: int = 0, progress: bool = True,
-                  verbose: bool = True, timer=None, siblings: bool = False) -> PrecisionPlan:
+                  verbose: bool = True, timer=None, siblings: bool = False, prefer: str = "first") -> PrecisionPlan:
     """Plan which of the denoiser's layers to quantize by timing them on this GPU (``fourbit.plan_precision``).
 
     The config is merged with the family preset as ``quantize_pipeline`` merges it (``preset``), so the plan
@@ -28,7 +28,7 @@ def plan_pipeline(pipe, config: QuantConfig, prompt: Optional[Prompt] = None, *,
     overrides and can be given to ``quantize_pipeline`` as it is. prompt: a string or a dict of pipeline
     arguments (default: the first bundled prompt); call_kwargs: e.g. ``height``/``width`` of the images you will
     generate (the rows of every layer follow the resolution and the batch). kernel, kernels, fallbacks, min_speedup,
-    timer: as for ``plan_precision``. siblings: fuse the sibling linears first, in place (``fuse_pipeline_siblings``; then
+    timer, prefer: as for ``plan_precision``. siblings: fuse the sibling linears first, in place (``fuse_pipeline_siblings``; then
     plan and quantize see the fused layers: Q/K/V timed as one wider GEMM)."""
     name, model = find_denoiser(pipe, component)
     full = apply_preset(config, find_preset(model, preset))
@@ -40,7 +40,7 @@ def plan_pipeline(pipe, config: QuantConfig, prompt: Optional[Prompt] = None, *,
                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
                                  call_kwargs=call_kwargs, progress=False)
     plan = plan_precision(model, full, loop, fallbacks=fallbacks, min_speedup=min_speedup, kernel=kernel,
-                          kernels=kernels, progress=progress, timer=timer)
+                          kernels=kernels, progress=progress, timer=timer, prefer=prefer)
     if verbose:
         print(f"fourbit: {name} ({type(model).__name__})\n{plan.summary()}", file=sys.stderr)
     return plan

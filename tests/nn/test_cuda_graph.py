@@ -87,6 +87,16 @@ def test_calls_recording_gradients_run_eagerly():
     assert x["hidden_states"].grad is not None and not g.graphs
 
 
+def test_the_forward_keeps_its_signature():
+    """Pipelines look at ``inspect.signature(denoiser.forward)`` to decide what to pass."""
+    import inspect
+
+    m = Denoiser()
+    want = inspect.signature(m.forward)
+    graph_forward(m, capture=fake_capture, device_type="cpu")
+    assert inspect.signature(m.forward) == want and "encoder_hidden_states" in inspect.signature(m.forward).parameters
+
+
 def test_release_restores_the_modules_forward():
     m = Denoiser()
     g = graph_forward(m, capture=fake_capture, device_type="cpu")

@@ -17,6 +17,7 @@ tensor's values in place is not seen: call ``release_graphs`` after such a chang
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -71,6 +72,8 @@ class GraphForward:
     def __init__(self, module: nn.Module, warmup: int = 2, max_graphs: int = 8, capture=cuda_capture,
                  device_type: str = "cuda"):
         self.module, self.eager = module, module.forward
+        # pipelines read the denoiser's parameters (``inspect.signature(transformer.forward)``): keep them visible
+        self.__wrapped__, self.__signature__ = self.eager, inspect.signature(self.eager)
         self.warmup, self.max_graphs, self.capture, self.device_type = warmup, max_graphs, capture, device_type
         self.graphs: dict = {}
         self.pool = None

@@ -125,7 +125,7 @@ def test_gpu_kernels_are_prepared_and_compiled_with_the_fusion_pass(monkeypatch)
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compiled.append(kw))
     with pytest.raises(ValueError, match="mode='max-autotune' cannot go with the fusion pass"):
         compile_model_fn(net, kernel=None, mode="max-autotune")
-    assert not compiled
+    assert not compiled and not prepared  # refused before anything was done
     loop = lambda m: m(x)  # noqa: E731
     report = compile_model(net, loop, kernel=None, options={"max_autotune": False})
     assert prepared[-1] is loop and report.fusion and report.blocks == ["Block"] and report.compiled == 5

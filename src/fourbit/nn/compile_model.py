@@ -86,7 +86,8 @@ def raise_compile_cache_limits(per_code: int = 256, total: int = 8192) -> None:
 
 def compile_blocks(model: nn.Module, blocks: Optional[Sequence[str]] = None, **compile_kwargs) -> tuple:
     """Compile every module whose class is in ``blocks`` (default: ``repeated_blocks(model)``) with
-    ``module.compile(**compile_kwargs)``; the whole model when there are none. Returns (class names, count)."""
+    ``module.compile(**compile_kwargs)``; the whole model when there are none. Returns (class names, count).
+    Raises dynamo's process-wide cache limits (``raise_compile_cache_limits``)."""
     blocks = list(blocks) if blocks is not None else repeated_blocks(model)
     raise_compile_cache_limits()
     targets = [m for m in model.modules() if type(m).__name__ in blocks]
@@ -170,14 +171,14 @@ def compile_model(model: nn.Module, forward_loop: Optional[Callable[[nn.Module],
     notes = choose_kernels(model, kernel)
     kernels = Counter(layer.kernel for _, layer in quantized_layers(model))
     gpu = any(k in SPEED_KERNELS + EPILOGUE_KERNELS for k in kernels)
-    if gpu:
-        with torch.no_grad():
-            prepare_kernels(model, forward_loop=forward_loop)
     fused = fusion and gpu and compile_kwargs.get("backend", "inductor") == "inductor"
     if fused and compile_kwargs.get("mode") is not None:
         raise ValueError(f"mode={compile_kwargs['mode']!r} cannot go with the fusion pass's inductor options "
                          "(torch.compile takes one or the other): pass the mode's settings as options={...}, "
                          "or fusion=False")
+    if gpu:
+        with torch.no_grad():
+            prepare_kernels(model, forward_loop=forward_loop)
     if fused:
         compile_kwargs["options"] = {**inductor_options(act_quant), **compile_kwargs.get("options", {})}
     if "reference" in kernels and exact_casts_option(compile_kwargs):

@@ -77,7 +77,8 @@ def _cublas_gemms():
         set_gemm_backend("triton")
 
 
-#: (label, kernel, compiled with the fusion pass: None or its act_quant mode, setting while sampling)
+#: (label, kernel, compiled with the fusion pass: None, its act_quant mode, or "front door": ``compile_model``'s
+#: repeated blocks + fusion pass on a copy of the model, each call replayed from a CUDA graph; setting while sampling)
 VARIANTS = [("reference", "reference", None, contextlib.nullcontext),
             ("reference, TF32 matmuls (control)", "reference", None, _tf32_matmuls),
             ("triton", "triton", None, contextlib.nullcontext),
@@ -85,7 +86,8 @@ VARIANTS = [("reference", "reference", None, contextlib.nullcontext),
             ("triton-memory", "triton-memory", None, contextlib.nullcontext),
             ("triton, cuBLAS GEMM backend (every row count)", "triton", None, _cublas_gemms),
             ("triton, compiled + fusion pass", "triton", "pass", contextlib.nullcontext),
-            ("triton, compiled + inline quantization", "triton", "inline", contextlib.nullcontext)]
+            ("triton, compiled + inline quantization", "triton", "inline", contextlib.nullcontext),
+            ("triton, front door: compile_model + CUDA graphs", "triton", "front door", contextlib.nullcontext)]
 
 
 def run_model(name: str, args, log) -> dict:
@@ -97,7 +99,7 @@ def run_model(name: str, args, log) -> dict:
     from fourbit.eval import compare_images
     from fourbit.harness.variants import parse_variant
     from fourbit.models import get_spec, load_pretrained
-    from fourbit.nn import inductor_options, prepare_kernels, set_kernel
+    from fourbit.nn import compile_model, graph_forward, inductor_options, prepare_kernels, set_kernel
     from fourbit.sampling import calibration_forward_loop, sample_plan
 
     spec = get_spec(name)
@@ -118,7 +120,13 @@ def run_model(name: str, args, log) -> dict:
         set_kernel(model, kernel)
         run = model
         try:
-            if compiled:
+            if compiled == "front door":  # what compile_pipeline(cuda_graphs=True) does, on a copy
+                torch._dynamo.reset()
+                run = copy.deepcopy(model)
+                compile_model(run, kernel=None)
+                if args.device == "cuda":
+                    graph_forward(run)
+            elif compiled:
                 prepare_kernels(model)
                 torch._dynamo.reset()
                 run = torch.compile(model, options=inductor_options(act_quant=compiled))

@@ -45,6 +45,10 @@ def compile_pipeline(pipe, prompt: Optional[Prompt] = None, *, call_kwargs: Opti
         else:
             report.notes.append(f"cuda_graphs: the model is on {_device_type(model)}, not CUDA: no graphs")
     if warmup:
+        if verbose:
+            print(f"fourbit: {name}: warm-up call (compiling {report.compiled} modules"
+                  f"{' and capturing a CUDA graph' if report.cuda_graphs else ''}; minutes for a large model)...",
+                  file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         loop(model)
         report.seconds = time.perf_counter() - t0

@@ -285,3 +285,31 @@ def test_api_errors(flux):
         fourbit.lora.apply(q, "/nonexistent/lora.safetensors")
     text_encoder = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 1)}
     assert fourbit.lora.apply(q, {**sd, **text_encoder}, name="c")["skipped_keys"] == 1
+
+
+def test_a_lora_added_after_compiling_and_capturing_is_used(flux):
+    """``compile_model`` (dynamo) and ``graph_forward`` (a CPU stand-in for the capture) before the LoRA: its branch
+    is in the next call (dynamo guards the branch's new shape; the graphs are dropped), as in eager."""
+    from fourbit.nn import compile_model, graph_forward
+
+    m16, x, fac, q0 = flux
+    want = _fresh(q0)
+    fourbit.lora.apply(want, diffusers_state_dict(fac), name="style")
+    fourbit.lora.set_strength(want, "style", 0.5)
+    y_want = run(want, x)
+
+    def capture(fn, pool):
+        out = fn()
+        return (lambda: out[0].copy_(fn()[0])), out
+
+    q = _fresh(q0)
+    torch._dynamo.reset()
+    compile_model(q, kernel=None, backend="eager")
+    graphed = graph_forward(q, capture=capture, device_type="cpu")
+    y_base = run(q, x)
+    fourbit.lora.apply(q, diffusers_state_dict(fac), name="style")
+    fourbit.lora.set_strength(q, "style", 0.5)
+    y = run(q, x)
+    assert graphed.dropped == 1 and len(graphed.graphs) == 1
+    torch.testing.assert_close(y, y_want, rtol=0, atol=0)
+    assert rel(y, y_base) > 1e-3  # the LoRA did change the output

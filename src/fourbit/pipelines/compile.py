@@ -33,7 +33,8 @@ def compile_pipeline(pipe, prompt: Optional[Prompt] = None, *, call_kwargs: Opti
     block classes to compile (default: ``fourbit.nn.repeated_blocks``); ``compile_kwargs`` go to ``torch.compile``.
     cuda_graphs: also replay each denoiser call from a CUDA graph (``fourbit.nn.graph_forward``: one capture per
     input signature, at the warm-up), so the host launches one graph per step instead of every kernel.
-    Add LoRAs before this call (a LoRA added later changes the layers under the compiled graphs: call it again)."""
+    A LoRA added later (``fourbit.lora``) is used from the next call: dynamo recompiles where the branch's shape
+    changed, and the CUDA graphs are dropped and captured again."""
     name, model = find_denoiser(pipe, component)
     loop = pipeline_forward_loop(pipe, [bundled_prompts(1)[0] if prompt is None else prompt], num_inference_steps=1,
                                  guidance_scale=guidance_scale, seed=seed, call_kwargs=call_kwargs, progress=False)

@@ -157,3 +157,19 @@ def test_a_quantized_layer_changed_drops_the_graphs():
     assert g.dropped == 3
     m(x)
     assert g.dropped == 3  # no change, no new capture
+
+
+@torch.no_grad()
+def test_a_failed_capture_warns_and_runs_that_signature_eagerly():
+    def failing(fn, pool):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    m = Denoiser()
+    g = graph_forward(m, capture=failing, device_type="cpu")
+    x = _inputs(0)
+    with pytest.warns(UserWarning, match=r"could not capture a call of Denoiser \(operation not permitted when "
+                                         r"stream is capturing\); calls like it run without a CUDA graph"):
+        y = m(**x, return_dict=False)[0]
+    torch.testing.assert_close(y, Denoiser.forward(m, **x, return_dict=False)[0], rtol=0, atol=0)
+    m(**x, return_dict=False)  # no second attempt, no second warning
+    assert g.eager_calls == 2 and len(g.graphs) == 1

@@ -18,6 +18,7 @@ tensor's values in place is not seen: call ``release_graphs`` after such a chang
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -28,6 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .linear import state_generation
 
 _ATTR = "_fourbit_graph_forward"
+_UNCAPTURABLE = object()  # a signature whose capture failed: its calls run eagerly
 
 
 @dataclass
@@ -97,8 +99,17 @@ class GraphForward:
             if len(self.graphs) >= self.max_graphs:
                 self.eager_calls += 1
                 return self.eager(*args, **kwargs)
-            entry = self._capture(leaves, spec)
+            try:
+                entry = self._capture(leaves, spec)
+            except RuntimeError as err:  # e.g. a host synchronisation inside the forward: this signature runs eagerly
+                entry = _UNCAPTURABLE
+                warnings.warn(f"fourbit: graph_forward could not capture a call of {type(self.module).__name__} "
+                              f"({str(err).splitlines()[0][:200]}); calls like it run without a CUDA graph",
+                              stacklevel=2)
             self.graphs[key] = entry
+        if entry is _UNCAPTURABLE:
+            self.eager_calls += 1
+            return self.eager(*args, **kwargs)
         tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
         for static, t in zip(entry.inputs, tensors):
             static.copy_(t)

@@ -160,3 +160,19 @@ def test_inductor_compiled_blocks_equal_eager_on_the_cpu():
     assert report.compiled == 5 and all(b._compiled_call_impl is not None for b in net.modules()
                                         if isinstance(b, Block))
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt, note", [("int4", "group-scaled 4-bit formats"), ("int4p2", None)])
+def test_slow_formats_on_the_gpu_kernels_are_named(monkeypatch, fmt, note):
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(4, 16)
+    fourbit.quantize(net, fourbit.RTNConfig(weights=fmt, activations=fmt,
+                                            kernel="triton"), lambda m: m(x), progress=False, verbose=False)
+    monkeypatch.setattr(cm, "prepare_kernels", lambda model, forward_loop: None)
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: None)
+    notes = compile_model(net, kernel=None).notes
+    if note is None:
+        assert not notes
+    else:
+        assert len(notes) == 1 and f"15 layers have {note}" in notes[0] and "'int4p2'" in notes[0]

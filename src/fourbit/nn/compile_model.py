@@ -157,6 +157,24 @@ def exact_casts_option(compile_kwargs: dict) -> bool:
     return True
 
 
+def format_notes(model: nn.Module) -> list:
+    """What the GPU kernels do with the layers' formats, where that is not the fast path: the group-scaled GEMM of
+    the paper's int4 / fp4 (correct, slower than 16 bits on Hopper) or no kernel at all (the plain-torch path)."""
+    from ..kernels import EPILOGUE_KERNELS, SPEED_KERNELS
+    from ..kernels.linear import plan_for  # imports triton: only where GPU kernels run
+
+    plans = Counter(plan_for(layer) for _, layer in quantized_layers(model)
+                    if layer.kernel in SPEED_KERNELS + EPILOGUE_KERNELS)
+    notes = []
+    if plans.get("grouped"):
+        notes.append(f"{plans['grouped']} layers have group-scaled 4-bit formats (int4 / fp4 with group scales): "
+                     "their GEMM is correct but slower than 16 bits on Hopper; weights= and activations='int4p2' "
+                     "(or 'fp4p2') fold into the FP8 tensor cores (docs/formats.md; quality: the README's table)")
+    if plans.get("reference"):
+        notes.append(f"{plans['reference']} layers have formats without a GPU kernel: they run the plain-torch path")
+    return notes
+
+
 def compile_model(model: nn.Module, forward_loop: Optional[Callable[[nn.Module], None]] = None, *,
                   kernel: Optional[str] = "auto", blocks: Optional[Sequence[str]] = None, fusion: bool = True,
                   act_quant: str = "pass", **compile_kwargs) -> CompileReport:
@@ -177,6 +195,7 @@ def compile_model(model: nn.Module, forward_loop: Optional[Callable[[nn.Module],
                          "(torch.compile takes one or the other): pass the mode's settings as options={...}, "
                          "or fusion=False")
     if gpu:
+        notes += format_notes(model)
         with torch.no_grad():
             prepare_kernels(model, forward_loop=forward_loop)
     if fused:

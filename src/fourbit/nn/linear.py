@@ -120,7 +120,11 @@ class QuantLinear(nn.Module):
         return QuantizedTensor(codes, self.weight_scales, self.weight_row_scale)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """(N, Kp) dequantized residual weight, cached per (device, dtype) until buffers change."""
+        """(N, Kp) dequantized residual weight, cached per (device, dtype) until buffers change. Under
+        ``torch.compile`` it is computed in the graph instead: a cache keyed by each layer's buffer address would make
+        dynamo compile the block again for every layer."""
+        if torch.compiler.is_compiling():
+            return self.weight_format.dequantize(self.quantized_weight(), dtype=dtype)
         key = (self.weight_packed.device, dtype, self.weight_packed.data_ptr())
         w = self._cache.get(key)
         if w is None:

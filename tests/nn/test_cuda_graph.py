@@ -173,3 +173,25 @@ def test_a_failed_capture_warns_and_runs_that_signature_eagerly():
     torch.testing.assert_close(y, Denoiser.forward(m, **x, return_dict=False)[0], rtol=0, atol=0)
     m(**x, return_dict=False)  # no second attempt, no second warning
     assert g.eager_calls == 2 and len(g.graphs) == 1
+
+
+class Opaque:
+    def __init__(self, t):
+        self.t = t
+
+
+class OpaqueOut(nn.Module):
+    def forward(self, x):
+        return Opaque(x * 2)
+
+
+@torch.no_grad()
+def test_an_output_that_cannot_be_copied_out_is_not_replayed():
+    """An output container pytree can't see into would hand out the graph's own buffers: eager, with a warning."""
+    m = OpaqueOut()
+    g = graph_forward(m, capture=lambda fn, pool: (fn, fn()), device_type="cpu")
+    x = torch.ones(3)
+    with pytest.warns(UserWarning, match="its output holds a Opaque, which can't be copied out of the graph"):
+        a = m(x)
+    b = m(x + 1)
+    assert g.eager_calls == 2 and torch.equal(a.t, x * 2) and torch.equal(b.t, (x + 1) * 2)

@@ -30,6 +30,7 @@ from .linear import state_generation
 
 _ATTR = "_fourbit_graph_forward"
 _UNCAPTURABLE = object()  # a signature whose capture failed: its calls run eagerly
+_PLAIN = (torch.Tensor, int, float, bool, str, type(None))  # output leaves that are copied (tensors) or immutable
 
 
 @dataclass
@@ -133,6 +134,9 @@ class GraphForward:
             for _ in range(self.warmup):
                 call()
         replay, out = self.capture(call, self.pool)
+        opaque = [type(leaf).__name__ for leaf in tree_flatten(out)[0] if not isinstance(leaf, _PLAIN)]
+        if opaque:  # a container pytree can't see into: its tensors would be the graph's, overwritten by the next replay
+            raise RuntimeError(f"its output holds a {opaque[0]}, which can't be copied out of the graph")
         self.generation = state_generation()  # the calls above may have built kernel state, never set attributes
         return _Captured(replay, [t for t in static if isinstance(t, torch.Tensor)], out)
 

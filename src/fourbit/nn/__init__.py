@@ -9,7 +9,7 @@ from torch import nn
 from .linear import QuantConv2d, QuantLinear, build_empty, conv_rows
 from ..kernels import get_linear_kernel
 from .prepare import prepare_kernels, quantized_layers
-from .compile_model import CompileReport, compile_blocks, compile_model, repeated_blocks
+from .compiling import CompileReport, compile_blocks, compile_model, repeated_blocks
 from .cuda_graph import graph_forward, release_graphs
 from .replace import set_module
 from .state import QuantizedLinearState

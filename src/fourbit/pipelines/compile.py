@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ..nn.compile_model import CompileReport, compile_model
+from ..nn.compiling import CompileReport, compile_model
 from ..nn.cuda_graph import graph_forward
 from .calibrate import Prompt, bundled_prompts, find_denoiser, pipeline_forward_loop
 

@@ -7,11 +7,9 @@ import torch
 from torch import nn
 
 import fourbit
+import fourbit.nn.compiling as cm
 from fourbit.nn import compile_model, quantized_layers, repeated_blocks
-from fourbit.nn import compile_model as compile_model_fn
-from fourbit.nn.compile_model import choose_kernels, compile_blocks, speed_kernel
-
-cm = __import__("fourbit.nn.compile_model", fromlist=["x"])
+from fourbit.nn.compiling import choose_kernels, compile_blocks, speed_kernel
 
 
 class Block(nn.Module):
@@ -124,7 +122,7 @@ def test_gpu_kernels_are_prepared_and_compiled_with_the_fusion_pass(monkeypatch)
     monkeypatch.setattr(cm, "prepare_kernels", lambda model, forward_loop: prepared.append(forward_loop))
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compiled.append(kw))
     with pytest.raises(ValueError, match="mode='max-autotune' cannot go with the fusion pass"):
-        compile_model_fn(net, kernel=None, mode="max-autotune")
+        compile_model(net, kernel=None, mode="max-autotune")
     assert not compiled and not prepared  # refused before anything was done
     loop = lambda m: m(x)  # noqa: E731
     report = compile_model(net, loop, kernel=None, options={"max_autotune": False})

@@ -2,6 +2,8 @@
 ``fourbit generate`` on a tiny Stable Diffusion pipeline saved to disk."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -77,7 +79,7 @@ def test_generate_with_the_quantized_denoiser(sd_path, tmp_path):
     fp = torch.tensor(list(Image.open(tmp_path / "fp.png").convert("RGB").tobytes()), dtype=torch.float32)
     assert q.shape == fp.shape == (16 * 16 * 3,)
     assert not torch.equal(q, fp)  # the 4-bit denoiser was used...
-    assert main(args + ["--quantized", str(tmp_path / "q"), "--out", str(tmp_path / "q2.png")]) == 0
+    assert main(args + ["--quantized", str(tmp_path / "q"), "--out", str(tmp_path / "q2.png"), "--repeat", "3"]) == 0
     assert (tmp_path / "q2.png").read_bytes() == (tmp_path / "q.png").read_bytes()  # ...deterministically
 
 
@@ -228,6 +230,15 @@ def test_under_several_ranks_every_rank_takes_rank_0s_plan():
     assert other.config == made.config and other.summary() == made.summary()
     single = shared_plan(FakeRanks(0, world_size=1), lambda: made)
     assert single is made
+
+
+def test_generate_repeat_prints_the_median(sd_path, tmp_path, capsys):
+    args = ["generate", "--pipeline", sd_path, "--prompt", "a small house", "--steps", "1", "--height", "16",
+            "--width", "16", "--device", "cpu", "--out", str(tmp_path / "x.png")]
+    assert main(args + ["--repeat", "2"]) == 0
+    assert re.search(r"16-bit; median [0-9.]+ s of 2 \(min [0-9.]+, max [0-9.]+\)\)", capsys.readouterr().err)
+    assert main(args + ["--repeat", "0"]) == 2
+    assert "--repeat must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_generate_cuda_graphs_needs_compile(sd_path, tmp_path, capsys):

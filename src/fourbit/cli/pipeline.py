@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -275,6 +276,8 @@ def _generate(p):
     p.add_argument("--compile", action="store_true", help="first put the denoiser on its fast path "
                    "(fourbit.compile_pipeline: GPU kernels on an H100/H200, repeated blocks compiled with the fusion "
                    "pass, one warm-up call); the compile time and the image's time are printed")
+    p.add_argument("--repeat", type=int, default=1, help="make the image this many times (same seed) and print the "
+                   "median time, e.g. to compare the 16-bit and the quantized pipeline (default 1)")
     p.add_argument("--cuda-graphs", action="store_true", help="with --compile: replay each denoiser call from a "
                    "CUDA graph (fourbit.nn.graph_forward)")
     _add_common(p)
@@ -288,6 +291,8 @@ def _run_generate(args) -> int:
 
     if args.cuda_graphs and not args.compile:
         raise ValueError("--cuda-graphs replays the compiled denoiser: add --compile")
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be at least 1, got {args.repeat}")
     device = _device(args)
     components = {}
     if args.quantized:
@@ -297,7 +302,7 @@ def _run_generate(args) -> int:
             raise ValueError(f"{args.quantized}: the folder does not say which component it is; pass --component")
         components[name] = from_pretrained(args.quantized, device=device)
     pipe = load_pipeline(args.pipeline, args.dtype, device, **components)
-    kw = {**_call_kwargs(args), "prompt": args.prompt, "generator": torch.Generator().manual_seed(args.seed)}
+    kw = {**_call_kwargs(args), "prompt": args.prompt}
     for key, value in (("negative_prompt", args.negative_prompt), ("num_inference_steps", args.steps),
                        ("guidance_scale", args.guidance)):
         if value is not None:
@@ -308,14 +313,18 @@ def _run_generate(args) -> int:
         compile_pipeline(pipe, args.prompt, call_kwargs=_call_kwargs(args), guidance_scale=args.guidance,
                          component=args.component, cuda_graphs=args.cuda_graphs)
 
-    t0 = time.perf_counter()
-    image = pipe(**kw).images[0]
-    seconds = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeat):  # the same seed each time: the same image
+        t0 = time.perf_counter()
+        image = pipe(**kw, generator=torch.Generator().manual_seed(args.seed)).images[0]  # a PIL image: synchronised
+        times.append(time.perf_counter() - t0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
+    took = f"{times[0]:.2f} s" if len(times) == 1 else (
+        f"median {statistics.median(times):.2f} s of {len(times)} (min {min(times):.2f}, max {max(times):.2f})")
     print(f"wrote {args.out} ({image.size[0]}x{image.size[1]}, seed {args.seed}"
           f"{', denoiser from ' + args.quantized if args.quantized else ', 16-bit'}"
-          f"{', compiled' if args.compile else ''}; {seconds:.2f} s)", file=sys.stderr)
+          f"{', compiled' if args.compile else ''}; {took})", file=sys.stderr)
     return 0
 
 

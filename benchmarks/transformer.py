@@ -149,12 +149,11 @@ def compile_blocks(model, on=True, options=None, reset=True):
     ``reset=False`` keeps what dynamo compiled before (another model compiled and in use beside this one)."""
     import torch._dynamo
 
+    from fourbit.nn.compiling import raise_compile_cache_limits
+
     if reset:
         torch._dynamo.reset()
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
-        torch._dynamo.config.accumulated_cache_size_limit = max(
-            torch._dynamo.config.accumulated_cache_size_limit, 4096)
+    raise_compile_cache_limits()
     for blocks in (model.transformer_blocks, model.single_transformer_blocks):
         for blk in blocks:
             if on:

@@ -116,7 +116,8 @@ def speed_kernel(device: torch.device) -> tuple:
     return "triton", ""
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model without tensors)."""
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return torch.device("cpu")
@@ -134,7 +135,7 @@ def choose_kernels(model: nn.Module, kernel: Optional[str] = "auto") -> list:
     if kernel != "auto":
         set_kernel(model, kernel)
         return []
-    name, why = speed_kernel(_model_device(model))
+    name, why = speed_kernel(model_device(model))
     if name is None:
         return [why]
     for layer in layers:

@@ -43,7 +43,7 @@ class _Captured:
 def _signature(leaves: list, spec, device_type: str = "cuda") -> Optional[tuple]:
     """Hashable key of a call: tensor leaves by (shape, stride, dtype, device), other leaves by value; None if a leaf
     can't be keyed (unhashable) or a tensor is not on ``device_type``."""
-    key = [str(spec)]
+    key = [spec]  # TreeSpecs hash and compare by structure
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             if leaf.device.type != device_type:
@@ -137,7 +137,7 @@ class GraphForward:
         opaque = [type(leaf).__name__ for leaf in tree_flatten(out)[0] if not isinstance(leaf, _PLAIN)]
         if opaque:  # a container pytree can't see into: its tensors would be the graph's, overwritten by the next replay
             raise RuntimeError(f"its output holds a {opaque[0]}, which can't be copied out of the graph")
-        self.generation = state_generation()  # the calls above may have built kernel state, never set attributes
+        self.generation = state_generation()  # had the calls above set a layer attribute, the graph holds that state
         return _Captured(replay, [t for t in static if isinstance(t, torch.Tensor)], out)
 
 

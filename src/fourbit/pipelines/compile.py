@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ..nn.compiling import CompileReport, compile_model
+from ..nn.compiling import CompileReport, compile_model, model_device
 from ..nn.cuda_graph import graph_forward
 from .calibrate import Prompt, bundled_prompts, find_denoiser, pipeline_forward_loop
 
@@ -40,11 +40,12 @@ def compile_pipeline(pipe, prompt: Optional[Prompt] = None, *, call_kwargs: Opti
                                  guidance_scale=guidance_scale, seed=seed, call_kwargs=call_kwargs, progress=False)
     report = compile_model(model, loop, kernel=kernel, blocks=blocks, fusion=fusion, **compile_kwargs)
     if cuda_graphs:
-        if _device_type(model) == "cuda":
+        device = model_device(model).type
+        if device == "cuda":
             graph_forward(model)
             report.cuda_graphs = True
         else:
-            report.notes.append(f"cuda_graphs: the model is on {_device_type(model)}, not CUDA: no graphs")
+            report.notes.append(f"cuda_graphs: the model is on {device}, not CUDA: no graphs")
     if warmup:
         if verbose:
             print(f"fourbit: {name}: warm-up call (compiling {report.compiled} modules"
@@ -56,7 +57,3 @@ def compile_pipeline(pipe, prompt: Optional[Prompt] = None, *, call_kwargs: Opti
     if verbose:
         print(f"fourbit: {name} ({type(model).__name__}): {report.summary()}", file=sys.stderr)
     return report
-
-
-def _device_type(model) -> str:
-    return next((t.device.type for t in list(model.parameters()) + list(model.buffers())), "cpu")

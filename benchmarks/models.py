@@ -705,7 +705,7 @@ def main(argv=None):
     p.add_argument("--siblings-across-blocks", action="store_true", help="fourbit variants: sibling groups may "
                    "span blocks (every block's text K/V in one wide GEMM, run outside the compiled graphs)")
     p.add_argument("--uncaptured-rounds", type=int, default=8, help="also time each compiled model called "
-                   "without a CUDA graph, 4 calls in a row (what compile_pipeline gives a pipeline), this many "
+                   "without a CUDA graph, 4 calls in a row (a pipeline compiled with cuda_graphs=False), this many "
                    "rounds (0: not)")
     p.add_argument("--profile", action="store_true", help="also one compiled step of each variant under "
                    "torch.profiler: CUDA time by kernel kind (fourbit act_quant / GEMM / fold_lr, attention, cuBLAS, "

@@ -77,7 +77,7 @@ def main():
                 lin(x)
             prof.disable()
             out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
+            pstats.Stats(prof, stream=out).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", 15)))
             print(out.getvalue())
 
 

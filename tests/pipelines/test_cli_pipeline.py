@@ -243,7 +243,7 @@ def test_generate_repeat_prints_the_median(sd_path, tmp_path, capsys):
 
 def test_generate_cuda_graphs_needs_compile(sd_path, tmp_path, capsys):
     args = ["generate", "--pipeline", sd_path, "--prompt", "a small house", "--steps", "1", "--height", "16",
-            "--width", "16", "--device", "cpu", "--cuda-graphs", "--out", str(tmp_path / "x.png")]
+            "--width", "16", "--device", "cpu", "--no-cuda-graphs", "--out", str(tmp_path / "x.png")]
     assert main(args) != 0
-    assert "--cuda-graphs replays the compiled denoiser: add --compile" in capsys.readouterr().err
+    assert "--no-cuda-graphs is about the compiled denoiser: add --compile" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()

@@ -76,6 +76,21 @@ def test_cuda_graphs_off_cuda_are_refused_in_the_report():
     assert "GraphForward" not in type(pipe.transformer.forward).__name__
 
 
+def test_cuda_graphs_default_to_cuda_only():
+    """The default ("auto") replays graphs where the denoiser is on CUDA and says nothing elsewhere; other values
+    are refused before any work."""
+    pipe, comp, embeds, call_kwargs = build("pixart")
+    from .tiny import prompts
+
+    with pytest.raises(ValueError, match="cuda_graphs must be True, False or 'auto'"):
+        fourbit.compile_pipeline(pipe, prompts(embeds, 1)[0], call_kwargs=call_kwargs, backend="eager",
+                                 cuda_graphs="yes", warmup=False, verbose=False)
+    report = fourbit.compile_pipeline(pipe, prompts(embeds, 1)[0], call_kwargs=call_kwargs, backend="eager",
+                                      warmup=False, verbose=False)
+    assert not report.cuda_graphs and not any("cuda_graphs" in n for n in report.notes)
+    assert "GraphForward" not in type(pipe.transformer.forward).__name__
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("family", ["pixart", "flux"])
@@ -88,7 +103,7 @@ def test_cuda_graphs_replay_the_compiled_denoiser_gpu(family):
     pipe.to("cuda")
     ps = [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in p.items()} for p in prompts(embeds, 1)]
     eager = _latents(pipe, ps, call_kwargs)
-    report = fourbit.compile_pipeline(pipe, ps[0], call_kwargs=call_kwargs, cuda_graphs=True, verbose=False)
+    report = fourbit.compile_pipeline(pipe, ps[0], call_kwargs=call_kwargs, verbose=False)  # graphs: the default
     got = _latents(pipe, ps, call_kwargs)
     graphed = getattr(pipe, comp).forward
     assert report.cuda_graphs and len(graphed.graphs) >= 1 and graphed.eager_calls == 0

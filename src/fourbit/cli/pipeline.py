@@ -278,8 +278,9 @@ def _generate(p):
                    "pass, one warm-up call); the compile time and the image's time are printed")
     p.add_argument("--repeat", type=int, default=1, help="make the image this many times (same seed) and print the "
                    "median time, e.g. to compare the 16-bit and the quantized pipeline (default 1)")
-    p.add_argument("--cuda-graphs", action="store_true", help="with --compile: replay each denoiser call from a "
-                   "CUDA graph (fourbit.nn.graph_forward)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="with --compile: call the compiled denoiser "
+                   "plainly instead of replaying each call from a CUDA graph (the default on CUDA: "
+                   "fourbit.nn.graph_forward)")
     _add_common(p)
 
 
@@ -289,8 +290,8 @@ def _run_generate(args) -> int:
     from ..pipelines import from_pretrained
     from ..pipelines.pretrained import load_pipeline, read_folder_header
 
-    if args.cuda_graphs and not args.compile:
-        raise ValueError("--cuda-graphs replays the compiled denoiser: add --compile")
+    if args.no_cuda_graphs and not args.compile:
+        raise ValueError("--no-cuda-graphs is about the compiled denoiser: add --compile")
     if args.repeat < 1:
         raise ValueError(f"--repeat must be at least 1, got {args.repeat}")
     device = _device(args)
@@ -311,7 +312,7 @@ def _run_generate(args) -> int:
         from ..pipelines import compile_pipeline
 
         compile_pipeline(pipe, args.prompt, call_kwargs=_call_kwargs(args), guidance_scale=args.guidance,
-                         component=args.component, cuda_graphs=args.cuda_graphs)
+                         component=args.component, cuda_graphs=not args.no_cuda_graphs and "auto")
 
     times = []
     for _ in range(args.repeat):  # the same seed each time: the same image

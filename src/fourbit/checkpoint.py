@@ -32,6 +32,7 @@ from .nn import QuantLinear, build_empty, quantized_layers, set_module
 from .siblings import fuse_siblings
 from .utils.files import atomic_write, check_output_file, check_readable_file, error_text
 from .utils.foreign import guard_foreign_save
+from .utils.safetensors_io import read_safetensors
 
 FORMAT_VERSION = 2
 HEADER_KEY = "fourbit"
@@ -182,8 +183,7 @@ def _first_line(err: BaseException) -> str:
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        return read_safetensors(path)[0]
     except Exception as e:
         raise CheckpointError(f"{path}: damaged checkpoint, tensors unreadable ({e})") from None
 

@@ -158,10 +158,9 @@ def export(model: nn.Module, path: Union[str, Path]) -> dict:
 # ---- the decoder ---------------------------------------------------------------------------------
 def read(path: Union[str, Path]) -> tuple[dict, dict]:
     """(tensors, metadata) of an exported file."""
-    from safetensors import safe_open
+    from ..utils.safetensors_io import read_safetensors
 
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    return read_safetensors(path)
 
 
 def decode_layer(tensors: dict, name: str, rec: dict) -> QuantLinear:

@@ -63,11 +63,10 @@ def read_lora(source: Union[str, Path, dict]) -> tuple[dict, dict]:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist; pass a .safetensors path or a state dict")
-    from safetensors import safe_open
+    from ..utils.safetensors_io import read_safetensors
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        return read_safetensors(path)
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable safetensors LoRA file ({e}); convert it to safetensors") from None
 

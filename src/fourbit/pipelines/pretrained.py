@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors import safe_open
+from ..utils.safetensors_io import read_safetensors
 from safetensors.torch import save as st_save
 from torch import nn
 
@@ -169,8 +169,7 @@ def _read(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: shard missing; the folder is incomplete, save the component again")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        return read_safetensors(path)[0]
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: damaged checkpoint, tensors unreadable ({e})") from None
 

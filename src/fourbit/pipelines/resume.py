@@ -20,6 +20,7 @@ from torch import nn
 from ..calibration import LayerStats
 from ..checkpoint import write_atomic
 from ..nn import build_empty
+from ..utils.safetensors_io import aligned
 
 _LAYER_TENSORS = ("weight_packed", "weight_scales", "weight_row_scale", "smooth", "lr_down", "lr_up", "bias")
 
@@ -50,7 +51,8 @@ class WorkFolder:
         self.stats_loaded = True
         with safe_open(str(path), framework="pt") as f:
             counts = json.loads(f.metadata()["counts"])
-            return {name: LayerStats(f.get_tensor(f"{name}/absmax"), f.get_tensor(f"{name}/rows"), n, calls)
+            return {name: LayerStats(aligned(f.get_tensor(f"{name}/absmax")), aligned(f.get_tensor(f"{name}/rows")), n,
+                                     calls)
                     for name, (n, calls) in counts.items()}
 
     def save_stats(self, stats: dict) -> None:
@@ -71,7 +73,7 @@ class WorkFolder:
             return None
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: aligned(f.get_tensor(k)) for k in f.keys()}
         layer = build_empty(json.loads(meta["spec"]), {n: tensors.get(n) for n in _LAYER_TENSORS})
         layer.compute_dtype = getattr(torch, meta["compute_dtype"])
         layer.quant_info = json.loads(meta["info"])

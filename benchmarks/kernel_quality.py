@@ -99,7 +99,7 @@ def run_model(name: str, args, log) -> dict:
     from fourbit.eval import compare_images
     from fourbit.harness.variants import parse_variant
     from fourbit.models import get_spec, load_pretrained
-    from fourbit.nn import compile_model, graph_forward, inductor_options, prepare_kernels, set_kernel
+    from fourbit.nn import compile_model, inductor_options, prepare_kernels, set_kernel
     from fourbit.sampling import calibration_forward_loop, sample_plan
 
     spec = get_spec(name)
@@ -120,12 +120,10 @@ def run_model(name: str, args, log) -> dict:
         set_kernel(model, kernel)
         run = model
         try:
-            if compiled == "front door":  # what compile_pipeline(cuda_graphs=True) does, on a copy
+            if compiled == "front door":  # what compile_pipeline does (CUDA graphs on CUDA), on a copy
                 torch._dynamo.reset()
                 run = copy.deepcopy(model)
                 compile_model(run, kernel=None)
-                if args.device == "cuda":
-                    graph_forward(run)
             elif compiled:
                 prepare_kernels(model)
                 torch._dynamo.reset()

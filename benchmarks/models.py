@@ -376,7 +376,8 @@ def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compi
     with torch.inference_mode():
         if compile_:  # what fourbit.compile_pipeline does: kernels prepared, the blocks compiled with the pass
             compile_model(model, lambda m: m(**inputs), kernel=None, blocks=fam["blocks"],
-                          fusion=fourbit_kernels and not tiny, act_quant=act_quant)
+                          fusion=fourbit_kernels and not tiny, act_quant=act_quant,
+                          cuda_graphs=False)  # the step's graph is captured below, around the whole call
         elif fourbit_kernels and not tiny:
             prepare_kernels(model, forward_loop=lambda m: m(**inputs))
         out = model(**inputs)[0]

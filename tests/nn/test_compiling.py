@@ -174,3 +174,23 @@ def test_slow_formats_on_the_gpu_kernels_are_named(monkeypatch, fmt, note):
         assert not notes
     else:
         assert len(notes) == 1 and f"15 layers have {note}" in notes[0] and "'int4p2'" in notes[0]
+
+
+def test_cuda_graphs_where_the_model_is_on_cuda(monkeypatch):
+    """"auto" wraps a CUDA model's forward in ``graph_forward`` and nothing else; True says why it can't; other
+    values are refused before any work."""
+    import fourbit.nn.cuda_graph as cg
+
+    net, x = _quantized()
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: None)
+    with pytest.raises(ValueError, match="cuda_graphs must be True, False or 'auto'"):
+        compile_model(net, kernel=None, cuda_graphs="always")
+    report = compile_model(net, kernel=None)
+    assert not report.cuda_graphs and not any("cuda_graphs" in n for n in report.notes)
+    report = compile_model(net, kernel=None, cuda_graphs=True)
+    assert not report.cuda_graphs and "cuda_graphs: the model is on cpu, not CUDA: no graphs" in report.notes
+    wrapped = []
+    monkeypatch.setattr(cg, "graph_forward", lambda model: wrapped.append(model))
+    monkeypatch.setattr(cm, "model_device", lambda model: torch.device("cuda"))
+    assert compile_model(net, kernel=None, cuda_graphs=False).cuda_graphs is False and not wrapped
+    assert compile_model(net, kernel=None).cuda_graphs is True and wrapped == [net]

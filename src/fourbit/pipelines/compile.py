@@ -13,8 +13,7 @@ import sys
 import time
 from typing import Optional, Sequence, Union
 
-from ..nn.compiling import CompileReport, compile_model, model_device
-from ..nn.cuda_graph import graph_forward
+from ..nn.compiling import CompileReport, compile_model
 from .calibrate import Prompt, bundled_prompts, find_denoiser, pipeline_forward_loop
 
 
@@ -37,19 +36,13 @@ def compile_pipeline(pipe, prompt: Optional[Prompt] = None, *, call_kwargs: Opti
     W4A4 1.29x bf16 with graphs, 0.81x without; smaller models 0.4-0.5x without); False keeps plain calls.
     A LoRA added later (``fourbit.lora``) is used from the next call: dynamo recompiles where the branch's shape
     changed, and the CUDA graphs are dropped and captured again."""
-    if cuda_graphs not in (True, False, "auto"):
+    if cuda_graphs not in (True, False, "auto"):  # before any work
         raise ValueError(f"compile_pipeline: cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
     name, model = find_denoiser(pipe, component)
     loop = pipeline_forward_loop(pipe, [bundled_prompts(1)[0] if prompt is None else prompt], num_inference_steps=1,
                                  guidance_scale=guidance_scale, seed=seed, call_kwargs=call_kwargs, progress=False)
-    report = compile_model(model, loop, kernel=kernel, blocks=blocks, fusion=fusion, **compile_kwargs)
-    if cuda_graphs:
-        device = model_device(model).type
-        if device == "cuda":
-            graph_forward(model)
-            report.cuda_graphs = True
-        elif cuda_graphs is True:
-            report.notes.append(f"cuda_graphs: the model is on {device}, not CUDA: no graphs")
+    report = compile_model(model, loop, kernel=kernel, blocks=blocks, fusion=fusion, cuda_graphs=cuda_graphs,
+                           **compile_kwargs)
     if warmup:
         if verbose:
             print(f"fourbit: {name}: warm-up call (compiling {report.compiled} modules"

@@ -668,21 +668,30 @@ def run_model(name: str, args, device: str, log) -> dict:
     return row
 
 
+def _ratio(num, den) -> str:
+    """'1.23x' for num / den (times in ms: a speed-up of den's variant), '-' where either is missing."""
+    return "-" if not (num and den) else f"{num / den:.2f}x"
+
+
 def table(rows: list[dict]) -> str:
+    """The run's markdown: per variant the alternated step and its ratio to bf16 and to the FP8 peer (the acceptance's
+    two baselines), the solo ratio to bf16, the uncaptured calls, compile time, bytes; then the profile if taken."""
     out = []
     for r in rows:
-        b = r["variants"].get("bf16", {}).get("step_ms")
-        for k, v in r["variants"].items():
+        variants = r["variants"]
+        b, peer = (variants.get(k, {}).get("step_ms") for k in ("bf16", "fp8-peer"))
+        b_solo = variants.get("bf16", {}).get("step_ms_solo")
+        for k, v in variants.items():
             ms, unc = v.get("step_ms"), v.get("uncaptured_speedup_vs_bf16")
-            out.append([r["model"], k, "-" if ms is None else f"{ms:.2f}",
-                        "-" if not (ms and b) else f"{b / ms:.2f}x",
+            out.append([r["model"], k, "-" if ms is None else f"{ms:.2f}", _ratio(b, ms), _ratio(peer, ms),
+                        _ratio(b_solo, v.get("step_ms_solo")),
                         "-" if unc is None else f"{v['call_ms_uncaptured']:.2f} ({unc:.2f}x)",
                         f"{v.get('compile_seconds', 0):.0f}", v.get("graphs", "-"),
                         f"{v.get('weight_bytes', 0) / 2**30:.2f}",
                         "-" if v.get("peak_step_bytes") is None else f"{v['peak_step_bytes'] / 2**30:.2f}",
                         (v.get("error") or v.get("skipped") or "")[:80]])
-    md = md_table(["model", "variant", "step ms", "vs bf16", "no graph ms (vs bf16)", "compile s", "graphs", "weights GiB", "step peak GiB",
-                   "error"], out)
+    md = md_table(["model", "variant", "step ms", "vs bf16", "vs FP8 peer", "solo vs bf16", "no graph ms (vs bf16)",
+                   "compile s", "graphs", "weights GiB", "step peak GiB", "error"], out)
     prof = [[r["model"], k] + [f"{v['profile_ms'][c]:.2f}" for c in KERNEL_CATEGORY_NAMES]
             for r in rows for k, v in r["variants"].items() if v.get("profile_ms")]
     if prof:

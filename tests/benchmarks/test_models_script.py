@@ -192,3 +192,25 @@ def test_uncaptured_calls_are_timed_in_rotation_per_call(monkeypatch):
                                     "w4a4": dict(step_ms=8.0, call_ms_uncaptured=10.0,
                                                  uncaptured_speedup_vs_bf16=1.2)})
     assert "| 10.00 (1.20x) |" in models.table([row])
+
+
+def test_table_gives_both_baselines_and_the_solo_ratio():
+    """The acceptance's two baselines in every row: bf16 and the FP8 peer (alternated), and bf16 solo."""
+    import models
+
+    row = dict(model="m", variants={"bf16": dict(step_ms=12.0, step_ms_solo=12.0),
+                                    "fp8-peer": dict(step_ms=10.0, step_ms_solo=11.0),
+                                    "fourbit-w4a4-planned": dict(step_ms=8.0, step_ms_solo=10.0),
+                                    "fourbit-fp8": dict(skipped="budget")})
+    md = models.table([row])
+    assert "| vs bf16 | vs FP8 peer | solo vs bf16 |" in md
+    assert "| m | fourbit-w4a4-planned | 8.00 | 1.50x | 1.25x | 1.20x |" in md
+    assert "| m | fp8-peer | 10.00 | 1.20x | 1.00x | 1.09x |" in md
+    assert "| m | fourbit-fp8 | - | - | - | - |" in md
+
+
+def test_table_without_a_peer_leaves_its_column_empty():
+    import models
+
+    md = models.table([dict(model="m", variants={"bf16": dict(step_ms=12.0), "w": dict(step_ms=6.0)})])
+    assert "| m | w | 6.00 | 2.00x | - | - |" in md

@@ -312,7 +312,7 @@ def _run_generate(args) -> int:
         from ..pipelines import compile_pipeline
 
         compile_pipeline(pipe, args.prompt, call_kwargs=_call_kwargs(args), guidance_scale=args.guidance,
-                         component=args.component, cuda_graphs=not args.no_cuda_graphs and "auto")
+                         component=args.component, cuda_graphs=False if args.no_cuda_graphs else "auto")
 
     times = []
     for _ in range(args.repeat):  # the same seed each time: the same image

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from ..utils.safetensors_io import read_safetensors
 from safetensors.torch import save as st_save
 from torch import nn
 
 from ..checkpoint import (HEADER_KEY, CheckpointError, checkpoint_header, checkpoint_tensors, load_tensors,
                           read_header, write_atomic)
+from ..utils.safetensors_io import read_safetensors
 from . import compat
 
 CONFIG_NAME = "config.json"

@@ -195,3 +195,73 @@ def test_an_output_that_cannot_be_copied_out_is_not_replayed():
         a = m(x)
     b = m(x + 1)
     assert g.eager_calls == 2 and torch.equal(a.t, x * 2) and torch.equal(b.t, (x + 1) * 2)
+
+
+def _address_capture(module, captures):
+    """A CUDA graph's other property, on the CPU: it reads the tensors at the addresses they had at capture. The
+    fake keeps the capture-time tensors (a moved or replaced parameter is not seen) and counts captures."""
+    def tensors():
+        return dict(list(module.named_parameters()) + list(module.named_buffers()))
+
+    def capture(fn, pool):
+        captures.append(1)
+        frozen = {name: (t, t.data) for name, t in tensors().items()}  # the objects and the storage they had
+        out = fn()
+
+        def replay():
+            now = tensors()
+            if set(now) != set(frozen):  # the captured kernels would read tensors the module no longer has
+                raise AssertionError("replayed a graph of a module whose tensors changed")
+            saved = {name: (t, t.data) for name, t in now.items()}
+            for name, (t, data) in frozen.items():  # what the replay reads: the capture-time storage
+                _set(module, name, t)
+                t.data = data
+            try:
+                res = fn()
+            finally:
+                for name, (t, data) in saved.items():
+                    _set(module, name, t)
+                    t.data = data
+            (out[0] if isinstance(out, tuple) else out["sample"]).copy_(
+                res[0] if isinstance(res, tuple) else res["sample"])
+        return replay, out
+    return capture
+
+
+def _set(module, name, t):
+    *path, leaf = name.split(".")
+    owner = module.get_submodule(".".join(path)) if path else module
+    (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = t
+
+
+@torch.no_grad()
+def test_tensors_moved_or_replaced_drop_the_graphs():
+    """A graph reads parameters by address: after ``.data`` is reassigned (what ``.to()`` away and back does under
+    model CPU offload), a parameter replaced, or a submodule swapped (a LoRA library wrapping a layer), the next call
+    captures again and computes with the new tensors; an in-place change of values needs no new capture."""
+    torch.manual_seed(0)
+    m = Denoiser()
+    captures = []
+    g = graph_forward(m, warmup=1, capture=_address_capture(m, captures), device_type="cpu")
+    x, t = torch.randn(2, 4, 8), torch.rand(2)
+
+    def eager():
+        return type(m).forward(m, x, t, return_dict=False)[0]
+
+    m(x, t, return_dict=False)
+    assert len(captures) == 1
+    torch.testing.assert_close(m(x, t, return_dict=False)[0], eager(), rtol=0, atol=0)
+    m.lin.weight.data = m.lin.weight.data * 2  # new storage, same Parameter object
+    torch.testing.assert_close(m(x, t, return_dict=False)[0], eager(), rtol=0, atol=0)
+    assert len(captures) == 2 and g.dropped == 1
+    m.lin.bias = nn.Parameter(torch.ones(8))  # replaced
+    torch.testing.assert_close(m(x, t, return_dict=False)[0], eager(), rtol=0, atol=0)
+    assert len(captures) == 3 and g.dropped == 2
+    m.lin = nn.Linear(8, 8)  # a submodule swapped
+    torch.testing.assert_close(m(x, t, return_dict=False)[0], eager(), rtol=0, atol=0)
+    assert len(captures) == 4 and g.dropped == 3
+    m.lin.weight.mul_(3)  # in place: the graph reads the new values, no new capture
+    torch.testing.assert_close(m(x, t, return_dict=False)[0], eager(), rtol=0, atol=0)
+    nn.Linear(3, 3)  # a module built elsewhere: the holders are listed again, nothing here moved
+    m(x, t, return_dict=False)
+    assert len(captures) == 4 and g.dropped == 3

@@ -74,8 +74,15 @@ def test_calls_that_cannot_be_captured_run_eagerly():
     m(**x, scale=Unhashable(1.0), return_dict=False)  # an argument that can't be a key
     assert not g.graphs and g.eager_calls == 2
     g.max_graphs = 0
-    m(**x, return_dict=False)
+    with pytest.warns(UserWarning, match="calls with a new signature run without one from now on"):
+        m(**x, return_dict=False)
     assert not g.graphs and g.eager_calls == 3
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        m(**x, return_dict=False)
+    assert g.eager_calls == 4 and g.eager_calls_past_max == 2
 
 
 def test_calls_recording_gradients_run_eagerly():

@@ -104,6 +104,7 @@ class GraphForward:
         self.graphs: dict = {}
         self.pool = None
         self.eager_calls = 0  # calls that ran without a graph (not capturable, or past max_graphs)
+        self.eager_calls_past_max = 0  # of those, the ones past max_graphs (the first warns)
         self.generation = state_generation()  # the quantized layers' state the graphs were captured with
         self.dropped = 0  # times the graphs were dropped because a quantized layer or a tensor's address changed
         _watch_registrations()
@@ -138,6 +139,12 @@ class GraphForward:
         entry = self.graphs.get(key)
         if entry is None:
             if len(self.graphs) >= self.max_graphs:
+                if not self.eager_calls_past_max:
+                    warnings.warn(f"fourbit: graph_forward holds {self.max_graphs} CUDA graphs of "
+                                  f"{type(self.module).__name__}; calls with a new signature run without one from "
+                                  f"now on (an argument that changes value every call, e.g. a Python float "
+                                  f"timestep, makes a new signature each time: pass it as a tensor)", stacklevel=2)
+                self.eager_calls_past_max += 1
                 self.eager_calls += 1
                 return self.eager(*args, **kwargs)
             try:

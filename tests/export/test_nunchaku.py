@@ -167,10 +167,18 @@ def test_cli_exports_a_checkpoint(flux_fp16, tmp_path):
     out = tmp_path / "q.nunchaku.safetensors"
     assert main(["export", "--format", "nunchaku", "--model-config", str(tmp_path / "config.json"), str(ckpt),
                  str(out)]) == 0
+    # the CLI (checkpoint -> model -> file) writes what the API writes from the model itself, tensor for tensor
+    from fourbit.export.nunchaku import read
+
+    direct = export_nunchaku(q, tmp_path / "direct.safetensors")
+    assert direct["smooth_values_rounded"] > 0
+    (cli_tensors, _), (api_tensors, _) = read(out), read(tmp_path / "direct.safetensors")
+    assert cli_tensors.keys() == api_tensors.keys()
+    assert all(torch.equal(cli_tensors[k], api_tensors[k]) for k in cli_tensors)
     decoded = load_decoded(copy.deepcopy(q), out)
     y, yd = run(q, x).float(), run(decoded, x).float()
-    # the same bound as the API export above (16-bit storage of the smoothing factors and lr_down is the expected
-    # difference); a max-abs 1e-2 sat at the edge: 1.001e-2 on an AMD EPYC CPU (10 fp16 ulp at outputs up to 1.79)
+    # the API test's bound (16-bit storage of the smoothing factors and lr_down is the expected difference); a
+    # max-abs 1e-2 sat at the edge: 1.001e-2 on an AMD EPYC CPU (10 fp16 ulp at outputs up to 1.79)
     assert float((yd - y).norm() / y.norm()) < 1e-2
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"_class_name": "NoSuchModel"}))

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fourbit.models.registry import ARCHITECTURES, build_from_config, config_from_dict, get_spec
-from fourbit.utils.safetensors_io import aligned
+from fourbit.utils.safetensors_io import read_safetensors
 
 FORMAT = "fourbit.model"
 FORMAT_VERSION = "1"
@@ -87,8 +87,7 @@ def load_weights(
         raise ValueError(f"{path}: not a {FORMAT} file (format={meta.get('format')!r})")
     config = config_from_dict(meta["arch"], meta["config"])
     model = build_from_config(meta["arch"], config, device="meta", dtype=dtype)
-    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-        state = {k: aligned(f.get_tensor(k)).to(device=device, dtype=dtype) for k in f.keys()}
+    state = {k: t.to(device=device, dtype=dtype) for k, t in read_safetensors(path)[0].items()}
     expected = set(model.state_dict())
     if set(state) != expected:
         raise ValueError(

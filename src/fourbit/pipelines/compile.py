@@ -36,8 +36,6 @@ def compile_pipeline(pipe, prompt: Optional[Prompt] = None, *, call_kwargs: Opti
     W4A4 1.29x bf16 with graphs, 0.81x without; smaller models 0.4-0.5x without); False keeps plain calls.
     A LoRA added later (``fourbit.lora``) is used from the next call: dynamo recompiles where the branch's shape
     changed, and the CUDA graphs are dropped and captured again."""
-    if cuda_graphs not in (True, False, "auto"):  # before any work
-        raise ValueError(f"compile_pipeline: cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
     name, model = find_denoiser(pipe, component)
     loop = pipeline_forward_loop(pipe, [bundled_prompts(1)[0] if prompt is None else prompt], num_inference_steps=1,
                                  guidance_scale=guidance_scale, seed=seed, call_kwargs=call_kwargs, progress=False)

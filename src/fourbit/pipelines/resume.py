@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
 from ..calibration import LayerStats
 from ..checkpoint import write_atomic
 from ..nn import build_empty
-from ..utils.safetensors_io import aligned
+from ..utils.safetensors_io import read_safetensors
 
 _LAYER_TENSORS = ("weight_packed", "weight_scales", "weight_row_scale", "smooth", "lr_down", "lr_up", "bias")
 
@@ -49,11 +48,9 @@ class WorkFolder:
         if not path.is_file():
             return None
         self.stats_loaded = True
-        with safe_open(str(path), framework="pt") as f:
-            counts = json.loads(f.metadata()["counts"])
-            return {name: LayerStats(aligned(f.get_tensor(f"{name}/absmax")), aligned(f.get_tensor(f"{name}/rows")), n,
-                                     calls)
-                    for name, (n, calls) in counts.items()}
+        tensors, meta = read_safetensors(path)
+        return {name: LayerStats(tensors[f"{name}/absmax"], tensors[f"{name}/rows"], n, calls)
+                for name, (n, calls) in json.loads(meta["counts"]).items()}
 
     def save_stats(self, stats: dict) -> None:
         tensors, counts = {}, {}
@@ -71,9 +68,7 @@ class WorkFolder:
         path = self._layer_path(name)
         if not path.is_file():
             return None
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {k: aligned(f.get_tensor(k)) for k in f.keys()}
+        tensors, meta = read_safetensors(path)
         layer = build_empty(json.loads(meta["spec"]), {n: tensors.get(n) for n in _LAYER_TENSORS})
         layer.compute_dtype = getattr(torch, meta["compute_dtype"])
         layer.quant_info = json.loads(meta["info"])

@@ -194,6 +194,30 @@ def test_uncaptured_calls_are_timed_in_rotation_per_call(monkeypatch):
     assert "| 10.00 (1.20x) |" in models.table([row])
 
 
+def test_front_door_times_graph_forward_and_releases_it(monkeypatch):
+    """``front_door``: each model's forward under ``graph_forward`` while timed (what compile_pipeline leaves on
+    CUDA), the module's own forward again afterwards; its ratio in the table."""
+    import models
+    from fourbit.nn import cuda_graph
+
+    wrapped = []
+
+    def fake_uncaptured(ms, inputs, rounds, calls=4, warmup=2):
+        wrapped.extend(isinstance(getattr(m, cuda_graph._ATTR, None), cuda_graph.GraphForward) for m in ms.values())
+        return {"bf16": 10.0, "w4a4": 8.0}
+
+    monkeypatch.setattr(models, "uncaptured", fake_uncaptured)
+    ms = {"bf16": torch.nn.Linear(2, 2), "w4a4": torch.nn.Linear(2, 2)}
+    assert models.front_door(ms, {}, rounds=2) == {"bf16": 10.0, "w4a4": 8.0}
+    assert wrapped == [True, True]
+    assert all(not hasattr(m, cuda_graph._ATTR) and "forward" not in vars(m) for m in ms.values())
+    row = dict(model="m", variants={"bf16": dict(step_ms=10.0, call_ms_front_door=10.5, front_door_speedup_vs_bf16=1.0),
+                                    "w4a4": dict(step_ms=8.0, call_ms_front_door=8.4,
+                                                 front_door_speedup_vs_bf16=1.25)})
+    md = models.table([row])
+    assert "graph_forward ms (vs bf16)" in md and "| 8.40 (1.25x) |" in md
+
+
 def test_table_gives_both_baselines_and_the_solo_ratio():
     """The acceptance's two baselines in every row: bf16 and the FP8 peer (alternated), and bf16 solo."""
     import models

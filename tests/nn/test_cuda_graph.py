@@ -132,6 +132,35 @@ def test_real_cuda_graphs_equal_eager_gpu():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_cuda_graphs_follow_moved_and_replaced_weights_gpu():
+    """On real CUDA graphs: after the model goes to the CPU and back (model CPU offload frees and reallocates its
+    weights) and after a parameter is replaced, a replay computes with the weights the module holds now, not with
+    the memory the capture read (which the allocator may have handed to another tensor)."""
+    torch.manual_seed(0)
+    m = Denoiser().cuda()
+    with torch.no_grad():
+        x = {k: v.cuda() for k, v in _inputs(0).items()}
+
+        def eager():
+            return type(m).forward(m, **x, return_dict=False)[0]
+
+        g = graph_forward(m)
+        for _ in range(3):  # 2 eager warm-up calls, then the capture
+            m(**x, return_dict=False)
+        torch.testing.assert_close(m(**x, return_dict=False)[0], eager(), rtol=0, atol=0)
+        m.to("cpu")
+        garbage = [torch.full((8, 8), 1e6, device="cuda") for _ in range(64)]  # reuse what the weights freed
+        m.to("cuda")
+        m.lin.weight.mul_(2)  # new values wherever the weight lives now
+        torch.testing.assert_close(m(**x, return_dict=False)[0], eager(), rtol=0, atol=0)
+        m.lin.bias = nn.Parameter(torch.full((8,), 3.0, device="cuda"))  # replaced
+        torch.testing.assert_close(m(**x, return_dict=False)[0], eager(), rtol=0, atol=0)
+    del garbage
+    assert g.dropped >= 1 and len(g.graphs) == 1
+
+
 @torch.no_grad()
 def test_a_quantized_layer_changed_drops_the_graphs():
     """A LoRA-style branch change (``set_branch``) or an activation-format switch after a capture: the next call

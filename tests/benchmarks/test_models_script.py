@@ -206,10 +206,17 @@ def test_front_door_times_graph_forward_and_releases_it(monkeypatch):
         wrapped.extend(isinstance(getattr(m, cuda_graph._ATTR, None), cuda_graph.GraphForward) for m in ms.values())
         return {"bf16": 10.0, "w4a4": 8.0}
 
+    host_wrapped = []
+
+    def fake_host(m, inputs, calls=8):
+        host_wrapped.append(isinstance(getattr(m, cuda_graph._ATTR, None), cuda_graph.GraphForward))
+        return 0.1
+
     monkeypatch.setattr(models, "uncaptured", fake_uncaptured)
+    monkeypatch.setattr(models, "host_ms_per_call", fake_host)
     ms = {"bf16": torch.nn.Linear(2, 2), "w4a4": torch.nn.Linear(2, 2)}
-    assert models.front_door(ms, {}, rounds=2) == {"bf16": 10.0, "w4a4": 8.0}
-    assert wrapped == [True, True]
+    assert models.front_door(ms, {}, rounds=2) == ({"bf16": 10.0, "w4a4": 8.0}, {"bf16": 0.1, "w4a4": 0.1})
+    assert wrapped == [True, True] and host_wrapped == [True, True]
     assert all(not hasattr(m, cuda_graph._ATTR) and "forward" not in vars(m) for m in ms.values())
     row = dict(model="m", variants={"bf16": dict(step_ms=10.0, call_ms_front_door=10.5, front_door_speedup_vs_bf16=1.0),
                                     "w4a4": dict(step_ms=8.0, call_ms_front_door=8.4,

@@ -131,7 +131,7 @@ def main(argv=None):
     from fourbit.formats import make_format
     from fourbit.kernels.act_quant import act_quant, act_spec
 
-    fmt = make_format("int4p2")
+    fmt, fp8 = make_format("int4p2"), make_format("fp8")
     spec = act_spec(fmt)
     rows = []
     for m, k in SHAPES:
@@ -141,7 +141,9 @@ def main(argv=None):
         timed = {"today: single pass + cuBLAS down-projection": [
                      lambda o=o: act_quant(o[0], fmt, None, None, k, down_folded=o[2], smooth_recip=o[1]) for o in ops],
                  "today without the branch (single pass)": [
-                     lambda o=o: act_quant(o[0], fmt, None, None, k, smooth_recip=o[1]) for o in ops]}
+                     lambda o=o: act_quant(o[0], fmt, None, None, k, smooth_recip=o[1]) for o in ops],
+                 "fp8 per token, no smoothing (fourbit fp8's pass)": [
+                     lambda o=o: act_quant(o[0], fp8, None, None, k) for o in ops]}
         for cfg in CONFIGS:
             timed[f"row maxima given: {cfg[0]} rows x {cfg[1]} cols, {cfg[2]} per program, w{cfg[3]}"] = [
                 lambda o=o, cfg=cfg: quant_dot(o[0], o[3], o[1], o[2], spec, cfg) for o in ops]

@@ -31,8 +31,8 @@ from fourbit.kernels.act_tiles import _down_dot, _row_scale, _scale_consts, p2_v
 RANK = 32
 SHAPES = [(4096, 12288), (4608, 15360), (4608, 3072)]  # (M, K): FLUX.1's ff.net.2, single-block proj_out, QKV
 #: (rows per program, columns per step, columns per program, warps)
-CONFIGS = [(64, 128, 1024, 4), (64, 128, 2048, 4), (64, 64, 1024, 4), (128, 64, 1024, 8), (128, 128, 1024, 8),
-           (32, 128, 1024, 4), (64, 128, 1024, 8)]
+CONFIGS = [(64, 64, 1024, 4), (64, 32, 1024, 4), (64, 64, 512, 4), (64, 64, 2048, 4), (32, 64, 1024, 4),
+           (64, 64, 1024, 2), (128, 32, 1024, 4), (64, 32, 2048, 2)]  # run 2026-12-05: BK 128 2-4x slower than 64
 
 
 @triton.jit

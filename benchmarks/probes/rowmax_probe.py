@@ -30,9 +30,10 @@ from fourbit.kernels.act_tiles import _down_dot, _row_scale, _scale_consts, p2_v
 
 RANK = 32
 SHAPES = [(4096, 12288), (4608, 15360), (4608, 3072)]  # (M, K): FLUX.1's ff.net.2, single-block proj_out, QKV
-#: (rows per program, columns per step, columns per program, warps)
-CONFIGS = [(64, 64, 1024, 4), (64, 32, 1024, 4), (64, 64, 512, 4), (64, 64, 2048, 4), (32, 64, 1024, 4),
-           (64, 64, 1024, 2), (128, 32, 1024, 4), (64, 32, 2048, 2)]  # run 2026-12-05: BK 128 2-4x slower than 64
+#: (rows per program, columns per step, columns per program, warps). H200 runs 2026-12-05 / b (rowmax_probe.jsonl):
+#: 64 x 64 steps best (0.066-0.097 ms at the large K), 128-column steps 2-4x slower, 2 warps 4-5x slower.
+CONFIGS = [(64, 64, 1024, 4), (64, 64, 512, 4), (64, 64, 2048, 4), (32, 64, 1024, 4), (128, 64, 1024, 8),
+           (64, 128, 1024, 4), (128, 128, 1024, 8)]
 
 
 @triton.jit
@@ -73,6 +74,9 @@ def _quant_dot_kernel(x_ptr, rsmooth_ptr, down_ptr, amax_ptr, q_ptr, rs_ptr, plr
 def quant_dot(x, amax, rsmooth, down_folded, spec, cfg):
     """(q, row scale, lr): the pass above plus the fixed-order sum of its partials (torch)."""
     bm, bk, per_slice, warps = cfg
+    if bk % spec.group or per_slice % bk:
+        raise ValueError(f"rowmax_probe: columns per step ({bk}) must be a multiple of the group ({spec.group}) and "
+                         f"divide the columns per program ({per_slice})")
     m, k = x.shape
     kp = rsmooth.shape[0]
     slices = ceil_div(kp, per_slice)

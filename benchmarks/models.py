@@ -658,7 +658,7 @@ def run_model(name: str, args, device: str, log) -> dict:
             log(f"{name} {variant}: cut by the time limit; timing the {len(graphs)} variants built")
             break
     if graphs:
-        rounds = rounds_for(args.rounds, len(graphs))
+        rounds = row["rounds"] = rounds_for(args.rounds, len(graphs))
         ms = alternate(graphs, rounds)
         for k, v in solo(graphs, args.rounds).items():  # each graph alone, back to back: beside the alternated time
             row["variants"][k]["step_ms_solo"] = v
@@ -702,7 +702,7 @@ def run_model(name: str, args, device: str, log) -> dict:
         except TimeLimit:  # the time limit came during the profile: keep the timed row, profile what was done
             row["profile_cut"] = "SIGTERM (time limit) during the profile"
             log(f"{name}: profile cut by the time limit; the timed row is kept")
-    row["rounds"] = rounds_for(args.rounds, len(graphs)) if graphs else args.rounds
+    row.setdefault("rounds", args.rounds)
     row["replay_order"] = "rotated each round"
     graphs.clear()
     models.clear()

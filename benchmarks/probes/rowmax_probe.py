@@ -142,26 +142,22 @@ def main(argv=None):
         count = max(2, -(-(100 << 20) // (m * k * 2)))  # inputs rotating over more than L2
         ops = [operands(m, k, "cuda", seed=i) for i in range(count)]
         floor = time_graph([lambda x=o[0]: x.to(torch.float8_e4m3fn) for o in ops])
-        timed = {"today: single pass + cuBLAS down-projection": [
-                     lambda o=o: act_quant(o[0], fmt, None, None, k, down_folded=o[2], smooth_recip=o[1]) for o in ops],
-                 "today without the branch (single pass)": [
-                     lambda o=o: act_quant(o[0], fmt, None, None, k, smooth_recip=o[1]) for o in ops],
-                 "fp8 per token, no smoothing (fourbit fp8's pass)": [
-                     lambda o=o: act_quant(o[0], fp8, None, None, k) for o in ops]}
-        for cfg in CONFIGS:
-            timed[f"row maxima given: {cfg[0]} rows x {cfg[1]} cols, {cfg[2]} per program, w{cfg[3]}"] = [
-                lambda o=o, cfg=cfg: quant_dot(o[0], o[3], o[1], o[2], spec, cfg) for o in ops]
-        for label, fns in timed.items():
+        timed = [("today: single pass + cuBLAS down-projection", None, [
+                     lambda o=o: act_quant(o[0], fmt, None, None, k, down_folded=o[2], smooth_recip=o[1]) for o in ops]),
+                 ("today without the branch (single pass)", None, [
+                     lambda o=o: act_quant(o[0], fmt, None, None, k, smooth_recip=o[1]) for o in ops]),
+                 ("fp8 per token, no smoothing (fourbit fp8's pass)", None, [
+                     lambda o=o: act_quant(o[0], fp8, None, None, k) for o in ops])]
+        timed += [(f"row maxima given: {cfg[0]} rows x {cfg[1]} cols, {cfg[2]} per program, w{cfg[3]}", cfg,
+                   [lambda o=o, cfg=cfg: quant_dot(o[0], o[3], o[1], o[2], spec, cfg) for o in ops])
+                  for cfg in CONFIGS]
+        for label, cfg, fns in timed:
             try:
                 ms = time_graph(fns)
             except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
                 print(f"M={m} K={k} {label}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
                 continue
-            same = err = None
-            if label.startswith("row maxima"):
-                cfg = CONFIGS[[f"{c[0]} rows x {c[1]} cols, {c[2]} per program, w{c[3]}" in label
-                               for c in CONFIGS].index(True)]
-                same, err = check(m, k, cfg, "cuda")
+            same, err = check(m, k, cfg, "cuda") if cfg else (None, None)
             rows.append(dict(M=m, K=k, variant=label, ms=ms, cast_ms=floor, same_codes=same, lr_err=err))
             print(f"M={m} K={k} {label:70s} {ms:.4f} ms ({ms / floor:.2f}x a cast to fp8)  codes equal: {same}  "
                   f"lr diff: {err}", flush=True)

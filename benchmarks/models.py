@@ -52,6 +52,10 @@ the same blocks are compiled (regional ``torch.compile``, inductor default mode)
   fourbit-mixed-fastest-planned
                  the same candidates, each layer on the fastest that pays (``prefer="fastest"``): fp8 where it beats
                  a W4A4 layer that also pays
+  fourbit-w4a4-pass-planned
+                 fourbit-w4a4-planned compiled with ``inductor_options(act_quant="pass")``: every layer finds its own
+                 input's row maxima (X read twice at large K), the control for the default "given" (the producing
+                 GEMM's epilogue hands them over; the row's ``row_maxima_layers`` counts the layers that take them)
 
 Timing: each variant's step is captured in a CUDA graph after compilation and warm-up; the graphs of all variants
 of a model are replayed in alternation (``--rounds`` rounds after 3 warm-up rounds, median ms per variant), so clock
@@ -154,7 +158,7 @@ FAMILIES = {
 VARIANTS = ("bf16", "fp8-peer", "fourbit-w4a4", "fourbit-fp8", "fourbit-w4a4-cublas", "fourbit-fp8-cublas",
             "fourbit-w4a4-inline", "fourbit-fp8-inline", "fourbit-w4a4-planned", "fourbit-w4a4-cublas-planned",
             "fourbit-fp8-planned", "bf16-siblings", "fourbit-mixed-planned", "fourbit-mixed-fastest-planned",
-            "bf16-copy")
+            "bf16-copy", "fourbit-w4a4-pass-planned")
 
 
 def family(name: str, tiny: bool) -> dict:
@@ -372,6 +376,7 @@ def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compi
 
     t0 = time.perf_counter()
     lowered = fusion_stats().get("inline", 0)
+    handed = fusion_stats().get("row_maxima", 0)
     graphs = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
         if compile_:  # what fourbit.compile_pipeline does: kernels prepared, the blocks compiled with the pass
@@ -382,6 +387,7 @@ def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compi
             prepare_kernels(model, forward_loop=lambda m: m(**inputs))
         out = model(**inputs)[0]
         lowered = fusion_stats().get("inline", 0) - lowered
+        handed = fusion_stats().get("row_maxima", 0) - handed
         sync(device)
         secs = time.perf_counter() - t0
         peak = None
@@ -393,7 +399,7 @@ def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compi
             out = model(**inputs)[0]
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
-    info = dict(lowered_layers=lowered) if fourbit_kernels else {}
+    info = dict(lowered_layers=lowered, row_maxima_layers=handed) if fourbit_kernels else {}
     return dict(compile_seconds=secs, peak_step_bytes=peak, out=out.float(),
                 graphs=counters["stats"]["unique_graphs"] - graphs, **info)  # dynamo graphs compiled for this variant
 
@@ -592,7 +598,7 @@ def run_model(name: str, args, device: str, log) -> dict:
                               f"may take {longest:.0f} s as the longest so far did")
             log(f"{name} {variant}: skipped ({res['skipped']})")
             continue
-        act_quant = "inline" if variant.endswith("-inline") else "pass"
+        act_quant = "inline" if variant.endswith("-inline") else "pass" if "-pass" in variant else "given"
         gemm = "cublas" if "-cublas" in variant else "triton"  # the process-wide GEMM backend
         # planned on Triton's GEMM: each layer also timed with its GEMM on cuBLAS, the faster kernel kept per layer
         per_layer = variant.endswith("-planned") and gemm == "triton" and not tiny

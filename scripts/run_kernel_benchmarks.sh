@@ -8,6 +8,8 @@
 #                   $TESTS_WORKERS (default 8) pytest-xdist processes where it imports (the GPU image has it)
 #   fusion [1]      probes/fusion_error_probe.py: where the fused fp32 graph's error comes from
 #   act [2]         probes/act_chunk_probe.py: act_quant's single pass, chunks / one_load / 2 rows, every family's M, K
+#   rowmax [1]      probes/rowmax_probe.py --library-only: act_quant's path "given" vs today's at FLUX.1's large K, and
+#                   the producing GEMM's epilogue with / without the row maxima
 #   blockwise [5]   probes/blockwise_probe.py: cuBLAS block-scaled FP8 GEMM vs bf16 and today's layer, every family
 #   linear [5]      linear.py --family $FAMILIES (default SANA-1.6B, SDXL UNet): every family's layer shapes
 #   models [9]      models.py --profile, $VARIANTS (default seven, incl. the planned W4A4, its bf16 control and the W4A4/fp8 mix), $MODELS (default SANA-1.6B, SDXL UNet), $BUDGET s
@@ -41,6 +43,8 @@ for stage in $STAGES; do
     fusion) timeout 90 python benchmarks/probes/fusion_error_probe.py 2>&1 | grep -v Warning | tail -5 ;;
     act) timeout 200 python benchmarks/probes/act_chunk_probe.py --out "$OUT" > "$OUT/act_chunk.log" 2>&1
          echo "act rc $?"; grep "^|" "$OUT/act_chunk.log" | tail -16 ;;
+    rowmax) timeout 200 python benchmarks/probes/rowmax_probe.py --library-only --out "$OUT" > "$OUT/rowmax.log" 2>&1
+            echo "rowmax rc $?"; grep -E "^\|" "$OUT/rowmax.log" | tail -24 ;;
     blockwise) timeout 330 python benchmarks/probes/blockwise_probe.py --out "$OUT" > "$OUT/blockwise.log" 2>&1
                echo "blockwise rc $?"; grep -E "^check|W 1x128|W 128x128|geomean" "$OUT/blockwise.log" | tail -8 ;;
     linear) timeout ${LINEAR_TIMEOUT:-300} python benchmarks/linear.py --family "$FAMILIES" --out "$OUT" \
@@ -60,7 +64,7 @@ for stage in $STAGES; do
              echo "quality rc $?"; grep -E "LPIPS|FAILED" "$OUT/kernel_quality.log" | tail -8 ;;
     tune) timeout 420 python benchmarks/gemm_tune.py --budget-s 300 --out "$OUT" > "$OUT/gemm_tune.log" 2>&1
           echo "tune rc $?"; grep -E "Row\(|max_m|lr_mm" "$OUT/gemm_tune.log" | tail -30 ;;
-    *) echo "unknown stage $stage (known: tests fusion act blockwise linear models calibration transformer quality tune)"
+    *) echo "unknown stage $stage (known: tests fusion act rowmax blockwise linear models calibration transformer quality tune)"
        exit 2 ;;
   esac
 done

@@ -119,10 +119,43 @@ def check(m, k, cfg, device):
     return same, float((lr - want.lr).norm() / want.lr.norm())
 
 
+#: the producers of FLUX.1's large-K inputs: (M, K, N, GELU and row maxima from column): the double blocks' MLP input
+#: projection and the single blocks' Q/K/V/MLP group (GELU and row maxima on its MLP columns)
+PRODUCERS = [(4096, 3072, 12288, 0), (4608, 3072, 21504, 9216)]
+
+
+def epilogue_rows(time_graph):
+    """The GELU-fused GEMM (fp8 operands, rank-32 branch, default tiles) with and without ``next_amax``: what the
+    producer pays for handing the row maxima over."""
+    from fourbit.kernels.activation import OutputActivation
+    from fourbit.kernels.gemm import scaled_gemm
+    from fourbit.kernels.row_amax import RowAmax
+
+    out = []
+    for m, k, n, lo in PRODUCERS:
+        g = torch.Generator().manual_seed(m)
+        a = torch.randint(-8, 8, (m, k), generator=g).float().to(torch.float8_e4m3fn).cuda()
+        b = torch.randint(-8, 8, (n, k), generator=g).float().to(torch.float8_e4m3fn).cuda()
+        sa, sb = (torch.rand(m, generator=g) * 0.01).cuda(), (torch.rand(n, generator=g) + 0.5).cuda()
+        lr, up = torch.randn(m, RANK, generator=g).cuda(), torch.randn(n, RANK, generator=g).cuda()
+        mult = (torch.rand(n - lo, generator=g) + 0.5).cuda()
+        act = OutputActivation("gelu_tanh", lo)
+        base = time_graph([lambda: scaled_gemm(a, b, sa, sb, lr, up, act=act)])
+        ms = time_graph([lambda: scaled_gemm(a, b, sa, sb, lr, up, act=act,
+                                             next_amax=RowAmax.zeros(m, mult, lo, n))])
+        for label, t in (("GELU", base), ("GELU + row maxima (zeroed buffer included)", ms)):
+            out.append(dict(M=m, gemm_k=k, N=n, variant=label, ms=t, ratio=t / base))
+            print(f"GEMM M={m} K={k} N={n} {label}: {t:.4f} ms ({t / base:.3f}x)", flush=True)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="only the correctness check, at a tiny size (CPU: interpreter)")
     p.add_argument("--out", default=None)
+    p.add_argument("--library-only", action="store_true",
+                   help="time the library's path 'given' and today's, not the probe's configs; and the producing "
+                        "GEMM's epilogue with and without the row maxima (``scaled_gemm(next_amax=)``)")
     args = p.parse_args(argv)
     if args.check or not torch.cuda.is_available():
         for cfg in [(16, 64, 128, 4), (32, 128, 256, 4)]:
@@ -148,9 +181,13 @@ def main(argv=None):
                      lambda o=o: act_quant(o[0], fmt, None, None, k, smooth_recip=o[1]) for o in ops]),
                  ("fp8 per token, no smoothing (fourbit fp8's pass)", None, [
                      lambda o=o: act_quant(o[0], fp8, None, None, k) for o in ops])]
-        timed += [(f"row maxima given: {cfg[0]} rows x {cfg[1]} cols, {cfg[2]} per program, w{cfg[3]}", cfg,
-                   [lambda o=o, cfg=cfg: quant_dot(o[0], o[3], o[1], o[2], spec, cfg) for o in ops])
-                  for cfg in CONFIGS]
+        timed.append(("library: act_quant(row_amax=) (path 'given')", None, [
+            lambda o=o: act_quant(o[0], fmt, None, None, k, down_folded=o[2], smooth_recip=o[1], row_amax=o[3])
+            for o in ops]))
+        if not args.library_only:
+            timed += [(f"row maxima given: {cfg[0]} rows x {cfg[1]} cols, {cfg[2]} per program, w{cfg[3]}", cfg,
+                       [lambda o=o, cfg=cfg: quant_dot(o[0], o[3], o[1], o[2], spec, cfg) for o in ops])
+                      for cfg in CONFIGS]
         for label, cfg, fns in timed:
             try:
                 ms = time_graph(fns)
@@ -163,9 +200,13 @@ def main(argv=None):
                   f"lr diff: {err}", flush=True)
         del ops
         torch.cuda.empty_cache()
+    rows += epilogue_rows(time_graph) if args.library_only else []
     md = md_table(["M", "K", "variant", "ms", "x cast", "codes equal", "lr rel diff"],
                   [[r["M"], r["K"], r["variant"], f"{r['ms']:.4f}", f"{r['ms'] / r['cast_ms']:.2f}",
-                    r["same_codes"], "-" if r["lr_err"] is None else f"{r['lr_err']:.1e}"] for r in rows])
+                    r["same_codes"], "-" if r["lr_err"] is None else f"{r['lr_err']:.1e}"] for r in rows if "K" in r])
+    md += "\n\n" + md_table(["M", "K", "N", "epilogue", "ms", "vs without"],
+                              [[r["M"], r["gemm_k"], r["N"], r["variant"], f"{r['ms']:.4f}", f"{r['ratio']:.3f}"]
+                               for r in rows if "gemm_k" in r])
     print(md)
     meta = {**environment(), "git_commit": os.environ.get("FOURBIT_GIT_COMMIT"),
             "command": "python benchmarks/probes/rowmax_probe.py " + " ".join(sys.argv[1:])}

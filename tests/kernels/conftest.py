@@ -23,8 +23,8 @@ import torch
 pytest.importorskip("triton")
 
 # definition order: helpers first, then the modules that import them
-_KERNEL_MODULES = ("_common", "activation", "gemm", "gemm_grouped", "act_spec", "act_tiles", "act_single", "act_two",
-                   "act_lowrank", "act_quant", "weights", "gemv", "quartz_quant", "gemm_cublas", "linear")
+_KERNEL_MODULES = ("_common", "activation", "row_amax", "gemm", "gemm_grouped", "act_spec", "act_tiles", "act_single",
+                   "act_two", "act_lowrank", "act_given", "act_quant", "weights", "gemv", "quartz_quant", "gemm_cublas", "linear")
 
 _STARTED_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MODE = {"interpret": _STARTED_INTERPRETING}  # what the kernel modules were last defined under

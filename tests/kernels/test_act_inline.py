@@ -269,8 +269,10 @@ def test_default_lowering_is_unchanged():
         eager = net(x, t)
     assert torch.equal(out_default, eager)
     assert sqnr_db(eager, out_inline) > SQNR_FP32_REORDER_DB
-    passes = [inductor_options()["pre_grad_custom_pass"], inductor_options("inline")["pre_grad_custom_pass"]]
-    assert [p.act_quant for p in passes] == ["pass", "inline"] and passes[0].uuid() != passes[1].uuid()
+    passes = [inductor_options()["pre_grad_custom_pass"]] + [inductor_options(a)["pre_grad_custom_pass"]
+                                                             for a in ("pass", "inline")]
+    assert [p.act_quant for p in passes] == ["given", "pass", "inline"]
+    assert len({p.uuid() for p in passes}) == 3
     with pytest.raises(ValueError, match="act_quant must be one of"):
         inductor_options("fused")
 

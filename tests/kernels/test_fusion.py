@@ -9,7 +9,7 @@ from torch import nn
 
 import fourbit
 
-from .kernel_helpers import SQNR_FUSED_FP32_DB, SQNR_INDUCTOR_FP32_DB, sqnr_db
+from .kernel_helpers import SQNR_FP32_REORDER_DB, SQNR_FUSED_FP32_DB, SQNR_INDUCTOR_FP32_DB, sqnr_db
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -279,3 +279,86 @@ def test_fusion_under_inductor_gpu(dtype):
     assert err < (1e-5 if dtype == torch.float32 else err_skipped / 3), (err, err_skipped)
     torch._dynamo.reset()
 
+
+
+def _compiled_both_ways(model, inputs):
+    """{"pass": out, "given": out, "eager": out} and the row maxima handed over under "given"."""
+    import torch._dynamo
+
+    from fourbit.kernels.fusion import FuseAroundQuantLinear, fusion_stats
+
+    outs = {}
+    with torch.no_grad(), _no_compile_caches():
+        outs["eager"] = model(*inputs)
+        for mode in ("pass", "given"):
+            def backend(gm, example_inputs, mode=mode):
+                FuseAroundQuantLinear(mode)(gm.graph)
+                gm.recompile()
+                return gm
+
+            before = fusion_stats().get("row_maxima", 0)
+            torch._dynamo.reset()
+            outs[mode] = torch.compile(model, backend=backend, fullgraph=True)(*inputs)
+            handed = fusion_stats().get("row_maxima", 0) - before
+    torch._dynamo.reset()
+    return outs, handed
+
+
+@pytest.mark.usefixtures("interpret")
+def test_row_maxima_handed_over_by_the_producing_gemm():
+    """Rewrite 4 on the FLUX-like block: fc2 takes its input's row maxima from fc1's epilogue, proj_out from the
+    sibling group's (its MLP columns) and a torch reduction (the tanh'd query columns). The same codes as each layer
+    finding its own maxima, so the output is the "pass" lowering's up to the down-projection's summation order
+    (a wrong maximum moves codes: quantization noise, tens of dB lower)."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 24, 64)
+    outs, handed = _compiled_both_ways(_quantized_block(_MlpBlock(), x), (x,))
+    assert handed == 2
+    assert sqnr_db(outs["pass"], outs["given"]) > SQNR_FP32_REORDER_DB
+    assert sqnr_db(outs["eager"], outs["given"]) > SQNR_FUSED_FP32_DB
+
+
+@pytest.mark.usefixtures("interpret")
+def test_row_maxima_not_handed_over_where_unsafe():
+    """No hand-over where the producer cannot give them (a layer on the cuBLAS kernel, or an activation the pass did
+    not fuse between), nor into a layer without smoothing: the graph keeps plain quant_linear nodes."""
+    from fourbit.nn import prepare_kernels
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(64, 128), nn.Linear(128, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.fc3(self.fc2(torch.tanh(self.fc1(x))))  # tanh: not an epilogue activation
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 64)
+    block = Mlp()
+    fourbit.quantize(block, fourbit.RTNConfig(weights="int4p2", activations="int4p2", kernel="triton"),
+                     progress=False, verbose=False)  # RTN: no smoothing in fc3 (its producer fc2 is a GEMM)
+    prepare_kernels(block)
+    outs, handed = _compiled_both_ways(block, (x,))
+    assert handed == 0 and torch.equal(outs["pass"], outs["given"])
+
+
+@pytest.mark.usefixtures("interpret")
+def test_quant_linear_amax_op_fake_and_values():
+    """The producer's op: the layer's output and each row's max |y[:, lo:hi] * mult| of exactly that output."""
+    from fourbit.kernels.linear import layer_state
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 64)
+    block = _quantized_block(_MlpBlock(), x, siblings=False)
+    layer, x2 = block.fc1, torch.randn(48, 64)
+    st = layer_state(layer)
+    weights = [st.weight.w, st.weight.col_scale, st.weight.group_scale, layer.weight_packed, layer.weight_scales,
+               layer.weight_row_scale]
+    mult = torch.rand(100) + 0.5
+    args = (x2, weights, st.smooth_recip, st.down_folded, st.down_cat, st.up, st.bias, st.op_key + "|speed", None,
+            "gelu", 0, 128, None, mult, 20, 120)
+    y, amax = torch.ops.fourbit.quant_linear_amax(*args)
+    plain = torch.ops.fourbit.quant_linear(*args[:13])
+    assert torch.equal(y, plain)
+    assert torch.equal(amax, (y[:, 20:120] * mult).abs().amax(1))
+    torch.library.opcheck(torch.ops.fourbit.quant_linear_amax.default, args, test_utils=("test_faketensor",))

@@ -51,6 +51,11 @@ TWINS = {
     "activation.activate": Twin("activation.activation_torch", "test_activation.py", (
         "test_scaled_gemm_output_activation_matches_twin", "test_scaled_gemm_output_activation_gpu"),
         calls=("OutputActivation", "scaled_gemm_torch")),
+    # the row maxima for the next layer (a @triton.jit helper) run inside the GEMM's epilogue: bit for bit those of
+    # the kernel's own output, and the twin's to its rounding
+    "row_amax.tile_row_amax": Twin("row_amax.row_amax_torch", "test_row_amax.py", (
+        "test_scaled_gemm_row_amax_matches_twin", "test_scaled_gemm_row_amax_gpu"),
+        calls=("RowAmax", "scaled_gemm_torch")),
     # a quantized layer's kernels, selected by name, against the "reference" kernel
     "linear.triton_speed": Twin("reference.quant_linear_reference", "test_linear.py", (
         "test_layer_fp32_matches_reference", "test_layer_bf16_within_output_rounding"),
@@ -91,6 +96,7 @@ INTERNAL = {
     "act_single": "act_quant's single pass: act_path 'single' in test_act_quant",
     "act_two": "act_quant's two launches: act_path 'two' in test_act_quant",
     "act_lowrank": "act_quant's down-projection operand and cuBLAS path: fold_down, single+mm paths in test_act_quant",
+    "act_given": "act_quant's path 'given' (row maxima from the producer): test_act_given against act_quant and its twin",
 }
 
 HERE = Path(__file__).parent

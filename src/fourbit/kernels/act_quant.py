@@ -12,6 +12,8 @@ down-projection multiplies the raw X by ``fold_down(lr_down, smooth)`` in bf16 h
 ~2^-16 relative per product and another summation order than the fp32 reference).
 
 Paths (``act_path``, one table; each in its own module with kernel and launcher):
+  "given"             ``act_given``    the rows' max |X^| given (``row_amax``, row formats): one pass over (rows,
+                                       column slices) tiles, codes and the down-projection's partials, X read once
   "single"            ``act_single``   one pass per row, no branch
   "single+mm[-side]"  ``act_lowrank``  the single pass + the down-projection as one cuBLAS GEMM (on a side stream)
   "two"               ``act_two``      stats launch (row maxima / tensor maximum, down-projection) + quantize tiles
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ._common import check_device, next_pow2
+from .act_given import act_quant_given, check_row_amax, given_supported
 from .act_lowrank import _MM_FP32_OUT, _down_projection_mm, act_quant_mm, cat_down, fold_down  # noqa: F401
 from .act_single import act_quant_single
 from .act_spec import (E2M1_E4M3, FP8_ROW, INT4_GROUP, INT8_ROW, MX, P2_E2M1, P2_INT, ActOperand,  # noqa: F401
@@ -52,8 +55,11 @@ class ActConfig:
     on a side stream when Kp <= ``lr_mm_stream_max_k``.
     Two launches: stats kernel over slices of K, programs of ``stats_BM`` rows x ``stats_BK`` columns per step,
     ``split`` slices per row block (None: enough programs to fill the GPU ~4 times), then the quantize kernel, one
-    program per (``BM`` rows, ``BK`` columns) tile. ``hw_round``: the GPU's own instructions (round to nearest
-    even, four-at-a-time FP8 conversion) rather than the portable forms the interpreter runs.
+    program per (``BM`` rows, ``BK`` columns) tile.
+    Row maxima given (``act_given``): programs of ``given_BM`` rows x ``given_cols`` columns from padded K
+    ``large_k`` (``given_cols_small`` below), in steps of ``given_BK`` columns (at least the group), ``given_warps``
+    warps. ``hw_round``: the GPU's own instructions (round to nearest even, four-at-a-time FP8 conversion) rather
+    than the portable forms the interpreter runs.
     """
 
     rows: int = 1
@@ -74,6 +80,11 @@ class ActConfig:
     stats_BK: int = 128
     stats_warps: int = 4
     split: Optional[int] = None
+    given_BM: int = 64
+    given_BK: int = 64
+    given_cols: int = 2048
+    given_cols_small: int = 512
+    given_warps: int = 4
     hw_round: bool = True
 
 
@@ -102,13 +113,20 @@ class ActConfig:
 #: beat two of 1024 (the second mostly masked): 8192 x 1152 21.1 -> 19.0 us, 8192 x 1536 21.7 -> 20.9, 2048 x 1280
 #: 7.0 -> 6.7 (``whole_row_k``). Chunks of 256 / 512 were 1.1-3x slower: the pass is bound by its per-chunk work, not
 #: by memory (1.5-2x a plain cast to fp8, 2-3.6x the DRAM floor).
+#: Row maxima given (H200, results/rowmax_probe.jsonl runs 2026-12-05 / b, int4p2 + rank-32 branch): 64 x 64 steps,
+#: 4 warps, 2048 columns per program 0.066 ms at 4096 x 12288 (1024: 0.072, 512: 0.069; today's path 0.103), 512
+#: per program 0.025 at 4608 x 3072 (1024: 0.029, 2048: 0.045); 32-row programs 1.2-1.5x slower, 128-column steps
+#: 2.5-3x, 2 warps 5-6x (the ``given_*`` defaults).
 DEFAULT_CONFIG = ActConfig(stages=2, whole_row_k=2048, large_k=8192, large_chunk=4096, large_warps=8, lr_mm_rows=2048,
                            lr_mm_stream_max_k=4096, BM=4, BK=512, num_warps=4, stats_BM=64, stats_BK=32)
 
 
-def act_path(spec: ActSpec, m: int, kp: int, branch: bool, bf16_cuda: bool, cfg: ActConfig) -> str:
-    """The launch path for these operands, first matching row of the table (why: ``DEFAULT_CONFIG``'s notes)."""
+def act_path(spec: ActSpec, m: int, kp: int, branch: bool, bf16_cuda: bool, cfg: ActConfig,
+             row_amax: bool = False) -> str:
+    """The launch path for these operands, first matching row of the table (why: ``DEFAULT_CONFIG``'s notes).
+    ``row_amax``: the caller gives the rows' max |X^| (taken by the row formats, ignored by the others)."""
     table = (
+        (row_amax and given_supported(spec), "given"),
         (spec.outer == 1, "two"),  # a per-tensor scale: the stats launch gives the tensor maximum first
         (not branch, "single"),
         (bf16_cuda and cfg.lr_mm_rows and m >= cfg.lr_mm_rows and kp <= cfg.lr_mm_stream_max_k, "single+mm-side"),
@@ -159,7 +177,8 @@ def _check(x, smooth, lr_down, padded_in, k=None):
 def act_quant(x, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
               padded_in: Optional[int] = None, config: Optional[ActConfig] = None,
               down_folded: Optional[Tensor] = None, smooth_recip: Optional[Tensor] = None,
-              down_cat: Optional[Tensor] = None, extra_cols: int = 0) -> ActOperand:
+              down_cat: Optional[Tensor] = None, extra_cols: int = 0, *,
+              row_amax: Optional[Tensor] = None) -> ActOperand:
     """Quantize activations x (M, K) with format ``fmt`` for the GEMM, fused with smoothing and X^ @ lr_down^T.
 
     smooth: (Kp,) fp32 or None; lr_down: (R, Kp) 16-bit or fp32 (R padded to a power of two >= 16 inside);
@@ -171,6 +190,9 @@ def act_quant(x, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor]
     down_cat = ``cat_down(down_folded)``; computed here when None. The kernels read only these, so either may be
     given without its source (``smooth`` / ``lr_down`` None). ``extra_cols``: the operand is the first Kp columns of
     a wider buffer (``ActOperand.q_ext``, (M, Kp + extra_cols)) whose last columns the caller fills.
+    ``row_amax``: (M,) fp32, each row's max |X^| (X^ = pad(X) * smooth_recip in fp32) where the caller knows it
+    (the GEMM that produced X): the row formats (int4p2, fp4p2, fp8, int8 per token) then read X once (path
+    "given"; the same codes and scales when it is the true maximum); other formats ignore it.
     """
     spec = act_spec(fmt)
     if spec is None:
@@ -198,7 +220,11 @@ def act_quant(x, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor]
                              f"got {tuple(down_folded.shape)} {down_folded.dtype}")
         down_folded = down_folded.contiguous()
     bf16_cuda = x.is_cuda and x.dtype == torch.bfloat16 and _MM_FP32_OUT[0]
-    path = act_path(spec, x.shape[0], kp, lr_down is not None, bf16_cuda, cfg)
+    path = act_path(spec, x.shape[0], kp, lr_down is not None, bf16_cuda, cfg, row_amax is not None)
+    if path == "given":  # (it checks row_amax)
+        return act_quant_given(x, spec, smooth_recip, kp, cfg, row_amax, down_folded, tail, extra_cols)
+    if row_amax is not None:
+        check_row_amax(row_amax, x.shape[0], x.device)  # ignored by this format, but a wrong one is a caller's mistake
     if path == "single":
         return act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail, extra_cols)
     if path.startswith("single+mm"):  # (its stream choice is lr_mm_stream_max_k's, as in the table)
@@ -211,8 +237,10 @@ def act_quant(x, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor]
 # ---- the plain-torch twin ----------------------------------------------------------------------
 def act_quant_torch(x: Tensor, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor] = None,
                     padded_in: Optional[int] = None, config: Optional["ActConfig"] = None,
-                    down_folded: Optional[Tensor] = None, smooth_recip: Optional[Tensor] = None) -> ActOperand:
-    """The same outputs from the format's reference ``quantize`` (plain torch, any device)."""
+                    down_folded: Optional[Tensor] = None, smooth_recip: Optional[Tensor] = None, *,
+                    row_amax: Optional[Tensor] = None) -> ActOperand:
+    """The same outputs from the format's reference ``quantize`` (plain torch, any device); ``row_amax`` is
+    ignored (the reference computes the row maxima itself: the same values where the caller's are true)."""
     from ..formats.floats import e2m1_decode
 
     spec = act_spec(fmt)

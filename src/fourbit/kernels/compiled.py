@@ -2,7 +2,8 @@
 layers instead of breaking its graph at each of them.
 
     fourbit::quant_linear(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key,
-                          x_tail, act, act_lo, act_hi) -> (M, N)
+                          x_tail, act, act_lo, act_hi, x_amax) -> (M, N)
+    fourbit::quant_linear_amax(<the same>, amax_mult, amax_lo, amax_hi) -> ((M, N), (M,) row maxima)
 
 Dynamo sees one opaque node per layer (its output shape comes from the fake implementation below) and
 inductor compiles and fuses the code around it: norms, modulation, residual adds, activations. The layer's
@@ -13,9 +14,11 @@ that differ only in their tensors, so the blocks of a model share compiled code 
 Requirement: the layer's state must exist before tracing (``prepare_kernels(model)``, or one eager call);
 a layer without it falls back to the graph-breaking path and says so once.
 
-The last four arguments are what the graph rewrites of ``fusion.py`` fill in (traced layers pass None, "", 0, 0):
-``x_tail``, a second column block of X (the layer's input was ``cat([x2, x_tail], -1)``, now never written), and
-``act`` on output columns [act_lo, act_hi) (an activation that followed the layer, now in the GEMM's epilogue).
+The last five arguments are what the graph rewrites of ``fusion.py`` fill in (traced layers pass None, "", 0, 0,
+None): ``x_tail``, a second column block of X (the layer's input was ``cat([x2, x_tail], -1)``, now never written),
+``act`` on output columns [act_lo, act_hi) (an activation that followed the layer, now in the GEMM's epilogue), and
+``x_amax``, the row maxima of X^ that the producer of X computed (``quant_linear_amax``: the next layer's smoothing
+reciprocal over the columns it reads, ``amax_mult``), so that the activation quantization reads X once.
 
 The inline lowering (``fusion.py`` with ``act_quant="inline"``) replaces a quant_linear node by
 ``quant_linear_inline`` (the same arguments): the activation quantization in plain torch ops
@@ -57,17 +60,57 @@ def _lookup(key: str) -> tuple:
 def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Optional[Tensor],
                  down_folded: Optional[Tensor], down_cat: Optional[Tensor], up: Optional[Tensor],
                  bias: Optional[Tensor], key: str, x_tail: Optional[Tensor], act: str, act_lo: int,
-                 act_hi: int) -> Tensor:
+                 act_hi: int, x_amax: Optional[Tensor]) -> Tensor:
     """x2 (M, K) -> (M, N) (with x_tail: [x2 | x_tail] (M, K1 + K2) -> (M, N)). weights: speed mode [operand
     (N, Kp), col_scale, group_scale, packed, scales, row_scale] and, where the 'cublas' GEMM backend folded the
     layer, [w_ext, its col_scale, lr_mult, bias16] (``gemm_cublas.FoldedWeight``); memory mode [packed, scales,
     row_scale] (expanded here). Few rows of the Hopper-native formats take the GEMV on the packed weight. key:
     ``register_layer``'s key + "|speed", "|cublas" (speed mode, the layer's GEMM on the 'cublas' backend: the
-    "triton-cublas" kernel) or "|memory". act: "" or an ``activation.CODES`` kind for columns [act_lo, act_hi)."""
+    "triton-cublas" kernel) or "|memory". act: "" or an ``activation.CODES`` kind for columns [act_lo, act_hi).
+    x_amax: None, or (M,) fp32, each row's max |X^| (X^ = X * (1 / smooth)), which the producer of X computed
+    (``quant_linear_amax``): the activation quantization then reads X once (``act_quant``'s path "given")."""
+    return _run(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key, x_tail, act, act_lo, act_hi,
+                x_amax)
+
+
+@quant_linear.register_fake
+def _(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key, x_tail, act, act_lo, act_hi, x_amax):
+    n = _lookup(key)[3]
+    return x2.new_empty((x2.shape[0], n))
+
+
+@torch.library.custom_op("fourbit::quant_linear_amax", mutates_args=())
+def quant_linear_amax(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Optional[Tensor],
+                      down_folded: Optional[Tensor], down_cat: Optional[Tensor], up: Optional[Tensor],
+                      bias: Optional[Tensor], key: str, x_tail: Optional[Tensor], act: str, act_lo: int,
+                      act_hi: int, x_amax: Optional[Tensor], amax_mult: Tensor, amax_lo: int,
+                      amax_hi: int) -> tuple[Tensor, Tensor]:
+    """``quant_linear`` that also returns, for the next layer, each row's max |y[:, amax_lo:amax_hi] * amax_mult|
+    over its rounded output y (M,) fp32: in the GEMM epilogue on the Triton GEMM (``row_amax.py``), else from y
+    (the same values). What ``fusion.hand_over_row_maxima`` makes the producer of a layer's input call."""
+    from .row_amax import RowAmax
+
+    req = RowAmax.zeros(x2.shape[0], amax_mult, amax_lo, amax_hi)
+    y = _run(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key, x_tail, act, act_lo, act_hi, x_amax,
+             req)
+    return y, req.out
+
+
+@quant_linear_amax.register_fake
+def _(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key, x_tail, act, act_lo, act_hi, x_amax,
+      amax_mult, amax_lo, amax_hi):
+    n = _lookup(key)[3]
+    return x2.new_empty((x2.shape[0], n)), x2.new_empty((x2.shape[0],), dtype=torch.float32)
+
+
+def _run(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key, x_tail, act, act_lo, act_hi, x_amax,
+         next_amax=None) -> Tensor:
+    """The body of both ops. ``next_amax``: a ``RowAmax`` request the GEMM's epilogue fills (other paths: from y)."""
     from . import gemv  # imported here: the test suite re-executes kernel modules (interpreter)
     from .activation import OutputActivation, apply_rounded
     from .gemm_cublas import FoldedWeight
     from .linear import few_rows, quantized_gemm
+    from .row_amax import row_amax_torch
     from .weights import WeightOperand, expand_weight
 
     act_format, weight_format, padded_in, _, plan = _lookup(key)
@@ -77,8 +120,10 @@ def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Opti
     packed = weights[:3] if memory else weights[3:6]
     if plan == "scaled" and few_rows(x2.shape[0]) and gemv.gemv_supported(act_format, weight_format):
         x = x2 if x_tail is None else torch.cat([x2, x_tail], 1)
-        return apply_rounded(gemv.gemv(x, act_format, weight_format, padded_in, packed[0], packed[1], packed[2],
-                                       smooth_recip, down_folded, up, bias), out_act)
+        y = apply_rounded(gemv.gemv(x, act_format, weight_format, padded_in, packed[0], packed[1], packed[2],
+                                    smooth_recip, down_folded, up, bias), out_act)
+        row_amax_torch(y, next_amax)
+        return y
     if memory:
         w = expand_weight(weights[0], weights[1], weights[2], weight_format, padded_in)
     else:
@@ -86,13 +131,7 @@ def quant_linear(x2: Tensor, weights: list[Optional[Tensor]], smooth_recip: Opti
         w = WeightOperand(weights[0], weights[1], weights[2], folded=folded)
     x = x2 if x_tail is None else [x2, x_tail]
     return quantized_gemm(x, act_format, padded_in, plan, w, smooth_recip, down_folded, down_cat, up, bias,
-                          act=out_act, gemm=gemm)
-
-
-@quant_linear.register_fake
-def _(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key, x_tail, act, act_lo, act_hi):
-    n = _lookup(key)[3]
-    return x2.new_empty((x2.shape[0], n))
+                          act=out_act, gemm=gemm, x_amax=x_amax, next_amax=next_amax)
 
 
 def compiled_forward(layer, x2: Tensor, memory: bool, gemm: Optional[str] = None,
@@ -123,7 +162,7 @@ def compiled_forward(layer, x2: Tensor, memory: bool, gemm: Optional[str] = None
     mode = "|memory" if memory else "|cublas" if gemm == "cublas" else "|speed"
     kind, lo, hi = ("", 0, 0) if act is None else (act.kind, *act.bounds(layer.out_features))
     return torch.ops.fourbit.quant_linear(x2, weights, st.smooth_recip, st.down_folded, st.down_cat, st.up,
-                                          st.bias, st.op_key + mode, None, kind, lo, hi)
+                                          st.bias, st.op_key + mode, None, kind, lo, hi, None)
 
 
 def forward_with_activation(layer, x2: Tensor, act: "OutputActivation") -> Tensor:
@@ -172,9 +211,10 @@ def inlinable(key: str, rows) -> bool:
 
 
 def quant_linear_inline(x2, weights, smooth_recip, down_folded, down_cat, up, bias, key, x_tail, act, act_lo,
-                        act_hi):
+                        act_hi, x_amax=None):
     """``quant_linear`` (same arguments, speed mode) as torch ops around ``fourbit::scaled_gemm``: what the inline
-    lowering makes inductor trace. X's concatenation (``x_tail``) is a torch.cat that inductor may fuse."""
+    lowering makes inductor trace. X's concatenation (``x_tail``) is a torch.cat that inductor may fuse; ``x_amax``
+    is not read (the row maxima are part of the torch ops)."""
     from .act_inline import act_quant_inline
 
     act_format, _, padded_in, _, _ = _lookup(key)

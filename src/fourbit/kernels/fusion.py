@@ -2,7 +2,7 @@
 
 Compile blocks with ``options=fourbit.nn.inductor_options()`` (``prepare_kernels(model)`` first). Inductor then
 runs ``FuseAroundQuantLinear`` on each graph dynamo captures, before its own lowering. On the graph's
-``fourbit::quant_linear`` nodes (``compiled.py``) it makes two rewrites, for any model (no per-architecture code):
+``fourbit::quant_linear`` nodes (``compiled.py``) it makes these rewrites, for any model (no per-architecture code):
 
 1. **Output activation into the GEMM epilogue**: ``gelu(y)``, ``gelu(y, approximate="tanh")`` or ``silu(y)`` where
    y is the layer's output, or a column slice of it that no other consumer reads (a sibling group's MLP columns),
@@ -21,6 +21,14 @@ flows into consumers that accept any strides) and otherwise leaves the graph alo
    quant_linear node that ``compiled.inlinable`` accepts (speed mode, FP8-operand formats, more rows than the GEMV)
    calls ``compiled.quant_linear_inline`` instead: the quantization as torch ops, which inductor generates inside
    the kernel producing X, then ``fourbit::scaled_gemm`` (with the epilogue activation of rewrite 1).
+
+4. **Row maxima handed over** (``act_quant="given"``, the default): a quant_linear node whose input X is, through row
+   reshapes and a column slice, the output of another quant_linear node P on the Triton GEMM (FLUX.1's MLP output
+   projection after the GELU-fused input projection; in the single blocks the MLP columns of the Q/K/V/MLP group,
+   with the attention output as X's first column block) gets ``x_amax``: P becomes ``quant_linear_amax``, whose
+   epilogue also returns each row's max |X * (1 / smooth)| over those columns (``row_amax.py``; the other column
+   block's maxima are torch ops here), and the layer's ``act_quant`` reads X once (path "given") instead of twice at
+   large K (row pass, then the down-projection). Codes and scales are unchanged (the same maxima).
 
 ``fusion_stats()`` counts what was rewritten.
 """
@@ -44,8 +52,8 @@ except ImportError:  # pragma: no cover - older torch: a plain callable (no FX-g
 _STATS: Counter = Counter()
 
 # quant_linear's positional arguments (``compiled.quant_linear``)
-_X, _KEY, _TAIL, _ACT, _ACT_LO, _ACT_HI = 0, 7, 8, 9, 10, 11
-_N_ARGS = 12
+_X, _SMOOTH_RECIP, _KEY, _TAIL, _ACT, _ACT_LO, _ACT_HI, _X_AMAX = 0, 2, 7, 8, 9, 10, 11, 12
+_N_ARGS = 13
 
 
 def fusion_stats() -> dict:
@@ -246,15 +254,143 @@ def lower_inline(graph: fx.Graph) -> int:
     return done
 
 
-#: ``inductor_options(act_quant=...)``: "pass" (``act_quant``'s kernels inside the op) or "inline" (rewrite 3)
-ACT_QUANT_LOWERINGS = ("pass", "inline")
+def _producer_columns(n: fx.Node) -> Optional[tuple[fx.Node, int, int]]:
+    """(quant_linear node P, lo, hi) if n is P's output columns [lo, hi) through row reshapes and at most one column
+    slice (nothing that changes values), else None."""
+    lo = hi = None
+    while True:
+        if _is_quant_linear(n):
+            v = _val(n)
+            if v is None:
+                return None
+            return (n, 0, v.shape[-1]) if lo is None else (n, lo, hi)
+        src = _row_reshape_of(n)
+        if src is not None:
+            n = src
+            continue
+        v_src = _val(n.args[0]) if n.op == "call_function" and n.args else None
+        rng = None if lo is not None or v_src is None else _column_range(n, v_src.shape[-1])
+        if rng is None:
+            return None
+        (lo, hi), n = rng, n.args[0]
+
+
+def _row_maxima_consumer(op: fx.Node) -> bool:
+    """Whether a quant_linear node can take its input's row maxima from the producer: a row-scaled activation
+    format on the 'scaled' plan (``act_quant``'s path "given"), smoothing present, more rows than the GEMV takes."""
+    from .act_spec import act_spec
+    from .compiled import _SPECS
+    from .linear import few_rows
+
+    key, x = op.args[_KEY], _val(op.args[_X])
+    spec_entry = _SPECS.get(key.rsplit("|", 1)[0]) if isinstance(key, str) else None
+    if spec_entry is None or x is None or op.args[_X_AMAX] is not None or op.args[_SMOOTH_RECIP] is None:
+        return False
+    spec = act_spec(spec_entry[0])
+    rows = x.shape[0]
+    return (spec_entry[4] == "scaled" and spec is not None and spec.row_pass and spec.outer == 0
+            and not (isinstance(rows, int) and few_rows(rows)))
+
+
+def _epilogue_producer(p: fx.Node, rows) -> bool:
+    """Whether quant_linear node p emits row maxima in its GEMM epilogue: the Triton GEMM ("|cublas" has none, the
+    GEMV takes few rows) with the consumer's rows."""
+    from .linear import few_rows
+
+    key = p.args[_KEY]
+    v = _val(p)
+    return (isinstance(key, str) and not key.endswith("|cublas") and v is not None and v.shape[0] == rows
+            and not (isinstance(rows, int) and few_rows(rows)))
+
+
+def _set_val(n: fx.Node, v) -> fx.Node:
+    if v is not None:
+        n.meta["example_value"] = v
+    return n
+
+
+def _ask_producer(graph: fx.Graph, p: fx.Node, mult: fx.Node, lo: int, hi: int) -> fx.Node:
+    """Replace producer p by ``quant_linear_amax`` (same arguments + the request); returns its row-maxima node."""
+    from .compiled import quant_linear_amax  # noqa: F401 - registers the op
+
+    op = torch.ops.fourbit.quant_linear_amax.default
+    v = _val(p)
+    with graph.inserting_after(p):
+        both = graph.call_function(op, tuple(p.args) + (mult, lo, hi))
+    with graph.inserting_after(both):
+        y = _set_val(graph.call_function(operator.getitem, (both, 0)), v)
+    with graph.inserting_after(y):
+        amax = _set_val(graph.call_function(operator.getitem, (both, 1)),
+                        None if v is None else v.new_empty((v.shape[0],), dtype=torch.float32))
+    p.replace_all_uses_with(y)
+    graph.erase_node(p)
+    return amax
+
+
+def _reduce_here(graph: fx.Graph, part: fx.Node, mult: fx.Node) -> fx.Node:
+    """max |part * mult| over the last dimension as torch ops (inductor fuses it where it can)."""
+    xf = graph.call_method("float", (part,))
+    return graph.call_method("amax", (graph.call_method("abs", (graph.call_function(operator.mul, (xf, mult)),)), -1))
+
+
+def hand_over_row_maxima(graph: fx.Graph) -> int:
+    """Rewrite 4 (module docstring). Returns how many layers now take their input's row maxima from its producer."""
+    done = 0
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    asked: set = set()
+    for op in [n for n in graph.nodes if _is_quant_linear(n)]:
+        if not _row_maxima_consumer(op):
+            continue
+        recip = op.args[_SMOOTH_RECIP]
+        parts = [op.args[_X]] + ([] if op.args[_TAIL] is None else [op.args[_TAIL]])
+        vals = [_val(p) for p in parts]
+        if any(v is None or v.dim() != 2 for v in vals):
+            continue
+        found = [_producer_columns(p) for p in parts]
+        rows = vals[0].shape[0]
+        found = [f if f is not None and f[0] not in asked and _epilogue_producer(f[0], rows)
+                 and f[2] - f[1] == v.shape[1] and order.get(recip, len(order)) < order[f[0]] else None
+                 for f, v in zip(found, vals)]
+        if not any(found):
+            continue  # no fourbit GEMM makes this input: the layer's own pass finds the maxima as before
+        maxima, c0 = [], 0
+        for part, v, f in zip(parts, vals, found):
+            width = v.shape[1]
+            if f is not None:
+                p, lo, hi = f
+                with graph.inserting_before(p):
+                    mult = graph.call_function(operator.getitem, (recip, slice(c0, c0 + width)))
+                maxima.append(_ask_producer(graph, p, mult, lo, hi))
+                asked.add(p)
+            else:
+                with graph.inserting_before(op):
+                    mult = graph.call_function(operator.getitem, (recip, slice(c0, c0 + width)))
+                    maxima.append(_reduce_here(graph, part, mult))
+            c0 += width
+        with graph.inserting_before(op):
+            x_amax = maxima[0]
+            for m in maxima[1:]:
+                x_amax = graph.call_function(torch.maximum, (x_amax, m))
+        args = list(op.args)
+        args[_X_AMAX] = x_amax
+        op.args = tuple(args)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        done += 1
+    _STATS["row_maxima"] += done
+    return done
+
+
+#: ``inductor_options(act_quant=...)``: "given" (``act_quant``'s kernels inside the op, with rewrite 4: the row maxima
+#: handed over by the producing GEMM), "pass" (the same without rewrite 4: each layer finds its input's maxima) or
+#: "inline" (rewrite 3)
+ACT_QUANT_LOWERINGS = ("given", "pass", "inline")
 
 
 class FuseAroundQuantLinear(CustomGraphPass):
     """The inductor pre-grad pass: ``fuse_activations``, ``fuse_concatenations``, and with ``act_quant="inline"``
     ``lower_inline``."""
 
-    def __init__(self, act_quant: str = "pass"):
+    def __init__(self, act_quant: str = "given"):
         if act_quant not in ACT_QUANT_LOWERINGS:
             raise ValueError(f"act_quant must be one of {ACT_QUANT_LOWERINGS}, got {act_quant!r}")
         self.act_quant = act_quant
@@ -264,17 +400,21 @@ class FuseAroundQuantLinear(CustomGraphPass):
         fuse_concatenations(graph)
         if self.act_quant == "inline":
             lower_inline(graph)
+        if self.act_quant == "given":
+            hand_over_row_maxima(graph)
         graph.lint()
 
     def uuid(self):
         if get_hash_for_files is None:
             return None
         here = os.path.dirname(os.path.abspath(__file__))
-        files = (__file__,) + tuple(os.path.join(here, f) for f in ("compiled.py", "act_inline.py"))
+        files = (__file__,) + tuple(os.path.join(here, f) for f in ("compiled.py", "act_inline.py", "act_given.py",
+                                                                    "row_amax.py"))
         return (get_hash_for_files(files), self.act_quant)
 
 
-def inductor_options(act_quant: str = "pass") -> dict:
+def inductor_options(act_quant: str = "given") -> dict:
     """``torch.compile(..., options=fourbit.nn.inductor_options())``: inductor settings that install the pass.
-    ``act_quant="inline"``: quantize each eligible layer's input in torch ops (rewrite 3)."""
+    ``act_quant``: "given" (default: rewrite 4), "pass" (without it) or "inline" (rewrite 3: each eligible layer's
+    input quantized in torch ops)."""
     return {"pre_grad_custom_pass": FuseAroundQuantLinear(act_quant)}

@@ -29,6 +29,7 @@ from . import gemm_table
 from ._common import ceil_div, cdiv, check_device, device_class, interpreting, next_pow2, num_sms, tma_aligned
 from .activation import OutputActivation, activate_columns, activation_torch
 from .gemm_table import GemmConfig  # noqa: F401 (the launcher's config type, re-exported)
+from .row_amax import RowAmax, row_amax_torch, tile_row_amax
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -67,13 +68,14 @@ def _mainloop(a_desc, b_desc, off_m, off_n, kt_lo, kt_hi, acc, BK: tl.constexpr,
 
 @triton.jit
 def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
-              M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi,
+              amax_ptr, amax_mult_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, amax_lo, amax_hi,
               A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
               ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TMA_STORE: tl.constexpr,
-              RCHUNK: tl.constexpr):
+              RCHUNK: tl.constexpr, AMAX: tl.constexpr):
     """Scales, low-rank branch, bias, the output activation on columns [act_lo, act_hi); one rounding to the
-    output type; store the (BM, BN) tile. The branch is summed over rank chunks of RCHUNK columns, so its shared
-    memory is that of a rank-RCHUNK branch whatever the rank (a LoRA grows it to 48..288)."""
+    output type; with AMAX the rounded tile's row maxima over columns [amax_lo, amax_hi) (``row_amax.py``); store
+    the (BM, BN) tile. The branch is summed over rank chunks of RCHUNK columns, so its shared memory is that of a
+    rank-RCHUNK branch whatever the rank (a LoRA grows it to 48..288)."""
     y = acc.to(tl.float32)
     offs_m = off_m + tl.arange(0, BM)
     offs_n = off_n + tl.arange(0, BN)
@@ -97,17 +99,22 @@ def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if ACT > 0:  # 16-bit outputs take the fast tanh (its error is below their rounding but in GELU's far tail)
         y = activate_columns(y, offs_n, off_n, act_lo, act_hi, ACT, BN, c_ptr.dtype.element_ty != tl.float32)
+    yo = y.to(c_ptr.dtype.element_ty)  # the one rounding (c_desc holds the same dtype)
+    if AMAX:
+        tile_row_amax(yo.to(tl.float32), offs_m, offs_n, mask_m, off_n, amax_ptr, amax_mult_ptr, amax_lo, amax_hi,
+                      BN)
     if TMA_STORE:
-        c_desc.store([off_m, off_n], y.to(c_desc.dtype))
+        c_desc.store([off_m, off_n], yo)
     else:
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(c_ptrs, yo, mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _scaled_gemm_kernel(
     a_desc, b_desc, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr, ws_ptr, flag_ptr,
-    M, N, K, stride_cm, stride_lr, stride_up, DP_TILES, SK_ITERS, SK_PER, act_lo, act_hi,
+    amax_ptr, amax_mult_ptr,
+    M, N, K, stride_cm, stride_lr, stride_up, DP_TILES, SK_ITERS, SK_PER, act_lo, act_hi, amax_lo, amax_hi,
     A_SCALE: tl.constexpr,  # 0: none, 1: one scalar, 2: one per row of A
     B_SCALE: tl.constexpr,  # 0: none, 1: one scalar, 2: one per row of B (= column of y)
     RANK: tl.constexpr,  # padded rank of the low-rank branch; 0 = no branch
@@ -120,6 +127,7 @@ def _scaled_gemm_kernel(
     TMA_STORE: tl.constexpr,  # store the output tile through a TMA descriptor (else masked pointer stores)
     STREAM_K: tl.constexpr,  # SK_ITERS > 0 (compiled in only then; never with ACC_INT)
     RCHUNK: tl.constexpr,  # rank columns per branch dot in the epilogue (min(RANK, 32))
+    AMAX: tl.constexpr,  # also the row maxima of output columns [amax_lo, amax_hi) (``row_amax.py``)
 ):
     """Tiles [0, DP_TILES): one program each, round robin. The remaining tiles (fewer than one wave; SK_ITERS =
     their K tiles in all, 0 = none) are shared out by K iterations, SK_PER per program (stream-K): a program
@@ -140,8 +148,8 @@ def _scaled_gemm_kernel(
         acc = _mainloop(a_desc, b_desc, pid_m * BM, pid_n * BN, 0, k_tiles, acc, BK, ACC_INT, MAX_IMPRECISE,
                         UPCAST)
         _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
-                  M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, A_SCALE, B_SCALE, RANK, HAS_BIAS, ACT,
-                  BM, BN, TMA_STORE, RCHUNK)
+                  amax_ptr, amax_mult_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, amax_lo, amax_hi,
+                  A_SCALE, B_SCALE, RANK, HAS_BIAS, ACT, BM, BN, TMA_STORE, RCHUNK, AMAX)
     if STREAM_K:
         start = pid * SK_PER
         it = tl.minimum(start + SK_PER, SK_ITERS)
@@ -160,8 +168,8 @@ def _scaled_gemm_kernel(
                         pass
                     acc += tl.load(ws_ptr + q * (BM * BN) + offs_tile, cache_modifier=".cg")
                 _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr,
-                          bias_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, A_SCALE, B_SCALE, RANK,
-                          HAS_BIAS, ACT, BM, BN, TMA_STORE, RCHUNK)
+                          bias_ptr, amax_ptr, amax_mult_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi,
+                          amax_lo, amax_hi, A_SCALE, B_SCALE, RANK, HAS_BIAS, ACT, BM, BN, TMA_STORE, RCHUNK, AMAX)
             else:  # the head of a tile owned by a later program (only ever this program's last segment)
                 tl.store(ws_ptr + pid * (BM * BN) + offs_tile, acc)
                 tl.debug_barrier()  # every thread's part of the slot is written before the flag goes up
@@ -347,7 +355,8 @@ def launch_plan(m: int, n: int, k: int, cfg: "GemmConfig", dtype: torch.dtype, s
 def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale: Optional[Tensor] = None,
                 lr: Optional[Tensor] = None, up: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                 out_dtype: torch.dtype = torch.bfloat16, config: Optional[GemmConfig] = None,
-                act: Optional[OutputActivation] = None, out: Optional[Tensor] = None) -> Tensor:
+                act: Optional[OutputActivation] = None, out: Optional[Tensor] = None,
+                next_amax: Optional[RowAmax] = None) -> Tensor:
     """y = act((a @ b^T) * a_scale[:, None] * b_scale[None, :] + lr @ up^T + bias), (M, N) in ``out_dtype``.
 
     a (M, K), b (N, K): both float8_e4m3fn, int8, bf16 or fp16; rows contiguous with a 16-byte-aligned stride
@@ -355,12 +364,17 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     a_scale: fp32 (M,) or (1,); b_scale: fp32 (N,) or (1,); lr (M, R) and up (N, R): the low-rank branch
     (fp32 inside; R is padded to a power of two >= 16); bias (N,); act: an activation on a range of output columns,
     applied in fp32 before the rounding (``activation.py``); out: an (M, N) ``out_dtype`` tensor with contiguous,
-    16-byte-aligned rows to write y into (e.g. a block of rows of a larger output), else y is allocated.
+    16-byte-aligned rows to write y into (e.g. a block of rows of a larger output), else y is allocated;
+    next_amax: also the row maxima of the rounded y's columns [lo, hi) times ``mult``, into ``next_amax.out``
+    (``row_amax.py``).
     """
     m, n, k = _check(a, b, a_scale, b_scale, lr, up, bias)
     _check_out(out, m, n, out_dtype)
     act_lo, act_hi = (0, 0) if act is None else act.bounds(n)
-    check_device(a, b, a_scale, b_scale, lr, up, bias, out)
+    if next_amax is not None:
+        next_amax.check(m, n)
+    check_device(a, b, a_scale, b_scale, lr, up, bias, out, *(() if next_amax is None else (next_amax.out,
+                                                                                         next_amax.mult)))
     if TensorDescriptor is None:
         raise RuntimeError("scaled_gemm needs Triton >= 3.4 (tensor descriptors)")
     a, b = tma_aligned(a), tma_aligned(b)  # no copy for operands from act_quant / expand_weight
@@ -385,18 +399,21 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
         dummy if a_scale is None else a_scale, dummy if b_scale is None else b_scale,
         dummy if lr is None else lr, dummy if up is None else up,
         dummy if bias is None else bias, dummy if ws is None else ws, dummy if flags is None else flags,
+        dummy if next_amax is None else next_amax.out, dummy if next_amax is None else next_amax.mult,
         m, n, k, c.stride(0), 0 if lr is None else lr.stride(0), 0 if up is None else up.stride(0),
         dp_tiles, sk_iters, sk_per, act_lo, act_hi,
+        0 if next_amax is None else next_amax.lo, 0 if next_amax is None else next_amax.hi,
         A_SCALE=_scale_mode(a_scale, m, "a_scale"), B_SCALE=_scale_mode(b_scale, n, "b_scale"),
         RANK=rank, HAS_BIAS=bias is not None, ACT=0 if act_hi <= act_lo else act.code,
         ACC_INT=a.dtype == torch.int8,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
         MAX_IMPRECISE=cfg.BK if (cfg.precise and is_fp8 and not interpreting()) else None,
         FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, TMA_STORE=tma_store,
-        STREAM_K=sk_iters > 0, RCHUNK=branch_chunk(rank),
+        STREAM_K=sk_iters > 0, RCHUNK=branch_chunk(rank), AMAX=next_amax is not None,
         num_warps=cfg.num_warps, num_stages=stages,
     )
-    launch_with_fewer_stages(launch, cfg.num_stages, (cfg.key(), rank, a.dtype, tma_store, str(a.device)))
+    launch_with_fewer_stages(launch, cfg.num_stages, (cfg.key(), rank, a.dtype, tma_store, str(a.device),
+                                                      next_amax is not None))
     return c
 
 
@@ -435,7 +452,8 @@ def launch_with_fewer_stages(launch: Callable[[int], object], stages: int, key: 
 def scaled_gemm_torch(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale: Optional[Tensor] = None,
                       lr: Optional[Tensor] = None, up: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                       out_dtype: torch.dtype = torch.bfloat16, config: Optional[GemmConfig] = None,
-                      act: Optional[OutputActivation] = None, out: Optional[Tensor] = None) -> Tensor:
+                      act: Optional[OutputActivation] = None, out: Optional[Tensor] = None,
+                      next_amax: Optional[RowAmax] = None) -> Tensor:
     """Plain-torch twin of ``scaled_gemm`` (fp32 math; int8 sums exact)."""
     m, n, _ = _check(a, b, a_scale, b_scale, lr, up, bias)
     _check_out(out, m, n, out_dtype)
@@ -452,4 +470,5 @@ def scaled_gemm_torch(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_
     if bias is not None:
         y = y + bias.float()
     y = activation_torch(y, act).to(out_dtype)
+    row_amax_torch(y, next_amax)
     return y if out is None else out.copy_(y)

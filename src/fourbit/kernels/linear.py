@@ -44,6 +44,7 @@ from .gemm_cublas import (FOLD_PARTS, FoldedWeight, cublas_gemm, cublas_min_rows
 from .gemm_grouped import grouped_gemm
 from . import gemv as _gemv
 from .activation import OutputActivation, apply_rounded
+from .row_amax import RowAmax, row_amax_torch
 from .weights import WeightOperand, expand_weight, weight_kind
 
 _CACHE_KEY = "fourbit.kernels.linear"
@@ -232,31 +233,39 @@ def few_rows(m: int) -> bool:
 def quantized_gemm(x2, act_format, padded_in: int, plan: str, w: WeightOperand,
                    smooth_recip: Optional[Tensor], down_folded: Optional[Tensor], down_cat: Optional[Tensor],
                    up: Optional[Tensor], bias: Optional[Tensor], gemm_config: Optional[GemmConfig] = None,
-                   act: Optional[OutputActivation] = None, gemm: Optional[str] = None) -> Tensor:
+                   act: Optional[OutputActivation] = None, gemm: Optional[str] = None,
+                   x_amax: Optional[Tensor] = None, next_amax: Optional[RowAmax] = None) -> Tensor:
     """act_quant + GEMM for the 'scaled' / 'grouped' plans: (M, K) -> (M, N) in x2's dtype. ``down_folded``,
     ``down_cat`` and ``up`` (all or none): the low-rank branch, fused (down-projection in act_quant, up in the
     GEMM's epilogue). x2 may be a list of column blocks (``act_quant``); ``act``: an activation on a range of
     output columns (in the epilogue on the 'scaled' plan, after the rounding on the 'grouped' one). gemm: the
-    layer's GEMM backend (None: the process-wide one)."""
+    layer's GEMM backend (None: the process-wide one). x_amax: X^'s row maxima, given (``act_quant(row_amax=)``);
+    next_amax: a request for the output's row maxima (``row_amax.py``; in the epilogue of the Triton GEMM, else
+    computed from y)."""
     dtype = x2.dtype if isinstance(x2, Tensor) else x2[0].dtype
     rows = x2.shape[0] if isinstance(x2, Tensor) else x2[0].shape[0]
     folded = _cublas_weight(plan, w, act, down_folded is not None, padded_in, rows, gemm)
     if folded is not None:  # the 'cublas' backend: torch._scaled_mm, the branch folded into K
         a = act_quant(x2, act_format, padded_in=padded_in, down_folded=down_folded, smooth_recip=smooth_recip,
-                      down_cat=down_cat, extra_cols=0 if folded.lr_mult is None else FOLD_PARTS * up.shape[1])
+                      down_cat=down_cat, extra_cols=0 if folded.lr_mult is None else FOLD_PARTS * up.shape[1],
+                      row_amax=x_amax)
         q = a.q
         if folded.lr_mult is not None:
             q = a.q_ext  # (M, Kp + 3 Rp): the operand, then the folded branch's columns
             fold_lr(a.lr, a.row_scale, folded.lr_mult, q[:, padded_in:])
-        return cublas_gemm(q, folded, a.row_scale, bias, dtype)
+        y = cublas_gemm(q, folded, a.row_scale, bias, dtype)
+        row_amax_torch(y, next_amax)
+        return y
     a = act_quant(x2, act_format, padded_in=padded_in, down_folded=down_folded, smooth_recip=smooth_recip,
-                  down_cat=down_cat)
+                  down_cat=down_cat, row_amax=x_amax)
     lr = a.lr if down_folded is not None else None
     if plan == "grouped":
-        return apply_rounded(grouped_gemm(a.q, w.w, a.group_scale, w.group_scale, act_format.group_size, lr, up,
-                                          bias, out_dtype=dtype, config=gemm_config), act)
+        y = apply_rounded(grouped_gemm(a.q, w.w, a.group_scale, w.group_scale, act_format.group_size, lr, up,
+                                       bias, out_dtype=dtype, config=gemm_config), act)
+        row_amax_torch(y, next_amax)
+        return y
     return scaled_gemm(a.q, w.w, a.row_scale, w.col_scale, lr, up, bias, out_dtype=dtype, config=gemm_config,
-                       act=act)
+                       act=act, next_amax=next_amax)
 
 
 def _cublas_weight(plan: str, w: WeightOperand, act: Optional[OutputActivation], branch: bool,

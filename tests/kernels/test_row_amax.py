@@ -46,7 +46,8 @@ def test_scaled_gemm_row_amax_matches_twin(device, out_dtype):
             twin = RowAmax.zeros(m, mult.cpu(), lo, hi)
             scaled_gemm_torch(a.cpu(), b.cpu(), sa.cpu(), sb.cpu(), lr.cpu(), up.cpu(), bias.cpu(),
                               out_dtype=out_dtype, act=act, next_amax=twin)
-            tol = 2 ** -7 if out_dtype == torch.bfloat16 else 1e-5
+            # bf16: one rounding apart; fp32: the summation order (CPU), the tf32 branch on a GPU (~1e-4, measured)
+            tol = 2 ** -7 if out_dtype == torch.bfloat16 else 1e-5 if device == "cpu" else 5e-4
             assert torch.allclose(req.out.cpu(), twin.out, rtol=tol, atol=1e-6)
     # combined with what out holds: a larger value stays, smaller ones are replaced
     seed = torch.zeros(m, device=device)

@@ -399,7 +399,8 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
         dummy if a_scale is None else a_scale, dummy if b_scale is None else b_scale,
         dummy if lr is None else lr, dummy if up is None else up,
         dummy if bias is None else bias, dummy if ws is None else ws, dummy if flags is None else flags,
-        dummy if next_amax is None else next_amax.out, dummy if next_amax is None else next_amax.mult,
+        dummy if next_amax is None else next_amax.out.view(torch.int32),  # (the maxima's bits: ``row_amax.py``)
+        dummy if next_amax is None else next_amax.mult,
         m, n, k, c.stride(0), 0 if lr is None else lr.stride(0), 0 if up is None else up.stride(0),
         dp_tiles, sk_iters, sk_per, act_lo, act_hi,
         0 if next_amax is None else next_amax.lo, 0 if next_amax is None else next_amax.hi,

@@ -9,7 +9,7 @@ can quantize from it and read its input once (``act_quant(..., row_amax=)``, pat
 the large-K layers whose input a fourbit GEMM produces (FLUX.1's MLP output projections).
 
 Each output tile reduces its rows over its columns in the range and combines them into ``out`` by an atomic maximum
-on fp32 (values >= 0): order-free, so deterministic. ``out`` must hold zeros (or maxima to combine with) before the
+on the fp32 bits as int32 (values >= 0 order as their bits): order-free, so deterministic. ``out`` must hold zeros (or maxima to combine with) before the
 launch. ``row_amax_torch`` is the twin.
 """
 from __future__ import annotations
@@ -67,5 +67,8 @@ def tile_row_amax(yr, offs_m, offs_n, mask_m, off_n, amax_ptr, mult_ptr, lo, hi,
     if (off_n + BN > lo) & (off_n < hi):
         inside = (offs_n >= lo) & (offs_n < hi)
         mult = tl.load(mult_ptr + (offs_n - lo), mask=inside, other=0.0)
-        v = tl.abs(yr * mult[None, :])  # columns outside the range: times 0
-        tl.atomic_max(amax_ptr + offs_m, _amax(v, 1), mask=mask_m)
+        v = _amax(tl.abs(yr * mult[None, :]), 1)  # (BM,); columns outside the range: times 0
+        # amax_ptr: the int32 view of the fp32 maxima. Non-negative floats order as their bits do, so one integer
+        # atomic (no float compare-and-select pair), relaxed and its result unused: a fire-and-forget reduction
+        # (Triton's float atomic_max waits for two round trips to L2 with acq_rel fences: +10% on a FLUX.1 GEMM)
+        tl.atomic_max(amax_ptr + offs_m, v.to(tl.int32, bitcast=True), mask=mask_m, sem="relaxed")

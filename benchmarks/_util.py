@@ -261,7 +261,7 @@ def add_synthetic_branch(model, rank, seed=0, only=None):
 
 
 KERNEL_CATEGORIES = [  # (category, regex over CUDA kernel names), first match wins
-    ("fourbit act_quant", r"_act_(stats|quant|fused)_kernel|_few_rows_act_kernel"),
+    ("fourbit act_quant", r"_act_(stats|quant|fused|given)_kernel|_few_rows_act_kernel"),
     ("fourbit GEMM", r"_(scaled|grouped)_gemm_kernel|_gemv_kernel"),
     ("fourbit fold_lr", r"_fold_lr_kernel"),
     ("fourbit weight expansion", r"_expand_kernel"),

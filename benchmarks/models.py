@@ -52,10 +52,13 @@ the same blocks are compiled (regional ``torch.compile``, inductor default mode)
   fourbit-mixed-fastest-planned
                  the same candidates, each layer on the fastest that pays (``prefer="fastest"``): fp8 where it beats
                  a W4A4 layer that also pays
-  fourbit-w4a4-pass-planned
-                 fourbit-w4a4-planned compiled with ``inductor_options(act_quant="pass")``: every layer finds its own
-                 input's row maxima (X read twice at large K), the control for the default "given" (the producing
-                 GEMM's epilogue hands them over; the row's ``row_maxima_layers`` counts the layers that take them)
+  fourbit-w4a4-given-planned
+                 fourbit-w4a4-planned compiled with ``inductor_options(act_quant="given")``: where a fourbit GEMM
+                 produces a layer's input, its epilogue hands the input's row maxima over, and the layer's activation
+                 quantization reads it once (the row's ``row_maxima_layers`` counts them); the default "pass" (each
+                 layer finds its own maxima, X read twice at large K) is the control. Run 2026-12-05n (H100) named
+                 the two the other way round (``fourbit-w4a4-pass-planned`` was the control); each row's
+                 ``act_quant`` says which ran
 
 Timing: each variant's step is captured in a CUDA graph after compilation and warm-up; the graphs of all variants
 of a model are replayed in alternation (``--rounds`` rounds after 3 warm-up rounds, median ms per variant), so clock
@@ -158,7 +161,7 @@ FAMILIES = {
 VARIANTS = ("bf16", "fp8-peer", "fourbit-w4a4", "fourbit-fp8", "fourbit-w4a4-cublas", "fourbit-fp8-cublas",
             "fourbit-w4a4-inline", "fourbit-fp8-inline", "fourbit-w4a4-planned", "fourbit-w4a4-cublas-planned",
             "fourbit-fp8-planned", "bf16-siblings", "fourbit-mixed-planned", "fourbit-mixed-fastest-planned",
-            "bf16-copy", "fourbit-w4a4-pass-planned")
+            "bf16-copy", "fourbit-w4a4-given-planned")
 
 
 def family(name: str, tiny: bool) -> dict:
@@ -598,7 +601,7 @@ def run_model(name: str, args, device: str, log) -> dict:
                               f"may take {longest:.0f} s as the longest so far did")
             log(f"{name} {variant}: skipped ({res['skipped']})")
             continue
-        act_quant = "inline" if variant.endswith("-inline") else "pass" if "-pass" in variant else "given"
+        act_quant = "inline" if variant.endswith("-inline") else "given" if "-given" in variant else "pass"
         gemm = "cublas" if "-cublas" in variant else "triton"  # the process-wide GEMM backend
         # planned on Triton's GEMM: each layer also timed with its GEMM on cuBLAS, the faster kernel kept per layer
         per_layer = variant.endswith("-planned") and gemm == "triton" and not tiny

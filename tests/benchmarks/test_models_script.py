@@ -30,8 +30,8 @@ def test_models_tiny_every_family_and_variant():
         for name in ("fourbit-w4a4", "fourbit-w4a4-inline", "fourbit-fp8-inline"):
             assert r["variants"][name]["quantized_layers"] == r["variants"]["fourbit-fp8"]["quantized_layers"]
         assert r["variants"]["fourbit-w4a4-inline"]["act_quant"] == "inline"
-        assert r["variants"]["fourbit-w4a4"]["act_quant"] == "given"
-        assert r["variants"]["fourbit-w4a4-pass-planned"]["act_quant"] == "pass"
+        assert r["variants"]["fourbit-w4a4"]["act_quant"] == "pass"
+        assert r["variants"]["fourbit-w4a4-given-planned"]["act_quant"] == "given"
         assert r["variants"]["fourbit-w4a4-cublas"]["gemm"] == "cublas"
         assert r["variants"]["fourbit-w4a4"]["gemm"] == "triton"
         planned = r["variants"]["fourbit-w4a4-cublas-planned"]

@@ -37,16 +37,16 @@ def set_gemm_backend(name: str, min_rows: Optional[int] = None) -> None:
     set_backend(name, min_rows)
 
 
-def inductor_options(act_quant: str = "given") -> dict:
+def inductor_options(act_quant: str = "pass") -> dict:
     """Options for ``torch.compile(..., options=fourbit.nn.inductor_options())`` (or ``module.compile(...)``) that
     fuse the code around quantized layers into their kernels: an activation after a layer goes into its GEMM's
     epilogue, and a concatenation that only feeds a layer is read in place (``fourbit/kernels/fusion.py``).
     Use with the Triton kernels after ``prepare_kernels``; without them the options change nothing.
 
-    ``act_quant``: the default "given" runs fourbit's own quantization kernel inside each layer's op, and where
-    another quantized layer's GEMM produces a layer's input (FLUX.1's MLP), that GEMM's epilogue also hands over the
-    input's row maxima, so the quantization reads the input once; "pass" the same without the hand-over;
-    "inline" (opt-in): layers with int4p2 / fp4p2 / fp8 activations in speed mode quantize their input in torch ops
+    ``act_quant``: the default "pass" runs fourbit's own quantization kernel inside each layer's op; "given"
+    (opt-in) the same, and where another quantized layer's GEMM produces a layer's input (FLUX.1's MLP), that GEMM's
+    epilogue also hands over the input's row maxima, so the quantization reads the input once (measured no faster
+    on FLUX.1: docs/kernels.md); "inline" (opt-in): layers with int4p2 / fp4p2 / fp8 activations in speed mode quantize their input in torch ops
     that inductor generates inside the kernel producing it (norm, modulation, GELU, residual add), then run the GEMM
     alone."""
     from ..kernels.fusion import inductor_options as options

@@ -178,7 +178,7 @@ def format_notes(model: nn.Module) -> list:
 
 def compile_model(model: nn.Module, forward_loop: Optional[Callable[[nn.Module], None]] = None, *,
                   kernel: Optional[str] = "auto", blocks: Optional[Sequence[str]] = None, fusion: bool = True,
-                  act_quant: str = "given", cuda_graphs: Union[bool, str] = "auto", **compile_kwargs) -> CompileReport:
+                  act_quant: str = "pass", cuda_graphs: Union[bool, str] = "auto", **compile_kwargs) -> CompileReport:
     """Put a (quantized or not) model on its fast path, in place: kernels chosen (``choose_kernels``), their state
     built (``prepare_kernels``, with ``forward_loop(model)`` calling the model as it will be used, so single-row layers
     keep the GEMV's 4-bit weight), the repeated blocks compiled (``compile_blocks``) with the fusion pass

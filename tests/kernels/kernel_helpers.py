@@ -93,3 +93,18 @@ def speed_equals_memory_near_reference(model, x):
     assert torch.equal(bits(speed), bits(memory))
     assert sqnr_db(ref, speed.float()) > SQNR_BF16_OUTPUT_DB
     return speed
+
+
+def act_operands(name, device, rank, smooth_on, m=37, k=200):
+    """(x fp32 (m, k), format, Kp, smooth, lr_down): K padded to the group (int4p2/fp4p2) or by 8 columns (fp8)."""
+    from fourbit.formats import make_format
+
+    fmt = make_format(name)
+    kp = -(-k // 256) * 256 if fmt.group_size else k + 8  # 200 -> 256, 1152 -> 1280
+    smooth = None
+    if smooth_on:
+        smooth = 2.0 ** torch.randint(-2, 3, (kp,)).float()  # powers of two keep the tie rows exact
+        smooth[k // 3] = 0.7  # and one ordinary factor
+        smooth = smooth.to(device)
+    down = torch.randn(rank, kp).bfloat16().to(device) if rank else None
+    return hard_rows(m, k).to(device), fmt, kp, smooth, down

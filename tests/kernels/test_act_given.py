@@ -16,8 +16,7 @@ import torch
 from fourbit.formats import make_format
 
 from .conftest import bits, compile_for_hopper
-from .kernel_helpers import SQNR_GPU_ACCUMULATE_DB, hard_rows, sqnr_db
-from .test_act_inline import _operands as _inline_operands
+from .kernel_helpers import SQNR_GPU_ACCUMULATE_DB, act_operands, hard_rows, sqnr_db
 
 GIVEN_FORMATS = ["int4p2", "fp4p2", "fp8", "int8"]
 #: 16-row programs over column slices of 128: two at Kp = 256, 128 + 80 at fp8 / int8's Kp = 208
@@ -27,7 +26,7 @@ M, K = 37, 200
 
 def _operands(name, device, rank, smooth_on=True):
     """(format, x fp32 (M, K) with a row of zeros, Kp, smooth (Kp,) or None, lr_down (rank, Kp) bf16 or None)."""
-    x, fmt, kp, smooth, down = _inline_operands(name, device, rank, smooth_on, M, K)
+    x, fmt, kp, smooth, down = act_operands(name, device, rank, smooth_on, M, K)
     x[5] = 0.0
     return fmt, x, kp, smooth, down
 

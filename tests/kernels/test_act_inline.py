@@ -19,25 +19,12 @@ from fourbit.formats import make_format
 
 from .conftest import DEVICES, bits
 from .kernel_helpers import (SQNR_BF16_OUTPUT_DB, SQNR_FP32_REORDER_DB, SQNR_GPU_ACCUMULATE_DB,
-                             SQNR_INDUCTOR_FP32_DB, hard_rows, sqnr_db)
+                             SQNR_INDUCTOR_FP32_DB, act_operands, sqnr_db)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 INLINE_FORMATS = ["int4p2", "fp4p2", "fp8"]
 #: dynamo traces ``act_spec``'s lru_cache when a test compiles act_quant_inline directly (the lowering does not)
 _LRU_WARNING = "ignore:Dynamo detected a call to a `functools.lru_cache`"
-
-
-def _operands(name, device, rank, smooth_on, m=37, k=200):
-    """(x fp32 (m, k), format, Kp, smooth, lr_down): K padded to the group (int4p2/fp4p2) or by 8 columns (fp8)."""
-    fmt = make_format(name)
-    kp = -(-k // 256) * 256 if fmt.group_size else k + 8  # 200 -> 256, 1152 -> 1280
-    smooth = None
-    if smooth_on:
-        smooth = 2.0 ** torch.randint(-2, 3, (kp,)).float()  # powers of two keep the tie rows exact
-        smooth[k // 3] = 0.7  # and one ordinary factor
-        smooth = smooth.to(device)
-    down = torch.randn(rank, kp).bfloat16().to(device) if rank else None
-    return hard_rows(m, k).to(device), fmt, kp, smooth, down
 
 
 def _assert_same_operand(got, ref, device):
@@ -60,7 +47,7 @@ def test_act_quant_inline_bit_exact(device, name, smooth_on, rank):
     from fourbit.kernels.act_inline import act_quant_inline
     from fourbit.kernels.act_quant import act_quant_torch
 
-    x, fmt, kp, smooth, down = _operands(name, device, rank, smooth_on)
+    x, fmt, kp, smooth, down = act_operands(name, device, rank, smooth_on)
     for xin in (x, x.bfloat16()):
         _assert_same_operand(act_quant_inline(xin, fmt, smooth, down, kp), act_quant_torch(xin, fmt, smooth, down, kp),
                              device)
@@ -96,7 +83,7 @@ def _inductor_vs_twin(device, name, m, k):
     from fourbit.kernels.act_quant import act_quant_torch
     from fourbit.kernels.reference import smooth_reciprocal
 
-    x, fmt, kp, smooth, down = _operands(name, device, 20, True, m, k)
+    x, fmt, kp, smooth, down = act_operands(name, device, 20, True, m, k)
     torch._dynamo.reset()
     q, rs, lr = _compiled_quantizer(fmt, kp)(x.bfloat16(), smooth_reciprocal(smooth), cat_down(fold_down(down, smooth)))
     torch._dynamo.reset()
@@ -288,7 +275,7 @@ def test_act_quant_inline_gpu(name):
     from fourbit.kernels.act_quant import act_quant_torch
 
     _inductor_vs_twin("cuda", name, 1000, 1152)
-    x, fmt, kp, smooth, down = _operands(name, "cuda", 32, True, 1000, 1152)
+    x, fmt, kp, smooth, down = act_operands(name, "cuda", 32, True, 1000, 1152)
     _assert_same_operand(act_quant_inline(x.bfloat16(), fmt, smooth, down, kp),
                          act_quant_torch(x.bfloat16(), fmt, smooth, down, kp), "cuda")
 

@@ -160,6 +160,20 @@ def test_act_quant_given_uses_the_given_maxima(device):
     assert not torch.equal(bits(got.q), bits(ref.q))
 
 
+@pytest.mark.usefixtures("interpret")
+def test_act_quant_given_leaves_a_large_branch_to_the_usual_path():
+    """A LoRA-grown branch (rank 100, padded to 128 > GIVEN_MAX_RANK) ignores the maxima: even wrong ones change
+    nothing (the usual path finds its own)."""
+    from fourbit.kernels.act_quant import GIVEN_MAX_RANK, ActConfig, act_quant
+
+    fmt, x, kp, smooth, down = _operands("int4p2", "cpu", 100)
+    assert 128 > GIVEN_MAX_RANK
+    cfg = ActConfig(**SLICES)
+    got = act_quant(x, fmt, smooth, down, kp, cfg, row_amax=_row_amax(x, smooth, kp) * 0.5)
+    ref = act_quant(x, fmt, smooth, down, kp, cfg)
+    assert torch.equal(bits(got.q), bits(ref.q)) and torch.equal(got.lr, ref.lr)
+
+
 def test_act_quant_given_checks_its_inputs(interpret):
     """row_amax of the wrong shape, dtype or device, or not a tensor, and tiles that are not powers of two: a
     ValueError saying what was expected."""

@@ -121,6 +121,11 @@ DEFAULT_CONFIG = ActConfig(stages=2, whole_row_k=2048, large_k=8192, large_chunk
                            lr_mm_stream_max_k=4096, BM=4, BK=512, num_warps=4, stats_BM=64, stats_BK=32)
 
 
+#: the largest (padded) branch rank the path "given" takes: its programs keep a (given_BM, rank) fp32 partial in
+#: registers; a LoRA-grown branch beyond it takes the usual path (the row maxima ignored)
+GIVEN_MAX_RANK = 64
+
+
 def act_path(spec: ActSpec, m: int, kp: int, branch: bool, bf16_cuda: bool, cfg: ActConfig,
              row_amax: bool = False) -> str:
     """The launch path for these operands, first matching row of the table (why: ``DEFAULT_CONFIG``'s notes).
@@ -192,7 +197,8 @@ def act_quant(x, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor]
     a wider buffer (``ActOperand.q_ext``, (M, Kp + extra_cols)) whose last columns the caller fills.
     ``row_amax``: (M,) fp32, each row's max |X^| (X^ = pad(X) * smooth_recip in fp32) where the caller knows it
     (the GEMM that produced X): the row formats (int4p2, fp4p2, fp8, int8 per token) then read X once (path
-    "given"; the same codes and scales when it is the true maximum); other formats ignore it.
+    "given"; the same codes and scales when it is the true maximum); other formats, and branches of padded rank above
+    ``GIVEN_MAX_RANK``, ignore it.
     """
     spec = act_spec(fmt)
     if spec is None:
@@ -220,7 +226,8 @@ def act_quant(x, fmt, smooth: Optional[Tensor] = None, lr_down: Optional[Tensor]
                              f"got {tuple(down_folded.shape)} {down_folded.dtype}")
         down_folded = down_folded.contiguous()
     bf16_cuda = x.is_cuda and x.dtype == torch.bfloat16 and _MM_FP32_OUT[0]
-    path = act_path(spec, x.shape[0], kp, lr_down is not None, bf16_cuda, cfg, row_amax is not None)
+    given = row_amax is not None and (down_folded is None or down_folded.shape[2] <= GIVEN_MAX_RANK)
+    path = act_path(spec, x.shape[0], kp, lr_down is not None, bf16_cuda, cfg, given)
     if path == "given":  # (it checks row_amax)
         return act_quant_given(x, spec, smooth_recip, kp, cfg, row_amax, down_folded, tail, extra_cols)
     if row_amax is not None:

@@ -362,3 +362,27 @@ def test_quant_linear_amax_op_fake_and_values():
     assert torch.equal(y, plain)
     assert torch.equal(amax, (y[:, 20:120] * mult).abs().amax(1))
     torch.library.opcheck(torch.ops.fourbit.quant_linear_amax.default, args, test_utils=("test_faketensor",))
+
+
+@pytest.mark.usefixtures("interpret")
+def test_row_maxima_under_inductor():
+    """``inductor_options(act_quant="given")`` with inductor itself (CPU here): the producer's tuple-returning op and
+    the attention-like block's maxima as torch ops lower and run; the result is the default lowering's up to the
+    down-projection's summation order."""
+    import torch._dynamo
+
+    from fourbit.kernels.fusion import fusion_stats
+    from fourbit.nn import inductor_options
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 24, 64)
+    block = _quantized_block(_MlpBlock(), x)
+    outs = {}
+    before = fusion_stats().get("row_maxima", 0)
+    with torch.no_grad(), _no_compile_caches():
+        for mode in ("pass", "given"):
+            torch._dynamo.reset()
+            outs[mode] = torch.compile(block, options=inductor_options(mode), fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert fusion_stats().get("row_maxima", 0) - before == 2
+    assert sqnr_db(outs["pass"], outs["given"]) > SQNR_FP32_REORDER_DB

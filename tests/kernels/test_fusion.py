@@ -386,3 +386,36 @@ def test_row_maxima_under_inductor():
     torch._dynamo.reset()
     assert fusion_stats().get("row_maxima", 0) - before == 2
     assert sqnr_db(outs["pass"], outs["given"]) > SQNR_FP32_REORDER_DB
+
+
+@pytest.mark.usefixtures("interpret")
+def test_row_maxima_on_a_diffusers_flux_transformer():
+    """No per-architecture code: on a tiny FLUX transformer (batch 2, siblings fused, SVDQuant int4p2) the hand-over
+    finds the double block's MLP output projections (through the eval-mode dropout after the GELU), the single
+    block's output projection (GELU'd MLP columns of the sibling group + the attention output) and the embedders'
+    MLPs; the result is the default lowering's up to the down-projection's summation order."""
+    pytest.importorskip("diffusers")
+    from fourbit.nn import prepare_kernels
+
+    torch.manual_seed(0)
+    model, inp, call = _tiny_diffusers("flux")
+    inp = (torch.randn(2, 16, 16),) + tuple(torch.cat([t, t]) if i in (1, 2, 3, 4) else t
+                                            for i, t in enumerate(inp[1:], 1))
+
+    class Call(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *a):
+            return call(self.m, a)
+
+    wrapped = Call(model)
+    cfg = fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=8, kernel="triton")
+    with torch.no_grad():
+        fourbit.fuse_siblings(wrapped, fourbit.find_siblings(wrapped, lambda m: m(*inp), config=cfg))
+    fourbit.quantize(wrapped, cfg, forward_loop=lambda m: m(*inp), progress=False, verbose=False)
+    prepare_kernels(wrapped)
+    outs, handed = _compiled_both_ways(wrapped, inp)
+    assert handed >= 6, handed  # 2 double-block MLPs + 1 single block + the 3 embedders' MLPs (timestep, guidance, text)
+    assert sqnr_db(outs["pass"], outs["given"]) > SQNR_FP32_REORDER_DB

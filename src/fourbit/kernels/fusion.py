@@ -23,7 +23,7 @@ flows into consumers that accept any strides) and otherwise leaves the graph alo
    the kernel producing X, then ``fourbit::scaled_gemm`` (with the epilogue activation of rewrite 1).
 
 4. **Row maxima handed over** (opt-in, ``act_quant="given"``): a quant_linear node whose input X is, through row
-   reshapes and a column slice, the output of another quant_linear node P on the Triton GEMM (FLUX.1's MLP output
+   reshapes, eval-mode dropouts and a column slice, the output of another quant_linear node P on the Triton GEMM (FLUX.1's MLP output
    projection after the GELU-fused input projection; in the single blocks the MLP columns of the Q/K/V/MLP group,
    with the attention output as X's first column block) gets ``x_amax``: P becomes ``quant_linear_amax``, whose
    epilogue also returns each row's max |X * (1 / smooth)| over those columns (``row_amax.py``; the other column
@@ -256,9 +256,25 @@ def lower_inline(graph: fx.Graph) -> int:
     return done
 
 
+_DROPOUTS = (torch.nn.functional.dropout, torch.dropout)
+
+
+def _identity_dropout_of(n: fx.Node) -> Optional[fx.Node]:
+    """If n is a dropout that returns its input unchanged (``training=False``, or p = 0: a model in eval mode, e.g.
+    diffusers' FeedForward between its GELU and its output projection), that input."""
+    if n.op != "call_function" or n.target not in _DROPOUTS or not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    names = ("input", "p", "training", "inplace") if n.target is torch.nn.functional.dropout else ("input", "p", "train")
+    bound = dict(zip(names, n.args), **n.kwargs)
+    training = bound.get("training", bound.get("train", True))
+    if bound.get("inplace", False) or not (training is False or bound.get("p", 0.5) == 0):
+        return None
+    return n.args[0]
+
+
 def _producer_columns(n: fx.Node) -> Optional[tuple[fx.Node, int, int]]:
-    """(quant_linear node P, lo, hi) if n is P's output columns [lo, hi) through row reshapes and at most one column
-    slice (nothing that changes values), else None."""
+    """(quant_linear node P, lo, hi) if n is P's output columns [lo, hi) through row reshapes, identity dropouts and
+    at most one column slice (nothing that changes values), else None."""
     lo = hi = None
     while True:
         if _is_quant_linear(n):
@@ -266,7 +282,7 @@ def _producer_columns(n: fx.Node) -> Optional[tuple[fx.Node, int, int]]:
             if v is None:
                 return None
             return (n, 0, v.shape[-1]) if lo is None else (n, lo, hi)
-        src = _row_reshape_of(n)
+        src = _row_reshape_of(n) or _identity_dropout_of(n)
         if src is not None:
             n = src
             continue

@@ -55,7 +55,8 @@ the same blocks are compiled (regional ``torch.compile``, inductor default mode)
   fourbit-w4a4-given-planned
                  fourbit-w4a4-planned compiled with ``inductor_options(act_quant="given")``: where a fourbit GEMM
                  produces a layer's input, its epilogue hands the input's row maxima over, and the layer's activation
-                 quantization reads it once (the row's ``row_maxima_layers`` counts them); the default "pass" (each
+                 quantization reads it once (the row's ``row_maxima_layers`` counts the rewrites: layers per compiled
+                 graph, so blocks that share one compiled graph count once); the default "pass" (each
                  layer finds its own maxima, X read twice at large K) is the control. Run 2026-12-05n (H100) named
                  the two the other way round (``fourbit-w4a4-pass-planned`` was the control); each row's
                  ``act_quant`` says which ran
@@ -371,7 +372,7 @@ def prepare(model, fam, inputs, device, fourbit_kernels: bool, tiny: bool, compi
             act_quant: str = "pass") -> dict:
     """Compile the blocks (fourbit: after ``prepare_kernels``, with ``inductor_options(act_quant)``) and run the first
     step: {compile_seconds, peak_step_bytes, out, graphs (dynamo graphs compiled)} (fourbit: also ``lowered_layers``,
-    the inline lowering's count)."""
+    the inline lowering's count, and ``row_maxima_layers``, rewrite 4's)."""
     from fourbit.kernels.fusion import fusion_stats
     from fourbit.nn import compile_model, prepare_kernels
 

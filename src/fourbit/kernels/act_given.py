@@ -13,7 +13,10 @@ branch, bf16 X; CUDA-graph replays over inputs larger than L2): 64 x 64 steps, 2
 0.066 ms at 4096 x 12288 (today's single pass + cuBLAS down-projection 0.103, the single pass without the branch
 0.064) and 0.094 at 4608 x 15360 (0.139); 512 columns per program 0.025 at 4608 x 3072 (0.029); the row maxima computed
 outside the timing (their producer's cost apart). 128-column steps were 2.5-3x slower, 32-row programs 1.2-1.5x,
-2 warps 5-6x. Launcher: ``act_quant_given``; twin: ``act_quant.act_quant_torch``.
+2 warps 5-6x. The library path (H100, ``rowmax_probe.py --library-only``, runs 2026-12-05c/d): 0.076 ms at 4096 x
+12288 against 0.119 today, 0.107 at 4608 x 15360 against 0.163. In a FLUX.1 step the saving was smaller and the
+producers' cost took it back (docs/kernels.md, session 21): ``fusion``'s rewrite 4, which feeds this path, is opt-in.
+Launcher: ``act_quant_given``; twin: ``act_quant.act_quant_torch``.
 """
 from __future__ import annotations
 

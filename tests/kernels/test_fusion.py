@@ -195,16 +195,16 @@ def _tiny_diffusers(name):
     return m.eval(), inp, call
 
 
-@pytest.mark.usefixtures("interpret")
-@pytest.mark.parametrize("name", ["flux", "sd3", "pixart"])
-def test_fusion_pass_on_diffusers_transformers(name):
-    """No per-architecture code: on tiny FLUX, SD3 and PixArt transformers (siblings fused, int4p2, Triton kernels)
-    the pass finds activations to fuse (FLUX also its concatenation) and the result is eager's to fp32 rounding."""
-    pytest.importorskip("diffusers")
+def _quantized_diffusers(name, cfg, batch2=False):
+    """(a module calling the tiny diffusers transformer ``name`` with positional inputs, quantized by ``cfg`` with
+    its siblings fused and its kernel state built; those inputs). batch2: FLUX's inputs at batch 2 (more rows than
+    the GEMV takes)."""
     from fourbit.nn import prepare_kernels
 
-    torch.manual_seed(0)
     model, inp, call = _tiny_diffusers(name)
+    if batch2:
+        inp = (torch.randn(2, 16, 16),) + tuple(torch.cat([t, t]) if i in (1, 2, 3, 4) else t
+                                                for i, t in enumerate(inp[1:], 1))
 
     class Call(nn.Module):
         def __init__(self, m):
@@ -215,11 +215,21 @@ def test_fusion_pass_on_diffusers_transformers(name):
             return call(self.m, a)
 
     wrapped = Call(model)
-    cfg = fourbit.RTNConfig(weights="int4p2", activations="int4p2", kernel="triton")
     with torch.no_grad():
         fourbit.fuse_siblings(wrapped, fourbit.find_siblings(wrapped, lambda m: m(*inp), config=cfg))
-    fourbit.quantize(wrapped, cfg, progress=False, verbose=False)
-    prepare_kernels(wrapped)
+    fourbit.quantize(wrapped, cfg, forward_loop=lambda m: m(*inp), progress=False, verbose=False)
+    return prepare_kernels(wrapped), inp
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("name", ["flux", "sd3", "pixart"])
+def test_fusion_pass_on_diffusers_transformers(name):
+    """No per-architecture code: on tiny FLUX, SD3 and PixArt transformers (siblings fused, int4p2, Triton kernels)
+    the pass finds activations to fuse (FLUX also its concatenation) and the result is eager's to fp32 rounding."""
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    wrapped, inp = _quantized_diffusers(name, fourbit.RTNConfig(weights="int4p2", activations="int4p2",
+                                                                kernel="triton"))
     eager, got, fused = _eager_and_compiled(wrapped, inp, lambda m: _compile_with_pass(m, []))
     assert fused[0] >= 2 and (fused[1] >= 1) == (name == "flux"), fused
     assert sqnr_db(eager, got) > SQNR_FUSED_FP32_DB
@@ -395,27 +405,9 @@ def test_row_maxima_on_a_diffusers_flux_transformer():
     block's output projection (GELU'd MLP columns of the sibling group + the attention output) and the embedders'
     MLPs; the result is the default lowering's up to the down-projection's summation order."""
     pytest.importorskip("diffusers")
-    from fourbit.nn import prepare_kernels
-
     torch.manual_seed(0)
-    model, inp, call = _tiny_diffusers("flux")
-    inp = (torch.randn(2, 16, 16),) + tuple(torch.cat([t, t]) if i in (1, 2, 3, 4) else t
-                                            for i, t in enumerate(inp[1:], 1))
-
-    class Call(nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, *a):
-            return call(self.m, a)
-
-    wrapped = Call(model)
     cfg = fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=8, kernel="triton")
-    with torch.no_grad():
-        fourbit.fuse_siblings(wrapped, fourbit.find_siblings(wrapped, lambda m: m(*inp), config=cfg))
-    fourbit.quantize(wrapped, cfg, forward_loop=lambda m: m(*inp), progress=False, verbose=False)
-    prepare_kernels(wrapped)
+    wrapped, inp = _quantized_diffusers("flux", cfg, batch2=True)
     outs, handed = _compiled_both_ways(wrapped, inp)
     assert handed >= 6, handed  # 2 double-block MLPs + 1 single block + the 3 embedders' MLPs (timestep, guidance, text)
     assert sqnr_db(outs["pass"], outs["given"]) > SQNR_FP32_REORDER_DB

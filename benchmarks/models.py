@@ -706,9 +706,12 @@ def run_model(name: str, args, device: str, log) -> dict:
             for k, m in models.items():
                 gemm = row["variants"][k].get("gemm")  # "per layer": the layers' own kernels, Triton process-wide
                 with gemm_backend("cublas" if gemm == "cublas" else None):
-                    prof = profile_step(m, inputs)
+                    top = []
+                    prof = profile_step(m, inputs, top=top)
                 row["variants"][k]["profile_ms"] = {c: round(v, 3) for c, v in prof.items()}
+                row["variants"][k]["profile_top"] = top  # the 20 kernels with the most CUDA time: (name, ms, calls)
                 log(f"{name} {k} profile (ms): {json.dumps(row['variants'][k]['profile_ms'])}")
+                log(f"{name} {k} top kernels (name, ms, calls): {json.dumps(top)}")
         except TimeLimit:  # the time limit came during the profile: keep the timed row, profile what was done
             row["profile_cut"] = "SIGTERM (time limit) during the profile"
             log(f"{name}: profile cut by the time limit; the timed row is kept")

@@ -10,6 +10,7 @@
 #   act [2]         probes/act_chunk_probe.py: act_quant's single pass, chunks / one_load / 2 rows, every family's M, K
 #   rowmax [1]      probes/rowmax_probe.py --library-only: act_quant's path "given" vs today's at FLUX.1's large K, and
 #                   the producing GEMM's epilogue with / without the row maxima
+#   branch [1]      probes/branch_epilogue_probe.py: the GEMM epilogue's up-projection by operand dtype, FLUX.1's shapes
 #   blockwise [5]   probes/blockwise_probe.py: cuBLAS block-scaled FP8 GEMM vs bf16 and today's layer, every family
 #   linear [5]      linear.py --family $FAMILIES (default SANA-1.6B, SDXL UNet): every family's layer shapes
 #   models [9]      models.py --profile, $VARIANTS (default seven, incl. the planned W4A4, its bf16 control and the W4A4/fp8 mix), $MODELS (default SANA-1.6B, SDXL UNet), $BUDGET s
@@ -45,6 +46,8 @@ for stage in $STAGES; do
          echo "act rc $?"; grep "^|" "$OUT/act_chunk.log" | tail -16 ;;
     rowmax) timeout 200 python benchmarks/probes/rowmax_probe.py --library-only --out "$OUT" > "$OUT/rowmax.log" 2>&1
             echo "rowmax rc $?"; grep -E "^\|" "$OUT/rowmax.log" | tail -24 ;;
+    branch) timeout 200 python benchmarks/probes/branch_epilogue_probe.py --out "$OUT" > "$OUT/branch.log" 2>&1
+            echo "branch rc $?"; grep -E "^\|" "$OUT/branch.log" | tail -26; grep "^Sum" "$OUT/branch.log" ;;
     blockwise) timeout 330 python benchmarks/probes/blockwise_probe.py --out "$OUT" > "$OUT/blockwise.log" 2>&1
                echo "blockwise rc $?"; grep -E "^check|W 1x128|W 128x128|geomean" "$OUT/blockwise.log" | tail -8 ;;
     linear) timeout ${LINEAR_TIMEOUT:-300} python benchmarks/linear.py --family "$FAMILIES" --out "$OUT" \
@@ -52,7 +55,7 @@ for stage in $STAGES; do
             echo "linear rc $?"; tail -5 "$OUT/linear.log" ;;
     models) timeout ${MODELS_TIMEOUT:-540} python benchmarks/models.py --models "$MODELS" --budget "$BUDGET" \
               --variants "$VARIANTS" --profile --out "$OUT" > "$OUT/models.log" 2>&1
-            echo "models rc $?"; grep -v "it/s" "$OUT/models.log" | grep -v "profile (ms)" | tail -28 ;;
+            echo "models rc $?"; grep -v "it/s" "$OUT/models.log" | grep -v "profile (ms)\|top kernels" | tail -28 ;;
     calibration) timeout 570 python benchmarks/calibration.py --models "$CAL" --budget "$CAL=540" --calibration-share 0.7 \
                    --out "$OUT" > "$OUT/calibration.log" 2>&1
                  echo "calibration rc $?"; grep -E "^fourbit: |^\{" "$OUT/calibration.log" | cut -c1-400 ;;
@@ -64,7 +67,7 @@ for stage in $STAGES; do
              echo "quality rc $?"; grep -E "LPIPS|FAILED" "$OUT/kernel_quality.log" | tail -8 ;;
     tune) timeout 420 python benchmarks/gemm_tune.py --budget-s 300 --out "$OUT" > "$OUT/gemm_tune.log" 2>&1
           echo "tune rc $?"; grep -E "Row\(|max_m|lr_mm" "$OUT/gemm_tune.log" | tail -30 ;;
-    *) echo "unknown stage $stage (known: tests fusion act rowmax blockwise linear models calibration transformer quality tune)"
+    *) echo "unknown stage $stage (known: tests fusion act rowmax branch blockwise linear models calibration transformer quality tune)"
        exit 2 ;;
   esac
 done

@@ -67,11 +67,20 @@ def _mainloop(a_desc, b_desc, off_m, off_n, kt_lo, kt_hi, acc, BK: tl.constexpr,
 
 
 @triton.jit
+def _dot16(l16, u16, y, UPCAST: tl.constexpr):
+    """y + l16 (BM, RC) @ u16 (BN, RC)^T, 16-bit operands, fp32 accumulation (through fp32 in the interpreter, whose
+    16-bit dot is wrong; the products of 16-bit values are exact in fp32 either way)."""
+    if UPCAST:
+        return tl.dot(l16.to(tl.float32), u16.to(tl.float32).T, y, input_precision="ieee")
+    return tl.dot(l16, u16.T, y)
+
+
+@triton.jit
 def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
               amax_ptr, amax_mult_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, amax_lo, amax_hi,
               A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
               ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TMA_STORE: tl.constexpr,
-              RCHUNK: tl.constexpr, AMAX: tl.constexpr):
+              RCHUNK: tl.constexpr, AMAX: tl.constexpr, BRANCH_UPCAST: tl.constexpr):
     """Scales, low-rank branch, bias, the output activation on columns [act_lo, act_hi); one rounding to the
     output type; with AMAX the rounded tile's row maxima over columns [amax_lo, amax_hi) (``row_amax.py``); store
     the (BM, BN) tile. The branch is summed over rank chunks of RCHUNK columns, so its shared memory is that of a
@@ -94,7 +103,13 @@ def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr
             offs_r = r0 + tl.arange(0, RCHUNK)
             lr = tl.load(lr_ptr + offs_m[:, None] * stride_lr + offs_r[None, :], mask=mask_m[:, None], other=0.0)
             up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None], other=0.0)
-            y = tl.dot(lr, up.T, y, input_precision="tf32")  # (BM, RC) @ (RC, BN), fp32 accumulate into y
+            if up_ptr.dtype.element_ty == tl.float32:
+                y = tl.dot(lr, up.T, y, input_precision="tf32")  # (BM, RC) @ (RC, BN), fp32 accumulate into y
+            else:  # 16-bit U (half the bytes): an fp32 L as hi + lo in U's type, to ~2^-16 (``scaled_gemm``)
+                hi = lr.to(up.dtype)
+                y = _dot16(hi, up, y, BRANCH_UPCAST)
+                if lr_ptr.dtype.element_ty == tl.float32:
+                    y = _dot16((lr - hi.to(tl.float32)).to(up.dtype), up, y, BRANCH_UPCAST)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if ACT > 0:  # 16-bit outputs take the fast tanh (its error is below their rounding but in GELU's far tail)
@@ -128,6 +143,7 @@ def _scaled_gemm_kernel(
     STREAM_K: tl.constexpr,  # SK_ITERS > 0 (compiled in only then; never with ACC_INT)
     RCHUNK: tl.constexpr,  # rank columns per branch dot in the epilogue (min(RANK, 32))
     AMAX: tl.constexpr,  # also the row maxima of output columns [amax_lo, amax_hi) (``row_amax.py``)
+    BRANCH_UPCAST: tl.constexpr,  # interpreter only: a 16-bit branch's dots through fp32
 ):
     """Tiles [0, DP_TILES): one program each, round robin. The remaining tiles (fewer than one wave; SK_ITERS =
     their K tiles in all, 0 = none) are shared out by K iterations, SK_PER per program (stream-K): a program
@@ -149,7 +165,8 @@ def _scaled_gemm_kernel(
                         UPCAST)
         _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
                   amax_ptr, amax_mult_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, amax_lo, amax_hi,
-                  A_SCALE, B_SCALE, RANK, HAS_BIAS, ACT, BM, BN, TMA_STORE, RCHUNK, AMAX)
+                  A_SCALE, B_SCALE, RANK, HAS_BIAS, ACT, BM, BN, TMA_STORE, RCHUNK, AMAX,
+                  BRANCH_UPCAST)
     if STREAM_K:
         start = pid * SK_PER
         it = tl.minimum(start + SK_PER, SK_ITERS)
@@ -169,7 +186,8 @@ def _scaled_gemm_kernel(
                     acc += tl.load(ws_ptr + q * (BM * BN) + offs_tile, cache_modifier=".cg")
                 _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr,
                           bias_ptr, amax_ptr, amax_mult_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi,
-                          amax_lo, amax_hi, A_SCALE, B_SCALE, RANK, HAS_BIAS, ACT, BM, BN, TMA_STORE, RCHUNK, AMAX)
+                          amax_lo, amax_hi, A_SCALE, B_SCALE, RANK, HAS_BIAS, ACT, BM, BN, TMA_STORE, RCHUNK, AMAX,
+                          BRANCH_UPCAST)
             else:  # the head of a tile owned by a later program (only ever this program's last segment)
                 tl.store(ws_ptr + pid * (BM * BN) + offs_tile, acc)
                 tl.debug_barrier()  # every thread's part of the slot is written before the flag goes up
@@ -307,8 +325,8 @@ def _check_out(out: Optional[Tensor], m: int, n: int, out_dtype: torch.dtype) ->
                          f"(got strides {out.stride()})")
 
 
-def _pad_rank(t: Tensor, r: int) -> Tensor:
-    t = t.float()
+def _pad_rank(t: Tensor, r: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    t = t.to(dtype)
     if t.shape[1] != r:
         t = torch.nn.functional.pad(t, (0, r - t.shape[1]))
     return t.contiguous()
@@ -361,8 +379,11 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
 
     a (M, K), b (N, K): both float8_e4m3fn, int8, bf16 or fp16; rows contiguous with a 16-byte-aligned stride
     (else they are copied).
-    a_scale: fp32 (M,) or (1,); b_scale: fp32 (N,) or (1,); lr (M, R) and up (N, R): the low-rank branch
-    (fp32 inside; R is padded to a power of two >= 16); bias (N,); act: an activation on a range of output columns,
+    a_scale: fp32 (M,) or (1,); b_scale: fp32 (N,) or (1,); lr (M, R) and up (N, R): the low-rank branch (R is
+    padded to a power of two >= 16). An fp32 up: one TF32 dot (lr and up rounded to 10-bit mantissas). A bf16 /
+    fp16 up (a 16-bit model's own up-projection, exact; half the epilogue's bytes): lr in up's dtype is used as
+    is, an fp32 lr is split into hi + lo in up's dtype (two 16-bit dots, ~2^-16 relative, closer to the twin than
+    TF32); bias (N,); act: an activation on a range of output columns,
     applied in fp32 before the rounding (``activation.py``); out: an (M, N) ``out_dtype`` tensor with contiguous,
     16-byte-aligned rows to write y into (e.g. a block of rows of a larger output), else y is allocated;
     next_amax: also the row maxima of the rounded y's columns [lo, hi) times ``mult``, into ``next_amax.out``
@@ -383,7 +404,8 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     rank = 0
     if lr is not None:
         rank = next_pow2(lr.shape[1], 16)
-        lr, up = _pad_rank(lr, rank), _pad_rank(up, rank)
+        up = _pad_rank(up, rank, up.dtype if up.dtype in (torch.bfloat16, torch.float16) else torch.float32)
+        lr = _pad_rank(lr, rank, up.dtype if lr.dtype == up.dtype else torch.float32)
     c = torch.empty((m, n), device=a.device, dtype=out_dtype) if out is None else out
     a_desc = TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK])
     b_desc = TensorDescriptor.from_tensor(b, [cfg.BN, cfg.BK])
@@ -410,7 +432,7 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
         MAX_IMPRECISE=cfg.BK if (cfg.precise and is_fp8 and not interpreting()) else None,
         FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, TMA_STORE=tma_store,
-        STREAM_K=sk_iters > 0, RCHUNK=branch_chunk(rank), AMAX=next_amax is not None,
+        STREAM_K=sk_iters > 0, RCHUNK=branch_chunk(rank), AMAX=next_amax is not None, BRANCH_UPCAST=interpreting(),
         num_warps=cfg.num_warps, num_stages=stages,
     )
     launch_with_fewer_stages(launch, cfg.num_stages, (cfg.key(), rank, a.dtype, tma_store, str(a.device),

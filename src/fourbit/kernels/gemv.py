@@ -182,11 +182,17 @@ def _gemv_kernel(q_ptr, rs_ptr, plr_ptr, wp_ptr, we_ptr, wr_ptr, up_ptr, bias_pt
             lr += tl.load(plr_ptr + (s * M + rows[:, None]).to(tl.int64) * RANK + offs_r[None, :],
                           mask=rmask[:, None], other=0.0)
         up = tl.load(up_ptr + wrow[:, None] * RANK + offs_r[None, :], mask=cmask[:, None], other=0.0)  # (BN, R)
+        up = up.to(tl.float32)  # (a 16-bit up-projection: exact in fp32)
         y += _total(lr[:, None, :] * up[None, :, :], 2)
     if HAS_BIAS:
         y += tl.load(bias_ptr + chans, mask=cmask, other=0.0)[None, :]
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + chans[None, :], y.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
+
+
+def _up_operand(up: Tensor) -> Tensor:
+    """The up-projection as the kernel reads it: fp32, bf16 or fp16 as given (converted to fp32 in registers)."""
+    return (up if up.dtype in (torch.float32, torch.bfloat16, torch.float16) else up.float()).contiguous()
 
 
 def _check(x, act_format, weight_format, kp, packed, scales, row_scale, down_folded, up, bias):
@@ -220,8 +226,8 @@ def gemv(x: Tensor, act_format, weight_format, padded_in: int, packed: Tensor, s
     """The quantized layer's output for few rows: (M, K) -> (M, N) in ``out_dtype`` (default x's dtype).
 
     packed (N, Kp/2) uint8, scales (N, Kp/g) int8 exponents, row_scale (N,) fp32: the layer's weight buffers;
-    smooth_recip (Kp,) fp32; down_folded (2, Kp, R) bf16 (``fold_down``) and up (N, R) fp32 (R a power of two
-    >= 16); bias (N,) fp32 (or the layer's dtype)."""
+    smooth_recip (Kp,) fp32; down_folded (2, Kp, R) bf16 (``fold_down``) and up (N, R) fp32, bf16 or fp16 (R a
+    power of two >= 16); bias (N,) fp32 (or the layer's dtype)."""
     cfg = config or DEFAULT_GEMV
     kp = padded_in
     n = _check(x, act_format, weight_format, kp, packed, scales, row_scale, down_folded, up, bias)
@@ -254,7 +260,7 @@ def gemv(x: Tensor, act_format, weight_format, padded_in: int, packed: Tensor, s
     bn = max(8, cfg.BN // next_pow2(m))  # the work per step stays about the same
     _gemv_kernel[(ceil_div(n, bn),)](
         q, rs, dummy if plr is None else plr, packed, scales, row_scale.float().reshape(-1).contiguous(),
-        dummy if up is None else up.float().contiguous(), dummy if bias is None else bias.float().contiguous(), out,
+        dummy if up is None else _up_operand(up), dummy if bias is None else bias.float().contiguous(), out,
         m, n, kp, kp // 2, progs, q.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         W_E2M1=weight_format.name == "fp4p2", G=g, RANK=rank, HAS_BIAS=bias is not None,
         BM=next_pow2(m), BN=bn, BK=max(cfg.BK, g), num_warps=cfg.warps)

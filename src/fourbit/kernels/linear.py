@@ -81,7 +81,7 @@ class LayerState:
     down: Optional[Tensor] = None  # (Rp, Kp), the layer's 16-bit dtype, rank zero-padded
     down_folded: Optional[Tensor] = None  # (2, Kp, Rp) bf16: fold_down(lr_down, smooth), act_quant's operand
     down_cat: Optional[Tensor] = None  # (Kp, 2 Rp) bf16: cat_down(down_folded), the cuBLAS down-projection's
-    up: Optional[Tensor] = None  # (N, Rp) fp32
+    up: Optional[Tensor] = None  # (N, Rp): lr_up's dtype if 16-bit (the GEMM epilogue's bf16 dots), else fp32
     bias: Optional[Tensor] = None  # (N,) fp32
     weight: Optional[WeightOperand] = None  # speed mode
     w16: Optional[Tensor] = None  # 'a16' plan, speed mode: dequantized weight in the activation dtype
@@ -119,7 +119,8 @@ def layer_state(layer) -> LayerState:
         rp = next_pow2(layer.lr_down.shape[0], 16)
         pad = rp - layer.lr_down.shape[0]
         st.down = F.pad(layer.lr_down, (0, 0, 0, pad)).contiguous()
-        st.up = F.pad(layer.lr_up.float(), (0, pad)).contiguous()
+        up = layer.lr_up if layer.lr_up.dtype in (torch.bfloat16, torch.float16) else layer.lr_up.float()
+        st.up = F.pad(up, (0, pad)).contiguous()
         st.down_folded = fold_down(layer.lr_down, st.smooth)
         st.down_cat = cat_down(st.down_folded)
     st.bias = None if layer.bias is None else layer.bias.float().contiguous()

@@ -1,0 +1,83 @@
+"""What the GEMM epilogue's low-rank up-projection costs, by the branch operands' dtype.
+
+    python benchmarks/probes/branch_epilogue_probe.py                      # on a CUDA GPU; ~1 min on an H100
+
+FLUX.1's six large GEMMs at 1024 x 1024 (FP8 operands, row / column scales, bf16 output, the tanh-GELU where the
+model has it, the default tiles), each timed four ways in interleaved CUDA-graph rounds:
+- no branch (the floor),
+- rank-32 branch, fp32 lr and up: one TF32 dot per tile (``scaled_gemm``'s path before 2026-12-05),
+- bf16 up, fp32 lr: lr split into bf16 hi + lo, two bf16 dots (half the up-projection's bytes; to ~2^-16),
+- bf16 up and bf16 lr: one bf16 dot (the cheapest; lr rounded to bf16, ~2^-9: a bound, not a library path).
+Ratios within the run; writes branch-epilogue-probe.<device>.<date>.{json,md}.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/_util.py
+from _util import InterleavedGraphs, environment, finish, gpu_probe_args, md_table  # noqa: E402
+
+SHAPES = [  # (label, M, K, N, tanh-GELU columns [lo, hi) or None)
+    ("double-block fused QKV", 4096, 3072, 9216, None),
+    ("double-block attention out", 4096, 3072, 3072, None),
+    ("double-block MLP in", 4096, 3072, 12288, (0, 12288)),
+    ("double-block MLP out", 4096, 12288, 3072, None),
+    ("single-block QKV+MLP in", 4608, 3072, 21504, (9216, 21504)),
+    ("single-block out", 4608, 15360, 3072, None),
+]
+RANK = 32
+
+
+def main(argv=None) -> int:
+    from fourbit.kernels.activation import OutputActivation
+    from fourbit.kernels.gemm import default_config, scaled_gemm
+
+    args = gpu_probe_args(__doc__, "branch_epilogue_probe.py", argv)
+    if args is None:
+        return 2
+    env = environment()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    res, rows, totals = {}, [], {}
+    for label, m, k, n, cols in SHAPES:
+        a = torch.randint(-8, 8, (m, k), device="cuda", generator=g).to(torch.float8_e4m3fn)
+        b = torch.randint(-8, 8, (n, k), device="cuda", generator=g).to(torch.float8_e4m3fn)
+        sa, sb = torch.rand(m, device="cuda", generator=g) * 1e-3, torch.rand(n, device="cuda", generator=g)
+        lr = torch.randn(m, RANK, device="cuda", generator=g)
+        up = torch.randn(n, RANK, device="cuda", generator=g).bfloat16()
+        act = None if cols is None else OutputActivation("gelu_tanh", *cols)
+        cfg = default_config(m, n, k, a.dtype)
+        variants = {
+            "no branch": (None, None),
+            "fp32 lr, fp32 up (tf32)": (lr, up.float()),
+            "fp32 lr (hi + lo), bf16 up": (lr, up),
+            "bf16 lr, bf16 up": (lr.bfloat16(), up),
+        }
+        ref = {}
+        for name, (l, u) in variants.items():  # the three branch paths agree before they are timed
+            ref[name] = scaled_gemm(a, b, sa, sb, l, u, None, torch.bfloat16, cfg, act).float()
+        timer = InterleavedGraphs()
+        for l, u in variants.values():
+            timer.add([lambda l=l, u=u: scaled_gemm(a, b, sa, sb, l, u, None, torch.bfloat16, cfg, act)])
+        times = dict(zip(variants, timer.run(args.rounds)))
+        exact = ref["fp32 lr (hi + lo), bf16 up"]
+        err = {name: float((y - exact).norm() / exact.norm()) for name, y in ref.items() if name != "no branch"}
+        res[label] = dict(m=m, k=k, n=n, act_columns=cols, config=cfg.key(), ms=times, rel_diff_vs_hi_lo=err)
+        floor = times["no branch"]
+        for name, ms in times.items():
+            totals[name] = totals.get(name, 0.0) + ms
+            rows.append([label, name, f"{ms:.4f}", f"{ms / floor:.3f}",
+                         "" if name not in err else f"{err[name]:.1e}"])
+        print(label, {k_: round(v, 4) for k_, v in times.items()}, err, flush=True)
+    res["sum over the six shapes"] = totals
+    md = ("FP8 GEMM, bf16 output, rank-32 branch by operand dtype; median ms per call over interleaved CUDA-graph "
+          "rounds; ratio to the same GEMM without the branch; rel. diff of y against the hi + lo path.\n\n"
+          + md_table(["GEMM", "branch", "ms", "vs no branch", "rel. diff vs hi + lo"], rows)
+          + "\n\nSum over the six shapes (ms): " + ", ".join(f"{k_}: {v:.4f}" for k_, v in totals.items()))
+    return finish(args.out, "branch-epilogue-probe", env, res, md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,8 +6,10 @@ FLUX.1's six large GEMMs at 1024 x 1024 (FP8 operands, row / column scales, bf16
 model has it, the default tiles), each timed four ways in interleaved CUDA-graph rounds:
 - no branch (the floor),
 - rank-32 branch, fp32 lr and up: one TF32 dot per tile (``scaled_gemm``'s path before 2026-12-05),
-- bf16 up, fp32 lr: lr split into bf16 hi + lo, two bf16 dots (half the up-projection's bytes; to ~2^-16),
-- bf16 up and bf16 lr: one bf16 dot (the cheapest; lr rounded to bf16, ~2^-9: a bound, not a library path).
+- bf16 up, fp32 lr: lr rounded to bf16 in the epilogue, one bf16 dot (the library's path for a bf16 model since
+  2026-12-05; the branch in 16 bits, ~2^-9 on it; run 2026-12-05a timed lr as hi + lo here instead, to ~2^-16,
+  now ``GemmConfig(precise=True)``'s, which also promotes the main accumulator, so not timed beside these),
+- bf16 up and bf16 lr: the same dot with lr read in 16 bits (half its bytes: a bound for a 16-bit lr).
 Ratios within the run; writes branch-epilogue-probe.<device>.<date>.{json,md}.
 """
 from __future__ import annotations
@@ -52,19 +54,19 @@ def main(argv=None) -> int:
         variants = {
             "no branch": (None, None),
             "fp32 lr, fp32 up (tf32)": (lr, up.float()),
-            "fp32 lr (hi + lo), bf16 up": (lr, up),
+            "fp32 lr (rounded), bf16 up": (lr, up),
             "bf16 lr, bf16 up": (lr.bfloat16(), up),
         }
         ref = {}
-        for name, (l, u) in variants.items():  # the three branch paths agree before they are timed
+        for name, (l, u) in variants.items():  # each path once, untimed: its output against the TF32 path
             ref[name] = scaled_gemm(a, b, sa, sb, l, u, None, torch.bfloat16, cfg, act).float()
         timer = InterleavedGraphs()
         for l, u in variants.values():
             timer.add([lambda l=l, u=u: scaled_gemm(a, b, sa, sb, l, u, None, torch.bfloat16, cfg, act)])
         times = dict(zip(variants, timer.run(args.rounds)))
-        exact = ref["fp32 lr (hi + lo), bf16 up"]
+        exact = ref["fp32 lr, fp32 up (tf32)"]
         err = {name: float((y - exact).norm() / exact.norm()) for name, y in ref.items() if name != "no branch"}
-        res[label] = dict(m=m, k=k, n=n, act_columns=cols, config=cfg.key(), ms=times, rel_diff_vs_hi_lo=err)
+        res[label] = dict(m=m, k=k, n=n, act_columns=cols, config=cfg.key(), ms=times, rel_diff_vs_tf32=err)
         floor = times["no branch"]
         for name, ms in times.items():
             totals[name] = totals.get(name, 0.0) + ms
@@ -73,8 +75,8 @@ def main(argv=None) -> int:
         print(label, {k_: round(v, 4) for k_, v in times.items()}, err, flush=True)
     res["sum over the six shapes"] = totals
     md = ("FP8 GEMM, bf16 output, rank-32 branch by operand dtype; median ms per call over interleaved CUDA-graph "
-          "rounds; ratio to the same GEMM without the branch; rel. diff of y against the hi + lo path.\n\n"
-          + md_table(["GEMM", "branch", "ms", "vs no branch", "rel. diff vs hi + lo"], rows)
+          "rounds; ratio to the same GEMM without the branch; rel. diff of y (bf16) against the TF32 path's.\n\n"
+          + md_table(["GEMM", "branch", "ms", "vs no branch", "rel. diff vs TF32"], rows)
           + "\n\nSum over the six shapes (ms): " + ", ".join(f"{k_}: {v:.4f}" for k_, v in totals.items()))
     return finish(args.out, "branch-epilogue-probe", env, res, md)
 

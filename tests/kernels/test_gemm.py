@@ -53,26 +53,29 @@ def test_scaled_gemm_branch_of_large_rank_in_chunks(device):
 
 
 @pytest.mark.parametrize("up_dtype", [torch.bfloat16, torch.float16], ids=["bf16-up", "fp16-up"])
-@pytest.mark.parametrize("lr_dtype", ["fp32", "same"], ids=["fp32-lr-hi-lo", "16-bit-lr"])
-def test_scaled_gemm_16_bit_branch_matches_twin(device, up_dtype, lr_dtype):
-    """A 16-bit up-projection (a bf16 / fp16 model's own factor): an fp32 lr goes in as hi + lo (to ~2^-16, the
-    same bound as the fp32 branch), a 16-bit lr as is. The branch dominates y here (tiny scales), so a dropped lo
-    (lr rounded once to 16 bits, ~2^-9) would fail the bound."""
+@pytest.mark.parametrize("mode", ["rounded", "hi-lo", "16-bit-lr"])
+def test_scaled_gemm_16_bit_branch_matches_twin(device, up_dtype, mode):
+    """A 16-bit up-projection (a bf16 / fp16 model's own factor): the branch in that type (an fp32 lr rounded once,
+    or given in it), or with ``precise`` an fp32 lr as hi + lo (to ~2^-16). The branch dominates y here (tiny
+    scales), so each mode is told apart from the others by the bound."""
     from fourbit.kernels.gemm import GemmConfig, scaled_gemm, scaled_gemm_torch
 
     m, n, k, r = 40, 72, 128, 20
     a, b = (t.to(device) for t in gemm_operands(torch.float8_e4m3fn, m, n, k))
     sa, sb = torch.full((m,), 1e-4, device=device), torch.rand(n, device=device) + 0.5
     lr, up = torch.randn(m, r, device=device), torch.randn(n, r, device=device).to(up_dtype)
-    if lr_dtype == "same":
+    if mode == "16-bit-lr":
         lr = lr.to(up_dtype)
-    cfg = GemmConfig(32, 32, 64, 2, 4, 2, persistent=True)
+    cfg = GemmConfig(32, 32, 64, 2, 4, 2, persistent=True, precise=mode == "hi-lo")
     got = scaled_gemm(a, b, sa, sb, lr, up, out_dtype=torch.float32, config=cfg)
-    ref = scaled_gemm_torch(a, b, sa, sb, lr, up, out_dtype=torch.float32)
-    assert sqnr_db(ref, got) > (SQNR_FP32_REORDER_DB if device == "cpu" else SQNR_GPU_ACCUMULATE_DB)
-    if lr_dtype == "fp32":  # the lo part is what the bound needs: lr rounded once misses it by far
-        once = scaled_gemm_torch(a, b, sa, sb, lr.to(up_dtype), up, out_dtype=torch.float32)
-        assert sqnr_db(ref, once) < SQNR_GPU_ACCUMULATE_DB
+    ref = scaled_gemm_torch(a, b, sa, sb, lr, up, out_dtype=torch.float32, config=cfg)
+    bound = SQNR_FP32_REORDER_DB if device == "cpu" else SQNR_GPU_ACCUMULATE_DB
+    assert sqnr_db(ref, got) > bound
+    exact = scaled_gemm_torch(a, b, sa, sb, lr.float(), up.float(), out_dtype=torch.float32)  # the fp32 branch
+    if mode == "hi-lo":  # the lo part is what reaches the fp32 branch
+        assert sqnr_db(exact, got) > bound
+    elif mode == "rounded":  # rounded once: the twin's rounding, not the fp32 branch
+        assert sqnr_db(exact, got) < bound
 
 
 def test_scaled_gemm_non_persistent_and_unaligned_k(device):

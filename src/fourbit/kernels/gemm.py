@@ -67,6 +67,19 @@ def _mainloop(a_desc, b_desc, off_m, off_n, kt_lo, kt_hi, acc, BK: tl.constexpr,
 
 
 @triton.jit
+def _round16(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 x rounded to the 16-bit ``dtype`` (nearest even, as torch): that type on a GPU; in the interpreter, whose
+    bf16 conversion truncates, the rounded values in fp32 (the bits' nearest-even rounding; no NaN / inf here).
+    A 16-bit x is returned as it is (an lr given in up's type)."""
+    if x.dtype != tl.float32:
+        return x
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _dot16(l16, u16, y, UPCAST: tl.constexpr):
     """y + l16 (BM, RC) @ u16 (BN, RC)^T, 16-bit operands, fp32 accumulation (through fp32 in the interpreter, whose
     16-bit dot is wrong; the products of 16-bit values are exact in fp32 either way)."""
@@ -80,7 +93,8 @@ def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr
               amax_ptr, amax_mult_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, amax_lo, amax_hi,
               A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
               ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TMA_STORE: tl.constexpr,
-              RCHUNK: tl.constexpr, AMAX: tl.constexpr, BRANCH_UPCAST: tl.constexpr):
+              RCHUNK: tl.constexpr, AMAX: tl.constexpr, BRANCH_UPCAST: tl.constexpr,
+              BRANCH_HI_LO: tl.constexpr):
     """Scales, low-rank branch, bias, the output activation on columns [act_lo, act_hi); one rounding to the
     output type; with AMAX the rounded tile's row maxima over columns [amax_lo, amax_hi) (``row_amax.py``); store
     the (BM, BN) tile. The branch is summed over rank chunks of RCHUNK columns, so its shared memory is that of a
@@ -105,11 +119,11 @@ def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr
             up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None], other=0.0)
             if up_ptr.dtype.element_ty == tl.float32:
                 y = tl.dot(lr, up.T, y, input_precision="tf32")  # (BM, RC) @ (RC, BN), fp32 accumulate into y
-            else:  # 16-bit U (half the bytes): an fp32 L as hi + lo in U's type, to ~2^-16 (``scaled_gemm``)
-                hi = lr.to(up.dtype)
+            else:  # 16-bit U: L rounded to U's type, or with BRANCH_HI_LO an fp32 L as hi + lo (``scaled_gemm``)
+                hi = _round16(lr, up.dtype, BRANCH_UPCAST)
                 y = _dot16(hi, up, y, BRANCH_UPCAST)
-                if lr_ptr.dtype.element_ty == tl.float32:
-                    y = _dot16((lr - hi.to(tl.float32)).to(up.dtype), up, y, BRANCH_UPCAST)
+                if BRANCH_HI_LO:
+                    y = _dot16(_round16(lr - hi.to(tl.float32), up.dtype, BRANCH_UPCAST), up, y, BRANCH_UPCAST)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if ACT > 0:  # 16-bit outputs take the fast tanh (its error is below their rounding but in GELU's far tail)
@@ -144,6 +158,7 @@ def _scaled_gemm_kernel(
     RCHUNK: tl.constexpr,  # rank columns per branch dot in the epilogue (min(RANK, 32))
     AMAX: tl.constexpr,  # also the row maxima of output columns [amax_lo, amax_hi) (``row_amax.py``)
     BRANCH_UPCAST: tl.constexpr,  # interpreter only: a 16-bit branch's dots through fp32
+    BRANCH_HI_LO: tl.constexpr,  # a 16-bit up with an fp32 lr: lr as hi + lo (two dots), else rounded once
 ):
     """Tiles [0, DP_TILES): one program each, round robin. The remaining tiles (fewer than one wave; SK_ITERS =
     their K tiles in all, 0 = none) are shared out by K iterations, SK_PER per program (stream-K): a program
@@ -166,7 +181,7 @@ def _scaled_gemm_kernel(
         _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
                   amax_ptr, amax_mult_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, amax_lo, amax_hi,
                   A_SCALE, B_SCALE, RANK, HAS_BIAS, ACT, BM, BN, TMA_STORE, RCHUNK, AMAX,
-                  BRANCH_UPCAST)
+                  BRANCH_UPCAST, BRANCH_HI_LO)
     if STREAM_K:
         start = pid * SK_PER
         it = tl.minimum(start + SK_PER, SK_ITERS)
@@ -187,7 +202,7 @@ def _scaled_gemm_kernel(
                 _epilogue(acc, pid_m * BM, pid_n * BN, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr,
                           bias_ptr, amax_ptr, amax_mult_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi,
                           amax_lo, amax_hi, A_SCALE, B_SCALE, RANK, HAS_BIAS, ACT, BM, BN, TMA_STORE, RCHUNK, AMAX,
-                          BRANCH_UPCAST)
+                          BRANCH_UPCAST, BRANCH_HI_LO)
             else:  # the head of a tile owned by a later program (only ever this program's last segment)
                 tl.store(ws_ptr + pid * (BM * BN) + offs_tile, acc)
                 tl.debug_barrier()  # every thread's part of the slot is written before the flag goes up
@@ -332,6 +347,12 @@ def _pad_rank(t: Tensor, r: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return t.contiguous()
 
 
+def _branch_hi_lo(lr: Optional[Tensor], up: Optional[Tensor], cfg: Optional["GemmConfig"]) -> bool:
+    """Whether a 16-bit up-projection's fp32 lr goes in as hi + lo (``precise`` configs), not rounded once."""
+    return (lr is not None and lr.dtype == torch.float32 and up.dtype != torch.float32 and cfg is not None
+            and cfg.precise)
+
+
 def _stream_k_split(tiles: int, progs: int, k_tiles: int, cfg: "GemmConfig", dtype: torch.dtype):
     """(data-parallel tiles, stream-K iterations, iterations per program) for one launch.
 
@@ -381,9 +402,10 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     (else they are copied).
     a_scale: fp32 (M,) or (1,); b_scale: fp32 (N,) or (1,); lr (M, R) and up (N, R): the low-rank branch (R is
     padded to a power of two >= 16). An fp32 up: one TF32 dot (lr and up rounded to 10-bit mantissas). A bf16 /
-    fp16 up (a 16-bit model's own up-projection, exact; half the epilogue's bytes): lr in up's dtype is used as
-    is, an fp32 lr is split into hi + lo in up's dtype (two 16-bit dots, ~2^-16 relative, closer to the twin than
-    TF32); bias (N,); act: an activation on a range of output columns,
+    fp16 up (a 16-bit model's own up-projection, exact; half the epilogue's bytes): the branch in that 16-bit
+    type, as SVDQuant's: lr rounded to it once (~2^-9 relative on the branch), one 16-bit dot; with
+    ``GemmConfig(precise=True)`` an fp32 lr as hi + lo instead (two dots, ~2^-16). The twin rounds the same way;
+    bias (N,); act: an activation on a range of output columns,
     applied in fp32 before the rounding (``activation.py``); out: an (M, N) ``out_dtype`` tensor with contiguous,
     16-byte-aligned rows to write y into (e.g. a block of rows of a larger output), else y is allocated;
     next_amax: also the row maxima of the rounded y's columns [lo, hi) times ``mult``, into ``next_amax.out``
@@ -433,6 +455,7 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
         MAX_IMPRECISE=cfg.BK if (cfg.precise and is_fp8 and not interpreting()) else None,
         FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, TMA_STORE=tma_store,
         STREAM_K=sk_iters > 0, RCHUNK=branch_chunk(rank), AMAX=next_amax is not None, BRANCH_UPCAST=interpreting(),
+        BRANCH_HI_LO=_branch_hi_lo(lr, up, cfg),
         num_warps=cfg.num_warps, num_stages=stages,
     )
     launch_with_fewer_stages(launch, cfg.num_stages, (cfg.key(), rank, a.dtype, tma_store, str(a.device),
@@ -477,7 +500,7 @@ def scaled_gemm_torch(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_
                       out_dtype: torch.dtype = torch.bfloat16, config: Optional[GemmConfig] = None,
                       act: Optional[OutputActivation] = None, out: Optional[Tensor] = None,
                       next_amax: Optional[RowAmax] = None) -> Tensor:
-    """Plain-torch twin of ``scaled_gemm`` (fp32 math; int8 sums exact)."""
+    """Plain-torch twin of ``scaled_gemm`` (fp32 math; int8 sums exact; a 16-bit up's branch rounded as there)."""
     m, n, _ = _check(a, b, a_scale, b_scale, lr, up, bias)
     _check_out(out, m, n, out_dtype)
     if a.dtype == torch.int8:  # exact integer sums in float64 (|sum| < 2^53), then fp32
@@ -489,6 +512,8 @@ def scaled_gemm_torch(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_
     if b_scale is not None:
         y = y * b_scale.reshape(1, -1)
     if lr is not None:
+        if up.dtype != torch.float32 and not _branch_hi_lo(lr, up, config):  # the branch in up's 16 bits
+            lr = lr.to(up.dtype)
         y = y + lr.float() @ up.float().t()
     if bias is not None:
         y = y + bias.float()

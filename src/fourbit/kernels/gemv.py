@@ -286,4 +286,5 @@ def gemv_torch(x: Tensor, act_format, weight_format, padded_in: int, packed: Ten
     if up is not None:  # the folded down-projection: X @ (hi + lo), as act_quant's stats kernel
         d = down_folded[:, :k].float()
         lr = x.float() @ d[0] + x.float() @ d[1]
+    up = None if up is None else up.float()  # the GEMV sums the branch in fp32, whatever up's dtype
     return scaled_gemm_torch(a.q, w.w, a.row_scale, w.col_scale, lr, up, bias, out_dtype=out_dtype or x.dtype)

@@ -81,6 +81,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 from torch import nn
@@ -463,11 +464,12 @@ def rounds_for(rounds: int, variants: int) -> int:
     return -(-max(rounds, 1) // variants) * variants
 
 
-def alternate(graphs: dict, rounds: int, warmup: int = 3) -> dict:
+def alternate(graphs: dict, rounds: int, warmup: int = 3, samples: Optional[dict] = None) -> dict:
     """Replay the graphs in turn, ``warmup`` + ``rounds`` rounds: median ms per graph over the timed rounds. The
     order rotates each round, so that no variant is always first after the synchronisation between rounds. (This
     did not explain what it was added for: on the H200, 2026-12-05, PixArt's first model built replayed 4.5% faster
-    than a deep copy of it in either order; ``solo`` times each graph alone beside this.)"""
+    than a deep copy of it in either order; ``solo`` times each graph alone beside this.) ``samples``: a dict that
+    receives each graph's ms per timed round, in round order (``round_ratios``)."""
     times = {k: [] for k in graphs}
     keys = list(graphs)
     for r in range(warmup + rounds):
@@ -484,7 +486,23 @@ def alternate(graphs: dict, rounds: int, warmup: int = 3) -> dict:
         if r >= warmup:
             for k, a, b, calls in events:
                 times[k].append(a.elapsed_time(b) / calls)
+    if samples is not None:
+        samples.update(times)
     return {k: float(statistics.median(v)) for k, v in times.items()}
+
+
+def round_ratios(samples: dict, base: str = "bf16") -> dict:
+    """Per variant, the speed-up over ``base`` within each alternated round (base's ms / the variant's, the same
+    round): [10th percentile, median, 90th percentile] over the rounds (nearest rank), the run's own spread of the
+    ratio, beside the ratio of the medians."""
+    if base not in samples:
+        return {}
+    out = {}
+    for k, v in samples.items():
+        r = sorted(b / t for b, t in zip(samples[base], v))
+        pick = lambda q: r[min(len(r) - 1, max(0, round(q * (len(r) - 1))))]  # noqa: E731
+        out[k] = [pick(0.1), float(statistics.median(r)), pick(0.9)]
+    return out
 
 
 def solo(graphs: dict, rounds: int, warmup: int = 3) -> dict:
@@ -669,7 +687,10 @@ def run_model(name: str, args, device: str, log) -> dict:
             break
     if graphs:
         rounds = row["rounds"] = rounds_for(args.rounds, len(graphs))
-        ms = alternate(graphs, rounds)
+        samples = {}
+        ms = alternate(graphs, rounds, samples=samples)
+        for k, v in round_ratios(samples).items():  # the ratio's spread within this run
+            row["variants"][k]["speedup_vs_bf16_rounds"] = v
         for k, v in solo(graphs, args.rounds).items():  # each graph alone, back to back: beside the alternated time
             row["variants"][k]["step_ms_solo"] = v
         log(f"{name} solo: " + ", ".join(f"{k} {row['variants'][k]['step_ms_solo']:.2f} ms" for k in graphs))
@@ -726,14 +747,18 @@ def run_model(name: str, args, device: str, log) -> dict:
     return row
 
 
-def _ratio(num, den) -> str:
-    """'1.23x' for num / den (times in ms: a speed-up of den's variant), '-' where either is missing."""
-    return "-" if not (num and den) else f"{num / den:.2f}x"
+def _ratio(num, den, spread=None) -> str:
+    """'1.23x' for num / den (times in ms: a speed-up of den's variant), '-' where either is missing; with
+    ``spread`` ([p10, median, p90] of the per-round ratios) '1.23x (1.21-1.25)'."""
+    if not (num and den):
+        return "-"
+    return f"{num / den:.2f}x" + ("" if not spread else f" ({spread[0]:.2f}-{spread[2]:.2f})")
 
 
 def table(rows: list[dict]) -> str:
-    """The run's markdown: per variant the alternated step and its ratio to bf16 and to the FP8 peer (the acceptance's
-    two baselines), the solo ratio to bf16, the uncaptured calls, compile time, bytes; then the profile if taken."""
+    """The run's markdown: per variant the alternated step and its ratio to bf16 (with the 10th-90th percentile of
+    the per-round ratios where timed) and to the FP8 peer (the acceptance's two baselines), the solo ratio to bf16,
+    the uncaptured calls, compile time, bytes; then the profile if taken."""
     out = []
     for r in rows:
         variants = r["variants"]
@@ -741,7 +766,8 @@ def table(rows: list[dict]) -> str:
         b_solo = variants.get("bf16", {}).get("step_ms_solo")
         for k, v in variants.items():
             ms, unc, door = v.get("step_ms"), v.get("uncaptured_speedup_vs_bf16"), v.get("front_door_speedup_vs_bf16")
-            out.append([r["model"], k, "-" if ms is None else f"{ms:.2f}", _ratio(b, ms), _ratio(peer, ms),
+            out.append([r["model"], k, "-" if ms is None else f"{ms:.2f}",
+                        _ratio(b, ms, None if k == "bf16" else v.get("speedup_vs_bf16_rounds")), _ratio(peer, ms),
                         _ratio(b_solo, v.get("step_ms_solo")),
                         "-" if unc is None else f"{v['call_ms_uncaptured']:.2f} ({unc:.2f}x)",
                         "-" if door is None else f"{v['call_ms_front_door']:.2f} ({door:.2f}x)",

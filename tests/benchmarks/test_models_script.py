@@ -195,6 +195,52 @@ def test_uncaptured_calls_are_timed_in_rotation_per_call(monkeypatch):
     assert "| 10.00 (1.20x) |" in models.table([row])
 
 
+def test_alternated_rounds_give_the_ratio_spread(monkeypatch):
+    """``alternate(samples=)`` keeps each round's ms; ``round_ratios`` pairs them round by round with bf16 (10th
+    percentile, median, 90th percentile) and the table shows the spread beside the ratio of the medians."""
+    import models
+
+    clock = {"t": 0.0}
+
+    class FakeEvent:
+        def __init__(self, enable_timing=True):
+            self.t = None
+
+        def record(self):
+            self.t = clock["t"]
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    class FakeGraph:
+        def __init__(self, times):
+            self.times = iter(times)
+
+        def replay(self):
+            clock["t"] += next(self.times)
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    bf16 = [9.0] + [10.0] * 10  # one warm-up round, then ten timed
+    w4a4 = [9.0] + [8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 10.0, 5.0]  # ratios 1.25 x 8, 1.0, 2.0
+    samples = {}
+    got = models.alternate({"bf16": (FakeGraph(bf16), 1), "w4a4": (FakeGraph(w4a4), 1)}, rounds=10, warmup=1,
+                           samples=samples)
+    assert got == {"bf16": 10.0, "w4a4": 8.0}
+    assert samples["w4a4"] == w4a4[1:]
+    spread = models.round_ratios(samples)
+    assert spread["bf16"] == [1.0, 1.0, 1.0]
+    assert spread["w4a4"] == [1.25, 1.25, 1.25]  # the outliers sit beyond the 10th / 90th percentiles
+    samples["w4a4"][2:4] = [10.0, 10.0]  # three rounds at 1.0: the 10th percentile moves, the median does not
+    assert models.round_ratios(samples)["w4a4"] == [1.0, 1.25, 1.25]
+    assert models.round_ratios({"w4a4": [1.0]}) == {}  # no bf16: no ratio
+    row = dict(model="m", variants={"bf16": dict(step_ms=10.0, speedup_vs_bf16_rounds=[1.0, 1.0, 1.0]),
+                                    "w4a4": dict(step_ms=8.0, speedup_vs_bf16_rounds=[1.2, 1.25, 1.3])})
+    md = models.table([row])
+    assert "| m | w4a4 | 8.00 | 1.25x (1.20-1.30) |" in md
+    assert "| m | bf16 | 10.00 | 1.00x |" in md
+
+
 def test_front_door_times_graph_forward_and_releases_it(monkeypatch):
     """``front_door``: each model's forward under ``graph_forward`` while timed (what compile_pipeline leaves on
     CUDA), the module's own forward again afterwards; its ratio in the table."""

@@ -10,16 +10,18 @@ from .kernel_helpers import SQNR_FP32_REORDER_DB, SQNR_GPU_ACCUMULATE_DB, gemm_o
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.parametrize("up_dtype", [torch.float32, torch.bfloat16], ids=["fp32-up", "bf16-up"])
 @pytest.mark.parametrize("rank", [24, 100], ids=["rank24", "rank100-chunked"])
-def test_grouped_gemm_matches_twin(device, rank):
+def test_grouped_gemm_matches_twin(device, rank, up_dtype):
     from fourbit.kernels.gemm import GemmConfig
     from fourbit.kernels.gemm_grouped import grouped_gemm, grouped_gemm_torch
 
     m, n, k, g = 40, 72, 256, 64
     a, b = gemm_operands(torch.float8_e4m3fn, m, n, k)
     sa, sb = torch.rand(k // g, m) + 0.1, torch.rand(k // g, n) + 0.1
-    # up in bf16 as the layers store it (as test_gemm's branch tests): exact in the epilogue's tf32 dot
-    lr, up, bias = torch.randn(m, rank), torch.randn(n, rank).bfloat16().float(), torch.randn(n)
+    # up holding bf16 values as the layers store them: as fp32 (exact in the epilogue's tf32 dot), or as bf16 (the
+    # branch in 16 bits, lr rounded once: ``gemm.add_branch``, the twin rounding the same way)
+    lr, up, bias = torch.randn(m, rank), torch.randn(n, rank).bfloat16().to(up_dtype), torch.randn(n)
     a, b, sa, sb, lr, up, bias = (t.to(device) for t in (a, b, sa, sb, lr, up, bias))
     cfg = GemmConfig(32, 32, g, 2, 4, 2, persistent=True)
     got = grouped_gemm(a, b, sa, sb, g, lr, up, bias, out_dtype=torch.float32, config=cfg)

@@ -56,6 +56,11 @@ TWINS = {
     "row_amax.tile_row_amax": Twin("row_amax.row_amax_torch", "test_row_amax.py", (
         "test_scaled_gemm_row_amax_matches_twin", "test_scaled_gemm_row_amax_gpu"),
         calls=("RowAmax", "scaled_gemm_torch")),
+    # the low-rank up-projection (a @triton.jit helper) runs inside both GEMMs' epilogues: fp32 (TF32) and 16-bit up,
+    # lr rounded once or as hi + lo, each against the twins' ``branch_torch``
+    "gemm.add_branch": Twin("gemm.branch_torch", "test_gemm.py", (
+        "test_scaled_gemm_matches_twin", "test_scaled_gemm_16_bit_branch_matches_twin"),
+        calls=("scaled_gemm_torch", "lr", "up")),
     # a quantized layer's kernels, selected by name, against the "reference" kernel
     "linear.triton_speed": Twin("reference.quant_linear_reference", "test_linear.py", (
         "test_layer_fp32_matches_reference", "test_layer_bf16_within_output_rounding"),

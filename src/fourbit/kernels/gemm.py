@@ -5,8 +5,9 @@
 A and B are FP8 e4m3 (the Hopper-native 4-bit formats, exact), int8 (W8A8) or bf16/fp16 (dequantized
 paper formats); the product accumulates in fp32 (int32 for int8), the epilogue is fp32 and the output is
 rounded once to ``out_dtype``. L is the low-rank down-projection X^ L1 from ``act_quant`` (fp32) and U the
-up-projection (fp32, rank padded to a power of two >= 16): the branch costs one K=R dot per output tile and
-never re-reads or re-writes y.
+up-projection (the layer's own bf16 / fp16 factor, or fp32; rank padded to a power of two >= 16): the branch
+costs one K=R dot per output tile (``add_branch``: 16-bit for a 16-bit U, TF32 for fp32) and never re-reads or
+re-writes y.
 
 Kernel: persistent over output tiles (grouped ordering for L2 reuse), operands through TMA descriptors, a
 software-pipelined K loop; a partial last wave shared out by K iterations (stream-K), or, for launches of fewer
@@ -89,6 +90,26 @@ def _dot16(l16, u16, y, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def add_branch(y, lr_ptr, up_ptr, offs_m, offs_n, mask_m, mask_n, stride_lr, stride_up, RANK: tl.constexpr,
+               RCHUNK: tl.constexpr, UPCAST: tl.constexpr, HI_LO: tl.constexpr):
+    """y (BM, BN) fp32 + L[offs_m] @ U[offs_n]^T, over rank chunks of RCHUNK columns (the shared memory of a
+    rank-RCHUNK branch whatever the rank). fp32 U: TF32 dots. 16-bit U: L rounded to U's type (or with HI_LO an
+    fp32 L as hi + lo), 16-bit dots (``scaled_gemm``). UPCAST: the interpreter (its 16-bit dot is wrong)."""
+    for r0 in tl.static_range(0, RANK, RCHUNK):
+        offs_r = r0 + tl.arange(0, RCHUNK)
+        lr = tl.load(lr_ptr + offs_m[:, None] * stride_lr + offs_r[None, :], mask=mask_m[:, None], other=0.0)
+        up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None], other=0.0)
+        if up_ptr.dtype.element_ty == tl.float32:
+            y = tl.dot(lr, up.T, y, input_precision="tf32")  # (BM, RC) @ (RC, BN), fp32 accumulate into y
+        else:
+            hi = _round16(lr, up.dtype, UPCAST)
+            y = _dot16(hi, up, y, UPCAST)
+            if HI_LO:
+                y = _dot16(_round16(lr - hi.to(tl.float32), up.dtype, UPCAST), up, y, UPCAST)
+    return y
+
+
+@triton.jit
 def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr, up_ptr, bias_ptr,
               amax_ptr, amax_mult_ptr, M, N, stride_cm, stride_lr, stride_up, act_lo, act_hi, amax_lo, amax_hi,
               A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -113,17 +134,8 @@ def _epilogue(acc, off_m, off_n, c_desc, c_ptr, a_scale_ptr, b_scale_ptr, lr_ptr
     if B_SCALE == 2:
         y = y * tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if RANK > 0:
-        for r0 in tl.static_range(0, RANK, RCHUNK):
-            offs_r = r0 + tl.arange(0, RCHUNK)
-            lr = tl.load(lr_ptr + offs_m[:, None] * stride_lr + offs_r[None, :], mask=mask_m[:, None], other=0.0)
-            up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None], other=0.0)
-            if up_ptr.dtype.element_ty == tl.float32:
-                y = tl.dot(lr, up.T, y, input_precision="tf32")  # (BM, RC) @ (RC, BN), fp32 accumulate into y
-            else:  # 16-bit U: L rounded to U's type, or with BRANCH_HI_LO an fp32 L as hi + lo (``scaled_gemm``)
-                hi = _round16(lr, up.dtype, BRANCH_UPCAST)
-                y = _dot16(hi, up, y, BRANCH_UPCAST)
-                if BRANCH_HI_LO:
-                    y = _dot16(_round16(lr - hi.to(tl.float32), up.dtype, BRANCH_UPCAST), up, y, BRANCH_UPCAST)
+        y = add_branch(y, lr_ptr, up_ptr, offs_m, offs_n, mask_m, mask_n, stride_lr, stride_up, RANK, RCHUNK,
+                       BRANCH_UPCAST, BRANCH_HI_LO)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if ACT > 0:  # 16-bit outputs take the fast tanh (its error is below their rounding but in GELU's far tail)
@@ -340,11 +352,30 @@ def _check_out(out: Optional[Tensor], m: int, n: int, out_dtype: torch.dtype) ->
                          f"(got strides {out.stride()})")
 
 
-def _pad_rank(t: Tensor, r: int, dtype: torch.dtype = torch.float32) -> Tensor:
+def _pad_rank(t: Tensor, r: int, dtype: torch.dtype) -> Tensor:
     t = t.to(dtype)
     if t.shape[1] != r:
         t = torch.nn.functional.pad(t, (0, r - t.shape[1]))
     return t.contiguous()
+
+
+def branch_operands(lr: Optional[Tensor], up: Optional[Tensor]) -> tuple:
+    """(lr, up, padded rank) as the epilogue reads them: the rank padded to a power of two >= 16; a bf16 / fp16 up
+    kept (no copy when padded already), anything else fp32; lr in up's 16-bit type if given so, else fp32."""
+    if lr is None:
+        return None, None, 0
+    rank = next_pow2(lr.shape[1], 16)
+    up = _pad_rank(up, rank, up.dtype if up.dtype in (torch.bfloat16, torch.float16) else torch.float32)
+    return _pad_rank(lr, rank, up.dtype if lr.dtype == up.dtype else torch.float32), up, rank
+
+
+def branch_torch(y: Tensor, lr: Optional[Tensor], up: Optional[Tensor], config: Optional["GemmConfig"]) -> Tensor:
+    """The twins' y + lr @ up^T in fp32, a 16-bit up's lr rounded to its type first as the epilogue does."""
+    if lr is None:
+        return y
+    if up.dtype != torch.float32 and not _branch_hi_lo(lr, up, config):  # the branch in up's 16 bits
+        lr = lr.to(up.dtype)
+    return y + lr.float() @ up.float().t()
 
 
 def _branch_hi_lo(lr: Optional[Tensor], up: Optional[Tensor], cfg: Optional["GemmConfig"]) -> bool:
@@ -423,11 +454,7 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     a, b = tma_aligned(a), tma_aligned(b)  # no copy for operands from act_quant / expand_weight
     sms = num_sms(a.device)
     cfg = config or default_config(m, n, k, a.dtype, sms, device_class(a.device))
-    rank = 0
-    if lr is not None:
-        rank = next_pow2(lr.shape[1], 16)
-        up = _pad_rank(up, rank, up.dtype if up.dtype in (torch.bfloat16, torch.float16) else torch.float32)
-        lr = _pad_rank(lr, rank, up.dtype if lr.dtype == up.dtype else torch.float32)
+    lr, up, rank = branch_operands(lr, up)
     c = torch.empty((m, n), device=a.device, dtype=out_dtype) if out is None else out
     a_desc = TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK])
     b_desc = TensorDescriptor.from_tensor(b, [cfg.BN, cfg.BK])
@@ -511,10 +538,7 @@ def scaled_gemm_torch(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_
         y = y * a_scale.reshape(-1, 1)
     if b_scale is not None:
         y = y * b_scale.reshape(1, -1)
-    if lr is not None:
-        if up.dtype != torch.float32 and not _branch_hi_lo(lr, up, config):  # the branch in up's 16 bits
-            lr = lr.to(up.dtype)
-        y = y + lr.float() @ up.float().t()
+    y = branch_torch(y, lr, up, config)
     if bias is not None:
         y = y + bias.float()
     y = activation_torch(y, act).to(out_dtype)

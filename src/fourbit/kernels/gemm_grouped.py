@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import ceil_div, cdiv, check_device, next_pow2, num_sms, tma_aligned
-from .gemm import GemmConfig, TensorDescriptor, _pad_rank, _tile_coords, branch_chunk
+from ._common import ceil_div, cdiv, check_device, interpreting, num_sms, tma_aligned
+from .gemm import (GemmConfig, TensorDescriptor, _branch_hi_lo, _tile_coords, add_branch, branch_chunk, branch_operands,
+                   branch_torch)
 
 
 @triton.jit
@@ -26,6 +27,7 @@ def _grouped_gemm_kernel(
     a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, lr_ptr, up_ptr, bias_ptr,
     M, N, K, stride_cm, stride_sa, stride_sb, stride_lr, stride_up,
     G: tl.constexpr, RANK: tl.constexpr, RCHUNK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BRANCH_UPCAST: tl.constexpr, BRANCH_HI_LO: tl.constexpr,  # as ``gemm.add_branch``'s UPCAST / HI_LO
     BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -50,14 +52,9 @@ def _grouped_gemm_kernel(
             sb = tl.load(sb_ptr + g * stride_sb + offs_n, mask=mask_n, other=0.0)
             acc += d * (sa[:, None] * sb[None, :])
         y = acc
-        if RANK > 0:  # over rank chunks: the shared memory of a rank-RCHUNK branch whatever the rank
-            for r0 in tl.static_range(0, RANK, RCHUNK):
-                offs_r = r0 + tl.arange(0, RCHUNK)
-                lr = tl.load(lr_ptr + offs_m[:, None] * stride_lr + offs_r[None, :], mask=mask_m[:, None],
-                             other=0.0)
-                up = tl.load(up_ptr + offs_n[:, None] * stride_up + offs_r[None, :], mask=mask_n[:, None],
-                             other=0.0)
-                y = tl.dot(lr, up.T, y, input_precision="tf32")
+        if RANK > 0:
+            y = add_branch(y, lr_ptr, up_ptr, offs_m, offs_n, mask_m, mask_n, stride_lr, stride_up, RANK, RCHUNK,
+                           BRANCH_UPCAST, BRANCH_HI_LO)
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
@@ -97,10 +94,7 @@ def grouped_gemm(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, group: int, lr: O
     m, n, k = _check(a, b, sa, sb, group, lr, up, bias)
     check_device(a, b, sa, sb, lr, up, bias)
     cfg = config or DEFAULT_CONFIG
-    rank = 0
-    if lr is not None:
-        rank = next_pow2(lr.shape[1], 16)
-        lr, up = _pad_rank(lr, rank), _pad_rank(up, rank)
+    lr, up, rank = branch_operands(lr, up)
     a, b = tma_aligned(a), tma_aligned(b)
     c = torch.empty((m, n), device=a.device, dtype=out_dtype)
     a_desc = TensorDescriptor.from_tensor(a, [cfg.BM, group])
@@ -112,7 +106,8 @@ def grouped_gemm(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, group: int, lr: O
         c if lr is None else lr, c if up is None else up, c if bias is None else bias,
         m, n, k, c.stride(0), sa.shape[1], sb.shape[1],
         0 if lr is None else lr.stride(0), 0 if up is None else up.stride(0),
-        G=group, RANK=rank, RCHUNK=branch_chunk(rank), HAS_BIAS=bias is not None, BM=cfg.BM, BN=cfg.BN,
+        G=group, RANK=rank, RCHUNK=branch_chunk(rank), HAS_BIAS=bias is not None,
+        BRANCH_UPCAST=interpreting(), BRANCH_HI_LO=_branch_hi_lo(lr, up, cfg), BM=cfg.BM, BN=cfg.BN,
         GROUP_M=cfg.GROUP_M,
         NUM_PROGS=progs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -122,13 +117,12 @@ def grouped_gemm(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, group: int, lr: O
 def grouped_gemm_torch(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor, group: int, lr: Optional[Tensor] = None,
                        up: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                        out_dtype: torch.dtype = torch.bfloat16, config: Optional[GemmConfig] = None) -> Tensor:
-    """Plain-torch twin of ``grouped_gemm``: dequantize both operands in fp32 and multiply."""
+    """Plain-torch twin of ``grouped_gemm``: dequantize both operands in fp32 and multiply (the branch as
+    ``scaled_gemm_torch``'s)."""
     m, n, k = _check(a, b, sa, sb, group, lr, up, bias)
     ad = (a.float().reshape(m, k // group, group) * sa.t().unsqueeze(-1)).reshape(m, k)
     bd = (b.float().reshape(n, k // group, group) * sb.t().unsqueeze(-1)).reshape(n, k)
-    y = ad @ bd.t()
-    if lr is not None:
-        y = y + lr.float() @ up.float().t()
+    y = branch_torch(ad @ bd.t(), lr, up, config)
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)

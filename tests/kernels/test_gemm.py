@@ -78,6 +78,24 @@ def test_scaled_gemm_16_bit_branch_matches_twin(device, up_dtype, mode):
         assert sqnr_db(exact, got) < bound
 
 
+def test_scaled_gemm_fp16_branch_clamps_instead_of_overflowing(device):
+    """An fp32 lr beyond fp16's range, with an fp16 up: rounded to +-65504 (finite), as the twin does, not inf."""
+    from fourbit.kernels.gemm import FP16_MAX, GemmConfig, scaled_gemm, scaled_gemm_torch
+
+    m, n, k, r = 40, 72, 128, 20
+    a, b = (t.to(device) for t in gemm_operands(torch.float8_e4m3fn, m, n, k))
+    lr = torch.randn(m, r, device=device)
+    lr[3, 5], lr[7, 0] = 1e6, -3e5  # past fp16's largest finite value
+    up = (torch.randn(n, r, device=device) * 1e-3).half()
+    cfg = GemmConfig(32, 32, 64, 2, 4, 2, persistent=True)
+    got = scaled_gemm(a, b, None, None, lr, up, out_dtype=torch.float32, config=cfg)
+    ref = scaled_gemm_torch(a, b, None, None, lr, up, out_dtype=torch.float32, config=cfg)
+    assert torch.isfinite(got).all()
+    assert sqnr_db(ref, got) > (SQNR_FP32_REORDER_DB if device == "cpu" else SQNR_GPU_ACCUMULATE_DB)
+    clamped = lr.clamp(-FP16_MAX, FP16_MAX)
+    assert torch.equal(ref, scaled_gemm_torch(a, b, None, None, clamped, up, out_dtype=torch.float32, config=cfg))
+
+
 def test_scaled_gemm_non_persistent_and_unaligned_k(device):
     from fourbit.kernels.gemm import GemmConfig, scaled_gemm, scaled_gemm_torch
 

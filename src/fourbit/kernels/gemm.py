@@ -71,9 +71,12 @@ def _mainloop(a_desc, b_desc, off_m, off_n, kt_lo, kt_hi, acc, BK: tl.constexpr,
 def _round16(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     """fp32 x rounded to the 16-bit ``dtype`` (nearest even, as torch): that type on a GPU; in the interpreter, whose
     bf16 conversion truncates, the rounded values in fp32 (the bits' nearest-even rounding; no NaN / inf here).
-    A 16-bit x is returned as it is (an lr given in up's type)."""
+    A 16-bit x is returned as it is (an lr given in up's type). fp16: clamped to its finite range first (a value
+    beyond it becomes +-65504, not inf; ``FP16_MAX``)."""
     if x.dtype != tl.float32:
         return x
+    if dtype == tl.float16:
+        x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)
     if UPCAST and dtype == tl.bfloat16:
         bits = x.to(tl.int32, bitcast=True)
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
@@ -359,6 +362,10 @@ def _pad_rank(t: Tensor, r: int, dtype: torch.dtype) -> Tensor:
     return t.contiguous()
 
 
+#: the largest finite fp16: an fp32 lr beyond it is clamped before its rounding to fp16 (``_round16``)
+FP16_MAX = 65504.0
+
+
 def branch_operands(lr: Optional[Tensor], up: Optional[Tensor]) -> tuple:
     """(lr, up, padded rank) as the epilogue reads them: the rank padded to a power of two >= 16; a bf16 / fp16 up
     kept (no copy when padded already), anything else fp32; lr in up's 16-bit type if given so, else fp32."""
@@ -374,7 +381,7 @@ def branch_torch(y: Tensor, lr: Optional[Tensor], up: Optional[Tensor], config: 
     if lr is None:
         return y
     if up.dtype != torch.float32 and not _branch_hi_lo(lr, up, config):  # the branch in up's 16 bits
-        lr = lr.to(up.dtype)
+        lr = (lr.clamp(-FP16_MAX, FP16_MAX) if up.dtype == torch.float16 else lr).to(up.dtype)
     return y + lr.float() @ up.float().t()
 
 

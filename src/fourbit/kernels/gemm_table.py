@@ -17,7 +17,8 @@ from typing import Optional
 @dataclass(frozen=True)
 class GemmConfig:
     """Tile shape and schedule. ``persistent``: one program per SM looping over tiles (else one per tile).
-    ``precise``: fp8 only: promote the tensor-core accumulator to fp32 every BK (max_num_imprecise_acc).
+    ``precise``: fp8 only: promote the tensor-core accumulator to fp32 every BK (max_num_imprecise_acc); any
+    operands: a 16-bit up-projection's fp32 lr goes into the epilogue's branch as hi + lo (``gemm.add_branch``).
     ``stream_k``: a persistent launch's last, partial wave of tiles is shared out by K iterations.
     ``split_k``: a launch with fewer tiles than SMs shares all its tiles' K iterations out over the SMs (the same
     stream-K fix-up: each tile's partial sums are added in program order by the program that holds its last K

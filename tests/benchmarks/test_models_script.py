@@ -158,12 +158,11 @@ def test_models_compiles_through_the_library_call():
     assert 0 < w4a4["rel_diff_vs_bf16"] < 0.5
 
 
-def test_uncaptured_calls_are_timed_in_rotation_per_call(monkeypatch):
-    """``uncaptured``: every model called ``calls`` times between two events, orders rotated, ms per call."""
-    import models
-
+@pytest.fixture
+def clock(monkeypatch):
+    """A fake GPU clock: ``torch.cuda.Event`` records ``clock["t"]`` (the timed work advances it); synchronize is a
+    no-op."""
     clock = {"t": 0.0}
-    order = []
 
     class FakeEvent:
         def __init__(self, enable_timing=True):
@@ -177,6 +176,14 @@ def test_uncaptured_calls_are_timed_in_rotation_per_call(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    return clock
+
+
+def test_uncaptured_calls_are_timed_in_rotation_per_call(clock):
+    """``uncaptured``: every model called ``calls`` times between two events, orders rotated, ms per call."""
+    import models
+
+    order = []
 
     def model(name, ms):
         def call(**inputs):
@@ -195,22 +202,10 @@ def test_uncaptured_calls_are_timed_in_rotation_per_call(monkeypatch):
     assert "| 10.00 (1.20x) |" in models.table([row])
 
 
-def test_alternated_rounds_give_the_ratio_spread(monkeypatch):
+def test_alternated_rounds_give_the_ratio_spread(clock):
     """``alternate(samples=)`` keeps each round's ms; ``round_ratios`` pairs them round by round with bf16 (10th
     percentile, median, 90th percentile) and the table shows the spread beside the ratio of the medians."""
     import models
-
-    clock = {"t": 0.0}
-
-    class FakeEvent:
-        def __init__(self, enable_timing=True):
-            self.t = None
-
-        def record(self):
-            self.t = clock["t"]
-
-        def elapsed_time(self, other):
-            return other.t - self.t
 
     class FakeGraph:
         def __init__(self, times):
@@ -219,8 +214,6 @@ def test_alternated_rounds_give_the_ratio_spread(monkeypatch):
         def replay(self):
             clock["t"] += next(self.times)
 
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     bf16 = [9.0] + [10.0] * 10  # one warm-up round, then ten timed
     w4a4 = [9.0] + [8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 10.0, 5.0]  # ratios 1.25 x 8, 1.0, 2.0
     samples = {}

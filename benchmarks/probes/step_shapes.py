@@ -66,19 +66,17 @@ def gemm_candidates(m):
 
 
 #: few-row GEMV configs tried beside the default (GemvConfig fields)
-GEMV_CANDIDATES = {  # (the earlier sweep's BN / BK / warps / act programs: results/step-shapes-gemv.h100.*)
+GEMV_CANDIDATES = {
     "16x256 w4": dict(BN=16, BK=256, warps=4),
-    "16x512 stages 2": dict(stages=2),
-    "16x512 stages 3": dict(stages=3),
-    "16x1024 stages 2": dict(BK=1024, stages=2),
-    "16x512 split 2": dict(split_k=2),
-    "16x512 split 3": dict(split_k=3),
-    "16x512 split 6": dict(split_k=6),
-    "32x512 split 6": dict(BN=32, split_k=6),
-    "64x512 w8 split 6": dict(BN=64, warps=8, split_k=6),
-    "32x256 split 6": dict(BN=32, BK=256, split_k=6),
-    "16x1024 w8 split 3": dict(BK=1024, warps=8, split_k=3),
-    "8x1024 split 3": dict(BN=8, BK=1024, split_k=3),
+    "32x256 w4": dict(BN=32, BK=256, warps=4),
+    "16x512 w8": dict(BN=16, BK=512, warps=8),
+    "8x256 w4": dict(BN=8, BK=256, warps=4),
+    "32x128 w4": dict(BN=32, BK=128, warps=4),
+    "16x128 w2": dict(BN=16, BK=128, warps=2),
+    "64x256 w8": dict(BN=64, BK=256, warps=8),
+    "64x512 w8": dict(BN=64, BK=512, warps=8),
+    "act 4 programs": dict(act_programs=4),
+    "act 16 programs": dict(act_programs=16),
 }
 
 

@@ -42,20 +42,18 @@ def test_gemv_matches_twin(device, af, wf, wg, m):
     st = layer_state(layer)
     wfmt, packed, scales, row_scale = (layer.weight_format, layer.weight_packed, layer.weight_scales,
                                        layer.weight_row_scale)
-    cfgs = (GemvConfig(BN=16, BK=128, act_programs=3, act_BK=64), GemvConfig(BN=8, BK=64, act_programs=1),
-            GemvConfig(BN=8, BK=64, act_programs=2, split_k=3, stages=2))  # split K: the last slice's epilogue
+    cfgs = (GemvConfig(BN=16, BK=128, act_programs=3, act_BK=64), GemvConfig(BN=8, BK=64, act_programs=1))
     x = hard_rows(8, 200)[{1: [5], 3: [0, 1, 3], 5: [0, 1, 2, 3, 4]}[m]].to(device)  # row 1 of several: all zeros
     for xin in (x, x.bfloat16()):
         for branch, bias in ((True, True), (False, False)):
             args = (xin, layer.act_format, wfmt, layer.padded_in, packed, scales, row_scale, st.smooth_recip,
                     st.down_folded if branch else None, st.up if branch else None, st.bias if bias else None)
             ref = gemv_torch(*args, out_dtype=torch.float32)
-            for cfg in (cfgs[branch], cfgs[2]):
-                got = gemv(*args, out_dtype=torch.float32, config=cfg)
-                assert torch.isfinite(got).all()
-                assert sqnr_db(ref, got) > SQNR_FP32_REORDER_DB, (xin.dtype, branch, cfg)
-                if m > 1:
-                    assert torch.equal(got[1], ref[1])  # the all-zero row: bias (or zero) exactly
+            got = gemv(*args, out_dtype=torch.float32, config=cfgs[branch])
+            assert torch.isfinite(got).all()
+            assert sqnr_db(ref, got) > SQNR_FP32_REORDER_DB, (xin.dtype, branch)
+            if m > 1:
+                assert torch.equal(got[1], ref[1])  # the all-zero row: bias (or zero) exactly
 
 
 @pytest.mark.usefixtures("interpret")

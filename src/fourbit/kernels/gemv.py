@@ -40,9 +40,7 @@ from .weights import nibble_value
 class GemvConfig:
     """``max_m``: the most rows this path takes (``linear_forward``). The GEMV: ``BN`` output channels per program
     at one row (divided by the rows, rounded up to a power of two, down to 8), ``BK`` columns per step (raised to a
-    multiple of the group), ``warps``; ``split_k`` programs per channel tile, each on its own slice of K (the
-    last to finish sums the slices' partials in a fixed order and applies the epilogue: deterministic), and
-    ``stages`` software-pipeline stages of the K loop (1: none). The activation launch: ``act_programs`` slices of K (few: every GEMV program
+    multiple of the group), ``warps``. The activation launch: ``act_programs`` slices of K (few: every GEMV program
     sums their partial down-projections), ``act_BK`` columns per step, ``act_row_elems`` elements per step of its
     row-maxima walk, ``act_warps``."""
 
@@ -50,8 +48,6 @@ class GemvConfig:
     BN: int = 16
     BK: int = 512
     warps: int = 4
-    split_k: int = 1
-    stages: int = 1
     act_programs: int = 24
     act_BK: int = 128
     act_row_elems: int = 4096
@@ -139,40 +135,14 @@ def _weight_values(byte, e, W_E2M1: tl.constexpr):
 
 
 @triton.jit
-def _gemv_epilogue(acc, rs_ptr, plr_ptr, wr_ptr, up_ptr, bias_ptr, out_ptr, rows, rmask, chans, cmask, M, SPLIT,
-                   stride_om, BM: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """acc (BM, BN) fp32 sums -> the row and channel scales, the up-projection (the down-projection's partials
-    summed in a fixed order), the bias; rounded once into out."""
-    y = acc * tl.load(rs_ptr + rows, mask=rmask, other=0.0)[:, None]
-    y = y * tl.load(wr_ptr + chans, mask=cmask, other=0.0)[None, :]
-    if RANK > 0:
-        offs_r = tl.arange(0, RANK)
-        lr = tl.full((BM, RANK), 0, tl.float32)
-        for s in range(SPLIT):  # the partials in a fixed order (deterministic)
-            lr += tl.load(plr_ptr + (s * M + rows[:, None]).to(tl.int64) * RANK + offs_r[None, :],
-                          mask=rmask[:, None], other=0.0)
-        up = tl.load(up_ptr + chans.to(tl.int64)[:, None] * RANK + offs_r[None, :], mask=cmask[:, None], other=0.0)
-        up = up.to(tl.float32)  # (BN, R); a 16-bit up-projection is exact in fp32
-        y += _total(lr[:, None, :] * up[None, :, :], 2)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + chans, mask=cmask, other=0.0)[None, :]
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + chans[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
-
-
-@triton.jit
-def _gemv_kernel(q_ptr, rs_ptr, plr_ptr, wp_ptr, we_ptr, wr_ptr, up_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
-                 M, N, Kp, KH, SPLIT, bytes_per_split, stride_qm, stride_wp, stride_we, stride_om,
+def _gemv_kernel(q_ptr, rs_ptr, plr_ptr, wp_ptr, we_ptr, wr_ptr, up_ptr, bias_ptr, out_ptr,
+                 M, N, Kp, KH, SPLIT, stride_qm, stride_wp, stride_we, stride_om,
                  W_E2M1: tl.constexpr, G: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                 STAGES: tl.constexpr):
-    """Program (channel tile, K slice): fp32 sums of the activation operand times the decoded weight over its
-    slice of K; each row's products are reduced every step (one fp32 sum per lane, reduced after the walk,
-    measured no faster). With one slice it applies the epilogue itself; with SPLIT_K slices each stores its
-    partial sums, and the last of a tile's programs to arrive (an atomic count) adds them in slice order and
-    applies the epilogue (the counts are zeros allocated per call)."""
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One program per BN output channels: fp32 sums of the activation operand times the decoded weight, then
+    the row and channel scales, the up-projection and the bias. Each row's products are reduced every step (one
+    fp32 sum per lane, reduced after the walk, measured no faster)."""
     pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
     rows = tl.arange(0, BM)
     rmask = rows < M
     chans = pid * BN + tl.arange(0, BN)
@@ -183,10 +153,8 @@ def _gemv_kernel(q_ptr, rs_ptr, plr_ptr, wp_ptr, we_ptr, wr_ptr, up_ptr, bias_pt
     hj = tl.arange(0, HG)
     wrow = chans.to(tl.int64)
     acc = tl.full((BM, BN), 0, tl.float32)
-    # KH = Kp / 2 bytes per weight row, a separate argument: its divisibility by 16 lets the loads vectorize.
-    # bytes_per_split is a multiple of BK / 2, so no step crosses into the next slice.
-    k_lo = pid_k * bytes_per_split
-    for kh0 in tl.range(k_lo, tl.minimum(k_lo + bytes_per_split, KH), BK // 2, num_stages=STAGES):
+    # KH = Kp / 2 bytes per weight row, a separate argument: its divisibility by 16 lets the loads vectorize
+    for kh0 in range(0, KH, BK // 2):
         bcols = kh0 + tl.arange(0, BK // 2)  # byte columns
         byte = tl.load(wp_ptr + wrow[:, None] * stride_wp + bcols[None, :], mask=cmask[:, None] & (bcols[None, :] < KH),
                        other=0)
@@ -204,20 +172,22 @@ def _gemv_kernel(q_ptr, rs_ptr, plr_ptr, wp_ptr, we_ptr, wr_ptr, up_ptr, bias_pt
             prod = x_even[None, :, :] * w_lo + x_odd[None, :, :] * w_hi
             part = _total(_total(prod, 2), 1)  # (BN,)
             acc = tl.where(rows[:, None] == r, acc + part[None, :], acc)
-    if SPLIT_K == 1:
-        _gemv_epilogue(acc, rs_ptr, plr_ptr, wr_ptr, up_ptr, bias_ptr, out_ptr, rows, rmask, chans, cmask, M, SPLIT,
-                       stride_om, BM, RANK, HAS_BIAS)
-    else:
-        # partials (SPLIT_K, BM, N): this slice's sums; the release orders them before the count
-        offs = rows[:, None].to(tl.int64) * N + chans[None, :]
-        tl.store(part_ptr + pid_k * BM * N + offs, acc, mask=cmask[None, :])
-        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # the last slice of this tile: the others' partials are visible
-            total = tl.full((BM, BN), 0, tl.float32)
-            for s in range(SPLIT_K):  # slice order: deterministic
-                total += tl.load(part_ptr + s * BM * N + offs, mask=cmask[None, :], other=0.0, cache_modifier=".cg")
-            _gemv_epilogue(total, rs_ptr, plr_ptr, wr_ptr, up_ptr, bias_ptr, out_ptr, rows, rmask, chans, cmask,
-                           M, SPLIT, stride_om, BM, RANK, HAS_BIAS)
+    y = acc
+    y = y * tl.load(rs_ptr + rows, mask=rmask, other=0.0)[:, None]
+    y = y * tl.load(wr_ptr + chans, mask=cmask, other=0.0)[None, :]
+    if RANK > 0:
+        offs_r = tl.arange(0, RANK)
+        lr = tl.full((BM, RANK), 0, tl.float32)
+        for s in range(SPLIT):  # the partials in a fixed order (deterministic)
+            lr += tl.load(plr_ptr + (s * M + rows[:, None]).to(tl.int64) * RANK + offs_r[None, :],
+                          mask=rmask[:, None], other=0.0)
+        up = tl.load(up_ptr + wrow[:, None] * RANK + offs_r[None, :], mask=cmask[:, None], other=0.0)  # (BN, R)
+        up = up.to(tl.float32)  # (a 16-bit up-projection: exact in fp32)
+        y += _total(lr[:, None, :] * up[None, :, :], 2)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + chans, mask=cmask, other=0.0)[None, :]
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + chans[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
 
 
 def _up_operand(up: Tensor) -> Tensor:
@@ -288,28 +258,13 @@ def gemv(x: Tensor, act_format, weight_format, padded_in: int, packed: Tensor, s
         QROWS=qrows, BM=max(16, qrows), BK=bk_act,
         ABK=min(next_pow2(kp), max(bk_act, cfg.act_row_elems // qrows)), num_warps=cfg.act_warps)
     bn = max(8, cfg.BN // next_pow2(m))  # the work per step stays about the same
-    bk = max(cfg.BK, g)
-    tiles = ceil_div(n, bn)
-    split_k = max(1, min(cfg.split_k, ceil_div(kp, bk)))
-    bytes_per_split = ceil_div(ceil_div(kp, bk), split_k) * bk // 2  # whole steps of BK / 2 bytes
-    split_k = ceil_div(kp // 2, bytes_per_split)
-    part = count = dummy
-    if split_k > 1:
-        part = torch.empty((split_k, next_pow2(m), n), device=x.device, dtype=torch.float32)
-        count = _split_counts(x.device, tiles)
-    _gemv_kernel[(tiles, split_k)](
+    _gemv_kernel[(ceil_div(n, bn),)](
         q, rs, dummy if plr is None else plr, packed, scales, row_scale.float().reshape(-1).contiguous(),
         dummy if up is None else _up_operand(up), dummy if bias is None else bias.float().contiguous(), out,
-        part, count, m, n, kp, kp // 2, progs, bytes_per_split, q.stride(0), packed.stride(0), scales.stride(0),
-        out.stride(0), W_E2M1=weight_format.name == "fp4p2", G=g, RANK=rank, HAS_BIAS=bias is not None,
-        BM=next_pow2(m), BN=bn, BK=bk, SPLIT_K=split_k, STAGES=cfg.stages, num_warps=cfg.warps)
+        m, n, kp, kp // 2, progs, q.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
+        W_E2M1=weight_format.name == "fp4p2", G=g, RANK=rank, HAS_BIAS=bias is not None,
+        BM=next_pow2(m), BN=bn, BK=max(cfg.BK, g), num_warps=cfg.warps)
     return out
-
-
-def _split_counts(device, tiles: int) -> Tensor:
-    """The split-K arrival counts, (tiles,) int32 zeros: allocated per call (one memset), so GEMVs on other
-    streams never share them."""
-    return torch.zeros((tiles,), device=device, dtype=torch.int32)
 
 
 def gemv_torch(x: Tensor, act_format, weight_format, padded_in: int, packed: Tensor, scales: Tensor,

@@ -150,3 +150,42 @@ def test_quartz_kernel_compiles_for_hopper(hopper, name, out):
 
     got = quartz_quant(torch.randn(300, 1152).bfloat16(), make_format(name), out=out)
     assert got.q.shape[0] == 300
+
+
+def _ptx_of(kernel) -> list[str]:
+    """The PTX of every compiled specialization of a ``@triton.jit`` kernel (Triton's per-device caches)."""
+    return [k.asm["ptx"] for cache in kernel.device_caches.values() for k in cache[0].values()]
+
+
+def test_programmatic_launch_compiles_for_hopper(hopper, monkeypatch):
+    """With ``set_programmatic_launch(True)`` the GEMM and the GEMV wait for their predecessor at their first
+    instruction (``griddepcontrol.wait`` in their sm_90 PTX) and the activation kernels before them let them launch
+    early (``griddepcontrol.launch_dependents``); with it off (the default) neither instruction is there."""
+    from fourbit.kernels import _common, act_single, act_two, gemm, gemv
+
+    xs = [torch.randn(rows, 1152).bfloat16() for rows in (1, 300)]  # the GEMV; act_quant + GEMM
+    models = []
+    for cfg in (fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=32, kernel="reference"),
+                fourbit.RTNConfig(weights="int4p2", activations="int4p2", kernel="reference")):  # two / single pass
+        model = nn.Sequential(nn.Linear(1152, 384).bfloat16())
+        fourbit.quantize(model, cfg, forward_loop=lambda m: m(xs[1]), progress=False, verbose=False)
+        set_kernel(model, "triton")
+        models.append(model)
+    monkeypatch.setattr(_common, "_hopper_or_later", lambda device: True)  # the stand-in's tensors are CPU ones
+    for on in (False, True):
+        old = _common.set_programmatic_launch(on)
+        try:
+            with torch.no_grad():
+                for model in models:
+                    for x in xs:
+                        model(x)
+        finally:
+            _common.set_programmatic_launch(old)
+        for kernel, instruction in ((gemm._scaled_gemm_kernel, "griddepcontrol.wait"),
+                                    (gemv._gemv_kernel, "griddepcontrol.wait"),
+                                    (act_single._act_fused_kernel, "griddepcontrol.launch_dependents"),
+                                    (act_two._act_quant_kernel, "griddepcontrol.launch_dependents"),
+                                    (gemv._few_rows_act_kernel, "griddepcontrol.launch_dependents")):
+            ptx = _ptx_of(kernel)
+            assert ptx, kernel
+            assert any(instruction in p for p in ptx) == on, (kernel, on)

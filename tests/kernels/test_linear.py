@@ -120,3 +120,43 @@ def test_layers_gpu(wf, af):
     fourbit.quantize(model, cfg, forward_loop=lambda mm: mm(x), progress=False, verbose=False)
     speed_equals_memory_near_reference(model, x)
 
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 300, 2048])
+@pytest.mark.parametrize("k", [1024, 9216], ids=["k1024", "k9216"])  # single+mm on the side stream / after it
+def test_programmatic_launch_gpu(rows, k):
+    """The GEMM / GEMV launched as programmatic dependents (``set_programmatic_launch``) give the same bits as
+    launched plainly, called eagerly and replayed from a CUDA graph captured with it on; rows: the GEMV, the
+    two-launch act_quant, the single pass beside the cuBLAS down-projection."""
+    from fourbit.kernels._common import programmatic_launch, set_programmatic_launch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(k, 640).bfloat16().cuda())
+    x = torch.randn(rows, k, device="cuda").bfloat16()
+    cfg = fourbit.SVDQuantConfig(weights="int4p2", activations="int4p2", rank=32)
+    fourbit.quantize(model, cfg, forward_loop=lambda mm: mm(x), progress=False, verbose=False)
+    set_kernel(model, "triton")
+    with torch.no_grad():
+        want = model(x)
+        old = set_programmatic_launch(True)
+        try:
+            assert programmatic_launch(x.device) == (torch.cuda.get_device_capability()[0] >= 9)
+            eager = model(x)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                model(x)  # warm-up on the capture stream
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = model(x)
+        finally:
+            set_programmatic_launch(old)
+        x.copy_(torch.randn_like(x))  # the replay computes a new input, as a pipeline's steps do
+        graph.replay()
+        want_new = model(x)
+    torch.cuda.synchronize()
+    assert torch.equal(eager, want)
+    assert torch.equal(captured, want_new)

@@ -8,8 +8,7 @@ text stream at M = 512, the 38 single blocks at M = 4608, and the adaLN modulati
 shape: bf16 ``F.linear``, cuBLAS FP8 rowwise (GEMM only), act_quant alone, the int4p2 W4A4 rank-32 layer end to
 end with the default GEMM tiles and with candidate tiles (the small-M shapes), and without its branch; at
 M <= ``GemvConfig.max_m`` the default is the GEMV on the packed weight (``fourbit.kernels.gemv``), shown beside
-act_quant + GEMM and other GEMV tiles (``--few-rows 2,4,8`` adds the adaLN shapes at those M); every shape also
-with the GEMM / GEMV launched as programmatic dependents (``set_programmatic_launch``). Times are
+act_quant + GEMM and other GEMV tiles (``--few-rows 2,4,8`` adds the adaLN shapes at those M). Times are
 medians of CUDA-graph replays, all variants of a shape replayed in turn (``_util.InterleavedGraphs``); calls
 rotate over several layers (different weights) and inputs, so weights and activations come from memory as in
 the real step, where every layer's weights are read once. The step totals weigh each shape by its count.
@@ -92,18 +91,6 @@ def with_defaults(module, attr, fn, *args, **overrides):
         setattr(module, attr, old)
 
 
-def with_programmatic_launch(fn, *args):
-    """fn(*args) with the GEMM / GEMV launched as programmatic dependents (``set_programmatic_launch``); a CUDA
-    graph captured through this keeps it."""
-    from fourbit.kernels._common import set_programmatic_launch
-
-    old = set_programmatic_launch(True)
-    try:
-        return fn(*args)
-    finally:
-        set_programmatic_launch(old)
-
-
 def bench(name, m, k, n, count, log):
     from fourbit.kernels.act_quant import act_quant
     from fourbit.kernels.linear import layer_state, linear_forward
@@ -143,8 +130,6 @@ def bench(name, m, k, n, count, log):
         for label, kw in {"default": {}, **GEMV_CANDIDATES}.items():
             variants[f"W4A4 r32, GEMV {label}"] = lambda li, xi, kw=kw: with_defaults(
                 gv, "DEFAULT_GEMV", variants["W4A4 r32 (default tiles)"], li, xi, **dict(kw, max_m=16))
-    variants["W4A4 r32, programmatic launch"] = lambda li, xi: with_programmatic_launch(
-        variants["W4A4 r32 (default tiles)"], li, xi)
     for label, cfg in (gemm_candidates(m) if m > gv.DEFAULT_GEMV.max_m else {}).items():
         variants[f"W4A4 r32, GEMM {label}"] = lambda li, xi, cfg=cfg: linear_forward(layers[li], xs[xi],
                                                                                      gemm_config=cfg)
@@ -174,24 +159,23 @@ def summarize(rows):
     for r in rows:
         if r["shape"] not in shapes:
             shapes.append(r["shape"])
-    table, tot = [], {"bf16": 0.0, "default": 0.0, "best": 0.0, "fp8": 0.0, "act": 0.0, "none": 0.0, "pdl": 0.0}
+    table, tot = [], {"bf16": 0.0, "default": 0.0, "best": 0.0, "fp8": 0.0, "act": 0.0, "none": 0.0}
     for s in shapes:
         d = {r["variant"]: r for r in rows if r["shape"] == s}
         base, cnt = d["bf16 F.linear"], d["bf16 F.linear"]["count"]
         dflt = d.get("W4A4 r32 (default tiles)")
         if dflt is None:
             continue
-        cands = {v: r for v, r in d.items() if v.startswith("W4A4 r32") and "programmatic" not in v}
+        cands = {v: r for v, r in d.items() if v.startswith("W4A4 r32")}
         best_v, best = min(cands.items(), key=lambda vr: vr[1]["ms"])
         fp8 = d.get("fp8 cuBLAS GEMM only", {}).get("ms", float("nan"))
         act = d.get("act_quant only", {}).get("ms", float("nan"))
         none = d.get("W4A4 no branch", {}).get("ms", float("nan"))
-        pdl = d.get("W4A4 r32, programmatic launch", {}).get("ms", float("nan"))
         table.append([s, f"{base['M']}x{base['K']}x{base['N']}", cnt, base["ms"], fp8, act, none, dflt["ms"],
                       base["ms"] / dflt["ms"], best_v.replace("W4A4 r32, GEMM ", "").replace("W4A4 r32 ", ""),
                       base["ms"] / best["ms"]])
         for key, v in (("bf16", base["ms"]), ("default", dflt["ms"]), ("best", best["ms"]), ("fp8", fp8),
-                       ("act", act), ("none", none), ("pdl", pdl)):
+                       ("act", act), ("none", none)):
             tot[key] += cnt * v
     return table, tot
 
@@ -204,9 +188,9 @@ def markdown(rows):
            md_table(hdr, table),
            "\nPer step (time x count, summed over the shapes above), ms:\n",
            md_table(["bf16", "fp8 cuBLAS GEMM only", "act_quant", "W4A4 no branch", "W4A4 r32 default tiles",
-                     "W4A4 r32 best tiles", "speed-up default", "speed-up best", "W4A4 r32 programmatic launch"],
+                     "W4A4 r32 best tiles", "speed-up default", "speed-up best"],
                     [[tot["bf16"], tot["fp8"], tot["act"], tot["none"], tot["default"], tot["best"],
-                      tot["bf16"] / tot["default"], tot["bf16"] / tot["best"], tot["pdl"]]])]
+                      tot["bf16"] / tot["default"], tot["bf16"] / tot["best"]]])]
     return "\n".join(out), tot
 
 

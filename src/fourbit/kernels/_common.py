@@ -63,42 +63,6 @@ def device_class(device: torch.device) -> str:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
-try:  # Triton >= 3.4: grid dependency control (programmatic dependent launch, Hopper and later)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
-except ImportError:  # pragma: no cover - older Triton: never launched that way (``programmatic_launch``)
-    gdc_launch_dependents = gdc_wait = None
-
-#: ``set_programmatic_launch``'s switch (off by default)
-_PROGRAMMATIC = [False]
-
-
-def set_programmatic_launch(on: bool) -> bool:
-    """Launch the GEMM and the GEMV as programmatic dependents of the kernel before them (CUDA's programmatic
-    dependent launch, compute capability >= 9.0): each is launched while that kernel still runs and waits at its
-    first instruction (``gdc_wait``) until it has finished and its writes are visible, so only the launch
-    overlaps. act_quant's kernels let them launch early (``gdc_launch_dependents``). Read at each call, so a CUDA
-    graph captured while it is on keeps it. Returns the previous setting."""
-    old, _PROGRAMMATIC[0] = _PROGRAMMATIC[0], bool(on)
-    return old
-
-
-def programmatic_launch(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch as programmatic dependents now (``set_programmatic_launch``; CUDA,
-    compute capability >= 9.0, a Triton with grid dependency control; never under the interpreter)."""
-    return _PROGRAMMATIC[0] and gdc_wait is not None and not interpreting() and _hopper_or_later(device)
-
-
-def _hopper_or_later(device: torch.device) -> bool:
-    """A CUDA device of compute capability >= 9.0 (programmatic dependent launch)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def launch_options(device: torch.device) -> dict:
-    """The launch keyword for a kernel that waits for its predecessor (``programmatic_launch``): {} when off, so
-    Tritons without the option never see it."""
-    return {"launch_pdl": True} if programmatic_launch(device) else {}
-
-
 def aligned_empty(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
     """(rows, cols) view of a buffer whose row stride is a multiple of 16 bytes (what TMA descriptors need)."""
     per = 16 // torch.empty((), dtype=dtype).element_size()

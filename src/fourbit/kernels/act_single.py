@@ -10,8 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (amax as _amax, ceil_div, gdc_launch_dependents, interpreting, next_pow2, operand_buffer,
-                      programmatic_launch, to_e4m3)
+from ._common import amax as _amax, ceil_div, interpreting, next_pow2, operand_buffer, to_e4m3
 from .act_spec import FP8_ROW, INT4_GROUP, INT8_ROW, ActOperand
 from .act_tiles import _load_blocks, _quant_tile, _row_scale, _scale_consts, _smooth, p2_values_given_max
 
@@ -50,13 +49,10 @@ def _act_fused_kernel(
     MANT_T: tl.constexpr, S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,
     OUTER: tl.constexpr, ROW_PASS: tl.constexpr, HAS_SMOOTH: tl.constexpr, HW_ROUND: tl.constexpr,
     TWO: tl.constexpr, ONE_LOAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-    EARLY_DEPENDENTS: tl.constexpr,  # let a programmatic dependent (the GEMM) launch now
 ):
     """One program per BM whole rows; TWO: X is two column blocks (``_load_blocks``). Row formats: loop 1 over K
     (row maxima of |X^|), loop 2 over K (quantize and store). Other formats: loop 2 only. ONE_LOAD (Kp <= BK): the
     row's one chunk is loaded once, for its maximum and its codes."""
-    if EARLY_DEPENDENTS:
-        gdc_launch_dependents()  # the GEMM's programs may be placed now; they wait for this kernel to finish
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
@@ -115,7 +111,7 @@ def single_pass_meta(spec, kp, cfg, two=False, has_smooth=True, hw=None) -> dict
     return dict(MODE=spec.mode, G=g, NG=bk // g, QMAX=float(spec.qmax), EMIN=spec.emin, **_scale_consts(spec),
                 OUTER=spec.outer, ROW_PASS=spec.row_pass, HAS_SMOOTH=has_smooth,
                 HW_ROUND=(cfg.hw_round and not interpreting()) if hw is None else hw, TWO=two,
-                ONE_LOAD=cfg.one_load and kp <= bk, BM=cfg.rows, BK=bk, EARLY_DEPENDENTS=False,
+                ONE_LOAD=cfg.one_load and kp <= bk, BM=cfg.rows, BK=bk,
                 num_warps=cfg.large_warps if large else cfg.warps, num_stages=cfg.stages)
 
 
@@ -135,6 +131,6 @@ def act_quant_single(x, spec, smooth, smooth_recip, kp, cfg, tail=None, extra=0)
         x, x if tail is None else tail, dummy if smooth is None else smooth_recip, q,
         dummy if rs is None else rs, dummy if gs is None else gs, dummy,
         m, k1, k, kp, x.stride(0), x.stride(0) if tail is None else tail.stride(0), q.stride(0),
-        0 if gs is None else gs.stride(0), **dict(meta, EARLY_DEPENDENTS=programmatic_launch(dev)),
+        0 if gs is None else gs.stride(0), **meta,
     )
     return ActOperand(q, rs, gs, None, q_ext)

@@ -12,8 +12,7 @@ import triton
 import triton.language as tl
 
 from ..formats.base import div_scalar
-from ._common import (amax as _amax, ceil_div, gdc_launch_dependents, interpreting, num_sms, operand_buffer,
-                      programmatic_launch)
+from ._common import amax as _amax, ceil_div, interpreting, num_sms, operand_buffer
 from .act_spec import _TINY, FP8_ROW, INT4_GROUP, INT8_ROW, ActOperand
 from .act_tiles import _down_dot, _load_smoothed, _quant_tile, _row_scale, _scale_consts, _smooth
 
@@ -59,11 +58,8 @@ def _act_quant_kernel(
     S_DROP: tl.constexpr, S_MAX: tl.constexpr, S_SUBQ: tl.constexpr, S_MINN: tl.constexpr,  # 16-bit scale grid
     OUTER: tl.constexpr, ROW_PASS: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr,
     HW_ROUND: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-    EARLY_DEPENDENTS: tl.constexpr,  # let a programmatic dependent (the GEMM) launch now
 ):
     """Quantize one (BM, BK) tile, row scales from the stats partials (every program recomputes them)."""
-    if EARLY_DEPENDENTS:
-        gdc_launch_dependents()  # the GEMM's programs may be placed now; they wait for this kernel to finish
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -151,7 +147,6 @@ def act_quant_two(x, spec, smooth_recip, kp, cfg, down_folded=None, extra=0) -> 
         m, k, kp, x.stride(0), q.stride(0), 0 if gs is None else gs.stride(0), split,
         MODE=spec.mode, G=g, NG=bk // g, QMAX=float(spec.qmax), EMIN=spec.emin, **_scale_consts(spec),
         OUTER=spec.outer, ROW_PASS=spec.row_pass, HAS_SMOOTH=smooth_recip is not None, RANK=rank,
-        HW_ROUND=cfg.hw_round and not interpreting(), BM=cfg.BM, BK=bk, EARLY_DEPENDENTS=programmatic_launch(dev),
-        num_warps=cfg.num_warps,
+        HW_ROUND=cfg.hw_round and not interpreting(), BM=cfg.BM, BK=bk, num_warps=cfg.num_warps,
     )
     return ActOperand(q, rs, gs, lr, q_ext)

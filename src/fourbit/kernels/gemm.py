@@ -27,8 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import gemm_table
-from ._common import (ceil_div, cdiv, check_device, device_class, gdc_wait, interpreting, launch_options, next_pow2,
-                      num_sms, tma_aligned)
+from ._common import ceil_div, cdiv, check_device, device_class, interpreting, next_pow2, num_sms, tma_aligned
 from .activation import OutputActivation, activate_columns, activation_torch
 from .gemm_table import GemmConfig  # noqa: F401 (the launcher's config type, re-exported)
 from .row_amax import RowAmax, row_amax_torch, tile_row_amax
@@ -175,15 +174,12 @@ def _scaled_gemm_kernel(
     AMAX: tl.constexpr,  # also the row maxima of output columns [amax_lo, amax_hi) (``row_amax.py``)
     BRANCH_UPCAST: tl.constexpr,  # interpreter only: a 16-bit branch's dots through fp32
     BRANCH_HI_LO: tl.constexpr,  # a 16-bit up with an fp32 lr: lr as hi + lo (two dots), else rounded once
-    PDL: tl.constexpr,  # launched as a programmatic dependent (``_common.set_programmatic_launch``)
 ):
     """Tiles [0, DP_TILES): one program each, round robin. The remaining tiles (fewer than one wave; SK_ITERS =
     their K tiles in all, 0 = none) are shared out by K iterations, SK_PER per program (stream-K): a program
     walks its range from the end; the segment holding a tile's last K iteration owns the tile: it adds the
     partial sums of the programs before it (fp32 slots in ``ws``, in program order: deterministic), then runs
     the epilogue; the other segments store their partial sum and raise their flag (zeroed per launch)."""
-    if PDL:
-        gdc_wait()  # before any load or store: the kernel before this one has finished, its writes visible
     pid = tl.program_id(0)
     num_pid_m = cdiv(M, BM)
     num_pid_n = cdiv(N, BN)
@@ -476,7 +472,6 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
     ws, flags = _workspace(progs, cfg, a) if sk_iters else (None, None)
     dummy = c  # never read when the matching flag is off
     is_fp8 = a.dtype == torch.float8_e4m3fn
-    pdl = launch_options(a.device)
     launch = lambda stages: _scaled_gemm_kernel[(progs,)](  # noqa: E731
         a_desc, b_desc, c_desc, c,
         dummy if a_scale is None else a_scale, dummy if b_scale is None else b_scale,
@@ -494,8 +489,8 @@ def scaled_gemm(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None, b_scale:
         MAX_IMPRECISE=cfg.BK if (cfg.precise and is_fp8 and not interpreting()) else None,
         FLATTEN=cfg.flatten, UPCAST=interpreting() and a.element_size() == 2, TMA_STORE=tma_store,
         STREAM_K=sk_iters > 0, RCHUNK=branch_chunk(rank), AMAX=next_amax is not None, BRANCH_UPCAST=interpreting(),
-        BRANCH_HI_LO=_branch_hi_lo(lr, up, cfg), PDL=bool(pdl),
-        num_warps=cfg.num_warps, num_stages=stages, **pdl,
+        BRANCH_HI_LO=_branch_hi_lo(lr, up, cfg),
+        num_warps=cfg.num_warps, num_stages=stages,
     )
     launch_with_fewer_stages(launch, cfg.num_stages, (cfg.key(), rank, a.dtype, tma_store, str(a.device),
                                                       next_amax is not None))

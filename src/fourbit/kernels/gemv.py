@@ -30,8 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (amax as _amax, ceil_div, check_device, gdc_launch_dependents, gdc_wait, interpreting,
-                      launch_options, next_pow2, pow2, programmatic_launch, total as _total)
+from ._common import amax as _amax, ceil_div, check_device, interpreting, next_pow2, pow2, total as _total
 from .act_spec import P2_E2M1, P2_INT, act_spec
 from .act_tiles import _down_dot, _load_smoothed, _row_scale, _scale_consts, p2_values
 from .weights import nibble_value
@@ -75,12 +74,10 @@ def _few_rows_act_kernel(x_ptr, rsmooth_ptr, d_ptr, q_ptr, rs_ptr, plr_ptr,
                          A_MODE: tl.constexpr, A_G: tl.constexpr, QMAX: tl.constexpr, EMIN: tl.constexpr,
                          MANT_T: tl.constexpr, HAS_SMOOTH: tl.constexpr, RANK: tl.constexpr, XSPLIT: tl.constexpr,
                          UPCAST: tl.constexpr, QROWS: tl.constexpr, BM: tl.constexpr,
-                         BK: tl.constexpr, ABK: tl.constexpr, EARLY_DEPENDENTS: tl.constexpr):
+                         BK: tl.constexpr, ABK: tl.constexpr):
     """act_quant for a few rows in one launch: every program takes the whole rows' maxima (a few KB from L2),
     then quantizes its slice of K (act_quant's codes, as fp32 values in the GEMV's order) and adds up its slice's part of the
     down-projection X @ D (partials (programs, M, R), summed by the GEMV in a fixed order)."""
-    if EARLY_DEPENDENTS:
-        gdc_launch_dependents()  # the GEMV may launch now (it waits for this kernel to finish)
     pid = tl.program_id(0)
     rows = tl.arange(0, BM)
     rmask = rows < M
@@ -141,13 +138,10 @@ def _weight_values(byte, e, W_E2M1: tl.constexpr):
 def _gemv_kernel(q_ptr, rs_ptr, plr_ptr, wp_ptr, we_ptr, wr_ptr, up_ptr, bias_ptr, out_ptr,
                  M, N, Kp, KH, SPLIT, stride_qm, stride_wp, stride_we, stride_om,
                  W_E2M1: tl.constexpr, G: tl.constexpr, RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """One program per BN output channels: fp32 sums of the activation operand times the decoded weight, then
     the row and channel scales, the up-projection and the bias. Each row's products are reduced every step (one
-    fp32 sum per lane, reduced after the walk, measured no faster). PDL: launched as a programmatic dependent of
-    the activation kernel: waits for it first."""
-    if PDL:
-        gdc_wait()
+    fp32 sum per lane, reduced after the walk, measured no faster)."""
     pid = tl.program_id(0)
     rows = tl.arange(0, BM)
     rmask = rows < M
@@ -262,16 +256,14 @@ def gemv(x: Tensor, act_format, weight_format, padded_in: int, packed: Tensor, s
         A_MODE=spec.mode, A_G=g, QMAX=float(spec.qmax), EMIN=spec.emin, MANT_T=_scale_consts(spec)["MANT_T"],
         HAS_SMOOTH=smooth_recip is not None, RANK=rank, XSPLIT=x.dtype != torch.bfloat16, UPCAST=interpreting(),
         QROWS=qrows, BM=max(16, qrows), BK=bk_act,
-        ABK=min(next_pow2(kp), max(bk_act, cfg.act_row_elems // qrows)),
-        EARLY_DEPENDENTS=programmatic_launch(x.device), num_warps=cfg.act_warps)
+        ABK=min(next_pow2(kp), max(bk_act, cfg.act_row_elems // qrows)), num_warps=cfg.act_warps)
     bn = max(8, cfg.BN // next_pow2(m))  # the work per step stays about the same
     _gemv_kernel[(ceil_div(n, bn),)](
         q, rs, dummy if plr is None else plr, packed, scales, row_scale.float().reshape(-1).contiguous(),
         dummy if up is None else _up_operand(up), dummy if bias is None else bias.float().contiguous(), out,
         m, n, kp, kp // 2, progs, q.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         W_E2M1=weight_format.name == "fp4p2", G=g, RANK=rank, HAS_BIAS=bias is not None,
-        BM=next_pow2(m), BN=bn, BK=max(cfg.BK, g), PDL=programmatic_launch(x.device), num_warps=cfg.warps,
-        **launch_options(x.device))
+        BM=next_pow2(m), BN=bn, BK=max(cfg.BK, g), num_warps=cfg.warps)
     return out
 
 

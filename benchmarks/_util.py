@@ -65,7 +65,8 @@ def run_meta(env: dict | None = None, command: str | None = None) -> dict:
 
 
 def next_run(path: str, date: str) -> str:
-    """Run id for a new row: the date, then date + b, c, ... for later runs of that day (as the docs cite them)."""
+    """Run id for a new row: the date, then date + b, c, ... z, then za, zb, ... zz, zza, ... for later runs of that
+    day (as the docs cite them; each later id sorts after the earlier ones)."""
     taken = set()
     if os.path.exists(path):
         with open(path) as f:
@@ -74,7 +75,12 @@ def next_run(path: str, date: str) -> str:
                     taken.add(json.loads(line).get("run"))
     if date not in taken:
         return date
-    return next(f"{date}{c}" for c in "bcdefghijklmnopqrstuvwxyz" if f"{date}{c}" not in taken)
+    prefix = ""
+    while True:
+        for c in "bcdefghijklmnopqrstuvwxyz" if not prefix else "abcdefghijklmnopqrstuvwxyz":
+            if f"{date}{prefix}{c}" not in taken:
+                return f"{date}{prefix}{c}"
+        prefix += "z"
 
 
 def append_row(out_dir: str, benchmark: str, row: dict, meta: dict | None = None) -> tuple[str, str]:

@@ -30,6 +30,19 @@ def test_append_row_fills_meta_and_numbers_runs(util, tmp_path, monkeypatch):
     assert rows[0]["meta"]["command"] == "python x.py" and META_KEYS <= set(rows[0]["meta"])
 
 
+def test_run_ids_go_on_after_z_in_order(util, tmp_path):
+    """A busy day's runs: after date + z come za, zb, ... (each sorting after the ones before), then zza."""
+    path = tmp_path / "models.jsonl"
+    ids = []
+    for _ in range(1 + 25 + 26 + 1):
+        ids.append(util.next_run(str(path), "2026-12-05"))
+        with open(path, "a") as f:
+            f.write(json.dumps({"run": ids[-1]}) + "\n")
+    assert ids[:3] == ["2026-12-05", "2026-12-05b", "2026-12-05c"]
+    assert ids[25:28] == ["2026-12-05z", "2026-12-05za", "2026-12-05zb"] and ids[-1] == "2026-12-05zza"
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
 def test_git_commit_without_the_env_var_is_this_checkout_or_unknown(util, monkeypatch):
     monkeypatch.delenv("FOURBIT_GIT_COMMIT", raising=False)
     c = util.git_commit()

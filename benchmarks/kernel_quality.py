@@ -8,8 +8,9 @@ model's own trajectories through the plain-torch reference), then sample the sam
 whose tensor cores accumulate with reduced precision), the same with the accumulator promoted to fp32,
 "triton-memory", "triton" with the cuBLAS GEMM backend (branch folded into K), "triton" with the model under
 ``torch.compile`` and the fusion pass (GELU in the GEMM epilogue), also with the activation quantization generated
-inside X's producer (``act_quant="inline"``); and, as a control, the reference with its fp32 GEMMs in TF32 (a
-perturbation of the same size). Reports each against the reference kernel's images (LPIPS-Alex, PSNR) and against
+inside X's producer (``act_quant="inline"``), the quantized model cast to bf16 through the reference and through
+"triton" (its GEMMs' low-rank branch then in 16 bits); and, as a control, the reference with its fp32 GEMMs in TF32
+(a perturbation of the same size). Reports each against the reference kernel's images (LPIPS-Alex, PSNR) and against
 the 16-bit model's.
 Appends a row to benchmarks/results/kernel_quality.jsonl.
 """
@@ -78,7 +79,9 @@ def _cublas_gemms():
 
 
 #: (label, kernel, compiled with the fusion pass: None, its act_quant mode, or "front door": ``compile_model``'s
-#: repeated blocks + fusion pass on a copy of the model, each call replayed from a CUDA graph; setting while sampling)
+#: repeated blocks + fusion pass on a copy of the model, each call replayed from a CUDA graph, or "bf16": a copy of
+#: the quantized model cast to bf16, eager (its layers' up-projection is then 16-bit: the GEMM's 16-bit branch);
+#: setting while sampling)
 VARIANTS = [("reference", "reference", None, contextlib.nullcontext),
             ("reference, TF32 matmuls (control)", "reference", None, _tf32_matmuls),
             ("triton", "triton", None, contextlib.nullcontext),
@@ -87,7 +90,9 @@ VARIANTS = [("reference", "reference", None, contextlib.nullcontext),
             ("triton, cuBLAS GEMM backend (every row count)", "triton", None, _cublas_gemms),
             ("triton, compiled + fusion pass", "triton", "pass", contextlib.nullcontext),
             ("triton, compiled + inline quantization", "triton", "inline", contextlib.nullcontext),
-            ("triton, front door: compile_model + CUDA graphs", "triton", "front door", contextlib.nullcontext)]
+            ("triton, front door: compile_model + CUDA graphs", "triton", "front door", contextlib.nullcontext),
+            ("reference, model in bf16", "reference", "bf16", contextlib.nullcontext),
+            ("triton, model in bf16 (the branch in 16 bits)", "triton", "bf16", contextlib.nullcontext)]
 
 
 def run_model(name: str, args, log) -> dict:
@@ -120,7 +125,10 @@ def run_model(name: str, args, log) -> dict:
         set_kernel(model, kernel)
         run = model
         try:
-            if compiled == "front door":  # what compile_pipeline does (CUDA graphs on CUDA), on a copy
+            if compiled == "bf16":
+                run = copy.deepcopy(model).to(torch.bfloat16)
+                set_kernel(run, kernel)
+            elif compiled == "front door":  # what compile_pipeline does (CUDA graphs on CUDA), on a copy
                 torch._dynamo.reset()
                 run = copy.deepcopy(model)
                 compile_model(run, kernel=None)
@@ -145,6 +153,11 @@ def run_model(name: str, args, log) -> dict:
             m = compare_images(imgs, base, None, n_boot=200, fd_n_boot=0, seed=0, device=args.device)
             row[f"lpips_vs_{against}"], row[f"psnr_vs_{against}"] = m["lpips"], m["psnr"]
         row["max_abs_pixel_diff_vs_reference_kernel"] = float((imgs.float() - ref.float()).abs().max())
+        same = images.get("reference, model in bf16")
+        if "model in bf16" in label and same is not None and label != "reference, model in bf16":
+            m = compare_images(imgs, same, None, n_boot=200, fd_n_boot=0, seed=0, device=args.device)
+            row["lpips_vs_reference_kernel_bf16"] = m["lpips"]  # the same bf16 model through the reference
+            log(f"{name} {label}: LPIPS vs the reference kernel on the bf16 model {m['lpips']['mean']:.4f}")
         log(f"{name} {label}: LPIPS vs reference kernel {row['lpips_vs_reference_kernel']['mean']:.4f}, "
             f"vs fp16 {row['lpips_vs_fp16']['mean']:.4f}")
     return out

@@ -233,6 +233,16 @@ class ClockSampler:
         return False
 
 
+def scaled_fp8_operands(m: int, k: int, n: int, generator: torch.Generator) -> tuple:
+    """A scaled FP8 GEMM's operands on the GPU, drawn from ``generator``: a (M, K) and b (N, K) small integers in
+    e4m3 (exact), row scales a_scale (M,) in [0, 1e-3) and b_scale (N,) in [0, 1)."""
+    a = torch.randint(-8, 8, (m, k), device="cuda", generator=generator).to(torch.float8_e4m3fn)
+    b = torch.randint(-8, 8, (n, k), device="cuda", generator=generator).to(torch.float8_e4m3fn)
+    sa = torch.rand(m, device="cuda", generator=generator) * 1e-3
+    sb = torch.rand(n, device="cuda", generator=generator)
+    return a, b, sa, sb
+
+
 def geomean(xs: Sequence[float]) -> float:
     xs = [x for x in xs if x and x > 0 and math.isfinite(x)]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")

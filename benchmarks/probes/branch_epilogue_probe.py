@@ -20,7 +20,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/_util.py
-from _util import InterleavedGraphs, environment, finish, gpu_probe_args, md_table  # noqa: E402
+from _util import (InterleavedGraphs, environment, finish, gpu_probe_args, md_table,  # noqa: E402
+                   scaled_fp8_operands)
 
 SHAPES = [  # (label, M, K, N, tanh-GELU columns [lo, hi) or None)
     ("double-block fused QKV", 4096, 3072, 9216, None),
@@ -44,9 +45,7 @@ def main(argv=None) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     res, rows, totals = {}, [], {}
     for label, m, k, n, cols in SHAPES:
-        a = torch.randint(-8, 8, (m, k), device="cuda", generator=g).to(torch.float8_e4m3fn)
-        b = torch.randint(-8, 8, (n, k), device="cuda", generator=g).to(torch.float8_e4m3fn)
-        sa, sb = torch.rand(m, device="cuda", generator=g) * 1e-3, torch.rand(n, device="cuda", generator=g)
+        a, b, sa, sb = scaled_fp8_operands(m, k, n, g)
         lr = torch.randn(m, RANK, device="cuda", generator=g)
         up = torch.randn(n, RANK, device="cuda", generator=g).bfloat16()
         act = None if cols is None else OutputActivation("gelu_tanh", *cols)

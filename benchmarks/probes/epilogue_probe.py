@@ -19,7 +19,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/_util.py
-from _util import InterleavedGraphs, environment, finish, gpu_probe_args, md_table  # noqa: E402
+from _util import (InterleavedGraphs, environment, finish, gpu_probe_args, md_table,  # noqa: E402
+                   scaled_fp8_operands)
 
 SHAPES = [  # (label, M, K, N, activation columns [lo, hi))
     ("double-block MLP in", 4096, 3072, 12288, (0, 12288)),
@@ -38,9 +39,7 @@ def main(argv=None) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     res, rows = {}, []
     for label, m, k, n, (lo, hi) in SHAPES:
-        a = torch.randint(-8, 8, (m, k), device="cuda", generator=g).to(torch.float8_e4m3fn)
-        b = torch.randint(-8, 8, (n, k), device="cuda", generator=g).to(torch.float8_e4m3fn)
-        sa, sb = torch.rand(m, device="cuda", generator=g) * 1e-3, torch.rand(n, device="cuda", generator=g)
+        a, b, sa, sb = scaled_fp8_operands(m, k, n, g)
         lr, up = torch.randn(m, 32, device="cuda", generator=g), torch.randn(n, 32, device="cuda", generator=g)
         base = default_config(m, n, k, a.dtype)
         variants = {}
